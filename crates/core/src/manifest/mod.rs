@@ -1,0 +1,5 @@
+//! The deployment manifest: `$edgeAgent` and `$edgeHub` desired properties.
+
+pub mod hub;
+
+pub use hub::{DEFAULT_ROUTE_PRIORITY, RouteSpec};
