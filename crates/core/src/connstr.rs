@@ -53,7 +53,8 @@ impl ConnectionString {
     pub fn parse(s: &str) -> Result<Self, ConnectionStringError> {
         use ConnectionStringError as E;
         let mut seen: Vec<String> = Vec::new();
-        let (mut host, mut device, mut module, mut key, mut gateway) = (None, None, None, None, None);
+        let (mut host, mut device, mut module, mut key, mut gateway) =
+            (None, None, None, None, None);
         let mut other = Vec::new();
         for seg in s.trim().split(';').filter(|s| !s.trim().is_empty()) {
             // Split on the first '=': base64 keys end in '='.
@@ -170,28 +171,57 @@ mod tests {
 
     #[test]
     fn keys_are_case_insensitive_and_order_free() {
-        let c = ConnectionString::parse(&format!("sharedaccesskey={KEY}; deviceid=d;hostname=h")).unwrap();
+        let c = ConnectionString::parse(&format!("sharedaccesskey={KEY}; deviceid=d;hostname=h"))
+            .unwrap();
         assert_eq!(c.device_id.as_str(), "d");
         assert_eq!(c.dial_host(), "h");
-        assert_eq!(c.to_string(), format!("HostName=h;DeviceId=d;SharedAccessKey={KEY}"));
+        assert_eq!(
+            c.to_string(),
+            format!("HostName=h;DeviceId=d;SharedAccessKey={KEY}")
+        );
     }
 
     #[test]
     fn errors() {
         use ConnectionStringError as E;
         let p = ConnectionString::parse;
-        assert_eq!(p(&format!("DeviceId=d;SharedAccessKey={KEY}")), Err(E::Missing("HostName")));
-        assert_eq!(p(&format!("HostName=h;SharedAccessKey={KEY}")), Err(E::Missing("DeviceId")));
-        assert_eq!(p("HostName=h;DeviceId=d"), Err(E::Missing("SharedAccessKey")));
         assert_eq!(
-            p(&format!("HostName=h;DeviceId=d;DeviceId=e;SharedAccessKey={KEY}")),
+            p(&format!("DeviceId=d;SharedAccessKey={KEY}")),
+            Err(E::Missing("HostName"))
+        );
+        assert_eq!(
+            p(&format!("HostName=h;SharedAccessKey={KEY}")),
+            Err(E::Missing("DeviceId"))
+        );
+        assert_eq!(
+            p("HostName=h;DeviceId=d"),
+            Err(E::Missing("SharedAccessKey"))
+        );
+        assert_eq!(
+            p(&format!(
+                "HostName=h;DeviceId=d;DeviceId=e;SharedAccessKey={KEY}"
+            )),
             Err(E::Duplicate("DeviceId".into()))
         );
-        assert_eq!(p("HostName=h;DeviceId"), Err(E::NotKeyValue("DeviceId".into())));
+        assert_eq!(
+            p("HostName=h;DeviceId"),
+            Err(E::NotKeyValue("DeviceId".into()))
+        );
         assert_eq!(p("HostName=;DeviceId=d"), Err(E::Empty("HostName".into())));
-        assert!(matches!(p("HostName=h;DeviceId=a/b;SharedAccessKey=AA=="), Err(E::Id(_))));
-        assert!(matches!(p("HostName=h;DeviceId=d;SharedAccessKey=@@"), Err(E::Key(_))));
+        assert!(matches!(
+            p("HostName=h;DeviceId=a/b;SharedAccessKey=AA=="),
+            Err(E::Id(_))
+        ));
+        assert!(matches!(
+            p("HostName=h;DeviceId=d;SharedAccessKey=@@"),
+            Err(E::Key(_))
+        ));
         // X.509 identities carry no key.
-        assert!(p("HostName=h;DeviceId=d;x509=true").unwrap().shared_access_key.is_none());
+        assert!(
+            p("HostName=h;DeviceId=d;x509=true")
+                .unwrap()
+                .shared_access_key
+                .is_none()
+        );
     }
 }

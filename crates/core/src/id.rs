@@ -412,12 +412,31 @@ mod tests {
             "device id \"bad/id\" contains '/' at position 3; allowed are ASCII letters, digits and - . % _ * ? ! ( ) , : = @ $ '"
         );
         let e = ModuleId::new("m".repeat(129)).unwrap_err();
-        assert!(matches!(e, IdError::TooLong { len: 129, max: 128, .. }));
+        assert!(matches!(
+            e,
+            IdError::TooLong {
+                len: 129,
+                max: 128,
+                ..
+            }
+        ));
         assert!(e.to_string().starts_with("module id \"mmm"));
-        assert_eq!(DeviceId::new("").unwrap_err(), IdError::Empty { kind: "device id" });
-        assert!(matches!(ModuleId::new("a+b"), Err(IdError::BadChar { ch: '+', .. })));
-        assert!(matches!(ModuleId::new("a#b"), Err(IdError::BadChar { ch: '#', .. })));
-        assert!(matches!(DeviceId::new("caf\u{e9}"), Err(IdError::BadChar { pos: 3, .. })));
+        assert_eq!(
+            DeviceId::new("").unwrap_err(),
+            IdError::Empty { kind: "device id" }
+        );
+        assert!(matches!(
+            ModuleId::new("a+b"),
+            Err(IdError::BadChar { ch: '+', .. })
+        ));
+        assert!(matches!(
+            ModuleId::new("a#b"),
+            Err(IdError::BadChar { ch: '#', .. })
+        ));
+        assert!(matches!(
+            DeviceId::new("caf\u{e9}"),
+            Err(IdError::BadChar { pos: 3, .. })
+        ));
     }
 
     #[test]
@@ -428,14 +447,20 @@ mod tests {
         assert_eq!(c.to_string(), "edge1/filter");
         assert_eq!(c.resource(), "/devices/edge1/modules/filter");
         let hub = HubHostname::new("h.azure-devices.net").unwrap();
-        assert_eq!(c.audience(&hub), "h.azure-devices.net/devices/edge1/modules/filter");
+        assert_eq!(
+            c.audience(&hub),
+            "h.azure-devices.net/devices/edge1/modules/filter"
+        );
         assert_eq!(ClientId::parse("leaf").unwrap().resource(), "/devices/leaf");
         assert!(ClientId::parse("a/b/c").is_err());
         assert!(ClientId::parse("a/").is_err());
         assert!(ClientId::parse("/b").is_err());
         assert_eq!(
             ClientId::parse_resource("/devices/edge1/modules/%24edgeHub").unwrap(),
-            ClientId::module(DeviceId::new("edge1").unwrap(), ModuleId::new("$edgeHub").unwrap())
+            ClientId::module(
+                DeviceId::new("edge1").unwrap(),
+                ModuleId::new("$edgeHub").unwrap()
+            )
         );
         assert_eq!(
             ClientId::parse_resource("devices/leaf").unwrap(),
@@ -455,8 +480,22 @@ mod tests {
         );
         assert!(HubHostname::new("a..b").is_err());
         assert!(HubHostname::new("-a.b").is_err());
-        assert!(matches!(HubHostname::new("a_b.c"), Err(IdError::BadChar { ch: '_', pos: 1, .. })));
-        assert!(matches!(HubHostname::new("ok.a_b"), Err(IdError::BadChar { ch: '_', pos: 4, .. })));
+        assert!(matches!(
+            HubHostname::new("a_b.c"),
+            Err(IdError::BadChar {
+                ch: '_',
+                pos: 1,
+                ..
+            })
+        ));
+        assert!(matches!(
+            HubHostname::new("ok.a_b"),
+            Err(IdError::BadChar {
+                ch: '_',
+                pos: 4,
+                ..
+            })
+        ));
         assert!(HubHostname::new(format!("{}.x", "a".repeat(64))).is_err());
     }
 }

@@ -18,4 +18,4 @@ pub use connstr::ConnectionString;
 pub use id::{ClientId, DeviceId, HubHostname, IdError, ModuleId};
 pub use message::{Message, SystemProperties};
 pub use sas::{SasError, SasToken, SharedAccessKey};
-
+pub use twin::Twin;

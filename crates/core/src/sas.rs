@@ -87,7 +87,11 @@ impl SharedAccessKey {
     /// device, its hub and the cloud (which all know the device key) agree on
     /// them without a round trip, and a recreated module (new generation id)
     /// never reuses an old key.
-    pub fn derive_module_key(&self, module: &crate::id::ModuleId, generation_id: &str) -> SharedAccessKey {
+    pub fn derive_module_key(
+        &self,
+        module: &crate::id::ModuleId,
+        generation_id: &str,
+    ) -> SharedAccessKey {
         self.derive(&format!("verge-module-key/{module}/{generation_id}"))
     }
 
@@ -209,7 +213,9 @@ impl SasToken {
             percent_decode_str(v)
                 .decode_utf8()
                 .map(|c| c.into_owned())
-                .map_err(|_| SasError::Malformed(format!("{name} is not valid percent-encoded UTF-8")))
+                .map_err(|_| {
+                    SasError::Malformed(format!("{name} is not valid percent-encoded UTF-8"))
+                })
         };
         let resource = decode("sr", sr_encoded)?;
         if resource.is_empty() {
@@ -269,7 +275,11 @@ impl SasToken {
     /// name and its own.
     pub fn check_audience(&self, hosts: &[&str], client: &ClientId) -> Result<(), SasError> {
         let wrong = || SasError::WrongAudience {
-            expected: format!("{}{}", hosts.first().copied().unwrap_or(""), client.resource()),
+            expected: format!(
+                "{}{}",
+                hosts.first().copied().unwrap_or(""),
+                client.resource()
+            ),
             actual: self.resource.clone(),
         };
         let (host, path) = self.resource.split_once('/').ok_or_else(wrong)?;
@@ -368,33 +378,53 @@ mod tests {
     }
 
     fn module() -> ClientId {
-        ClientId::module(DeviceId::new("edge1").unwrap(), ModuleId::new("filter").unwrap())
+        ClientId::module(
+            DeviceId::new("edge1").unwrap(),
+            ModuleId::new("filter").unwrap(),
+        )
     }
 
     #[test]
     fn distinct_errors() {
         let key = SharedAccessKey::from_base64("c2VjcmV0LWtleS1mb3ItbW9kdWxl").unwrap();
         let hub = "myhub.azure-devices.net";
-        let tok = SasToken::sign(&format!("{hub}/devices/edge1/modules/filter"), &key, 1000, None);
+        let tok = SasToken::sign(
+            &format!("{hub}/devices/edge1/modules/filter"),
+            &key,
+            1000,
+            None,
+        );
         let parsed = SasToken::parse(&tok.to_string()).unwrap();
         assert_eq!(parsed.verify(&key, &[hub], &module(), 999), Ok(()));
         assert_eq!(
             parsed.verify(&key, &[hub], &module(), 1000),
-            Err(SasError::Expired { expiry: 1000, now: 1000 })
+            Err(SasError::Expired {
+                expiry: 1000,
+                now: 1000
+            })
         );
         assert!(matches!(
             parsed.verify(&key, &["otherhub"], &module(), 1),
             Err(SasError::WrongAudience { .. })
         ));
-        let other = ClientId::module(DeviceId::new("edge1").unwrap(), ModuleId::new("sensor").unwrap());
+        let other = ClientId::module(
+            DeviceId::new("edge1").unwrap(),
+            ModuleId::new("sensor").unwrap(),
+        );
         assert!(matches!(
             parsed.verify(&key, &[hub], &other, 1),
             Err(SasError::WrongAudience { .. })
         ));
         let wrong_key = SharedAccessKey::from_bytes(b"nope".to_vec());
-        assert_eq!(parsed.verify(&wrong_key, &[hub], &module(), 1), Err(SasError::BadSignature));
+        assert_eq!(
+            parsed.verify(&wrong_key, &[hub], &module(), 1),
+            Err(SasError::BadSignature)
+        );
         // Case-insensitive hub name, and the edge's own hostname as an alternative.
-        assert_eq!(parsed.check_audience(&["edge.local", "MYHUB.azure-devices.net"], &module()), Ok(()));
+        assert_eq!(
+            parsed.check_audience(&["edge.local", "MYHUB.azure-devices.net"], &module()),
+            Ok(())
+        );
         // A tampered expiry breaks the signature.
         let tampered = tok.to_string().replace("se=1000", "se=9999");
         assert_eq!(
@@ -425,7 +455,8 @@ mod tests {
                 "{t:?} should be malformed"
             );
         }
-        let ok = SasToken::parse("SharedAccessSignature sr=a%2Fb&sig=AAAA&se=1&skn=iothubowner").unwrap();
+        let ok = SasToken::parse("SharedAccessSignature sr=a%2Fb&sig=AAAA&se=1&skn=iothubowner")
+            .unwrap();
         assert_eq!(ok.key_name(), Some("iothubowner"));
         assert_eq!(ok.resource(), "a/b");
     }

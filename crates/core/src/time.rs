@@ -134,7 +134,10 @@ mod tests {
         let t = Timestamp::from_millis(1_764_064_800_123);
         assert_eq!(t.to_iso8601(), "2025-11-25T10:00:00.123Z");
         assert_eq!(Timestamp::parse("2025-11-25T10:00:00.123Z").unwrap(), t);
-        assert_eq!(Timestamp::parse("2025-11-25T12:00:00.123+02:00").unwrap(), t);
+        assert_eq!(
+            Timestamp::parse("2025-11-25T12:00:00.123+02:00").unwrap(),
+            t
+        );
         assert_eq!(Timestamp::parse("2025-11-25T10:00:00.123456").unwrap(), t);
         assert_eq!(
             Timestamp::parse("2025-11-25T10:00:00").unwrap(),
@@ -142,7 +145,10 @@ mod tests {
         );
         assert!(Timestamp::parse("yesterday").is_err());
         assert!(Timestamp::parse("").is_err());
-        assert_eq!(Timestamp::from_millis(-1).to_iso8601(), "1969-12-31T23:59:59.999Z");
+        assert_eq!(
+            Timestamp::from_millis(-1).to_iso8601(),
+            "1969-12-31T23:59:59.999Z"
+        );
     }
 
     #[test]
@@ -150,6 +156,11 @@ mod tests {
         let t = Timestamp::from_millis(5_000);
         assert_eq!(Timestamp::from(SystemTime::from(t)), t);
         assert_eq!(t.plus_secs(7200).as_millis(), 7_205_000);
-        assert_eq!(Timestamp::from_millis(i64::MAX - 1).plus_secs(10).as_millis(), i64::MAX);
+        assert_eq!(
+            Timestamp::from_millis(i64::MAX - 1)
+                .plus_secs(10)
+                .as_millis(),
+            i64::MAX
+        );
     }
 }

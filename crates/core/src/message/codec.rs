@@ -92,7 +92,8 @@ fn get_bytes(buf: &mut Bytes) -> Result<Bytes, CodecError> {
 }
 
 fn get_string(buf: &mut Bytes) -> Result<String, CodecError> {
-    String::from_utf8(get_bytes(buf)?.to_vec()).map_err(|_| CodecError::Corrupt("text is not UTF-8"))
+    String::from_utf8(get_bytes(buf)?.to_vec())
+        .map_err(|_| CodecError::Corrupt("text is not UTF-8"))
 }
 
 fn put_bytes(buf: &mut BytesMut, b: &[u8]) {
@@ -240,12 +241,20 @@ mod tests {
         }
         let mut v = enc.to_vec();
         v[0] = 9;
-        assert_eq!(decode(Bytes::from(v)), Err(CodecError::UnsupportedVersion(9)));
+        assert_eq!(
+            decode(Bytes::from(v)),
+            Err(CodecError::UnsupportedVersion(9))
+        );
         let mut v = enc.to_vec();
         v.push(0);
-        assert_eq!(decode(Bytes::from(v)), Err(CodecError::Corrupt("trailing bytes")));
         assert_eq!(
-            decode(Bytes::from_static(&[1, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01])),
+            decode(Bytes::from(v)),
+            Err(CodecError::Corrupt("trailing bytes"))
+        );
+        assert_eq!(
+            decode(Bytes::from_static(&[
+                1, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01
+            ])),
             Err(CodecError::Corrupt("varint longer than 64 bits"))
         );
     }

@@ -373,7 +373,10 @@ mod tests {
         m.properties.insert("k", "v");
         assert_eq!(
             m.check_size(),
-            Err(MessageTooLarge { size: MAX_MESSAGE_SIZE + 2, limit: MAX_MESSAGE_SIZE })
+            Err(MessageTooLarge {
+                size: MAX_MESSAGE_SIZE + 2,
+                limit: MAX_MESSAGE_SIZE
+            })
         );
         m.properties.remove("k");
         m.system.message_id = Some("x".into());
@@ -382,9 +385,11 @@ mod tests {
 
     #[test]
     fn system_lookup_by_route_name() {
-        let mut s = SystemProperties::default();
-        s.connection_module_id = Some("sensor".into());
-        s.enqueued_time = Some(Timestamp::from_millis(7));
+        let s = SystemProperties {
+            connection_module_id: Some("sensor".into()),
+            enqueued_time: Some(Timestamp::from_millis(7)),
+            ..Default::default()
+        };
         let p = SystemProperty::from_route_name("CONNECTIONMODULEID").unwrap();
         assert_eq!(s.get(p), Some(SystemValue::Str("sensor")));
         assert_eq!(

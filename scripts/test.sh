@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Runs Verge's whole test suite on a fresh machine: installs what the tests
+# need (system packages, the Python venv with the official Azure IoT SDK),
+# then runs every crate's unit, integration and interoperability tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '==> %s\n' "$*"; }
+
+# System packages the tests use: busybox-static for locally built Docker test
+# images (nothing can be pulled), python3-venv for the SDK interop tests.
+need=()
+command -v busybox >/dev/null 2>&1 || [ -x /bin/busybox ] || need+=(busybox-static)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    log "installing ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    echo "missing packages: ${need[*]} (run: sudo apt-get install ${need[*]})" >&2
+    exit 1
+  fi
+fi
+
+# The official Azure IoT device SDK, a client nobody here wrote.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import azure.iot.device' >/dev/null 2>&1; then
+  log "creating .venv with azure-iot-device"
+  python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check azure-iot-device==2.14.0
+fi
+export VERGE_PYTHON="$PWD/.venv/bin/python"
+
+log "cargo test --workspace"
+cargo test --workspace --all-targets "$@"
+cargo test --workspace --doc
