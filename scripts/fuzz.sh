@@ -13,5 +13,6 @@ export RUSTC_BOOTSTRAP=1
 for target in $(cargo fuzz list); do
   echo "==> fuzz $target for ${secs}s"
   mkdir -p "corpus/$target"
-  cargo fuzz run "$target" "corpus/$target" -- -max_total_time="$secs" -rss_limit_mb=2048 2>&1 | tail -n 3
+  seeds=(); [ -d "seeds/$target" ] && seeds=("seeds/$target")
+  cargo fuzz run "$target" "corpus/$target" "${seeds[@]}" -- -max_total_time="$secs" -rss_limit_mb=2048 2>&1 | tail -n 3
 done
