@@ -19,3 +19,16 @@ pub use id::{ClientId, DeviceId, HubHostname, IdError, ModuleId};
 pub use message::{Message, SystemProperties};
 pub use sas::{SasError, SasToken, SharedAccessKey};
 pub use twin::Twin;
+
+/// "a string", "an object", … for error messages about JSON input.
+pub(crate) fn json_type_name(v: &serde_json::Value) -> &'static str {
+    use serde_json::Value;
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}

@@ -48,17 +48,6 @@ pub enum TwinError {
     },
 }
 
-fn kind_of(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
 /// One property section (desired or reported) with its version and metadata.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct TwinSection {
@@ -204,7 +193,7 @@ impl TwinSection {
         with_version_meta: bool,
     ) -> Result<u64, TwinError> {
         let Value::Object(p) = patch else {
-            return Err(TwinError::NotAnObject(kind_of(patch)));
+            return Err(TwinError::NotAnObject(crate::json_type_name(patch)));
         };
         check_keys(section, p, "", 1)?;
         let mut next = self.clone();
@@ -298,7 +287,7 @@ impl Twin {
     /// Replaces the tags (service-side).
     pub fn replace_tags(&mut self, tags: &Value) -> Result<(), TwinError> {
         let Value::Object(t) = tags else {
-            return Err(TwinError::NotAnObject(kind_of(tags)));
+            return Err(TwinError::NotAnObject(crate::json_type_name(tags)));
         };
         check_keys("tags", t, "", 1)?;
         let size = serde_json::to_vec(t).map_or(usize::MAX, |v| v.len());
