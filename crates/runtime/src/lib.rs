@@ -3,6 +3,12 @@
 //! The daemon's management API and the edge agent only ever see this trait, so
 //! a device with Docker and one without run the same deployment logic.
 
+pub mod docker;
+pub mod process;
+
+pub use docker::{DockerConfig, DockerRuntime};
+pub use process::{ProcessConfig, ProcessRuntime};
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::pin::Pin;
