@@ -1,0 +1,933 @@
+//! verged's configuration file: one TOML file shaped like aziot's `config.toml`.
+//!
+//! ```toml
+//! hostname = "edge1.local"
+//! homedir = "/var/lib/verge/edged"
+//! # parent_hostname = "parent.local"
+//! # trust_bundle_cert = "/etc/verge/trust-bundle.pem"
+//!
+//! [provisioning]
+//! source = "manual"
+//! connection_string = "HostName=hub.azure-devices.net;DeviceId=edge1;SharedAccessKey=…"
+//! # or: iothub_hostname = "…", device_id = "…",
+//! # [provisioning.authentication] method = "sas", device_id_pk = { value = "<base64>" }
+//!
+//! [agent]
+//! name = "edgeAgent"
+//! type = "process"            # or "docker"
+//! [agent.config]
+//! image = "/usr/local/bin/verge-agent --flag"
+//! [agent.env]
+//! RuntimeLogLevel = "info"
+//!
+//! # [edge_ca] cert = "…", pk = "…"        (absent: auto-generated, for testing only)
+//! # auto_generated_edge_ca_expiry_days = 90
+//! # [moby_runtime] uri = "unix:///var/run/docker.sock", network = "azure-iot-edge"
+//! # [connect] workload_uri = "unix:///var/run/iotedge/workload.sock", management_uri = "…"
+//! # [listen]  workload_uri = "unix://<homedir>/mnt", management_uri = "unix://<homedir>/mgmt.sock"
+//! ```
+//!
+//! `[listen] workload_uri` names the **directory** holding the per-module workload
+//! sockets (`<dir>/<module>.sock`); `[connect] workload_uri` is the path a
+//! container sees its own socket under (bind mount). Unknown keys and invalid
+//! values are errors that name the key and the line; nothing starts.
+//! Relative paths are resolved against the config file's directory.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+use verge_core::connstr::ConnectionString;
+use verge_core::id::{DeviceId, HubHostname};
+use verge_core::sas::SharedAccessKey;
+
+/// Default `homedir`.
+pub const DEFAULT_HOMEDIR: &str = "/var/lib/verge/edged";
+/// Default container-side workload socket URI.
+pub const DEFAULT_CONNECT_WORKLOAD_URI: &str = "unix:///var/run/iotedge/workload.sock";
+/// Default docker network.
+pub const DEFAULT_NETWORK: &str = "azure-iot-edge";
+/// Default docker URI.
+pub const DEFAULT_MOBY_URI: &str = "unix:///var/run/docker.sock";
+/// Default lifetime of an auto-generated edge CA.
+pub const DEFAULT_CA_EXPIRY_DAYS: u32 = 90;
+
+/// A configuration error: the file, the line (when known), the key and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// The config file.
+    pub path: PathBuf,
+    /// 1-based line of the offending key or value, when known.
+    pub line: Option<usize>,
+    /// Dotted key path (`provisioning.source`), when known.
+    pub key: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.path.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        f.write_str(": ")?;
+        if let Some(key) = &self.key {
+            write!(f, "`{key}`: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from.
+    pub source_path: PathBuf,
+    /// This device's hostname (what modules and leaf devices dial).
+    pub hostname: String,
+    /// Parent edge hostname (nested edge).
+    pub parent_hostname: Option<String>,
+    /// Extra trusted CA certificates (PEM file), appended to the trust bundle.
+    pub trust_bundle_cert: Option<PathBuf>,
+    /// Storage directory (keys, identities, CA, sockets).
+    pub homedir: PathBuf,
+    /// The device's cloud identity.
+    pub provisioning: ProvisioningConfig,
+    /// The agent verged starts and watches.
+    pub agent: AgentConfig,
+    /// Where the edge CA comes from.
+    pub edge_ca: EdgeCaConfig,
+    /// Docker, when configured.
+    pub moby_runtime: Option<MobyRuntimeConfig>,
+    /// URIs handed to modules.
+    pub connect: ConnectConfig,
+    /// Where verged listens.
+    pub listen: ListenConfig,
+}
+
+/// Manual provisioning result: hub, device and device key.
+#[derive(Debug, Clone)]
+pub struct ProvisioningConfig {
+    /// IoT hub hostname.
+    pub iothub_hostname: HubHostname,
+    /// Device id.
+    pub device_id: DeviceId,
+    /// Device symmetric key.
+    pub device_key: SharedAccessKey,
+}
+
+/// How the agent is run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentKind {
+    /// A local process.
+    Process,
+    /// A docker container.
+    Docker,
+}
+
+/// `[agent]`.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Module name (`edgeAgent`).
+    pub name: String,
+    /// Process or docker.
+    pub kind: AgentKind,
+    /// Executable and arguments (process) or image (docker).
+    pub image: String,
+    /// Docker create options (`{}` when none).
+    pub create_options: serde_json::Value,
+    /// `[agent.env]`.
+    pub env: BTreeMap<String, String>,
+}
+
+/// `[edge_ca]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EdgeCaConfig {
+    /// Operator-provided CA.
+    Files {
+        /// CA certificate (PEM).
+        cert: PathBuf,
+        /// CA private key (PEM).
+        pk: PathBuf,
+    },
+    /// Generated by verged (testing only).
+    AutoGenerated {
+        /// Lifetime in days.
+        expiry_days: u32,
+    },
+}
+
+/// `[moby_runtime]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MobyRuntimeConfig {
+    /// Docker URI (`unix:///var/run/docker.sock`).
+    pub uri: String,
+    /// Docker network for modules.
+    pub network: String,
+}
+
+/// `[connect]`: what modules are told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectConfig {
+    /// Workload URI as seen inside a container.
+    pub workload_uri: String,
+    /// Management URI given to the agent.
+    pub management_uri: String,
+}
+
+/// `[listen]`: where verged binds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenConfig {
+    /// Directory of the per-module workload sockets.
+    pub workload_dir: PathBuf,
+    /// Management socket path.
+    pub management_socket: PathBuf,
+}
+
+impl ListenConfig {
+    /// The workload socket of `module_name` (runtime name, without `$`).
+    pub fn workload_socket(&self, module_name: &str) -> PathBuf {
+        self.workload_dir.join(format!("{module_name}.sock"))
+    }
+}
+
+// ---- raw (as written) -------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    hostname: Spanned<String>,
+    parent_hostname: Option<String>,
+    trust_bundle_cert: Option<PathBuf>,
+    homedir: Option<PathBuf>,
+    provisioning: Spanned<RawProvisioning>,
+    agent: Spanned<RawAgent>,
+    edge_ca: Option<Spanned<RawEdgeCa>>,
+    moby_runtime: Option<RawMoby>,
+    connect: Option<RawEndpoints>,
+    listen: Option<RawEndpoints>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvisioning {
+    source: Spanned<String>,
+    connection_string: Option<Spanned<String>>,
+    iothub_hostname: Option<Spanned<String>>,
+    device_id: Option<Spanned<String>>,
+    authentication: Option<Spanned<RawAuthentication>>,
+    // dps: recognised, refused later
+    global_endpoint: Option<String>,
+    id_scope: Option<String>,
+    attestation: Option<toml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuthentication {
+    method: Spanned<String>,
+    device_id_pk: Option<Spanned<RawKeyRef>>,
+    // x509: recognised, refused later
+    identity_cert: Option<toml::Value>,
+    identity_pk: Option<toml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeyRef {
+    value: Option<Spanned<String>>,
+    uri: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    name: Spanned<String>,
+    #[serde(rename = "type")]
+    kind: Spanned<String>,
+    config: Spanned<RawAgentConfig>,
+    env: Option<BTreeMap<String, Spanned<toml::Value>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgentConfig {
+    image: Spanned<String>,
+    #[serde(rename = "createOptions")]
+    create_options: Option<toml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEdgeCa {
+    cert: Option<PathBuf>,
+    pk: Option<PathBuf>,
+    method: Option<Spanned<String>>,
+    auto_generated_edge_ca_expiry_days: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMoby {
+    uri: Option<String>,
+    network: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpoints {
+    workload_uri: Option<Spanned<String>>,
+    management_uri: Option<Spanned<String>>,
+}
+
+struct Ctx<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn line(&self, span: &Range<usize>) -> usize {
+        let end = span.start.min(self.text.len());
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn err(
+        &self,
+        span: Option<Range<usize>>,
+        key: &str,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError {
+            path: self.path.to_path_buf(),
+            line: span.map(|s| self.line(&s)),
+            key: Some(key.to_owned()),
+            message: message.into(),
+        }
+    }
+
+    fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.path
+                .parent()
+                .map_or_else(|| p.to_path_buf(), |dir| dir.join(p))
+        }
+    }
+}
+
+fn unix_path(ctx: &Ctx<'_>, key: &str, v: &Spanned<String>) -> Result<PathBuf, ConfigError> {
+    match v.get_ref().strip_prefix("unix://") {
+        Some(p) if p.starts_with('/') => Ok(PathBuf::from(p)),
+        _ => Err(ctx.err(
+            Some(v.span()),
+            key,
+            format!(
+                "{:?} is not a unix:///absolute/path URI (only unix sockets are supported)",
+                v.get_ref()
+            ),
+        )),
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: path.to_path_buf(),
+            line: None,
+            key: None,
+            message: format!("cannot read the config file: {e}"),
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validates config text (`path` is used for messages and relative paths).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let ctx = Ctx { path, text };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let message = e.message().trim().to_owned();
+            // serde names unknown/missing keys in the message itself.
+            ConfigError {
+                path: path.to_path_buf(),
+                line: e.span().map(|s| ctx.line(&s)),
+                key: None,
+                message,
+            }
+        })?;
+
+        let hostname = raw.hostname.get_ref().trim().to_owned();
+        if hostname.is_empty() {
+            return Err(ctx.err(Some(raw.hostname.span()), "hostname", "must not be empty"));
+        }
+        let homedir = ctx.resolve(
+            raw.homedir
+                .as_deref()
+                .unwrap_or_else(|| Path::new(DEFAULT_HOMEDIR)),
+        );
+
+        let provisioning = parse_provisioning(&ctx, &raw.provisioning)?;
+        let agent = parse_agent(&ctx, &raw.agent)?;
+        let edge_ca = parse_edge_ca(&ctx, raw.edge_ca.as_ref())?;
+
+        let moby_runtime = raw.moby_runtime.map(|m| MobyRuntimeConfig {
+            uri: m.uri.unwrap_or_else(|| DEFAULT_MOBY_URI.to_owned()),
+            network: m.network.unwrap_or_else(|| DEFAULT_NETWORK.to_owned()),
+        });
+
+        let listen_raw = raw.listen.as_ref();
+        let workload_dir = match listen_raw.and_then(|l| l.workload_uri.as_ref()) {
+            Some(v) => unix_path(&ctx, "listen.workload_uri", v)?,
+            None => homedir.join("mnt"),
+        };
+        let management_socket = match listen_raw.and_then(|l| l.management_uri.as_ref()) {
+            Some(v) => unix_path(&ctx, "listen.management_uri", v)?,
+            None => homedir.join("mgmt.sock"),
+        };
+        let connect_raw = raw.connect.as_ref();
+        let workload_uri = match connect_raw.and_then(|c| c.workload_uri.as_ref()) {
+            Some(v) => {
+                unix_path(&ctx, "connect.workload_uri", v)?;
+                v.get_ref().clone()
+            }
+            None => DEFAULT_CONNECT_WORKLOAD_URI.to_owned(),
+        };
+        let management_uri = match connect_raw.and_then(|c| c.management_uri.as_ref()) {
+            Some(v) => {
+                unix_path(&ctx, "connect.management_uri", v)?;
+                v.get_ref().clone()
+            }
+            None => format!("unix://{}", management_socket.display()),
+        };
+
+        Ok(Config {
+            source_path: path.to_path_buf(),
+            hostname,
+            parent_hostname: raw.parent_hostname.filter(|p| !p.trim().is_empty()),
+            trust_bundle_cert: raw.trust_bundle_cert.map(|p| ctx.resolve(&p)),
+            homedir,
+            provisioning,
+            agent,
+            edge_ca,
+            moby_runtime,
+            connect: ConnectConfig {
+                workload_uri,
+                management_uri,
+            },
+            listen: ListenConfig {
+                workload_dir,
+                management_socket,
+            },
+        })
+    }
+}
+
+fn parse_provisioning(
+    ctx: &Ctx<'_>,
+    raw: &Spanned<RawProvisioning>,
+) -> Result<ProvisioningConfig, ConfigError> {
+    let p = raw.get_ref();
+    match p.source.get_ref().as_str() {
+        "manual" => {}
+        "dps" => {
+            let _ = (&p.global_endpoint, &p.id_scope, &p.attestation);
+            return Err(ctx.err(
+                Some(p.source.span()),
+                "provisioning.source",
+                "DPS provisioning (\"dps\") is not supported yet; use source = \"manual\"",
+            ));
+        }
+        other => {
+            return Err(ctx.err(
+                Some(p.source.span()),
+                "provisioning.source",
+                format!("unknown provisioning source {other:?}; expected \"manual\" (\"dps\" is not supported yet)"),
+            ));
+        }
+    }
+    if let Some(cs) = &p.connection_string {
+        if p.iothub_hostname.is_some() || p.device_id.is_some() || p.authentication.is_some() {
+            return Err(ctx.err(
+                Some(cs.span()),
+                "provisioning.connection_string",
+                "give either connection_string or iothub_hostname + device_id + [provisioning.authentication], not both",
+            ));
+        }
+        let parsed = ConnectionString::parse(cs.get_ref()).map_err(|e| {
+            ctx.err(
+                Some(cs.span()),
+                "provisioning.connection_string",
+                e.to_string(),
+            )
+        })?;
+        if parsed.module_id.is_some() {
+            return Err(ctx.err(
+                Some(cs.span()),
+                "provisioning.connection_string",
+                "this is a module connection string; a device connection string is needed",
+            ));
+        }
+        let Some(key) = parsed.shared_access_key else {
+            return Err(ctx.err(
+                Some(cs.span()),
+                "provisioning.connection_string",
+                "SharedAccessKey is missing (x509 devices are not supported yet)",
+            ));
+        };
+        return Ok(ProvisioningConfig {
+            iothub_hostname: parsed.host_name,
+            device_id: parsed.device_id,
+            device_key: key,
+        });
+    }
+    let missing = |key: &str| {
+        ctx.err(
+            Some(raw.span()),
+            key,
+            "missing: give connection_string, or iothub_hostname + device_id + [provisioning.authentication]",
+        )
+    };
+    let hub = p
+        .iothub_hostname
+        .as_ref()
+        .ok_or_else(|| missing("provisioning.iothub_hostname"))?;
+    let iothub_hostname = HubHostname::new(hub.get_ref().as_str()).map_err(|e| {
+        ctx.err(
+            Some(hub.span()),
+            "provisioning.iothub_hostname",
+            e.to_string(),
+        )
+    })?;
+    let dev = p
+        .device_id
+        .as_ref()
+        .ok_or_else(|| missing("provisioning.device_id"))?;
+    let device_id = DeviceId::new(dev.get_ref().as_str())
+        .map_err(|e| ctx.err(Some(dev.span()), "provisioning.device_id", e.to_string()))?;
+    let auth = p
+        .authentication
+        .as_ref()
+        .ok_or_else(|| missing("provisioning.authentication"))?;
+    let a = auth.get_ref();
+    match a.method.get_ref().as_str() {
+        "sas" => {}
+        "x509" => {
+            let _ = (&a.identity_cert, &a.identity_pk);
+            return Err(ctx.err(
+                Some(a.method.span()),
+                "provisioning.authentication.method",
+                "x509 device authentication is not supported yet; use method = \"sas\"",
+            ));
+        }
+        other => {
+            return Err(ctx.err(
+                Some(a.method.span()),
+                "provisioning.authentication.method",
+                format!(
+                    "unknown method {other:?}; expected \"sas\" (\"x509\" is not supported yet)"
+                ),
+            ));
+        }
+    }
+    let pk = a.device_id_pk.as_ref().ok_or_else(|| {
+        ctx.err(
+            Some(auth.span()),
+            "provisioning.authentication.device_id_pk",
+            "missing: give device_id_pk = { value = \"<base64 key>\" }",
+        )
+    })?;
+    let key = match (&pk.get_ref().value, &pk.get_ref().uri) {
+        (Some(v), None) => SharedAccessKey::from_base64(v.get_ref()).map_err(|e| {
+            ctx.err(
+                Some(v.span()),
+                "provisioning.authentication.device_id_pk.value",
+                e.to_string(),
+            )
+        })?,
+        (None, Some(u)) => {
+            return Err(ctx.err(
+                Some(u.span()),
+                "provisioning.authentication.device_id_pk.uri",
+                "key URIs are not supported yet; give the key inline as value = \"<base64>\"",
+            ));
+        }
+        _ => {
+            return Err(ctx.err(
+                Some(pk.span()),
+                "provisioning.authentication.device_id_pk",
+                "give exactly one of value or uri",
+            ));
+        }
+    };
+    Ok(ProvisioningConfig {
+        iothub_hostname,
+        device_id,
+        device_key: key,
+    })
+}
+
+fn parse_agent(ctx: &Ctx<'_>, raw: &Spanned<RawAgent>) -> Result<AgentConfig, ConfigError> {
+    let a = raw.get_ref();
+    let name = a.name.get_ref().trim().to_owned();
+    verge_core::id::ModuleId::new(name.as_str())
+        .map_err(|e| ctx.err(Some(a.name.span()), "agent.name", e.to_string()))?;
+    let kind = match a.kind.get_ref().as_str() {
+        "process" => AgentKind::Process,
+        "docker" => AgentKind::Docker,
+        other => {
+            return Err(ctx.err(
+                Some(a.kind.span()),
+                "agent.type",
+                format!("unknown agent type {other:?}; expected \"process\" or \"docker\""),
+            ));
+        }
+    };
+    let cfg = a.config.get_ref();
+    let image = cfg.image.get_ref().trim().to_owned();
+    if image.is_empty() {
+        return Err(ctx.err(
+            Some(cfg.image.span()),
+            "agent.config.image",
+            "must not be empty",
+        ));
+    }
+    let create_options = match &cfg.create_options {
+        Some(v) => serde_json::to_value(v).map_err(|e| {
+            ctx.err(
+                Some(a.config.span()),
+                "agent.config.createOptions",
+                e.to_string(),
+            )
+        })?,
+        None => serde_json::json!({}),
+    };
+    let mut env = BTreeMap::new();
+    for (k, v) in a.env.iter().flatten() {
+        let value = match v.get_ref() {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            _ => {
+                return Err(ctx.err(
+                    Some(v.span()),
+                    &format!("agent.env.{k}"),
+                    "environment values must be strings, numbers or booleans",
+                ));
+            }
+        };
+        env.insert(k.clone(), value);
+    }
+    Ok(AgentConfig {
+        name,
+        kind,
+        image,
+        create_options,
+        env,
+    })
+}
+
+fn parse_edge_ca(
+    ctx: &Ctx<'_>,
+    raw: Option<&Spanned<RawEdgeCa>>,
+) -> Result<EdgeCaConfig, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(EdgeCaConfig::AutoGenerated {
+            expiry_days: DEFAULT_CA_EXPIRY_DAYS,
+        });
+    };
+    let c = raw.get_ref();
+    if let Some(m) = &c.method {
+        return Err(ctx.err(
+            Some(m.span()),
+            "edge_ca.method",
+            format!(
+                "edge CA method {:?} is not supported yet; give cert + pk, or leave [edge_ca] out for an auto-generated CA",
+                m.get_ref()
+            ),
+        ));
+    }
+    match (&c.cert, &c.pk) {
+        (Some(cert), Some(pk)) => {
+            if c.auto_generated_edge_ca_expiry_days.is_some() {
+                return Err(ctx.err(
+                    Some(raw.span()),
+                    "edge_ca.auto_generated_edge_ca_expiry_days",
+                    "only applies to an auto-generated CA, not with cert + pk",
+                ));
+            }
+            Ok(EdgeCaConfig::Files {
+                cert: ctx.resolve(cert),
+                pk: ctx.resolve(pk),
+            })
+        }
+        (None, None) => {
+            let expiry_days = match &c.auto_generated_edge_ca_expiry_days {
+                None => DEFAULT_CA_EXPIRY_DAYS,
+                Some(d) => match u32::try_from(*d.get_ref()) {
+                    Ok(v) if (1..=36_500).contains(&v) => v,
+                    _ => {
+                        return Err(ctx.err(
+                            Some(d.span()),
+                            "edge_ca.auto_generated_edge_ca_expiry_days",
+                            "must be between 1 and 36500 days",
+                        ));
+                    }
+                },
+            };
+            Ok(EdgeCaConfig::AutoGenerated { expiry_days })
+        }
+        _ => Err(ctx.err(
+            Some(raw.span()),
+            if c.cert.is_none() {
+                "edge_ca.cert"
+            } else {
+                "edge_ca.pk"
+            },
+            "cert and pk must be given together",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+    fn base() -> String {
+        format!(
+            r#"hostname = "edge1.local"
+homedir = "/tmp/verge-home"
+
+[provisioning]
+source = "manual"
+connection_string = "HostName=hub.example.net;DeviceId=edge1;SharedAccessKey={KEY}"
+
+[agent]
+name = "edgeAgent"
+type = "process"
+[agent.config]
+image = "/bin/sleep 1000"
+[agent.env]
+RuntimeLogLevel = "debug"
+Port = 5
+"#
+        )
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/verge/config.toml"))
+    }
+
+    #[test]
+    fn parses_minimal_with_defaults() {
+        let c = parse(&base()).unwrap();
+        assert_eq!(c.hostname, "edge1.local");
+        assert_eq!(c.provisioning.device_id.as_str(), "edge1");
+        assert_eq!(c.provisioning.iothub_hostname.as_str(), "hub.example.net");
+        assert_eq!(c.agent.kind, AgentKind::Process);
+        assert_eq!(c.agent.env["Port"], "5");
+        assert_eq!(c.edge_ca, EdgeCaConfig::AutoGenerated { expiry_days: 90 });
+        assert_eq!(c.listen.workload_dir, PathBuf::from("/tmp/verge-home/mnt"));
+        assert_eq!(
+            c.listen.management_socket,
+            PathBuf::from("/tmp/verge-home/mgmt.sock")
+        );
+        assert_eq!(c.connect.management_uri, "unix:///tmp/verge-home/mgmt.sock");
+        assert_eq!(c.connect.workload_uri, DEFAULT_CONNECT_WORKLOAD_URI);
+        assert!(c.moby_runtime.is_none());
+    }
+
+    #[test]
+    fn parses_explicit_sas_and_everything_else() {
+        let text = format!(
+            r#"hostname = "10.0.0.5"
+parent_hostname = "parent.local"
+trust_bundle_cert = "bundle.pem"
+homedir = "state"
+
+[provisioning]
+source = "manual"
+iothub_hostname = "hub.example.net"
+device_id = "edge2"
+[provisioning.authentication]
+method = "sas"
+device_id_pk = {{ value = "{KEY}" }}
+
+[agent]
+name = "edgeAgent"
+type = "docker"
+[agent.config]
+image = "mcr.microsoft.com/azureiotedge-agent:1.5"
+
+[edge_ca]
+cert = "/etc/ca.pem"
+pk = "/etc/ca.key"
+
+[moby_runtime]
+uri = "unix:///var/run/docker.sock"
+
+[connect]
+workload_uri = "unix:///var/run/iotedge/workload.sock"
+management_uri = "unix:///var/run/iotedge/mgmt.sock"
+
+[listen]
+workload_uri = "unix:///run/verge/mnt"
+management_uri = "unix:///run/verge/mgmt.sock"
+"#
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.provisioning.device_id.as_str(), "edge2");
+        assert_eq!(c.provisioning.device_key.to_base64(), KEY);
+        assert_eq!(c.homedir, PathBuf::from("/etc/verge/state"));
+        assert_eq!(
+            c.trust_bundle_cert,
+            Some(PathBuf::from("/etc/verge/bundle.pem"))
+        );
+        assert_eq!(c.agent.kind, AgentKind::Docker);
+        assert_eq!(c.moby_runtime.unwrap().network, "azure-iot-edge");
+        assert_eq!(
+            c.listen.workload_socket("modA"),
+            PathBuf::from("/run/verge/mnt/modA.sock")
+        );
+        assert_eq!(
+            c.connect.management_uri,
+            "unix:///var/run/iotedge/mgmt.sock"
+        );
+        assert!(matches!(c.edge_ca, EdgeCaConfig::Files { .. }));
+    }
+
+    #[test]
+    fn unknown_top_level_key_names_key_and_line() {
+        let text = base().replace("homedir", "bogus_key = 1\nhomedir");
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(e.to_string().contains("bogus_key"), "{e}");
+        assert!(
+            e.to_string().starts_with("/etc/verge/config.toml:2:"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_nested_key() {
+        let text = base().replace("type = \"process\"", "type = \"process\"\ncolour = \"red\"");
+        let e = parse(&text).unwrap_err();
+        assert!(e.to_string().contains("colour"), "{e}");
+        assert_eq!(e.line, Some(11), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_value() {
+        let text = base().replace("hostname = \"edge1.local\"", "hostname = 5");
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.line, Some(1), "{e}");
+    }
+
+    #[test]
+    fn missing_required_key() {
+        let text = base().replace("hostname = \"edge1.local\"\n", "");
+        let e = parse(&text).unwrap_err();
+        assert!(e.to_string().contains("hostname"), "{e}");
+    }
+
+    #[test]
+    fn syntax_error_has_line() {
+        let text = base() + "\n[agent\n";
+        let e = parse(&text).unwrap_err();
+        assert!(e.line.is_some(), "{e}");
+    }
+
+    #[test]
+    fn dps_not_supported() {
+        let text = base().replace(
+            "source = \"manual\"\nconnection_string",
+            "source = \"dps\"\nglobal_endpoint = \"https://x\"\nid_scope = \"0ne\"\n#connection_string",
+        );
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("provisioning.source"));
+        assert!(e.message.contains("not supported yet"), "{e}");
+        assert_eq!(e.line, Some(5), "{e}");
+    }
+
+    #[test]
+    fn x509_not_supported() {
+        let text = base().replace(
+            &format!("connection_string = \"HostName=hub.example.net;DeviceId=edge1;SharedAccessKey={KEY}\""),
+            "iothub_hostname = \"hub\"\ndevice_id = \"d\"\n[provisioning.authentication]\nmethod = \"x509\"\nidentity_cert = \"file:///c.pem\"\nidentity_pk = \"file:///k.pem\"",
+        );
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("provisioning.authentication.method"));
+        assert!(e.message.contains("not supported yet"), "{e}");
+        assert_eq!(e.line, Some(9), "{e}");
+    }
+
+    #[test]
+    fn bad_connection_string() {
+        let text = base().replace("SharedAccessKey=", "SharedAccessKey=!!!notbase64");
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("provisioning.connection_string"));
+        assert_eq!(e.line, Some(6));
+    }
+
+    #[test]
+    fn bad_agent_type() {
+        let text = base().replace("type = \"process\"", "type = \"podman\"");
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("agent.type"));
+        assert_eq!(e.line, Some(10));
+    }
+
+    #[test]
+    fn bad_uri() {
+        let text = base() + "[listen]\nmanagement_uri = \"fd://aziot-edged.mgmt.socket\"\n";
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("listen.management_uri"));
+        assert_eq!(e.line, Some(17));
+    }
+
+    #[test]
+    fn edge_ca_half_given_and_bad_expiry_and_est() {
+        let e = parse(&(base() + "[edge_ca]\ncert = \"/c.pem\"\n")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("edge_ca.pk"));
+        let e =
+            parse(&(base() + "[edge_ca]\nauto_generated_edge_ca_expiry_days = 0\n")).unwrap_err();
+        assert_eq!(
+            e.key.as_deref(),
+            Some("edge_ca.auto_generated_edge_ca_expiry_days")
+        );
+        assert_eq!(e.line, Some(17));
+        let e = parse(&(base() + "[edge_ca]\nmethod = \"est\"\n")).unwrap_err();
+        assert!(e.message.contains("not supported yet"));
+        let c = parse(&(base() + "[edge_ca]\nauto_generated_edge_ca_expiry_days = 7\n")).unwrap();
+        assert_eq!(c.edge_ca, EdgeCaConfig::AutoGenerated { expiry_days: 7 });
+    }
+
+    #[test]
+    fn key_uri_not_supported() {
+        let text = base().replace(
+            &format!("connection_string = \"HostName=hub.example.net;DeviceId=edge1;SharedAccessKey={KEY}\""),
+            "iothub_hostname = \"hub\"\ndevice_id = \"d\"\n[provisioning.authentication]\nmethod = \"sas\"\ndevice_id_pk = { uri = \"file:///k\" }",
+        );
+        let e = parse(&text).unwrap_err();
+        assert_eq!(
+            e.key.as_deref(),
+            Some("provisioning.authentication.device_id_pk.uri")
+        );
+    }
+
+    #[test]
+    fn missing_file() {
+        let e = Config::load(Path::new("/nonexistent/verge.toml")).unwrap_err();
+        assert!(e.message.contains("cannot read"));
+    }
+}

@@ -1,0 +1,342 @@
+//! Putting it together: keys, identities, CA, sockets, and the agent watchdog.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use verge_runtime::{ModuleRuntime, ModuleSpec, ModuleStatus};
+
+use crate::ca::EdgeCa;
+use crate::config::{AgentKind, Config};
+use crate::env::{EnvContext, WorkloadUriStyle, agent_env};
+use crate::http::{ServedSocket, bind_unix};
+use crate::keys::{IdentityStore, canonical_module_id, store_device_key};
+use crate::mgmt::{MgmtState, router as mgmt_router};
+use crate::workload::{DaemonState, WorkloadSockets};
+
+/// First restart delay of the agent.
+pub const BACKOFF_START: Duration = Duration::from_secs(1);
+/// Longest restart delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// A run this long resets the back-off.
+pub const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(60);
+
+/// Next back-off delay: doubles up to [`BACKOFF_MAX`]; resets after a long run.
+pub fn next_backoff(current: Duration, ran_for: Duration) -> Duration {
+    if ran_for >= BACKOFF_RESET_AFTER {
+        BACKOFF_START
+    } else {
+        (current * 2).min(BACKOFF_MAX)
+    }
+}
+
+/// Runs verged until `shutdown` completes.
+pub async fn run(
+    config: Config,
+    runtime: Arc<dyn ModuleRuntime>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    // Startup file I/O, off the async workers.
+    let cfg = config.clone();
+    let (identities, ca) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        std::fs::create_dir_all(&cfg.homedir)
+            .with_context(|| format!("creating homedir {}", cfg.homedir.display()))?;
+        store_device_key(&cfg.homedir, &cfg.provisioning.device_key)?;
+        let identities = IdentityStore::open(&cfg.homedir, cfg.provisioning.device_key.clone())?;
+        let ca = EdgeCa::load_or_create(
+            &cfg.edge_ca,
+            &cfg.homedir,
+            cfg.trust_bundle_cert.as_deref(),
+            cfg.provisioning.device_id.as_str(),
+        )?;
+        Ok((identities, ca))
+    })
+    .await??;
+
+    let state = Arc::new(DaemonState {
+        device_id: config.provisioning.device_id.clone(),
+        hub: config.provisioning.iothub_hostname.clone(),
+        hostname: config.hostname.clone(),
+        identities: identities.clone(),
+        ca: ca.clone(),
+    });
+    let sockets = Arc::new(WorkloadSockets::new(
+        state.clone(),
+        config.listen.workload_dir.clone(),
+    ));
+    let agent_identity = identities
+        .get_or_create(&config.agent.name, "iotedge")
+        .await?;
+    for identity in identities.list().await {
+        sockets
+            .ensure(&identity.module_id)
+            .await
+            .with_context(|| format!("workload socket of {}", identity.module_id))?;
+    }
+
+    let is_docker = runtime
+        .info()
+        .await
+        .map(|i| i.kind == "docker")
+        .unwrap_or(false);
+    let env_ctx = EnvContext {
+        iothub_hostname: config.provisioning.iothub_hostname.to_string(),
+        device_id: config.provisioning.device_id.to_string(),
+        hostname: config.hostname.clone(),
+        parent_hostname: config.parent_hostname.clone(),
+        workload_uri: if is_docker {
+            WorkloadUriStyle::Fixed(config.connect.workload_uri.clone())
+        } else {
+            WorkloadUriStyle::HostSocket
+        },
+    };
+
+    let mgmt_path = config.listen.management_socket.clone();
+    let listener = bind_unix(&mgmt_path, 0o660)
+        .with_context(|| format!("binding the management socket {}", mgmt_path.display()))?;
+    let mgmt = ServedSocket::serve(
+        mgmt_path.clone(),
+        listener,
+        mgmt_router(MgmtState {
+            daemon: state.clone(),
+            runtime: runtime.clone(),
+            sockets: sockets.clone(),
+            env: env_ctx.clone(),
+            allowed_uid: nix::unistd::getuid().as_raw(),
+        }),
+    );
+    tracing::info!(socket = %mgmt_path.display(), "management API up");
+
+    let renewal = ca.spawn_renewal(Duration::from_secs(3600));
+
+    // The agent.
+    let agent_socket = sockets.socket_path(&agent_identity.module_id);
+    let agent_workload_env = match config.agent.kind {
+        AgentKind::Process => EnvContext {
+            workload_uri: WorkloadUriStyle::HostSocket,
+            ..env_ctx.clone()
+        },
+        AgentKind::Docker => EnvContext {
+            workload_uri: WorkloadUriStyle::Fixed(config.connect.workload_uri.clone()),
+            ..env_ctx.clone()
+        },
+    };
+    let mgmt_uri = match config.agent.kind {
+        AgentKind::Process => format!("unix://{}", mgmt_path.display()),
+        AgentKind::Docker => config.connect.management_uri.clone(),
+    };
+    let env = agent_env(
+        &agent_workload_env,
+        &agent_identity,
+        &agent_socket,
+        &config.agent.env,
+        &mgmt_uri,
+        &config.listen.workload_dir,
+        config.moby_runtime.as_ref().map(|m| m.network.as_str()),
+    );
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let watchdog = match config.agent.kind {
+        AgentKind::Process => tokio::spawn(process_watchdog(
+            config.agent.name.clone(),
+            config.agent.image.clone(),
+            env,
+            stop_rx,
+        )),
+        AgentKind::Docker => {
+            let spec = ModuleSpec {
+                name: config.agent.name.clone(),
+                image: config.agent.image.clone(),
+                create_options: config.agent.create_options.clone(),
+                env,
+                labels: BTreeMap::new(),
+                workload_socket: Some(agent_socket.clone()),
+                management_socket: Some(mgmt_path.clone()),
+            };
+            tokio::spawn(runtime_watchdog(runtime.clone(), spec, stop_rx))
+        }
+    };
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout(Duration::from_secs(40), watchdog)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the agent watchdog did not stop in time");
+    }
+    renewal.abort();
+    mgmt.shutdown().await;
+    sockets.shutdown_all().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn split_command(image: &str) -> Option<(String, Vec<String>)> {
+    let mut parts = image.split_whitespace().map(str::to_owned);
+    let program = parts.next()?;
+    Some((program, parts.collect()))
+}
+
+async fn sleep_or_stop(d: Duration, stop: &mut tokio::sync::watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(d) => false,
+        _ = stop.wait_for(|s| *s) => true,
+    }
+}
+
+/// Runs the agent as a child process and restarts it with exponential
+/// back-off when it exits; on stop, SIGTERM then SIGKILL after 10 s.
+async fn process_watchdog(
+    name: String,
+    image: String,
+    env: BTreeMap<String, String>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let Some((program, args)) = split_command(&image) else {
+        tracing::error!("agent image is empty");
+        return;
+    };
+    let mut delay = BACKOFF_START;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let started = Instant::now();
+        let mut child = match tokio::process::Command::new(&program)
+            .args(&args)
+            .envs(&env)
+            .kill_on_drop(true)
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(agent = %name, program = %program, error = %e, "cannot start the agent");
+                if sleep_or_stop(delay, &mut stop).await {
+                    return;
+                }
+                delay = next_backoff(delay, Duration::ZERO);
+                continue;
+            }
+        };
+        tracing::info!(agent = %name, pid = ?child.id(), "agent started");
+        let exited = tokio::select! {
+            status = child.wait() => Some(status),
+            _ = stop.wait_for(|s| *s) => None,
+        };
+        let Some(status) = exited else {
+            terminate(&mut child, Duration::from_secs(10)).await;
+            tracing::info!(agent = %name, "agent stopped");
+            return;
+        };
+        let ran = started.elapsed();
+        if ran >= BACKOFF_RESET_AFTER {
+            delay = BACKOFF_START;
+        }
+        tracing::warn!(agent = %name, ?status, ?ran, "agent exited; restarting in {delay:?}");
+        if sleep_or_stop(delay, &mut stop).await {
+            return;
+        }
+        delay = next_backoff(delay, ran);
+    }
+}
+
+async fn terminate(child: &mut tokio::process::Child, grace: Duration) {
+    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        if tokio::time::timeout(grace, child.wait()).await.is_ok() {
+            return;
+        }
+    }
+    let _ = child.kill().await;
+}
+
+/// Runs the agent through the module runtime (docker) and restarts it with
+/// back-off when it is not running.
+async fn runtime_watchdog(
+    runtime: Arc<dyn ModuleRuntime>,
+    spec: ModuleSpec,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let name = spec.name.clone();
+    let _ = runtime.remove(&name).await;
+    if let Err(e) = runtime.pull(&spec.image, None).await {
+        tracing::warn!(agent = %name, error = %e, "pulling the agent image failed");
+    }
+    let mut delay = BACKOFF_START;
+    let mut created = false;
+    let mut last_start = Instant::now();
+    loop {
+        if !created {
+            match runtime.create(&spec).await {
+                Ok(()) => created = true,
+                Err(e) => tracing::error!(agent = %name, error = %e, "cannot create the agent"),
+            }
+        }
+        if created {
+            let running =
+                matches!(runtime.get(&name).await, Ok(s) if s.status == ModuleStatus::Running);
+            if !running {
+                let ran = last_start.elapsed();
+                delay = next_backoff(delay, ran);
+                match runtime.start(&name).await {
+                    Ok(()) => {
+                        last_start = Instant::now();
+                        tracing::info!(agent = %name, "agent started");
+                    }
+                    Err(e) => tracing::error!(agent = %name, error = %e, "cannot start the agent"),
+                }
+            }
+        }
+        if sleep_or_stop(delay.max(Duration::from_secs(2)), &mut stop).await {
+            let _ = runtime.stop(&name, Duration::from_secs(10)).await;
+            return;
+        }
+    }
+}
+
+/// The canonical identity id of the agent named in the config.
+pub fn agent_module_id(config: &Config) -> String {
+    canonical_module_id(&config.agent.name)
+}
+
+/// Where the management socket is.
+pub fn management_socket(config: &Config) -> PathBuf {
+    config.listen.management_socket.clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_caps_and_resets() {
+        let mut d = BACKOFF_START;
+        let seq: Vec<u64> = (0..8)
+            .map(|_| {
+                d = next_backoff(d, Duration::from_secs(1));
+                d.as_secs()
+            })
+            .collect();
+        assert_eq!(seq, vec![2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(next_backoff(d, Duration::from_secs(61)), BACKOFF_START);
+    }
+
+    #[test]
+    fn splits_commands() {
+        assert_eq!(
+            split_command(" /bin/agent  --a b "),
+            Some((
+                "/bin/agent".to_owned(),
+                vec!["--a".to_owned(), "b".to_owned()]
+            ))
+        );
+        assert_eq!(split_command("  "), None);
+    }
+}

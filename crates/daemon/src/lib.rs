@@ -1,0 +1,28 @@
+//! `verged`, Verge's security daemon (the counterpart of aziot-edged).
+//!
+//! * [`config`]: the TOML config file (aziot `config.toml` shape).
+//! * [`keys`]: the device key on disk, module identities, derived module keys.
+//! * [`ca`]: the edge CA, issued certificates, renewal.
+//! * [`crypto`]: the workload API's encrypt/decrypt scheme.
+//! * [`workload`]: the workload API, one Unix socket per module.
+//! * [`mgmt`]: the management API for the agent.
+//! * [`env`]: the environment injected into modules.
+//! * [`client`]: a small client for both APIs (the hub uses
+//!   [`client::WorkloadClient::server_certificate`] for its TLS certificate).
+//! * [`daemon`]: startup, agent watchdog, shutdown.
+//!
+//! Module keys are never stored: `device_key.derive_module_key(module, generation_id)`
+//! (see `verge_core::sas::SharedAccessKey::derive_module_key`), so a hub that
+//! knows the device key can verify module SAS tokens offline.
+
+pub mod api;
+pub mod ca;
+pub mod client;
+pub mod config;
+pub mod crypto;
+pub mod daemon;
+pub mod env;
+pub mod http;
+pub mod keys;
+pub mod mgmt;
+pub mod workload;
