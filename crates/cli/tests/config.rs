@@ -1,0 +1,102 @@
+//! `verge config mp` and `verge config apply`, run as the real binary.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+
+const CS: &str = "HostName=hub.example.net;DeviceId=edge1;SharedAccessKey=AAECAwQFBgcICQoLDA0ODw==";
+
+fn verge(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_verge"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn mp_writes_a_config_verged_accepts_and_apply_installs_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.toml");
+    let cfg_s = cfg.to_str().unwrap();
+    let (ok, _, err) = verge(&["config", "mp", "-c", CS, "--out", cfg_s]);
+    assert!(ok, "{err}");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(text.contains("connection_string = \"HostName=hub.example.net;DeviceId=edge1;"));
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&cfg).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    // A second mp refuses to overwrite.
+    let (ok, _, err) = verge(&["config", "mp", "-c", CS, "--out", cfg_s]);
+    assert!(!ok);
+    assert!(err.contains("--force"), "{err}");
+
+    let target = dir.path().join("etc/verge/config.toml");
+    let (ok, out, err) = verge(&[
+        "config",
+        "apply",
+        "-c",
+        cfg_s,
+        "--target",
+        target.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("device edge1 on hub.example.net"), "{out}");
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), text);
+}
+
+#[test]
+fn bad_input_is_refused_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    let (ok, _, err) = verge(&[
+        "config",
+        "mp",
+        "-c",
+        "HostName=h;DeviceId=d",
+        "--out",
+        cfg.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("SharedAccessKey"), "{err}");
+    assert!(!cfg.exists());
+
+    let module = format!("{CS};ModuleId=m");
+    let (ok, _, err) = verge(&[
+        "config",
+        "mp",
+        "-c",
+        &module,
+        "--out",
+        cfg.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("module connection string"), "{err}");
+
+    std::fs::write(&cfg, "hostname = \"x\"\nbogus_key = 1\n").unwrap();
+    let target = dir.path().join("t.toml");
+    let (ok, _, err) = verge(&[
+        "config",
+        "apply",
+        "-c",
+        cfg.to_str().unwrap(),
+        "--target",
+        target.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("bogus_key"), "{err}");
+    assert!(!target.exists(), "a refused config is not installed");
+}
+
+#[test]
+fn version() {
+    let (ok, out, _) = verge(&["version"]);
+    assert!(ok);
+    assert!(out.starts_with("verge "));
+}
