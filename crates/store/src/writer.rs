@@ -1,0 +1,545 @@
+//! The single writer thread: drains the command channel, writes one atomic
+//! batch per group, syncs it once (`fdatasync`), then answers every caller.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+use fjall::{OwnedWriteBatch, PersistMode};
+use tokio::sync::{mpsc, oneshot};
+use verge_core::time::Timestamp;
+
+use crate::keys::{self, Entry};
+use crate::{
+    BODY_OVERHEAD, ENTRY_OVERHEAD, FullReason, MessageId, QueueState, Result, Shared, StoreError,
+    Target,
+};
+
+/// A request to the writer.
+pub(crate) enum Cmd {
+    Append {
+        body: Bytes,
+        exp: Option<Timestamp>,
+        targets: Vec<Target>,
+        reply: oneshot::Sender<Result<MessageId>>,
+    },
+    Ack {
+        qid: u32,
+        up_to: u64,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Cleanup {
+        reply: oneshot::Sender<Result<u64>>,
+    },
+}
+
+enum Done {
+    Append(oneshot::Sender<Result<MessageId>>, Result<MessageId>),
+    Ack(oneshot::Sender<Result<()>>, Result<()>),
+    Cleanup(oneshot::Sender<Result<u64>>, Result<u64>),
+}
+
+impl Done {
+    fn fail(self, err: impl Fn() -> StoreError) {
+        // A caller that went away does not care about the answer.
+        match self {
+            Done::Append(r, Ok(_)) => drop(r.send(Err(err()))),
+            Done::Ack(r, Ok(())) => drop(r.send(Err(err()))),
+            Done::Cleanup(r, Ok(_)) => drop(r.send(Err(err()))),
+            other => other.send(),
+        }
+    }
+
+    fn send(self) {
+        match self {
+            Done::Append(r, v) => drop(r.send(v)),
+            Done::Ack(r, v) => drop(r.send(v)),
+            Done::Cleanup(r, v) => drop(r.send(v)),
+        }
+    }
+}
+
+/// Everything one group changes, applied to the shared state after the sync.
+struct Group {
+    batch: OwnedWriteBatch,
+    /// Refcount and accounted body size of every body touched.
+    /// (count, size, has an `r` record) per body.
+    refs: HashMap<u64, (u32, u32, bool)>,
+    /// New durable tails.
+    tails: Vec<(u32, u64)>,
+    /// New heads (also consulted by later commands of the same group).
+    heads: HashMap<u32, u64>,
+    /// References deleted in this group (so a later command skips them).
+    deleted: HashSet<(u32, u64)>,
+    /// Expired references deleted in this group.
+    expired: Vec<(u32, u64)>,
+    stored: u64,
+    next_id: u64,
+    new_queues: Vec<(u32, QueueState)>,
+    dirty: bool,
+    /// Approximate memtable bytes written per keyspace (msgs, queues, meta).
+    mem: [u64; 3],
+}
+
+struct Writer {
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Cmd>,
+    next_id: u64,
+    /// Approximate bytes in each keyspace's active memtable.
+    mem: [u64; 3],
+}
+
+/// Approximate memtable cost of one write besides key and value.
+const OP: u64 = 48;
+
+pub(crate) fn spawn(
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Cmd>,
+    next_id: u64,
+) -> std::io::Result<JoinHandle<()>> {
+    let w = Writer {
+        shared,
+        rx,
+        next_id,
+        mem: [0; 3],
+    };
+    std::thread::Builder::new()
+        .name("verge-store-writer".into())
+        .spawn(move || w.run())
+}
+
+#[allow(clippy::useless_conversion)]
+fn available_bytes(dir: &std::path::Path) -> Option<u64> {
+    let s = nix::sys::statvfs::statvfs(dir).ok()?;
+    Some(u64::from(s.blocks_available()).saturating_mul(u64::from(s.fragment_size())))
+}
+
+impl Writer {
+    fn run(mut self) {
+        let max = self.shared.config.max_group.max(1);
+        while let Some(first) = self.rx.blocking_recv() {
+            let mut cmds = vec![first];
+            while cmds.len() < max {
+                match self.rx.try_recv() {
+                    Ok(c) => cmds.push(c),
+                    Err(_) => break,
+                }
+            }
+            self.group(cmds);
+        }
+    }
+
+    fn group(&mut self, cmds: Vec<Cmd>) {
+        let sh = self.shared.clone();
+        if sh.poisoned.load(Ordering::Relaxed) {
+            for c in cmds {
+                match c {
+                    Cmd::Append { reply, .. } => drop(reply.send(Err(StoreError::Poisoned))),
+                    Cmd::Ack { reply, .. } => drop(reply.send(Err(StoreError::Poisoned))),
+                    Cmd::Cleanup { reply } => drop(reply.send(Err(StoreError::Poisoned))),
+                }
+            }
+            return;
+        }
+        let now = Timestamp::now();
+        let floor = sh.config.min_free_bytes;
+        let disk_full = if floor > 0 && cmds.iter().any(|c| matches!(c, Cmd::Append { .. })) {
+            match available_bytes(&sh.dir) {
+                Some(available) if available < floor => {
+                    Some(FullReason::DiskFloor { available, floor })
+                }
+                Some(_) => None,
+                None => {
+                    tracing::warn!(dir = %sh.dir.display(), "statvfs failed; disk floor not checked");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let mut g = Group {
+            batch: sh.db.batch().durability(Some(PersistMode::SyncData)),
+            refs: HashMap::new(),
+            tails: Vec::new(),
+            heads: HashMap::new(),
+            deleted: HashSet::new(),
+            expired: Vec::new(),
+            stored: sh.stored_bytes.load(Ordering::Relaxed),
+            next_id: self.next_id,
+            new_queues: Vec::new(),
+            dirty: false,
+            mem: [0; 3],
+        };
+        let mut done = Vec::with_capacity(cmds.len());
+        for c in cmds {
+            match c {
+                Cmd::Append {
+                    body,
+                    exp,
+                    targets,
+                    reply,
+                } => {
+                    let r = match disk_full {
+                        Some(reason) => Err(StoreError::Full(reason)),
+                        None => self.append(&mut g, now, body, exp, &targets),
+                    };
+                    done.push(Done::Append(reply, r));
+                }
+                Cmd::Ack { qid, up_to, reply } => {
+                    let r = self.ack(&mut g, qid, up_to);
+                    done.push(Done::Ack(reply, r));
+                }
+                Cmd::Cleanup { reply } => {
+                    let r = self.cleanup(&mut g, now);
+                    done.push(Done::Cleanup(reply, r));
+                }
+            }
+        }
+        if !g.dirty {
+            done.into_iter().for_each(Done::send);
+            return;
+        }
+        // Bodies nobody references any more go in the same batch.
+        let mut refs: Vec<_> = g.refs.iter().map(|(&id, &v)| (id, v)).collect();
+        refs.sort_unstable_by_key(|&(id, _)| id);
+        for (id, (count, size, explicit)) in refs {
+            g.mem[0] += if count == 0 { 2 * OP } else { OP };
+            if count == 0 {
+                if explicit {
+                    g.batch.remove(&sh.msgs, keys::msg_key(keys::REF, id));
+                }
+                g.batch.remove(&sh.msgs, keys::msg_key(keys::BODY, id));
+                g.stored = g.stored.saturating_sub(u64::from(size));
+            } else {
+                g.batch.insert(
+                    &sh.msgs,
+                    keys::msg_key(keys::REF, id),
+                    keys::ref_value(count, size),
+                );
+            }
+        }
+        g.batch
+            .insert(&sh.meta, keys::STORED_BYTES, g.stored.to_be_bytes());
+        g.batch
+            .insert(&sh.meta, keys::NEXT_ID, g.next_id.to_be_bytes());
+        g.mem[2] += 2 * OP;
+
+        let Group {
+            batch,
+            tails,
+            heads,
+            expired,
+            stored,
+            next_id,
+            new_queues,
+            mem,
+            ..
+        } = g;
+        if let Err(e) = batch.commit() {
+            tracing::error!(error = %e, "store write failed; the store is poisoned until reopened");
+            sh.poisoned.store(true, Ordering::Relaxed);
+            let msg = e.to_string();
+            for d in done {
+                d.fail(|| StoreError::Io(std::io::Error::other(msg.clone())));
+            }
+            return;
+        }
+        self.next_id = next_id;
+        {
+            let mut st = sh.lock();
+            for (qid, q) in new_queues {
+                st.add_queue(qid, q);
+            }
+            for (qid, tail) in tails {
+                if let Some(q) = st.queues.get_mut(&qid) {
+                    q.durable = q.durable.max(tail);
+                }
+            }
+            let mut n_expired = 0;
+            for (qid, off) in expired {
+                if let Some(q) = st.queues.get_mut(&qid)
+                    && off >= q.counted
+                {
+                    q.expired += 1;
+                    n_expired += 1;
+                }
+            }
+            for (qid, head) in heads {
+                if let Some(q) = st.queues.get_mut(&qid) {
+                    q.head = q.head.max(head);
+                    q.counted = q.counted.max(head);
+                }
+            }
+            sh.expired_total.fetch_add(n_expired, Ordering::Relaxed);
+        }
+        sh.stored_bytes.store(stored, Ordering::Relaxed);
+        done.into_iter().for_each(Done::send);
+        self.rotate_memtables(mem);
+    }
+
+    /// fjall asks its (possibly busy) worker to rotate a full memtable with a
+    /// `try_send` that can be dropped, letting memtables grow far past their
+    /// limit under sustained load. Rotate them here instead: this enqueues the
+    /// flush, and fjall stalls writers while 4+ sealed memtables wait, so
+    /// memory stays bounded by the configured memtable size.
+    fn rotate_memtables(&mut self, written: [u64; 3]) {
+        let sh = self.shared.clone();
+        let limit = sh.config.memtable_bytes.max(1024 * 1024);
+        for (i, ks) in [&sh.msgs, &sh.queues, &sh.meta].into_iter().enumerate() {
+            self.mem[i] += written[i];
+            if self.mem[i] >= limit {
+                self.mem[i] = 0;
+                if let Err(e) = ks.rotate_memtable() {
+                    tracing::warn!(error = %e, "memtable rotation failed");
+                }
+            }
+        }
+    }
+
+    /// Queue id for (endpoint, priority), creating the queue if needed.
+    fn queue(&self, g: &mut Group, endpoint: &str, priority: u32) -> u32 {
+        let sh = &self.shared;
+        let mut st = sh.lock();
+        if let Some(&(_, qid)) = st
+            .endpoints
+            .get(endpoint)
+            .and_then(|v| v.iter().find(|(p, _)| *p == priority))
+        {
+            return qid;
+        }
+        if let Some((qid, _)) = g
+            .new_queues
+            .iter()
+            .find(|(_, q)| q.endpoint == endpoint && q.priority == priority)
+        {
+            return *qid;
+        }
+        let qid = st.next_qid;
+        st.next_qid = st.next_qid.saturating_add(1);
+        drop(st);
+        let mut rec = priority.to_be_bytes().to_vec();
+        rec.extend_from_slice(endpoint.as_bytes());
+        g.mem[2] += OP + rec.len() as u64;
+        g.batch
+            .insert(&sh.meta, keys::meta_queue_key(keys::QUEUE, qid), rec);
+        g.new_queues.push((
+            qid,
+            QueueState {
+                endpoint: endpoint.to_owned(),
+                priority,
+                head: 0,
+                next: 0,
+                durable: 0,
+                cursor: 0,
+                counted: 0,
+                expired: 0,
+            },
+        ));
+        qid
+    }
+
+    fn append(
+        &mut self,
+        g: &mut Group,
+        now: Timestamp,
+        body: Bytes,
+        exp: Option<Timestamp>,
+        targets: &[Target],
+    ) -> Result<MessageId> {
+        let sh = self.shared.clone();
+        let n = u32::try_from(targets.len()).map_err(|_| StoreError::TooLarge)?;
+        let body_size =
+            u32::try_from(body.len() as u64 + BODY_OVERHEAD).map_err(|_| StoreError::TooLarge)?;
+        let size = u64::from(body_size) + ENTRY_OVERHEAD * u64::from(n);
+        if let Some(limit) = sh.config.max_bytes
+            && g.stored.saturating_add(size) > limit
+        {
+            return Err(StoreError::Full(FullReason::ByteLimit {
+                stored: g.stored,
+                limit,
+            }));
+        }
+        let id = g.next_id;
+        g.next_id += 1;
+        g.mem[0] += OP + body.len() as u64;
+        g.batch
+            .insert(&sh.msgs, keys::msg_key(keys::BODY, id), body.as_ref());
+        // Single-target bodies (the common case) need no refcount record.
+        if n > 1 {
+            g.refs.insert(id, (n, body_size, true));
+        }
+        for t in targets {
+            let qid = self.queue(g, &t.endpoint, t.priority);
+            let offset = {
+                let mut st = sh.lock();
+                if let Some(q) = st.queues.get_mut(&qid) {
+                    let o = q.next;
+                    q.next += 1;
+                    o
+                } else if let Some((_, q)) = g.new_queues.iter_mut().find(|(id, _)| *id == qid) {
+                    let o = q.next;
+                    q.next += 1;
+                    o
+                } else {
+                    return Err(StoreError::Corrupt("queue vanished".into()));
+                }
+            };
+            let mut expiry = match t.ttl_secs.or(sh.config.default_ttl_secs) {
+                Some(ttl) => now.plus_secs(ttl).as_millis(),
+                None => i64::MAX,
+            };
+            if let Some(e) = exp {
+                expiry = expiry.min(e.as_millis());
+            }
+            let entry = Entry {
+                id,
+                enqueued: now,
+                expiry,
+                size: body_size,
+            };
+            g.batch.insert(
+                &sh.queues,
+                keys::entry_key(qid, offset),
+                entry.encode().as_slice(),
+            );
+            g.tails.push((qid, offset + 1));
+            g.mem[1] += OP + 40;
+        }
+        g.stored = g.stored.saturating_add(size);
+        g.dirty = true;
+        Ok(MessageId(id))
+    }
+
+    /// (head, durable tail, counted) of a queue as this group sees it.
+    fn bounds(&self, g: &Group, qid: u32) -> Option<(u64, u64)> {
+        let st = self.shared.lock();
+        let q = st.queues.get(&qid)?;
+        let head = g.heads.get(&qid).copied().unwrap_or(q.head).max(q.head);
+        Some((head, q.durable))
+    }
+
+    fn drop_ref(&self, g: &mut Group, qid: u32, key: &[u8], e: &Entry) -> Result<()> {
+        let sh = &self.shared;
+        g.batch.remove(&sh.queues, key);
+        g.mem[1] += OP;
+        g.stored = g.stored.saturating_sub(ENTRY_OVERHEAD);
+        g.dirty = true;
+        if let Some((_, off)) = keys::parse_entry_key(key) {
+            g.deleted.insert((qid, off));
+        }
+        let (count, size, explicit) = match g.refs.get(&e.id) {
+            Some(&v) => v,
+            None => match sh.msgs.get(keys::msg_key(keys::REF, e.id))? {
+                Some(v) => match keys::u32_at(&v, 0).zip(keys::u32_at(&v, 4)) {
+                    Some((c, s)) => (c, s, true),
+                    None => return Err(StoreError::Corrupt("bad refcount record".into())),
+                },
+                // No record: this was the body's only reference.
+                None => (1, e.size, false),
+            },
+        };
+        g.refs
+            .insert(e.id, (count.saturating_sub(1), size, explicit));
+        Ok(())
+    }
+
+    fn ack(&mut self, g: &mut Group, qid: u32, up_to: u64) -> Result<()> {
+        let sh = self.shared.clone();
+        let Some((head, durable)) = self.bounds(g, qid) else {
+            return Err(StoreError::Corrupt("unknown queue id".into()));
+        };
+        let end = up_to.saturating_add(1).min(durable);
+        if end <= head {
+            return Ok(());
+        }
+        for kv in sh
+            .queues
+            .range(keys::entry_key(qid, head)..keys::entry_key(qid, end))
+        {
+            let (k, v) = kv.into_inner()?;
+            let Some((_, off)) = keys::parse_entry_key(&k) else {
+                continue;
+            };
+            if g.deleted.contains(&(qid, off)) {
+                continue;
+            }
+            match Entry::decode(&v) {
+                Some(e) => self.drop_ref(g, qid, &k, &e)?,
+                None => {
+                    g.batch.remove(&sh.queues, k);
+                    g.dirty = true;
+                }
+            }
+        }
+        g.heads.insert(qid, end);
+        g.mem[2] += OP;
+        g.batch.insert(
+            &sh.meta,
+            keys::meta_queue_key(keys::CHECKPOINT, qid),
+            end.to_be_bytes(),
+        );
+        g.dirty = true;
+        Ok(())
+    }
+
+    fn cleanup(&mut self, g: &mut Group, now: Timestamp) -> Result<u64> {
+        let sh = self.shared.clone();
+        let entire = sh.config.check_entire_queue_on_cleanup;
+        let qids: Vec<u32> = sh.lock().queues.keys().copied().collect();
+        let mut deleted = 0u64;
+        for qid in qids {
+            let Some((head, durable)) = self.bounds(g, qid) else {
+                continue;
+            };
+            if head >= durable {
+                continue;
+            }
+            let mut new_head = head;
+            let mut contiguous = true;
+            for kv in sh
+                .queues
+                .range(keys::entry_key(qid, head)..keys::entry_key(qid, durable))
+            {
+                let (k, v) = kv.into_inner()?;
+                let Some((_, off)) = keys::parse_entry_key(&k) else {
+                    continue;
+                };
+                if g.deleted.contains(&(qid, off)) {
+                    if contiguous {
+                        new_head = off + 1;
+                    }
+                    continue;
+                }
+                let Some(e) = Entry::decode(&v) else {
+                    continue;
+                };
+                if e.is_expired(now) {
+                    self.drop_ref(g, qid, &k, &e)?;
+                    g.expired.push((qid, off));
+                    deleted += 1;
+                    if contiguous {
+                        new_head = off + 1;
+                    }
+                } else {
+                    contiguous = false;
+                    if !entire {
+                        break;
+                    }
+                }
+            }
+            if new_head > head {
+                g.heads.insert(qid, new_head);
+                g.mem[2] += OP;
+                g.batch.insert(
+                    &sh.meta,
+                    keys::meta_queue_key(keys::CHECKPOINT, qid),
+                    new_head.to_be_bytes(),
+                );
+                g.dirty = true;
+            }
+        }
+        Ok(deleted)
+    }
+}
