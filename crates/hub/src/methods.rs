@@ -1,0 +1,133 @@
+//! Direct methods: the HTTPS API modules call (`POST /twins/{d}[/modules/{m}]/methods`),
+//! delivered to the target over its MQTT connection as
+//! `$iothub/methods/POST/{name}/?$rid=…` and answered with the callee's
+//! `$iothub/methods/res/{status}/?$rid=…`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use bytes::Bytes;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use verge_core::ClientId;
+
+use crate::HubState;
+use crate::session::Outbound;
+
+/// The HTTP routes.
+pub fn router(state: Arc<HubState>) -> Router {
+    Router::new()
+        .route("/twins/{device}/methods", post(invoke_device))
+        .route(
+            "/twins/{device}/modules/{module}/methods",
+            post(invoke_module),
+        )
+        .with_state(state)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, axum::Json(json!({ "message": message.into() }))).into_response()
+}
+
+async fn invoke_device(
+    State(state): State<Arc<HubState>>,
+    Path(device): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    invoke(&state, device, &headers, &body).await
+}
+
+async fn invoke_module(
+    State(state): State<Arc<HubState>>,
+    Path((device, module)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    invoke(&state, format!("{device}/{module}"), &headers, &body).await
+}
+
+async fn invoke(state: &HubState, target: String, headers: &HeaderMap, body: &[u8]) -> Response {
+    let Some(caller) = headers
+        .get("x-ms-edge-moduleId")
+        .and_then(|v| v.to_str().ok())
+    else {
+        return error(StatusCode::BAD_REQUEST, "missing x-ms-edge-moduleId header");
+    };
+    let Some(token) = headers.get("authorization").and_then(|v| v.to_str().ok()) else {
+        return error(StatusCode::BAD_REQUEST, "missing Authorization header");
+    };
+    let caller_id = match ClientId::parse(caller) {
+        Ok(c) if c.is_module() && c.device.as_str() == state.cfg.device_id => c,
+        _ => {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "caller must be a module of this edge device",
+            );
+        }
+    };
+    if let Err(e) = state.sas.verify_token(&caller_id, token) {
+        tracing::warn!(caller, reason = %e, "method call refused");
+        return error(StatusCode::UNAUTHORIZED, "not authorized");
+    }
+    let req: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("body is not JSON: {e}")),
+    };
+    let Some(name) = req.get("methodName").and_then(Value::as_str) else {
+        return error(StatusCode::BAD_REQUEST, "methodName is required");
+    };
+    let timeout = req
+        .get("responseTimeoutInSeconds")
+        .and_then(Value::as_u64)
+        .unwrap_or(30)
+        .clamp(1, 300);
+    let payload = req.get("payload").cloned().unwrap_or(Value::Null);
+    let rid = format!("{:x}", state.next_id());
+    let topic = format!("$iothub/methods/POST/{name}/?$rid={rid}");
+    let Some(conn) = state.sessions.deliverable(&target, &topic) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("{target} is not connected or not listening for methods"),
+        );
+    };
+    let (tx, rx) = oneshot::channel();
+    state.register_method(&target, &rid, tx);
+    let out = Outbound {
+        topic,
+        payload: serde_json::to_vec(&payload).unwrap_or_default().into(),
+        ack: None,
+    };
+    let deadline = Duration::from_secs(timeout);
+    let result = tokio::time::timeout(deadline, async {
+        conn.tx.send(out).await.ok()?;
+        rx.await.ok()
+    })
+    .await;
+    state.forget_method(&target, &rid);
+    match result {
+        Ok(Some((status, payload))) => {
+            let payload: Value = if payload.iter().all(u8::is_ascii_whitespace) {
+                Value::Null
+            } else {
+                serde_json::from_slice(&payload)
+                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&payload).into()))
+            };
+            (
+                StatusCode::OK,
+                axum::Json(json!({ "status": status, "payload": payload })),
+            )
+                .into_response()
+        }
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("{target} disconnected")),
+        Err(_) => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("{target} did not answer within {timeout} s"),
+        ),
+    }
+}
