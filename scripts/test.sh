@@ -31,6 +31,11 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import azure.iot.device' 
 fi
 export VERGE_PYTHON="$PWD/.venv/bin/python"
 
+# Test images: nothing can be pulled, so Docker tests run images built here.
+if [ "${VERGE_SKIP_DOCKER_TESTS:-0}" != 1 ]; then
+  ./scripts/test-images.sh
+fi
+
 log "cargo test --workspace"
 cargo test --workspace --all-targets "$@"
 cargo test --workspace --doc

@@ -1,0 +1,804 @@
+//! The agent: accepts manifests, runs the reconcile loop body, executes plans,
+//! keeps restart state, and produces reported properties.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use verge_core::manifest::{
+    Deployment, DeploymentStatusCode, DesiredStatus, EdgeAgentDesired, ManifestError,
+};
+use verge_core::time::Timestamp;
+use verge_runtime::{ModuleRuntime, ModuleState, ModuleStatus, RuntimeError, RuntimeInfo};
+
+use crate::config::AgentConfig;
+use crate::plan::{Blocked, DesiredModule, PlanInput, Step, desired_modules, needs_update, plan};
+use crate::report::{Reporter, desired_fields};
+use crate::restart::{Decision, Observed, RestartRecord, RuntimeStatus, decide};
+
+/// File (under the storage dir) holding the last accepted `$edgeAgent` desired properties.
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// File holding the restart records.
+pub const RESTARTS_FILE: &str = "restarts.json";
+/// File the reported properties are written to.
+pub const REPORTED_FILE: &str = "reported.json";
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Storage directory problem.
+    #[error("storage {path}: {source}")]
+    Storage {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Accepted {
+    value: Value,
+    desired: EdgeAgentDesired,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PersistedManifest {
+    version: Option<i64>,
+    desired: Value,
+}
+
+/// What one reconcile did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReconcileOutcome {
+    /// Steps executed (described), in order.
+    pub steps: Vec<String>,
+    /// Step failures.
+    pub errors: Vec<String>,
+    /// Steps held back by startupOrder.
+    pub waiting: Vec<String>,
+}
+
+/// The edge agent. One instance owns the lifecycle of the modules it labels.
+pub struct Agent {
+    runtime: Arc<dyn ModuleRuntime>,
+    cfg: AgentConfig,
+    storage: PathBuf,
+    accepted: Option<Accepted>,
+    refused: Option<(DeploymentStatusCode, String)>,
+    last_desired_version: Option<i64>,
+    local_versions: i64,
+    status: (DeploymentStatusCode, String),
+    reached_ok: bool,
+    restarts: BTreeMap<String, RestartRecord>,
+    persisted_restarts: BTreeMap<String, RestartRecord>,
+    blocked: BTreeMap<String, Blocked>,
+    reporter: Reporter,
+    started_at: Timestamp,
+    info: Option<RuntimeInfo>,
+    reported: Value,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("storage", &self.storage)
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
+}
+
+async fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    tokio::fs::write(&tmp, bytes).await?;
+    tokio::fs::rename(&tmp, path).await
+}
+
+fn desired_part(v: &Value) -> Result<&Value, ManifestError> {
+    if let Some(content) = v.get("modulesContent") {
+        Deployment::from_value(v)?;
+        content
+            .get("$edgeAgent")
+            .and_then(|a| a.get("properties.desired"))
+            .ok_or_else(|| ManifestError {
+                code: DeploymentStatusCode::ConfigFormatError,
+                path: "modulesContent.$edgeAgent".into(),
+                message: "missing".into(),
+            })
+    } else {
+        Ok(v)
+    }
+}
+
+impl Agent {
+    /// Opens the agent's storage (creating it) and restores the last accepted
+    /// manifest and the restart records, so an agent restarted while offline
+    /// keeps running the same modules.
+    pub async fn open(
+        runtime: Arc<dyn ModuleRuntime>,
+        cfg: AgentConfig,
+        storage: impl Into<PathBuf>,
+    ) -> Result<Self, AgentError> {
+        let storage = storage.into();
+        tokio::fs::create_dir_all(&storage)
+            .await
+            .map_err(|source| AgentError::Storage {
+                path: storage.clone(),
+                source,
+            })?;
+        let mut agent = Self {
+            runtime,
+            reporter: Reporter::new(cfg.report_interval),
+            cfg,
+            storage,
+            accepted: None,
+            refused: None,
+            last_desired_version: None,
+            local_versions: 0,
+            status: (DeploymentStatusCode::Unknown, String::new()),
+            reached_ok: false,
+            restarts: BTreeMap::new(),
+            persisted_restarts: BTreeMap::new(),
+            blocked: BTreeMap::new(),
+            started_at: Timestamp::now(),
+            info: None,
+            reported: Value::Null,
+        };
+        if let Ok(text) = tokio::fs::read(agent.storage.join(MANIFEST_FILE)).await {
+            match serde_json::from_slice::<PersistedManifest>(&text) {
+                Ok(p) => match EdgeAgentDesired::from_value(&p.desired) {
+                    Ok(desired) => {
+                        agent.last_desired_version = p.version;
+                        agent.local_versions = p.version.unwrap_or(0);
+                        agent.accepted = Some(Accepted {
+                            value: p.desired,
+                            desired,
+                        });
+                    }
+                    Err(e) => tracing::warn!(error = %e, "persisted manifest is invalid; ignored"),
+                },
+                Err(e) => tracing::warn!(error = %e, "persisted manifest unreadable; ignored"),
+            }
+        }
+        if let Ok(text) = tokio::fs::read(agent.storage.join(RESTARTS_FILE)).await {
+            match serde_json::from_slice(&text) {
+                Ok(r) => {
+                    agent.restarts = r;
+                    agent.persisted_restarts = agent.restarts.clone();
+                }
+                Err(e) => tracing::warn!(error = %e, "restart records unreadable; ignored"),
+            }
+        }
+        Ok(agent)
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &AgentConfig {
+        &self.cfg
+    }
+
+    /// `lastDesiredStatus`: code and description.
+    pub fn status(&self) -> (DeploymentStatusCode, &str) {
+        (self.status.0, &self.status.1)
+    }
+
+    /// The accepted desired properties, if any.
+    pub fn desired(&self) -> Option<&EdgeAgentDesired> {
+        self.accepted.as_ref().map(|a| &a.desired)
+    }
+
+    /// The restart record of a module.
+    pub fn restart_record(&self, name: &str) -> Option<&RestartRecord> {
+        self.restarts.get(name)
+    }
+
+    /// The reported properties computed by the last reconcile.
+    pub fn reported(&self) -> &Value {
+        &self.reported
+    }
+
+    /// Offers a manifest as JSON text: a whole deployment
+    /// (`{"modulesContent": …}`) or `$edgeAgent` desired properties.
+    pub async fn set_desired_text(&mut self, text: &str) -> Result<bool, ManifestError> {
+        match serde_json::from_str::<Value>(text) {
+            Ok(v) => self.set_desired(&v).await,
+            Err(e) => {
+                let err = ManifestError {
+                    code: DeploymentStatusCode::ConfigFormatError,
+                    path: String::new(),
+                    message: format!("not valid JSON: {e}"),
+                };
+                self.refuse(&err, None);
+                Err(err)
+            }
+        }
+    }
+
+    fn refuse(&mut self, e: &ManifestError, version: Option<i64>) {
+        tracing::warn!(error = %e, "deployment refused; running modules are left as they are");
+        self.local_versions += 1;
+        self.last_desired_version = Some(version.unwrap_or(self.local_versions));
+        let desc = e.to_string();
+        self.refused = Some((e.code, desc.clone()));
+        self.status = (e.code, desc);
+    }
+
+    /// Offers a manifest. A refused one (400/412/417) changes nothing but the
+    /// reported status; an accepted one is persisted and applied by the next
+    /// [`Agent::reconcile`]. Returns whether the manifest changed.
+    pub async fn set_desired(&mut self, v: &Value) -> Result<bool, ManifestError> {
+        let version = v
+            .get("modulesContent")
+            .and_then(|c| c.get("$edgeAgent"))
+            .and_then(|a| a.get("properties.desired"))
+            .unwrap_or(v)
+            .get("$version")
+            .and_then(Value::as_i64);
+        let parsed = desired_part(v).and_then(|d| Ok((d, EdgeAgentDesired::from_value(d)?)));
+        let (value, desired) = match parsed {
+            Ok(x) => x,
+            Err(e) => {
+                self.refuse(&e, version);
+                return Err(e);
+            }
+        };
+        let was_refused = self.refused.take().is_some();
+        if self.accepted.as_ref().is_some_and(|a| &a.value == value) && !was_refused {
+            return Ok(false);
+        }
+        self.local_versions += 1;
+        self.last_desired_version = Some(version.unwrap_or(self.local_versions));
+        self.accepted = Some(Accepted {
+            value: value.clone(),
+            desired,
+        });
+        self.reached_ok = false;
+        self.status = (
+            DeploymentStatusCode::Unknown,
+            "deployment in progress".into(),
+        );
+        let persisted = PersistedManifest {
+            version: self.last_desired_version,
+            desired: value.clone(),
+        };
+        match serde_json::to_vec_pretty(&persisted) {
+            Ok(bytes) => {
+                if let Err(e) = write_atomic(&self.storage.join(MANIFEST_FILE), &bytes).await {
+                    tracing::error!(error = %e, "cannot persist the manifest");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot serialise the manifest"),
+        }
+        Ok(true)
+    }
+
+    /// One pass of the reconcile loop: list, plan, execute, update restart
+    /// state, compute the deployment status and the reported properties.
+    pub async fn reconcile(&mut self) -> ReconcileOutcome {
+        let mut outcome = ReconcileOutcome::default();
+        if self.info.is_none() {
+            self.info = self.runtime.info().await.ok();
+        }
+        let Some(accepted) = self.accepted.clone() else {
+            if self.refused.is_none() {
+                self.status = (
+                    DeploymentStatusCode::ConfigEmpty,
+                    "no deployment received yet".into(),
+                );
+            }
+            self.publish(None, &[], &BTreeMap::new()).await;
+            return outcome;
+        };
+        let current = match self.runtime.list().await {
+            Ok(c) => c,
+            Err(e) => {
+                self.status = (
+                    DeploymentStatusCode::Failed,
+                    format!("listing modules failed: {e}"),
+                );
+                self.publish(Some(&accepted.desired), &[], &BTreeMap::new())
+                    .await;
+                return outcome;
+            }
+        };
+        let now = Timestamp::now();
+        let p = plan(PlanInput {
+            desired: &accepted.desired,
+            current: &current,
+            restarts: &self.restarts,
+            blocked: &self.blocked,
+            now,
+            cfg: &self.cfg,
+        });
+        let wanted = desired_modules(&accepted.desired, &self.cfg);
+        self.execute(p.steps, &wanted, &mut outcome).await;
+
+        let after = match self.runtime.list().await {
+            Ok(c) => c,
+            Err(e) => {
+                outcome.errors.push(format!("listing modules failed: {e}"));
+                Vec::new()
+            }
+        };
+        let statuses = self.module_statuses(&wanted, &after, Timestamp::now());
+        self.update_status(&wanted, &statuses, &outcome);
+        self.persist_restarts().await;
+        self.publish(Some(&accepted.desired), &after, &statuses)
+            .await;
+        outcome
+    }
+
+    /// Reports 406 "Agent is not running" and writes the reported properties
+    /// at once (bypassing the rate limit); for a clean exit.
+    pub async fn shutdown(&mut self) {
+        self.status = (DeploymentStatusCode::Unknown, "Agent is not running".into());
+        if let Some(obj) = self.reported.as_object_mut() {
+            obj.insert(
+                "lastDesiredStatus".into(),
+                json!({"code": 406, "description": "Agent is not running"}),
+            );
+        }
+        self.write_reported().await;
+    }
+
+    async fn execute(
+        &mut self,
+        steps: Vec<Step>,
+        wanted: &[DesiredModule],
+        outcome: &mut ReconcileOutcome,
+    ) {
+        let tier_of: BTreeMap<&str, u32> =
+            wanted.iter().map(|m| (m.name.as_str(), m.tier)).collect();
+        let mut removals = Vec::new();
+        let mut tiers: BTreeMap<u32, Vec<Step>> = BTreeMap::new();
+        for m in wanted.iter().filter(|m| m.status == DesiredStatus::Running) {
+            tiers.entry(m.tier).or_default();
+        }
+        for s in steps {
+            match s {
+                Step::Remove { .. } => removals.push(s),
+                _ => {
+                    let t = tier_of.get(s.name()).copied().unwrap_or(u32::MAX);
+                    tiers.entry(t).or_default().push(s);
+                }
+            }
+        }
+        for s in removals {
+            outcome.steps.push(s.describe());
+            if let Err(e) = self.run_step(&s).await {
+                outcome.errors.push(e);
+            }
+        }
+        let mut gate: Option<String> = None;
+        for (tier, steps) in tiers {
+            let mut started = Vec::new();
+            for s in steps {
+                let held =
+                    gate.is_some() && !matches!(s, Step::Stop { .. } | Step::ResetRestarts { .. });
+                if let (true, Some(g)) = (held, &gate) {
+                    outcome.waiting.push(format!("{}: {g}", s.describe()));
+                    continue;
+                }
+                outcome.steps.push(s.describe());
+                match self.run_step(&s).await {
+                    Ok(Some(since)) => started.push((s.name().to_owned(), since)),
+                    Ok(None) => {}
+                    Err(e) => outcome.errors.push(e),
+                }
+            }
+            self.wait_started(&started).await;
+            if gate.is_some() {
+                continue;
+            }
+            let mut not_running = Vec::new();
+            for m in wanted
+                .iter()
+                .filter(|m| m.tier == tier && m.status == DesiredStatus::Running)
+            {
+                match self.runtime.get(&m.name).await {
+                    Ok(s) if s.status == ModuleStatus::Running => {}
+                    _ => not_running.push(m.name.clone()),
+                }
+            }
+            if !not_running.is_empty() {
+                gate = Some(format!(
+                    "waiting for startupOrder {tier} ({}) to run",
+                    not_running.join(", ")
+                ));
+            }
+        }
+    }
+
+    /// Waits until each started module runs (or has already exited again),
+    /// at most `tier_timeout`.
+    async fn wait_started(&self, started: &[(String, Timestamp)]) {
+        let deadline = Instant::now() + self.cfg.tier_timeout;
+        let mut pending: Vec<&(String, Timestamp)> = started.iter().collect();
+        while !pending.is_empty() {
+            let mut still = Vec::new();
+            for item in pending {
+                let (name, since) = item;
+                match self.runtime.get(name).await {
+                    Ok(s) if s.status == ModuleStatus::Running => {}
+                    Ok(s) if s.exited_at.is_some_and(|e| e >= *since) => {}
+                    Ok(_) => still.push(item),
+                    Err(_) => {}
+                }
+            }
+            pending = still;
+            if pending.is_empty() || Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn block(&mut self, m: &DesiredModule, error: String) -> String {
+        let failures = self
+            .blocked
+            .get(&m.name)
+            .filter(|b| b.hash == m.hash)
+            .map_or(1, |b| b.failures.saturating_add(1));
+        self.blocked.insert(
+            m.name.clone(),
+            Blocked {
+                hash: m.hash.clone(),
+                failures,
+                last_attempt: Timestamp::now(),
+                error: error.clone(),
+            },
+        );
+        format!("{}: {error}", m.name)
+    }
+
+    /// Runs one step; `Ok(Some(t))` when it started the module at `t`.
+    async fn run_step(&mut self, step: &Step) -> Result<Option<Timestamp>, String> {
+        let rt = self.runtime.clone();
+        let stop_timeout = self.cfg.stop_timeout;
+        let ignore_missing = |r: Result<(), RuntimeError>| match r {
+            Err(RuntimeError::NotFound(_)) => Ok(()),
+            other => other,
+        };
+        match step {
+            Step::Remove { name } => {
+                tracing::info!(module = %name, "removing (no longer in the deployment)");
+                self.restarts.remove(name);
+                self.blocked.remove(name);
+                ignore_missing(rt.stop(name, stop_timeout).await)
+                    .and(ignore_missing(rt.remove(name).await))
+                    .map_err(|e| format!("{name}: removing failed: {e}"))?;
+                Ok(None)
+            }
+            Step::Create { module } | Step::Update { module } => {
+                let update = matches!(step, Step::Update { .. });
+                let name = &module.name;
+                tracing::info!(module = %name, update, image = %module.spec.image, "creating");
+                if module.pull
+                    && let Err(e) = rt.pull(&module.spec.image, module.auth.as_ref()).await
+                {
+                    return Err(self.block(module, format!("image pull failed: {e}")));
+                }
+                if update {
+                    ignore_missing(rt.stop(name, stop_timeout).await)
+                        .and(ignore_missing(rt.remove(name).await))
+                        .map_err(|e| format!("{name}: removing the old module failed: {e}"))?;
+                }
+                if let Err(e) = rt.create(&module.spec).await {
+                    return Err(self.block(module, format!("create failed: {e}")));
+                }
+                if let Some(pin) = &module.pinned_digest {
+                    let image_id = rt.get(name).await.ok().and_then(|s| s.image_id);
+                    if let Some(id) = image_id.filter(|id| id != pin) {
+                        let _ = rt.remove(name).await;
+                        return Err(self.block(
+                            module,
+                            format!(
+                                "refused: image digest {id} differs from the pinned digest {pin}"
+                            ),
+                        ));
+                    }
+                }
+                self.blocked.remove(name);
+                self.restarts.remove(name);
+                if module.status == DesiredStatus::Running {
+                    let t = Timestamp::now();
+                    rt.start(name)
+                        .await
+                        .map_err(|e| format!("{name}: start failed: {e}"))?;
+                    Ok(Some(t))
+                } else {
+                    Ok(None)
+                }
+            }
+            Step::Start { name, .. } => {
+                tracing::info!(module = %name, "starting");
+                self.restarts.remove(name);
+                let t = Timestamp::now();
+                rt.start(name)
+                    .await
+                    .map_err(|e| format!("{name}: start failed: {e}"))?;
+                Ok(Some(t))
+            }
+            Step::Restart {
+                name, was_running, ..
+            } => {
+                let t = Timestamp::now();
+                let rec = self.restarts.entry(name.clone()).or_default();
+                rec.count = rec.count.saturating_add(1);
+                rec.last_restart = Some(t);
+                rec.stopped_by_agent = false;
+                tracing::info!(module = %name, count = rec.count, "restarting per restart policy");
+                if *was_running {
+                    ignore_missing(rt.stop(name, stop_timeout).await)
+                        .map_err(|e| format!("{name}: stop failed: {e}"))?;
+                }
+                rt.start(name)
+                    .await
+                    .map_err(|e| format!("{name}: restart failed: {e}"))?;
+                Ok(Some(t))
+            }
+            Step::Stop { name } => {
+                tracing::info!(module = %name, "stopping (desired status stopped)");
+                self.restarts.insert(
+                    name.clone(),
+                    RestartRecord {
+                        stopped_by_agent: true,
+                        ..RestartRecord::default()
+                    },
+                );
+                ignore_missing(rt.stop(name, stop_timeout).await)
+                    .map_err(|e| format!("{name}: stop failed: {e}"))?;
+                Ok(None)
+            }
+            Step::ResetRestarts { name } => {
+                self.restarts.remove(name);
+                Ok(None)
+            }
+        }
+    }
+
+    fn module_statuses(
+        &self,
+        wanted: &[DesiredModule],
+        current: &[ModuleState],
+        now: Timestamp,
+    ) -> BTreeMap<String, (RuntimeStatus, String)> {
+        let by_name: BTreeMap<&str, &ModuleState> =
+            current.iter().map(|s| (s.spec.name.as_str(), s)).collect();
+        let default_rec = RestartRecord::default();
+        let mut out = BTreeMap::new();
+        for m in wanted {
+            let blocked = self.blocked.get(&m.name).filter(|b| b.hash == m.hash);
+            let entry = match (by_name.get(m.name.as_str()), blocked) {
+                (None, Some(b)) => (RuntimeStatus::Backoff, b.error.clone()),
+                (None, None) => (RuntimeStatus::Unknown, "not created yet".into()),
+                (Some(s), _) => {
+                    let obs = Observed::from(*s);
+                    let rec = self.restarts.get(&m.name).unwrap_or(&default_rec);
+                    let d = if needs_update(s, m) {
+                        Decision::Keep(RuntimeStatus::Unknown)
+                    } else {
+                        decide(m.status, m.policy, &obs, rec, now, &self.cfg)
+                    };
+                    let mut rs = d.runtime_status(&obs);
+                    if rs == RuntimeStatus::Unknown {
+                        rs = match s.status {
+                            ModuleStatus::Running => RuntimeStatus::Running,
+                            ModuleStatus::Stopped => RuntimeStatus::Stopped,
+                            ModuleStatus::Failed => RuntimeStatus::Failed,
+                            ModuleStatus::Dead => RuntimeStatus::Dead,
+                            ModuleStatus::Unknown => RuntimeStatus::Unknown,
+                        };
+                    }
+                    let desc = if let Some(b) = blocked {
+                        b.error.clone()
+                    } else if d == Decision::GiveUp {
+                        format!(
+                            "restarted {} times; giving up until the deployment changes",
+                            rec.count
+                        )
+                    } else {
+                        match (s.status, s.exit_code) {
+                            (ModuleStatus::Running, _) => "running".into(),
+                            (st, Some(c)) => format!("{st:?} (exit code {c})").to_lowercase(),
+                            (st, None) => format!("{st:?}").to_lowercase(),
+                        }
+                    };
+                    (rs, desc)
+                }
+            };
+            out.insert(m.name.clone(), entry);
+        }
+        out
+    }
+
+    fn update_status(
+        &mut self,
+        wanted: &[DesiredModule],
+        statuses: &BTreeMap<String, (RuntimeStatus, String)>,
+        outcome: &ReconcileOutcome,
+    ) {
+        if let Some(r) = &self.refused {
+            self.status = r.clone();
+            return;
+        }
+        let mut errors = outcome.errors.clone();
+        let mut pending = Vec::new();
+        for m in wanted {
+            let Some((rs, desc)) = statuses.get(&m.name) else {
+                continue;
+            };
+            if self.blocked.get(&m.name).is_some_and(|b| b.hash == m.hash)
+                && !errors
+                    .iter()
+                    .any(|e| e.starts_with(&format!("{}:", m.name)))
+            {
+                errors.push(format!("{}: {desc}", m.name));
+            }
+            let reached = match m.status {
+                // Stopped here means it exited 0 and its policy does not restart it:
+                // it ran to completion.
+                DesiredStatus::Running => {
+                    matches!(rs, RuntimeStatus::Running | RuntimeStatus::Stopped)
+                }
+                DesiredStatus::Stopped => {
+                    matches!(rs, RuntimeStatus::Stopped | RuntimeStatus::Failed)
+                }
+            };
+            if m.status == DesiredStatus::Running && *rs == RuntimeStatus::Failed {
+                errors.push(format!("{}: {desc}", m.name));
+            } else if !reached {
+                pending.push(format!("{} ({})", m.name, rs.as_str()));
+            }
+        }
+        self.status = if !errors.is_empty() {
+            (DeploymentStatusCode::Failed, errors.join("; "))
+        } else if pending.is_empty() || self.reached_ok {
+            self.reached_ok = true;
+            (DeploymentStatusCode::Ok, String::new())
+        } else {
+            (
+                DeploymentStatusCode::Unknown,
+                format!("deployment in progress: {}", pending.join(", ")),
+            )
+        };
+    }
+
+    async fn persist_restarts(&mut self) {
+        if self.restarts == self.persisted_restarts {
+            return;
+        }
+        match serde_json::to_vec(&self.restarts) {
+            Ok(bytes) => match write_atomic(&self.storage.join(RESTARTS_FILE), &bytes).await {
+                Ok(()) => self.persisted_restarts = self.restarts.clone(),
+                Err(e) => tracing::error!(error = %e, "cannot persist restart records"),
+            },
+            Err(e) => tracing::error!(error = %e, "cannot serialise restart records"),
+        }
+    }
+
+    fn module_entry(
+        &self,
+        spec: &verge_core::manifest::ModuleSpec,
+        state: Option<&ModuleState>,
+        status: Option<&(RuntimeStatus, String)>,
+    ) -> Value {
+        let mut e: Map<String, Value> = desired_fields(spec, false);
+        if let Some((rs, desc)) = status {
+            e.insert("runtimeStatus".into(), json!(rs.as_str()));
+            e.insert("statusDescription".into(), json!(desc));
+        }
+        if let Some(s) = state {
+            e.insert("exitCode".into(), json!(s.exit_code.unwrap_or(0)));
+            if let Some(t) = s.started_at {
+                e.insert("lastStartTimeUtc".into(), json!(t.to_iso8601()));
+            }
+            if let Some(t) = s.exited_at {
+                e.insert("lastExitTimeUtc".into(), json!(t.to_iso8601()));
+            }
+            if let (Some(id), Some(Value::Object(settings))) = (&s.image_id, e.get_mut("settings"))
+            {
+                settings.insert("imageHash".into(), json!(id));
+            }
+        }
+        let rec = self.restarts.get(&spec.name);
+        e.insert("restartCount".into(), json!(rec.map_or(0, |r| r.count)));
+        if let Some(t) = rec.and_then(|r| r.last_restart) {
+            e.insert("lastRestartTimeUtc".into(), json!(t.to_iso8601()));
+        }
+        Value::Object(e)
+    }
+
+    async fn publish(
+        &mut self,
+        desired: Option<&EdgeAgentDesired>,
+        current: &[ModuleState],
+        statuses: &BTreeMap<String, (RuntimeStatus, String)>,
+    ) {
+        let by_name: BTreeMap<&str, &ModuleState> =
+            current.iter().map(|s| (s.spec.name.as_str(), s)).collect();
+        let platform = self.info.as_ref().map_or(
+            json!({}),
+            |i| json!({"os": i.os_type, "architecture": i.architecture, "version": i.version}),
+        );
+        let mut runtime = json!({"type": "docker", "platform": platform});
+        let mut system = Map::new();
+        let mut modules = Map::new();
+        if let Some(d) = desired {
+            let creds: Map<String, Value> = d
+                .runtime
+                .registry_credentials
+                .iter()
+                .map(|(k, c)| {
+                    (
+                        k.clone(),
+                        json!({"address": c.address, "username": c.username}),
+                    )
+                })
+                .collect();
+            let mut settings = Map::new();
+            if let Some(v) = &d.runtime.min_docker_version {
+                settings.insert("minDockerVersion".into(), json!(v));
+            }
+            if let Some(v) = &d.runtime.logging_options {
+                settings.insert("loggingOptions".into(), json!(v));
+            }
+            settings.insert("registryCredentials".into(), Value::Object(creds));
+            if let Some(r) = runtime.as_object_mut() {
+                r.insert("settings".into(), Value::Object(settings));
+            }
+            let mut agent = desired_fields(&d.system_modules.edge_agent, true);
+            agent.insert("runtimeStatus".into(), json!("running"));
+            agent.insert(
+                "lastStartTimeUtc".into(),
+                json!(self.started_at.to_iso8601()),
+            );
+            system.insert("edgeAgent".into(), Value::Object(agent));
+            let hub = &d.system_modules.edge_hub;
+            system.insert(
+                "edgeHub".into(),
+                self.module_entry(
+                    hub,
+                    by_name.get("edgeHub").copied(),
+                    statuses.get("edgeHub"),
+                ),
+            );
+            for (name, m) in &d.modules {
+                modules.insert(
+                    name.clone(),
+                    self.module_entry(m, by_name.get(name.as_str()).copied(), statuses.get(name)),
+                );
+            }
+        }
+        self.reported = json!({
+            "schemaVersion": "1.0",
+            "version": {"version": env!("CARGO_PKG_VERSION"), "build": "", "commit": ""},
+            "lastDesiredVersion": self.last_desired_version,
+            "lastDesiredStatus": {"code": self.status.0.as_u16(), "description": self.status.1},
+            "runtime": runtime,
+            "systemModules": system,
+            "modules": modules,
+        });
+        if self
+            .reporter
+            .offer(self.reported.clone(), Instant::now())
+            .is_some()
+        {
+            self.write_reported().await;
+        }
+    }
+
+    async fn write_reported(&self) {
+        match serde_json::to_vec_pretty(&self.reported) {
+            Ok(bytes) => {
+                if let Err(e) = write_atomic(&self.storage.join(REPORTED_FILE), &bytes).await {
+                    tracing::error!(error = %e, "cannot write reported properties");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot serialise reported properties"),
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! The Verge edge agent: turns the deployment manifest into running modules,
+//! keeps them running, and reports their status in Azure IoT Edge's shape.
+//!
+//! # The reconcile loop
+//!
+//! [`Agent::reconcile`] runs every `reconcile_interval` (default 5 s):
+//! 1. `ModuleRuntime::list()` — what runs now;
+//! 2. [`plan::plan`] — a pure function of the accepted desired properties,
+//!    that list, the restart records, the failed-create records and the time;
+//! 3. the plan is executed tier by tier (startupOrder);
+//! 4. the modules are listed again, each gets a `runtimeStatus`, the
+//!    deployment gets `lastDesiredStatus`, and the reported properties are
+//!    written to `<storage>/reported.json` when they changed (rate-limited by
+//!    [`report::Reporter`]).
+//!
+//! # The plan
+//!
+//! Removals of modules that left the manifest come first (only modules carrying
+//! the label `net.verge.owner=verge-agent`, never `edgeAgent`). Then, per
+//! `startupOrder` tier in ascending order: creates, updates, starts, policy
+//! restarts, stops, restart-count resets. A module is *updated* (pull, stop,
+//! remove, create, start) when the hash of its version, type, image,
+//! createOptions (normalised JSON), env and digest differs from the
+//! `net.verge.spec-hash` label it was created with; a change of the desired
+//! `status` alone is a start or stop. The image is pulled before the old module
+//! is stopped, so a failed pull leaves it running. `edgeHub` is planned like a
+//! module; `edgeAgent` is never (re)created by the agent itself. After a tier,
+//! the executor waits (up to `tier_timeout`) for the modules it started and
+//! starts nothing of a later tier until every module of the tier desired
+//! `running` actually runs.
+//!
+//! # The restart state machine
+//!
+//! See [`restart`]: a module desired running that is not running (policy
+//! `always`, or `on-failure`/`on-unhealthy` after a non-zero exit), or that runs
+//! unhealthy (`on-unhealthy`, `always`), is in `backoff` and restarted once
+//! `min(base × 2^count, cap)` has passed since its exit; after `max_restarts`
+//! it is `failed` until a deployment touches it; `healthy_reset` of running
+//! clears the count. Failed pulls/creates back off on the same schedule.
+//!
+//! # Invariants
+//!
+//! - A refused manifest (400/412/417) changes nothing: the previous accepted
+//!   manifest stays in force, only `lastDesiredStatus` reports the refusal.
+//! - One agent owns the lifecycle of the modules it labels; others are left
+//!   alone. The accepted manifest and the restart records are persisted in the
+//!   storage directory, so a restarted agent restores the same modules.
+//! - Status codes: 200 once every module reached its desired state (kept while
+//!   the restart policy handles later drift), 406 while in progress, 500 with
+//!   a description for runtime failures (failed pull, create, start, a module
+//!   given up).
+
+pub mod agent;
+pub mod config;
+pub mod plan;
+pub mod report;
+pub mod restart;
+
+pub use agent::{Agent, AgentError, MANIFEST_FILE, REPORTED_FILE, RESTARTS_FILE, ReconcileOutcome};
+pub use config::AgentConfig;
+pub use plan::{Plan, PlanInput, Step, plan};
+pub use report::Reporter;
+pub use restart::{Decision, RestartRecord, RuntimeStatus, cool_off, decide};
