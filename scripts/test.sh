@@ -10,7 +10,7 @@ log() { printf '==> %s\n' "$*"; }
 # System packages the tests use: busybox-static for locally built Docker test
 # images (nothing can be pulled), python3-venv for the SDK interop tests.
 need=()
-command -v busybox >/dev/null 2>&1 || [ -x /bin/busybox ] || need+=(busybox-static)
+dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
