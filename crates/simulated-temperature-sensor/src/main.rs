@@ -1,0 +1,18 @@
+//! `verge-simulated-temperature-sensor`: runs the sensor inside an edge module.
+
+use verge_simulated_temperature_sensor::{SensorModule, Settings};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let client = verge_sdk::ModuleClient::from_edge_environment().await?;
+    let sensor = SensorModule::start(client, Settings::from_env()).await?;
+    let sent = sensor.run().await?;
+    tracing::info!(sent, "all messages sent; idling (methods stay available)");
+    std::future::pending::<()>().await;
+    Ok(())
+}
