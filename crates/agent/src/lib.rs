@@ -38,6 +38,29 @@
 //! it is `failed` until a deployment touches it; `healthy_reset` of running
 //! clears the count. Failed pulls/creates back off on the same schedule.
 //!
+//! # Under verged
+//!
+//! verged starts the agent (its `[agent]` config) with `IOTEDGE_MANAGEMENTURI`
+//! set; the binary then defaults to `--runtime verged`: every runtime call is
+//! a request to verged's management API ([`mgmt::ManagementRuntime`]), so each
+//! module gets its identity, its own workload socket and the `IOTEDGE_*`
+//! environment from verged (reference §7.3, §7.4). The manifest still comes
+//! from `--manifest` (or `VERGE_AGENT_MANIFEST`, which verged's `[agent.env]`
+//! can set), the storage directory from `--storage` (or `VERGE_AGENT_STORAGE`).
+//! The agent waits for the management API at start, writes images
+//! Docker-style unless verged runs the process backend, and passes its own
+//! `RuntimeLogLevel`/`UpstreamProtocol` to modules that do not set them.
+//!
+//! The plan is the same as with a direct backend: a pull (`imagePullPolicy:
+//! on-create`) is verged's `prepareupdate` and happens before the old module is
+//! stopped; the module is then removed (`DELETE`) and created (`POST /modules`
+//! with `imagePullPolicy: never`). The `net.verge.*` labels are stored by
+//! verged with the module and come back from `GET /modules`, so ownership and
+//! the spec hash work as with a direct backend. verged reports neither health
+//! nor image digests: `on-unhealthy` has nothing to act on and a pinned digest
+//! is not checked in this mode. A killed agent is restarted by verged's
+//! watchdog and, finding the modules up to date, leaves them running.
+//!
 //! # Invariants
 //!
 //! - A refused manifest (400/412/417) changes nothing: the previous accepted
@@ -52,12 +75,14 @@
 
 pub mod agent;
 pub mod config;
+pub mod mgmt;
 pub mod plan;
 pub mod report;
 pub mod restart;
 
 pub use agent::{Agent, AgentError, MANIFEST_FILE, REPORTED_FILE, RESTARTS_FILE, ReconcileOutcome};
 pub use config::AgentConfig;
+pub use mgmt::ManagementRuntime;
 pub use plan::{Plan, PlanInput, Step, plan};
 pub use report::Reporter;
 pub use restart::{Decision, RestartRecord, RuntimeStatus, cool_off, decide};

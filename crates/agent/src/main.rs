@@ -1,4 +1,8 @@
 //! `verge-agent`: runs the reconcile loop against a local manifest file.
+//!
+//! Started by verged (`IOTEDGE_MANAGEMENTURI` set), it runs the modules through
+//! verged's management API (`--runtime verged`, the default then); otherwise it
+//! drives a backend directly (`--runtime process|docker`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -7,14 +11,22 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use tokio::signal::unix::{SignalKind, signal};
-use verge_agent::{Agent, AgentConfig};
+use verge_agent::{Agent, AgentConfig, ManagementRuntime};
 use verge_runtime::{DockerConfig, DockerRuntime, ModuleRuntime, ProcessConfig, ProcessRuntime};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Backend {
+    /// verged's management API (`--management-uri` / `IOTEDGE_MANAGEMENTURI`).
+    Verged,
+    /// Child processes of the agent (no identities, no workload sockets).
     Process,
+    /// The Docker Engine directly (no identities, no workload sockets).
     Docker,
 }
+
+/// Variables of the agent's own environment passed on to every module unless
+/// the manifest sets them (reference §7.4).
+const INHERITED_ENV: [&str; 2] = ["RuntimeLogLevel", "UpstreamProtocol"];
 
 /// The Verge edge agent.
 #[derive(Debug, Parser)]
@@ -23,16 +35,20 @@ struct Args {
     /// Deployment manifest: `{"modulesContent": …}` or `$edgeAgent` desired
     /// properties. Re-read when it changes. Without it, the last accepted
     /// manifest in the storage directory is used.
-    #[arg(long)]
+    #[arg(long, env = "VERGE_AGENT_MANIFEST")]
     manifest: Option<PathBuf>,
     /// The agent's storage directory (manifest, restart records, reported.json).
-    #[arg(long)]
+    #[arg(long, env = "VERGE_AGENT_STORAGE")]
     storage: PathBuf,
-    /// Module runtime backend.
-    #[arg(long, value_enum, default_value = "process")]
-    runtime: Backend,
-    /// State directory of the process backend.
-    #[arg(long, required_if_eq("runtime", "process"))]
+    /// Module runtime backend. Default: `verged` when a management URI is
+    /// given (verged sets `IOTEDGE_MANAGEMENTURI`), else `process`.
+    #[arg(long, value_enum, env = "VERGE_AGENT_RUNTIME")]
+    runtime: Option<Backend>,
+    /// verged's management socket, `unix:///…`.
+    #[arg(long, env = "IOTEDGE_MANAGEMENTURI")]
+    management_uri: Option<String>,
+    /// State directory of the process backend (`--runtime process`).
+    #[arg(long)]
     state_dir: Option<PathBuf>,
     /// Docker Engine URI.
     #[arg(long)]
@@ -55,9 +71,48 @@ async fn main() -> anyhow::Result<()> {
         reconcile_interval: Duration::from_millis(args.interval_ms.max(1)),
         ..AgentConfig::default()
     };
-    let runtime: Arc<dyn ModuleRuntime> = match args.runtime {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let backend = args.runtime.unwrap_or(if args.management_uri.is_some() {
+        Backend::Verged
+    } else {
+        Backend::Process
+    });
+    let runtime: Arc<dyn ModuleRuntime> = match backend {
+        Backend::Verged => {
+            let uri = args
+                .management_uri
+                .clone()
+                .context("--runtime verged needs --management-uri or IOTEDGE_MANAGEMENTURI")?;
+            let rt = ManagementRuntime::from_uri(&uri)?;
+            // Wait for verged (it may still be starting); the backend kind
+            // decides how images are written.
+            let mut delay = Duration::from_millis(200);
+            let info = loop {
+                match rt.info().await {
+                    Ok(i) => break i,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "verged's management API not reachable yet");
+                        tokio::select! {
+                            () = tokio::time::sleep(delay) => {}
+                            _ = term.recv() => return Ok(()),
+                            _ = int.recv() => return Ok(()),
+                        }
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                }
+            };
+            tracing::info!(socket = %rt.socket().display(), kind = %info.kind, "using verged's management API");
+            cfg.normalize_image = info.kind != "process";
+            for k in INHERITED_ENV {
+                if let Ok(v) = std::env::var(k) {
+                    cfg.extra_env.insert(k.to_owned(), v);
+                }
+            }
+            Arc::new(rt)
+        }
         Backend::Process => {
-            let dir = args.state_dir.clone().context("--state-dir is required")?;
+            let dir = args.state_dir.clone().context("--runtime process needs --state-dir (under verged, set IOTEDGE_MANAGEMENTURI or --management-uri)")?;
             cfg.normalize_image = false;
             Arc::new(
                 ProcessRuntime::open(ProcessConfig::new(dir))
@@ -76,8 +131,6 @@ async fn main() -> anyhow::Result<()> {
     let mut agent = Agent::open(runtime, cfg.clone(), &args.storage)
         .await
         .context("opening the agent storage")?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     let mut ticker = tokio::time::interval(cfg.reconcile_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_text: Option<String> = None;
