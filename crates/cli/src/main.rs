@@ -1,34 +1,127 @@
 //! `verge`: the command line of a Verge device, shaped like `iotedge`.
 //!
-//! Today it manages the configuration (`config mp`, `config apply`) and
-//! prints its version; the operational commands (`list`, `logs`, `restart`,
-//! `check`, …) come with the [Quickstart] issue.
+//! `list`, `logs`, `restart`, `check`, `support-bundle` and `system` talk to
+//! verged's management API over its Unix socket (from the config file, or
+//! `-H unix:///path`); `config mp` / `config apply` write and install the
+//! configuration.
+
+mod bundle;
+mod check;
+mod list;
+mod mgmt;
+mod system;
+mod times;
+mod ui;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::SystemTime;
 
 use anyhow::{Context, bail};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use verge_core::ConnectionString;
 
+use crate::mgmt::{Mgmt, enc};
+
 /// Where verged reads its configuration by default.
-const DEFAULT_CONFIG: &str = "/etc/verge/config.toml";
+pub const DEFAULT_CONFIG: &str = "/etc/verge/config.toml";
 
 #[derive(Parser)]
 #[command(name = "verge", version, about = "Manage a Verge edge device")]
 struct Cli {
+    /// verged's management socket (unix:///path); default: from the config file.
+    #[arg(short = 'H', long, global = true, env = "VERGE_HOST")]
+    host: Option<String>,
+    /// verged's config file [default: /etc/verge/config.toml].
+    #[arg(long, global = true, env = "VERGE_CONFIG")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
+/// `--output`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    /// For people.
+    Text,
+    /// For programs.
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// List the modules.
+    List {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Show a module's logs.
+    Logs {
+        /// The module.
+        module: String,
+        /// Keep streaming new lines.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines, or "all".
+        #[arg(long, default_value = "all")]
+        tail: String,
+        /// Only lines since: RFC 3339, unix seconds, or a duration before now (10m, 1h, 2d).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only lines before: same forms as --since.
+        #[arg(long)]
+        until: Option<String>,
+        /// Prefix each line with its time.
+        #[arg(short, long)]
+        timestamps: bool,
+    },
+    /// Restart a module.
+    Restart {
+        /// The module.
+        module: String,
+    },
+    /// Check the configuration, certificates and connectivity.
+    Check {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Collect logs, module list, checks and the redacted config into a .tar.gz.
+    SupportBundle {
+        /// The archive ("-" for stdout) [default: support_bundle_<UTC time>.tar.gz].
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Logs since: RFC 3339, unix seconds, or a duration before now.
+        #[arg(long, default_value = "1d")]
+        since: String,
+    },
+    /// verged itself: status, logs, restart.
+    #[command(subcommand)]
+    System(SystemCommand),
     /// Create, check and install verged's configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
     /// Print the version.
     Version,
+}
+
+#[derive(Subcommand)]
+enum SystemCommand {
+    /// Whether verged and the agent run, and what verged reports about the host.
+    Status,
+    /// verged's logs (from the systemd journal; the process agent's output is there too).
+    Logs {
+        /// Keep streaming new lines.
+        #[arg(short, long)]
+        follow: bool,
+        /// More journalctl arguments (after --).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Restart verged (systemctl restart verged).
+    Restart,
 }
 
 #[derive(Subcommand)]
@@ -61,29 +154,177 @@ enum ConfigCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let config_path = cli
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
     let result = match cli.command {
         Command::Version => {
             println!("verge {}", env!("CARGO_PKG_VERSION"));
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Config(ConfigCommand::Mp {
             connection_string,
             out,
             force,
             agent,
-        }) => config_mp(&connection_string, &out, force, &agent),
+        }) => config_mp(&connection_string, &out, force, &agent).map(|()| ExitCode::SUCCESS),
         Command::Config(ConfigCommand::Apply {
             config_file,
             target,
-        }) => config_apply(&config_file, &target),
+        }) => config_apply(&config_file, &target).map(|()| ExitCode::SUCCESS),
+        Command::System(SystemCommand::Logs { follow, args }) => system::logs(follow, &args),
+        Command::System(SystemCommand::Restart) => system::restart(),
+        command => block_on(async {
+            let host = cli.host.as_deref();
+            let mgmt = || Mgmt::resolve(host, cli.config.as_deref());
+            match command {
+                Command::List { output } => {
+                    list::run(&mgmt()?, output == Output::Json).await?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                Command::Logs {
+                    module,
+                    follow,
+                    tail,
+                    since,
+                    until,
+                    timestamps,
+                } => {
+                    let q = logs_query(
+                        follow,
+                        &tail,
+                        since.as_deref(),
+                        until.as_deref(),
+                        timestamps,
+                    )?;
+                    let mut out = std::io::stdout().lock();
+                    mgmt()?
+                        .stream(&format!("/modules/{}/logs?{q}", enc(&module)), &mut out)
+                        .await?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                Command::Restart { module } => {
+                    mgmt()?
+                        .call("POST", &format!("/modules/{}/restart", enc(&module)))
+                        .await?;
+                    println!("{module}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Command::Check { output } => {
+                    let report = check::run_checks(&check::Inputs {
+                        config_path: &config_path,
+                        host,
+                    })
+                    .await;
+                    if output == Output::Json {
+                        println!("{}", serde_json::to_string_pretty(&report)?);
+                    } else {
+                        print!("{}", check::render(&report, ui::colour_enabled()));
+                    }
+                    Ok(if report.summary.errors > 0 {
+                        ExitCode::from(1)
+                    } else {
+                        ExitCode::SUCCESS
+                    })
+                }
+                Command::SupportBundle { output, since } => {
+                    support_bundle(mgmt()?, &config_path, host, output, &since).await?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                Command::System(SystemCommand::Status) => {
+                    system::status(host, cli.config.as_deref(), &config_path).await
+                }
+                // Handled above, without a runtime.
+                Command::Version
+                | Command::Config(_)
+                | Command::System(SystemCommand::Logs { .. } | SystemCommand::Restart) => {
+                    Ok(ExitCode::SUCCESS)
+                }
+            }
+        }),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
         }
     }
+}
+
+fn block_on(f: impl Future<Output = anyhow::Result<ExitCode>>) -> anyhow::Result<ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(f)
+}
+
+/// The management API's logs query from the command's options.
+fn logs_query(
+    follow: bool,
+    tail: &str,
+    since: Option<&str>,
+    until: Option<&str>,
+    timestamps: bool,
+) -> anyhow::Result<String> {
+    let tail = tail.trim();
+    if tail != "all" && tail.parse::<usize>().is_err() {
+        bail!("--tail {tail:?}: give a number of lines or \"all\"");
+    }
+    let now = SystemTime::now();
+    let mut q = format!("follow={follow}&tail={tail}&timestamps={timestamps}");
+    if let Some(s) = since {
+        let t = times::parse_point(s, now).context("--since")?;
+        q.push_str(&format!("&since={}", t.to_iso8601()));
+    }
+    if let Some(u) = until {
+        let t = times::parse_point(u, now).context("--until")?;
+        q.push_str(&format!("&until={}", t.to_iso8601()));
+    }
+    Ok(q)
+}
+
+async fn support_bundle(
+    mgmt: Mgmt,
+    config_path: &Path,
+    host: Option<&str>,
+    output: Option<PathBuf>,
+    since: &str,
+) -> anyhow::Result<()> {
+    let since = times::parse_point(since, SystemTime::now()).context("--since")?;
+    let files = bundle::collect(&bundle::Options {
+        config_path,
+        host,
+        mgmt,
+        since,
+    })
+    .await;
+    let path = output.unwrap_or_else(|| PathBuf::from(bundle::default_name()));
+    if path == Path::new("-") {
+        bundle::write_tar_gz(&files, std::io::stdout().lock())?;
+        return Ok(());
+    }
+    // Logs and device details are for support staff only: mode 0600.
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?
+    };
+    bundle::write_tar_gz(&files, std::io::BufWriter::new(file))
+        .with_context(|| format!("writing {}", path.display()))?;
+    eprintln!(
+        "Created support bundle {} ({} files).",
+        path.display(),
+        files.len()
+    );
+    Ok(())
 }
 
 /// The smallest configuration verged accepts for manual provisioning.

@@ -1,0 +1,381 @@
+//! `verge support-bundle`: everything needed to diagnose a device, in one
+//! `.tar.gz`, without its secrets (no device key, connection-string key,
+//! SAS signature or registry password).
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use verge_core::time::Timestamp;
+
+use crate::check::{self, Inputs};
+use crate::mgmt::{Mgmt, enc};
+
+/// What goes in the bundle.
+pub struct Options<'a> {
+    /// Config file (redacted into the bundle).
+    pub config_path: &'a Path,
+    /// `-H`, when given.
+    pub host: Option<&'a str>,
+    /// The management API.
+    pub mgmt: Mgmt,
+    /// Logs since (module logs and verged's journal).
+    pub since: Timestamp,
+}
+
+const REDACTED: &str = "<redacted>";
+
+/// Names whose values are secrets wherever they appear (config keys,
+/// environment variables); compared lowercase, as substrings.
+const SECRET_NAMES: &[&str] = &[
+    "password",
+    "secret",
+    "token",
+    "connectionstring",
+    "connection_string",
+    "sharedaccesskey",
+    "symmetric_key",
+    "device_id_pk",
+    "accesskey",
+    "apikey",
+    "api_key",
+];
+
+fn is_secret_name(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    SECRET_NAMES.iter().any(|s| n.contains(s))
+}
+
+/// Removes the values of `SharedAccessKey=…` (connection strings) and
+/// `sig=…` (SAS tokens) from any text, keeping the rest readable. The key
+/// name goes too, so a search for it in the bundle finds nothing.
+pub fn scrub(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    loop {
+        let lower = rest.to_ascii_lowercase();
+        let hit = ["sharedaccesskey=", "sig="]
+            .iter()
+            .filter_map(|pat| {
+                lower
+                    .match_indices(pat)
+                    // `sig=` only as a query parameter, not inside another word.
+                    .find(|(i, _)| {
+                        *pat != "sig="
+                            || *i == 0
+                            || matches!(lower.as_bytes()[i - 1], b'&' | b'?' | b' ' | b';')
+                    })
+                    .map(|(i, _)| (i, pat.len()))
+            })
+            .min();
+        let Some((at, len)) = hit else {
+            out.push_str(rest);
+            return out;
+        };
+        out.push_str(&rest[..at]);
+        out.push_str(if len == "sig=".len() { "sig=" } else { "" });
+        out.push_str(REDACTED);
+        let value_start = at + len;
+        let value_len = rest[value_start..]
+            .find(|c: char| c == ';' || c == '&' || c == '"' || c == '\'' || c.is_whitespace())
+            .unwrap_or(rest.len() - value_start);
+        rest = &rest[value_start + value_len..];
+    }
+}
+
+fn redact_toml(v: &mut toml::Value) {
+    match v {
+        toml::Value::Table(t) => {
+            for (k, v) in t.iter_mut() {
+                if let ("connection_string", toml::Value::String(s)) = (k.as_str(), &mut *v) {
+                    // The device's IoT Hub connection string: hub and device
+                    // names help support; the key goes.
+                    *s = scrub(s);
+                } else if is_secret_name(k) {
+                    *v = toml::Value::String(REDACTED.to_owned());
+                } else {
+                    redact_toml(v);
+                }
+            }
+        }
+        toml::Value::Array(a) => a.iter_mut().for_each(redact_toml),
+        toml::Value::String(s) => *s = scrub(s),
+        _ => {}
+    }
+}
+
+/// The config file with every secret replaced by `<redacted>`. The file is
+/// re-written from its parsed form (comments are lost) so nothing the
+/// redaction did not understand slips through; a file that is not TOML is
+/// left out.
+pub fn redact_config(text: &str) -> String {
+    match text.parse::<toml::Table>() {
+        Ok(t) => {
+            let mut v = toml::Value::Table(t);
+            redact_toml(&mut v);
+            let body =
+                toml::to_string_pretty(&v).unwrap_or_else(|e| format!("# cannot print: {e}\n"));
+            format!(
+                "# Redacted by `verge support-bundle`: secrets are replaced by {REDACTED}.\n{body}"
+            )
+        }
+        Err(e) => format!(
+            "# The config file is not valid TOML ({}); it is left out so no secret leaks.\n",
+            e.message()
+        ),
+    }
+}
+
+/// Module details with secret-looking environment values removed.
+fn redact_modules(mut v: serde_json::Value) -> serde_json::Value {
+    if let Some(mods) = v.get_mut("modules").and_then(|m| m.as_array_mut()) {
+        for m in mods {
+            if let Some(env) = m.pointer_mut("/config/env").and_then(|e| e.as_array_mut()) {
+                for e in env {
+                    let secret = e["key"].as_str().is_some_and(is_secret_name);
+                    if secret {
+                        e["value"] = serde_json::Value::String(REDACTED.to_owned());
+                    }
+                }
+            }
+        }
+    }
+    v
+}
+
+async fn journal(unit: &str, since: Timestamp) -> String {
+    let since_arg = format!("@{}", since.as_millis() / 1000);
+    let cmd = tokio::process::Command::new("journalctl")
+        .args(["-u", unit, "--no-pager", "--since", &since_arg])
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(Duration::from_secs(30), cmd).await {
+        Ok(Ok(out)) => {
+            let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
+            if !out.status.success() || s.trim().is_empty() {
+                s.push_str(&format!(
+                    "\n# journalctl -u {unit} ({}): {}\n# verged logs to stderr; if it does not run \
+                     under systemd, its logs are wherever its stderr goes.\n",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+            s
+        }
+        Ok(Err(e)) => format!(
+            "# journalctl is not available ({e}).\n# verged logs to stderr; without systemd its \
+             logs are wherever its stderr goes.\n"
+        ),
+        Err(_) => "# journalctl did not finish within 30 s.\n".to_owned(),
+    }
+}
+
+/// Collects the bundle's files: (path in the archive, contents).
+pub async fn collect(o: &Options<'_>) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut notes = Vec::new();
+    files.push((
+        "version.txt".to_owned(),
+        format!(
+            "verge {}\ncollected {}\nmanagement socket {} ({})\n",
+            env!("CARGO_PKG_VERSION"),
+            Timestamp::now().to_iso8601(),
+            o.mgmt.uri(),
+            o.mgmt.origin
+        )
+        .into_bytes(),
+    ));
+
+    match o.mgmt.call("GET", "/systeminfo").await {
+        Ok(b) => files.push(("systeminfo.json".to_owned(), b.to_vec())),
+        Err(e) => notes.push(format!("systeminfo: {e:#}")),
+    }
+
+    match o.mgmt.get_json::<serde_json::Value>("/modules").await {
+        Ok(v) => {
+            let names: Vec<String> = v["modules"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|m| m["name"].as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let v = redact_modules(v);
+            files.push((
+                "modules.json".to_owned(),
+                serde_json::to_vec_pretty(&v).unwrap_or_default(),
+            ));
+            for name in names {
+                let path = format!(
+                    "/modules/{}/logs?timestamps=true&since={}",
+                    enc(&name),
+                    o.since.to_iso8601()
+                );
+                let mut buf = Vec::new();
+                if let Err(e) = o.mgmt.stream(&path, &mut buf).await {
+                    buf.extend_from_slice(format!("\n# cannot read the logs: {e:#}\n").as_bytes());
+                }
+                files.push((format!("logs/{}_log.txt", safe_name(&name)), buf));
+            }
+        }
+        Err(e) => notes.push(format!("modules: {e:#}")),
+    }
+
+    files.push((
+        "logs/verged.txt".to_owned(),
+        journal("verged", o.since).await.into_bytes(),
+    ));
+
+    let report = check::run_checks(&Inputs {
+        config_path: o.config_path,
+        host: o.host,
+    })
+    .await;
+    files.push((
+        "check.json".to_owned(),
+        serde_json::to_vec_pretty(&report).unwrap_or_default(),
+    ));
+
+    match std::fs::read_to_string(o.config_path) {
+        Ok(text) => files.push(("config.toml".to_owned(), redact_config(&text).into_bytes())),
+        Err(e) => notes.push(format!("config {}: {e}", o.config_path.display())),
+    }
+
+    if !notes.is_empty() {
+        files.push((
+            "errors.txt".to_owned(),
+            (notes.join("\n") + "\n").into_bytes(),
+        ));
+    }
+    // Last line of defence: whatever a module or verged printed.
+    for (_, data) in &mut files {
+        if let Ok(text) = std::str::from_utf8(data) {
+            let clean = scrub(text);
+            if clean != *text {
+                *data = clean.into_bytes();
+            }
+        }
+    }
+    files
+}
+
+/// A module name as a file name (no path separators).
+fn safe_name(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Writes the files as a gzip-compressed tar.
+pub fn write_tar_gz(files: &[(String, Vec<u8>)], out: impl std::io::Write) -> anyhow::Result<()> {
+    let gz = flate2::write::GzEncoder::new(out, flate2::Compression::default());
+    let mut tar = tar::Builder::new(gz);
+    let mtime = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    for (name, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o600);
+        h.set_mtime(mtime);
+        h.set_entry_type(tar::EntryType::Regular);
+        tar.append_data(&mut h, name, data.as_slice())
+            .with_context(|| format!("adding {name}"))?;
+    }
+    let gz = tar.into_inner().context("finishing the archive")?;
+    let mut out = gz.finish().context("finishing the compression")?;
+    out.flush().context("writing the archive")?;
+    Ok(())
+}
+
+/// Default file name: `support_bundle_<UTC timestamp>.tar.gz`.
+pub fn default_name() -> String {
+    let ts = Timestamp::now().to_iso8601();
+    let compact: String = ts
+        .chars()
+        .take(19)
+        .filter(|c| c.is_ascii_digit() || *c == 'T')
+        .collect();
+    format!("support_bundle_{compact}Z.tar.gz")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+    #[test]
+    fn scrubs_keys_and_signatures() {
+        let cs = format!("HostName=h;DeviceId=d;SharedAccessKey={KEY}");
+        assert_eq!(scrub(&cs), "HostName=h;DeviceId=d;<redacted>");
+        let cs2 = format!("SharedAccessKey={KEY};HostName=h");
+        assert_eq!(scrub(&cs2), "<redacted>;HostName=h");
+        let tok = "SharedAccessSignature sr=h%2Fdevices%2Fd&sig=abc%3D&se=1";
+        assert_eq!(
+            scrub(tok),
+            "SharedAccessSignature sr=h%2Fdevices%2Fd&sig=<redacted>&se=1"
+        );
+        assert_eq!(scrub("config=1 design=2"), "config=1 design=2");
+        assert_eq!(scrub("sharedaccesskey=x y"), "<redacted> y");
+    }
+
+    #[test]
+    fn redacts_the_config() {
+        let text = format!(
+            r#"hostname = "edge"
+[provisioning]
+source = "manual"
+connection_string = "HostName=hub.example.net;DeviceId=dev1;SharedAccessKey={KEY}"
+[provisioning.authentication]
+method = "sas"
+device_id_pk = {{ value = "{KEY}" }}
+[agent]
+name = "edgeAgent"
+type = "docker"
+[agent.config]
+image = "a"
+[agent.config.auth]
+serveraddress = "r"
+username = "u"
+password = "p4ss"
+[agent.env]
+RuntimeLogLevel = "debug"
+MY_API_TOKEN = "t0k"
+"#
+        );
+        let out = redact_config(&text);
+        assert!(!out.contains(KEY), "{out}");
+        assert!(!out.contains("SharedAccessKey"), "{out}");
+        assert!(!out.contains("p4ss") && !out.contains("t0k"), "{out}");
+        assert!(out.contains("hostname = \"edge\""), "{out}");
+        assert!(out.contains("debug"), "{out}");
+        assert!(out.contains("username = \"u\""), "{out}");
+        assert!(redact_config("not = toml = x").contains("left out"));
+    }
+
+    #[test]
+    fn redacts_module_env() {
+        let v = serde_json::json!({"modules": [{"config": {"env": [
+            {"key": "IOTEDGE_MODULEID", "value": "m"},
+            {"key": "DB_PASSWORD", "value": "x"},
+        ]}}]});
+        let r = redact_modules(v);
+        assert_eq!(r["modules"][0]["config"]["env"][0]["value"], "m");
+        assert_eq!(r["modules"][0]["config"]["env"][1]["value"], REDACTED);
+    }
+
+    #[test]
+    fn safe_names() {
+        assert_eq!(safe_name("../x/$edgeHub"), ".._x__edgeHub");
+        assert!(default_name().starts_with("support_bundle_2"));
+        assert!(default_name().ends_with("Z.tar.gz"));
+    }
+}

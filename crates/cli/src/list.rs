@@ -1,0 +1,176 @@
+//! `verge list`: the modules verged runs, as `iotedge list` shows them.
+
+use std::time::{Duration, SystemTime};
+
+use verge_core::time::Timestamp;
+use verge_daemon::api::ModuleDetails;
+
+use crate::mgmt::Mgmt;
+use crate::ui;
+
+/// How long ago `iso` was (`None` when absent or unparsable).
+fn ago(iso: Option<&str>, now: SystemTime) -> Option<Duration> {
+    let ts = Timestamp::parse(iso?).ok()?;
+    let now_ms = Timestamp::from(now).as_millis();
+    // A time slightly in the future (clock skew) reads as "just now".
+    let ms = now_ms.saturating_sub(ts.as_millis()).max(0);
+    Some(Duration::from_millis(u64::try_from(ms).unwrap_or(0)))
+}
+
+/// "Up 5 minutes", "Stopped 2 hours ago", "Failed (exit 1) 3 seconds ago", …
+pub fn describe(m: &ModuleDetails, now: SystemTime) -> String {
+    let st = &m.status;
+    let exit = st.exit_status.as_ref();
+    let exited_ago = ago(exit.map(|e| e.exit_time.as_str()), now);
+    match st.runtime_status.status.as_str() {
+        "running" => match ago(st.start_time.as_deref(), now) {
+            Some(d) => format!("Up {}", ui::humanise(d)),
+            None => "Up".to_owned(),
+        },
+        "stopped" => match exited_ago {
+            Some(d) => format!("Stopped {} ago", ui::humanise(d)),
+            None => "Stopped".to_owned(),
+        },
+        "failed" | "dead" => {
+            let word = if st.runtime_status.status == "failed" {
+                "Failed"
+            } else {
+                "Dead"
+            };
+            let code = exit
+                .map(|e| format!(" (exit {})", e.status_code))
+                .unwrap_or_default();
+            match exited_ago {
+                Some(d) => format!("{word}{code} {} ago", ui::humanise(d)),
+                None => format!("{word}{code}"),
+            }
+        }
+        _ => "Unknown".to_owned(),
+    }
+}
+
+/// The JSON form of one row (`--output json`).
+pub fn json_row(m: &ModuleDetails, now: SystemTime) -> serde_json::Value {
+    serde_json::json!({
+        "name": m.name,
+        "status": m.status.runtime_status.status,
+        "description": describe(m, now),
+        "config": m.config.settings.image,
+        "runtimeId": m.id,
+        "startTime": m.status.start_time,
+        "exitTime": m.status.exit_status.as_ref().map(|e| &e.exit_time),
+        "exitCode": m.status.exit_status.as_ref().map(|e| &e.status_code),
+    })
+}
+
+/// The table (`NAME STATUS DESCRIPTION CONFIG`).
+pub fn render(modules: &[ModuleDetails], now: SystemTime, colour: bool) -> String {
+    let rows: Vec<Vec<String>> = modules
+        .iter()
+        .map(|m| {
+            vec![
+                m.name.clone(),
+                m.status.runtime_status.status.clone(),
+                describe(m, now),
+                m.config.settings.image.clone(),
+            ]
+        })
+        .collect();
+    let style = |r: usize, c: usize, cell: &str| -> String {
+        if !colour {
+            return cell.to_owned();
+        }
+        match (r, c) {
+            (0, _) => ui::paint(true, ui::Colour::Bold, cell),
+            (_, 1) => {
+                let c = match cell {
+                    "running" => ui::Colour::Green,
+                    "failed" | "dead" => ui::Colour::Red,
+                    _ => ui::Colour::Yellow,
+                };
+                ui::paint(true, c, cell)
+            }
+            _ => cell.to_owned(),
+        }
+    };
+    ui::table_styled(&["NAME", "STATUS", "DESCRIPTION", "CONFIG"], &rows, &style)
+}
+
+/// `verge list [--output json]`.
+pub async fn run(mgmt: &Mgmt, json: bool) -> anyhow::Result<()> {
+    let modules = mgmt.modules().await?;
+    let now = SystemTime::now();
+    if json {
+        let rows: Vec<_> = modules.iter().map(|m| json_row(m, now)).collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", render(&modules, now, ui::colour_enabled()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use verge_daemon::api::{
+        ExitStatus, ModuleConfig, ModuleSettings, ModuleStatusJson, RuntimeStatus,
+    };
+
+    fn module(status: &str, start: Option<&str>, exit: Option<(&str, &str)>) -> ModuleDetails {
+        ModuleDetails {
+            id: "1".into(),
+            name: "m".into(),
+            kind: "process".into(),
+            config: ModuleConfig {
+                settings: ModuleSettings {
+                    image: "/bin/true".into(),
+                    create_options: serde_json::json!({}),
+                },
+                env: vec![],
+                auth: None,
+            },
+            status: ModuleStatusJson {
+                start_time: start.map(str::to_owned),
+                exit_status: exit.map(|(t, c)| ExitStatus {
+                    exit_time: t.into(),
+                    status_code: c.into(),
+                }),
+                runtime_status: RuntimeStatus {
+                    status: status.into(),
+                    description: None,
+                },
+            },
+            labels: Default::default(),
+        }
+    }
+
+    #[test]
+    fn descriptions() {
+        // 2024-05-01T12:00:00Z
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_714_564_800);
+        let d = |m| describe(&m, now);
+        assert_eq!(
+            d(module("running", Some("2024-05-01T11:55:00Z"), None)),
+            "Up 5 minutes"
+        );
+        assert_eq!(d(module("running", None, None)), "Up");
+        assert_eq!(
+            d(module(
+                "stopped",
+                None,
+                Some(("2024-05-01T10:00:00.000Z", "0"))
+            )),
+            "Stopped 2 hours ago"
+        );
+        assert_eq!(
+            d(module("failed", None, Some(("2024-05-01T11:59:57Z", "1")))),
+            "Failed (exit 1) 3 seconds ago"
+        );
+        assert_eq!(d(module("unknown", None, None)), "Unknown");
+        // Clock skew: a start in the future is "just now", not a panic.
+        assert_eq!(
+            d(module("running", Some("2024-05-01T12:00:09Z"), None)),
+            "Up less than a second"
+        );
+    }
+}
