@@ -97,6 +97,23 @@ async fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     tokio::fs::rename(&tmp, path).await
 }
 
+/// The status text of a module whose image is not on the device.
+fn missing_image(m: &DesiredModule) -> String {
+    let image = &m.spec.image;
+    match (&m.pinned_digest, m.pull) {
+        (Some(pin), true) => {
+            format!("image {image} with the pinned digest {pin} is not present after the pull")
+        }
+        (Some(pin), false) => format!(
+            "image {image} with the pinned digest {pin} is not present locally and imagePullPolicy is never"
+        ),
+        (None, true) => format!("image {image} is not present after the pull"),
+        (None, false) => {
+            format!("image {image} is not present locally and imagePullPolicy is never")
+        }
+    }
+}
+
 fn desired_part(v: &Value) -> Result<&Value, ManifestError> {
     if let Some(content) = v.get("modulesContent") {
         Deployment::from_value(v)?;
@@ -256,6 +273,9 @@ impl Agent {
             desired,
         });
         self.reached_ok = false;
+        // Failed pulls/creates are retried afresh for a new deployment (it
+        // may fix credentials or the image), as Azure's plan runner does.
+        self.blocked.clear();
         self.status = (
             DeploymentStatusCode::Unknown,
             "deployment in progress".into(),
@@ -436,22 +456,36 @@ impl Agent {
         }
     }
 
+    /// Records a failed create/update: it is retried after
+    /// `min(base × 2^(failures-1), cap)`, and given up (reported `failed`)
+    /// after `max_restarts` failures until a new deployment arrives.
     fn block(&mut self, m: &DesiredModule, error: String) -> String {
         let failures = self
             .blocked
             .get(&m.name)
             .filter(|b| b.hash == m.hash)
             .map_or(1, |b| b.failures.saturating_add(1));
+        let blocked = Blocked {
+            hash: m.hash.clone(),
+            failures,
+            last_attempt: Timestamp::now(),
+            error: error.clone(),
+        };
+        let what = if blocked.given_up(&self.cfg) {
+            format!("{error} (failed {failures} times; giving up until the deployment changes)")
+        } else {
+            let wait = blocked.retry_in(&self.cfg);
+            format!("{error} (attempt {failures}; retrying in {wait:?})")
+        };
+        tracing::warn!(module = %m.name, "{what}");
         self.blocked.insert(
             m.name.clone(),
             Blocked {
-                hash: m.hash.clone(),
-                failures,
-                last_attempt: Timestamp::now(),
-                error: error.clone(),
+                error: what.clone(),
+                ..blocked
             },
         );
-        format!("{}: {error}", m.name)
+        format!("{}: {what}", m.name)
     }
 
     /// Runs one step; `Ok(Some(t))` when it started the module at `t`.
@@ -475,31 +509,54 @@ impl Agent {
             Step::Create { module } | Step::Update { module } => {
                 let update = matches!(step, Step::Update { .. });
                 let name = &module.name;
-                tracing::info!(module = %name, update, image = %module.spec.image, "creating");
+                let image = &module.spec.image;
+                tracing::info!(module = %name, update, image = %image, "creating");
                 if module.pull
-                    && let Err(e) = rt.pull(&module.spec.image, module.auth.as_ref()).await
+                    && let Err(e) = rt.pull(image, module.auth.as_ref()).await
                 {
                     return Err(self.block(module, format!("image pull failed: {e}")));
+                }
+                // Checked before the old module is touched, so a missing or
+                // wrong image leaves it running.
+                if !module.pull || module.pinned_digest.is_some() {
+                    match rt.image_digests(image).await {
+                        Ok(Some(digests)) => {
+                            if let Some(pin) = module
+                                .pinned_digest
+                                .as_ref()
+                                .filter(|pin| !digests.contains(pin))
+                            {
+                                return Err(self.block(
+                                    module,
+                                    format!(
+                                        "refused: image {image} has digest {}, not the pinned digest {pin}",
+                                        digests.join(", ")
+                                    ),
+                                ));
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(RuntimeError::ImageNotFound(_)) => {
+                            return Err(self.block(module, missing_image(module)));
+                        }
+                        Err(e) => {
+                            return Err(
+                                self.block(module, format!("inspecting image {image} failed: {e}"))
+                            );
+                        }
+                    }
                 }
                 if update {
                     ignore_missing(rt.stop(name, stop_timeout).await)
                         .and(ignore_missing(rt.remove(name).await))
                         .map_err(|e| format!("{name}: removing the old module failed: {e}"))?;
                 }
-                if let Err(e) = rt.create(&module.spec).await {
-                    return Err(self.block(module, format!("create failed: {e}")));
-                }
-                if let Some(pin) = &module.pinned_digest {
-                    let image_id = rt.get(name).await.ok().and_then(|s| s.image_id);
-                    if let Some(id) = image_id.filter(|id| id != pin) {
-                        let _ = rt.remove(name).await;
-                        return Err(self.block(
-                            module,
-                            format!(
-                                "refused: image digest {id} differs from the pinned digest {pin}"
-                            ),
-                        ));
+                match rt.create(&module.spec).await {
+                    Ok(()) => {}
+                    Err(RuntimeError::ImageNotFound(_)) => {
+                        return Err(self.block(module, missing_image(module)));
                     }
+                    Err(e) => return Err(self.block(module, format!("create failed: {e}"))),
                 }
                 self.blocked.remove(name);
                 self.restarts.remove(name);
@@ -573,6 +630,9 @@ impl Agent {
         for m in wanted {
             let blocked = self.blocked.get(&m.name).filter(|b| b.hash == m.hash);
             let entry = match (by_name.get(m.name.as_str()), blocked) {
+                (None, Some(b)) if b.given_up(&self.cfg) => {
+                    (RuntimeStatus::Failed, b.error.clone())
+                }
                 (None, Some(b)) => (RuntimeStatus::Backoff, b.error.clone()),
                 (None, None) => (RuntimeStatus::Unknown, "not created yet".into()),
                 (Some(s), _) => {

@@ -22,8 +22,13 @@
 //! remove, create, start) when the hash of its version, type, image,
 //! createOptions (normalised JSON), env and digest differs from the
 //! `net.verge.spec-hash` label it was created with; a change of the desired
-//! `status` alone is a start or stop. The image is pulled before the old module
-//! is stopped, so a failed pull leaves it running. `edgeHub` is planned like a
+//! `status` alone is a start or stop. The image is pulled (`imagePullPolicy:
+//! on-create`, with the `registryCredentials` entry whose address is the
+//! image's registry) before the old module is stopped, and then checked: with
+//! `never` it must be present, and a digest pinned in `settings.image`
+//! (`name@sha256:…`) or `settings.digest` must be among the local image's
+//! digests ([`verge_runtime::ModuleRuntime::image_digests`]). A failed pull or
+//! check leaves the old module running. `edgeHub` is planned like a
 //! module; `edgeAgent` is never (re)created by the agent itself. After a tier,
 //! the executor waits (up to `tier_timeout`) for the modules it started and
 //! starts nothing of a later tier until every module of the tier desired
@@ -36,7 +41,11 @@
 //! unhealthy (`on-unhealthy`, `always`), is in `backoff` and restarted once
 //! `min(base × 2^count, cap)` has passed since its exit; after `max_restarts`
 //! it is `failed` until a deployment touches it; `healthy_reset` of running
-//! clears the count. Failed pulls/creates back off on the same schedule.
+//! clears the count. Failed pulls/creates/digest checks back off on the same
+//! schedule (`runtimeStatus` `backoff`, the error and the next retry in
+//! `statusDescription`, 500 in `lastDesiredStatus`) and are given up
+//! (`failed`) after `max_restarts` attempts; a new deployment retries them at
+//! once, as Azure's plan runner retries failed commands per deployment.
 //!
 //! # Under verged
 //!
@@ -57,8 +66,8 @@
 //! with `imagePullPolicy: never`). The `net.verge.*` labels are stored by
 //! verged with the module and come back from `GET /modules`, so ownership and
 //! the spec hash work as with a direct backend. verged reports neither health
-//! nor image digests: `on-unhealthy` has nothing to act on and a pinned digest
-//! is not checked in this mode. A killed agent is restarted by verged's
+//! nor image digests (`image_digests` answers "unknown"): `on-unhealthy` has
+//! nothing to act on and a pinned digest is not checked in this mode. A killed agent is restarted by verged's
 //! watchdog and, finding the modules up to date, leaves them running.
 //!
 //! # Invariants

@@ -69,16 +69,29 @@ pub struct Blocked {
 }
 
 impl Blocked {
+    /// The wait after the latest failure: `min(base × 2^(failures-1), cap)`.
+    pub fn retry_in(&self, cfg: &AgentConfig) -> std::time::Duration {
+        cool_off(
+            self.failures.saturating_sub(1),
+            cfg.backoff_base,
+            cfg.backoff_cap,
+        )
+    }
+
+    /// `max_restarts` attempts failed: no more until a new deployment.
+    pub fn given_up(&self, cfg: &AgentConfig) -> bool {
+        self.failures >= cfg.max_restarts
+    }
+
     /// Whether the module must still wait before the next attempt.
     pub fn waiting(&self, hash: &str, now: Timestamp, cfg: &AgentConfig) -> bool {
         if self.hash != hash {
             return false;
         }
-        let wait = cool_off(
-            self.failures.saturating_sub(1),
-            cfg.backoff_base,
-            cfg.backoff_cap,
-        );
+        if self.given_up(cfg) {
+            return true;
+        }
+        let wait = self.retry_in(cfg);
         let elapsed = now
             .as_millis()
             .saturating_sub(self.last_attempt.as_millis());
@@ -299,7 +312,7 @@ pub fn desired_module(
         policy: m.restart_policy,
         pull: m.image_pull_policy == ImagePullPolicy::OnCreate,
         auth: credentials_for(desired, &image),
-        pinned_digest: m.pinned_digest().map(str::to_owned),
+        pinned_digest: m.pinned_digest().or(m.digest.as_deref()).map(str::to_owned),
         spec: RuntimeSpec {
             name: m.name.clone(),
             image,
@@ -675,12 +688,38 @@ mod tests {
     }
 
     #[test]
+    fn failed_pulls_back_off_then_give_up() {
+        let cfg = AgentConfig::default(); // 10 s × 2^n, cap 300 s, max 20
+        let b = |failures: u32| Blocked {
+            hash: "h".into(),
+            failures,
+            last_attempt: at(0),
+            error: "pull failed".into(),
+        };
+        let waits: Vec<u64> = (1..=8).map(|n| b(n).retry_in(&cfg).as_secs()).collect();
+        assert_eq!(waits, [10, 20, 40, 80, 160, 300, 300, 300]);
+        // After the 3rd failure: 40 s.
+        assert!(b(3).waiting("h", at(39), &cfg));
+        assert!(!b(3).waiting("h", at(40), &cfg));
+        // Clock went backwards: retry at once.
+        assert!(!b(3).waiting("h", at(-5), &cfg));
+        // The 19th failure still retries (after the cap), the 20th gives up for good.
+        assert!(!b(19).given_up(&cfg));
+        assert!(!b(19).waiting("h", at(300), &cfg));
+        assert!(b(20).given_up(&cfg));
+        assert!(b(20).waiting("h", at(1_000_000), &cfg));
+        // A changed spec is not held back by the old failures.
+        assert!(!b(20).waiting("other", at(1), &cfg));
+    }
+
+    #[test]
     fn images_and_credentials() {
         let d = manifest(json!({
             "a": module("plantacr.azurecr.io/pump:2", json!({"imagePullPolicy": "never"})),
             "b": module("busybox", json!({})),
             "c": module("plantacr.azurecr.io.evil.com/x:1", json!({})),
-            "d": module("reg.io/x@sha256:abc", json!({}))
+            "d": module("reg.io/x@sha256:abc", json!({})),
+            "e": module("reg.io/x:1", json!({"settings": {"image": "reg.io/x:1", "digest": "sha256:def"}}))
         }));
         let cfg = AgentConfig::default();
         let ms: BTreeMap<String, DesiredModule> = desired_modules(&d, &cfg)
@@ -696,6 +735,8 @@ mod tests {
         assert!(ms["b"].pull && ms["b"].auth.is_none());
         assert!(ms["c"].auth.is_none());
         assert_eq!(ms["d"].pinned_digest.as_deref(), Some("sha256:abc"));
+        assert_eq!(ms["e"].pinned_digest.as_deref(), Some("sha256:def"));
+        assert!(ms["b"].pinned_digest.is_none());
         assert_eq!(ms["a"].spec.labels[LABEL_VERSION], "1.0");
         assert_eq!(ms["a"].spec.env["IOTEDGE_MODULEID"], "a");
         let raw = AgentConfig {

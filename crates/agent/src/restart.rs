@@ -493,6 +493,82 @@ mod tests {
         assert_eq!(d.runtime_status(&o), RuntimeStatus::Unhealthy);
     }
 
+    /// A module crashing at once after every start, driven by a test clock
+    /// with Azure's defaults: restarts come 10, 20, 40, 80, 160 s after the
+    /// exits, then every 300 s; after 20 restarts it is given up. A module
+    /// that then runs 10 minutes gets its count reset.
+    #[test]
+    fn crash_loop_with_a_test_clock() {
+        let cfg = AgentConfig::default();
+        let mut rec = RestartRecord::default();
+        let mut now = at(0);
+        let mut waits = Vec::new();
+        loop {
+            // It exits right now.
+            let o = obs(ModuleStatus::Failed, None, None);
+            let o = Observed {
+                exited_at: Some(now),
+                started_at: Some(now),
+                ..o
+            };
+            let exited = now;
+            // Advance one second at a time until the decision is to restart
+            // (an elapsed time of zero counts as clock skew: restart at once).
+            now = Timestamp::from_millis(now.as_millis() + 1000);
+            let d = loop {
+                match decide(
+                    DesiredStatus::Running,
+                    RestartPolicy::Always,
+                    &o,
+                    &rec,
+                    now,
+                    &cfg,
+                ) {
+                    Decision::Backoff { remaining } => {
+                        assert!(remaining > Duration::ZERO);
+                        now = Timestamp::from_millis(now.as_millis() + 1000);
+                    }
+                    d => break d,
+                }
+            };
+            if d == Decision::GiveUp {
+                break;
+            }
+            assert_eq!(d, Decision::Restart { was_running: false });
+            waits.push((now.as_millis() - exited.as_millis()) / 1000);
+            rec.count += 1;
+            rec.last_restart = Some(now);
+        }
+        let mut expected = vec![10, 20, 40, 80, 160];
+        expected.resize(20, 300);
+        assert_eq!(waits, expected);
+        assert_eq!(rec.count, cfg.max_restarts);
+        // Given up: stays so, however long it waits.
+        let o = obs(ModuleStatus::Failed, None, Some(-100_000));
+        let later = Timestamp::from_millis(now.as_millis() + 86_400_000);
+        assert_eq!(
+            decide(
+                DesiredStatus::Running,
+                RestartPolicy::Always,
+                &o,
+                &rec,
+                later,
+                &cfg
+            ),
+            Decision::GiveUp
+        );
+        // Running for 10 minutes resets the count (and with it the back-off).
+        let running = Observed {
+            status: ModuleStatus::Running,
+            health: None,
+            started_at: Some(now),
+            exited_at: None,
+        };
+        let t = |s: i64| Timestamp::from_millis(now.as_millis() + s * 1000);
+        assert!(!should_reset(&running, &rec, t(599), &cfg));
+        assert!(should_reset(&running, &rec, t(600), &cfg));
+    }
+
     #[test]
     fn reset_after_healthy_period() {
         let cfg = AgentConfig::default();

@@ -9,10 +9,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use verge_agent::{Agent, AgentConfig};
+use verge_agent::{Agent, AgentConfig, ReconcileOutcome};
 use verge_runtime::{DockerConfig, DockerRuntime, ModuleRuntime, ModuleStatus};
 
 const IMAGE: &str = "verge-test/busybox:1";
+
+/// Every manifest has an `edgeHub`, and Docker container names are global:
+/// the tests of this file take turns.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn docker_ready() -> bool {
     if std::env::var("VERGE_SKIP_DOCKER_TESTS").as_deref() == Ok("1") {
@@ -51,6 +55,7 @@ fn module(script: &str, extra: Value) -> Value {
 
 #[tokio::test]
 async fn unhealthy_module_is_restarted_and_updates_work() {
+    let _serial = SERIAL.lock().await;
     if !docker_ready() {
         return;
     }
@@ -140,4 +145,176 @@ async fn unhealthy_module_is_restarted_and_updates_work() {
     let _ = Command::new("docker")
         .args(["network", "rm", &network])
         .output();
+}
+
+/// Removes a test's containers (by owner label), network and image tag,
+/// also when the test fails half-way.
+struct Cleanup {
+    owner: String,
+    network: String,
+    tag: String,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let filter = format!("label=net.verge.owner={}", self.owner);
+        let ids = Command::new("docker")
+            .args(["ps", "-aq", "--filter", &filter])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        for id in ids.split_whitespace() {
+            let _ = Command::new("docker").args(["rm", "-f", "-v", id]).output();
+        }
+        let _ = Command::new("docker").args(["rmi", &self.tag]).output();
+        let _ = Command::new("docker")
+            .args(["network", "rm", &self.network])
+            .output();
+    }
+}
+
+fn run(args: &[&str]) {
+    let out = Command::new("docker").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A device reboot while offline: the agent is killed, every container
+/// exits, one is even lost together with its image. A new agent, given no
+/// manifest, restores the persisted one and brings the modules back tier by
+/// tier: the tier-2 module is not started while the tier-1 module cannot run.
+#[tokio::test]
+async fn restarted_agent_brings_docker_modules_back_in_startup_order() {
+    let _serial = SERIAL.lock().await;
+    if !docker_ready() {
+        return;
+    }
+    let suffix = format!(
+        "{}{:x}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos()
+    );
+    let network = format!("verge-agent-order-{suffix}");
+    let owner = format!("verge-agent-order-{suffix}");
+    let rt = Arc::new(DockerRuntime::new(DockerConfig {
+        network: network.clone(),
+        owner: owner.clone(),
+        stop_timeout: Duration::from_secs(1),
+        ..DockerConfig::default()
+    }));
+    // The tier-1 module's own tag, so it can be lost without touching IMAGE.
+    let first_image = format!("verge-test/order-{suffix}:1");
+    let _cleanup = Cleanup {
+        owner: owner.clone(),
+        network: network.clone(),
+        tag: first_image.clone(),
+    };
+    run(&["tag", IMAGE, &first_image]);
+    let first = format!("first{suffix}");
+    let second = format!("second{suffix}");
+    let quick = json!({ "Cmd": ["sh", "-c", "trap 'exit 0' TERM; sleep 300 & wait"] }).to_string();
+    let m = |image: &str, order: u32| {
+        json!({
+            "version": "1.0", "type": "docker", "status": "running", "restartPolicy": "always",
+            "imagePullPolicy": "never", "startupOrder": order,
+            "settings": { "image": image, "createOptions": quick }
+        })
+    };
+    let mut modules = serde_json::Map::new();
+    modules.insert(first.clone(), m(&first_image, 1));
+    modules.insert(second.clone(), m(IMAGE, 2));
+    let desired = json!({
+        "schemaVersion": "1.1",
+        "runtime": { "type": "docker" },
+        "systemModules": {
+            "edgeAgent": { "type": "docker", "settings": { "image": "verge-agent" } },
+            "edgeHub": m(IMAGE, 0)
+        },
+        "modules": modules
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = AgentConfig {
+        backoff_base: Duration::from_millis(200),
+        backoff_cap: Duration::from_secs(1),
+        report_interval: Duration::ZERO,
+        tier_timeout: Duration::from_secs(10),
+        stop_timeout: Duration::from_secs(1),
+        ..AgentConfig::default()
+    };
+    let code = |a: &Agent| a.status().0.as_u16();
+    {
+        let mut agent = Agent::open(rt.clone(), cfg.clone(), dir.path())
+            .await
+            .unwrap();
+        agent.set_desired(&desired).await.unwrap();
+        let end = Instant::now() + Duration::from_secs(30);
+        while code(&agent) != 200 {
+            assert!(Instant::now() < end, "not deployed: {:?}", agent.status());
+            agent.reconcile().await;
+        }
+        // Killed: no shutdown, nothing written.
+    }
+    for name in ["edgeHub", &first, &second] {
+        rt.stop(name, Duration::from_secs(1)).await.unwrap();
+    }
+    rt.remove(&first).await.unwrap();
+    run(&["rmi", &first_image]);
+    let second_before = rt.get(&second).await.unwrap();
+    assert_ne!(second_before.status, ModuleStatus::Running);
+
+    let mut agent = Agent::open(rt.clone(), cfg, dir.path()).await.unwrap();
+    assert!(agent.desired().is_some(), "manifest restored from storage");
+    let end = Instant::now() + Duration::from_secs(2);
+    let mut last = ReconcileOutcome::default();
+    while Instant::now() < end {
+        last = agent.reconcile().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        rt.get("edgeHub").await.unwrap().status,
+        ModuleStatus::Running
+    );
+    assert!(rt.get(&first).await.is_err(), "tier 1 cannot be created");
+    let desc = agent.reported()["modules"][&first]["statusDescription"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(desc.contains("is not present locally"), "{desc}");
+    let held = rt.get(&second).await.unwrap();
+    assert_eq!(
+        held.started_at, second_before.started_at,
+        "tier 2 must not start before tier 1 runs"
+    );
+    assert!(
+        last.waiting
+            .iter()
+            .any(|w| w.contains(&second) && w.contains("startupOrder 1")),
+        "{last:?}"
+    );
+
+    // The image is back: tier 1 is created, then tier 2 starts.
+    run(&["tag", IMAGE, &first_image]);
+    let end = Instant::now() + Duration::from_secs(30);
+    while code(&agent) != 200 {
+        assert!(Instant::now() < end, "not restored: {:?}", agent.status());
+        agent.reconcile().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let hub = rt.get("edgeHub").await.unwrap();
+    let one = rt.get(&first).await.unwrap();
+    let two = rt.get(&second).await.unwrap();
+    for s in [&hub, &one, &two] {
+        assert_eq!(s.status, ModuleStatus::Running, "{}", s.spec.name);
+    }
+    assert!(hub.started_at <= one.started_at && one.started_at <= two.started_at);
+    assert_eq!(
+        two.runtime_id, second_before.runtime_id,
+        "restarted, not recreated"
+    );
 }

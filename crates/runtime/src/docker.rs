@@ -26,8 +26,8 @@ use bollard::auth::DockerCredentials;
 use bollard::container::LogOutput;
 use bollard::errors::Error as BollardError;
 use bollard::models::{
-    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, HealthStatusEnum,
-    NetworkCreateRequest, NetworkingConfig,
+    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, CreateImageInfo,
+    HealthStatusEnum, NetworkCreateRequest, NetworkingConfig,
 };
 use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, InspectContainerOptions, InspectNetworkOptions,
@@ -505,8 +505,12 @@ impl ModuleRuntime for DockerRuntime {
         tracing::info!(image = %reference, "pulling image");
         let pull = async {
             let mut stream = docker.create_image(Some(options), None, credentials);
+            let mut progress = PullProgress::default();
             while let Some(item) = stream.next().await {
                 let info = item.map_err(|e| pull_error(image, e))?;
+                if let Some(line) = progress.line(&info) {
+                    tracing::info!(image = %reference, "pull: {line}");
+                }
                 tracing::debug!(
                     image = %reference,
                     layer = info.id.as_deref().unwrap_or(""),
@@ -714,6 +718,29 @@ impl ModuleRuntime for DockerRuntime {
         Ok(stream.boxed())
     }
 
+    async fn image_digests(&self, image: &str) -> Result<Option<Vec<String>>, RuntimeError> {
+        let docker = self.client().await?;
+        let reference = with_default_tag(image);
+        let inspect = match docker.inspect_image(&reference).await {
+            Ok(i) => i,
+            Err(e) if status_of(&e) == Some(404) => {
+                return Err(RuntimeError::ImageNotFound(reference));
+            }
+            Err(e) => return Err(general_error(e)),
+        };
+        // The id is the digest of the image config; the repo digests are the
+        // registry manifest digests that `name@sha256:…` references name.
+        let mut digests: Vec<String> = inspect.id.into_iter().collect();
+        for d in inspect.repo_digests.unwrap_or_default() {
+            if let Some((_, digest)) = d.rsplit_once('@')
+                && !digests.iter().any(|x| x == digest)
+            {
+                digests.push(digest.to_owned());
+            }
+        }
+        Ok(Some(digests))
+    }
+
     async fn info(&self) -> Result<RuntimeInfo, RuntimeError> {
         let docker = self.client().await?;
         let info = docker.info().await.map_err(general_error)?;
@@ -727,6 +754,32 @@ impl ModuleRuntime for DockerRuntime {
                 .architecture
                 .unwrap_or_else(|| std::env::consts::ARCH.to_owned()),
         })
+    }
+}
+
+/// Folds Docker's pull progress stream into lines worth logging at info:
+/// one per layer status change (`Pulling fs layer`, `Downloading`,
+/// `Pull complete`, …) and every message about the whole image (`Digest: …`,
+/// `Status: …`). Byte counts repeat the same status many times a second and
+/// are left to debug logging.
+#[derive(Debug, Default)]
+struct PullProgress {
+    layers: HashMap<String, String>,
+}
+
+impl PullProgress {
+    fn line(&mut self, info: &CreateImageInfo) -> Option<String> {
+        let status = info.status.as_deref().filter(|s| !s.is_empty())?;
+        match info.id.as_deref().filter(|id| !id.is_empty()) {
+            Some(id) => {
+                if self.layers.get(id).is_some_and(|s| s == status) {
+                    return None;
+                }
+                self.layers.insert(id.to_owned(), status.to_owned());
+                Some(format!("{id}: {status}"))
+            }
+            None => Some(status.to_owned()),
+        }
     }
 }
 
@@ -903,6 +956,48 @@ mod tests {
         assert!(frame_lines(chunk.clone(), after, None, false).is_empty());
         let before = Timestamp::parse("2026-01-01T00:00:01.500Z").ok();
         assert!(frame_lines(chunk, None, before, false).is_empty());
+    }
+
+    #[test]
+    fn pull_progress_logs_status_changes_only() {
+        let info = |id: &str, status: &str, current: i64| CreateImageInfo {
+            id: Some(id.to_owned()),
+            status: Some(status.to_owned()),
+            progress_detail: Some(bollard::models::ProgressDetail {
+                current: Some(current),
+                total: Some(100),
+            }),
+            ..Default::default()
+        };
+        let mut p = PullProgress::default();
+        let lines: Vec<Option<String>> = [
+            info("1", "Pulling from verge/busy", 0),
+            info("a1", "Pulling fs layer", 0),
+            info("a1", "Downloading", 10),
+            info("a1", "Downloading", 60),
+            info("b2", "Downloading", 5),
+            info("a1", "Pull complete", 100),
+            info("", "Digest: sha256:00", 0),
+            info("a1", "", 0),
+        ]
+        .iter()
+        .map(|i| p.line(i))
+        .collect();
+        let expect = [
+            Some("1: Pulling from verge/busy"),
+            Some("a1: Pulling fs layer"),
+            Some("a1: Downloading"),
+            None,
+            Some("b2: Downloading"),
+            Some("a1: Pull complete"),
+            Some("Digest: sha256:00"),
+            None,
+        ];
+        assert_eq!(
+            lines,
+            expect.map(|l| l.map(str::to_owned)).to_vec(),
+            "one line per status change"
+        );
     }
 
     #[test]

@@ -195,4 +195,14 @@ pub trait ModuleRuntime: Send + Sync {
     async fn logs(&self, name: &str, options: &LogOptions) -> Result<LogStream, RuntimeError>;
     /// Backend facts.
     async fn info(&self) -> Result<RuntimeInfo, RuntimeError>;
+    /// The content digests (`sha256:…`) of the local image `image`: its id
+    /// and the registry digests it was pulled or pushed with, so a pinned
+    /// digest can be checked before a module is created from it.
+    /// [`RuntimeError::ImageNotFound`] when the image is not present;
+    /// `Ok(None)` when the backend has no notion of image digests (the
+    /// default, e.g. the process backend), in which case nothing is checked.
+    async fn image_digests(&self, image: &str) -> Result<Option<Vec<String>>, RuntimeError> {
+        let _ = image;
+        Ok(None)
+    }
 }
