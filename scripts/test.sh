@@ -24,10 +24,12 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 # The official Azure IoT device SDK, a client nobody here wrote.
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import azure.iot.device' >/dev/null 2>&1; then
-  log "creating .venv with azure-iot-device"
+# The official service SDK drives verge-cloud's service API; azure-iot-hub
+# 2.7.0 imports `six` without declaring it.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import azure.iot.device, azure.iot.hub' >/dev/null 2>&1; then
+  log "creating .venv with azure-iot-device and azure-iot-hub"
   python3 -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check azure-iot-device==2.14.0
+  .venv/bin/pip install -q --disable-pip-version-check azure-iot-device==2.14.0 azure-iot-hub==2.7.0 six
 fi
 export VERGE_PYTHON="$PWD/.venv/bin/python"
 

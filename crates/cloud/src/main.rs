@@ -1,0 +1,185 @@
+//! `verge-cloud`: the self-hosted IoT Hub peer's server.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use verge_cloud::api::{ApiState, ServiceAuth};
+use verge_cloud::config::{Config, Overrides};
+use verge_cloud::{CloudOptions, CloudState, tls};
+use verge_core::SharedAccessKey;
+
+/// Exit code for configuration errors (distinct from runtime failures).
+const EXIT_CONFIG: u8 = 78;
+
+#[derive(Parser, Debug)]
+#[command(name = "verge-cloud", version, about = "Self-hosted IoT Hub peer")]
+struct Args {
+    /// TOML configuration file.
+    #[arg(long, env = "VERGE_CLOUD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (overrides `data_dir`).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Listen address IP:PORT (overrides `listen`; port 0 picks one).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Hub host name used as SAS audience (overrides `hostname`).
+    #[arg(long)]
+    hostname: Option<String>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let cfg = match Config::load(
+        args.config.as_deref(),
+        Overrides {
+            data_dir: args.data_dir,
+            listen: args.listen,
+            hostname: args.hostname,
+        },
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("verge-cloud: configuration error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("verge-cloud: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("verge-cloud: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The policy key: configured, or generated once and kept in the data dir
+/// (mode 0600). Returns whether it was just generated.
+fn policy_key(cfg: &Config) -> anyhow::Result<(SharedAccessKey, bool)> {
+    if let Some(k) = &cfg.policy_key {
+        return Ok((k.clone(), false));
+    }
+    let path = cfg.data_dir.join("service-policy.key");
+    if path.exists() {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let key = SharedAccessKey::from_base64(text.trim())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        return Ok((key, false));
+    }
+    let mut raw = Vec::with_capacity(32);
+    raw.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+    raw.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+    let key = SharedAccessKey::from_bytes(raw);
+    write_secret(&path, key.to_base64().as_bytes())?;
+    Ok((key, true))
+}
+
+fn write_secret(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+async fn run(cfg: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("data_dir {}", cfg.data_dir.display()))?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("listen {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    let hostname = cfg.hostname.clone().unwrap_or_else(|| addr.to_string());
+    let (key, generated) = policy_key(&cfg)?;
+    let auth = ServiceAuth::new(hostname.clone(), cfg.policy_name.clone(), key);
+    if generated {
+        // Printed once, on first start; afterwards it is in the key file.
+        println!("service connection string: {}", auth.connection_string());
+    }
+    let files = tls::ensure_files(
+        &cfg.data_dir,
+        &hostname,
+        cfg.tls_cert.as_deref(),
+        cfg.tls_key.as_deref(),
+    )?;
+    let tls_cfg = tls::server_config(&files)?;
+    let opts = CloudOptions {
+        data_dir: cfg.data_dir.clone(),
+        hostname: hostname.clone(),
+    };
+    let cloud = tokio::task::spawn_blocking(move || CloudState::open(opts))
+        .await
+        .context("opening the state")??;
+    let sweeper = {
+        let cloud = cloud.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tick.tick().await;
+                if let Err(e) = cloud.sweep().await {
+                    tracing::warn!(error = %e, "C2D sweep failed");
+                }
+            }
+        })
+    };
+    tracing::info!(%addr, %hostname, ca = ?files.ca, "verge-cloud serving");
+    // The test harness and scripts read this line for the bound port.
+    println!("listening on https://{addr}");
+    let state = ApiState {
+        cloud: cloud.clone(),
+        auth: Arc::new(auth),
+    };
+    verge_cloud::api::serve(listener, tls_cfg, state, shutdown_signal()).await;
+    sweeper.abort();
+    tracing::info!("shutting down");
+    tokio::task::spawn_blocking(move || cloud.close())
+        .await
+        .context("closing the state")?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
