@@ -6,7 +6,7 @@
 //! device_id = "edge1"
 //! device_key = "<base64>"          # module keys are derived from it
 //! storage_dir = "/var/lib/verge/hub"
-//! routes_file = "/etc/verge/edgehub.json"   # `$edgeHub` desired properties
+//! routes_file = "/etc/verge/edgehub.json"   # `$edgeHub` desired properties, polled (limits.routes_poll_ms)
 //! twins_file = "/etc/verge/twins.json"      # optional: {"edge1/modA": {desired…}, "leaf1": {…}}
 //!
 //! [listen]
@@ -58,7 +58,9 @@ pub struct Config {
     pub listen: ListenConfig,
     /// Directory for the message store, sessions and twins.
     pub storage_dir: PathBuf,
-    /// JSON file with the `$edgeHub` desired properties (routes).
+    /// JSON file with the `$edgeHub` desired properties (routes); polled, and
+    /// applied live when it changes. Without it the last accepted document
+    /// (kept in the `$edgeHub` twin) is used.
     #[serde(default)]
     pub routes_file: Option<PathBuf>,
     /// JSON file with desired properties per identity (`{"d/m": {…}}`), polled for changes.
@@ -86,7 +88,8 @@ pub struct ListenConfig {
     /// MQTT over TLS (default `0.0.0.0:8883`).
     #[serde(default = "default_mqtt")]
     pub mqtt: SocketAddr,
-    /// HTTPS (direct methods), default `0.0.0.0:443`.
+    /// HTTPS (direct methods, `$edgeHub` updates, MQTT over WebSocket on
+    /// `/$iothub/websocket`), default `0.0.0.0:443`.
     #[serde(default = "default_https")]
     pub https: SocketAddr,
 }
@@ -116,6 +119,9 @@ pub struct Limits {
     /// How often the twins file is checked for changes, milliseconds (default 1000).
     #[serde(default = "default_twins_poll")]
     pub twins_poll_ms: u64,
+    /// How often the routes file is checked for changes, milliseconds (default 1000).
+    #[serde(default = "default_twins_poll")]
+    pub routes_poll_ms: u64,
 }
 
 impl Default for Limits {
@@ -125,6 +131,7 @@ impl Default for Limits {
             max_inflight: default_inflight(),
             max_packet_bytes: default_max_packet(),
             twins_poll_ms: default_twins_poll(),
+            routes_poll_ms: default_twins_poll(),
         }
     }
 }

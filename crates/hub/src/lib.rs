@@ -7,14 +7,16 @@
 //! |---|---|
 //! | [`config`] | the TOML configuration (`--config`) |
 //! | listener ([`Hub::start`], [`tls`]) | TLS 1.2/1.3 listeners: MQTT on 8883, HTTPS on 443 |
-//! | [`connection`] | one MQTT 3.1.1 connection: CONNECT, keep-alive, packet loop, bounded inflight |
+//! | [`connection`] | one MQTT 3.1.1 connection: CONNECT, keep-alive, packet loop, bounded inflight (any byte stream) |
+//! | [`ws`] | MQTT over WebSocket on the HTTPS port (`/$iothub/websocket`, subprotocol `mqtt`) → [`connection`] |
+//! | [`edgehub`] | the hub's configuration = its `$edgeHub` twin's desired properties; live route updates |
 //! | [`session`] | persistent sessions (subscriptions survive reconnects and restarts), takeover |
 //! | [`auth`] | the [`auth::Authenticator`] trait and SAS-token authentication |
 //! | [`topic`] | topic classification, filter matching, per-identity authorization |
 //! | [`router`] | router glue: stamp a message, route it (`verge-route`), store it (`verge-store`) |
 //! | [`delivery`] | one pump per module-input endpoint: store → module, checkpoint on PUBACK |
 //! | [`twins`] | twins kept and persisted by the hub; local desired-properties source |
-//! | [`methods`] | HTTPS direct-method API relayed to the target's MQTT connection |
+//! | [`methods`] | HTTPS API: direct methods relayed to the target's MQTT connection; `PUT /edgehub/desired` |
 //!
 //! # Data path of a message
 //!
@@ -37,18 +39,20 @@ pub mod auth;
 pub mod config;
 pub mod connection;
 pub mod delivery;
+pub mod edgehub;
 pub mod methods;
 pub mod router;
 pub mod session;
 pub mod tls;
 pub mod topic;
 pub mod twins;
+pub mod ws;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -56,7 +60,6 @@ use bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinSet;
-use verge_core::manifest::EdgeHubDesired;
 use verge_route::{Endpoint, RouteSet};
 use verge_store::{Store, StoreConfig};
 
@@ -64,6 +67,8 @@ use crate::auth::{Authenticator, SasAuthenticator};
 use crate::config::Config;
 use crate::session::Sessions;
 use crate::twins::Twins;
+
+pub use crate::edgehub::ConfigUpdateError;
 
 /// Counters.
 #[derive(Debug, Default)]
@@ -91,8 +96,13 @@ pub struct HubState {
     pub sessions: Arc<Sessions>,
     /// Message store.
     pub store: Store,
-    /// Compiled routes.
-    pub routes: Arc<RouteSet>,
+    routes: RwLock<Arc<edgehub::ActiveRoutes>>,
+    pumps_wanted: Mutex<BTreeSet<(String, String)>>,
+    pumps_changed: Notify,
+    config_update: tokio::sync::Mutex<()>,
+    /// Set when the hub shuts down: ends tasks it does not own through a
+    /// JoinSet (WebSocket connections, spawned by the HTTP upgrade).
+    stopping: tokio::sync::watch::Sender<bool>,
     /// Twins.
     pub twins: Twins,
     /// Counters.
@@ -107,6 +117,46 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl HubState {
+    /// The route set in force (replaced live by [`HubState::apply_edgehub_desired`]).
+    pub fn routes(&self) -> Arc<edgehub::ActiveRoutes> {
+        self.routes
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Puts `routes` in force (after making sure every module-input endpoint
+    /// it names has a delivery pump). Callers validate first; see [`edgehub`].
+    fn install_routes(&self, routes: edgehub::ActiveRoutes) {
+        self.want_pumps(&routes.set);
+        *self
+            .routes
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(routes);
+    }
+
+    fn want_pumps(&self, routes: &RouteSet) {
+        let mut added = false;
+        {
+            let mut wanted = lock(&self.pumps_wanted);
+            for ep in routes.endpoints() {
+                if let Endpoint::ModuleInput { module, input } = ep {
+                    added |= wanted.insert((module.clone(), input.clone()));
+                }
+            }
+        }
+        if added {
+            self.pumps_changed.notify_one();
+        }
+    }
+
+    /// Completes once the hub is shutting down.
+    pub async fn stopped(&self) {
+        let mut rx = self.stopping.subscribe();
+        // Err only if the sender is gone, which means the state is gone too.
+        let _ = rx.wait_for(|stopping| *stopping).await;
+    }
+
     /// A process-unique number (connection ids, method request ids).
     pub fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
@@ -151,17 +201,38 @@ pub struct Hub {
     tasks: JoinSet<()>,
 }
 
-/// Reads the routes file (`$edgeHub` desired properties, JSON).
-pub fn load_routes(cfg: &Config) -> anyhow::Result<RouteSet> {
-    let Some(path) = &cfg.routes_file else {
-        return Ok(RouteSet::default());
-    };
-    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let value: serde_json::Value =
-        serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))?;
-    let desired = EdgeHubDesired::from_value(&value)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    RouteSet::new(&desired.routes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+/// Runs one delivery pump per wanted module-input endpoint, starting new
+/// pumps as routes add endpoints. Pumps of endpoints no route names any more
+/// keep running, so messages already stored for them are still delivered.
+/// A pump that ends (it only can by panicking) is started again.
+async fn pump_supervisor(state: Arc<HubState>) {
+    let mut running: HashMap<tokio::task::Id, (String, String)> = HashMap::new();
+    let mut pumps = JoinSet::new();
+    loop {
+        let wanted: Vec<(String, String)> = lock(&state.pumps_wanted)
+            .iter()
+            .filter(|k| !running.values().any(|r| r == *k))
+            .cloned()
+            .collect();
+        for (module, input) in wanted {
+            tracing::info!(%module, %input, "starting the delivery pump");
+            let task = pumps.spawn(delivery::run(state.clone(), module.clone(), input.clone()));
+            running.insert(task.id(), (module, input));
+        }
+        tokio::select! {
+            () = state.pumps_changed.notified() => {}
+            Some(ended) = pumps.join_next_with_id(), if !pumps.is_empty() => {
+                let id = match &ended {
+                    Ok((id, ())) => *id,
+                    Err(e) => e.id(),
+                };
+                if let Some((module, input)) = running.remove(&id) {
+                    tracing::error!(%module, %input, "delivery pump ended; restarting it");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
 }
 
 /// Installs the aws-lc-rs crypto provider (once per process).
@@ -169,62 +240,120 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
+impl HubState {
+    /// Opens the storage directory (store, sessions, twins) and puts the
+    /// initial configuration in force, without binding or starting anything
+    /// but the sessions' persister. [`Hub::start`] uses it; so do harnesses
+    /// that drive [`connection::serve`] directly (the fuzz target).
+    pub async fn open(cfg: Config) -> anyhow::Result<Arc<Self>> {
+        Ok(open_state(cfg).await?.0)
+    }
+}
+
+/// [`HubState::open`], also returning the routes file's content as applied.
+async fn open_state(cfg: Config) -> anyhow::Result<(Arc<HubState>, Option<Vec<u8>>)> {
+    tokio::fs::create_dir_all(&cfg.storage_dir)
+        .await
+        .with_context(|| format!("creating {}", cfg.storage_dir.display()))?;
+    let sas = Arc::new(SasAuthenticator::from_config(&cfg)?);
+    let store_dir = cfg.storage_dir.join("store");
+    // TTLs come from the routes and the `$edgeHub` configuration (which can
+    // say "never expire"), so the store adds no default of its own.
+    let store_cfg = StoreConfig {
+        default_ttl_secs: None,
+        ..StoreConfig::default()
+    };
+    let store = tokio::task::spawn_blocking(move || Store::open(store_dir, store_cfg)).await??;
+    let sessions = Sessions::open(cfg.storage_dir.join("sessions.json")).await?;
+    let twins = Twins::open(cfg.storage_dir.join("twins.json")).await?;
+
+    // Module-input endpoints with queues left in the store get a pump even if
+    // no route names them any more, so their messages are still delivered.
+    let mut endpoints: BTreeSet<(String, String)> = BTreeSet::new();
+    for q in store.queues().await? {
+        if let Some(Endpoint::ModuleInput { module, input }) =
+            Endpoint::from_brokered_path(&q.endpoint)
+        {
+            endpoints.insert((module, input));
+        }
+    }
+
+    // The initial `$edgeHub` desired properties: the routes file when there is
+    // one (a bad file is a configuration error), else the last accepted
+    // document, kept in the `$edgeHub` twin.
+    let routes_file = match &cfg.routes_file {
+        Some(path) => {
+            let bytes = tokio::fs::read(path)
+                .await
+                .with_context(|| format!("reading {}", path.display()))?;
+            let (value, _) =
+                edgehub::parse(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            Some((bytes, value))
+        }
+        None => None,
+    };
+
+    let state = Arc::new(HubState {
+        auth: sas.clone(),
+        sas,
+        sessions,
+        store,
+        routes: RwLock::new(Arc::new(edgehub::ActiveRoutes::default())),
+        pumps_wanted: Mutex::new(endpoints),
+        pumps_changed: Notify::new(),
+        config_update: tokio::sync::Mutex::new(()),
+        stopping: tokio::sync::watch::Sender::new(false),
+        twins,
+        stats: Stats::default(),
+        endpoint_notify: Mutex::new(HashMap::new()),
+        pending_methods: Mutex::new(HashMap::new()),
+        next_id: AtomicU64::new(1),
+        cfg,
+    });
+    let initial = match &routes_file {
+        Some((_, value)) => Some(value.clone()),
+        None => state
+            .twins
+            .desired(&state.edgehub_twin_id())
+            .filter(|m| !m.is_empty())
+            .map(serde_json::Value::Object),
+    };
+    if let Some(value) = initial
+        && let Err(e) = state.set_edgehub_desired(&value).await
+    {
+        match &state.cfg.routes_file {
+            Some(path) => anyhow::bail!("{}: {e}", path.display()),
+            None => {
+                tracing::error!(error = %e, "the saved $edgeHub configuration is refused; starting with no routes");
+            }
+        }
+    }
+    Ok((state, routes_file.map(|(bytes, _)| bytes)))
+}
+
 impl Hub {
     /// Opens storage, binds the listeners and starts every task.
     pub async fn start(cfg: Config) -> anyhow::Result<Self> {
         install_crypto_provider();
-        tokio::fs::create_dir_all(&cfg.storage_dir)
-            .await
-            .with_context(|| format!("creating {}", cfg.storage_dir.display()))?;
         let tls = tls::acceptor(&cfg.tls.cert, &cfg.tls.key)?;
-        let routes = Arc::new(load_routes(&cfg)?);
-        let sas = Arc::new(SasAuthenticator::from_config(&cfg)?);
-        let store_dir = cfg.storage_dir.join("store");
-        let store =
-            tokio::task::spawn_blocking(move || Store::open(store_dir, StoreConfig::default()))
-                .await??;
-        let sessions = Sessions::open(cfg.storage_dir.join("sessions.json")).await?;
-        let twins = Twins::open(cfg.storage_dir.join("twins.json")).await?;
-        let mqtt = TcpListener::bind(cfg.listen.mqtt)
+        let (state, routes_bytes) = open_state(cfg).await?;
+        let mqtt = TcpListener::bind(state.cfg.listen.mqtt)
             .await
-            .with_context(|| format!("binding MQTT {}", cfg.listen.mqtt))?;
-        let https = TcpListener::bind(cfg.listen.https)
+            .with_context(|| format!("binding MQTT {}", state.cfg.listen.mqtt))?;
+        let https = TcpListener::bind(state.cfg.listen.https)
             .await
-            .with_context(|| format!("binding HTTPS {}", cfg.listen.https))?;
+            .with_context(|| format!("binding HTTPS {}", state.cfg.listen.https))?;
         let mqtt_addr = mqtt.local_addr()?;
         let https_addr = https.local_addr()?;
 
-        // Every module-input endpoint: from the routes and from queues left in the store.
-        let mut endpoints: BTreeSet<(String, String)> = BTreeSet::new();
-        for ep in routes.endpoints() {
-            if let Endpoint::ModuleInput { module, input } = ep {
-                endpoints.insert((module.clone(), input.clone()));
-            }
-        }
-        for q in store.queues().await? {
-            if let Some(Endpoint::ModuleInput { module, input }) =
-                Endpoint::from_brokered_path(&q.endpoint)
-            {
-                endpoints.insert((module, input));
-            }
-        }
-
-        let state = Arc::new(HubState {
-            auth: sas.clone(),
-            sas,
-            sessions,
-            store,
-            routes,
-            twins,
-            stats: Stats::default(),
-            endpoint_notify: Mutex::new(HashMap::new()),
-            pending_methods: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(1),
-            cfg,
-        });
         let mut tasks = JoinSet::new();
-        for (module, input) in endpoints {
-            tasks.spawn(delivery::run(state.clone(), module, input));
+        tasks.spawn(pump_supervisor(state.clone()));
+        if let Some(path) = state.cfg.routes_file.clone() {
+            tasks.spawn(edgehub::watch_routes_file(
+                state.clone(),
+                path,
+                routes_bytes,
+            ));
         }
         if let Some(path) = state.cfg.twins_file.clone() {
             tasks.spawn(twins::run_desired_source(state.clone(), path));
@@ -242,6 +371,7 @@ impl Hub {
 
     /// Stops every task, flushes the sessions and closes the store.
     pub async fn shutdown(mut self) {
+        self.state.stopping.send_replace(true);
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
         if let Err(e) = self.state.sessions.flush().await {
@@ -309,7 +439,7 @@ async fn https_listener(
                     }
                 };
                 let tls = tls.clone();
-                let app = app.clone();
+                let app = app.clone().layer(axum::Extension(methods::Peer(peer)));
                 conns.spawn(async move {
                     let stream = match tokio::time::timeout(handshake, tls.accept(tcp)).await {
                         Ok(Ok(s)) => s,
@@ -320,8 +450,10 @@ async fn https_listener(
                         Err(_) => return,
                     };
                     let svc = hyper_util::service::TowerToHyperService::new(app);
+                    // with_upgrades: MQTT over WebSocket takes the connection over.
                     if let Err(e) = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .with_upgrades()
                         .await
                     {
                         tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");

@@ -10,7 +10,7 @@ use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post, put};
 use bytes::Bytes;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
@@ -27,7 +27,53 @@ pub fn router(state: Arc<HubState>) -> Router {
             "/twins/{device}/modules/{module}/methods",
             post(invoke_module),
         )
+        .route("/edgehub/desired", put(put_edgehub_desired))
+        .route(crate::ws::PATH, get(crate::ws::upgrade))
         .with_state(state)
+}
+
+/// The TCP peer of an HTTPS connection (added per connection by the
+/// listener; used in logs).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub std::net::SocketAddr);
+
+/// `PUT /edgehub/desired`: replaces the `$edgeHub` desired properties (the
+/// hub's configuration, routes included) live, as a deployment would. Only the
+/// edge device identity itself may do this: the `Authorization` header must be
+/// a SAS token for `{hub}/devices/{device}` signed with the device key (module
+/// and leaf-device tokens get 401). 200 `{"routes": n}` when applied; 400 with
+/// the reason when the document or any route is invalid, and the previous
+/// routes stay active.
+async fn put_edgehub_desired(
+    State(state): State<Arc<HubState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(token) = headers.get("authorization").and_then(|v| v.to_str().ok()) else {
+        return error(StatusCode::UNAUTHORIZED, "missing Authorization header");
+    };
+    let Ok(device) = verge_core::DeviceId::new(state.cfg.device_id.as_str()) else {
+        // Config::validate checked the id at load time.
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "bad device id");
+    };
+    if let Err(e) = state.sas.verify_token(&ClientId::device(device), token) {
+        tracing::warn!(reason = %e, "$edgeHub desired update refused");
+        return error(StatusCode::UNAUTHORIZED, "not authorized");
+    }
+    let applied = match serde_json::from_slice::<Value>(&body) {
+        Ok(v) => state.set_edgehub_desired(&v).await,
+        Err(e) => Err(crate::ConfigUpdateError::Json(e.to_string())),
+    };
+    match applied {
+        Ok(n) => {
+            tracing::info!(routes = n, "new $edgeHub desired properties applied (HTTP)");
+            (StatusCode::OK, axum::Json(json!({ "routes": n }))).into_response()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "$edgeHub desired properties refused; previous routes stay active");
+            error(StatusCode::BAD_REQUEST, e.to_string())
+        }
+    }
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {

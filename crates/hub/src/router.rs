@@ -66,7 +66,8 @@ pub async fn ingest(
 ) -> Result<Ingested, IngestError> {
     let msg = build_message(client, bag, body)?;
     let (targets, inputs): (Vec<Target>, Vec<String>) = {
-        let matches = state.routes.route(&msg);
+        let routes = state.routes();
+        let matches = routes.set.route(&msg);
         let mut inputs = Vec::new();
         let targets = matches
             .iter()
@@ -76,10 +77,13 @@ pub async fn ingest(
                     inputs.push(id.clone());
                 }
                 let t = Target::new(id).priority(m.priority);
-                if m.ttl_secs > 0 {
-                    t.ttl_secs(u64::from(m.ttl_secs))
-                } else {
-                    t
+                // A route's own TTL wins; else the global one; else never expire.
+                let ttl = (m.ttl_secs > 0)
+                    .then_some(u64::from(m.ttl_secs))
+                    .or(routes.default_ttl_secs);
+                match ttl {
+                    Some(ttl) => t.ttl_secs(ttl),
+                    None => t,
                 }
             })
             .collect();

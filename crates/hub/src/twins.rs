@@ -86,6 +86,18 @@ impl Twins {
             .to_client_json()
     }
 
+    /// `id`'s desired properties (`None` when there is no such twin).
+    pub fn desired(&self, id: &str) -> Option<Map<String, Value>> {
+        lock(&self.inner)
+            .get(id)
+            .map(|t| t.desired.properties.clone())
+    }
+
+    /// The `$version` of `id`'s desired properties (0 when there is no such twin).
+    pub fn desired_version(&self, id: &str) -> u64 {
+        lock(&self.inner).get(id).map_or(0, |t| t.desired.version)
+    }
+
     /// Merges a reported patch; returns the new reported version.
     pub async fn patch_reported(&self, id: &str, patch: &Value) -> Result<u64, TwinError> {
         let v = {
@@ -205,6 +217,23 @@ pub async fn run_desired_source(state: Arc<crate::HubState>, path: PathBuf) {
 
 /// Sets `id`'s desired properties and pushes the patch if the client listens.
 pub async fn apply_desired(state: &crate::HubState, id: &str, desired: &Map<String, Value>) {
+    if id == state.edgehub_twin_id() {
+        // The hub's own twin: its desired properties are its configuration,
+        // checked and stored by the one path every configuration source takes.
+        if state.twins.desired(id).as_ref() == Some(desired) {
+            return;
+        }
+        match state
+            .set_edgehub_desired(&Value::Object(desired.clone()))
+            .await
+        {
+            Ok(n) => tracing::info!(routes = n, "$edgeHub twin changed; new routes applied"),
+            Err(e) => {
+                tracing::error!(error = %e, "$edgeHub twin refused; previous routes stay active");
+            }
+        }
+        return;
+    }
     match state.twins.set_desired(id, desired).await {
         Ok(Some((msg, version))) => {
             let topic = format!("$iothub/twin/PATCH/properties/desired/?$version={version}");

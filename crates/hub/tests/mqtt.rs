@@ -9,7 +9,7 @@ use bytes::Bytes;
 use common::*;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{
-    ConnAck, ConnectReturnCode, Packet, PubAck, Publish, Subscribe, SubscribeReasonCode,
+    ConnectReturnCode, Packet, PubAck, Publish, Subscribe, SubscribeReasonCode,
 };
 use verge_core::SasToken;
 use verge_hub::Hub;
@@ -18,16 +18,6 @@ async fn start(pki: &Pki, storage: &std::path::Path) -> Hub {
     Hub::start(config(pki, storage, "127.0.0.1:0", "127.0.0.1:0"))
         .await
         .unwrap()
-}
-
-fn code(p: Option<Packet>) -> (ConnectReturnCode, bool) {
-    match p {
-        Some(Packet::ConnAck(ConnAck {
-            code,
-            session_present,
-        })) => (code, session_present),
-        other => panic!("expected CONNACK, got {other:?}"),
-    }
 }
 
 async fn connect_module(hub: &Hub, pki: &Pki, m: &str, clean: bool) -> (Raw, bool) {
@@ -527,5 +517,65 @@ async fn keep_alive_is_enforced() {
         waited >= Duration::from_millis(1200) && waited < Duration::from_secs(4),
         "{waited:?}"
     );
+    hub.shutdown().await;
+}
+
+#[tokio::test]
+async fn downstream_device_telemetry_is_stamped_and_routed_upstream() {
+    let pki = pki();
+    let storage = tempfile::tempdir().unwrap();
+    let hub = start(&pki, storage.path()).await;
+    let tok = SasToken::sign(
+        &format!("{HUB}/devices/leaf1"),
+        &verge_core::SharedAccessKey::from_base64(LEAF_KEY).unwrap(),
+        now() + 600,
+        None,
+    );
+    let (mut leaf, ack) = Raw::connect(
+        hub.mqtt_addr,
+        &pki.ca_pem,
+        "leaf1",
+        &username("leaf1"),
+        &tok.to_string(),
+        false,
+    )
+    .await;
+    assert_eq!(code(ack).0, ConnectReturnCode::Success);
+    // A device may not listen on a module's inputs.
+    assert_eq!(
+        subscribe(
+            &mut leaf,
+            &format!("devices/{DEVICE}/modules/modB/inputs/#")
+        )
+        .await,
+        SubscribeReasonCode::Failure
+    );
+    // `$.on` means nothing from a device; the route `leafUp` takes it upstream.
+    publish(
+        &mut leaf,
+        "devices/leaf1/messages/events/%24.ct=application%2Fjson&%24.on=sneaky&t=21",
+        br#"{"t":21.5}"#,
+        1,
+    )
+    .await;
+    let queued = hub.state.store.read("$upstream", 10).await.unwrap();
+    assert_eq!(queued.len(), 1);
+    let m = &queued[0].message;
+    assert_eq!(m.body, Bytes::from_static(br#"{"t":21.5}"#));
+    assert_eq!(m.system.connection_device_id.as_deref(), Some("leaf1"));
+    assert_eq!(m.system.connection_module_id, None);
+    assert_eq!(m.system.output_name, None);
+    assert_eq!(m.system.content_type.as_deref(), Some("application/json"));
+    assert!(m.system.message_id.is_some());
+    assert_eq!(m.properties.get("t"), Some("21"));
+    // Publishing as another device closes the connection.
+    let mut p = Publish::new(
+        "devices/leaf2/messages/events/",
+        QoS::AtLeastOnce,
+        b"x".to_vec(),
+    );
+    p.pkid = 2;
+    leaf.send(Packet::Publish(p)).await;
+    assert!(leaf.recv().await.is_none());
     hub.shutdown().await;
 }

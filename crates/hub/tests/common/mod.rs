@@ -8,8 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use rumqttc::mqttbytes::v4::{Connect, Packet};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rumqttc::mqttbytes::QoS;
+use rumqttc::mqttbytes::v4::{
+    ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, Subscribe, SubscribeReasonCode,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use verge_core::{ModuleId, SasToken, SharedAccessKey};
@@ -95,6 +98,7 @@ leaf1 = "{LEAF_KEY}"
 [limits]
 connect_timeout_secs = 3
 twins_poll_ms = 100
+routes_poll_ms = 100
 "#,
         storage = storage.display(),
         routes = routes.display(),
@@ -148,9 +152,9 @@ pub fn tls_connector(ca_pem: &str) -> tokio_rustls::TlsConnector {
     tokio_rustls::TlsConnector::from(Arc::new(cfg))
 }
 
-/// A bare MQTT 3.1.1 client over TLS, packet by packet.
-pub struct Raw {
-    pub s: TlsStream<TcpStream>,
+/// A bare MQTT 3.1.1 client, packet by packet (over TLS by default).
+pub struct Raw<S = TlsStream<TcpStream>> {
+    pub s: S,
     pub buf: BytesMut,
 }
 
@@ -166,6 +170,46 @@ impl Raw {
             s,
             buf: BytesMut::new(),
         }
+    }
+
+    /// Connects as `client_id` with `password`; returns the CONNACK (or None if closed).
+    pub async fn connect(
+        addr: SocketAddr,
+        ca_pem: &str,
+        client_id: &str,
+        user: &str,
+        password: &str,
+        clean: bool,
+    ) -> (Raw, Option<Packet>) {
+        let raw = Raw::open(addr, ca_pem).await;
+        raw.handshake(client_id, user, password, clean).await
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Raw<S> {
+    /// Wraps an open stream.
+    pub fn over(s: S) -> Raw<S> {
+        Raw {
+            s,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Sends CONNECT; returns the CONNACK (or None if closed).
+    pub async fn handshake(
+        mut self,
+        client_id: &str,
+        user: &str,
+        password: &str,
+        clean: bool,
+    ) -> (Raw<S>, Option<Packet>) {
+        let mut c = Connect::new(client_id);
+        c.clean_session = clean;
+        c.keep_alive = 60;
+        c.set_credentials(user, password.to_owned());
+        self.send(Packet::Connect(c)).await;
+        let ack = self.recv().await;
+        (self, ack)
     }
 
     pub async fn send(&mut self, p: Packet) {
@@ -200,23 +244,149 @@ impl Raw {
         .await
         .expect("timed out waiting for a packet")
     }
+}
 
-    /// Connects as `client_id` with `password`; returns the CONNACK (or None if closed).
-    pub async fn connect(
-        addr: SocketAddr,
-        ca_pem: &str,
-        client_id: &str,
-        user: &str,
-        password: &str,
-        clean: bool,
-    ) -> (Raw, Option<Packet>) {
-        let mut raw = Raw::open(addr, ca_pem).await;
-        let mut c = Connect::new(client_id);
-        c.clean_session = clean;
-        c.keep_alive = 60;
-        c.set_credentials(user, password.to_owned());
-        raw.send(Packet::Connect(c)).await;
-        let ack = raw.recv().await;
-        (raw, ack)
+/// The CONNACK return code and session-present flag.
+pub fn code(p: Option<Packet>) -> (ConnectReturnCode, bool) {
+    match p {
+        Some(Packet::ConnAck(ConnAck {
+            code,
+            session_present,
+        })) => (code, session_present),
+        other => panic!("expected CONNACK, got {other:?}"),
     }
+}
+
+/// Connects module `m` over TLS to the MQTT port; panics unless accepted.
+pub async fn connect_module(addr: SocketAddr, ca_pem: &str, m: &str, clean: bool) -> (Raw, bool) {
+    let id = format!("{DEVICE}/{m}");
+    let (raw, ack) = Raw::connect(addr, ca_pem, &id, &username(&id), &module_token(m), clean).await;
+    let (c, present) = code(ack);
+    assert_eq!(c, ConnectReturnCode::Success);
+    (raw, present)
+}
+
+/// Publishes QoS 1 and waits for the PUBACK.
+pub async fn publish_qos1<S: AsyncRead + AsyncWrite + Unpin>(
+    raw: &mut Raw<S>,
+    topic: &str,
+    payload: &[u8],
+    pkid: u16,
+) {
+    let mut p = Publish::new(topic, QoS::AtLeastOnce, payload.to_vec());
+    p.pkid = pkid;
+    raw.send(Packet::Publish(p)).await;
+    loop {
+        match raw.recv().await {
+            Some(Packet::PubAck(a)) if a.pkid == pkid => return,
+            Some(_) => {}
+            None => panic!("closed before PUBACK"),
+        }
+    }
+}
+
+/// Subscribes to one filter at QoS 1; returns the SUBACK code.
+pub async fn subscribe1<S: AsyncRead + AsyncWrite + Unpin>(
+    raw: &mut Raw<S>,
+    filter: &str,
+) -> SubscribeReasonCode {
+    let mut s = Subscribe::new(filter, QoS::AtLeastOnce);
+    s.pkid = 1;
+    raw.send(Packet::Subscribe(s)).await;
+    match raw.recv().await {
+        Some(Packet::SubAck(a)) => a.return_codes[0],
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+}
+
+/// The next PUBLISH from the hub (PUBACKed if QoS 1).
+pub async fn next_pub<S: AsyncRead + AsyncWrite + Unpin>(raw: &mut Raw<S>) -> Publish {
+    loop {
+        match raw.recv().await {
+            Some(Packet::Publish(p)) => {
+                if p.qos == QoS::AtLeastOnce {
+                    raw.send(Packet::PubAck(PubAck::new(p.pkid))).await;
+                }
+                return p;
+            }
+            Some(_) => {}
+            None => panic!("closed while waiting for a publish"),
+        }
+    }
+}
+
+/// Like [`next_pub`], but `None` if nothing arrives within `wait`.
+pub async fn maybe_pub<S: AsyncRead + AsyncWrite + Unpin>(
+    raw: &mut Raw<S>,
+    wait: Duration,
+) -> Option<Publish> {
+    tokio::time::timeout(wait, next_pub(raw)).await.ok()
+}
+
+/// Opens `wss://localhost:{port}{path}` (TLS to `addr`) offering `protocol`.
+/// Returns the HTTP status of a refused upgrade as the error.
+pub async fn ws_open(
+    addr: SocketAddr,
+    ca_pem: &str,
+    path: &str,
+    protocol: Option<&str>,
+) -> Result<Raw<tokio::io::DuplexStream>, u16> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tls_connector(ca_pem).connect(name, tcp).await.unwrap();
+    let mut req = format!("wss://localhost:{}{path}", addr.port())
+        .into_client_request()
+        .unwrap();
+    if let Some(p) = protocol {
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", p.parse().unwrap());
+    }
+    let (ws, resp) = match tokio::time::timeout(T, tokio_tungstenite::client_async(req, tls))
+        .await
+        .unwrap()
+    {
+        Ok(ok) => ok,
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => return Err(r.status().as_u16()),
+        Err(e) => panic!("WebSocket handshake failed: {e}"),
+    };
+    if let Some(p) = protocol {
+        assert_eq!(
+            resp.headers()
+                .get("Sec-WebSocket-Protocol")
+                .and_then(|v| v.to_str().ok()),
+            Some(p),
+            "the server must select the subprotocol"
+        );
+    }
+    // Bridge the frames to a byte pipe so the test speaks MQTT on a plain stream.
+    let (mine, theirs) = tokio::io::duplex(1 << 20);
+    tokio::spawn(async move {
+        let (mut rd, mut wr) = tokio::io::split(theirs);
+        let (mut sink, mut stream) = ws.split();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            tokio::select! {
+                n = rd.read(&mut buf) => match n {
+                    Ok(0) | Err(_) => { let _ = sink.close().await; return; }
+                    Ok(n) => {
+                        if sink.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
+                            return;
+                        }
+                    }
+                },
+                m = stream.next() => match m {
+                    Some(Ok(Message::Binary(b))) => {
+                        if wr.write_all(&b).await.is_err() { return; }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => { let _ = wr.shutdown().await; return; }
+                },
+            }
+        }
+    });
+    Ok(Raw::over(mine))
 }
