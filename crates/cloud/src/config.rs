@@ -2,7 +2,8 @@
 //!
 //! ```toml
 //! data_dir = "/var/lib/verge-cloud"   # required (or --data-dir)
-//! listen = "0.0.0.0:8443"             # default 127.0.0.1:8443
+//! listen = "0.0.0.0:8443"             # service API (HTTPS); default 127.0.0.1:8443
+//! mqtt_listen = "0.0.0.0:8883"        # device endpoint (MQTT/TLS); default 0.0.0.0:8883
 //! hostname = "cloud.example.net"      # SAS audience host; default: the listen address
 //!
 //! [service]
@@ -57,6 +58,8 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     /// Listen address.
     pub listen: Option<String>,
+    /// Device endpoint (MQTT) listen address.
+    pub mqtt_listen: Option<String>,
     /// Hub host name.
     pub hostname: Option<String>,
     /// `[service]`.
@@ -94,6 +97,8 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     /// `--listen`.
     pub listen: Option<String>,
+    /// `--mqtt-listen`.
+    pub mqtt_listen: Option<String>,
     /// `--hostname`.
     pub hostname: Option<String>,
 }
@@ -105,6 +110,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Listen address.
     pub listen: SocketAddr,
+    /// Device endpoint (MQTT over TLS) listen address.
+    pub mqtt_listen: SocketAddr,
     /// Hub host name; `None` means "the bound address" (known after bind).
     pub hostname: Option<String>,
     /// Policy name.
@@ -119,6 +126,9 @@ pub struct Config {
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
+/// Default device endpoint address: IoT Hub's MQTT port, on every interface
+/// (the Azure device SDKs cannot dial another port).
+pub const DEFAULT_MQTT_LISTEN: &str = "0.0.0.0:8883";
 
 impl Config {
     /// Reads `path` (if any) and applies `over`.
@@ -155,6 +165,14 @@ impl Config {
         let listen = listen_text.parse().map_err(|e| ConfigError::Invalid {
             key: "listen",
             message: format!("{listen_text:?} is not an IP:port address ({e})"),
+        })?;
+        let mqtt_text = over
+            .mqtt_listen
+            .or(file.mqtt_listen)
+            .unwrap_or_else(|| DEFAULT_MQTT_LISTEN.to_owned());
+        let mqtt_listen = mqtt_text.parse().map_err(|e| ConfigError::Invalid {
+            key: "mqtt_listen",
+            message: format!("{mqtt_text:?} is not an IP:port address ({e})"),
         })?;
         let hostname = over.hostname.or(file.hostname);
         if let Some(h) = &hostname
@@ -194,6 +212,7 @@ impl Config {
         Ok(Self {
             data_dir,
             listen,
+            mqtt_listen,
             hostname,
             policy_name,
             policy_key,
@@ -224,6 +243,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("`listen`"), "{e}");
+        let e = parse("data_dir = \"/d\"\nmqtt_listen = \"8883\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`mqtt_listen`"), "{e}");
         let e = parse("data_dir = \"/d\"\n[service]\npolicy_key = \"!!\"")
             .unwrap_err()
             .to_string();
@@ -238,6 +261,7 @@ mod tests {
         assert!(e.contains("tls"), "{e}");
         let ok = parse("data_dir = \"/d\"\nhostname = \"h.example\"").unwrap();
         assert_eq!(ok.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(ok.mqtt_listen.to_string(), DEFAULT_MQTT_LISTEN);
         assert_eq!(ok.policy_name, "iothubowner");
     }
 }

@@ -3,16 +3,17 @@
 //! The library is the cloud's core, [`CloudState`]: device and module
 //! registry, twins, deployments, a durable D2C log, C2D queues with feedback
 //! and direct methods. Two front ends call it: the service REST API in
-//! [`api`] (what IoT Hub's service SDKs speak), and — in a later step — a
-//! device endpoint (MQTT, shared with the edge hub) that authenticates
-//! clients with [`CloudState::verify_device_token`], registers them with
+//! [`api`] (what IoT Hub's service SDKs speak), and the device endpoint in
+//! [`device`] (IoT Hub's MQTT dialect over TLS, verge-endpoint's code shared
+//! with the edge hub) that authenticates clients with
+//! [`CloudState::verify_device_token`], registers them with
 //! [`CloudState::connect`], pushes the [`ConnectionEvent`]s it receives to
 //! the client, and feeds back telemetry ([`CloudState::ingest`]), reported
 //! properties ([`CloudState::patch_reported`]), method answers
 //! ([`CloudState::method_response`]) and C2D settlements
 //! ([`CloudState::c2d_settle`]).
 //!
-//! State lives in one fjall database under the data directory; see [`db`]
+//! State lives in one fjall database under the data directory; see the `db` module
 //! for the layout and why.
 
 pub mod api;
@@ -21,6 +22,7 @@ pub mod config;
 pub mod conn;
 pub mod d2c;
 pub(crate) mod db;
+pub mod device;
 pub mod error;
 pub mod registry;
 mod state;

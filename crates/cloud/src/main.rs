@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use verge_cloud::api::{ApiState, ServiceAuth};
 use verge_cloud::config::{Config, Overrides};
+use verge_cloud::device::{self, CloudBackend};
 use verge_cloud::{CloudOptions, CloudState, tls};
 use verge_core::SharedAccessKey;
 
@@ -27,6 +28,10 @@ struct Args {
     /// Listen address IP:PORT (overrides `listen`; port 0 picks one).
     #[arg(long)]
     listen: Option<String>,
+    /// Device endpoint (MQTT/TLS) address IP:PORT (overrides `mqtt_listen`;
+    /// port 0 picks one).
+    #[arg(long)]
+    mqtt_listen: Option<String>,
     /// Hub host name used as SAS audience (overrides `hostname`).
     #[arg(long)]
     hostname: Option<String>,
@@ -46,6 +51,7 @@ fn main() -> ExitCode {
         Overrides {
             data_dir: args.data_dir,
             listen: args.listen,
+            mqtt_listen: args.mqtt_listen,
             hostname: args.hostname,
         },
     ) {
@@ -120,6 +126,10 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listen {}", cfg.listen))?;
     let addr = listener.local_addr()?;
+    let mqtt_listener = tokio::net::TcpListener::bind(cfg.mqtt_listen)
+        .await
+        .with_context(|| format!("mqtt_listen {}", cfg.mqtt_listen))?;
+    let mqtt_addr = mqtt_listener.local_addr()?;
     let hostname = cfg.hostname.clone().unwrap_or_else(|| addr.to_string());
     let (key, generated) = policy_key(&cfg)?;
     let auth = ServiceAuth::new(hostname.clone(), cfg.policy_name.clone(), key);
@@ -153,14 +163,43 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             }
         })
     };
-    tracing::info!(%addr, %hostname, ca = ?files.ca, "verge-cloud serving");
-    // The test harness and scripts read this line for the bound port.
+    let backend = CloudBackend::open(cloud.clone(), cfg.data_dir.join("mqtt-sessions.json"))
+        .await
+        .context("opening the MQTT sessions")?;
+    let mqtt_tls = device::mqtt_tls(&tls_cfg);
+    tracing::info!(%addr, %mqtt_addr, %hostname, ca = ?files.ca, "verge-cloud serving");
+    // The test harness and scripts read these lines for the bound ports.
+    println!("listening on mqtts://{mqtt_addr}");
     println!("listening on https://{addr}");
     let state = ApiState {
         cloud: cloud.clone(),
         auth: Arc::new(auth),
     };
-    verge_cloud::api::serve(listener, tls_cfg, state, shutdown_signal()).await;
+    // One signal stops both listeners.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        // Err: the sender is gone, which also means stop.
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mqtt = tokio::spawn(device::serve(
+        mqtt_listener,
+        mqtt_tls,
+        backend,
+        stopped(stop_rx.clone()),
+    ));
+    let api = verge_cloud::api::serve(listener, tls_cfg, state, stopped(stop_rx));
+    tokio::pin!(api);
+    tokio::select! {
+        () = &mut api => {}
+        () = shutdown_signal() => {
+            let _ = stop_tx.send(true);
+            api.await;
+        }
+    }
+    let _ = stop_tx.send(true);
+    if let Err(e) = mqtt.await {
+        tracing::warn!(error = %e, "device endpoint task failed");
+    }
     sweeper.abort();
     tracing::info!("shutting down");
     tokio::task::spawn_blocking(move || cloud.close())

@@ -51,7 +51,7 @@ fn azure_python_service_sdk_interop() {
     std::fs::write(
         &cfg,
         format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:0\"\n[service]\npolicy_key = \"{key}\"\n",
+            "data_dir = {:?}\nlisten = \"127.0.0.1:0\"\nmqtt_listen = \"127.0.0.1:0\"\n[service]\npolicy_key = \"{key}\"\n",
             data.display().to_string()
         ),
     )

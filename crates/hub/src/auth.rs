@@ -1,54 +1,17 @@
 //! Client authentication: who is this CONNECT (or HTTP request) from?
 //!
 //! [`Authenticator`] is a trait so that X.509 client certificates can be added
-//! next to [`SasAuthenticator`] without touching the connection code.
+//! next to [`SasAuthenticator`] without touching the connection code. The
+//! credential types and the username check are verge-endpoint's, shared
+//! with verge-cloud.
 
 use std::collections::HashMap;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use verge_core::{ClientId, DeviceId, ModuleId, SasToken, SharedAccessKey};
 
 use crate::config::Config;
 
-/// What a client presented.
-#[derive(Debug, Clone, Copy)]
-pub struct Credentials<'a> {
-    /// MQTT client id (`{d}` or `{d}/{m}`), or the `x-ms-edge-moduleId` header.
-    pub client_id: &'a str,
-    /// MQTT username (`{hub}/{d}[/{m}]/?api-version=…`); `None` for HTTP.
-    pub username: Option<&'a str>,
-    /// The password / Authorization header (a SAS token).
-    pub password: Option<&'a [u8]>,
-}
-
-/// Why authentication failed. The client only ever learns "not authorized";
-/// the reason is logged.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AuthError {
-    /// The client id is not `{d}` or `{d}/{m}`.
-    #[error("bad client id {0:?}")]
-    BadClientId(String),
-    /// The username is malformed or names another identity.
-    #[error("username {username:?} does not match client id {client_id:?}")]
-    UsernameMismatch {
-        /// The username.
-        username: String,
-        /// The client id.
-        client_id: String,
-    },
-    /// No password (and no other credential).
-    #[error("no credentials")]
-    NoCredentials,
-    /// The identity is not known to this hub.
-    #[error("unknown identity {0}")]
-    UnknownIdentity(String),
-    /// The token was refused.
-    #[error("SAS token refused: {0}")]
-    Token(#[from] verge_core::SasError),
-    /// The password is not UTF-8.
-    #[error("password is not UTF-8")]
-    NotUtf8,
-}
+pub use verge_endpoint::auth::{AuthError, Credentials, check_username, unix_now};
 
 /// Authenticates clients.
 pub trait Authenticator: Send + Sync + 'static {
@@ -111,62 +74,5 @@ impl Authenticator for SasAuthenticator {
         let token = std::str::from_utf8(password).map_err(|_| AuthError::NotUtf8)?;
         self.verify_token(&client, token)?;
         Ok(client)
-    }
-}
-
-/// Checks `{hub}/{clientId}/?api-version=…` (or the variant without `?`):
-/// the identity part must equal the client id and `api-version` must be present.
-pub fn check_username(username: &str, client_id: &str) -> Result<(), AuthError> {
-    let mismatch = || AuthError::UsernameMismatch {
-        username: username.to_owned(),
-        client_id: client_id.to_owned(),
-    };
-    let (_host, rest) = username.split_once('/').ok_or_else(mismatch)?;
-    let (identity, query) = if let Some((id, q)) = rest.split_once("/?") {
-        (id, q)
-    } else {
-        // `{d}[/{m}]/api-version=…`: the query is the last segment.
-        let (id, q) = rest.rsplit_once('/').ok_or_else(mismatch)?;
-        (id, q)
-    };
-    if identity != client_id {
-        return Err(mismatch());
-    }
-    let has_api_version = query
-        .split('&')
-        .any(|kv| kv.split('=').next() == Some("api-version"));
-    if !has_api_version {
-        return Err(mismatch());
-    }
-    Ok(())
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn username_forms() {
-        assert!(
-            check_username(
-                "h/d1/m1/?api-version=2019-10-01&DeviceClientType=x",
-                "d1/m1"
-            )
-            .is_ok()
-        );
-        assert!(check_username("h/d1/?api-version=2019-10-01", "d1").is_ok());
-        assert!(check_username("h/d1/api-version=2019-10-01&x=y", "d1").is_ok());
-        assert!(check_username("h/d1/m1/api-version=1", "d1/m1").is_ok());
-        assert!(check_username("h/d2/?api-version=1", "d1").is_err());
-        assert!(check_username("h/d1/m2/?api-version=1", "d1/m1").is_err());
-        assert!(check_username("h/d1/?foo=1", "d1").is_err());
-        assert!(check_username("nothing", "d1").is_err());
     }
 }

@@ -7,15 +7,16 @@
 //! |---|---|
 //! | [`config`] | the TOML configuration (`--config`) |
 //! | listener ([`Hub::start`], [`tls`]) | TLS 1.2/1.3 listeners: MQTT on 8883, HTTPS on 443 |
-//! | [`connection`] | one MQTT 3.1.1 connection: CONNECT, keep-alive, packet loop, bounded inflight (any byte stream) |
+//! | [`connection`] | the hub as a `verge_endpoint::Backend`: one MQTT 3.1.1 connection (CONNECT, keep-alive, packet loop, bounded inflight) over any byte stream |
 //! | [`ws`] | MQTT over WebSocket on the HTTPS port (`/$iothub/websocket`, subprotocol `mqtt`) → [`connection`] |
 //! | [`edgehub`] | the hub's configuration = its `$edgeHub` twin's desired properties; live route updates |
-//! | [`session`] | persistent sessions (subscriptions survive reconnects and restarts), takeover |
+//! | [`session`] | (verge-endpoint's) persistent sessions (subscriptions survive reconnects and restarts), takeover |
 //! | [`auth`] | the [`auth::Authenticator`] trait and SAS-token authentication |
-//! | [`topic`] | topic classification, filter matching, per-identity authorization |
+//! | [`topic`] | (verge-endpoint's) topic classification, filter matching, per-identity authorization |
 //! | [`router`] | router glue: stamp a message, route it (`verge-route`), store it (`verge-store`) |
 //! | [`delivery`] | one pump per module-input endpoint: store → module, checkpoint on PUBACK |
 //! | [`twins`] | twins kept and persisted by the hub; local desired-properties source |
+//! | [`upstream`] | the cloud link: one MQTT connection per sender, drains `$upstream`, checkpoint on PUBACK |
 //! | [`methods`] | HTTPS API: direct methods relayed to the target's MQTT connection; `PUT /edgehub/desired` |
 //!
 //! # Data path of a message
@@ -42,10 +43,11 @@ pub mod delivery;
 pub mod edgehub;
 pub mod methods;
 pub mod router;
-pub mod session;
+pub use verge_endpoint::session;
 pub mod tls;
-pub mod topic;
+pub use verge_endpoint::topic;
 pub mod twins;
+pub mod upstream;
 pub mod ws;
 
 use std::collections::{BTreeSet, HashMap};
@@ -79,6 +81,8 @@ pub struct Stats {
     pub stored: AtomicU64,
     /// Messages delivered to module inputs.
     pub delivered: AtomicU64,
+    /// The cloud link: messages sent, TTL drops, link states.
+    pub upstream: upstream::UpstreamStats,
 }
 
 type MethodKey = (String, String);
@@ -348,6 +352,9 @@ impl Hub {
 
         let mut tasks = JoinSet::new();
         tasks.spawn(pump_supervisor(state.clone()));
+        if let Some(up) = upstream::Upstream::prepare(&state.cfg)? {
+            tasks.spawn(up.run(state.clone()));
+        }
         if let Some(path) = state.cfg.routes_file.clone() {
             tasks.spawn(edgehub::watch_routes_file(
                 state.clone(),

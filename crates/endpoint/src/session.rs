@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
@@ -47,6 +48,7 @@ pub struct Sessions {
     changed: watch::Sender<u64>,
     persist: Arc<Notify>,
     path: PathBuf,
+    next_conn: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -80,6 +82,7 @@ impl Sessions {
             changed,
             persist: Arc::new(Notify::new()),
             path,
+            next_conn: AtomicU64::new(1),
         });
         let weak = Arc::downgrade(&this);
         let persist = this.persist.clone();
@@ -96,6 +99,11 @@ impl Sessions {
             }
         });
         Ok(this)
+    }
+
+    /// A new connection id, unique within these sessions.
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Writes the sessions to disk now.

@@ -1,0 +1,169 @@
+//! Interop of verge-cloud's device endpoint with the official Azure IoT
+//! device SDK for Python (azure-iot-device 2.14.0), checked through the
+//! official service SDK (azure-iot-hub 2.7.0), against the real binary.
+//! The device SDK can only dial port 8883 (no option to change it), so the
+//! cloud's MQTT listener must own 127.0.0.1:8883; the test waits for the
+//! port (verge-hub's interop test uses it too) and is skipped, saying so,
+//! only when it cannot be bound.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn python() -> PathBuf {
+    let p = std::env::var_os("VERGE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python")
+        });
+    let ok = Command::new(&p)
+        .args(["-c", "import azure.iot.device, azure.iot.hub"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "no Python with azure-iot-device and azure-iot-hub at {} (set VERGE_PYTHON, or run \
+         `/work/main/.venv/bin/pip install azure-iot-device==2.14.0 azure-iot-hub==2.7.0 six`)",
+        p.display()
+    );
+    p
+}
+
+/// True once 127.0.0.1:`port` can be bound (waiting up to `wait`).
+fn port_free_within(port: u16, wait: Duration) -> bool {
+    let deadline = Instant::now() + wait;
+    loop {
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn azure_python_device_sdk_interop() {
+    let python = python();
+    if !port_free_within(8883, Duration::from_secs(90)) {
+        eprintln!(
+            "SKIPPED azure_python_device_sdk_interop: cannot bind 127.0.0.1:8883, the only \
+             port the Azure device SDK dials"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let key = base64::engine::general_purpose::STANDARD.encode([5u8; 32]);
+    let cfg = dir.path().join("cloud.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:0\"\nmqtt_listen = \"127.0.0.1:8883\"\n\
+             [service]\npolicy_key = \"{key}\"\n",
+            data.display().to_string()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("cloud.log")).unwrap();
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_verge-cloud"))
+            .arg("--config")
+            .arg(&cfg)
+            .env("RUST_LOG", "info,verge_cloud::device=debug")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    // The binary prints both bound addresses once it serves.
+    let stdout = child.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(a) = line.strip_prefix("listening on ") {
+                let _ = tx.send(a.to_owned());
+            }
+        }
+    });
+    let mut https = None;
+    let mut mqtts = None;
+    while https.is_none() || mqtts.is_none() {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| {
+                let log = std::fs::read_to_string(dir.path().join("cloud.log")).unwrap_or_default();
+                panic!("verge-cloud did not report its addresses\n{log}")
+            });
+        if let Some(a) = line.strip_prefix("https://") {
+            https = Some(a.to_owned());
+        } else if let Some(a) = line.strip_prefix("mqtts://") {
+            mqtts = Some(a.to_owned());
+        }
+    }
+    assert_eq!(mqtts.as_deref(), Some("127.0.0.1:8883"));
+    let https = https.unwrap();
+    let cs = format!("HostName={https};SharedAccessKeyName=iothubowner;SharedAccessKey={key}");
+    let ca = data.join("tls/ca.pem");
+    let params = serde_json::json!({
+        "service_connection_string": cs,
+        "device_host": "127.0.0.1",
+        "ca": ca,
+    });
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/device_sdk.py");
+    let started = Instant::now();
+    let mut py = Command::new(&python)
+        .arg(&script)
+        .arg(params.to_string())
+        .env("REQUESTS_CA_BUNDLE", &ca)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let status = loop {
+        if let Some(s) = py.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = py.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let out = py.wait_with_output().unwrap();
+    drop(child);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let cloud_log = std::fs::read_to_string(dir.path().join("cloud.log")).unwrap_or_default();
+    assert!(
+        status.is_some_and(|s| s.success()) && stdout.contains("ALL PASS"),
+        "device SDK script failed (status {status:?}) after {:?}\n--- stdout\n{stdout}\n\
+         --- stderr\n{}\n--- verge-cloud log (tail)\n{}",
+        started.elapsed(),
+        tail(&stderr, 60),
+        tail(&cloud_log, 60)
+    );
+    println!("{stdout}");
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
