@@ -190,6 +190,20 @@ pub async fn collect(o: &Options<'_>) -> Vec<(String, Vec<u8>)> {
         Ok(b) => files.push(("systeminfo.json".to_owned(), b.to_vec())),
         Err(e) => notes.push(format!("systeminfo: {e:#}")),
     }
+    // Verge extensions; an older verged answers 404, noted in errors.txt.
+    for (path, file) in [
+        ("/systeminfo/resources", "resources.json"),
+        ("/systeminfo/agent", "agent.json"),
+        ("/certificates", "certificates.json"),
+    ] {
+        match o.mgmt.get_json::<serde_json::Value>(path).await {
+            Ok(v) => files.push((
+                file.to_owned(),
+                serde_json::to_vec_pretty(&v).unwrap_or_default(),
+            )),
+            Err(e) => notes.push(format!("{path}: {e:#}")),
+        }
+    }
 
     match o.mgmt.get_json::<serde_json::Value>("/modules").await {
         Ok(v) => {

@@ -13,6 +13,11 @@ use crate::ui::{self, Colour};
 
 /// Warn when a certificate has fewer days than this left.
 const CERT_WARN_DAYS: i64 = 30;
+/// Warn when an issued certificate has used this share of its lifetime.
+/// They are short-lived by design (30 days; ca.rs) and their holders fetch
+/// new ones as they near expiry, so days left would always warn; past 80 %
+/// (where verged itself renews) the holder has missed its renewal.
+const ISSUED_WARN_FRACTION: f64 = verge_daemon::ca::RENEW_AT_FRACTION;
 /// Warn when less than this share of the storage disk is free.
 const DISK_WARN_PERCENT: f64 = 10.0;
 /// The MQTT/TLS port of IoT Hub (and of a parent edge hub).
@@ -23,7 +28,7 @@ const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
 const DOCKER_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A check's result.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
     /// ✓
@@ -269,6 +274,17 @@ pub async fn run_checks(inputs: &Inputs<'_>) -> Report {
         ),
     }
 
+    match &target {
+        Some(m) if info.is_some() => issued_check(&mut b, m, OffsetDateTime::from(now)).await,
+        _ => b.add(
+            "issued-certs-expiry",
+            CONNECT,
+            "certificates issued by the edge CA",
+            Outcome::Skipped,
+            vec!["verged is not reachable".to_owned()],
+        ),
+    }
+
     if let Some(c) = &config {
         match &c.moby_runtime {
             Some(moby) => {
@@ -447,6 +463,114 @@ fn cert_check(
         );
     }
     add(result, details);
+}
+
+/// The verdict on one issued certificate: × when expired (or not yet
+/// valid), ‼ past [`ISSUED_WARN_FRACTION`] of its lifetime, else ✓.
+pub fn issued_outcome(
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+    now: OffsetDateTime,
+) -> Outcome {
+    if not_after <= now || not_before > now {
+        Outcome::Error
+    } else if verge_daemon::ca::renewal_due(not_before, not_after, now, ISSUED_WARN_FRACTION) {
+        Outcome::Warning
+    } else {
+        Outcome::Ok
+    }
+}
+
+fn parse_odt(iso: &str) -> Option<OffsetDateTime> {
+    let t = verge_core::time::Timestamp::parse(iso).ok()?;
+    Some(OffsetDateTime::from(SystemTime::from(t)))
+}
+
+/// Days, or hours when under two days (issued certificates live for 30 days).
+fn fmt_left(d: time::Duration) -> String {
+    if d.whole_days() >= 2 {
+        format!("{} days", d.whole_days())
+    } else {
+        format!("{} hours", d.whole_hours())
+    }
+}
+
+/// One check over every certificate verged recorded issuing, with a line
+/// each; the worst verdict is the check's. It asks verged, so it sits with
+/// the connectivity checks.
+async fn issued_check(b: &mut Builder, m: &Mgmt, now: OffsetDateTime) {
+    let id = "issued-certs-expiry";
+    let description = "certificates issued by the edge CA";
+    let list = match m.certificates().await {
+        Ok(Some(l)) => l,
+        Ok(None) => {
+            b.add(
+                id,
+                CONNECT,
+                description,
+                Outcome::Skipped,
+                vec!["this verged does not list issued certificates: update it".to_owned()],
+            );
+            return;
+        }
+        Err(e) => {
+            b.add(
+                id,
+                CONNECT,
+                description,
+                Outcome::Warning,
+                vec![format!("cannot list them: {e:#}")],
+            );
+            return;
+        }
+    };
+    let mut worst = Outcome::Ok;
+    let mut details = vec![format!(
+        "issued by {} (valid until {})",
+        list.edge_ca.common_name, list.edge_ca.not_after
+    )];
+    if list.issued.is_empty() {
+        details.push("none issued yet".to_owned());
+    }
+    for c in &list.issued {
+        let what = format!("{} {} certificate (CN {})", c.module, c.kind, c.common_name);
+        let (Some(nb), Some(na)) = (parse_odt(&c.not_before), parse_odt(&c.not_after)) else {
+            worst = worst.max(Outcome::Warning);
+            details.push(format!(
+                "{what}: unreadable validity {} – {}",
+                c.not_before, c.not_after
+            ));
+            continue;
+        };
+        let outcome = issued_outcome(nb, na, now);
+        worst = worst.max(outcome);
+        let life = (na - nb).as_seconds_f64().max(1.0);
+        let used = ((now - nb).as_seconds_f64() / life * 100.0).clamp(0.0, 100.0);
+        details.push(match outcome {
+            Outcome::Error if na <= now => format!(
+                "\u{d7} {what}: expired at {}; restart {} so it asks verged for a new one",
+                fmt_odt(na),
+                c.module
+            ),
+            Outcome::Error => format!(
+                "\u{d7} {what}: not valid before {}: the system clock is probably wrong",
+                fmt_odt(nb)
+            ),
+            Outcome::Warning => format!(
+                "\u{203c} {what}: expires {} ({} left, {used:.0} % of its lifetime used); \
+                 {} should have renewed it by now — restart it if it does not",
+                fmt_odt(na),
+                fmt_left(na - now),
+                c.module
+            ),
+            _ => format!(
+                "\u{2713} {what}: valid until {} ({} left)",
+                fmt_odt(na),
+                fmt_left(na - now)
+            ),
+        });
+    }
+    b.add(id, CONNECT, description, worst, details);
 }
 
 /// The nearest existing directory at or above `p` (the homedir may not exist yet).
@@ -635,4 +759,28 @@ pub fn render(report: &Report, colour: bool) -> String {
         s.ok, s.warnings, s.errors, s.skipped
     ));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issued_certs_warn_by_share_of_lifetime() {
+        let nb = OffsetDateTime::UNIX_EPOCH;
+        let na = nb + time::Duration::days(30);
+        let at = |days: f64| nb + time::Duration::seconds_f64(days * 86_400.0);
+        // 29 days left of 30 is fine; fewer than 30 days left is not, by itself, a warning.
+        assert_eq!(issued_outcome(nb, na, at(1.0)), Outcome::Ok);
+        assert_eq!(issued_outcome(nb, na, at(23.9)), Outcome::Ok);
+        assert_eq!(issued_outcome(nb, na, at(24.1)), Outcome::Warning);
+        assert_eq!(issued_outcome(nb, na, at(29.99)), Outcome::Warning);
+        assert_eq!(issued_outcome(nb, na, at(30.0)), Outcome::Error);
+        assert_eq!(issued_outcome(nb, na, at(-1.0)), Outcome::Error);
+        // Worst wins when folding with max (Skipped is never folded in).
+        assert_eq!(Outcome::Ok.max(Outcome::Warning), Outcome::Warning);
+        assert_eq!(Outcome::Error.max(Outcome::Warning), Outcome::Error);
+        assert_eq!(fmt_left(time::Duration::hours(30)), "30 hours");
+        assert_eq!(fmt_left(time::Duration::days(5)), "5 days");
+    }
 }

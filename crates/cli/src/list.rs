@@ -3,7 +3,10 @@
 use std::time::{Duration, SystemTime};
 
 use verge_core::time::Timestamp;
-use verge_daemon::api::ModuleDetails;
+use verge_daemon::api::{
+    AgentInfo, ExitStatus, ModuleConfig, ModuleDetails, ModuleSettings, ModuleStatusJson,
+    RuntimeStatus,
+};
 
 use crate::mgmt::Mgmt;
 use crate::ui;
@@ -96,9 +99,64 @@ pub fn render(modules: &[ModuleDetails], now: SystemTime, colour: bool) -> Strin
     ui::table_styled(&["NAME", "STATUS", "DESCRIPTION", "CONFIG"], &rows, &style)
 }
 
+/// The agent verged supervises as a list row, the way `iotedge list` shows
+/// edgeAgent: "backoff" (exited, restart pending) and "failed" (could not
+/// start) both read as failed, with the last exit.
+pub fn agent_row(a: &AgentInfo) -> ModuleDetails {
+    let status = match a.status.as_str() {
+        "running" => "running",
+        "backoff" | "failed" => "failed",
+        "stopped" => "stopped",
+        _ => "unknown",
+    };
+    ModuleDetails {
+        id: a.pid.map(|p| p.to_string()).unwrap_or_default(),
+        name: a.name.clone(),
+        kind: a.kind.clone(),
+        config: ModuleConfig {
+            settings: ModuleSettings {
+                image: a.image.clone(),
+                create_options: serde_json::json!({}),
+            },
+            env: Vec::new(),
+            auth: None,
+        },
+        status: ModuleStatusJson {
+            start_time: a.start_time.clone(),
+            exit_status: a.last_exit.as_ref().map(|e| ExitStatus {
+                exit_time: e.time.clone(),
+                status_code: match (e.code, e.signal) {
+                    (Some(c), _) => c.to_string(),
+                    (None, Some(s)) => format!("signal {s}"),
+                    (None, None) => "unknown".to_owned(),
+                },
+            }),
+            runtime_status: RuntimeStatus {
+                status: status.to_owned(),
+                description: None,
+            },
+        },
+        labels: Default::default(),
+    }
+}
+
+/// The modules plus the agent verged supervises, when the runtime does not
+/// list it already (a process agent is verged's child, not a module).
+pub async fn modules_and_agent(mgmt: &Mgmt) -> anyhow::Result<Vec<ModuleDetails>> {
+    let mut modules = mgmt.modules().await?;
+    // Best effort: an older verged has no agent endpoint; the modules still list.
+    if let Ok(Some(agent)) = mgmt.agent().await
+        && !modules.iter().any(|m| m.name == agent.name)
+    {
+        modules.push(agent_row(&agent));
+        modules.sort_by(|a, b| a.name.cmp(&b.name));
+    }
+    Ok(modules)
+}
+
 /// `verge list [--output json]`.
 pub async fn run(mgmt: &Mgmt, json: bool) -> anyhow::Result<()> {
-    let modules = mgmt.modules().await?;
+    let modules = modules_and_agent(mgmt).await?;
     let now = SystemTime::now();
     if json {
         let rows: Vec<_> = modules.iter().map(|m| json_row(m, now)).collect();
@@ -112,9 +170,47 @@ pub async fn run(mgmt: &Mgmt, json: bool) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use verge_daemon::api::{
-        ExitStatus, ModuleConfig, ModuleSettings, ModuleStatusJson, RuntimeStatus,
-    };
+    use verge_daemon::api::AgentExit;
+
+    #[test]
+    fn agent_rows() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_714_564_800);
+        let mut a = AgentInfo {
+            name: "edgeAgent".into(),
+            kind: "process".into(),
+            image: "/usr/bin/verge-agent".into(),
+            pid: Some(42),
+            start_time: Some("2024-05-01T11:58:00Z".into()),
+            restart_count: 2,
+            last_exit: Some(AgentExit {
+                time: "2024-05-01T11:57:58Z".into(),
+                code: Some(7),
+                signal: None,
+            }),
+            status: "running".into(),
+        };
+        let r = agent_row(&a);
+        assert_eq!((r.name.as_str(), r.id.as_str()), ("edgeAgent", "42"));
+        assert_eq!(describe(&r, now), "Up 2 minutes");
+        assert_eq!(r.config.settings.image, "/usr/bin/verge-agent");
+        a.status = "backoff".into();
+        a.pid = None;
+        assert_eq!(
+            describe(&agent_row(&a), now),
+            "Failed (exit 7) 2 minutes ago"
+        );
+        a.last_exit = Some(AgentExit {
+            time: "2024-05-01T11:59:00Z".into(),
+            code: None,
+            signal: Some(9),
+        });
+        assert_eq!(
+            describe(&agent_row(&a), now),
+            "Failed (exit signal 9) 1 minute ago"
+        );
+        a.status = "starting".into();
+        assert_eq!(describe(&agent_row(&a), now), "Unknown");
+    }
 
     fn module(status: &str, start: Option<&str>, exit: Option<(&str, &str)>) -> ModuleDetails {
         ModuleDetails {

@@ -9,7 +9,9 @@ use anyhow::{Context as _, anyhow};
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
 use hyper_util::rt::TokioIo;
-use verge_daemon::api::{ErrorResponse, ModuleDetails, ModuleList, SystemInfo};
+use verge_daemon::api::{
+    AgentInfo, CertificateList, ErrorResponse, ModuleDetails, ModuleList, SystemInfo,
+};
 use verge_daemon::client::{ClientError, request, socket_path_from_uri};
 
 /// The management API version verged serves (the one aziot-edged gives the agent).
@@ -128,6 +130,41 @@ impl Mgmt {
     /// `GET /systeminfo`.
     pub async fn system_info(&self) -> anyhow::Result<SystemInfo> {
         self.get_json("/systeminfo").await
+    }
+
+    /// `GET` a JSON document that an older verged (or one without the
+    /// feature) answers with 404: `None` then.
+    pub async fn get_json_opt<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> anyhow::Result<Option<T>> {
+        let r = request(
+            &self.socket,
+            "GET",
+            &Self::path_with_version(path),
+            None,
+            CALL_TIMEOUT,
+        )
+        .await
+        .map_err(|e| self.map_err(e))?;
+        match r.status {
+            404 => Ok(None),
+            200..300 => serde_json::from_slice(&r.body)
+                .map(Some)
+                .with_context(|| format!("verged's answer to GET {path} is not the expected JSON")),
+            s => Err(status_error(s, &error_message(&r.body))),
+        }
+    }
+
+    /// `GET /systeminfo/agent`: the agent verged supervises (`None`: it
+    /// supervises none, or predates the endpoint).
+    pub async fn agent(&self) -> anyhow::Result<Option<AgentInfo>> {
+        self.get_json_opt("/systeminfo/agent").await
+    }
+
+    /// `GET /certificates` (`None`: verged predates the endpoint).
+    pub async fn certificates(&self) -> anyhow::Result<Option<CertificateList>> {
+        self.get_json_opt("/certificates").await
     }
 
     /// Streams a response body into `out` as it arrives (logs with `follow`

@@ -2,14 +2,15 @@
 //!
 //! verged runs as the systemd unit `verged`; its logs go to the journal, and
 //! so does the output of a process agent (it inherits verged's stdio).
-//! verged's management API reports the host (`/systeminfo`) and the modules;
-//! it does not report a *process* agent's state (verged supervises that agent
-//! itself, outside the module runtime), so status says so instead of guessing.
+//! verged's management API reports the host (`/systeminfo`), the modules,
+//! and the agent it supervises (`/systeminfo/agent`: a process agent is
+//! verged's own child, outside the module runtime, so only verged knows it).
 
 use std::path::Path;
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context as _, anyhow};
+use verge_daemon::api::AgentInfo;
 use verge_daemon::config::{AgentKind, Config};
 
 use crate::list;
@@ -88,7 +89,21 @@ pub async fn status(
                     c.provisioning.device_id, c.provisioning.iothub_hostname
                 ),
             ]);
+            let supervised = if reachable {
+                mgmt.agent().await
+            } else {
+                Ok(None)
+            };
             let agent = match c.agent.kind {
+                AgentKind::Process if reachable => match &supervised {
+                    Ok(Some(a)) => describe_agent(a, std::time::SystemTime::now()),
+                    Ok(None) => format!(
+                        "{} (process, supervised by verged): this verged does not report its \
+                         state; see `verge system logs`",
+                        c.agent.name
+                    ),
+                    Err(e) => format!("{}: unknown ({e})", c.agent.name),
+                },
                 AgentKind::Docker if reachable => match mgmt.modules().await {
                     Ok(mods) => match mods.iter().find(|m| m.name == c.agent.name) {
                         Some(m) => format!(
@@ -102,12 +117,14 @@ pub async fn status(
                 },
                 AgentKind::Docker => format!("{} (container): unknown", c.agent.name),
                 AgentKind::Process => format!(
-                    "{} (process, supervised by verged): verged does not report its \
-                     state; see `verge system logs`",
+                    "{} (process, supervised by verged): unknown while verged is not reachable",
                     c.agent.name
                 ),
             };
             rows.push(vec!["agent".into(), agent]);
+            if let Ok(Some(a)) = &supervised {
+                rows.push(vec!["agent restarts".into(), restarts(a)]);
+            }
         }
         Err(e) => rows.push(vec![
             "agent".into(),
@@ -125,6 +142,38 @@ pub async fn status(
     } else {
         ExitCode::from(1)
     })
+}
+
+/// "edgeAgent (process, pid 42): Up 5 minutes", from verged's record.
+pub fn describe_agent(a: &AgentInfo, now: std::time::SystemTime) -> String {
+    let how = match a.pid {
+        Some(pid) => format!("{}, pid {pid}", a.kind),
+        None => a.kind.clone(),
+    };
+    let state = match a.status.as_str() {
+        "backoff" => format!(
+            "{}; restart pending",
+            list::describe(&list::agent_row(a), now)
+        ),
+        "failed" => "cannot be started; verged retries (see `verge system logs`)".to_owned(),
+        "starting" => "starting".to_owned(),
+        _ => list::describe(&list::agent_row(a), now),
+    };
+    format!("{} ({how}): {state}", a.name)
+}
+
+/// "2 (last exit: code 7, 3 minutes ago)".
+fn restarts(a: &AgentInfo) -> String {
+    let mut s = a.restart_count.to_string();
+    if let Some(e) = &a.last_exit {
+        let how = match (e.code, e.signal) {
+            (Some(c), _) => format!("code {c}"),
+            (None, Some(sig)) => format!("signal {sig}"),
+            (None, None) => "unknown".to_owned(),
+        };
+        s.push_str(&format!(" (last exit: {how} at {})", e.time));
+    }
+    s
 }
 
 /// `verge system logs [-f] [-- journalctl args]`.

@@ -341,7 +341,8 @@ fn list_shows_an_aligned_table_and_json() {
         // Not a terminal: no escape codes.
         assert!(!text.contains('\x1b'), "{text:?}");
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 3, "{text}");
+        // The two modules and the process agent verged supervises, by name.
+        assert_eq!(lines.len(), 4, "{text}");
         let header = lines[0];
         assert!(header.starts_with("NAME"), "{text}");
         let cols: Vec<usize> = ["STATUS", "DESCRIPTION", "CONFIG"]
@@ -350,9 +351,14 @@ fn list_shows_an_aligned_table_and_json() {
             .collect();
         let alpha = lines[1];
         let broken = lines[2];
+        let agent = lines[3];
         assert!(alpha.starts_with("alpha "), "{text}");
         assert!(broken.starts_with("brokenmodule "), "{text}");
-        for row in [alpha, broken] {
+        assert!(agent.starts_with("edgeAgent "), "{text}");
+        assert_eq!(&agent[cols[0]..cols[0] + 7], "running", "{text}");
+        assert!(agent[cols[1]..].starts_with("Up "), "{text}");
+        assert!(agent[cols[2]..].starts_with("/bin/sh "), "{text}");
+        for row in [alpha, broken, agent] {
             // Every column starts where its header does.
             for &c in &cols {
                 assert_ne!(&row[c..c + 1], " ", "column at {c} misaligned:\n{text}");
@@ -373,7 +379,14 @@ fn list_shows_an_aligned_table_and_json() {
     assert!(o.status.success(), "{}", stderr(&o));
     let rows: Value = serde_json::from_str(&stdout(&o)).unwrap();
     let rows = rows.as_array().unwrap();
-    assert_eq!(rows.len(), 2);
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[2]["name"], "edgeAgent");
+    assert_eq!(rows[2]["status"], "running");
+    let agent_pid: i32 = rows[2]["runtimeId"].as_str().unwrap().parse().unwrap();
+    assert!(
+        start_time(agent_pid).is_some(),
+        "agent pid {agent_pid} is not alive"
+    );
     assert_eq!(rows[0]["name"], "alpha");
     assert_eq!(rows[0]["status"], "running");
     assert!(rows[0]["description"].as_str().unwrap().starts_with("Up "));
@@ -541,6 +554,7 @@ fn check_reports_ok_and_warns_about_the_unreachable_hub() {
     // hub.invalid never resolves: offline is legal, so a warning.
     assert_eq!(result("upstream-connectivity"), "warning", "{report}");
     assert_eq!(result("container-engine"), "skipped", "{report}");
+    assert_eq!(result("issued-certs-expiry"), "ok", "{report}");
     assert_eq!(report["summary"]["errors"], 0, "{report}");
     assert!(o.status.success(), "no error, yet exit {:?}", o.status);
 
@@ -642,6 +656,9 @@ fn support_bundle_has_everything_but_secrets() {
     for want in [
         "version.txt",
         "systeminfo.json",
+        "resources.json",
+        "agent.json",
+        "certificates.json",
         "modules.json",
         "logs/alpha_log.txt",
         "logs/verged.txt",
@@ -665,6 +682,19 @@ fn support_bundle_has_everything_but_secrets() {
         "{}",
         files["config.toml"]
     );
+    let res: Value = serde_json::from_str(&files["resources.json"]).unwrap();
+    assert!(res["total_ram"].as_u64().unwrap() > 0, "{res}");
+    assert!(
+        res["modules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "alpha" && m["memory_bytes"].as_u64().unwrap() > 0),
+        "{res}"
+    );
+    let agent: Value = serde_json::from_str(&files["agent.json"]).unwrap();
+    assert_eq!(agent["name"], "edgeAgent", "{agent}");
+    assert!(!files.contains_key("errors.txt"), "{}", files["errors.txt"]);
     let info: Value = serde_json::from_str(&files["systeminfo.json"]).unwrap();
     assert!(info["version"].is_string(), "{info}");
     for (name, text) in &files {
@@ -685,11 +715,177 @@ fn system_status_reports_verged() {
     assert!(text.contains("running"), "{text}");
     assert!(text.contains(&v.host()), "{text}");
     assert!(text.contains("dev1 on hub.invalid"), "{text}");
-    assert!(text.contains("does not report its state"), "{text}");
+    assert!(text.contains("edgeAgent (process, pid "), "{text}");
+    assert!(text.contains("): Up "), "{text}");
+    assert!(text.contains("agent restarts"), "{text}");
 
     let o = verge(&["version"]);
     assert_eq!(
         stdout(&o).trim(),
         format!("verge {}", env!("CARGO_PKG_VERSION"))
     );
+}
+
+/// A server certificate through the agent's workload socket (the agent's
+/// identity exists from the start), as the hub would ask for one.
+fn issue_server_cert(v: &Verged, expiration: Option<&str>) -> Value {
+    let (s, ids) = v.call("GET", "/identities/", None);
+    assert_eq!(s, 200, "{ids}");
+    let gen_id = ids["identities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["moduleId"] == "$edgeAgent")
+        .unwrap()["generationId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut body = json!({"commonName": "edge1.local"});
+    if let Some(e) = expiration {
+        body["expiration"] = json!(e);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let r = rt
+        .block_on(verge_daemon::client::request(
+            &v.home.join("mnt/edgeAgent.sock"),
+            "POST",
+            &format!(
+                "/modules/$edgeAgent/genid/{gen_id}/certificate/server?api-version=2019-01-30"
+            ),
+            Some(body.to_string().into_bytes()),
+            Duration::from_secs(30),
+        ))
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    serde_json::from_slice(&r.body).unwrap()
+}
+
+fn check_json(v: &Verged) -> Value {
+    let o = verge(&[
+        "--config",
+        v.cfg.to_str().unwrap(),
+        "check",
+        "--output",
+        "json",
+    ]);
+    serde_json::from_str(&stdout(&o))
+        .unwrap_or_else(|e| panic!("{e}: {}{}", stdout(&o), stderr(&o)))
+}
+
+fn find_check(report: &Value, id: &str) -> Value {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == id)
+        .unwrap_or_else(|| panic!("no check {id}: {report}"))
+        .clone()
+}
+
+#[test]
+fn check_reports_issued_certificates_by_lifetime() {
+    let v = Verged::start();
+    let c = find_check(&check_json(&v), "issued-certs-expiry");
+    assert_eq!(c["result"], "ok", "{c}");
+    assert!(c["details"].to_string().contains("none issued yet"), "{c}");
+
+    // A fresh 30-day server certificate: fewer than 30 days left, yet fine.
+    issue_server_cert(&v, None);
+    let c = find_check(&check_json(&v), "issued-certs-expiry");
+    assert_eq!(c["result"], "ok", "{c}");
+    assert!(
+        c["details"]
+            .to_string()
+            .contains("$edgeAgent server certificate (CN edge1.local)"),
+        "{c}"
+    );
+
+    // One valid for another 60 s: issued certificates start 5 minutes in the
+    // past, so over 80 % of its lifetime is gone.
+    let soon = verge_core::time::Timestamp::now()
+        .plus_secs(60)
+        .to_iso8601();
+    issue_server_cert(&v, Some(&soon));
+    let c = find_check(&check_json(&v), "issued-certs-expiry");
+    assert_eq!(c["result"], "warning", "{c}");
+    assert!(
+        c["details"].to_string().contains("of its lifetime used"),
+        "{c}"
+    );
+
+    // An expired one (a record of a module that has not renewed) is an error.
+    std::fs::write(
+        v.home.join("certs/issued/modX-identity.json"),
+        json!({
+            "module": "modX", "kind": "identity", "commonName": "modX",
+            "notBefore": "2020-01-01T00:00:00Z", "notAfter": "2020-01-31T00:00:00Z",
+            "issuedAt": "2020-01-01T00:05:00Z",
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let report = check_json(&v);
+    let c = find_check(&report, "issued-certs-expiry");
+    assert_eq!(c["result"], "error", "{c}");
+    assert!(
+        c["details"]
+            .to_string()
+            .contains("modX identity certificate"),
+        "{c}"
+    );
+    assert!(
+        c["details"].to_string().contains("expired at 2020-01-31"),
+        "{c}"
+    );
+    assert!(report["summary"]["errors"].as_u64().unwrap() >= 1);
+    let o = verge(&["--config", v.cfg.to_str().unwrap(), "check"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stdout(&o).contains("\u{d7} certificates issued by the edge CA - Error"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn list_and_status_follow_a_restarting_agent() {
+    let mut v = Verged::prepare();
+    let runs = v.dir.path().join("runs.log");
+    std::fs::write(
+        v.dir.path().join("agent.sh"),
+        format!("echo run >> {r}\nsleep 0.2\nexit 5\n", r = runs.display()),
+    )
+    .unwrap();
+    let child = Command::new(verged_bin())
+        .arg("--config")
+        .arg(&v.cfg)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    v.child = Some(child);
+    let host = v.host();
+    let row = wait("the agent to have exited twice", || {
+        let o = verge(&["-H", &host, "list", "--output", "json"]);
+        let rows: Value = serde_json::from_str(&stdout(&o)).ok()?;
+        let row = rows
+            .as_array()?
+            .iter()
+            .find(|r| r["name"] == "edgeAgent")?
+            .clone();
+        let n = std::fs::read_to_string(&runs).ok()?.lines().count();
+        (n >= 2 && row["status"] == "failed").then_some(row)
+    });
+    assert_eq!(row["exitCode"], "5", "{row}");
+    let o = verge(&["--config", v.cfg.to_str().unwrap(), "system", "status"]);
+    let text = stdout(&o);
+    assert!(
+        text.contains("restart pending") || text.contains("): Up "),
+        "{text}"
+    );
+    assert!(text.contains("(last exit: code 5 at "), "{text}");
 }

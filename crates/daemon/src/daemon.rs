@@ -14,7 +14,8 @@ use crate::config::{AgentKind, Config};
 use crate::env::{EnvContext, WorkloadUriStyle, agent_env};
 use crate::http::{ServedSocket, bind_unix};
 use crate::keys::{IdentityStore, canonical_module_id, store_device_key};
-use crate::mgmt::{MgmtState, router as mgmt_router};
+use crate::mgmt::{MgmtExtras, MgmtState, router_with as mgmt_router_with};
+use crate::supervision::AgentMonitor;
 use crate::workload::{DaemonState, WorkloadSockets};
 
 /// First restart delay of the agent.
@@ -94,19 +95,33 @@ pub async fn run(
         },
     };
 
+    let monitor = AgentMonitor::new(
+        &config.agent.name,
+        match config.agent.kind {
+            AgentKind::Process => "process",
+            AgentKind::Docker => "docker",
+        },
+        &config.agent.image,
+    );
     let mgmt_path = config.listen.management_socket.clone();
     let listener = bind_unix(&mgmt_path, 0o660)
         .with_context(|| format!("binding the management socket {}", mgmt_path.display()))?;
     let mgmt = ServedSocket::serve(
         mgmt_path.clone(),
         listener,
-        mgmt_router(MgmtState {
-            daemon: state.clone(),
-            runtime: runtime.clone(),
-            sockets: sockets.clone(),
-            env: env_ctx.clone(),
-            allowed_uid: nix::unistd::getuid().as_raw(),
-        }),
+        mgmt_router_with(
+            MgmtState {
+                daemon: state.clone(),
+                runtime: runtime.clone(),
+                sockets: sockets.clone(),
+                env: env_ctx.clone(),
+                allowed_uid: nix::unistd::getuid().as_raw(),
+            },
+            MgmtExtras {
+                agent: Some(monitor.clone()),
+                homedir: Some(config.homedir.clone()),
+            },
+        ),
     );
     tracing::info!(socket = %mgmt_path.display(), "management API up");
 
@@ -143,6 +158,7 @@ pub async fn run(
             config.agent.name.clone(),
             config.agent.image.clone(),
             env,
+            monitor.clone(),
             stop_rx,
         )),
         AgentKind::Docker => {
@@ -155,7 +171,12 @@ pub async fn run(
                 workload_socket: Some(agent_socket.clone()),
                 management_socket: Some(mgmt_path.clone()),
             };
-            tokio::spawn(runtime_watchdog(runtime.clone(), spec, stop_rx))
+            tokio::spawn(runtime_watchdog(
+                runtime.clone(),
+                spec,
+                monitor.clone(),
+                stop_rx,
+            ))
         }
     };
 
@@ -194,10 +215,12 @@ async fn process_watchdog(
     name: String,
     image: String,
     env: BTreeMap<String, String>,
+    monitor: AgentMonitor,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let Some((program, args)) = split_command(&image) else {
         tracing::error!("agent image is empty");
+        monitor.start_failed();
         return;
     };
     let mut delay = BACKOFF_START;
@@ -215,7 +238,9 @@ async fn process_watchdog(
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(agent = %name, program = %program, error = %e, "cannot start the agent");
+                monitor.start_failed();
                 if sleep_or_stop(delay, &mut stop).await {
+                    monitor.stopped();
                     return;
                 }
                 delay = next_backoff(delay, Duration::ZERO);
@@ -223,21 +248,33 @@ async fn process_watchdog(
             }
         };
         tracing::info!(agent = %name, pid = ?child.id(), "agent started");
+        monitor.started(child.id());
         let exited = tokio::select! {
             status = child.wait() => Some(status),
             _ = stop.wait_for(|s| *s) => None,
         };
         let Some(status) = exited else {
             terminate(&mut child, Duration::from_secs(10)).await;
+            monitor.stopped();
             tracing::info!(agent = %name, "agent stopped");
             return;
         };
+        {
+            use std::os::unix::process::ExitStatusExt as _;
+            let (code, signal) = match &status {
+                Ok(s) => (s.code().map(i64::from), s.signal()),
+                // Waiting failed: the exit is real but its code unknown.
+                Err(_) => (None, None),
+            };
+            monitor.exited(code, signal, verge_core::time::Timestamp::now());
+        }
         let ran = started.elapsed();
         if ran >= BACKOFF_RESET_AFTER {
             delay = BACKOFF_START;
         }
         tracing::warn!(agent = %name, ?status, ?ran, "agent exited; restarting in {delay:?}");
         if sleep_or_stop(delay, &mut stop).await {
+            monitor.stopped();
             return;
         }
         delay = next_backoff(delay, ran);
@@ -262,6 +299,7 @@ async fn terminate(child: &mut tokio::process::Child, grace: Duration) {
 async fn runtime_watchdog(
     runtime: Arc<dyn ModuleRuntime>,
     spec: ModuleSpec,
+    monitor: AgentMonitor,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let name = spec.name.clone();
@@ -271,6 +309,7 @@ async fn runtime_watchdog(
     }
     let mut delay = BACKOFF_START;
     let mut created = false;
+    let mut ever_started = false;
     let mut last_start = Instant::now();
     loop {
         if !created {
@@ -280,22 +319,37 @@ async fn runtime_watchdog(
             }
         }
         if created {
-            let running =
-                matches!(runtime.get(&name).await, Ok(s) if s.status == ModuleStatus::Running);
+            let state = runtime.get(&name).await;
+            let running = matches!(&state, Ok(s) if s.status == ModuleStatus::Running);
             if !running {
+                // The container's own record of its exit, when it has one.
+                if let Ok(s) = &state
+                    && let Some(at) = s.exited_at
+                    && ever_started
+                {
+                    monitor.exited(s.exit_code, None, at);
+                }
                 let ran = last_start.elapsed();
                 delay = next_backoff(delay, ran);
                 match runtime.start(&name).await {
                     Ok(()) => {
                         last_start = Instant::now();
+                        ever_started = true;
+                        monitor.started(None);
                         tracing::info!(agent = %name, "agent started");
                     }
-                    Err(e) => tracing::error!(agent = %name, error = %e, "cannot start the agent"),
+                    Err(e) => {
+                        monitor.start_failed();
+                        tracing::error!(agent = %name, error = %e, "cannot start the agent");
+                    }
                 }
             }
+        } else {
+            monitor.start_failed();
         }
         if sleep_or_stop(delay.max(Duration::from_secs(2)), &mut stop).await {
             let _ = runtime.stop(&name, Duration::from_secs(10)).await;
+            monitor.stopped();
             return;
         }
     }

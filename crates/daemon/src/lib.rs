@@ -5,7 +5,9 @@
 //! * [`ca`]: the edge CA, issued certificates, renewal.
 //! * [`crypto`]: the workload API's encrypt/decrypt scheme.
 //! * [`workload`]: the workload API, one Unix socket per module.
-//! * [`mgmt`]: the management API for the agent.
+//! * [`mgmt`]: the management API for the agent (and the CLI's read-only extensions).
+//! * [`supervision`]: the supervised agent's state, for the management API.
+//! * [`resources`]: host and per-module resource use from `/proc`.
 //! * [`env`]: the environment injected into modules.
 //! * [`client`]: a small client for both APIs (the hub uses
 //!   [`client::WorkloadClient::server_certificate`] for its TLS certificate).
@@ -25,4 +27,6 @@ pub mod env;
 pub mod http;
 pub mod keys;
 pub mod mgmt;
+pub mod resources;
+pub mod supervision;
 pub mod workload;

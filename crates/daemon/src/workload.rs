@@ -33,7 +33,7 @@ use crate::api::{
     IdentityCertificateRequest, PrivateKey, ServerCertificateRequest, SignRequest, SignResponse,
     TrustBundleResponse,
 };
-use crate::ca::{CaError, EdgeCa, IssuedCert};
+use crate::ca::{CaError, EdgeCa, IssuedCert, IssuedKind};
 use crate::http::{
     ApiError, ServedSocket, bind_unix, json_response, parse_body, require_api_version,
 };
@@ -234,6 +234,14 @@ fn cert_response(c: Result<IssuedCert, CaError>) -> Result<Response, ApiError> {
     ))
 }
 
+/// Records an issued certificate. A failure is logged, not returned: the
+/// certificate is valid either way, and the record only feeds `verge check`.
+fn record(ca: &EdgeCa, module: &str, kind: IssuedKind, cn: &str, c: &IssuedCert) {
+    if let Err(e) = ca.record_issued(module, kind, cn, c) {
+        tracing::warn!(module, kind = kind.as_str(), error = %e, "cannot record the issued certificate");
+    }
+}
+
 async fn identity_cert(
     State(ctx): State<ModuleCtx>,
     Path(name): Path<String>,
@@ -249,7 +257,12 @@ async fn identity_cert(
     let ca = ctx.state.ca.clone();
     let device = ctx.state.device_id.to_string();
     let r = tokio::task::spawn_blocking(move || {
-        ca.issue_identity_cert(&device, &identity.module_id, exp)
+        let module = &identity.module_id;
+        let issued = ca.issue_identity_cert(&device, module, exp);
+        if let Ok(c) = &issued {
+            record(&ca, module, IssuedKind::Identity, module, c);
+        }
+        issued
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))?;
@@ -261,13 +274,20 @@ async fn server_cert(
     Path((name, genid)): Path<(String, String)>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    ctx.authorize(&name, Some(&genid)).await?;
+    let identity = ctx.authorize(&name, Some(&genid)).await?;
     let req: ServerCertificateRequest = parse_body(&body)?;
     let exp = parse_expiration(req.expiration.as_deref())?;
     let ca = ctx.state.ca.clone();
-    let r = tokio::task::spawn_blocking(move || ca.issue_server_cert(req.common_name.trim(), exp))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let r = tokio::task::spawn_blocking(move || {
+        let cn = req.common_name.trim();
+        let issued = ca.issue_server_cert(cn, exp);
+        if let Ok(c) = &issued {
+            record(&ca, &identity.module_id, IssuedKind::Server, cn, c);
+        }
+        issued
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?;
     cert_response(r)
 }
 

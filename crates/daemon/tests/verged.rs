@@ -152,7 +152,8 @@ async fn sdk_signs_through_verged() {
     std::fs::write(
         &script,
         format!(
-            "echo run >> {runs}\nenv > {env}\nif [ $(wc -l < {runs}) -lt 2 ]; then exit 1; fi\nexec sleep 600\n",
+            // The environment is complete (renamed into place) before the run is counted.
+            "env > {env}.tmp && mv {env}.tmp {env}\necho run >> {runs}\nif [ $(wc -l < {runs}) -lt 2 ]; then exit 1; fi\nexec sleep 600\n",
             runs = runs.display(),
             env = agent_env.display()
         ),
@@ -342,4 +343,98 @@ fn bad_config_exits_2_naming_key_and_line() {
             "nothing may start on a bad config"
         );
     }
+}
+
+/// The process agent's state through `GET /systeminfo/agent`: an agent that
+/// exits with 7 twice is restarted, counted, and its exit code kept; the
+/// running agent shows up in `/systeminfo/resources`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_state_and_resources() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = dir.path().join("runs.log");
+    let script = dir.path().join("agent.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "echo run >> {runs}\nif [ $(wc -l < {runs}) -lt 3 ]; then sleep 0.3; exit 7; fi\nexec sleep 600\n",
+            runs = runs.display(),
+        ),
+    )
+    .unwrap();
+    let cfg = write_config(dir.path(), &script);
+    let mgmt = dir.path().join("home/mgmt.sock");
+    let mut verged = Verged(
+        Command::new(env!("CARGO_BIN_EXE_verged"))
+            .arg("--config")
+            .arg(&cfg)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("management socket", Duration::from_secs(30), || {
+        mgmt.exists()
+    });
+    let agent = || async {
+        let (s, v) = call(&mgmt, "GET", &format!("/systeminfo/agent?{V}"), None).await;
+        assert_eq!(s, 200, "{v}");
+        v
+    };
+    let first = agent().await;
+    assert_eq!(first["name"], "edgeAgent", "{first}");
+    assert_eq!(first["kind"], "process", "{first}");
+    assert!(first["image"].as_str().unwrap().ends_with("agent.sh"));
+    // Restarts grow one by one until the third run stays up (back-off 1 s, 2 s).
+    let mut seen = vec![first["restartCount"].as_u64().unwrap()];
+    let start = Instant::now();
+    let last = loop {
+        let v = agent().await;
+        let n = v["restartCount"].as_u64().unwrap();
+        if seen.last() != Some(&n) {
+            seen.push(n);
+        }
+        if n == 2 && v["status"] == "running" {
+            break v;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "{v} {seen:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(seen.windows(2).all(|w| w[1] == w[0] + 1), "{seen:?}");
+    assert!(seen.contains(&1), "{seen:?}");
+    assert_eq!(last["lastExit"]["code"], 7, "{last}");
+    assert!(last["lastExit"]["time"].as_str().unwrap().ends_with('Z'));
+    assert!(last["startTime"].as_str().unwrap() > last["lastExit"]["time"].as_str().unwrap());
+    let pid = last["pid"].as_u64().unwrap();
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    assert_eq!(comm.trim(), "sleep", "pid {pid} is not the agent");
+
+    // The running agent's resources.
+    let (s, r) = call(&mgmt, "GET", &format!("/systeminfo/resources?{V}"), None).await;
+    assert_eq!(s, 200, "{r}");
+    assert!(r["total_ram"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["process_uptime"].as_u64().unwrap() <= r["host_uptime"].as_u64().unwrap());
+    let row = r["modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "edgeAgent")
+        .unwrap_or_else(|| panic!("no agent row: {r}"))
+        .clone();
+    assert_eq!(row["pid"], pid, "{r}");
+    assert!(row["memory_bytes"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(row["processes"], 1, "{r}");
+
+    // SIGTERM stops verged and its agent.
+    let vpid = nix::unistd::Pid::from_raw(i32::try_from(verged.0.id()).unwrap());
+    nix::sys::signal::kill(vpid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    wait_for("verged to stop", Duration::from_secs(30), || {
+        verged.0.try_wait().unwrap().is_some()
+    });
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z ")),
+        "the agent outlived verged"
+    );
 }
