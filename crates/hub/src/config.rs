@@ -22,6 +22,15 @@
 //!
 //! [devices]      # downstream device id -> base64 key
 //! leaf1 = "<base64>"
+//!
+//! [upstream]     # optional: without it nothing is sent to the cloud
+//! hostname = "myhub.azure-devices.net"   # dialled; also the TLS server name
+//! port = 8883
+//! ca_file = "/etc/ssl/certs/ca-certificates.crt"   # the cloud's CA(s), PEM
+//! reconnect_ms = 5000       # between connection attempts (at most 5000)
+//! batch_size = 10           # messages read from the store per batch
+//! keep_alive_secs = 30      # MQTT keep-alive; a silent link is down after 1.5×
+//! ack_timeout_secs = 30     # PUBACK wait before the link is dropped and the batch resent
 //! ```
 //!
 //! Unknown keys are errors that name the key.
@@ -69,6 +78,41 @@ pub struct Config {
     /// Protocol limits and timers.
     #[serde(default)]
     pub limits: Limits,
+    /// The link to the cloud IoT hub; `None` = messages routed to
+    /// `$upstream` stay in the store.
+    #[serde(default)]
+    pub upstream: Option<UpstreamConfig>,
+}
+
+/// The upstream IoT hub (Azure IoT Hub or verge-cloud), reached over
+/// MQTT 3.1.1/TLS with one connection per sending identity.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Host to dial, also the TLS server name checked against the cloud's
+    /// certificate. SAS audiences and usernames use `iothub_hostname`.
+    pub hostname: String,
+    /// MQTT over TLS port (default 8883).
+    #[serde(default = "default_upstream_port")]
+    pub port: u16,
+    /// PEM file with the CA certificate(s) the cloud's certificate must chain to.
+    pub ca_file: PathBuf,
+    /// Milliseconds between connection attempts of a link that is down
+    /// (default and maximum 5000, so a returning link is found within 5 s).
+    #[serde(default = "default_reconnect_ms")]
+    pub reconnect_ms: u64,
+    /// Messages read from the store and published per batch (default 10,
+    /// edgeHub's `MaxUpstreamBatchSize`); also each link's inflight bound.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// MQTT keep-alive, seconds (default 30): a silent link is declared down
+    /// after 1.5 × this.
+    #[serde(default = "default_upstream_keep_alive")]
+    pub keep_alive_secs: u16,
+    /// Seconds the cloud has to PUBACK a message before the link is dropped
+    /// and the batch resent (default 30, edgeHub's `MessageAckTimeoutSecs`).
+    #[serde(default = "default_upstream_ack_timeout")]
+    pub ack_timeout_secs: u64,
 }
 
 /// TLS server identity.
@@ -157,6 +201,21 @@ fn default_max_packet() -> usize {
 fn default_twins_poll() -> u64 {
     1000
 }
+fn default_upstream_port() -> u16 {
+    8883
+}
+fn default_reconnect_ms() -> u64 {
+    5000
+}
+fn default_batch_size() -> usize {
+    10
+}
+fn default_upstream_keep_alive() -> u16 {
+    30
+}
+fn default_upstream_ack_timeout() -> u64 {
+    30
+}
 
 /// A configuration that could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -215,6 +274,23 @@ impl Config {
         if self.limits.max_inflight == 0 {
             return Err("limits.max_inflight must be at least 1".into());
         }
+        if let Some(up) = &self.upstream {
+            if up.hostname.is_empty() {
+                return Err("upstream.hostname must not be empty".into());
+            }
+            if !(10..=5000).contains(&up.reconnect_ms) {
+                return Err("upstream.reconnect_ms must be between 10 and 5000".into());
+            }
+            if !(1..=1000).contains(&up.batch_size) {
+                return Err("upstream.batch_size must be between 1 and 1000".into());
+            }
+            if up.keep_alive_secs < 5 {
+                return Err("upstream.keep_alive_secs must be at least 5".into());
+            }
+            if up.ack_timeout_secs == 0 {
+                return Err("upstream.ack_timeout_secs must be at least 1".into());
+            }
+        }
         Ok(())
     }
 }
@@ -250,6 +326,20 @@ filter = "1"
         assert!(e.contains("bogus_key"), "{e}");
         let e = Config::from_toml(&BASE.replace("[tls]", "[tls]\nextra = 2")).unwrap_err();
         assert!(e.contains("extra"), "{e}");
+    }
+
+    #[test]
+    fn upstream_table() {
+        assert!(Config::from_toml(BASE).unwrap().upstream.is_none());
+        let text = format!("{BASE}[upstream]\nhostname = \"cloud\"\nca_file = \"ca.pem\"\n");
+        let up = Config::from_toml(&text).unwrap().upstream.unwrap();
+        assert_eq!((up.port, up.reconnect_ms, up.batch_size), (8883, 5000, 10));
+        let e = Config::from_toml(&format!("{text}bogus = 1\n")).unwrap_err();
+        assert!(e.contains("bogus"), "{e}");
+        let e = Config::from_toml(&format!("{text}reconnect_ms = 6000\n")).unwrap_err();
+        assert!(e.contains("reconnect_ms"), "{e}");
+        let e = Config::from_toml(&format!("{text}batch_size = 0\n")).unwrap_err();
+        assert!(e.contains("batch_size"), "{e}");
     }
 
     #[test]
