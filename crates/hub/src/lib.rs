@@ -34,7 +34,8 @@
 //!    `devices/{d}/modules/{m}/inputs/{i}/{bag}` (bag with `$.cdid`/`$.cmid`).
 //! 6. When the module has PUBACKed the batch, the pump checkpoints the store;
 //!    if the module goes away first, the pump rewinds and redelivers later.
-//!    `$upstream` messages stay in the store until the cloud link exists.
+//!    `$upstream` messages are drained the same way by [`upstream`] to the
+//!    cloud (configured by `[upstream]`), one connection per sender.
 
 pub mod auth;
 pub mod config;
