@@ -39,5 +39,5 @@ if [ "${VERGE_SKIP_DOCKER_TESTS:-0}" != 1 ]; then
 fi
 
 log "cargo test --workspace"
-cargo test --workspace --all-targets "$@"
+cargo test --workspace --all-targets --no-fail-fast "$@"
 cargo test --workspace --doc

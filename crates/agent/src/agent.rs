@@ -80,6 +80,7 @@ pub struct Agent {
     started_at: Timestamp,
     info: Option<RuntimeInfo>,
     reported: Value,
+    report_sink: Option<tokio::sync::watch::Sender<Option<Value>>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -163,6 +164,7 @@ impl Agent {
             started_at: Timestamp::now(),
             info: None,
             reported: Value::Null,
+            report_sink: None,
         };
         if let Ok(text) = tokio::fs::read(agent.storage.join(MANIFEST_FILE)).await {
             match serde_json::from_slice::<PersistedManifest>(&text) {
@@ -215,6 +217,12 @@ impl Agent {
     /// The reported properties computed by the last reconcile.
     pub fn reported(&self) -> &Value {
         &self.reported
+    }
+
+    /// Also hands every reported document written to `reported.json` to
+    /// `sink` (the twin link sends it to the cloud).
+    pub fn report_to(&mut self, sink: tokio::sync::watch::Sender<Option<Value>>) {
+        self.report_sink = Some(sink);
     }
 
     /// Offers a manifest as JSON text: a whole deployment
@@ -852,6 +860,9 @@ impl Agent {
     }
 
     async fn write_reported(&self) {
+        if let Some(sink) = &self.report_sink {
+            sink.send_replace(Some(self.reported.clone()));
+        }
         match serde_json::to_vec_pretty(&self.reported) {
             Ok(bytes) => {
                 if let Err(e) = write_atomic(&self.storage.join(REPORTED_FILE), &bytes).await {

@@ -10,8 +10,8 @@
 //! 3. the plan is executed tier by tier (startupOrder);
 //! 4. the modules are listed again, each gets a `runtimeStatus`, the
 //!    deployment gets `lastDesiredStatus`, and the reported properties are
-//!    written to `<storage>/reported.json` when they changed (rate-limited by
-//!    [`report::Reporter`]).
+//!    written to `<storage>/reported.json` (and handed to the twin link) when
+//!    they changed (rate-limited by [`report::Reporter`]).
 //!
 //! # The plan
 //!
@@ -53,9 +53,10 @@
 //! set; the binary then defaults to `--runtime verged`: every runtime call is
 //! a request to verged's management API ([`mgmt::ManagementRuntime`]), so each
 //! module gets its identity, its own workload socket and the `IOTEDGE_*`
-//! environment from verged (reference §7.3, §7.4). The manifest still comes
-//! from `--manifest` (or `VERGE_AGENT_MANIFEST`, which verged's `[agent.env]`
-//! can set), the storage directory from `--storage` (or `VERGE_AGENT_STORAGE`).
+//! environment from verged (reference §7.3, §7.4). The manifest comes from
+//! the agent's module twin in the cloud (next section) or from `--manifest`
+//! (or `VERGE_AGENT_MANIFEST`, which verged's `[agent.env]` can set), the
+//! storage directory from `--storage` (or `VERGE_AGENT_STORAGE`).
 //! The agent waits for the management API at start, writes images
 //! Docker-style unless verged runs the process backend, and passes its own
 //! `RuntimeLogLevel`/`UpstreamProtocol` to modules that do not set them.
@@ -69,6 +70,28 @@
 //! nor image digests (`image_digests` answers "unknown"): `on-unhealthy` has
 //! nothing to act on and a pinned digest is not checked in this mode. A killed agent is restarted by verged's
 //! watchdog and, finding the modules up to date, leaves them running.
+//!
+//! # The twin in the cloud
+//!
+//! With the edge environment verged gives it (`IOTEDGE_IOTHUBHOSTNAME`,
+//! `IOTEDGE_DEVICEID`, `IOTEDGE_MODULEID=$edgeAgent`,
+//! `IOTEDGE_MODULEGENERATIONID`, `IOTEDGE_WORKLOADURI`, …), the binary opens a
+//! [`twin::TwinLink`]: an MQTT connection as `{device}/$edgeAgent` straight to
+//! the hub (or to the parent when nested), as Azure's edgeAgent does — the
+//! edge hub is one of the modules the agent starts, so it cannot depend on
+//! it. Tokens are signed by the workload API; the server is trusted through
+//! the workload API's trust bundle (verged's `trust_bundle_cert` adds a
+//! private hub's CA), `--upstream-ca` and the system roots; the port is
+//! `--upstream-port` (8883). The twin's desired properties are offered to
+//! [`Agent::set_desired`] exactly like a file (same validation and codes; a
+//! refused one leaves the modules alone) as soon as they change; the reported
+//! document written to `reported.json` is sent as a reported-properties
+//! merge patch, on change and at most once per `--report-interval-ms`
+//! (default 2 s), coalesced, held while offline and sent after the
+//! reconnection. On shutdown the "406 Agent is not running" status is sent
+//! if the link is up. `--manifest`, when also given, wins (see `main.rs`):
+//! the twin then only receives the status. `--no-twin` turns the link off.
+//! The link speaks MQTT whatever `UpstreamProtocol` says.
 //!
 //! # Invariants
 //!
@@ -88,6 +111,7 @@ pub mod mgmt;
 pub mod plan;
 pub mod report;
 pub mod restart;
+pub mod twin;
 
 pub use agent::{Agent, AgentError, MANIFEST_FILE, REPORTED_FILE, RESTARTS_FILE, ReconcileOutcome};
 pub use config::AgentConfig;
@@ -95,3 +119,4 @@ pub use mgmt::ManagementRuntime;
 pub use plan::{Plan, PlanInput, Step, plan};
 pub use report::Reporter;
 pub use restart::{Decision, RestartRecord, RuntimeStatus, cool_off, decide};
+pub use twin::{TwinLink, TwinOptions};

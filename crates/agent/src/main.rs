@@ -1,8 +1,23 @@
-//! `verge-agent`: runs the reconcile loop against a local manifest file.
+//! `verge-agent`: runs the reconcile loop against the deployment manifest.
 //!
 //! Started by verged (`IOTEDGE_MANAGEMENTURI` set), it runs the modules through
 //! verged's management API (`--runtime verged`, the default then); otherwise it
 //! drives a backend directly (`--runtime process|docker`).
+//!
+//! Desired state comes from one of two sources:
+//! * the agent's module twin in the cloud (`{device}/$edgeAgent`), when the
+//!   edge environment names an IoT hub (`IOTEDGE_IOTHUBHOSTNAME`,
+//!   `IOTEDGE_WORKLOADURI`, … as verged sets them) and `--no-twin` is not
+//!   given: see [`verge_agent::twin`];
+//! * a local file, `--manifest`.
+//!
+//! When both are present the **file wins**: it is an explicit setting of
+//! whoever configured this agent (a device taken off cloud management, a
+//! test bench), while the twin link follows implicitly from the environment.
+//! The twin link then still reports the status, and the twin's desired
+//! properties are ignored (logged). Whatever the source, the last accepted
+//! manifest is persisted in the storage directory, so an agent restarted
+//! offline restores the same modules before (or without) reaching the cloud.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,8 +25,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
+use serde_json::Value;
 use tokio::signal::unix::{SignalKind, signal};
-use verge_agent::{Agent, AgentConfig, ManagementRuntime};
+use verge_agent::{Agent, AgentConfig, ManagementRuntime, TwinLink, TwinOptions};
 use verge_runtime::{DockerConfig, DockerRuntime, ModuleRuntime, ProcessConfig, ProcessRuntime};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -56,6 +72,57 @@ struct Args {
     /// Reconcile interval in milliseconds.
     #[arg(long, default_value_t = 5000)]
     interval_ms: u64,
+    /// Minimum interval between two reported-properties updates (to
+    /// `reported.json` and to the cloud), in milliseconds; changes in between
+    /// are coalesced.
+    #[arg(long, env = "VERGE_AGENT_REPORT_INTERVAL_MS", default_value_t = 2000)]
+    report_interval_ms: u64,
+    /// Do not connect to the cloud even when the edge environment names a hub.
+    #[arg(long, env = "VERGE_AGENT_NO_TWIN")]
+    no_twin: bool,
+    /// MQTT/TLS port of the IoT hub (`IOTEDGE_IOTHUBHOSTNAME`).
+    #[arg(long, env = "VERGE_AGENT_UPSTREAM_PORT", default_value_t = 8883)]
+    upstream_port: u16,
+    /// A PEM file of CA certificates to trust for the hub, besides the
+    /// workload API's trust bundle and the system roots.
+    #[arg(long, env = "VERGE_AGENT_UPSTREAM_CA")]
+    upstream_ca: Option<PathBuf>,
+}
+
+/// The twin link, when the environment names a hub and it is not turned off.
+async fn twin_link(args: &Args) -> anyhow::Result<Option<TwinLink>> {
+    if args.no_twin {
+        return Ok(None);
+    }
+    let env = match verge_sdk::EdgeEnvironment::from_env_upstream() {
+        Ok(env) => env,
+        Err(e) => {
+            tracing::info!(reason = %e, "no twin link to the cloud");
+            return Ok(None);
+        }
+    };
+    let extra_ca_pem = match &args.upstream_ca {
+        Some(p) => Some(
+            tokio::fs::read_to_string(p)
+                .await
+                .with_context(|| format!("reading --upstream-ca {}", p.display()))?,
+        ),
+        None => None,
+    };
+    Ok(Some(TwinLink::spawn(TwinOptions {
+        env,
+        port: args.upstream_port,
+        extra_ca_pem,
+        min_gap: Duration::from_millis(args.report_interval_ms),
+    })))
+}
+
+/// Waits for a new desired document from the cloud; never, without a link.
+async fn twin_changed(link: &mut Option<TwinLink>) {
+    match link {
+        Some(l) => l.changed().await,
+        None => std::future::pending().await,
+    }
 }
 
 #[tokio::main]
@@ -69,6 +136,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut cfg = AgentConfig {
         reconcile_interval: Duration::from_millis(args.interval_ms.max(1)),
+        report_interval: Duration::from_millis(args.report_interval_ms),
         ..AgentConfig::default()
     };
     let mut term = signal(SignalKind::terminate())?;
@@ -131,14 +199,39 @@ async fn main() -> anyhow::Result<()> {
     let mut agent = Agent::open(runtime, cfg.clone(), &args.storage)
         .await
         .context("opening the agent storage")?;
+    let mut twin = twin_link(&args).await?;
+    if let Some(link) = &twin {
+        agent.report_to(link.reporter());
+    }
     let mut ticker = tokio::time::interval(cfg.reconcile_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_text: Option<String> = None;
+    let mut last_twin: Option<Value> = None;
     loop {
+        // A new deployment from the cloud is applied at once, not at the next tick.
         tokio::select! {
             _ = ticker.tick() => {}
+            () = twin_changed(&mut twin) => {}
             _ = term.recv() => break,
             _ = int.recv() => break,
+        }
+        if let Some(d) = twin.as_mut().and_then(TwinLink::desired)
+            && last_twin.as_ref() != Some(&d)
+        {
+            if args.manifest.is_some() {
+                tracing::info!(
+                    version = ?d.get("$version"),
+                    "the twin's desired properties are ignored: --manifest takes precedence"
+                );
+            } else {
+                match agent.set_desired(&d).await {
+                    Ok(changed) => {
+                        tracing::info!(changed, version = ?d.get("$version"), "deployment from the twin")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "deployment from the twin refused"),
+                }
+            }
+            last_twin = Some(d);
         }
         if let Some(path) = &args.manifest {
             match tokio::fs::read_to_string(path).await {
@@ -166,5 +259,9 @@ async fn main() -> anyhow::Result<()> {
     }
     tracing::info!("shutting down");
     agent.shutdown().await;
+    if let Some(link) = twin {
+        // verged allows 10 s between SIGTERM and SIGKILL.
+        link.close(Duration::from_secs(3)).await;
+    }
     Ok(())
 }

@@ -11,7 +11,8 @@ pub struct EdgeEnvironment {
     pub device_id: String,
     /// `IOTEDGE_MODULEID`.
     pub module_id: String,
-    /// `IOTEDGE_GATEWAYHOSTNAME`: the edge hub, dialled and used as TLS name.
+    /// `IOTEDGE_GATEWAYHOSTNAME`: the edge hub, dialled and used as TLS name
+    /// (for [`Self::from_env_upstream`]: the parent, or else the IoT hub).
     pub gateway_hostname: String,
     /// `IOTEDGE_MODULEGENERATIONID`.
     pub generation_id: String,
@@ -40,9 +41,34 @@ impl EdgeEnvironment {
 
     /// Same, from any lookup function (tests).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, Error> {
+        Self::lookup(get, false)
+    }
+
+    /// The environment of a client that talks to the cloud directly, as
+    /// edgeAgent does: verged gives edgeAgent and edgeHub no
+    /// `IOTEDGE_GATEWAYHOSTNAME` unless the device is nested (reference §7.4),
+    /// so it is optional here and [`Self::gateway_hostname`] becomes the host
+    /// to dial: the parent when nested, else `IOTEDGE_IOTHUBHOSTNAME`.
+    pub fn from_env_upstream() -> Result<Self, Error> {
+        Self::from_lookup_upstream(|k| std::env::var(k).ok())
+    }
+
+    /// [`Self::from_env_upstream`] from any lookup function (tests).
+    pub fn from_lookup_upstream(get: impl Fn(&str) -> Option<String>) -> Result<Self, Error> {
+        Self::lookup(get, true)
+    }
+
+    fn lookup(get: impl Fn(&str) -> Option<String>, upstream: bool) -> Result<Self, Error> {
         let values: Vec<Option<String>> = VARS
             .iter()
-            .map(|k| get(k).filter(|v| !v.is_empty()))
+            .map(|k| {
+                let v = get(k).filter(|v| !v.is_empty());
+                if upstream && *k == "IOTEDGE_GATEWAYHOSTNAME" {
+                    v.or_else(|| get("IOTEDGE_IOTHUBHOSTNAME").filter(|v| !v.is_empty()))
+                } else {
+                    v
+                }
+            })
             .collect();
         let missing: Vec<&str> = VARS
             .iter()
@@ -86,5 +112,21 @@ mod tests {
             .to_string();
         assert!(e.contains("IOTEDGE_WORKLOADURI"), "{e}");
         assert!(!e.contains("IOTEDGE_DEVICEID"), "{e}");
+    }
+
+    #[test]
+    fn upstream_dials_the_hub_unless_nested() {
+        let agent = |k: &str| (k != "IOTEDGE_GATEWAYHOSTNAME").then(|| format!("v-{k}"));
+        assert!(EdgeEnvironment::from_lookup(agent).is_err());
+        let env = EdgeEnvironment::from_lookup_upstream(agent).unwrap();
+        assert_eq!(env.gateway_hostname, "v-IOTEDGE_IOTHUBHOSTNAME");
+        let nested = |k: &str| Some(format!("v-{k}"));
+        let env = EdgeEnvironment::from_lookup_upstream(nested).unwrap();
+        assert_eq!(env.gateway_hostname, "v-IOTEDGE_GATEWAYHOSTNAME");
+        let none = |k: &str| (k != "IOTEDGE_WORKLOADURI").then(|| "x".to_owned());
+        let e = EdgeEnvironment::from_lookup_upstream(none)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("IOTEDGE_WORKLOADURI"), "{e}");
     }
 }

@@ -8,7 +8,10 @@
 //! * [`ModuleClient`]: a module of an edge device. Build it inside a module
 //!   started by `verged` with [`ModuleClient::from_edge_environment`] (trust
 //!   bundle and token signing through the workload API), or from a module
-//!   connection string with [`ModuleClient::from_connection_string`].
+//!   connection string with [`ModuleClient::from_connection_string`]. A
+//!   module that talks to the cloud directly rather than through the edge hub
+//!   (verge-agent, as Azure's edgeAgent) uses
+//!   [`ModuleClient::from_edge_upstream`].
 //! * [`DeviceClient`]: a (downstream) device, from a device connection string;
 //!   `GatewayHostName` is honoured (dialled, and used as TLS name).
 //!

@@ -89,6 +89,47 @@ impl ModuleClient {
         Self::start(id, Signer::Workload(workload), Some(&ca), opts).await
     }
 
+    /// A module talking to the cloud directly rather than through the edge
+    /// hub, as Azure's edgeAgent does: it dials `env.gateway_hostname` (see
+    /// [`EdgeEnvironment::from_env_upstream`]: the IoT hub, or the parent
+    /// device when nested) on `opts.port`, signs tokens through the workload
+    /// API, and trusts the workload API's trust bundle, `extra_ca_pem` and the
+    /// system roots. Direct-method invocation through a gateway is only
+    /// available when nested.
+    pub async fn from_edge_upstream(
+        env: &EdgeEnvironment,
+        opts: ClientOptions,
+        extra_ca_pem: Option<&str>,
+    ) -> Result<Self, Error> {
+        let socket = socket_path_from_uri(&env.workload_uri).ok_or_else(|| {
+            Error::Environment(format!(
+                "IOTEDGE_WORKLOADURI {:?} is not unix:///path",
+                env.workload_uri
+            ))
+        })?;
+        let workload = WorkloadClient::new(socket, &env.module_id, &env.generation_id);
+        let bundle = workload
+            .trust_bundle()
+            .await
+            .map_err(|e| Error::Workload(format!("trust bundle: {e}")))?;
+        let mut pems = vec![bundle.as_str()];
+        pems.extend(extra_ca_pem);
+        let tls = crate::tls::client_config_upstream(&pems)?;
+        let client = ClientId::module(
+            DeviceId::new(env.device_id.as_str()).map_err(env_err)?,
+            ModuleId::new(env.module_id.as_str()).map_err(env_err)?,
+        );
+        let hub = HubHostname::new(env.iothub_hostname.as_str()).map_err(env_err)?;
+        let nested = !env.gateway_hostname.eq_ignore_ascii_case(hub.as_str());
+        let id = Identity {
+            hub,
+            client,
+            dial_host: env.gateway_hostname.clone(),
+            gateway: nested.then(|| env.gateway_hostname.clone()),
+        };
+        Self::start_with_tls(id, Signer::Workload(workload), tls, opts).await
+    }
+
     /// From a module connection string with a `SharedAccessKey` (tokens signed
     /// locally). `GatewayHostName`, when present, is dialled and enables
     /// [`Self::invoke_method`]. `ca_pem`: the CA to trust (the edge CA), or the
@@ -128,6 +169,15 @@ impl ModuleClient {
         opts: ClientOptions,
     ) -> Result<Self, Error> {
         let tls = crate::tls::client_config(ca_pem)?;
+        Self::start_with_tls(id, signer, tls, opts).await
+    }
+
+    async fn start_with_tls(
+        id: Identity,
+        signer: Signer,
+        tls: Arc<rustls::ClientConfig>,
+        opts: ClientOptions,
+    ) -> Result<Self, Error> {
         let tokens = TokenSource {
             signer,
             hub: id.hub.clone(),
