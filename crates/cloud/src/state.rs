@@ -450,6 +450,38 @@ impl CloudState {
             .collect())
     }
 
+    /// The device scope of edge device `edge` (reference §11): the devices
+    /// whose parent is `edge`, and `edge`'s own modules. Empty lists when
+    /// `edge` is not an edge device; `NotFound` when it is not registered.
+    pub fn device_scope(&self, edge: &str) -> Result<(Vec<DeviceInfo>, Vec<ModuleInfo>)> {
+        let reg = lock(&self.inner.reg);
+        let e = reg
+            .devices
+            .get(edge)
+            .ok_or_else(|| not_found_device(edge))?;
+        let Some(own) = e.rec.device_scope.as_ref().filter(|_| e.rec.iot_edge) else {
+            return Ok((Vec::new(), Vec::new()));
+        };
+        let children = reg
+            .devices
+            .values()
+            .filter(|d| d.rec.device_id != edge && d.rec.parent_scopes.first() == Some(own))
+            .map(|d| DeviceInfo {
+                record: d.rec.clone(),
+                conn: d.conn.clone(),
+            })
+            .collect();
+        let modules = e
+            .modules
+            .values()
+            .map(|m| ModuleInfo {
+                record: m.rec.clone(),
+                conn: m.conn.clone(),
+            })
+            .collect();
+        Ok((children, modules))
+    }
+
     /// Deletes a module identity and its twin.
     pub async fn delete_module(
         &self,

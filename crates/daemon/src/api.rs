@@ -114,6 +114,29 @@ pub struct CertificateResponse {
     pub expiration: String,
 }
 
+/// One entry of the Verge extension `GET /modules/$edgeHub/identities`
+/// (edgeHub's workload socket only): a module identity with its SAS key.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HubModuleIdentity {
+    /// Identity id (`$edgeHub`, `filter`).
+    pub module_id: String,
+    /// Current generation id.
+    pub generation_id: String,
+    /// The module's SAS key, base64 (derived from the device key).
+    pub key: String,
+}
+
+impl std::fmt::Debug for HubModuleIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The key is a secret: never in logs.
+        f.debug_struct("HubModuleIdentity")
+            .field("module_id", &self.module_id)
+            .field("generation_id", &self.generation_id)
+            .finish_non_exhaustive()
+    }
+}
+
 /// `GET /trust-bundle`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrustBundleResponse {

@@ -163,6 +163,9 @@ struct Inner {
     /// Serialises writes of issue records: two requests for the same module
     /// and kind would otherwise share one temporary file.
     records: std::sync::Mutex<()>,
+    /// Lifetime of server certificates in seconds when shorter than
+    /// [`SERVER_CERT_DAYS`] (the `server_cert_lifetime_secs` test knob); 0 = default.
+    server_lifetime_secs: std::sync::atomic::AtomicU64,
 }
 
 /// The edge CA (cheap to clone).
@@ -290,6 +293,7 @@ impl EdgeCa {
                 material: RwLock::new(material),
                 changed,
                 records: std::sync::Mutex::new(()),
+                server_lifetime_secs: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
@@ -426,12 +430,31 @@ impl EdgeCa {
         })
     }
 
+    /// Shortens the lifetime of the server certificates issued from now on
+    /// (the `server_cert_lifetime_secs` test knob); never lengthens it.
+    pub fn set_server_cert_lifetime(&self, secs: u64) {
+        self.inner
+            .server_lifetime_secs
+            .store(secs, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// A TLS server certificate for `common_name` (also its SAN: DNS, or IP when it parses as one).
     pub fn issue_server_cert(
         &self,
         common_name: &str,
         expiration: Option<OffsetDateTime>,
     ) -> Result<IssuedCert, CaError> {
+        let knob = self
+            .inner
+            .server_lifetime_secs
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let expiration = match i64::try_from(knob) {
+            Ok(secs) if secs > 0 => {
+                let short = OffsetDateTime::now_utc() + time::Duration::seconds(secs);
+                Some(expiration.map_or(short, |e| e.min(short)))
+            }
+            _ => expiration,
+        };
         self.issue(
             common_name,
             vec![common_name.to_owned()],

@@ -11,8 +11,8 @@ use hyper::Request;
 use hyper_util::rt::TokioIo;
 
 use crate::api::{
-    CertificateResponse, ErrorResponse, ServerCertificateRequest, SignRequest, SignResponse,
-    TrustBundleResponse, WORKLOAD_API_VERSION,
+    CertificateResponse, ErrorResponse, HubModuleIdentity, ServerCertificateRequest, SignRequest,
+    SignResponse, TrustBundleResponse, WORKLOAD_API_VERSION,
 };
 
 /// Client errors.
@@ -173,6 +173,18 @@ impl WorkloadClient {
         );
         let r: SignResponse = json_call(&self.socket, "POST", &path, Some(body)).await?;
         Ok(r.digest)
+    }
+
+    /// The module identities with their keys (Verge extension, the hub's
+    /// socket only: `GET /modules/{self}/identities`).
+    pub async fn hub_identities(&self) -> Result<Vec<HubModuleIdentity>, ClientError> {
+        let path = format!("/modules/{}/identities", enc(&self.module_id));
+        json_call(&self.socket, "GET", &path, None).await
+    }
+
+    /// The module id this client acts as.
+    pub fn module_id(&self) -> &str {
+        &self.module_id
     }
 
     /// `POST …/certificate/server` for `common_name` (the hub's TLS certificate).

@@ -22,6 +22,8 @@
 //!
 //! # [edge_ca] cert = "…", pk = "…"        (absent: auto-generated, for testing only)
 //! # auto_generated_edge_ca_expiry_days = 90
+//! # server_cert_lifetime_secs = 120   (testing only: shortens the server certificates
+//! #                                    the workload API issues; default 30 days)
 //! # [moby_runtime] uri = "unix:///var/run/docker.sock", network = "azure-iot-edge"
 //! # [connect] workload_uri = "unix:///var/run/iotedge/workload.sock", management_uri = "…"
 //! # [listen]  workload_uri = "unix://<homedir>/mnt", management_uri = "unix://<homedir>/mgmt.sock"
@@ -107,6 +109,10 @@ pub struct Config {
     pub connect: ConnectConfig,
     /// Where verged listens.
     pub listen: ListenConfig,
+    /// Lifetime of issued server certificates, when shorter than the default
+    /// ([`crate::ca::SERVER_CERT_DAYS`]): a test knob (renewal tests), `None`
+    /// in production.
+    pub server_cert_lifetime_secs: Option<u64>,
 }
 
 /// Manual provisioning result: hub, device and device key.
@@ -210,6 +216,7 @@ struct RawConfig {
     moby_runtime: Option<RawMoby>,
     connect: Option<RawEndpoints>,
     listen: Option<RawEndpoints>,
+    server_cert_lifetime_secs: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -408,6 +415,24 @@ impl Config {
             None => format!("unix://{}", management_socket.display()),
         };
 
+        // Test knob: at least 10 s (renewal needs time to happen), and
+        // never longer than the default.
+        let server_cert_lifetime_secs = match &raw.server_cert_lifetime_secs {
+            Some(v) => {
+                let max = crate::ca::SERVER_CERT_DAYS * 86_400;
+                let secs = *v.get_ref();
+                if !(10..=max).contains(&secs) {
+                    return Err(ctx.err(
+                        Some(v.span()),
+                        "server_cert_lifetime_secs",
+                        format!("must be between 10 and {max} (30 days)"),
+                    ));
+                }
+                u64::try_from(secs).ok()
+            }
+            None => None,
+        };
+
         Ok(Config {
             source_path: path.to_path_buf(),
             hostname,
@@ -426,6 +451,7 @@ impl Config {
                 workload_dir,
                 management_socket,
             },
+            server_cert_lifetime_secs,
         })
     }
 }

@@ -56,6 +56,13 @@ pub async fn run(
         Ok((identities, ca))
     })
     .await??;
+    if let Some(secs) = config.server_cert_lifetime_secs {
+        tracing::warn!(
+            secs,
+            "server_cert_lifetime_secs is set: server certificates are short-lived (testing only)"
+        );
+        ca.set_server_cert_lifetime(secs);
+    }
 
     let state = Arc::new(DaemonState {
         device_id: config.provisioning.device_id.clone(),

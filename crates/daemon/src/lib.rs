@@ -10,12 +10,16 @@
 //! * [`resources`]: host and per-module resource use from `/proc`.
 //! * [`env`]: the environment injected into modules.
 //! * [`client`]: a small client for both APIs (the hub uses
-//!   [`client::WorkloadClient::server_certificate`] for its TLS certificate).
+//!   [`client::WorkloadClient::server_certificate`] for its TLS certificate
+//!   and [`client::WorkloadClient::hub_identities`] for the module keys it
+//!   checks tokens with).
 //! * [`daemon`]: startup, agent watchdog, shutdown.
 //!
 //! Module keys are never stored: `device_key.derive_module_key(module, generation_id)`
 //! (see `verge_core::sas::SharedAccessKey::derive_module_key`), so a hub that
-//! knows the device key can verify module SAS tokens offline.
+//! knows the device key can verify module SAS tokens offline. A hub run by
+//! verged gets the module keys (never the device key) from the workload API
+//! instead (`GET /modules/$edgeHub/identities`, see [`workload`]).
 
 pub mod api;
 pub mod ca;

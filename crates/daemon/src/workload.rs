@@ -11,6 +11,23 @@
 //! Unix user, so a misbehaving process could open another module's socket
 //! file; the socket mode (0666) does not prevent that — use Docker (or
 //! separate users) where modules do not trust each other.
+//!
+//! # Verge extension: the hub's identity source
+//!
+//! `GET /modules/$edgeHub/identities?api-version=…` (also `edgeHub`, the
+//! runtime name) answers `200 [{"moduleId","generationId","key"}]`: every
+//! module identity of this device with its SAS key (base64). The hub needs
+//! the keys to check module SAS tokens itself, also while verged is down
+//! (aziot's edgeHub gets the same keys from the cloud's device scope). It is
+//! served on the `$edgeHub` socket only; any other socket gets 403, also
+//! when it names itself. Why this is safe:
+//!
+//! * only the hub's socket answers, and socket = caller identity (see above);
+//! * the hub is the party that verifies module tokens, so it must hold the
+//!   keys anyway; it gets module keys only, never the device key, so it
+//!   cannot derive keys of identities created later or act as the device;
+//! * nothing is logged: neither the handler nor the HTTP layer logs bodies,
+//!   and the response type's `Debug` leaves the key out.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -30,8 +47,8 @@ use verge_core::id::{DeviceId, HubHostname};
 
 use crate::api::{
     CertificateResponse, DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse,
-    IdentityCertificateRequest, PrivateKey, ServerCertificateRequest, SignRequest, SignResponse,
-    TrustBundleResponse,
+    HubModuleIdentity, IdentityCertificateRequest, PrivateKey, ServerCertificateRequest,
+    SignRequest, SignResponse, TrustBundleResponse,
 };
 use crate::ca::{CaError, EdgeCa, IssuedCert, IssuedKind};
 use crate::http::{
@@ -74,6 +91,7 @@ pub fn router(state: Arc<DaemonState>, module_id: &str) -> Router {
         .route("/modules/{name}/genid/{genid}/encrypt", post(encrypt))
         .route("/modules/{name}/genid/{genid}/decrypt", post(decrypt))
         .route("/modules/{name}/certificate/identity", post(identity_cert))
+        .route("/modules/{name}/identities", get(hub_identities))
         .route(
             "/modules/{name}/genid/{genid}/certificate/server",
             post(server_cert),
@@ -108,6 +126,38 @@ impl ModuleCtx {
         }
         Ok(identity)
     }
+}
+
+/// The hub module's identity id.
+pub const HUB_MODULE_ID: &str = "$edgeHub";
+
+/// `GET /modules/$edgeHub/identities`: see the module docs.
+async fn hub_identities(
+    State(ctx): State<ModuleCtx>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    // The socket must be the named module's, and that module the hub.
+    ctx.authorize(&name, None).await?;
+    if ctx.module_id != HUB_MODULE_ID {
+        return Err(ApiError::forbidden(format!(
+            "module identities are served to {HUB_MODULE_ID} only, not to {}",
+            ctx.module_id
+        )));
+    }
+    let mut out = Vec::new();
+    for identity in ctx.state.identities.list().await {
+        let key = ctx
+            .state
+            .identities
+            .module_key(&identity)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        out.push(HubModuleIdentity {
+            module_id: identity.module_id,
+            generation_id: identity.generation_id,
+            key: key.to_base64(),
+        });
+    }
+    Ok(json_response(StatusCode::OK, &out))
 }
 
 fn b64(field: &str, v: &str) -> Result<Vec<u8>, ApiError> {

@@ -4,10 +4,28 @@
 //! next to [`SasAuthenticator`] without touching the connection code. The
 //! credential types and the username check are verge-endpoint's, shared
 //! with verge-cloud.
+//!
+//! # The key table
+//!
+//! [`SasAuthenticator`] checks tokens against one table, identity → keys,
+//! merged from three sources and swapped whole (readers never see half an
+//! update):
+//!
+//! 1. the configuration file: the edge device's `device_key`, `[modules]`
+//!    keys derived from it, `[devices]` keys (these win over the others);
+//! 2. module identities from verged ([`SasAuthenticator::set_modules`],
+//!    edge-environment mode, see [`crate::identity`]);
+//! 3. child devices from the cloud's device scope
+//!    ([`SasAuthenticator::set_scope_devices`], see [`crate::identity_scope`]).
+//!
+//! A token for an unknown identity, or one whose signature does not match,
+//! bumps [`SasAuthenticator::misses`] so the sources can refresh early (a
+//! module created or rotated since the last fetch is accepted on its retry).
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
 
-use verge_core::{ClientId, DeviceId, ModuleId, SasToken, SharedAccessKey};
+use verge_core::{ClientId, DeviceId, ModuleId, SasError, SasToken, SharedAccessKey};
 
 use crate::config::Config;
 
@@ -19,47 +37,151 @@ pub trait Authenticator: Send + Sync + 'static {
     fn authenticate(&self, creds: &Credentials<'_>) -> Result<ClientId, AuthError>;
 }
 
-/// Checks SAS tokens signed with device keys or module keys derived from the
-/// edge device's key.
+/// The keys of one identity: a token signed with either is accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityKeys {
+    /// Primary key (the one the hub signs with on the identity's behalf).
+    pub primary: SharedAccessKey,
+    /// Secondary key, if the source has one.
+    pub secondary: Option<SharedAccessKey>,
+}
+
+impl IdentityKeys {
+    /// One key.
+    pub fn single(key: SharedAccessKey) -> Self {
+        Self {
+            primary: key,
+            secondary: None,
+        }
+    }
+}
+
+/// Identity → keys.
+pub type KeyTable = HashMap<ClientId, IdentityKeys>;
+
+/// Checks SAS tokens against the merged key table (see the module docs).
 pub struct SasAuthenticator {
     hosts: Vec<String>,
-    keys: HashMap<ClientId, SharedAccessKey>,
+    /// From the configuration file; fixed for the hub's lifetime.
+    fixed: KeyTable,
+    /// Module identities from verged and child devices from the cloud.
+    dynamic: Mutex<(KeyTable, KeyTable)>,
+    /// The merged table in force.
+    table: RwLock<Arc<KeyTable>>,
+    /// Counts authentication misses; every source watches it.
+    misses: tokio::sync::watch::Sender<u64>,
 }
 
 impl SasAuthenticator {
     /// Builds the key table from the configuration.
     pub fn from_config(cfg: &Config) -> anyhow::Result<Self> {
-        let device_key = SharedAccessKey::from_base64(&cfg.device_key)
-            .map_err(|e| anyhow::anyhow!("device_key: {}", e.reason))?;
         let edge = DeviceId::new(cfg.device_id.as_str())?;
         let mut keys = HashMap::new();
-        for (m, gen_id) in &cfg.modules {
-            let module = ModuleId::new(m.as_str())?;
-            let key = device_key.derive_module_key(&module, gen_id);
-            keys.insert(ClientId::module(edge.clone(), module), key);
+        // Empty in edge-environment mode: module keys come from verged.
+        if !cfg.device_key.is_empty() {
+            let device_key = SharedAccessKey::from_base64(&cfg.device_key)
+                .map_err(|e| anyhow::anyhow!("device_key: {}", e.reason))?;
+            for (m, gen_id) in &cfg.modules {
+                let module = ModuleId::new(m.as_str())?;
+                let key = device_key.derive_module_key(&module, gen_id);
+                keys.insert(
+                    ClientId::module(edge.clone(), module),
+                    IdentityKeys::single(key),
+                );
+            }
+            keys.insert(ClientId::device(edge), IdentityKeys::single(device_key));
         }
         for (d, k) in &cfg.devices {
             let key = SharedAccessKey::from_base64(k)
                 .map_err(|e| anyhow::anyhow!("devices.{d}: {}", e.reason))?;
-            keys.insert(ClientId::device(DeviceId::new(d.as_str())?), key);
+            keys.insert(
+                ClientId::device(DeviceId::new(d.as_str())?),
+                IdentityKeys::single(key),
+            );
         }
-        keys.insert(ClientId::device(edge), device_key);
+        let mut hosts = vec![cfg.iothub_hostname.clone(), cfg.hostname.clone()];
+        if let Some(edge) = &cfg.edge
+            && !hosts.contains(&edge.gateway_hostname)
+        {
+            // Clients of an edge-environment hub sign for the name they dial.
+            hosts.push(edge.gateway_hostname.clone());
+        }
         Ok(Self {
-            hosts: vec![cfg.iothub_hostname.clone(), cfg.hostname.clone()],
-            keys,
+            hosts,
+            table: RwLock::new(Arc::new(keys.clone())),
+            fixed: keys,
+            dynamic: Mutex::new((HashMap::new(), HashMap::new())),
+            misses: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// Replaces the module identities from verged (whole).
+    pub fn set_modules(&self, modules: KeyTable) {
+        let mut d = self.dynamic.lock().unwrap_or_else(|p| p.into_inner());
+        d.0 = modules;
+        self.merge(&d);
+    }
+
+    /// Replaces the child devices from the cloud's device scope (whole).
+    pub fn set_scope_devices(&self, devices: KeyTable) {
+        let mut d = self.dynamic.lock().unwrap_or_else(|p| p.into_inner());
+        d.1 = devices;
+        self.merge(&d);
+    }
+
+    /// Builds the merged table and swaps it in. Called with `dynamic` locked,
+    /// so concurrent updates cannot swap in each other's stale halves.
+    fn merge(&self, dynamic: &(KeyTable, KeyTable)) {
+        let (modules, scope) = dynamic;
+        let mut table = scope.clone();
+        table.extend(modules.iter().map(|(k, v)| (k.clone(), v.clone())));
+        table.extend(self.fixed.iter().map(|(k, v)| (k.clone(), v.clone())));
+        *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+    }
+
+    /// The merged key table in force (every identity the hub holds keys for).
+    pub fn keys(&self) -> Arc<KeyTable> {
+        self.table.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The key the hub holds for `id` (primary), if any: what the upstream
+    /// signs with on the identity's behalf.
+    pub fn key_for(&self, id: &ClientId) -> Option<SharedAccessKey> {
+        self.keys().get(id).map(|k| k.primary.clone())
+    }
+
+    /// Changes whenever a token for an unknown identity or with a wrong
+    /// signature was seen (each identity source keeps a receiver).
+    pub fn misses(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.misses.subscribe()
+    }
+
+    fn missed(&self) {
+        self.misses.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Verifies a bare SAS token for `client` (HTTP callers).
     pub fn verify_token(&self, client: &ClientId, token: &str) -> Result<(), AuthError> {
-        let key = self
-            .keys
-            .get(client)
-            .ok_or_else(|| AuthError::UnknownIdentity(client.to_string()))?;
+        let table = self.keys();
+        let Some(keys) = table.get(client) else {
+            self.missed();
+            return Err(AuthError::UnknownIdentity(client.to_string()));
+        };
         let token = SasToken::parse(token)?;
         let hosts: Vec<&str> = self.hosts.iter().map(String::as_str).collect();
-        token.verify(key, &hosts, client, unix_now())?;
-        Ok(())
+        match token.verify(&keys.primary, &hosts, client, unix_now()) {
+            Err(SasError::BadSignature) => {
+                if let Some(second) = &keys.secondary
+                    && token.verify_signature(second).is_ok()
+                {
+                    return Ok(());
+                }
+                // Perhaps a module rotated since the last fetch.
+                self.missed();
+                Err(AuthError::Token(SasError::BadSignature))
+            }
+            other => Ok(other?),
+        }
     }
 }
 
@@ -74,5 +196,76 @@ impl Authenticator for SasAuthenticator {
         let token = std::str::from_utf8(password).map_err(|_| AuthError::NotUtf8)?;
         self.verify_token(&client, token)?;
         Ok(client)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn cfg() -> Config {
+        Config::from_toml(
+            "iothub_hostname = \"hub\"\ndevice_id = \"edge\"\nstorage_dir = \"/tmp/x\"\n\
+             [devices]\nleaf = \"AAAAAAAAAAAAAAAAAAAAAA==\"\n",
+        )
+        .unwrap()
+    }
+
+    fn token(id: &ClientId, key: &SharedAccessKey) -> String {
+        let resource = match &id.module {
+            Some(m) => format!("hub/devices/{}/modules/{m}", id.device),
+            None => format!("hub/devices/{}", id.device),
+        };
+        SasToken::sign(&resource, key, unix_now() + 600, None).to_string()
+    }
+
+    #[tokio::test]
+    async fn table_is_swapped_whole_and_config_wins() {
+        let auth = SasAuthenticator::from_config(&cfg()).unwrap();
+        let mut misses = auth.misses();
+        let m = ClientId::parse("edge/modA").unwrap();
+        let leaf = ClientId::parse("leaf").unwrap();
+        let child = ClientId::parse("child").unwrap();
+        let k1 = SharedAccessKey::from_bytes(vec![1u8; 32]);
+        let k2 = SharedAccessKey::from_bytes(vec![2u8; 32]);
+        assert!(matches!(
+            auth.verify_token(&m, &token(&m, &k1)),
+            Err(AuthError::UnknownIdentity(_))
+        ));
+        // The miss was signalled.
+        assert!(misses.has_changed().unwrap());
+        misses.mark_unchanged();
+        auth.set_modules(HashMap::from([(
+            m.clone(),
+            IdentityKeys::single(k1.clone()),
+        )]));
+        auth.verify_token(&m, &token(&m, &k1)).unwrap();
+        // A scope entry for a configured device does not replace it.
+        auth.set_scope_devices(HashMap::from([
+            (leaf.clone(), IdentityKeys::single(k2.clone())),
+            (
+                child.clone(),
+                IdentityKeys {
+                    primary: k1.clone(),
+                    secondary: Some(k2.clone()),
+                },
+            ),
+        ]));
+        assert!(auth.verify_token(&leaf, &token(&leaf, &k2)).is_err());
+        auth.verify_token(&child, &token(&child, &k2)).unwrap();
+        // Modules survive a scope update, and the other way round.
+        auth.verify_token(&m, &token(&m, &k1)).unwrap();
+        auth.set_modules(HashMap::from([(
+            m.clone(),
+            IdentityKeys::single(k2.clone()),
+        )]));
+        assert!(matches!(
+            auth.verify_token(&m, &token(&m, &k1)),
+            Err(AuthError::Token(SasError::BadSignature))
+        ));
+        auth.verify_token(&child, &token(&child, &k1)).unwrap();
+        assert_eq!(auth.key_for(&m), Some(k2));
+        assert_eq!(auth.keys().len(), 3);
     }
 }

@@ -23,6 +23,12 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let cfg = verge_hub::config::Config::load(&args.config)?;
+    // Run by verged as its edgeHub module: identities and certificate from
+    // verged for whatever the file leaves out.
+    let edge = verge_hub::identity::EdgeEnv::from_env().map_err(|e| anyhow::anyhow!(e))?;
+    let cfg = cfg
+        .with_edge_env(edge)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
     let mut hub = verge_hub::Hub::start(cfg).await?;
     tokio::select! {
         _ = hub.wait() => anyhow::bail!("a hub task stopped unexpectedly"),

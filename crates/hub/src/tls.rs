@@ -28,3 +28,77 @@ pub fn acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::TlsAcce
     .context("TLS certificate and key do not form a valid identity")?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
+
+/// The server identity when it changes while the hub runs (certificates
+/// issued by verged expire): handshakes take whatever [`SwappableCert::set`]
+/// put in last; connections keep the certificate they were opened with.
+#[derive(Debug)]
+pub struct SwappableCert {
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl SwappableCert {
+    /// Starts with `initial`.
+    pub fn new(initial: rustls::sign::CertifiedKey) -> Self {
+        Self {
+            current: std::sync::RwLock::new(Arc::new(initial)),
+        }
+    }
+
+    /// Replaces the certificate for handshakes from now on.
+    pub fn set(&self, next: rustls::sign::CertifiedKey) {
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(next);
+    }
+
+    /// The certificate in force.
+    pub fn current(&self) -> Arc<rustls::sign::CertifiedKey> {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for SwappableCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+/// A certified key from a PEM chain (leaf first) and a PEM private key.
+pub fn certified_key(chain_pem: &str, key_pem: &str) -> anyhow::Result<rustls::sign::CertifiedKey> {
+    crate::install_crypto_provider();
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .context("parsing the certificate chain")?;
+    if certs.is_empty() {
+        anyhow::bail!("the certificate chain holds no certificate");
+    }
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).context("parsing the private key")?;
+    let signing = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key)
+        .context("unsupported private key")?;
+    let ck = rustls::sign::CertifiedKey::new(certs, signing);
+    ck.keys_match()
+        .context("the certificate and the private key do not match")?;
+    Ok(ck)
+}
+
+/// An acceptor (TLS 1.3 and 1.2) that takes its certificate from `certs` at
+/// every handshake.
+pub fn acceptor_with(certs: Arc<SwappableCert>) -> tokio_rustls::TlsAcceptor {
+    crate::install_crypto_provider();
+    let config = rustls::ServerConfig::builder_with_protocol_versions(&[
+        &rustls::version::TLS13,
+        &rustls::version::TLS12,
+    ])
+    .with_no_client_auth()
+    .with_cert_resolver(certs);
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}

@@ -28,11 +28,19 @@
 //!   `contentEncoding`, `properties` (object), `body` (base64). With
 //!   `follow=true` the stream stays open and new messages follow.
 //!
-//! Every request needs `Authorization: SharedAccessSignature …` signed with
+//! For edge hubs (nested-edge shape, see [`scope`]):
+//!
+//! * `POST /devices/{edge}/modules/$edgeHub/devicesAndModulesInTargetDeviceScope`
+//!   — the edge device's children and modules with their keys, authorized by
+//!   the edge device's own SAS token (or its `$edgeHub` module's), not by
+//!   the shared access policy, and for its own scope only.
+//!
+//! Every other request needs `Authorization: SharedAccessSignature …` signed with
 //! the shared access policy's key (see [`auth`]); errors are IoT Hub-shaped:
 //! `{"Message": "ErrorCode:<code>;<text>", "ExceptionMessage": ""}`.
 
 pub mod auth;
+pub mod scope;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -140,6 +148,12 @@ pub fn router(state: ApiState) -> Router {
         .route("/verge/messages", get(d2c_messages))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        // Added after the policy check's layer, so outside it: the edge
+        // device authenticates itself (see `scope`).
+        .route(
+            "/devices/{id}/modules/{mid}/devicesAndModulesInTargetDeviceScope",
+            post(scope::devices_and_modules_in_scope),
+        )
         .with_state(state)
 }
 
