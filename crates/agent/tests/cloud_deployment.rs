@@ -6,10 +6,9 @@
 //! Identity: verged derives each module's key from the device key
 //! (`derive_module_key(moduleId, generationId)`) and signs the agent's tokens
 //! through the workload API; verge-cloud checks module tokens against the
-//! keys registered for the module. The test therefore registers, with the
-//! service SDK, the `$edgeAgent` keys verged derives for the generation id it
-//! assigned (read from verged's management API `GET /identities`) — what
-//! Azure's identity service does when it creates module identities in the hub.
+//! keys registered for the module. verged registers its module identities
+//! in the cloud itself, as the device, on the cloud's HTTPS port
+//! (`[provisioning] https_port`) — what Azure's identity service does.
 //! verged trusts verge-cloud's CA through `trust_bundle_cert`, so the agent
 //! gets it from the workload API's trust bundle; the cloud's MQTT port goes to
 //! the agent through verged's `[agent.env]` (`VERGE_AGENT_UPSTREAM_PORT`).
@@ -33,7 +32,6 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::{Pid, getpgid};
 use serde_json::{Value, json};
-use verge_core::{ModuleId, SharedAccessKey};
 use verge_daemon::client::request;
 
 /// The edge device's key (verged's provisioning and the cloud registry).
@@ -420,6 +418,14 @@ impl Harness {
 
     fn write_verged_config(&self, mqtt_port: u16) {
         let storage = self.dir.path().join("agent");
+        // verged registers module identities on the cloud's HTTPS port.
+        let https_port: u16 = self
+            .service_cs
+            .split(';')
+            .find_map(|f| f.strip_prefix("HostName="))
+            .and_then(|h| h.rsplit_once(':'))
+            .and_then(|(_, p)| p.parse().ok())
+            .unwrap();
         std::fs::write(
             &self.cfg,
             format!(
@@ -430,6 +436,7 @@ trust_bundle_cert = "{ca}"
 [provisioning]
 source = "manual"
 connection_string = "HostName=127.0.0.1;DeviceId={DEVICE};SharedAccessKey={KEY}"
+https_port = {https_port}
 
 [agent]
 name = "edgeAgent"
@@ -540,30 +547,6 @@ async fn deployment_from_verge_cloud_reaches_the_agent_and_status_comes_back() {
     h.write_verged_config(mqtt_port);
     h.start_verged();
     let mgmt = h.mgmt.clone();
-    let generation = wait_until(
-        "verged's $edgeAgent identity",
-        Duration::from_secs(30),
-        async || {
-            let (s, v) = get_json(&mgmt, &format!("/identities?{MV}")).await?;
-            (s == 200).then_some(())?;
-            v["identities"]
-                .as_array()?
-                .iter()
-                .find(|i| i["moduleId"] == "$edgeAgent")
-                .and_then(|i| i["generationId"].as_str())
-                .map(str::to_owned)
-        },
-    )
-    .await;
-    let device_key = SharedAccessKey::from_base64(KEY).unwrap();
-    let agent_key = device_key
-        .derive_module_key(&ModuleId::new("$edgeAgent").unwrap(), &generation)
-        .to_base64();
-    h.sdk(
-        json!({"op": "module_keys", "device": DEVICE, "module": "$edgeAgent",
-                 "pk": agent_key, "sk": agent_key}),
-    )
-    .await;
 
     // Before any deployment, the agent reports "no deployment" (417) upstream:
     // the link works both ways before anything is deployed.

@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use verge_runtime::{ModuleRuntime, ModuleSpec, ModuleStatus};
 
 use crate::ca::EdgeCa;
+use crate::cloud_identities::{CloudIdentities, CloudTarget};
 use crate::config::{AgentKind, Config};
 use crate::env::{EnvContext, WorkloadUriStyle, agent_env};
 use crate::http::{ServedSocket, bind_unix};
@@ -134,6 +135,26 @@ pub async fn run(
 
     let renewal = ca.spawn_renewal(Duration::from_secs(3600));
 
+    // Module identities in the cloud, in the background: never in the way
+    // of module start-up or the management API (see `cloud_identities`).
+    let (cloud_stop_tx, cloud_stop_rx) = tokio::sync::watch::channel(false);
+    let cloud_sync = match CloudIdentities::new(
+        CloudTarget {
+            hub: config.provisioning.iothub_hostname.clone(),
+            https_port: config.provisioning.https_port,
+            device_id: config.provisioning.device_id.clone(),
+            trust_pem: ca.trust_bundle(),
+        },
+        identities.clone(),
+    ) {
+        Ok(c) => Some(tokio::spawn(c.run(cloud_stop_rx))),
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"),
+                "cannot set up the HTTPS client; module identities are not registered in the cloud");
+            None
+        }
+    };
+
     // The agent.
     let agent_socket = sockets.socket_path(&agent_identity.module_id);
     let agent_workload_env = match config.agent.kind {
@@ -197,6 +218,14 @@ pub async fn run(
         tracing::warn!("the agent watchdog did not stop in time");
     }
     renewal.abort();
+    let _ = cloud_stop_tx.send(true);
+    if let Some(task) = cloud_sync
+        && tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .is_err()
+    {
+        tracing::warn!("the cloud identity registration did not stop in time");
+    }
     mgmt.shutdown().await;
     sockets.shutdown_all().await;
     tracing::info!("stopped");

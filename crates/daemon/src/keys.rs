@@ -155,9 +155,43 @@ pub struct ModuleIdentity {
     pub auth_type: String,
 }
 
+/// A deleted identity the cloud may still hold (see [`IdentityStore::deleted`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Tombstone {
+    /// The deleted identity's id.
+    pub module_id: String,
+    /// Its generation id when deleted: tells this deletion from a later one.
+    pub generation_id: String,
+}
+
+/// At most this many deletions wait for the cloud; beyond, the oldest is
+/// dropped (its cloud identity stays until deleted by hand).
+pub const MAX_TOMBSTONES: usize = 1024;
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct IdentityFile {
     identities: Vec<ModuleIdentity>,
+    /// Deletions not yet done in the cloud (absent in older files).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    deleted: Vec<Tombstone>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Identities {
+    map: BTreeMap<String, ModuleIdentity>,
+    deleted: Vec<Tombstone>,
+}
+
+/// Records a deletion (replacing an older one of the same id), keeping at most `max`.
+fn push_tombstone(deleted: &mut Vec<Tombstone>, t: Tombstone, max: usize) {
+    deleted.retain(|d| d.module_id != t.module_id);
+    deleted.push(t);
+    while deleted.len() > max {
+        let dropped = deleted.remove(0);
+        tracing::warn!(module = %dropped.module_id,
+            "too many identity deletions wait for the cloud; forgetting the oldest");
+    }
 }
 
 /// The persisted module identities.
@@ -165,8 +199,11 @@ struct IdentityFile {
 pub struct IdentityStore {
     path: PathBuf,
     device_key: SharedAccessKey,
-    inner: Arc<tokio::sync::Mutex<BTreeMap<String, ModuleIdentity>>>,
+    inner: Arc<tokio::sync::Mutex<Identities>>,
     last_gen: Arc<std::sync::atomic::AtomicU64>,
+    /// Bumped after every persisted create, update or delete, so the cloud
+    /// registration (see `cloud_identities`) follows without being called.
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// .NET ticks at the Unix epoch (generation ids look like aziot's 18-digit ones).
@@ -176,26 +213,31 @@ impl IdentityStore {
     /// Opens (blocking; call at startup) `<homedir>/identities.json`.
     pub fn open(homedir: &Path, device_key: SharedAccessKey) -> Result<Self, StoreError> {
         let path = homedir.join("identities.json");
-        let map = match std::fs::read(&path) {
+        let state = match std::fs::read(&path) {
             Ok(bytes) => {
                 let file: IdentityFile =
                     serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
                         path: path.clone(),
                         reason: e.to_string(),
                     })?;
-                file.identities
-                    .into_iter()
-                    .map(|i| (i.module_id.clone(), i))
-                    .collect()
+                Identities {
+                    map: file
+                        .identities
+                        .into_iter()
+                        .map(|i| (i.module_id.clone(), i))
+                        .collect(),
+                    deleted: file.deleted,
+                }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Identities::default(),
             Err(e) => return Err(io_err("reading", &path)(e)),
         };
         Ok(Self {
             path,
             device_key,
-            inner: Arc::new(tokio::sync::Mutex::new(map)),
+            inner: Arc::new(tokio::sync::Mutex::new(state)),
             last_gen: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            changes: Arc::new(tokio::sync::watch::channel(0).0),
         })
     }
 
@@ -218,9 +260,10 @@ impl IdentityStore {
         }
     }
 
-    async fn persist(&self, map: &BTreeMap<String, ModuleIdentity>) -> Result<(), StoreError> {
+    async fn persist(&self, state: &Identities) -> Result<(), StoreError> {
         let file = IdentityFile {
-            identities: map.values().cloned().collect(),
+            identities: state.map.values().cloned().collect(),
+            deleted: state.deleted.clone(),
         };
         let bytes = serde_json::to_vec_pretty(&file).map_err(|e| StoreError::Corrupt {
             path: self.path.clone(),
@@ -249,8 +292,8 @@ impl IdentityStore {
         managed_by: &str,
     ) -> Result<ModuleIdentity, StoreError> {
         let id = Self::validate(module_id)?;
-        let mut map = self.inner.lock().await;
-        if map.contains_key(&id) {
+        let mut state = self.inner.lock().await;
+        if state.map.contains_key(&id) {
             return Err(StoreError::AlreadyExists(id));
         }
         let identity = ModuleIdentity {
@@ -259,10 +302,13 @@ impl IdentityStore {
             managed_by: managed_by.to_owned(),
             auth_type: "Sas".to_owned(),
         };
-        let mut next = map.clone();
-        next.insert(id, identity.clone());
+        let mut next = state.clone();
+        // Re-created: the cloud gets the new identity, not a deletion.
+        next.deleted.retain(|t| t.module_id != id);
+        next.map.insert(id, identity.clone());
         self.persist(&next).await?;
-        *map = next;
+        *state = next;
+        self.changed();
         Ok(identity)
     }
 
@@ -289,8 +335,8 @@ impl IdentityStore {
         managed_by: Option<&str>,
     ) -> Result<ModuleIdentity, StoreError> {
         let id = Self::validate(module_id)?;
-        let mut map = self.inner.lock().await;
-        let Some(current) = map.get(&id).cloned() else {
+        let mut state = self.inner.lock().await;
+        let Some(current) = state.map.get(&id).cloned() else {
             return Err(StoreError::NotFound(id));
         };
         let updated = ModuleIdentity {
@@ -300,24 +346,62 @@ impl IdentityStore {
             managed_by: managed_by.map_or(current.managed_by, str::to_owned),
             ..current
         };
-        let mut next = map.clone();
-        next.insert(id, updated.clone());
+        let mut next = state.clone();
+        next.map.insert(id, updated.clone());
         self.persist(&next).await?;
-        *map = next;
+        *state = next;
+        self.changed();
         Ok(updated)
     }
 
     /// Deletes an identity.
     pub async fn delete(&self, module_id: &str) -> Result<ModuleIdentity, StoreError> {
         let id = canonical_module_id(module_id);
-        let mut map = self.inner.lock().await;
-        let mut next = map.clone();
-        let Some(removed) = next.remove(&id) else {
+        let mut state = self.inner.lock().await;
+        let mut next = state.clone();
+        let Some(removed) = next.map.remove(&id) else {
             return Err(StoreError::NotFound(id));
         };
+        push_tombstone(
+            &mut next.deleted,
+            Tombstone {
+                module_id: id,
+                generation_id: removed.generation_id.clone(),
+            },
+            MAX_TOMBSTONES,
+        );
         self.persist(&next).await?;
-        *map = next;
+        *state = next;
+        self.changed();
         Ok(removed)
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// A receiver that changes after every create, update or delete.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Deleted identities the cloud may still hold, oldest first.
+    pub async fn deleted(&self) -> Vec<Tombstone> {
+        self.inner.lock().await.deleted.clone()
+    }
+
+    /// Forgets deletions done in the cloud. Only exact matches go: a
+    /// tombstone written since (the id re-created and deleted again) stays.
+    pub async fn forget_deleted(&self, done: &[Tombstone]) -> Result<(), StoreError> {
+        let mut state = self.inner.lock().await;
+        if !state.deleted.iter().any(|t| done.contains(t)) {
+            return Ok(());
+        }
+        let mut next = state.clone();
+        next.deleted.retain(|t| !done.contains(t));
+        self.persist(&next).await?;
+        *state = next;
+        Ok(())
     }
 
     /// One identity (either name form).
@@ -325,13 +409,14 @@ impl IdentityStore {
         self.inner
             .lock()
             .await
+            .map
             .get(&canonical_module_id(module_id))
             .cloned()
     }
 
     /// All identities, by id.
     pub async fn list(&self) -> Vec<ModuleIdentity> {
-        self.inner.lock().await.values().cloned().collect()
+        self.inner.lock().await.map.values().cloned().collect()
     }
 
     /// The module's SAS key: derived from the device key, never stored.
@@ -412,6 +497,61 @@ mod tests {
             .mode()
             & 0o777;
         assert_eq!(mode, 0o600);
+    }
+
+    #[tokio::test]
+    async fn deletions_are_remembered_until_done_and_changes_notified() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = IdentityStore::open(dir.path(), key()).unwrap();
+        let mut rx = store.subscribe();
+        let a = store.create("modA", "iotedge").await.unwrap();
+        assert!(rx.has_changed().unwrap());
+        rx.borrow_and_update();
+        store.update("modA", None, None).await.unwrap();
+        assert!(rx.has_changed().unwrap());
+        rx.borrow_and_update();
+        let a2 = store.delete("modA").await.unwrap();
+        assert!(rx.has_changed().unwrap());
+        assert_ne!(a.generation_id, a2.generation_id);
+        let t1 = Tombstone {
+            module_id: "modA".into(),
+            generation_id: a2.generation_id.clone(),
+        };
+        assert_eq!(store.deleted().await, vec![t1.clone()]);
+        // Persisted: a restart still knows.
+        let reopened = IdentityStore::open(dir.path(), key()).unwrap();
+        assert_eq!(reopened.deleted().await, vec![t1.clone()]);
+        // Re-created: no deletion pending.
+        store.create("modA", "iotedge").await.unwrap();
+        assert!(store.deleted().await.is_empty());
+        let gone = store.delete("modA").await.unwrap();
+        let t2 = Tombstone {
+            module_id: "modA".into(),
+            generation_id: gone.generation_id,
+        };
+        // An older deletion confirmed does not clear the newer one.
+        store.forget_deleted(&[t1]).await.unwrap();
+        assert_eq!(store.deleted().await, vec![t2.clone()]);
+        let mut rx = store.subscribe();
+        rx.borrow_and_update();
+        store.forget_deleted(&[t2]).await.unwrap();
+        assert!(store.deleted().await.is_empty());
+        assert!(!rx.has_changed().unwrap(), "forgetting is not a change");
+        let reopened = IdentityStore::open(dir.path(), key()).unwrap();
+        assert!(reopened.deleted().await.is_empty());
+    }
+
+    #[test]
+    fn tombstones_are_bounded_and_one_per_id() {
+        let t = |m: &str, g: &str| Tombstone {
+            module_id: m.into(),
+            generation_id: g.into(),
+        };
+        let mut d = Vec::new();
+        for (m, g) in [("a", "1"), ("b", "1"), ("a", "2"), ("c", "1"), ("d", "1")] {
+            push_tombstone(&mut d, t(m, g), 3);
+        }
+        assert_eq!(d, vec![t("a", "2"), t("c", "1"), t("d", "1")]);
     }
 
     #[test]

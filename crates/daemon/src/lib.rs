@@ -3,6 +3,8 @@
 //! * [`config`]: the TOML config file (aziot `config.toml` shape).
 //! * [`keys`]: the device key on disk, module identities, derived module keys.
 //! * [`ca`]: the edge CA, issued certificates, renewal.
+//! * [`cloud_identities`]: module identities registered in the hub as the
+//!   device, with the derived keys, so module tokens work in the cloud too.
 //! * [`crypto`]: the workload API's encrypt/decrypt scheme.
 //! * [`workload`]: the workload API, one Unix socket per module.
 //! * [`mgmt`]: the management API for the agent (and the CLI's read-only extensions).
@@ -24,6 +26,7 @@
 pub mod api;
 pub mod ca;
 pub mod client;
+pub mod cloud_identities;
 pub mod config;
 pub mod crypto;
 pub mod daemon;

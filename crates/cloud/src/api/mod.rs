@@ -35,11 +35,17 @@
 //!   the edge device's own SAS token (or its `$edgeHub` module's), not by
 //!   the shared access policy, and for its own scope only.
 //!
+//! For edge devices registering their own modules (see [`device_auth`]):
+//! `GET /devices/{d}/modules` and `GET`, `PUT`, `DELETE
+//! /devices/{d}/modules/{m}` also accept the device `{d}`'s own SAS token
+//! (`sr={host}/devices/{d}`); another device's valid token is a 403.
+//!
 //! Every other request needs `Authorization: SharedAccessSignature …` signed with
 //! the shared access policy's key (see [`auth`]); errors are IoT Hub-shaped:
 //! `{"Message": "ErrorCode:<code>;<text>", "ExceptionMessage": ""}`.
 
 pub mod auth;
+pub mod device_auth;
 pub mod scope;
 
 use std::convert::Infallible;
@@ -168,6 +174,23 @@ async fn authorize(State(st): State<ApiState>, req: Request, next: Next) -> Resp
         .and_then(|v| v.to_str().ok());
     match st.auth.verify(token) {
         Ok(()) => next.run(req).await,
+        // The edge device on its own module registry: same handlers.
+        Err(_)
+            if let (Some(device), Some(token)) = (
+                device_auth::module_registry_target(req.method(), req.uri().path()),
+                token,
+            ) =>
+        {
+            match device_auth::verify_device(&st.cloud, &device, token) {
+                Ok(()) => next.run(req).await,
+                Err(device_auth::DeviceAuthError::Forbidden(why)) => scope::forbidden(why),
+                Err(device_auth::DeviceAuthError::Unauthorized(e)) => {
+                    tracing::info!(path = %req.uri().path(), %device, error = %e,
+                        "module registry request not authenticated");
+                    ApiError(e).into_response()
+                }
+            }
+        }
         Err(why) => {
             tracing::info!(path = %req.uri().path(), %why, "service request refused");
             ApiError(CloudError::Unauthorized(why)).into_response()

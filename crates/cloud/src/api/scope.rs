@@ -27,7 +27,8 @@ use crate::error::CloudError;
 /// The module an edge device's hub acts as.
 pub const HUB_MODULE: &str = "$edgeHub";
 
-fn forbidden(why: String) -> Response {
+/// A 403 in IoT Hub's shape (`IotHubUnauthorizedAccess`).
+pub(crate) fn forbidden(why: String) -> Response {
     tracing::info!(%why, "device-scope request refused");
     let body = json!({
         "Message": format!("ErrorCode:IotHubUnauthorizedAccess;{why}"),

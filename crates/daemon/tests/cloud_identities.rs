@@ -1,0 +1,612 @@
+//! End to end with the real `verge-cloud` and `verged` binaries: verged
+//! registers its module identities in the cloud as the device, with the
+//! keys it derives, so a token signed through a module's workload socket
+//! is accepted at the cloud's MQTT device endpoint (CONNACK 0). With the
+//! cloud stopped, identities created and deleted meanwhile (and a verged
+//! restart in between) reach the cloud once it is back; deleting an
+//! identity deletes it in the cloud.
+//!
+//! Everything binds 127.0.0.1 and temp-dir sockets; both processes are
+//! stopped on drop (also on failure) and every wait is bounded.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use verge_core::id::ModuleId;
+use verge_core::sas::{SasToken, SharedAccessKey, url_encode};
+use verge_daemon::client::{WorkloadClient, request};
+
+/// The edge device's key (verged's provisioning and the cloud registry).
+const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+/// The cloud's service policy key.
+const POLICY_KEY: &str = "CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=";
+const DEVICE: &str = "edge1";
+const MV: &str = "api-version=2022-08-03";
+
+/// Builds `bin` of `package` into this test's target directory and profile.
+fn build(package: &str, bin: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // <target>/<profile>/deps/<test>
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
+    let target_dir = profile_dir.parent().unwrap().to_path_buf();
+    let profile = profile_dir
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["build", "--quiet", "-p", package, "--bin", bin])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    match profile.as_str() {
+        "debug" => {}
+        "release" => {
+            cmd.arg("--release");
+        }
+        other => {
+            cmd.args(["--profile", other]);
+        }
+    }
+    let status = cmd.status().unwrap();
+    assert!(status.success(), "building {bin} failed: {status}");
+    let path = profile_dir.join(bin);
+    assert!(path.exists(), "{} missing after the build", path.display());
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn wait_until<T>(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn count(path: &Path, needle: &str) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .matches(needle)
+        .count()
+}
+
+/// SIGTERM, then wait (bounded) for the exit.
+fn terminate(mut child: Child) -> std::process::ExitStatus {
+    kill(
+        Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("process did not exit after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct Harness {
+    dir: tempfile::TempDir,
+    cloud_bin: PathBuf,
+    verged_bin: PathBuf,
+    cloud: Option<Child>,
+    verged: Option<Child>,
+    https_port: u16,
+    mqtt_port: u16,
+    http: Option<reqwest::Client>,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for log in ["cloud.log", "verged.log"] {
+                eprintln!("--- {log} (tail)\n{}", tail(&self.dir.path().join(log), 60));
+            }
+        }
+        for c in [self.verged.take(), self.cloud.take()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = terminate(c);
+        }
+    }
+}
+
+impl Harness {
+    fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+    fn mgmt(&self) -> PathBuf {
+        self.home().join("mgmt.sock")
+    }
+    fn cloud_ca(&self) -> PathBuf {
+        self.dir.path().join("cloud/tls/ca.pem")
+    }
+    fn verged_log(&self) -> PathBuf {
+        self.dir.path().join("verged.log")
+    }
+
+    /// Starts verge-cloud on the harness's fixed ports (same data dir each time).
+    fn start_cloud(&mut self) {
+        let cfg = self.dir.path().join("cloud.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "data_dir = {:?}\nlisten = \"127.0.0.1:{}\"\nmqtt_listen = \"127.0.0.1:{}\"\n[service]\npolicy_key = \"{POLICY_KEY}\"\n",
+                self.dir.path().join("cloud").display().to_string(),
+                self.https_port,
+                self.mqtt_port,
+            ),
+        )
+        .unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("cloud.log"))
+            .unwrap();
+        let mut child = Command::new(&self.cloud_bin)
+            .arg("--config")
+            .arg(&cfg)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        self.cloud = Some(child);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        // The binary prints its addresses once it serves.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .expect("verge-cloud did not report its address");
+            if line.starts_with("listening on https://") {
+                break;
+            }
+        }
+        if self.http.is_none() {
+            let ca = std::fs::read(self.cloud_ca()).unwrap();
+            self.http = Some(
+                reqwest::Client::builder()
+                    .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
+                    .build()
+                    .unwrap(),
+            );
+        }
+    }
+
+    fn stop_cloud(&mut self) {
+        let status = terminate(self.cloud.take().unwrap());
+        assert!(status.success(), "verge-cloud exited with {status}");
+    }
+
+    /// A service API call with the policy token; status and JSON body.
+    async fn service(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let host = format!("127.0.0.1:{}", self.https_port);
+        let token = SasToken::sign(
+            &host,
+            &SharedAccessKey::from_base64(POLICY_KEY).unwrap(),
+            4_000_000_000,
+            Some("iothubowner"),
+        )
+        .to_string();
+        let mut r = self
+            .http
+            .as_ref()
+            .unwrap()
+            .request(
+                method,
+                format!("https://{host}{path}?api-version=2021-04-12"),
+            )
+            .header("Authorization", token);
+        if let Some(b) = body {
+            r = r
+                .header("Content-Type", "application/json")
+                .body(b.to_string());
+        }
+        let r = r.send().await.unwrap();
+        let status = r.status().as_u16();
+        let bytes = r.bytes().await.unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    /// The cloud's primary and secondary key of a module, if registered.
+    async fn cloud_keys(&self, module: &str) -> Option<(String, String)> {
+        let (s, v) = self
+            .service(
+                reqwest::Method::GET,
+                &format!("/devices/{DEVICE}/modules/{}", url_encode(module)),
+                None,
+            )
+            .await;
+        if s != 200 {
+            return None;
+        }
+        let k = &v["authentication"]["symmetricKey"];
+        Some((
+            k["primaryKey"].as_str()?.to_owned(),
+            k["secondaryKey"].as_str()?.to_owned(),
+        ))
+    }
+
+    fn start_verged(&mut self) {
+        let cfg = self.dir.path().join("config.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                r#"hostname = "edge1.local"
+homedir = "{home}"
+trust_bundle_cert = "{ca}"
+
+[provisioning]
+source = "manual"
+connection_string = "HostName=127.0.0.1;DeviceId={DEVICE};SharedAccessKey={KEY}"
+https_port = {port}
+
+[agent]
+name = "edgeAgent"
+type = "process"
+[agent.config]
+image = "/bin/sleep 600"
+
+[edge_ca]
+auto_generated_edge_ca_expiry_days = 30
+"#,
+                home = self.home().display(),
+                ca = self.cloud_ca().display(),
+                port = self.https_port,
+            ),
+        )
+        .unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.verged_log())
+            .unwrap();
+        self.verged = Some(
+            Command::new(&self.verged_bin)
+                .arg("--config")
+                .arg(&cfg)
+                .env("RUST_LOG", "info")
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+    }
+
+    async fn mgmt_call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let r = request(
+            &self.mgmt(),
+            method,
+            &format!("{path}?{MV}"),
+            body.map(|b| b.to_string().into_bytes()),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        (
+            r.status,
+            serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+        )
+    }
+
+    /// verged's generation id of a module identity.
+    async fn generation(&self, module: &str) -> Option<String> {
+        let r = request(
+            &self.mgmt(),
+            "GET",
+            &format!("/identities?{MV}"),
+            None,
+            Duration::from_secs(10),
+        )
+        .await
+        .ok()?;
+        let v: Value = serde_json::from_slice(&r.body).ok()?;
+        v["identities"]
+            .as_array()?
+            .iter()
+            .find(|i| i["moduleId"] == module)?["generationId"]
+            .as_str()
+            .map(str::to_owned)
+    }
+
+    /// Waits until the cloud holds `module` with the key verged derives for it.
+    async fn await_registered(&self, module: &str) -> String {
+        wait_until(
+            &format!("{module} registered in the cloud with the derived key"),
+            Duration::from_secs(90),
+            async || {
+                let generation = self.generation(module).await?;
+                let derived = SharedAccessKey::from_base64(KEY)
+                    .unwrap()
+                    .derive_module_key(&ModuleId::new(module).unwrap(), &generation)
+                    .to_base64();
+                let (p, s) = self.cloud_keys(module).await?;
+                (p == derived && s == derived).then_some(generation)
+            },
+        )
+        .await
+    }
+}
+
+/// A minimal MQTT 3.1.1 CONNECT over TLS; the CONNACK return code.
+async fn mqtt_connect(port: u16, ca: &Path, client_id: &str, password: &str) -> u8 {
+    use rustls_pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let username = format!("127.0.0.1/{client_id}/?api-version=2021-04-12");
+    let field = |out: &mut Vec<u8>, v: &[u8]| {
+        out.extend_from_slice(&u16::try_from(v.len()).unwrap().to_be_bytes());
+        out.extend_from_slice(v);
+    };
+    let mut body = Vec::new();
+    field(&mut body, b"MQTT");
+    body.push(4); // 3.1.1
+    body.push(0b1100_0010); // username, password, clean session
+    body.extend_from_slice(&60u16.to_be_bytes());
+    field(&mut body, client_id.as_bytes());
+    field(&mut body, username.as_bytes());
+    field(&mut body, password.as_bytes());
+    let mut packet = vec![0x10];
+    let mut len = body.len();
+    loop {
+        let mut b = u8::try_from(len % 128).unwrap();
+        len /= 128;
+        if len > 0 {
+            b |= 0x80;
+        }
+        packet.push(b);
+        if len == 0 {
+            break;
+        }
+    }
+    packet.extend_from_slice(&body);
+    s.write_all(&packet).await.unwrap();
+    s.flush().await.unwrap();
+    let mut ack = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut ack))
+        .await
+        .expect("no CONNACK")
+        .unwrap();
+    assert_eq!(&ack[..2], &[0x20, 0x02], "not a CONNACK: {ack:?}");
+    ack[3]
+}
+
+/// A module token signed through the module's own workload socket.
+async fn module_token(home: &Path, module: &str, generation: &str) -> String {
+    // Socket files carry the runtime name (without `$`).
+    let socket = home
+        .join("mnt")
+        .join(format!("{}.sock", module.trim_start_matches('$')));
+    let client = WorkloadClient::new(socket, module, generation);
+    let resource = format!("127.0.0.1/devices/{DEVICE}/modules/{module}");
+    let expiry = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let digest = client
+        .sign(SasToken::string_to_sign(&resource, expiry).as_bytes())
+        .await
+        .unwrap();
+    SasToken::from_signature(&resource, digest, expiry, None).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn module_identities_reach_the_cloud_with_derived_keys_also_after_an_outage() {
+    let cloud_bin = tokio::task::spawn_blocking(|| build("verge-cloud", "verge-cloud"))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Harness {
+        dir,
+        cloud_bin,
+        verged_bin: PathBuf::from(env!("CARGO_BIN_EXE_verged")),
+        cloud: None,
+        verged: None,
+        https_port: free_port(),
+        mqtt_port: free_port(),
+        http: None,
+    };
+
+    // ---- the cloud knows the edge device (with random system-module keys)
+    h.start_cloud();
+    let (s, v) = h
+        .service(
+            reqwest::Method::PUT,
+            &format!("/devices/{DEVICE}"),
+            Some(
+                json!({"deviceId": DEVICE, "capabilities": {"iotEdge": true},
+                "authentication": {"type": "sas",
+                    "symmetricKey": {"primaryKey": KEY, "secondaryKey": KEY}}}),
+            ),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let random_agent_key = h.cloud_keys("$edgeAgent").await.unwrap();
+
+    // ---- verged: $edgeAgent at startup, $edgeHub and modA through the management API
+    h.start_verged();
+    let agent_gen = h.await_registered("$edgeAgent").await;
+    assert_ne!(h.cloud_keys("$edgeAgent").await.unwrap(), random_agent_key);
+    let (s, v) = h
+        .mgmt_call(
+            "POST",
+            "/identities",
+            Some(json!({"moduleId": "$edgeHub", "managedBy": "iotedge"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let spec = json!({"name": "modA", "type": "docker", "imagePullPolicy": "never",
+        "config": {"settings": {"image": "/bin/sleep 600"}, "env": []}});
+    let (s, v) = h.mgmt_call("POST", "/modules", Some(spec)).await;
+    assert_eq!(s, 201, "{v}");
+    h.await_registered("$edgeHub").await;
+    let gen_a = h.await_registered("modA").await;
+    let (_, v) = h
+        .service(
+            reqwest::Method::GET,
+            &format!("/devices/{DEVICE}/modules/modA"),
+            None,
+        )
+        .await;
+    assert_eq!(v["managedBy"], "iotedge", "{v}");
+
+    // ---- modA's token, signed by verged's workload API, opens the cloud's MQTT endpoint
+    let token = module_token(&h.home(), "modA", &gen_a).await;
+    let ca = h.cloud_ca();
+    let rc = mqtt_connect(h.mqtt_port, &ca, &format!("{DEVICE}/modA"), &token).await;
+    assert_eq!(rc, 0, "CONNACK for modA's workload-signed token");
+    // and a token with the wrong key does not (the check can fail)
+    let wrong = SasToken::sign(
+        &format!("127.0.0.1/devices/{DEVICE}/modules/modA"),
+        &SharedAccessKey::from_bytes(vec![5u8; 32]),
+        4_000_000_000,
+        None,
+    )
+    .to_string();
+    let rc = mqtt_connect(h.mqtt_port, &ca, &format!("{DEVICE}/modA"), &wrong).await;
+    assert_ne!(rc, 0, "a forged token was accepted");
+    let agent_token = module_token(&h.home(), "$edgeAgent", &agent_gen).await;
+    let rc = mqtt_connect(
+        h.mqtt_port,
+        &ca,
+        &format!("{DEVICE}/$edgeAgent"),
+        &agent_token,
+    )
+    .await;
+    assert_eq!(rc, 0, "CONNACK for $edgeAgent's token");
+    assert_eq!(count(&h.verged_log(), "(offline)"), 0);
+
+    // ---- cloud down: the management API does not wait; changes are kept
+    h.stop_cloud();
+    let started = Instant::now();
+    let (s, _) = h
+        .mgmt_call(
+            "POST",
+            "/identities",
+            Some(json!({"moduleId": "modB", "managedBy": "iotedge"})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (s, _) = h.mgmt_call("DELETE", "/identities/modA", None).await;
+    assert_eq!(s, 204);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the management API waited for the cloud: {:?}",
+        started.elapsed()
+    );
+    let log = h.verged_log();
+    wait_until(
+        "verged to notice the outage",
+        Duration::from_secs(30),
+        async || (count(&log, "(offline)") == 1).then_some(()),
+    )
+    .await;
+    // Some retries happen meanwhile; the outage is logged once.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(count(&log, "(offline)"), 1, "offline logged per attempt");
+    // A verged restart meanwhile forgets nothing (the deletion is persisted).
+    let status = terminate(h.verged.take().unwrap());
+    assert!(status.success(), "verged exited with {status}");
+    h.start_verged();
+    wait_until(
+        "the restarted verged to notice the outage",
+        Duration::from_secs(30),
+        async || (count(&log, "(offline)") == 2).then_some(()),
+    )
+    .await;
+
+    // ---- cloud back: modB registered, modA deleted there
+    h.start_cloud();
+    h.await_registered("modB").await;
+    wait_until(
+        "modA deleted in the cloud",
+        Duration::from_secs(90),
+        async || h.cloud_keys("modA").await.is_none().then_some(()),
+    )
+    .await;
+    assert_eq!(count(&log, "(offline)"), 2);
+    assert_eq!(count(&log, "(online)"), 2, "one online per transition");
+    let gone = mqtt_connect(h.mqtt_port, &ca, &format!("{DEVICE}/modA"), &token).await;
+    assert_ne!(gone, 0, "a deleted module still connects");
+
+    // ---- online delete
+    let (s, _) = h.mgmt_call("DELETE", "/identities/modB", None).await;
+    assert_eq!(s, 204);
+    wait_until(
+        "modB deleted in the cloud",
+        Duration::from_secs(30),
+        async || h.cloud_keys("modB").await.is_none().then_some(()),
+    )
+    .await;
+    // System and other identities stay.
+    assert!(h.cloud_keys("$edgeAgent").await.is_some());
+    assert!(h.cloud_keys("$edgeHub").await.is_some());
+
+    let status = terminate(h.verged.take().unwrap());
+    assert!(status.success(), "verged exited with {status}");
+}
