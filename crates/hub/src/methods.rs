@@ -1,7 +1,8 @@
 //! Direct methods: the HTTPS API modules call (`POST /twins/{d}[/modules/{m}]/methods`),
 //! delivered to the target over its MQTT connection as
 //! `$iothub/methods/POST/{name}/?$rid=…` and answered with the callee's
-//! `$iothub/methods/res/{status}/?$rid=…`.
+//! `$iothub/methods/res/{status}/?$rid=…`. The same relay ([`relay`])
+//! carries calls from the cloud that arrive on the target's upstream link.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -134,30 +135,10 @@ async fn invoke(state: &HubState, target: String, headers: &HeaderMap, body: &[u
         .unwrap_or(30)
         .clamp(1, 300);
     let payload = req.get("payload").cloned().unwrap_or(Value::Null);
-    let rid = format!("{:x}", state.next_id());
-    let topic = format!("$iothub/methods/POST/{name}/?$rid={rid}");
-    let Some(conn) = state.sessions.deliverable(&target, &topic) else {
-        return error(
-            StatusCode::NOT_FOUND,
-            format!("{target} is not connected or not listening for methods"),
-        );
-    };
-    let (tx, rx) = oneshot::channel();
-    state.register_method(&target, &rid, tx);
-    let out = Outbound {
-        topic,
-        payload: serde_json::to_vec(&payload).unwrap_or_default().into(),
-        ack: None,
-    };
-    let deadline = Duration::from_secs(timeout);
-    let result = tokio::time::timeout(deadline, async {
-        conn.tx.send(out).await.ok()?;
-        rx.await.ok()
-    })
-    .await;
-    state.forget_method(&target, &rid);
-    match result {
-        Ok(Some((status, payload))) => {
+    // Serializing a Value cannot fail.
+    let payload = Bytes::from(serde_json::to_vec(&payload).unwrap_or_default());
+    match relay(state, &target, name, payload, Duration::from_secs(timeout)).await {
+        Ok((status, payload)) => {
             let payload: Value = if payload.iter().all(u8::is_ascii_whitespace) {
                 Value::Null
             } else {
@@ -170,10 +151,69 @@ async fn invoke(state: &HubState, target: String, headers: &HeaderMap, body: &[u
             )
                 .into_response()
         }
-        Ok(None) => error(StatusCode::NOT_FOUND, format!("{target} disconnected")),
-        Err(_) => error(
-            StatusCode::GATEWAY_TIMEOUT,
-            format!("{target} did not answer within {timeout} s"),
+        Err(e) => error(
+            StatusCode::from_u16(e.status()).unwrap_or(StatusCode::NOT_FOUND),
+            e.to_string(),
         ),
+    }
+}
+
+/// Why a relayed method call got no answer from its target.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RelayError {
+    /// The target is not connected or not subscribed to methods.
+    #[error("{0} is not connected or not listening for methods")]
+    NotListening(String),
+    /// The target's connection ended before it answered.
+    #[error("{0} disconnected")]
+    Disconnected(String),
+    /// No answer in time.
+    #[error("{0} did not answer within {1} s")]
+    Timeout(String, u64),
+}
+
+impl RelayError {
+    /// The status IoT Hub answers with: 404 offline, 504 timeout.
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::NotListening(_) | Self::Disconnected(_) => 404,
+            Self::Timeout(..) => 504,
+        }
+    }
+}
+
+/// Delivers method `name` to `target` (`d` or `d/m`) over its MQTT
+/// connection and waits up to `timeout` for its answer (status, payload).
+/// Used by the HTTP API (module-to-module calls) and by the upstream link
+/// (calls from the cloud).
+pub async fn relay(
+    state: &HubState,
+    target: &str,
+    name: &str,
+    payload: Bytes,
+    timeout: Duration,
+) -> Result<(i64, Bytes), RelayError> {
+    let rid = format!("{:x}", state.next_id());
+    let topic = format!("$iothub/methods/POST/{name}/?$rid={rid}");
+    let Some(conn) = state.sessions.deliverable(target, &topic) else {
+        return Err(RelayError::NotListening(target.to_owned()));
+    };
+    let (tx, rx) = oneshot::channel();
+    state.register_method(target, &rid, tx);
+    let out = Outbound {
+        topic,
+        payload,
+        ack: None,
+    };
+    let result = tokio::time::timeout(timeout, async {
+        conn.tx.send(out).await.ok()?;
+        rx.await.ok()
+    })
+    .await;
+    state.forget_method(target, &rid);
+    match result {
+        Ok(Some(answer)) => Ok(answer),
+        Ok(None) => Err(RelayError::Disconnected(target.to_owned())),
+        Err(_) => Err(RelayError::Timeout(target.to_owned(), timeout.as_secs())),
     }
 }

@@ -14,7 +14,36 @@
 //!   presented (edgeHub does, because it may only hold tokens).
 //! * The edge device's link is always kept up: it is the connectivity probe
 //!   and its state is the overall one ([`UpstreamStats::online`]). Other links
-//!   are opened when their identity first has something to send, and kept.
+//!   are opened when their identity first has something to send, or has a
+//!   local session (connected, or persistent subscriptions) or reported
+//!   patches waiting — a module that never sends still receives — and kept.
+//! * **Everything else an identity does with the cloud rides its link.** On
+//!   every connection (clean session) the link subscribes to twin
+//!   responses, desired patches and methods (and, for a downstream device,
+//!   `devices/{d}/messages/devicebound/#`), then GETs the twin:
+//!   - *Desired*: the cloud's twin replaces the cached one and the client,
+//!     if subscribed, gets one synthesised patch with what changed or was
+//!     removed since the version the hub had (edgeHub's behaviour after a
+//!     reconnect). Live patches are applied in `$version` order and pushed;
+//!     a gap in versions triggers another GET. Every linked identity is
+//!     subscribed, whether or not its client listens right now: the cached
+//!     twin then stays current for GETs served offline, and the cost is one
+//!     filter on a link that exists anyway (for methods).
+//!   - *Reported*: patches the hub answered 204 locally wait, durably and in
+//!     order, in the twins' queue ([`crate::twins`]); after the GET the link
+//!     sends them one at a time (`$iothub/twin/PATCH/properties/reported/`)
+//!     and drops each on the cloud's answer (2xx, or a 4xx that a resend
+//!     would only repeat; 429/5xx are retried after a pause).
+//!   - *Methods*: `$iothub/methods/POST/{name}` is relayed to the local
+//!     client with the HTTP API's machinery ([`methods::relay`]) and its
+//!     answer returned on `$iothub/methods/res/{status}`; a client not
+//!     connected (or not subscribed) is answered 404 at once, no answer in
+//!     [`METHOD_TIMEOUT`] 504. At most [`MAX_RELAYS`] at once (then 429).
+//!   - *C2D* (downstream devices): relayed live, not stored; the PUBACK to
+//!     the cloud (= complete) is sent only after the device's own PUBACK,
+//!     on the same connection. A device not connected here gets no PUBACK:
+//!     the message stays locked until the link's connection ends, then the
+//!     cloud redelivers it or gives up, by its rules.
 //! * A link that is down tries again every `reconnect_ms` (≤ 5 s, measured
 //!   from the start of the previous attempt; each attempt is bounded by
 //!   [`HANDSHAKE_TIMEOUT`]). Connecting wakes the drain, so a backlog starts
@@ -47,9 +76,13 @@ use std::time::Duration;
 use anyhow::Context as _;
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::QoS;
-use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, Packet, Publish};
+use rumqttc::mqttbytes::v4::{
+    Connect, ConnectReturnCode, Packet, PubAck, Publish, Subscribe, SubscribeFilter,
+    SubscribeReasonCode,
+};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
+use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
@@ -59,8 +92,10 @@ use verge_core::message::encode_bag;
 use verge_core::{ClientId, DeviceId, ModuleId, SasToken, SharedAccessKey};
 use verge_store::StoredMessage;
 
-use crate::HubState;
 use crate::config::{Config, UpstreamConfig};
+use crate::session::Outbound;
+use crate::twins::CloudPatch;
+use crate::{HubState, methods, topic};
 
 /// The store endpoint drained here.
 pub const ENDPOINT: &str = "$upstream";
@@ -72,8 +107,24 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// token [`RENEW_MARGIN_SECS`] before expiry (IoT Hub drops it at expiry).
 const TOKEN_TTL_SECS: u64 = 3600;
 const RENEW_MARGIN_SECS: u64 = 300;
-/// Largest packet accepted from the cloud (we only expect acks).
+/// Largest packet accepted from the cloud (a C2D message or method call is
+/// at most 256 KiB, a twin 32 KiB per section).
 const MAX_INBOUND_PACKET: usize = 1 << 20;
+/// Largest packet sent to the cloud (a 256 KiB message plus its topic).
+const MAX_OUTBOUND_PACKET: usize = verge_core::message::MAX_MESSAGE_SIZE + 64 * 1024;
+/// Publishes are coalesced into one write up to about this many bytes.
+const WRITE_BURST_BYTES: usize = 64 * 1024;
+/// Method calls and C2D messages relayed at once per link; beyond, method
+/// calls are answered 429 (bounded: each holds a task until answered).
+const MAX_RELAYS: usize = 64;
+/// Longest a cloud method call waits for the local target (IoT Hub's
+/// maximum response timeout; the cloud's caller usually gives up sooner).
+const METHOD_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a relayed C2D message waits for the device's PUBACK before it
+/// is left to the cloud (which abandons locks after about a minute).
+const C2D_ACK_TIMEOUT: Duration = Duration::from_secs(60);
+/// Pause before a reported patch the cloud deferred (429/5xx) is sent again.
+const REPORTED_RETRY: Duration = Duration::from_secs(1);
 /// How long the drain sleeps when it was not woken (safety net).
 const IDLE_POLL: Duration = Duration::from_secs(1);
 
@@ -219,6 +270,36 @@ pub fn key_for(cfg: &Config, id: &ClientId) -> Option<SharedAccessKey> {
     }
 }
 
+/// The identities behind this edge the hub holds credentials for: its
+/// configured modules and downstream devices.
+fn local_identities(cfg: &Config) -> Vec<ClientId> {
+    let Ok(edge) = DeviceId::new(cfg.device_id.as_str()) else {
+        return Vec::new();
+    };
+    let modules = cfg
+        .modules
+        .keys()
+        .filter_map(|m| ModuleId::new(m.as_str()).ok())
+        .map(|m| ClientId::module(edge.clone(), m));
+    let devices = cfg
+        .devices
+        .keys()
+        .filter_map(|d| DeviceId::new(d.as_str()).ok())
+        .map(ClientId::device);
+    modules.chain(devices).collect()
+}
+
+/// Every identity whose twin the cloud holds and the hub syncs (reported
+/// patches queued for it): the edge device, its modules, downstream devices.
+pub fn synced_identities(cfg: &Config) -> Vec<String> {
+    let mut ids: Vec<String> = local_identities(cfg)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    ids.push(cfg.device_id.clone());
+    ids
+}
+
 /// The sender of a stored message (stamped by the router on ingest).
 fn sender(m: &StoredMessage) -> Option<ClientId> {
     let d = DeviceId::new(m.message.system.connection_device_id.as_deref()?).ok()?;
@@ -281,6 +362,25 @@ impl Drain {
         self.links.get(id)
     }
 
+    /// Opens the link of every configured module and downstream device
+    /// that has a local session (connected, or persistent subscriptions) or
+    /// reported patches waiting: it may never send telemetry, but it must
+    /// receive its desired patches, methods and C2D messages.
+    fn ensure_links(&mut self, state: &Arc<HubState>) {
+        for id in local_identities(&state.cfg) {
+            if self.links.contains_key(&id) {
+                continue;
+            }
+            let name = id.to_string();
+            if state.sessions.is_connected(&name)
+                || !state.sessions.subscriptions(&name).is_empty()
+                || state.twins.has_pending_reported(&name)
+            {
+                self.link(state, &id);
+            }
+        }
+    }
+
     fn edge_online(&self) -> bool {
         self.links
             .get(&self.edge)
@@ -291,7 +391,20 @@ impl Drain {
         let notify = state.endpoint_notify(ENDPOINT);
         let batch_size = self.shared.up.cfg.batch_size;
         let retry = Duration::from_millis(self.shared.up.cfg.reconnect_ms);
+        let mut sessions = state.sessions.watch();
+        let mut reported = state.twins.reported_watch();
+        // Set when a wait below saw a session or twin-queue change (which
+        // marks it seen).
+        let mut recheck = true;
         loop {
+            if std::mem::take(&mut recheck)
+                || sessions.has_changed().unwrap_or(false)
+                || reported.has_changed().unwrap_or(false)
+            {
+                sessions.borrow_and_update();
+                reported.borrow_and_update();
+                self.ensure_links(&state);
+            }
             // Read only while the cloud is reachable: a read while offline
             // would be rewound anyway, and the store counts a message that
             // expires after being read once as seen, not as expired.
@@ -299,6 +412,8 @@ impl Drain {
                 tokio::select! {
                     () = self.shared.link_up.notified() => {}
                     () = tokio::time::sleep(retry) => {}
+                    Ok(()) = sessions.changed() => recheck = true,
+                    Ok(()) = reported.changed() => recheck = true,
                 }
                 continue;
             }
@@ -315,6 +430,8 @@ impl Drain {
                 tokio::select! {
                     () = notify.notified() => {}
                     () = tokio::time::sleep(IDLE_POLL) => {}
+                    Ok(()) = sessions.changed() => recheck = true,
+                    Ok(()) = reported.changed() => recheck = true,
                 }
                 continue;
             };
@@ -440,17 +557,59 @@ enum End {
     Lost(String),
 }
 
-/// One identity's link: connect, serve publishes, reconnect, forever.
+/// Something a link's helper tasks (method and C2D relays) ask its session
+/// to send.
+enum Op {
+    /// A QoS 0 publish (a method's answer).
+    Publish { topic: String, payload: Bytes },
+    /// The PUBACK of a cloud publish received in session `generation` (a
+    /// C2D message the leaf device acknowledged = complete). Dropped if the
+    /// session has changed since: packet ids are per connection.
+    PubAck { generation: u64, pkid: u16 },
+}
+
+/// A link task's long-lived parts, kept across its sessions.
+struct LinkIo {
+    state: Arc<HubState>,
+    /// The identity (`d` or `d/m`).
+    name: String,
+    /// A downstream device (gets C2D).
+    leaf: bool,
+    rx: mpsc::Receiver<Request>,
+    ops_tx: mpsc::Sender<Op>,
+    ops_rx: mpsc::Receiver<Op>,
+    /// Method and C2D relays in progress (aborted with the link).
+    relays: JoinSet<()>,
+    /// Counts sessions, so a relay's PUBACK goes only to the connection
+    /// its publish came on.
+    generation: u64,
+    /// Changes when a reported patch is queued.
+    reported: watch::Receiver<u64>,
+}
+
+/// One identity's link: connect, serve, reconnect, forever.
 async fn run_link(
     shared: Arc<Shared>,
     state: Arc<HubState>,
     id: ClientId,
     key: SharedAccessKey,
-    mut rx: mpsc::Receiver<Request>,
+    rx: mpsc::Receiver<Request>,
     online: watch::Sender<bool>,
 ) {
     let name = id.to_string();
     let is_edge = id.module.is_none() && id.device.as_str() == state.cfg.device_id;
+    let (ops_tx, ops_rx) = mpsc::channel(MAX_RELAYS);
+    let mut io = LinkIo {
+        reported: state.twins.reported_watch(),
+        leaf: id.module.is_none() && !is_edge,
+        name: name.clone(),
+        state: state.clone(),
+        rx,
+        ops_tx,
+        ops_rx,
+        relays: JoinSet::new(),
+        generation: 0,
+    };
     let stats = &state.stats.upstream;
     let interval = Duration::from_millis(shared.up.cfg.reconnect_ms);
     // Last logged state, so transitions are logged once, not per attempt.
@@ -478,9 +637,10 @@ async fn run_link(
                     logged = Some(true);
                     set(true);
                     shared.link_up.notify_one();
+                    io.generation += 1;
                     // A token renewal keeps the link "up": requests wait in
                     // the channel for the next session instead of failing.
-                    session(&shared.up.cfg, stream, &mut rx).await
+                    session(&shared.up.cfg, stream, &mut io).await
                 }
                 Ok(Err(e)) => End::Lost(e),
                 Err(_) => End::Lost("connection attempt timed out".into()),
@@ -503,13 +663,17 @@ async fn run_link(
             }
         };
         // While down, fail what the drain sends (it checks the link state
-        // first, so this only catches races) instead of queueing it.
+        // first, so this only catches races) instead of queueing it, and
+        // drop what relays finish: the cloud's side of those is gone with
+        // the connection (it redelivers C2D; a method caller times out).
         loop {
             tokio::select! {
-                r = rx.recv() => match r {
+                r = io.rx.recv() => match r {
                     Some(req) => drop(req),
                     None => return,
                 },
+                Some(op) = io.ops_rx.recv() => drop(op),
+                Some(_) = io.relays.join_next(), if !io.relays.is_empty() => {}
                 () = tokio::time::sleep_until(next) => break,
             }
         }
@@ -540,7 +704,8 @@ async fn connect(
     );
     let mut c = Connect::new(id.to_string());
     c.keep_alive = up.cfg.keep_alive_secs;
-    // Telemetry only, nothing subscribed: no session state worth keeping.
+    // Subscriptions are made again on every connection, and in-flight
+    // state lives in the store and the twins' queues: nothing to keep.
     c.clean_session = true;
     c.set_credentials(
         format!(
@@ -563,7 +728,7 @@ async fn connect(
 
 async fn write_packet<W: AsyncWrite + Unpin>(w: &mut W, p: &Packet) -> Result<(), String> {
     let mut out = BytesMut::new();
-    p.write(&mut out, verge_core::message::MAX_MESSAGE_SIZE + 64 * 1024)
+    p.write(&mut out, MAX_OUTBOUND_PACKET)
         .map_err(|e| format!("cannot encode: {e}"))?;
     w.write_all(&out).await.map_err(|e| e.to_string())?;
     w.flush().await.map_err(|e| e.to_string())
@@ -590,25 +755,107 @@ async fn read_packet<R: AsyncRead + Unpin>(
     }
 }
 
-/// Serves a connected link: publishes requests, completes them on PUBACK,
-/// keeps the connection alive. In-flight requests are dropped (= failed)
-/// when it ends.
+/// A twin request sent on a link, by `$rid`.
+enum TwinReq {
+    /// Full GET: the cloud's twin replaces the cached one.
+    Sync,
+    /// Reported patch `seq` of the identity's queue.
+    Reported(u64),
+}
+
+/// What a session must do after handling an inbound packet.
+enum Next {
+    Continue,
+    /// GET the full twin (desired versions were skipped).
+    Resync,
+}
+
+/// Serves a connected link: subscribes (twin responses, desired patches,
+/// methods, C2D for a downstream device), GETs the twin, publishes
+/// telemetry requests and completes them on PUBACK, sends queued reported
+/// patches one at a time, relays what the cloud sends, keeps the
+/// connection alive. In-flight requests are dropped (= failed) when it ends.
 async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     cfg: &UpstreamConfig,
     stream: S,
-    rx: &mut mpsc::Receiver<Request>,
+    io: &mut LinkIo,
 ) -> End {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut buf = BytesMut::with_capacity(1024);
     let mut inflight: VecDeque<(u16, Instant, oneshot::Sender<()>)> = VecDeque::new();
     let max_inflight = cfg.batch_size;
     let ack_timeout = Duration::from_secs(cfg.ack_timeout_secs);
-    let mut next_pkid: u16 = 0;
+    // Packet id 1 is the SUBSCRIBE's; publishes use 2.. (its SUBACK is
+    // back long before the ids wrap around).
+    let mut next_pkid: u16 = 1;
     let mut ping = tokio::time::interval(Duration::from_secs(u64::from(cfg.keep_alive_secs) / 2));
     ping.tick().await; // the first tick is immediate
     let mut ping_outstanding = false;
     let renew_at = Instant::now() + Duration::from_secs(TOKEN_TTL_SECS - RENEW_MARGIN_SECS);
+
+    // Clean session: subscribe afresh on every connection.
+    let mut filters = vec![
+        SubscribeFilter::new("$iothub/twin/res/#".into(), QoS::AtMostOnce),
+        SubscribeFilter::new(
+            "$iothub/twin/PATCH/properties/desired/#".into(),
+            QoS::AtLeastOnce,
+        ),
+        SubscribeFilter::new("$iothub/methods/POST/#".into(), QoS::AtLeastOnce),
+    ];
+    if io.leaf {
+        filters.push(SubscribeFilter::new(
+            format!("devices/{}/messages/devicebound/#", io.name),
+            QoS::AtLeastOnce,
+        ));
+    }
+    let mut sub = Subscribe::new_many(filters);
+    sub.pkid = 1;
+    if let Err(e) = write_packet(&mut wr, &Packet::Subscribe(sub)).await {
+        return End::Lost(e);
+    }
+    let mut twin_reqs: HashMap<String, (TwinReq, Instant)> = HashMap::new();
+    let mut next_rid: u64 = 0;
+    let mut rid = || {
+        next_rid += 1;
+        format!("{next_rid:x}")
+    };
+    // The cloud's twin first; reported patches wait for it, so the GET's
+    // answer cannot already contain a patch still in the queue.
+    let r = rid();
+    if let Err(e) = twin_get(&mut wr, &r).await {
+        return End::Lost(e);
+    }
+    twin_reqs.insert(r, (TwinReq::Sync, Instant::now()));
+    let mut synced = false;
+    let mut reported_inflight = false;
+    let mut reported_retry: Option<Instant> = None;
+
     loop {
+        // Send the next queued reported patch when nothing else of this
+        // identity's twin is in flight.
+        io.reported.borrow_and_update();
+        if reported_retry.is_some_and(|at| Instant::now() >= at) {
+            reported_retry = None;
+        }
+        if synced
+            && !reported_inflight
+            && reported_retry.is_none()
+            && let Some(p) = io.state.twins.next_reported(&io.name)
+        {
+            let r = rid();
+            let mut pb = Publish::new(
+                format!("$iothub/twin/PATCH/properties/reported/?$rid={r}"),
+                QoS::AtMostOnce,
+                Vec::new(),
+            );
+            pb.payload = serde_json::to_vec(&p.patch).unwrap_or_default().into();
+            if let Err(e) = write_packet(&mut wr, &Packet::Publish(pb)).await {
+                return End::Lost(e);
+            }
+            twin_reqs.insert(r, (TwinReq::Reported(p.seq), Instant::now()));
+            reported_inflight = true;
+        }
+        let twin_deadline = twin_reqs.values().map(|(_, at)| *at + ack_timeout).min();
         let ack_deadline = inflight.front().map(|(_, at, _)| *at + ack_timeout);
         // Past the renewal time, take nothing new so the inflight window
         // empties and the link can reconnect with a fresh token.
@@ -622,30 +869,126 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                         let _ = tx.send(());
                     }
                 }
+                Ok(Packet::SubAck(a)) => {
+                    if a.return_codes.contains(&SubscribeReasonCode::Failure) {
+                        tracing::warn!(identity = %io.name, codes = ?a.return_codes, "the cloud refused a subscription");
+                    }
+                }
+                Ok(Packet::Publish(p)) => {
+                    let twin_res = twin_response(&p.topic);
+                    if let Some((status, r)) = twin_res {
+                        match twin_reqs.remove(&r) {
+                            Some((TwinReq::Sync, _)) => {
+                                on_twin(io, status, &p.payload).await;
+                                synced = true;
+                            }
+                            Some((TwinReq::Reported(seq), _)) => {
+                                reported_inflight = false;
+                                if on_reported(io, seq, status).await {
+                                    reported_retry = Some(Instant::now() + REPORTED_RETRY);
+                                }
+                            }
+                            None => tracing::debug!(identity = %io.name, rid = %r, "twin response for no request"),
+                        }
+                        continue;
+                    }
+                    match on_publish(io, p, &mut wr).await {
+                        Ok(Next::Continue) => {}
+                        Ok(Next::Resync) => {
+                            if !twin_reqs.values().any(|(k, _)| matches!(k, TwinReq::Sync)) {
+                                let r = rid();
+                                if let Err(e) = twin_get(&mut wr, &r).await {
+                                    return End::Lost(e);
+                                }
+                                twin_reqs.insert(r, (TwinReq::Sync, Instant::now()));
+                            }
+                        }
+                        Err(e) => return End::Lost(e),
+                    }
+                }
                 Ok(Packet::PingResp) => ping_outstanding = false,
                 Ok(Packet::Disconnect) => return End::Lost("the cloud sent DISCONNECT".into()),
                 Ok(other) => {
-                    // Nothing is subscribed, so nothing else is expected.
                     tracing::debug!(packet = ?other.packet_type(), "upstream: unexpected packet ignored");
                 }
                 Err(e) => return End::Lost(e),
             },
-            r = rx.recv(), if inflight.len() < max_inflight && !renewing => {
-                let Some(req) = r else { return End::Closed };
-                // A packet id not in flight (never 0).
+            r = io.rx.recv(), if inflight.len() < max_inflight && !renewing => {
+                let Some(mut req) = r else { return End::Closed };
+                // Everything already waiting (up to the window) goes out in
+                // one write: one TLS record and syscall per burst, not per
+                // message.
+                let mut out = BytesMut::new();
                 loop {
-                    next_pkid = next_pkid.checked_add(1).unwrap_or(1);
-                    if !inflight.iter().any(|(id, _, _)| *id == next_pkid) {
+                    // A packet id not in flight (never 0 or 1).
+                    loop {
+                        next_pkid = next_pkid.checked_add(1).unwrap_or(2);
+                        if !inflight.iter().any(|(id, _, _)| *id == next_pkid) {
+                            break;
+                        }
+                    }
+                    let mut p = Publish::from_bytes(req.topic, QoS::AtLeastOnce, req.payload);
+                    p.pkid = next_pkid;
+                    if let Err(e) = Packet::Publish(p).write(&mut out, MAX_OUTBOUND_PACKET) {
+                        // Not sendable at all (too large): fail it, not the link.
+                        tracing::warn!(identity = %io.name, error = %e, "upstream message cannot be encoded");
+                        drop(req.ack);
+                    } else {
+                        inflight.push_back((next_pkid, Instant::now(), req.ack));
+                    }
+                    if inflight.len() >= max_inflight || out.len() >= WRITE_BURST_BYTES {
                         break;
                     }
+                    match io.rx.try_recv() {
+                        Ok(next) => req = next,
+                        Err(_) => break,
+                    }
                 }
-                let mut p = Publish::from_bytes(req.topic, QoS::AtLeastOnce, req.payload);
-                p.pkid = next_pkid;
-                if let Err(e) = write_packet(&mut wr, &Packet::Publish(p)).await {
+                if let Err(e) = wr.write_all(&out).await {
+                    return End::Lost(e.to_string());
+                }
+                if let Err(e) = wr.flush().await {
+                    return End::Lost(e.to_string());
+                }
+            }
+            Some(op) = io.ops_rx.recv() => {
+                let packet = match op {
+                    Op::Publish { topic, payload } => {
+                        Some(Packet::Publish(Publish::from_bytes(topic, QoS::AtMostOnce, payload)))
+                    }
+                    Op::PubAck { generation, pkid } => {
+                        (generation == io.generation).then(|| Packet::PubAck(PubAck::new(pkid)))
+                    }
+                };
+                if let Some(packet) = packet
+                    && let Err(e) = write_packet(&mut wr, &packet).await
+                {
                     return End::Lost(e);
                 }
-                inflight.push_back((next_pkid, Instant::now(), req.ack));
             }
+            Ok(()) = io.reported.changed() => {}
+            () = sleep_until_opt(reported_retry) => {}
+            () = sleep_until_opt(twin_deadline) => {
+                // An unanswered twin request does not cost the link (its
+                // telemetry keeps flowing): the GET is given up (the cached
+                // twin stays), a reported patch is sent again later.
+                let now = Instant::now();
+                twin_reqs.retain(|_, (kind, at)| {
+                    if *at + ack_timeout > now {
+                        return true;
+                    }
+                    tracing::warn!(identity = %io.name, "no twin response from the cloud in time");
+                    match kind {
+                        TwinReq::Sync => synced = true,
+                        TwinReq::Reported(_) => {
+                            reported_inflight = false;
+                            reported_retry = Some(now + REPORTED_RETRY);
+                        }
+                    }
+                    false
+                });
+            }
+            Some(_) = io.relays.join_next(), if !io.relays.is_empty() => {}
             _ = ping.tick() => {
                 if ping_outstanding {
                     return End::Lost("no PINGRESP within the keep-alive".into());
@@ -658,12 +1001,181 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             () = sleep_until_opt(ack_deadline) => {
                 return End::Lost(format!("no PUBACK within {}s", cfg.ack_timeout_secs));
             }
-            () = tokio::time::sleep_until(renew_at), if inflight.is_empty() => {
+            () = tokio::time::sleep_until(renew_at), if inflight.is_empty() && twin_reqs.is_empty() => {
                 let _ = write_packet(&mut wr, &Packet::Disconnect).await;
                 return End::Renew;
             }
         }
     }
+}
+
+/// Sends a twin GET with request id `rid`.
+async fn twin_get<W: AsyncWrite + Unpin>(wr: &mut W, rid: &str) -> Result<(), String> {
+    let p = Publish::new(
+        format!("$iothub/twin/GET/?$rid={rid}"),
+        QoS::AtMostOnce,
+        Vec::new(),
+    );
+    write_packet(wr, &Packet::Publish(p)).await
+}
+
+/// `(status, rid)` of a `$iothub/twin/res/{status}/?$rid={rid}` topic.
+fn twin_response(topic: &[u8]) -> Option<(u16, String)> {
+    let rest = std::str::from_utf8(topic)
+        .ok()?
+        .strip_prefix("$iothub/twin/res/")?;
+    let (status, query) = rest.split_once('/')?;
+    let query = query.strip_prefix('?').unwrap_or(query);
+    Some((status.parse().ok()?, topic::query_param(query, "$rid")?))
+}
+
+/// The answer to the twin GET: the cloud's twin replaces the cached one,
+/// and the client gets the desired changes it missed as one patch.
+async fn on_twin(io: &LinkIo, status: u16, payload: &[u8]) {
+    if status != 200 {
+        tracing::warn!(identity = %io.name, status, "the cloud refused the twin GET; keeping the cached twin");
+        return;
+    }
+    let body: Value = match serde_json::from_slice(payload) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(identity = %io.name, error = %e, "the cloud's twin is not JSON");
+            return;
+        }
+    };
+    if let Some((msg, version)) = io.state.twins.cloud_twin(&io.name, &body).await {
+        tracing::info!(identity = %io.name, version, "desired properties changed while away; pushing the difference");
+        crate::twins::push_desired(&io.state, &io.name, &msg, version).await;
+    }
+}
+
+/// The cloud's answer to reported patch `seq`; true = try it again later.
+async fn on_reported(io: &LinkIo, seq: u64, status: u16) -> bool {
+    match status {
+        200..=299 => {}
+        429 | 500.. => {
+            tracing::debug!(identity = %io.name, status, "reported patch deferred by the cloud");
+            return true;
+        }
+        _ => {
+            // Sending it again would be refused again; it stays applied locally.
+            tracing::warn!(identity = %io.name, status, seq, "the cloud refused a reported patch; dropping it");
+        }
+    }
+    io.state.twins.reported_done(&io.name, seq).await;
+    false
+}
+
+/// A PUBLISH from the cloud other than a twin response.
+async fn on_publish<W: AsyncWrite + Unpin>(
+    io: &mut LinkIo,
+    p: Publish,
+    wr: &mut W,
+) -> Result<Next, String> {
+    let Ok(topic) = std::str::from_utf8(&p.topic).map(str::to_owned) else {
+        return Err("a topic from the cloud is not UTF-8".into());
+    };
+    let qos1 = p.qos == QoS::AtLeastOnce;
+    let c2d_prefix = format!("devices/{}/messages/devicebound/", io.name);
+    if io.leaf && topic.starts_with(&c2d_prefix) {
+        // Acknowledged upstream only once the leaf device has: PUBACK = complete.
+        let Some(conn) = io.state.sessions.deliverable(&io.name, &topic) else {
+            tracing::info!(identity = %io.name, "C2D message for a device not connected here; left unacknowledged");
+            return Ok(Next::Continue);
+        };
+        let (generation, pkid, ops) = (io.generation, p.pkid, io.ops_tx.clone());
+        let name = io.name.clone();
+        let (tx, rx) = oneshot::channel();
+        let out = Outbound {
+            topic,
+            payload: p.payload,
+            ack: qos1.then_some(tx),
+        };
+        io.relays.spawn(async move {
+            let delivered = async {
+                conn.tx.send(out).await.ok()?;
+                if !qos1 {
+                    // Nothing to acknowledge upstream.
+                    return None;
+                }
+                rx.await.ok()
+            };
+            match tokio::time::timeout(C2D_ACK_TIMEOUT, delivered).await {
+                Ok(Some(())) => {
+                    let _ = ops.send(Op::PubAck { generation, pkid }).await;
+                }
+                _ if qos1 => {
+                    tracing::info!(identity = %name, "C2D message not acknowledged by the device")
+                }
+                _ => {}
+            }
+        });
+        return Ok(Next::Continue);
+    }
+    if qos1 {
+        write_packet(wr, &Packet::PubAck(PubAck::new(p.pkid))).await?;
+    }
+    if topic.starts_with("$iothub/twin/PATCH/properties/desired/") {
+        let Ok(patch) = serde_json::from_slice::<Value>(&p.payload) else {
+            tracing::warn!(identity = %io.name, "desired patch from the cloud is not JSON; resyncing");
+            return Ok(Next::Resync);
+        };
+        return Ok(
+            match io.state.twins.cloud_desired_patch(&io.name, &patch).await {
+                CloudPatch::Push(msg, version) => {
+                    crate::twins::push_desired(&io.state, &io.name, &msg, version).await;
+                    Next::Continue
+                }
+                CloudPatch::Stale => Next::Continue,
+                CloudPatch::Gap => Next::Resync,
+            },
+        );
+    }
+    if let Some(rest) = topic.strip_prefix("$iothub/methods/POST/") {
+        let Some((method, query)) = rest.split_once('/') else {
+            return Ok(Next::Continue);
+        };
+        let query = query.strip_prefix('?').unwrap_or(query);
+        let Some(rid) = topic::query_param(query, "$rid") else {
+            return Ok(Next::Continue);
+        };
+        let (state, name, method, ops) = (
+            io.state.clone(),
+            io.name.clone(),
+            method.to_owned(),
+            io.ops_tx.clone(),
+        );
+        let answer = move |status: i64, payload: Bytes| Op::Publish {
+            topic: format!("$iothub/methods/res/{status}/?$rid={rid}"),
+            payload,
+        };
+        if io.relays.len() >= MAX_RELAYS {
+            let _ = io
+                .ops_tx
+                .try_send(answer(429, error_body("too many calls in progress")));
+            return Ok(Next::Continue);
+        }
+        io.relays.spawn(async move {
+            let op = match methods::relay(&state, &name, &method, p.payload, METHOD_TIMEOUT).await {
+                Ok((status, payload)) => answer(status, payload),
+                Err(e) => {
+                    tracing::info!(identity = %name, method = %method, error = %e, "cloud method call not answered locally");
+                    answer(i64::from(e.status()), error_body(&e.to_string()))
+                }
+            };
+            let _ = ops.send(op).await;
+        });
+        return Ok(Next::Continue);
+    }
+    tracing::debug!(identity = %io.name, %topic, "publish from the cloud on an unhandled topic ignored");
+    Ok(Next::Continue)
+}
+
+fn error_body(message: &str) -> Bytes {
+    // Serializing a Value cannot fail.
+    serde_json::to_vec(&serde_json::json!({ "message": message }))
+        .unwrap_or_default()
+        .into()
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {

@@ -193,6 +193,24 @@ async fn serve_cloud<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, log: Arc<Cloud
     log.connects.lock().unwrap().push(c.client_id.clone());
     while let Some(p) = read_pkt(&mut s, &mut buf).await {
         match p {
+            // Twin traffic (the hub GETs the twin on every connection): an
+            // empty twin, as IoT Hub has for a new identity.
+            Packet::Publish(p) if p.topic.starts_with(b"$iothub/") => {
+                let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                if let Some(rid) = topic
+                    .strip_prefix("$iothub/twin/GET/?$rid=")
+                    .map(str::to_owned)
+                {
+                    let res = Publish::new(
+                        format!("$iothub/twin/res/200/?$rid={rid}"),
+                        QoS::AtMostOnce,
+                        br#"{"desired":{"$version":1},"reported":{"$version":1}}"#.to_vec(),
+                    );
+                    if !write_pkt(&mut s, Packet::Publish(res)).await {
+                        return;
+                    }
+                }
+            }
             Packet::Publish(p) => {
                 let n = log.publishes.fetch_add(1, Ordering::SeqCst) + 1;
                 let every = log.drop_every.load(Ordering::SeqCst);

@@ -1,0 +1,552 @@
+//! The rest of the upstream, end to end against verge-cloud's real device
+//! endpoint and state (in-process, TLS on loopback) with the `verge-hub`
+//! binary in between: desired patches (live and, after an outage, as one
+//! diff), reported patches queued offline (in order, across a hub restart),
+//! direct methods from the cloud to a module behind the edge (answered, or
+//! 404 when it is not connected), and C2D to a leaf device (completed in the
+//! cloud only after the leaf's PUBACK).
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rumqttc::mqttbytes::QoS;
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, PubAck, Publish, SubscribeReasonCode};
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use verge_core::{ClientId, SasToken, SharedAccessKey};
+
+fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+async fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// verge-cloud in-process: edge1, modA, modB and leaf1 registered with the
+/// keys the hub holds; the device endpoint can be stopped and started.
+struct VergeCloud {
+    _dir: tempfile::TempDir,
+    state: verge_cloud::CloudState,
+    backend: Arc<verge_cloud::device::CloudBackend>,
+    tls: Arc<rustls::ServerConfig>,
+    addr: SocketAddr,
+    ca: PathBuf,
+    endpoint: Option<JoinHandle<()>>,
+}
+
+impl VergeCloud {
+    async fn new() -> VergeCloud {
+        use verge_cloud::device::{self, CloudBackend};
+        use verge_cloud::registry::SymmetricKeys;
+        use verge_cloud::{CloudOptions, CloudState, DeviceSpec, ModuleSpec, tls};
+
+        let dir = tempfile::tempdir().unwrap();
+        let files = tls::ensure_files(dir.path(), HUB, None, None).unwrap();
+        let mqtt_tls = device::mqtt_tls(&tls::server_config(&files).unwrap());
+        let cloud = CloudState::open(CloudOptions {
+            data_dir: dir.path().to_owned(),
+            hostname: HUB.to_owned(),
+        })
+        .unwrap();
+        let backend = CloudBackend::open(cloud.clone(), dir.path().join("mqtt-sessions.json"))
+            .await
+            .unwrap();
+        let keys = |k: &SharedAccessKey| SymmetricKeys {
+            primary: k.to_base64(),
+            secondary: SharedAccessKey::from_bytes(vec![9u8; 32]).to_base64(),
+        };
+        let spec = |k: &SharedAccessKey, edge: bool| DeviceSpec {
+            keys: Some(keys(k)),
+            iot_edge: edge,
+            ..DeviceSpec::default()
+        };
+        let edge_key = SharedAccessKey::from_base64(DEVICE_KEY).unwrap();
+        let leaf_key = SharedAccessKey::from_base64(LEAF_KEY).unwrap();
+        cloud
+            .put_device(DEVICE, spec(&edge_key, true), None)
+            .await
+            .unwrap();
+        cloud
+            .put_device("leaf1", spec(&leaf_key, false), None)
+            .await
+            .unwrap();
+        for m in ["modA", "modB"] {
+            let mspec = ModuleSpec {
+                keys: Some(keys(&module_key(m))),
+                ..ModuleSpec::default()
+            };
+            cloud.put_module(DEVICE, m, mspec, None).await.unwrap();
+        }
+        VergeCloud {
+            ca: files.ca.clone().unwrap(),
+            _dir: dir,
+            state: cloud,
+            backend,
+            tls: mqtt_tls,
+            addr: free_addr(),
+            endpoint: None,
+        }
+    }
+
+    async fn start(&mut self) {
+        let listener = TcpListener::bind(self.addr).await.unwrap();
+        self.endpoint = Some(tokio::spawn(verge_cloud::device::serve(
+            listener,
+            self.tls.clone(),
+            self.backend.clone(),
+            std::future::pending::<()>(),
+        )));
+    }
+
+    /// Closes the endpoint and every connection (the cloud's state stays).
+    async fn stop(&mut self) {
+        if let Some(t) = self.endpoint.take() {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+
+    fn connected(&self, id: &str) -> bool {
+        self.state.is_connected(&ClientId::parse(id).unwrap())
+    }
+
+    async fn set_desired(&self, id: &str, desired: Value) {
+        self.state
+            .update_twin(
+                &ClientId::parse(id).unwrap(),
+                json!({ "properties": { "desired": desired } }),
+                None,
+            )
+            .await
+            .unwrap();
+    }
+
+    fn twin(&self, id: &str) -> verge_core::twin::Twin {
+        self.state
+            .get_twin(&ClientId::parse(id).unwrap())
+            .unwrap()
+            .twin
+    }
+}
+
+impl Drop for VergeCloud {
+    fn drop(&mut self) {
+        if let Some(t) = self.endpoint.take() {
+            t.abort();
+        }
+    }
+}
+
+/// A hub config with an `[upstream]` table pointing at `cloud`.
+fn hub_config(pki: &Pki, storage: &Path, mqtt: SocketAddr, cloud: &VergeCloud) -> PathBuf {
+    config(pki, storage, &mqtt.to_string(), &free_addr().to_string());
+    let path = pki.dir.path().join("hub.toml");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(&format!(
+        "[upstream]\nhostname = \"localhost\"\nport = {}\nca_file = \"{}\"\nreconnect_ms = 200\nbatch_size = 10\nkeep_alive_secs = 10\nack_timeout_secs = 5\n",
+        cloud.addr.port(),
+        cloud.ca.display()
+    ));
+    std::fs::write(&path, &text).unwrap();
+    path
+}
+
+/// The `verge-hub` binary (killed when dropped).
+struct HubProc {
+    child: Child,
+}
+
+impl HubProc {
+    async fn start(toml: &Path, mqtt: SocketAddr, log: &Path) -> HubProc {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_verge-hub"))
+            .arg("--config")
+            .arg(toml)
+            .env("RUST_LOG", "info,verge_hub::upstream=debug")
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(mqtt).await.is_err() {
+            assert!(Instant::now() < deadline, "verge-hub did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        HubProc { child }
+    }
+
+    /// SIGINT (graceful stop), waited for.
+    fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-INT", &pid]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "verge-hub did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for HubProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One test's world: verge-cloud, the hub binary between, a storage dir.
+struct World {
+    cloud: VergeCloud,
+    pki: Pki,
+    storage: tempfile::TempDir,
+    toml: PathBuf,
+    mqtt: SocketAddr,
+    log: PathBuf,
+}
+
+impl World {
+    async fn new() -> World {
+        let cloud = VergeCloud::new().await;
+        let pki = pki();
+        let storage = tempfile::tempdir().unwrap();
+        let mqtt = free_addr();
+        let toml = hub_config(&pki, storage.path(), mqtt, &cloud);
+        let log = storage.path().join("hub.log");
+        World {
+            cloud,
+            pki,
+            storage,
+            toml,
+            mqtt,
+            log,
+        }
+    }
+
+    async fn hub(&self) -> HubProc {
+        HubProc::start(&self.toml, self.mqtt, &self.log).await
+    }
+
+    fn hub_log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Module `m` connected (persistent session) and subscribed to `filters`.
+    async fn module(&self, m: &str, filters: &[&str]) -> Raw {
+        let (mut raw, _) = connect_module(self.mqtt, &self.pki.ca_pem, m, false).await;
+        for f in filters {
+            assert!(matches!(
+                subscribe1(&mut raw, f).await,
+                SubscribeReasonCode::Success(_)
+            ));
+        }
+        raw
+    }
+}
+
+const DESIRED: &str = "$iothub/twin/PATCH/properties/desired/#";
+const METHODS: &str = "$iothub/methods/POST/#";
+
+fn json_of(p: &Publish) -> Value {
+    serde_json::from_slice(&p.payload).unwrap()
+}
+
+fn topic_of(p: &Publish) -> String {
+    String::from_utf8(p.topic.to_vec()).unwrap()
+}
+
+/// A desired change made through the cloud reaches the connected module
+/// with its `$version`; a desired change made while the hub is cut off from
+/// the cloud reaches it after the reconnect as one diff patch (changed and
+/// removed keys) with the cloud's latest `$version`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desired_patches_live_and_as_a_diff_after_an_outage() {
+    let mut w = World::new().await;
+    w.cloud.start().await;
+    let _hub = w.hub().await;
+    let mut a = w.module("modA", &[DESIRED]).await;
+    let id = format!("{DEVICE}/modA");
+    wait_for("modA's link", Duration::from_secs(10), || {
+        w.cloud.connected(&id)
+    })
+    .await;
+    // Let the link's subscriptions and initial GET settle.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    w.cloud
+        .set_desired(
+            &id,
+            json!({"speed": 5, "mode": {"a": 1, "b": 2}, "gone": true}),
+        )
+        .await;
+    let v1 = w.cloud.twin(&id).desired.version;
+    let p = next_pub(&mut a).await;
+    assert_eq!(
+        topic_of(&p),
+        format!("$iothub/twin/PATCH/properties/desired/?$version={v1}")
+    );
+    assert_eq!(
+        json_of(&p),
+        json!({"speed": 5, "mode": {"a": 1, "b": 2}, "gone": true, "$version": v1})
+    );
+
+    // Cut off from the cloud: two changes there.
+    w.cloud.stop().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    w.cloud
+        .set_desired(&id, json!({"speed": 7, "gone": null}))
+        .await;
+    w.cloud
+        .set_desired(&id, json!({"mode": {"b": null, "c": 3}, "new": "x"}))
+        .await;
+    let v3 = w.cloud.twin(&id).desired.version;
+    assert_eq!(v3, v1 + 2);
+    assert!(
+        maybe_pub(&mut a, Duration::from_millis(500))
+            .await
+            .is_none(),
+        "nothing can arrive while the cloud is unreachable"
+    );
+
+    w.cloud.start().await;
+    let p = next_pub(&mut a).await;
+    assert_eq!(
+        topic_of(&p),
+        format!("$iothub/twin/PATCH/properties/desired/?$version={v3}")
+    );
+    assert_eq!(
+        json_of(&p),
+        json!({"gone": null, "speed": 7, "mode": {"b": null, "c": 3}, "new": "x", "$version": v3}),
+        "one diff patch from what the module had"
+    );
+    // And the hub's cached twin (served to a GET) is the cloud's.
+    a.send(Packet::Publish(Publish::new(
+        "$iothub/twin/GET/?$rid=9",
+        QoS::AtMostOnce,
+        Vec::new(),
+    )))
+    .await;
+    let p = next_pub(&mut a).await;
+    assert!(topic_of(&p).starts_with("$iothub/twin/res/200/?$rid=9"));
+    assert_eq!(
+        json_of(&p)["desired"],
+        json!({"speed": 7, "mode": {"a": 1, "c": 3}, "new": "x", "$version": v3})
+    );
+}
+
+/// Sends a reported patch and expects the hub's local 204.
+async fn report(raw: &mut Raw, rid: u32, patch: Value) {
+    raw.send(Packet::Publish(Publish::new(
+        format!("$iothub/twin/PATCH/properties/reported/?$rid={rid}"),
+        QoS::AtMostOnce,
+        serde_json::to_vec(&patch).unwrap(),
+    )))
+    .await;
+    loop {
+        let p = next_pub(raw).await;
+        let t = topic_of(&p);
+        if t.starts_with("$iothub/twin/res/") && t.contains(&format!("$rid={rid}")) {
+            assert!(t.starts_with("$iothub/twin/res/204/"), "{t}");
+            return;
+        }
+    }
+}
+
+/// Reported patches accepted while the cloud is unreachable are queued,
+/// survive a hub restart, and reach the cloud after it comes back, each
+/// once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reported_patches_made_offline_reach_the_cloud_in_order_after_a_restart() {
+    let mut w = World::new().await;
+    let id = format!("{DEVICE}/modA");
+    let hub = w.hub().await;
+    let mut a = w.module("modA", &["$iothub/twin/res/#"]).await;
+    report(&mut a, 1, json!({"n": 1, "keep": "k"})).await;
+    report(&mut a, 2, json!({"n": 2, "a": {"x": 1, "y": 2}})).await;
+    report(&mut a, 3, json!({"a": {"x": null}, "n": 3})).await;
+    drop(a);
+    hub.stop();
+
+    let _hub = w.hub().await;
+    let mut a = w.module("modA", &["$iothub/twin/res/#"]).await;
+    report(&mut a, 4, json!({"a": null, "n": 4, "b": true})).await;
+    report(&mut a, 5, json!({"b": null, "last": 5})).await;
+    let before = w.cloud.twin(&id).reported;
+    assert!(before.properties.is_empty(), "the cloud saw nothing yet");
+
+    w.cloud.start().await;
+    let want = json!({"n": 4, "keep": "k", "last": 5});
+    wait_for(
+        "the reported patches in the cloud",
+        Duration::from_secs(10),
+        || Value::Object(w.cloud.twin(&id).reported.properties) == want,
+    )
+    .await;
+    // Each patch applied exactly once: the cloud's reported version counts them.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(w.cloud.twin(&id).reported.version, before.version + 5);
+    // The queue is empty (nothing is sent again after a reconnect).
+    w.cloud.stop().await;
+    w.cloud.start().await;
+    wait_for("the link back", Duration::from_secs(10), || {
+        w.cloud.connected(&id)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(w.cloud.twin(&id).reported.version, before.version + 5);
+    let saved = std::fs::read_to_string(w.storage.path().join("twins.json")).unwrap();
+    assert!(!saved.contains("pending_reported"), "{saved}");
+}
+
+/// A direct method invoked in the cloud on a module behind the edge is
+/// relayed to it and returns its answer; a module with a session but no
+/// connection is answered 404 by the hub at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_methods_reach_modules_behind_the_edge() {
+    let mut w = World::new().await;
+    w.cloud.start().await;
+    let _hub = w.hub().await;
+    // modB: a persistent session, then gone.
+    drop(w.module("modB", &[METHODS]).await);
+    let mut a = w.module("modA", &[METHODS]).await;
+    for m in ["modA", "modB"] {
+        let id = format!("{DEVICE}/{m}");
+        wait_for("the links", Duration::from_secs(10), || {
+            w.cloud.connected(&id)
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let cloud = w.cloud.state.clone();
+    let call = tokio::spawn(async move {
+        cloud
+            .invoke_method(
+                &ClientId::parse(&format!("{DEVICE}/modA")).unwrap(),
+                "reboot",
+                json!({"delay": 3}),
+                Duration::from_secs(10),
+                Duration::from_secs(0),
+            )
+            .await
+    });
+    let p = next_pub(&mut a).await;
+    let t = topic_of(&p);
+    let rid = t
+        .strip_prefix("$iothub/methods/POST/reboot/?$rid=")
+        .unwrap_or_else(|| panic!("{t}"))
+        .to_owned();
+    assert_eq!(json_of(&p), json!({"delay": 3}));
+    a.send(Packet::Publish(Publish::new(
+        format!("$iothub/methods/res/201/?$rid={rid}"),
+        QoS::AtMostOnce,
+        br#"{"rebooting":true}"#.to_vec(),
+    )))
+    .await;
+    let r = call.await.unwrap().unwrap();
+    assert_eq!(r.status, 201);
+    assert_eq!(r.payload, json!({"rebooting": true}));
+
+    let started = Instant::now();
+    let r = w
+        .cloud
+        .state
+        .invoke_method(
+            &ClientId::parse(&format!("{DEVICE}/modB")).unwrap(),
+            "reboot",
+            json!({}),
+            Duration::from_secs(10),
+            Duration::from_secs(0),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404, "{:?}", r.payload);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "answered, not timed out"
+    );
+}
+
+/// A C2D message for a leaf device is relayed to it, and completed in the
+/// cloud (feedback `Success`) only once the leaf PUBACKed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c2d_to_a_leaf_device_completes_on_its_puback() {
+    let mut w = World::new().await;
+    w.cloud.start().await;
+    let _hub = w.hub().await;
+    let token = SasToken::sign(
+        &format!("{HUB}/devices/leaf1"),
+        &SharedAccessKey::from_base64(LEAF_KEY).unwrap(),
+        now() + 3600,
+        None,
+    )
+    .to_string();
+    let (mut leaf, ack) = Raw::connect(
+        w.mqtt,
+        &w.pki.ca_pem,
+        "leaf1",
+        &username("leaf1"),
+        &token,
+        false,
+    )
+    .await;
+    assert_eq!(code(ack).0, ConnectReturnCode::Success);
+    assert!(matches!(
+        subscribe1(&mut leaf, "devices/leaf1/messages/devicebound/#").await,
+        SubscribeReasonCode::Success(_)
+    ));
+    wait_for("leaf1's link", Duration::from_secs(10), || {
+        w.cloud.connected("leaf1")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut msg = verge_core::message::Message::new("hello leaf");
+    msg.system.message_id = Some("c2d-1".into());
+    msg.properties.insert("k", "v");
+    w.cloud.state.c2d_send("leaf1", msg, 0).await.unwrap();
+
+    // Received, not yet acknowledged: no completion in the cloud.
+    let p = loop {
+        match leaf.recv().await {
+            Some(Packet::Publish(p)) => break p,
+            Some(_) => {}
+            None => panic!("leaf closed:\n{}", w.hub_log()),
+        }
+    };
+    let t = topic_of(&p);
+    assert!(t.starts_with("devices/leaf1/messages/devicebound/"), "{t}");
+    assert!(t.contains("k=v"), "{t}");
+    assert_eq!(p.payload.as_ref(), b"hello leaf");
+    assert_eq!(p.qos, QoS::AtLeastOnce);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(w.cloud.state.c2d_feedback(0, 10).unwrap().is_empty());
+
+    leaf.send(Packet::PubAck(PubAck::new(p.pkid))).await;
+    wait_for("the completion feedback", Duration::from_secs(5), || {
+        !w.cloud.state.c2d_feedback(0, 10).unwrap().is_empty()
+    })
+    .await;
+    let f = w.cloud.state.c2d_feedback(0, 10).unwrap();
+    assert_eq!(f.len(), 1);
+    assert_eq!(f[0].status_code, "Success");
+    assert_eq!(f[0].original_message_id, "c2d-1");
+    assert_eq!(f[0].device_id, "leaf1");
+}
