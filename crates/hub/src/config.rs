@@ -23,6 +23,11 @@
 //! [devices]      # downstream device id -> base64 key
 //! leaf1 = "<base64>"
 //!
+//! [workload]     # optional: timers of the edge-environment mode (below)
+//! identities_refresh_secs = 300    # module identities fetched from verged this often
+//! identities_miss_secs = 10        # …and on an unknown/refused module token, at most this often
+//! cert_retry_max_secs = 60         # longest back-off between failed certificate renewals
+//!
 //! [upstream]     # optional: without it nothing is sent to the cloud
 //! hostname = "myhub.azure-devices.net"   # dialled; also the TLS server name
 //! port = 8883
@@ -34,6 +39,26 @@
 //! ```
 //!
 //! Unknown keys are errors that name the key.
+//!
+//! # Config-file mode and edge-environment mode
+//!
+//! The hub's identities and TLS certificate come from this file (as above),
+//! or — when verged runs the hub as its `edgeHub` module — from verged:
+//! `main` reads the module environment ([`crate::identity::EdgeEnv`]:
+//! `IOTEDGE_WORKLOADURI`, `IOTEDGE_MODULEID`, `IOTEDGE_MODULEGENERATIONID`,
+//! `IOTEDGE_DEVICEID`, `IOTEDGE_IOTHUBHOSTNAME`, and `EdgeDeviceHostName`
+//! or `IOTEDGE_GATEWAYHOSTNAME`) and [`Config::with_edge_env`] uses it for
+//! whatever the file leaves out:
+//!
+//! * no `[tls]` table: the server certificate is issued by verged's workload
+//!   API for the gateway hostname and renewed without a restart;
+//! * no `device_key`: module identities and keys come from verged
+//!   (`GET /modules/$edgeHub/identities`), cached under `storage_dir`;
+//! * no `iothub_hostname` / `device_id`: taken from the environment.
+//!
+//! With `[upstream]`, leaf devices that the cloud lists as children of this
+//! edge device are fetched over HTTPS (`upstream.https_port`) and cached too
+//! (see [`crate::identity_scope`]); `[devices]` entries are added to them.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -46,13 +71,18 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The IoT hub's hostname (the `HostName` of connection strings, the audience host of SAS tokens).
+    /// May be left out in edge-environment mode.
+    #[serde(default)]
     pub iothub_hostname: String,
     /// This hub's own hostname (the `GatewayHostName` clients dial); also accepted as audience host.
     #[serde(default = "default_hostname")]
     pub hostname: String,
-    /// The edge device's id.
+    /// The edge device's id. May be left out in edge-environment mode.
+    #[serde(default)]
     pub device_id: String,
-    /// The edge device's symmetric key, base64.
+    /// The edge device's symmetric key, base64. Empty or absent: module
+    /// identities come from verged (edge-environment mode).
+    #[serde(default)]
     pub device_key: String,
     /// Known module identities: module id → generation id.
     #[serde(default)]
@@ -60,8 +90,9 @@ pub struct Config {
     /// Downstream (leaf) devices: device id → base64 key.
     #[serde(default)]
     pub devices: BTreeMap<String, String>,
-    /// TLS server certificate and key.
-    pub tls: TlsConfig,
+    /// TLS server certificate and key; absent: issued by verged's workload API.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
     /// Listen addresses.
     #[serde(default)]
     pub listen: ListenConfig,
@@ -82,6 +113,55 @@ pub struct Config {
     /// `$upstream` stay in the store.
     #[serde(default)]
     pub upstream: Option<UpstreamConfig>,
+    /// Timers of the edge-environment mode.
+    #[serde(default)]
+    pub workload: WorkloadConfig,
+    /// The module environment, when the hub runs as verged's `edgeHub`
+    /// module and uses it (set by [`Config::with_edge_env`], not from TOML).
+    #[serde(skip)]
+    pub edge: Option<crate::identity::EdgeEnv>,
+}
+
+/// `[workload]`: timers of the edge-environment mode.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadConfig {
+    /// Seconds between fetches of the module identities (default 300).
+    #[serde(default = "default_identities_refresh")]
+    pub identities_refresh_secs: u64,
+    /// Minimum seconds between fetches triggered by an unknown or refused
+    /// module token (default 10): a new module is accepted on its retry.
+    #[serde(default = "default_identities_miss")]
+    pub identities_miss_secs: u64,
+    /// Longest back-off between failed server-certificate renewals (default 60).
+    #[serde(default = "default_cert_retry_max")]
+    pub cert_retry_max_secs: u64,
+}
+
+impl Default for WorkloadConfig {
+    fn default() -> Self {
+        Self {
+            identities_refresh_secs: default_identities_refresh(),
+            identities_miss_secs: default_identities_miss(),
+            cert_retry_max_secs: default_cert_retry_max(),
+        }
+    }
+}
+
+fn default_identities_refresh() -> u64 {
+    300
+}
+fn default_identities_miss() -> u64 {
+    10
+}
+fn default_cert_retry_max() -> u64 {
+    60
+}
+fn default_https_port() -> u16 {
+    443
+}
+fn default_scope_refresh() -> u64 {
+    3600
 }
 
 /// The upstream IoT hub (Azure IoT Hub or verge-cloud), reached over
@@ -113,6 +193,14 @@ pub struct UpstreamConfig {
     /// and the batch resent (default 30, edgeHub's `MessageAckTimeoutSecs`).
     #[serde(default = "default_upstream_ack_timeout")]
     pub ack_timeout_secs: u64,
+    /// HTTPS port of the cloud's service API, where the hub fetches the
+    /// identities in its device scope (child devices) (default 443).
+    #[serde(default = "default_https_port")]
+    pub https_port: u16,
+    /// Seconds between device-scope fetches (default 3600, edgeHub's
+    /// `DeviceScopeCacheRefreshRateSecs`).
+    #[serde(default = "default_scope_refresh")]
+    pub scope_refresh_secs: u64,
 }
 
 /// TLS server identity.
@@ -258,11 +346,67 @@ impl Config {
         })
     }
 
+    /// Fills what the file leaves out from the module environment `edge`
+    /// (see the module docs) and checks that every identity and TLS source
+    /// is known. `None`, or a file that gives everything: config-file mode.
+    pub fn with_edge_env(mut self, edge: Option<crate::identity::EdgeEnv>) -> Result<Self, String> {
+        let wants_edge = self.tls.is_none()
+            || self.device_key.is_empty()
+            || self.device_id.is_empty()
+            || self.iothub_hostname.is_empty();
+        if let Some(env) = edge.filter(|_| wants_edge) {
+            if self.device_id.is_empty() {
+                self.device_id = env.device_id.clone();
+            } else if self.device_id != env.device_id {
+                return Err(format!(
+                    "device_id {:?} differs from IOTEDGE_DEVICEID {:?}",
+                    self.device_id, env.device_id
+                ));
+            }
+            if self.iothub_hostname.is_empty() {
+                self.iothub_hostname = env.iothub_hostname.clone();
+            }
+            self.edge = Some(env);
+        }
+        self.check_sources()?;
+        Ok(self)
+    }
+
+    /// Every identity and TLS source is known (config file or environment).
+    pub fn check_sources(&self) -> Result<(), String> {
+        let no_env = "and the module environment (IOTEDGE_WORKLOADURI, …) is not set";
+        if self.device_id.is_empty() {
+            return Err(format!("device_id is missing {no_env}"));
+        }
+        if self.iothub_hostname.is_empty() {
+            return Err(format!("iothub_hostname is missing {no_env}"));
+        }
+        if self.edge.is_none() {
+            if self.tls.is_none() {
+                return Err(format!("[tls] cert and key are missing {no_env}"));
+            }
+            if self.device_key.is_empty() {
+                return Err(format!("device_key is missing {no_env}"));
+            }
+        }
+        self.validate()
+    }
+
     fn validate(&self) -> Result<(), String> {
-        verge_core::DeviceId::new(self.device_id.as_str())
-            .map_err(|e| format!("device_id: {e}"))?;
-        verge_core::SharedAccessKey::from_base64(&self.device_key)
-            .map_err(|e| format!("device_key: {}", e.reason))?;
+        if !self.device_id.is_empty() {
+            verge_core::DeviceId::new(self.device_id.as_str())
+                .map_err(|e| format!("device_id: {e}"))?;
+        }
+        if !self.device_key.is_empty() {
+            verge_core::SharedAccessKey::from_base64(&self.device_key)
+                .map_err(|e| format!("device_key: {}", e.reason))?;
+        }
+        if self.workload.identities_refresh_secs == 0 || self.workload.cert_retry_max_secs == 0 {
+            return Err(
+                "workload.identities_refresh_secs and workload.cert_retry_max_secs must be at least 1"
+                    .into(),
+            );
+        }
         for m in self.modules.keys() {
             verge_core::ModuleId::new(m.as_str()).map_err(|e| format!("modules.{m}: {e}"))?;
         }
@@ -289,6 +433,9 @@ impl Config {
             }
             if up.ack_timeout_secs == 0 {
                 return Err("upstream.ack_timeout_secs must be at least 1".into());
+            }
+            if up.scope_refresh_secs == 0 {
+                return Err("upstream.scope_refresh_secs must be at least 1".into());
             }
         }
         Ok(())
@@ -340,6 +487,51 @@ filter = "1"
         assert!(e.contains("reconnect_ms"), "{e}");
         let e = Config::from_toml(&format!("{text}batch_size = 0\n")).unwrap_err();
         assert!(e.contains("batch_size"), "{e}");
+    }
+
+    #[test]
+    fn edge_environment_fills_what_the_file_leaves_out() {
+        let env = crate::identity::EdgeEnv {
+            workload_socket: PathBuf::from("/h/mnt/edgeHub.sock"),
+            module_id: "$edgeHub".into(),
+            generation_id: "1".into(),
+            device_id: "edge1".into(),
+            iothub_hostname: "hub.example".into(),
+            gateway_hostname: "edge1.local".into(),
+        };
+        let minimal = "storage_dir = \"/tmp/x\"\n";
+        let c = Config::from_toml(minimal).unwrap();
+        assert_eq!(c.workload.identities_refresh_secs, 300);
+        let e = c.clone().with_edge_env(None).unwrap_err();
+        assert!(e.contains("device_id"), "{e}");
+        let c = c.with_edge_env(Some(env.clone())).unwrap();
+        assert_eq!(
+            (c.device_id.as_str(), c.iothub_hostname.as_str()),
+            ("edge1", "hub.example")
+        );
+        assert_eq!(c.edge.as_ref(), Some(&env));
+        // A file that gives everything stays in config-file mode.
+        let full = Config::from_toml(BASE)
+            .unwrap()
+            .with_edge_env(Some(env.clone()))
+            .unwrap();
+        assert!(full.edge.is_none());
+        // …and without the environment a file must give everything.
+        let no_tls = BASE.replace("[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n", "");
+        let e = Config::from_toml(&no_tls)
+            .unwrap()
+            .with_edge_env(None)
+            .unwrap_err();
+        assert!(e.contains("[tls]"), "{e}");
+        let other = format!("device_id = \"edge9\"\n{minimal}");
+        let e = Config::from_toml(&other)
+            .unwrap()
+            .with_edge_env(Some(env))
+            .unwrap_err();
+        assert!(e.contains("IOTEDGE_DEVICEID"), "{e}");
+        let text = format!("{BASE}[upstream]\nhostname = \"cloud\"\nca_file = \"ca.pem\"\n");
+        let up = Config::from_toml(&text).unwrap().upstream.unwrap();
+        assert_eq!((up.https_port, up.scope_refresh_secs), (443, 3600));
     }
 
     #[test]

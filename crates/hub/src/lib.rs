@@ -11,12 +11,14 @@
 //! | [`ws`] | MQTT over WebSocket on the HTTPS port (`/$iothub/websocket`, subprotocol `mqtt`) → [`connection`] |
 //! | [`edgehub`] | the hub's configuration = its `$edgeHub` twin's desired properties; live route updates |
 //! | [`session`] | (verge-endpoint's) persistent sessions (subscriptions survive reconnects and restarts), takeover |
-//! | [`auth`] | the [`auth::Authenticator`] trait and SAS-token authentication |
+//! | [`auth`] | the [`auth::Authenticator`] trait and SAS-token authentication (one swappable key table) |
+//! | [`identity`] | edge-environment mode: module identities and the server certificate from verged, cached |
+//! | [`identity_scope`] | child devices of this edge from the cloud's device scope, cached |
 //! | [`topic`] | (verge-endpoint's) topic classification, filter matching, per-identity authorization |
 //! | [`router`] | router glue: stamp a message, route it (`verge-route`), store it (`verge-store`) |
 //! | [`delivery`] | one pump per module-input endpoint: store → module, checkpoint on PUBACK |
-//! | [`twins`] | twins kept and persisted by the hub; local desired-properties source |
-//! | [`upstream`] | the cloud link: one MQTT connection per sender, drains `$upstream`, checkpoint on PUBACK |
+//! | [`twins`] | twins kept and persisted by the hub (with their queue of reported patches for the cloud); local desired-properties source |
+//! | [`upstream`] | the cloud link: one MQTT connection per identity; drains `$upstream` (checkpoint on PUBACK), syncs twins (reported queue, desired patches and diff on reconnect), relays cloud methods and C2D |
 //! | [`methods`] | HTTPS API: direct methods relayed to the target's MQTT connection; `PUT /edgehub/desired` |
 //!
 //! # Data path of a message
@@ -42,6 +44,8 @@ pub mod config;
 pub mod connection;
 pub mod delivery;
 pub mod edgehub;
+pub mod identity;
+pub mod identity_scope;
 pub mod methods;
 pub mod router;
 pub use verge_endpoint::session;
@@ -271,6 +275,17 @@ async fn open_state(cfg: Config) -> anyhow::Result<(Arc<HubState>, Option<Vec<u8
     let store = tokio::task::spawn_blocking(move || Store::open(store_dir, store_cfg)).await??;
     let sessions = Sessions::open(cfg.storage_dir.join("sessions.json")).await?;
     let twins = Twins::open(cfg.storage_dir.join("twins.json")).await?;
+    if cfg.upstream.is_some() {
+        // Reported patches of these identities are queued for the cloud.
+        twins.sync_upstream(upstream::synced_identities(&cfg));
+        // …and those of every identity the hub holds keys for at the time
+        // (verged's module identities, the cloud's device scope).
+        let keys = sas.clone();
+        twins.sync_upstream_when(Arc::new(move |id| {
+            id.parse::<verge_core::ClientId>()
+                .is_ok_and(|c| keys.key_for(&c).is_some())
+        }));
+    }
 
     // Module-input endpoints with queues left in the store get a pump even if
     // no route names them any more, so their messages are still delivered.
@@ -340,8 +355,18 @@ impl Hub {
     /// Opens storage, binds the listeners and starts every task.
     pub async fn start(cfg: Config) -> anyhow::Result<Self> {
         install_crypto_provider();
-        let tls = tls::acceptor(&cfg.tls.cert, &cfg.tls.key)?;
+        cfg.check_sources().map_err(|e| anyhow::anyhow!(e))?;
+        // Config-file certificate now (a bad file fails before anything opens).
+        let file_tls = match &cfg.tls {
+            Some(t) => Some(tls::acceptor(&t.cert, &t.key)?),
+            None => None,
+        };
         let (state, routes_bytes) = open_state(cfg).await?;
+        let (edge_tls, identity_tasks) = identity::prepare(&state).await?;
+        let scope_tasks = identity_scope::prepare(&state).await?;
+        let tls = file_tls
+            .or(edge_tls)
+            .context("no TLS server certificate source")?;
         let mqtt = TcpListener::bind(state.cfg.listen.mqtt)
             .await
             .with_context(|| format!("binding MQTT {}", state.cfg.listen.mqtt))?;
@@ -353,6 +378,9 @@ impl Hub {
 
         let mut tasks = JoinSet::new();
         tasks.spawn(pump_supervisor(state.clone()));
+        for t in identity_tasks.into_iter().chain(scope_tasks) {
+            tasks.spawn(t);
+        }
         if let Some(up) = upstream::Upstream::prepare(&state.cfg)? {
             tasks.spawn(up.run(state.clone()));
         }

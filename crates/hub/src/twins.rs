@@ -85,9 +85,15 @@ pub struct Twins {
     /// Identities whose reported patches are queued for the cloud (set
     /// when the hub has an upstream: those it holds credentials for).
     synced: Mutex<HashSet<String>>,
+    /// Also synced: identities this predicate accepts (the hub's live key
+    /// table, which grows with verged's identities and the device scope).
+    synced_when: std::sync::RwLock<Option<SyncFilter>>,
     /// Bumped whenever a reported patch is queued (wakes the links).
     reported_tx: watch::Sender<u64>,
 }
+
+/// Decides whether an identity's reported patches go to the cloud.
+pub type SyncFilter = std::sync::Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -163,6 +169,7 @@ impl Twins {
             path,
             save: tokio::sync::Mutex::new(()),
             synced: Mutex::new(HashSet::new()),
+            synced_when: std::sync::RwLock::new(None),
             reported_tx: watch::Sender::new(0),
         })
     }
@@ -170,6 +177,26 @@ impl Twins {
     /// From now on, reported patches of `ids` are also queued for the cloud.
     pub fn sync_upstream(&self, ids: impl IntoIterator<Item = String>) {
         lock(&self.synced).extend(ids);
+    }
+
+    /// From now on, reported patches of every identity `filter` accepts are
+    /// also queued for the cloud (checked at each patch).
+    pub fn sync_upstream_when(&self, filter: SyncFilter) {
+        *self
+            .synced_when
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(filter);
+    }
+
+    fn is_synced(&self, id: &str) -> bool {
+        if lock(&self.synced).contains(id) {
+            return true;
+        }
+        self.synced_when
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|f| f(id))
     }
 
     /// Changes whenever a reported patch is queued for the cloud.
@@ -302,7 +329,7 @@ impl Twins {
     /// upstream the patch is also queued for the cloud (persisted before
     /// this returns, so the 204 the client gets means it survives a restart).
     pub async fn patch_reported(&self, id: &str, patch: &Value) -> Result<u64, TwinError> {
-        let queue = lock(&self.synced).contains(id);
+        let queue = self.is_synced(id);
         let v = {
             let mut map = lock(&self.inner);
             let e = map.entry(id.to_owned()).or_insert_with(|| new_entry(id));

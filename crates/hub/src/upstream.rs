@@ -207,13 +207,14 @@ impl Upstream {
             link_up: Notify::new(),
         });
         // Config validation guarantees a valid device id.
-        let edge = match DeviceId::new(state.cfg.device_id.as_str()) {
-            Ok(d) => ClientId::device(d),
+        let device = match DeviceId::new(state.cfg.device_id.as_str()) {
+            Ok(d) => d,
             Err(e) => {
                 tracing::error!(error = %e, "device_id is invalid; no upstream");
                 return;
             }
         };
+        let edge = edge_identity(&state, device);
         let mut drain = Drain {
             links: HashMap::new(),
             tasks: JoinSet::new(),
@@ -249,8 +250,26 @@ struct Link {
     online: watch::Receiver<bool>,
 }
 
-/// The credentials the hub holds for `id`: the edge device's key, a module
-/// key derived from it, or a downstream device's configured key.
+/// The identity whose link is the overall connectivity probe: the edge
+/// device when the hub holds its key (config-file mode), else the hub's own
+/// module identity `{d}/$edgeHub` (edge environment: verged keeps the device
+/// key and hands the hub only module keys).
+fn edge_identity(state: &HubState, device: DeviceId) -> ClientId {
+    let as_device = ClientId::device(device.clone());
+    if state.sas.key_for(&as_device).is_some() {
+        return as_device;
+    }
+    match ModuleId::new("$edgeHub") {
+        Ok(m) => ClientId::module(device, m),
+        Err(_) => as_device,
+    }
+}
+
+/// The credentials the hub holds for `id` in its config file: the edge
+/// device's key, a module key derived from it, or a downstream device's
+/// configured key. (At run time the drain asks the merged key table,
+/// [`crate::auth::SasAuthenticator::key_for`], which also holds identities
+/// from verged and the cloud's device scope.)
 pub fn key_for(cfg: &Config, id: &ClientId) -> Option<SharedAccessKey> {
     if id.device.as_str() == cfg.device_id {
         let device_key = SharedAccessKey::from_base64(&cfg.device_key).ok()?;
@@ -345,7 +364,7 @@ impl Drain {
     /// The link of `id`, started on first use; `None` without credentials.
     fn link(&mut self, state: &Arc<HubState>, id: &ClientId) -> Option<&Link> {
         if !self.links.contains_key(id) {
-            let key = key_for(&state.cfg, id)?;
+            let key = state.sas.key_for(id)?;
             let cap = self.shared.up.cfg.batch_size;
             let (tx, rx) = mpsc::channel(cap);
             let (online_tx, online) = watch::channel(false);
@@ -367,8 +386,12 @@ impl Drain {
     /// reported patches waiting: it may never send telemetry, but it must
     /// receive its desired patches, methods and C2D messages.
     fn ensure_links(&mut self, state: &Arc<HubState>) {
-        for id in local_identities(&state.cfg) {
-            if self.links.contains_key(&id) {
+        // Every identity the hub holds keys for right now (config, verged's
+        // module identities, the cloud's device scope): the table changes
+        // while the hub runs, so it is read each time.
+        let ids: Vec<ClientId> = state.sas.keys().keys().cloned().collect();
+        for id in ids {
+            if id == self.edge || self.links.contains_key(&id) {
                 continue;
             }
             let name = id.to_string();
@@ -1045,7 +1068,30 @@ async fn on_twin(io: &LinkIo, status: u16, payload: &[u8]) {
     };
     if let Some((msg, version)) = io.state.twins.cloud_twin(&io.name, &body).await {
         tracing::info!(identity = %io.name, version, "desired properties changed while away; pushing the difference");
-        crate::twins::push_desired(&io.state, &io.name, &msg, version).await;
+        desired_changed(io, &msg, version).await;
+    }
+}
+
+/// A desired change from the cloud, already in the local twin: pushed to the
+/// client — or, for the hub's own `$edgeHub` twin, applied as the hub's
+/// configuration (routes), which validates it whole and reports the outcome.
+async fn desired_changed(io: &LinkIo, msg: &Value, version: u64) {
+    if io.name != io.state.edgehub_twin_id() {
+        crate::twins::push_desired(&io.state, &io.name, msg, version).await;
+        return;
+    }
+    let Some(desired) = io.state.twins.desired(&io.name) else {
+        return;
+    };
+    match io.state.set_edgehub_desired(&Value::Object(desired)).await {
+        Ok(n) => tracing::info!(
+            routes = n,
+            version,
+            "$edgeHub desired properties from the cloud applied"
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "$edgeHub desired properties from the cloud refused; previous routes stay active");
+        }
     }
 }
 
@@ -1123,7 +1169,7 @@ async fn on_publish<W: AsyncWrite + Unpin>(
         return Ok(
             match io.state.twins.cloud_desired_patch(&io.name, &patch).await {
                 CloudPatch::Push(msg, version) => {
-                    crate::twins::push_desired(&io.state, &io.name, &msg, version).await;
+                    desired_changed(io, &msg, version).await;
                     Next::Continue
                 }
                 CloudPatch::Stale => Next::Continue,
