@@ -550,3 +550,105 @@ async fn c2d_to_a_leaf_device_completes_on_its_puback() {
     assert_eq!(f[0].original_message_id, "c2d-1");
     assert_eq!(f[0].device_id, "leaf1");
 }
+
+/// The hub's own configuration comes from its `$edgeHub` module twin in the
+/// cloud, as a deployment sets it: a route that exists only in the cloud's
+/// `$edgeHub` desired properties is put in force (modA/out2 → modB/in2), and
+/// the hub reports the outcome on that twin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edgehub_desired_from_the_cloud_is_the_hub_configuration() {
+    let mut w = World::new().await;
+    // The hub holds `$edgeHub`'s key (derived like any module's) and the
+    // cloud knows the module with that key, as verged registers it.
+    let text = std::fs::read_to_string(&w.toml).unwrap();
+    std::fs::write(
+        &w.toml,
+        text.replace("[modules]\n", "[modules]\n\"$edgeHub\" = \"gen-x\"\n"),
+    )
+    .unwrap();
+    let hub_key = module_key("$edgeHub");
+    w.cloud
+        .state
+        .put_module(
+            DEVICE,
+            "$edgeHub",
+            verge_cloud::ModuleSpec {
+                keys: Some(verge_cloud::registry::SymmetricKeys {
+                    primary: hub_key.to_base64(),
+                    secondary: hub_key.to_base64(),
+                }),
+                ..verge_cloud::ModuleSpec::default()
+            },
+            // The cloud created `$edgeHub` with the edge device; update it.
+            Some("*".to_owned()),
+        )
+        .await
+        .unwrap();
+    let edgehub = format!("{DEVICE}/$edgeHub");
+    w.cloud
+        .set_desired(
+            &edgehub,
+            json!({
+                "schemaVersion": "1.1",
+                "routes": {
+                    "cloudRoute": "FROM /messages/modules/modA/outputs/out2 INTO BrokeredEndpoint(\"/modules/modB/inputs/in2\")"
+                },
+                "storeAndForwardConfiguration": {"timeToLiveSecs": 7200}
+            }),
+        )
+        .await;
+    w.cloud.start().await;
+    let _hub = w.hub().await;
+    let mut b = w
+        .module("modB", &["devices/edge1/modules/modB/inputs/#"])
+        .await;
+    let (mut a, _) = connect_module(w.mqtt, &w.pki.ca_pem, "modA", true).await;
+    wait_for("the $edgeHub link", Duration::from_secs(10), || {
+        w.cloud.connected(&edgehub)
+    })
+    .await;
+
+    // Until the cloud's document is in force, out2 has no route: retry.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut pkid = 1;
+    let got = loop {
+        publish_qos1(
+            &mut a,
+            &format!("devices/{DEVICE}/modules/modA/messages/events/%24.on=out2"),
+            b"via-cloud-route",
+            pkid,
+        )
+        .await;
+        pkid += 1;
+        if let Some(p) = maybe_pub(&mut b, Duration::from_millis(500)).await {
+            break p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cloud's $edgeHub routes were never applied:\n{}",
+            w.hub_log()
+        );
+    };
+    assert!(topic_of(&got).starts_with("devices/edge1/modules/modB/inputs/in2/"));
+    assert_eq!(&got.payload[..], b"via-cloud-route");
+
+    // The outcome reaches the cloud as `$edgeHub` reported properties.
+    let desired_version = w.cloud.twin(&edgehub).desired.version;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reported = w.cloud.twin(&edgehub).reported.properties;
+        if reported
+            .get("lastDesiredStatus")
+            .and_then(|s| s.get("code"))
+            == Some(&json!(200))
+            && reported.get("lastDesiredVersion") == Some(&json!(desired_version))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no 200 for version {desired_version} reported: {reported:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
