@@ -3,12 +3,15 @@
 //! `list`, `logs`, `restart`, `check`, `support-bundle` and `system` talk to
 //! verged's management API over its Unix socket (from the config file, or
 //! `-H unix:///path`); `config mp` / `config apply` write and install the
-//! configuration.
+//! configuration; `cloud …` drives a verge-cloud over its service API;
+//! `quickstart` runs a whole deployment on this machine.
 
 mod bundle;
 mod check;
+mod cloud;
 mod list;
 mod mgmt;
+mod quickstart;
 mod system;
 mod times;
 mod ui;
@@ -103,6 +106,12 @@ enum Command {
     /// Create, check and install verged's configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// The cloud peer (verge-cloud): devices, modules, twins, deployments,
+    /// messages, methods, C2D.
+    Cloud(cloud::CloudArgs),
+    /// Run a whole Verge deployment on this machine: a local verge-cloud,
+    /// verged, the agent, the hub and two example modules; shows the telemetry.
+    Quickstart(quickstart::QuickstartArgs),
     /// Print the version.
     Version,
 }
@@ -174,6 +183,7 @@ fn main() -> ExitCode {
             target,
         }) => config_apply(&config_file, &target).map(|()| ExitCode::SUCCESS),
         Command::System(SystemCommand::Logs { follow, args }) => system::logs(follow, &args),
+        Command::Quickstart(args) => quickstart::run(args),
         Command::System(SystemCommand::Restart) => system::restart(),
         command => block_on(async {
             let host = cli.host.as_deref();
@@ -235,8 +245,13 @@ fn main() -> ExitCode {
                 Command::System(SystemCommand::Status) => {
                     system::status(host, cli.config.as_deref(), &config_path).await
                 }
+                Command::Cloud(args) => {
+                    cloud::run(args).await?;
+                    Ok(ExitCode::SUCCESS)
+                }
                 // Handled above, without a runtime.
                 Command::Version
+                | Command::Quickstart(_)
                 | Command::Config(_)
                 | Command::System(SystemCommand::Logs { .. } | SystemCommand::Restart) => {
                     Ok(ExitCode::SUCCESS)

@@ -573,8 +573,12 @@ fn check_reports_ok_and_warns_about_the_unreachable_hub() {
         text.contains("    cannot connect to the IoT hub at hub.invalid:8883"),
         "{text}"
     );
+    // A nearly full disk on the test machine is a second, legitimate warning.
+    let warnings = 1 + usize::from(result("storage-disk-space") == "warning");
     assert!(
-        text.contains("check(s) succeeded, 1 raised warnings, 0 raised errors"),
+        text.contains(&format!(
+            "check(s) succeeded, {warnings} raised warnings, 0 raised errors"
+        )),
         "{text}"
     );
 

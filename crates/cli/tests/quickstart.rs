@@ -1,0 +1,187 @@
+//! `verge quickstart` end to end with the real binaries (verge-cloud,
+//! verged, verge-agent, verge-hub and the two example modules, built here
+//! with the test's profile): the bounded CI mode failing (diagnosis) and
+//! succeeding, then an interactive run stopped with SIGINT. Both must leave no process behind. The hub binds
+//! 127.0.0.1:8883 (modules dial 8883), so the runs are sequential.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use std::io::{BufRead as _, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const PACKAGES: [&str; 6] = [
+    "verge-cloud",
+    "verge-daemon",
+    "verge-agent",
+    "verge-hub",
+    "verge-simulated-temperature-sensor",
+    "verge-filter-module",
+];
+
+/// Processes started for the quickstart in `dir`: their command line names
+/// it (verged, the agent, the hub, the cloud) or their environment does
+/// (modules: IOTEDGE_WORKLOADURI points into it).
+fn leftovers(dir: &Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().into_owned();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                s.rfind(')')
+                    .is_some_and(|i| s[i + 1..].trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true);
+        if zombie {
+            continue;
+        }
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(&needle) || String::from_utf8_lossy(&env).contains(&needle) {
+            out.push(format!("{pid}: {cmd}"));
+        }
+    }
+    out
+}
+
+fn wait_no_leftovers(dir: &Path) {
+    // The quickstart reaps everything before it exits; allow /proc a moment.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let left = leftovers(dir);
+        if left.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "left running: {left:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn quickstart_bounded_then_interrupted() {
+    let bin_dir = common::build(&PACKAGES);
+    let tmp = tempfile::tempdir().unwrap();
+
+    // ---- missing binaries: says how to build them --------------------------
+    let empty = tmp.path().join("empty-bin");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_verge"))
+        .arg("quickstart")
+        .arg("--bin-dir")
+        .arg(&empty)
+        .arg("--dir")
+        .arg(tmp.path().join("never"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("verged") && e.contains("cargo build --release"),
+        "{e}"
+    );
+
+    // ---- bounded mode that cannot succeed: exit 1 with a diagnosis ------------
+    let dir = tmp.path().join("qs");
+    let out = Command::new(env!("CARGO_BIN_EXE_verge"))
+        .arg("quickstart")
+        .arg("--bin-dir")
+        .arg(&bin_dir)
+        .arg("--dir")
+        .arg(&dir)
+        .args(["--until-messages", "100000", "--timeout", "10s"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("of 100000 messages"), "{stderr}");
+    assert!(
+        stderr.contains("Diagnosis:") && stderr.contains("edgeHub: running"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("nothing is left running"), "{stderr}");
+    wait_no_leftovers(&dir);
+
+    // ---- bounded mode -------------------------------------------------------
+    let start = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_verge"))
+        .arg("quickstart")
+        .arg("--bin-dir")
+        .arg(&bin_dir)
+        .arg("--dir")
+        .arg(&dir)
+        .args(["--until-messages", "5", "--timeout", "180s"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "quickstart failed after {:?}:\n{stderr}\n{stdout}",
+        start.elapsed()
+    );
+    let from_filter = stdout
+        .lines()
+        .filter(|l| l.contains("quickstart-edge/filter") && l.contains("alert=true"))
+        .count();
+    assert!(from_filter >= 5, "{stdout}");
+    assert!(stderr.contains("nothing is left running"), "{stderr}");
+    wait_no_leftovers(&dir);
+    // What the cloud recorded: the deployment and the agent's report.
+    let env = std::fs::read_to_string(dir.join("cloud.env")).unwrap();
+    assert!(
+        env.contains("VERGE_CLOUD_CONNECTION_STRING='HostName=localhost:"),
+        "{env}"
+    );
+
+    // ---- interactive, stopped with SIGINT -------------------------------------
+    let mut child = Command::new(env!("CARGO_BIN_EXE_verge"))
+        .arg("quickstart")
+        .arg("--bin-dir")
+        .arg(&bin_dir)
+        .arg("--dir")
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines() {
+            let Ok(l) = l else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let first = rx.recv_timeout(Duration::from_secs(180));
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-INT", &pid]).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the quickstart did not stop within 90 s of SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let first = first.unwrap_or_else(|e| panic!("no telemetry line ({e}):\n{stderr}"));
+    assert!(first.contains("quickstart-edge/filter"), "{first}");
+    assert!(status.success(), "{status}:\n{stderr}");
+    assert!(stderr.contains("nothing is left running"), "{stderr}");
+    wait_no_leftovers(&dir);
+}
