@@ -32,19 +32,10 @@
 //!
 //! * **Module identities in the cloud** are registered by verged itself
 //!   (`[provisioning] https_port` and the cloud's CA as `trust_bundle_cert`).
-//!   The quickstart creates the module identities in verged up front (`POST
-//!   /identities`; the agent's module creation then reuses them), only so
-//!   that their generation ids are known for the hub's config (next item).
-//! * **INTERIM, the hub's upstream keys.** verge-hub run by verged as
-//!   edgeHub takes its server certificate (and, without `device_key`, the
-//!   module identities) from verged's workload API, but its upstream links
-//!   still sign with keys derived from a configured `device_key` and
-//!   `[modules]` generation ids; so the quickstart writes those two into
-//!   the hub's config. The hidden flag `--hub-from-verged` leaves them out
-//!   (the proper path), to become the default once the upstream uses the
-//!   keys from verged.
-//! * **The hub's routes** are the deployment's `$edgeHub` desired
-//!   properties, also written to the hub's `routes_file`.
+//! * **The hub** is run by verged as edgeHub: its server certificate and
+//!   module identities come from verged's workload API, its routes from its
+//!   `$edgeHub` twin in the cloud; its config only names its listeners and
+//!   the cloud.
 //!
 //! The agent takes its deployment from its `$edgeAgent` twin in the cloud
 //! (`VERGE_AGENT_UPSTREAM_PORT`/`_CA` in verged's `[agent.env]`) and reports
@@ -64,10 +55,9 @@ use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt as _;
 use tokio::process::{Child, Command};
 use verge_core::SharedAccessKey;
-use verge_daemon::client::request;
 
 use crate::cloud::{CloudClient, format_message, stream_lines};
-use crate::mgmt::{API_VERSION, Mgmt};
+use crate::mgmt::Mgmt;
 
 /// The binaries the quickstart runs, by file name.
 const VERGE_CLOUD: &str = "verge-cloud";
@@ -117,11 +107,6 @@ pub struct QuickstartArgs {
     /// cloud) and idle memory (verged + agent + hub), print them and exit.
     #[arg(long)]
     measure: bool,
-    /// The hub takes its module identities from verged's workload API too
-    /// (no device key in its config). Hidden until its upstream links sign
-    /// with those keys.
-    #[arg(long, hide = true)]
-    hub_from_verged: bool,
 }
 
 /// Parses `120s`, `3m`, `500ms` or a number of seconds.
@@ -515,9 +500,8 @@ impl Quickstart {
         self.write_verged_config(&device_key, &cloud)?;
         self.start_verged().await?;
 
-        self.progress
-            .step("preparing identities and the hub's certificate");
-        self.prepare_edge(&cloud, &device_key).await?;
+        self.progress.step("writing the hub's config");
+        self.write_hub_config(&cloud)?;
 
         self.progress
             .step("deploying edgeHub, the sensor and the filter");
@@ -767,89 +751,16 @@ impl Quickstart {
     /// creation then reuses them), so their generation ids, and with them
     /// the module keys verged derives, are known now (verged registers them
     /// in the cloud); writes the hub's config file.
-    async fn prepare_edge(
-        &self,
-        cloud: &CloudInfo,
-        device_key: &SharedAccessKey,
-    ) -> anyhow::Result<()> {
-        let socket = self.lay.mgmt_socket();
-        for m in ["$edgeHub", SENSOR_MODULE, FILTER_MODULE] {
-            let body = serde_json::to_vec(&json!({"moduleId": m, "managedBy": "iotedge"}))?;
-            let r = request(
-                &socket,
-                "POST",
-                &format!("/identities?api-version={API_VERSION}"),
-                Some(body),
-                Duration::from_secs(20),
-            )
-            .await
-            .map_err(|e| anyhow!("creating the identity of {m} in verged: {e}"))?;
-            if !(200..300).contains(&r.status) && r.status != 409 {
-                bail!(
-                    "verged refused the identity of {m}: HTTP {} {}",
-                    r.status,
-                    String::from_utf8_lossy(&r.body)
-                );
-            }
-        }
-        let list: Value = self.mgmt().get_json("/identities").await?;
-        let mut gens = BTreeMap::new();
-        for i in list
-            .get("identities")
-            .and_then(Value::as_array)
-            .map(Vec::as_slice)
-            .unwrap_or_default()
-        {
-            if let (Some(m), Some(g)) = (
-                i.get("moduleId").and_then(Value::as_str),
-                i.get("generationId").and_then(Value::as_str),
-            ) {
-                gens.insert(m.to_owned(), g.to_owned());
-            }
-        }
-        let gen_of = |m: &str| {
-            gens.get(m)
-                .cloned()
-                .ok_or_else(|| anyhow!("verged lists no identity for {m}"))
-        };
-
+    /// Writes the hub's config: listeners and the upstream only. verged runs
+    /// the hub as edgeHub, so its server certificate and module identities
+    /// come from verged's workload API, its leaf devices from the cloud's
+    /// device scope, and its routes from its `$edgeHub` twin in the cloud
+    /// (set by the deployment) — nothing else is written here.
+    fn write_hub_config(&self, cloud: &CloudInfo) -> anyhow::Result<()> {
         let h = &self.lay.hub_dir;
-        // The routes are the deployment's $edgeHub desired properties; the
-        // hub reads them from this file (it does not follow its own twin in
-        // the cloud yet).
-        write_file(
-            &h.join("routes.json"),
-            &serde_json::to_vec_pretty(&self.routes())?,
-            0o644,
-        )?;
-        // Without [tls] and device_key the hub, run by verged as edgeHub,
-        // takes its server certificate and the module identities from
-        // verged's workload API.
-        let mut identity = String::new();
-        if !self.args.hub_from_verged {
-            // INTERIM (until the hub's upstream links sign with the keys it
-            // gets from verged): the device key and the module generation ids
-            // are written into the hub's config, so its upstream links can
-            // derive the module keys. Its server certificate comes from
-            // verged's workload API either way (no [tls] table).
-            identity = format!(
-                "device_key = \"{key}\"\n\n\
-                 [modules]\n\
-                 {SENSOR_MODULE} = \"{sensor_gen}\"\n\
-                 {FILTER_MODULE} = \"{filter_gen}\"\n\n",
-                key = device_key.to_base64(),
-                sensor_gen = gen_of(SENSOR_MODULE)?,
-                filter_gen = gen_of(FILTER_MODULE)?,
-            );
-        }
         let text = format!(
             "# Written by `verge quickstart`.\n\
-             iothub_hostname = \"localhost\"\n\
-             hostname = \"localhost\"\n\
-             device_id = \"{dev_id}\"\n\
-             storage_dir = '{storage}'\n\
-             routes_file = '{routes}'\n\
-             {identity}\n\
+             storage_dir = '{storage}'\n\n\
              [listen]\n\
              mqtt = \"127.0.0.1:{HUB_MQTT_PORT}\"\n\
              https = \"127.0.0.1:0\"\n\n\
@@ -859,9 +770,7 @@ impl Quickstart {
              https_port = {https_port}\n\
              ca_file = '{ca}'\n\
              reconnect_ms = 1000\n",
-            dev_id = self.args.device_id,
             storage = h.join("storage").display(),
-            routes = h.join("routes.json").display(),
             mqtt_port = cloud.mqtt_port,
             https_port = cloud.https_port,
             ca = cloud.ca.display(),
