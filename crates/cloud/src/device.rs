@@ -116,7 +116,11 @@ impl Backend for CloudBackend {
         Ok(Link(tokio::spawn(pump.run(registration))))
     }
 
-    async fn telemetry(
+    // The D2C log takes one append at a time per caller: submission does
+    // the whole (durable) ingest, and there is nothing left to wait for.
+    type Pending = ();
+
+    async fn telemetry_submit(
         &self,
         client: &ClientId,
         bag: &str,
@@ -140,6 +144,10 @@ impl Backend for CloudBackend {
             .await
             .map(|_| ())
             .map_err(|e| rejection(&e))
+    }
+
+    async fn telemetry_wait(&self, _pending: &mut ()) -> Result<(), Rejection> {
+        Ok(())
     }
 
     async fn twin_get(&self, client: &ClientId) -> Result<Value, Rejection> {

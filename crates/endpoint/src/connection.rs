@@ -2,11 +2,12 @@
 //! (publishes in, deliveries out with bounded inflight, keep-alive). What a
 //! publish means is the [`Backend`]'s business.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt as _;
 use rumqttc::mqttbytes::Error as CodecError;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{
@@ -25,6 +26,12 @@ use crate::topic::{Inbound, authorized, classify};
 
 /// Capacity of each connection's outbound queue.
 const OUTBOUND_QUEUE: usize = 64;
+/// Telemetry publishes per connection whose durability may be pending at
+/// once: they share the backend's group commits instead of paying one
+/// fsync each, while PUBACKs still go out in packet order.
+const INBOUND_WINDOW: usize = 64;
+/// Outgoing bytes buffered before a write even within one loop turn.
+const FLUSH_AT: usize = 64 * 1024;
 
 /// Why a connection ended (for logs).
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +52,9 @@ enum Close {
     ProtocolLevel(u8),
 }
 
+/// The write side. Packets are encoded into `out` and written together once
+/// per loop turn ([`Conn::flush`]): one syscall (and one TLS record) for
+/// many PUBACKs and deliveries instead of one each.
 struct Conn<W> {
     writer: W,
     out: BytesMut,
@@ -52,13 +62,32 @@ struct Conn<W> {
 }
 
 impl<W: AsyncWrite + Unpin> Conn<W> {
-    async fn send(&mut self, p: Packet) -> Result<(), Close> {
-        self.out.clear();
+    /// Queues `p`; writes early only when the buffer is large.
+    async fn push(&mut self, p: Packet) -> Result<(), Close> {
         p.write(&mut self.out, self.max_packet.max(1 << 20))
             .map_err(|e| Close::Protocol(format!("cannot encode: {e}")))?;
-        self.writer.write_all(&self.out).await?;
+        if self.out.len() >= FLUSH_AT {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes whatever is queued.
+    async fn flush(&mut self) -> Result<(), Close> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let r = self.writer.write_all(&self.out).await;
+        self.out.clear();
+        r?;
         self.writer.flush().await?;
         Ok(())
+    }
+
+    /// Queues `p` and writes it now.
+    async fn send(&mut self, p: Packet) -> Result<(), Close> {
+        self.push(p).await?;
+        self.flush().await
     }
 }
 
@@ -201,9 +230,10 @@ where
         client_id: &client_id,
         inflight: HashMap::new(),
         next_pkid: 0,
+        pending: VecDeque::with_capacity(INBOUND_WINDOW),
     };
     let result = async {
-        conn.send(Packet::ConnAck(ConnAck::new(
+        conn.push(Packet::ConnAck(ConnAck::new(
             ConnectReturnCode::Success,
             present,
         )))
@@ -213,27 +243,48 @@ where
         let max_inflight = limits.max_inflight;
         let mut last_seen = Instant::now();
         loop {
-            // Packets already buffered first.
-            while let Some(p) = try_parse(&mut buf, max)? {
+            // Packets already buffered first, while the inbound window has room.
+            while session.pending.len() < INBOUND_WINDOW
+                && let Some(p) = try_parse(&mut buf, max)?
+            {
                 last_seen = Instant::now();
                 session.handle(&mut conn, p).await?;
             }
-            let deadline = keep_alive.map(|k| last_seen + k);
+            session.settle_ready(&mut conn).await?;
+            conn.flush().await?;
+            let room = session.pending.len() < INBOUND_WINDOW;
+            // With the window full the client is not being read, so its
+            // silence proves nothing: no keep-alive deadline then.
+            let deadline = keep_alive.filter(|_| room).map(|k| last_seen + k);
             tokio::select! {
                 _ = kick.notified() => return Err(Close::TakenOver),
-                n = reader.read_buf(&mut buf) => {
+                r = oldest_durable(session.backend, &mut session.pending) => {
+                    r.map_err(|e| Close::Protocol(format!("message refused: {e}")))?;
+                    if let Some((qos, pkid, _)) = session.pending.pop_front() {
+                        puback(&mut conn, qos, pkid).await?;
+                    }
+                }
+                n = reader.read_buf(&mut buf), if room => {
                     if n? == 0 {
                         return Err(Close::Eof);
                     }
                 }
                 Some(out) = rx.recv(), if session.inflight.len() < max_inflight => {
                     session.publish(&mut conn, out).await?;
+                    // Whatever else is queued goes in the same write.
+                    while session.inflight.len() < max_inflight
+                        && let Ok(out) = rx.try_recv()
+                    {
+                        session.publish(&mut conn, out).await?;
+                    }
                 }
                 _ = sleep_until_opt(deadline) => return Err(Close::KeepAlive),
             }
         }
     }
     .await;
+    // PUBACKs already earned are still worth sending.
+    let _ = conn.flush().await;
     sessions.detach(&client_id, conn_id);
     backend.disconnected(&client, link).await;
     match result {
@@ -252,9 +303,24 @@ async fn puback<W: AsyncWrite + Unpin>(
     pkid: u16,
 ) -> Result<(), Close> {
     if qos == QoS::AtLeastOnce {
-        conn.send(Packet::PubAck(PubAck::new(pkid))).await
+        conn.push(Packet::PubAck(PubAck::new(pkid))).await
     } else {
         Ok(())
+    }
+}
+
+/// Telemetry whose durability is pending, in packet order.
+type PendingQueue<P> = VecDeque<(QoS, u16, P)>;
+
+/// Waits for the oldest pending telemetry to become durable (forever when
+/// there is none). Cancel-safe: [`Backend::telemetry_wait`] is.
+async fn oldest_durable<B: Backend>(
+    backend: &B,
+    pending: &mut PendingQueue<B::Pending>,
+) -> Result<(), crate::Rejection> {
+    match pending.front_mut() {
+        Some((_, _, p)) => backend.telemetry_wait(p).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -265,12 +331,15 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
-struct Session<'a, B> {
+struct Session<'a, B: Backend> {
     backend: &'a B,
     client: &'a ClientId,
     client_id: &'a str,
     inflight: HashMap<u16, Option<oneshot::Sender<()>>>,
     next_pkid: u16,
+    /// Telemetry submitted to the backend, not yet durable (at most
+    /// [`INBOUND_WINDOW`]); PUBACKed from the front.
+    pending: PendingQueue<B::Pending>,
 }
 
 impl<B: Backend> Session<'_, B> {
@@ -289,10 +358,53 @@ impl<B: Backend> Session<'_, B> {
         p.payload = out.payload;
         p.pkid = pkid;
         self.inflight.insert(pkid, out.ack);
-        conn.send(Packet::Publish(p)).await
+        conn.push(Packet::Publish(p)).await
     }
 
-    /// A QoS 0 response written straight to the socket.
+    /// PUBACKs every pending message at the front that is already durable,
+    /// without waiting.
+    async fn settle_ready<W: AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<W>,
+    ) -> Result<(), Close> {
+        while let Some((qos, pkid, p)) = self.pending.front_mut() {
+            let (qos, pkid) = (*qos, *pkid);
+            match self.backend.telemetry_wait(p).now_or_never() {
+                None => break,
+                Some(r) => {
+                    r.map_err(|e| Close::Protocol(format!("message refused: {e}")))?;
+                    self.pending.pop_front();
+                    puback(conn, qos, pkid).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until every pending message is durable and PUBACKed, so that a
+    /// publish handled next is acknowledged after them (PUBACKs in order).
+    async fn settle_all<W: AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<W>,
+    ) -> Result<(), Close> {
+        loop {
+            self.settle_ready(conn).await?;
+            let Some((qos, pkid, p)) = self.pending.front_mut() else {
+                return Ok(());
+            };
+            let (qos, pkid) = (*qos, *pkid);
+            // PUBACKs earned so far go out before we wait.
+            conn.flush().await?;
+            self.backend
+                .telemetry_wait(p)
+                .await
+                .map_err(|e| Close::Protocol(format!("message refused: {e}")))?;
+            self.pending.pop_front();
+            puback(conn, qos, pkid).await?;
+        }
+    }
+
+    /// A QoS 0 response (written with the next flush).
     async fn respond<W: AsyncWrite + Unpin>(
         &mut self,
         conn: &mut Conn<W>,
@@ -301,7 +413,7 @@ impl<B: Backend> Session<'_, B> {
     ) -> Result<(), Close> {
         let mut p = Publish::new(topic, QoS::AtMostOnce, Vec::new());
         p.payload = payload;
-        conn.send(Packet::Publish(p)).await
+        conn.push(Packet::Publish(p)).await
     }
 
     async fn handle<W: AsyncWrite + Unpin>(
@@ -333,15 +445,15 @@ impl<B: Backend> Session<'_, B> {
                     }
                 }
                 self.backend.sessions().subscribe(self.client_id, &granted);
-                conn.send(Packet::SubAck(SubAck::new(s.pkid, codes))).await
+                conn.push(Packet::SubAck(SubAck::new(s.pkid, codes))).await
             }
             Packet::Unsubscribe(u) => {
                 self.backend
                     .sessions()
                     .unsubscribe(self.client_id, &u.topics);
-                conn.send(Packet::UnsubAck(UnsubAck::new(u.pkid))).await
+                conn.push(Packet::UnsubAck(UnsubAck::new(u.pkid))).await
             }
-            Packet::PingReq => conn.send(Packet::PingResp).await,
+            Packet::PingReq => conn.push(Packet::PingResp).await,
             Packet::Disconnect => Err(Close::Disconnect),
             other => Err(Close::Protocol(format!(
                 "unexpected {:?} packet",
@@ -358,20 +470,31 @@ impl<B: Backend> Session<'_, B> {
         if p.qos == QoS::ExactlyOnce {
             return Err(Close::Protocol("QoS 2 is not supported".into()));
         }
-        let topic = std::str::from_utf8(&p.topic)
-            .map_err(|_| Close::Protocol("topic is not UTF-8".into()))?
-            .to_owned();
-        let kind = classify(self.client, &topic)
+        let Publish {
+            topic,
+            payload,
+            qos,
+            pkid,
+            ..
+        } = p;
+        let topic = std::str::from_utf8(&topic)
+            .map_err(|_| Close::Protocol("topic is not UTF-8".into()))?;
+        let kind = classify(self.client, topic)
             .ok_or_else(|| Close::Protocol(format!("not authorized to publish on {topic:?}")))?;
-        let (qos, pkid) = (p.qos, p.pkid);
+        if let Inbound::Telemetry { bag } = kind {
+            // PUBACK comes when it is durable (the packet loop's window).
+            let pending = self
+                .backend
+                .telemetry_submit(self.client, bag, payload)
+                .await
+                .map_err(|e| Close::Protocol(format!("message refused: {e}")))?;
+            self.pending.push_back((qos, pkid, pending));
+            return Ok(());
+        }
+        // Not telemetry: its PUBACK must follow those still pending.
+        self.settle_all(conn).await?;
         match kind {
-            Inbound::Telemetry { bag } => {
-                self.backend
-                    .telemetry(self.client, bag, p.payload.clone())
-                    .await
-                    .map_err(|e| Close::Protocol(format!("message refused: {e}")))?;
-                puback(conn, qos, pkid).await
-            }
+            Inbound::Telemetry { .. } => Ok(()),
             Inbound::TwinGet { rid } => {
                 puback(conn, qos, pkid).await?;
                 let (topic, body) = match self.backend.twin_get(self.client).await {
@@ -392,7 +515,7 @@ impl<B: Backend> Session<'_, B> {
             }
             Inbound::TwinReported { rid } => {
                 puback(conn, qos, pkid).await?;
-                let result = match serde_json::from_slice::<serde_json::Value>(&p.payload) {
+                let result = match serde_json::from_slice::<serde_json::Value>(&payload) {
                     Ok(patch) => self.backend.twin_patch_reported(self.client, patch).await,
                     Err(e) => Err(crate::Rejection::bad_request(format!(
                         "patch is not JSON: {e}"
@@ -410,14 +533,172 @@ impl<B: Backend> Session<'_, B> {
             Inbound::MethodResponse { status, rid } => {
                 puback(conn, qos, pkid).await?;
                 self.backend
-                    .method_response(self.client, &rid, status, p.payload.clone())
+                    .method_response(self.client, &rid, status, payload)
                     .await;
                 Ok(())
             }
             Inbound::Other => {
-                tracing::debug!(client = self.client_id, %topic, "publish on an unhandled topic ignored");
+                tracing::debug!(client = self.client_id, topic, "publish on an unhandled topic ignored");
                 puback(conn, qos, pkid).await
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::Mutex;
+
+    use rumqttc::mqttbytes::v4::Connect;
+    use serde_json::Value;
+    use tokio::io::DuplexStream;
+
+    use super::*;
+    use crate::auth::AuthError;
+    use crate::session::Sessions;
+    use crate::{Limits, Rejection};
+
+    /// Telemetry is durable when the test says so.
+    struct Mock {
+        sessions: Arc<Sessions>,
+        durable: Mutex<Vec<oneshot::Sender<()>>>,
+    }
+
+    impl Backend for Mock {
+        type Link = ();
+        type Pending = oneshot::Receiver<()>;
+
+        fn limits(&self) -> Limits {
+            Limits {
+                connect_timeout: Duration::from_secs(5),
+                max_inflight: 8,
+                max_packet_bytes: 1 << 16,
+            }
+        }
+        fn sessions(&self) -> &Sessions {
+            &self.sessions
+        }
+        async fn authenticate(&self, creds: &Credentials<'_>) -> Result<ClientId, AuthError> {
+            ClientId::parse(creds.client_id).map_err(|e| AuthError::Refused(e.to_string()))
+        }
+        async fn connected(&self, _: &ClientId, _: &ConnHandle) -> Result<(), Rejection> {
+            Ok(())
+        }
+        async fn telemetry_submit(
+            &self,
+            _: &ClientId,
+            _: &str,
+            _: Bytes,
+        ) -> Result<oneshot::Receiver<()>, Rejection> {
+            let (tx, rx) = oneshot::channel();
+            self.durable.lock().unwrap().push(tx);
+            Ok(rx)
+        }
+        async fn telemetry_wait(&self, p: &mut oneshot::Receiver<()>) -> Result<(), Rejection> {
+            p.await.map_err(|_| Rejection::new(500, "store failed"))
+        }
+        async fn twin_get(&self, _: &ClientId) -> Result<Value, Rejection> {
+            Ok(serde_json::json!({"desired": {}, "reported": {}}))
+        }
+        async fn twin_patch_reported(&self, _: &ClientId, _: Value) -> Result<u64, Rejection> {
+            Ok(1)
+        }
+        async fn method_response(&self, _: &ClientId, _: &str, _: i64, _: Bytes) {}
+    }
+
+    async fn write(io: &mut DuplexStream, p: Packet) {
+        let mut out = BytesMut::new();
+        p.write(&mut out, 1 << 16).unwrap();
+        io.write_all(&out).await.unwrap();
+    }
+
+    /// The next packet, or `None` if nothing comes within 200 ms.
+    async fn next(io: &mut DuplexStream, buf: &mut BytesMut) -> Option<Packet> {
+        tokio::time::timeout(Duration::from_millis(200), read_packet(io, buf, 1 << 16))
+            .await
+            .ok()
+            .map(|r| r.unwrap())
+    }
+
+    fn publish(topic: &str, pkid: u16) -> Packet {
+        let mut p = Publish::new(topic, QoS::AtLeastOnce, b"x".to_vec());
+        p.pkid = pkid;
+        Packet::Publish(p)
+    }
+
+    /// Many telemetry publishes are in flight at once; each PUBACK waits for
+    /// its message to be durable, and PUBACKs (a twin request's too) go out
+    /// in packet order even when durability completes out of order.
+    #[tokio::test]
+    async fn pubacks_after_durable_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = Arc::new(Mock {
+            sessions: Sessions::open(dir.path().join("s.json")).await.unwrap(),
+            durable: Mutex::new(Vec::new()),
+        });
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let task = tokio::spawn(serve(backend.clone(), server, "test".into()));
+        write(&mut client, Packet::Connect(Connect::new("dev1/mod1"))).await;
+        let mut buf = BytesMut::new();
+        assert!(matches!(next(&mut client, &mut buf).await, Some(Packet::ConnAck(_))));
+
+        let events = "devices/dev1/modules/mod1/messages/events/";
+        for pkid in 1..=5 {
+            write(&mut client, publish(events, pkid)).await;
+        }
+        write(&mut client, publish("$iothub/twin/GET/?$rid=7", 6)).await;
+        // All five submitted before any is durable; nothing acknowledged.
+        for _ in 0..50 {
+            if backend.durable.lock().unwrap().len() == 5 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut durable: Vec<_> = std::mem::take(&mut *backend.durable.lock().unwrap());
+        assert_eq!(durable.len(), 5);
+        assert!(next(&mut client, &mut buf).await.is_none());
+
+        // #3 durable first: still nothing (#1 is not).
+        let _ = durable.remove(2).send(());
+        assert!(next(&mut client, &mut buf).await.is_none());
+        let _ = durable.remove(0).send(());
+        let acked = |p: Option<Packet>| match p {
+            Some(Packet::PubAck(a)) => a.pkid,
+            other => panic!("expected PUBACK, got {other:?}"),
+        };
+        assert_eq!(acked(next(&mut client, &mut buf).await), 1);
+        assert!(next(&mut client, &mut buf).await.is_none());
+        let _ = durable.remove(0).send(()); // #2 → 2 and 3
+        assert_eq!(acked(next(&mut client, &mut buf).await), 2);
+        assert_eq!(acked(next(&mut client, &mut buf).await), 3);
+        for d in durable.drain(..) {
+            let _ = d.send(());
+        }
+        assert_eq!(acked(next(&mut client, &mut buf).await), 4);
+        assert_eq!(acked(next(&mut client, &mut buf).await), 5);
+        assert_eq!(acked(next(&mut client, &mut buf).await), 6);
+        match next(&mut client, &mut buf).await {
+            Some(Packet::Publish(p)) => assert!(p.topic.starts_with(b"$iothub/twin/res/200/")),
+            other => panic!("expected the twin response, got {other:?}"),
+        }
+
+        // A failed append closes the connection without its PUBACK.
+        write(&mut client, publish(events, 8)).await;
+        for _ in 0..50 {
+            if !backend.durable.lock().unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        backend.durable.lock().unwrap().clear();
+        let closed = tokio::time::timeout(
+            Duration::from_secs(2),
+            read_packet(&mut client, &mut buf, 1 << 16),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(closed, Err(Close::Eof)), "{closed:?}");
+        task.await.unwrap();
     }
 }

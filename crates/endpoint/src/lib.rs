@@ -109,13 +109,30 @@ pub trait Backend: Send + Sync + 'static {
         async move { drop(link) }
     }
 
-    /// Telemetry `{bag}` + `payload` from `client`. PUBACK is sent only after
-    /// `Ok` (so `Ok` must mean durable); an error closes the connection.
-    fn telemetry(
+    /// What [`Backend::telemetry_submit`] hands back for a message whose
+    /// durability may still be pending (e.g. a store receipt).
+    type Pending: Send;
+
+    /// Accepts telemetry `{bag}` + `payload` from `client` and starts making
+    /// it durable. Calls made by one connection must take effect in call
+    /// order (so its messages keep their order), and the returned future
+    /// should finish as soon as the message is queued: the connection keeps
+    /// several submissions in flight and sends each PUBACK only after
+    /// [`Backend::telemetry_wait`] on it returned `Ok`. An error (here or
+    /// there) closes the connection, the message unacknowledged.
+    fn telemetry_submit(
         &self,
         client: &ClientId,
         bag: &str,
         payload: Bytes,
+    ) -> impl Future<Output = Result<Self::Pending, Rejection>> + Send;
+
+    /// Completes once the submitted message is durable (`Ok` = PUBACK may be
+    /// sent). Must be cancel-safe: the connection polls it from a `select!`
+    /// and calls it again on the same `pending` until it completes.
+    fn telemetry_wait(
+        &self,
+        pending: &mut Self::Pending,
     ) -> impl Future<Output = Result<(), Rejection>> + Send;
 
     /// The twin as a device GETs it: `{"desired": {…}, "reported": {…}}`.

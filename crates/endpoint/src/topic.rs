@@ -60,7 +60,7 @@ pub fn classify<'a>(client: &ClientId, topic: &'a str) -> Option<Inbound<'a>> {
             _ => Inbound::Other,
         });
     }
-    let rest = topic.strip_prefix(&own_prefix(client))?;
+    let rest = strip_own_prefix(client, topic)?;
     if let Some(bag) = rest.strip_prefix("messages/events/") {
         return Some(Inbound::Telemetry { bag });
     }
@@ -68,6 +68,21 @@ pub fn classify<'a>(client: &ClientId, topic: &'a str) -> Option<Inbound<'a>> {
         return Some(Inbound::Telemetry { bag: "" });
     }
     Some(Inbound::Other)
+}
+
+/// `topic` without [`own_prefix`] (compared in place: this runs per message).
+fn strip_own_prefix<'a>(client: &ClientId, topic: &'a str) -> Option<&'a str> {
+    let rest = topic
+        .strip_prefix("devices/")?
+        .strip_prefix(client.device.as_str())?
+        .strip_prefix('/')?;
+    match &client.module {
+        None => Some(rest),
+        Some(m) => rest
+            .strip_prefix("modules/")?
+            .strip_prefix(m.as_str())?
+            .strip_prefix('/'),
+    }
 }
 
 /// A value from a `k=v&k=v` query (`$` may be written `%24`).
@@ -100,6 +115,27 @@ mod tests {
 
     fn module() -> ClientId {
         ClientId::parse("edge1/modA").unwrap()
+    }
+
+    #[test]
+    fn own_prefix_stripped_in_place() {
+        let dev = ClientId::parse("edge1").unwrap();
+        for (c, t) in [
+            (module(), "devices/edge1/modules/modA/messages/events"),
+            (module(), "devices/edge1/modules/modAB/messages/events"),
+            (module(), "devices/edge1/modules/modA"),
+            (module(), "devices/edge12/modules/modA/x"),
+            (module(), "devices/edge1/x"),
+            (dev.clone(), "devices/edge1/messages/events/a=b"),
+            (dev.clone(), "devices/edge1"),
+            (dev, "devices/edge2/messages/events"),
+        ] {
+            assert_eq!(
+                strip_own_prefix(&c, t),
+                t.strip_prefix(&own_prefix(&c)),
+                "{c} {t}"
+            );
+        }
     }
 
     #[test]

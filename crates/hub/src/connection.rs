@@ -49,13 +49,22 @@ impl Backend for HubState {
         Ok(())
     }
 
-    async fn telemetry(
+    type Pending = crate::router::Pending;
+
+    async fn telemetry_submit(
         &self,
         client: &ClientId,
         bag: &str,
         payload: Bytes,
-    ) -> Result<(), Rejection> {
-        crate::router::ingest(self, client, bag, payload)
+    ) -> Result<crate::router::Pending, Rejection> {
+        crate::router::ingest_submit(self, client, bag, payload)
+            .await
+            .map_err(|e| Rejection::bad_request(e.to_string()))
+    }
+
+    async fn telemetry_wait(&self, pending: &mut crate::router::Pending) -> Result<(), Rejection> {
+        pending
+            .wait(self)
             .await
             .map(|_| ())
             .map_err(|e| Rejection::bad_request(e.to_string()))

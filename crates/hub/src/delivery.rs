@@ -1,31 +1,223 @@
 //! One delivery task per module-input endpoint: waits until the target module
 //! is connected and subscribed to its inputs, publishes stored messages in
-//! order (QoS 1), and checkpoints the store after the module's PUBACKs.
+//! order (QoS 1) with a sliding window of unacknowledged deliveries, and
+//! checkpoints the store behind the module's PUBACKs.
+//!
+//! Checkpoints are written in the background (same task, never blocking the
+//! reads): the next messages come from the store's in-memory read cursor, so
+//! they need not wait for the previous checkpoint's fsync. A checkpoint lost
+//! to a crash only means those messages are delivered again (at least once).
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
 use verge_core::message::encode_bag;
+use verge_endpoint::session::ConnHandle;
 use verge_store::StoredMessage;
 
 use crate::HubState;
 use crate::session::Outbound;
 
-/// Messages read from the store per batch.
-const BATCH: usize = 32;
-/// How long a module may take to PUBACK before the batch is retried.
+/// Deliveries sent and not yet acknowledged, per endpoint. Beyond the
+/// connection's own inflight limit they wait in its (bounded) queue, so the
+/// connection always has the next message at hand.
+const WINDOW: usize = 128;
+/// Most messages read from the store at once.
+const READ_MAX: usize = 64;
+/// How long a module may take to PUBACK before the window is resent.
 const ACK_TIMEOUT: Duration = Duration::from_secs(60);
+/// Acks gathered into one checkpoint: a checkpoint alone in a group commit
+/// costs an fsync that the next append would wait behind. Only redelivery
+/// after a crash depends on it.
+const CHECKPOINT_DELAY: Duration = Duration::from_millis(5);
 
 /// The MQTT topic a stored message is delivered on.
 pub fn input_topic(device: &str, module: &str, input: &str, m: &StoredMessage) -> String {
-    let mut sys = m.message.system.clone();
+    topic_for(
+        &format!("devices/{device}/modules/{module}/inputs/{input}/"),
+        input,
+        &mut m.clone(),
+    )
+}
+
+/// [`input_topic`] with the `devices/{d}/modules/{m}/inputs/{i}/` prefix
+/// built once per pump; restamps the message in place (it is being handed
+/// over anyway) rather than cloning its properties.
+fn topic_for(prefix: &str, input: &str, m: &mut StoredMessage) -> String {
+    let sys = &mut m.message.system;
     sys.output_name = None;
     sys.input_name = Some(input.to_owned());
     // Hub-internal stamps that mean nothing to the receiver.
     sys.enqueued_time = None;
-    let bag = encode_bag(&sys, &m.message.properties);
-    format!("devices/{device}/modules/{module}/inputs/{input}/{bag}")
+    let bag = encode_bag(sys, &m.message.properties);
+    let mut topic = String::with_capacity(prefix.len() + bag.len());
+    topic.push_str(prefix);
+    topic.push_str(&bag);
+    topic
+}
+
+/// Acknowledged prefixes waiting to be checkpointed: per queue (priority),
+/// the highest offset the module has acknowledged.
+#[derive(Default)]
+struct Checkpoints {
+    due: Mutex<HashMap<u32, u64>>,
+    wake: Notify,
+}
+
+impl Checkpoints {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, u64>> {
+        self.due
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn done(&self, priority: u32, offset: u64) {
+        let mut due = self.lock();
+        let e = due.entry(priority).or_insert(offset);
+        *e = (*e).max(offset);
+        drop(due);
+        self.wake.notify_one();
+    }
+
+    /// Writes due checkpoints, one store ack per queue at a time; acks that
+    /// pile up meanwhile are merged into the next.
+    async fn run(&self, state: &HubState, endpoint: &str) {
+        loop {
+            self.wake.notified().await;
+            tokio::time::sleep(CHECKPOINT_DELAY).await;
+            let due = std::mem::take(&mut *self.lock());
+            for (priority, up_to) in due {
+                if let Err(e) = state.store.ack(endpoint, priority, up_to).await {
+                    // Not checkpointed = delivered again later (at least once).
+                    tracing::error!(%endpoint, error = %e, "store checkpoint failed");
+                }
+            }
+        }
+    }
+}
+
+/// A delivery awaiting the module's PUBACK.
+struct InFlight {
+    priority: u32,
+    offset: u64,
+    ack: oneshot::Receiver<()>,
+}
+
+/// How a delivery session to one connection ended.
+enum Ended {
+    /// Nothing in flight and nothing to read: wait for news.
+    Idle,
+    /// The connection went away or stopped acknowledging: resend from the
+    /// checkpoint.
+    Broken,
+}
+
+/// The fixed parts of one pump.
+struct Pump<'a> {
+    state: &'a HubState,
+    endpoint: &'a str,
+    input: &'a str,
+    prefix: &'a str,
+    notify: &'a Notify,
+    checkpoints: &'a Checkpoints,
+}
+
+impl Pump<'_> {
+    /// Delivers to `conn` until there is nothing left to do or it fails.
+    async fn deliver(&self, conn: &ConnHandle) -> Ended {
+        let mut inflight: VecDeque<InFlight> = VecDeque::with_capacity(WINDOW);
+        // Whether the store may hold unread messages.
+        let mut more = true;
+        let mut last_progress = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if more && inflight.len() < WINDOW {
+                let want = (WINDOW - inflight.len()).min(READ_MAX);
+                let batch = match self.state.store.read(self.endpoint, want).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::error!(endpoint = %self.endpoint, error = %e, "store read failed");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        return Ended::Broken;
+                    }
+                };
+                more = !batch.is_empty();
+                if inflight.is_empty() {
+                    last_progress = Instant::now();
+                }
+                for mut m in batch {
+                    let (tx, rx) = oneshot::channel();
+                    let out = Outbound {
+                        topic: topic_for(self.prefix, self.input, &mut m),
+                        payload: m.message.body,
+                        ack: Some(tx),
+                    };
+                    if conn.tx.send(out).await.is_err() {
+                        return Ended::Broken;
+                    }
+                    inflight.push_back(InFlight {
+                        priority: m.priority,
+                        offset: m.offset,
+                        ack: rx,
+                    });
+                }
+            }
+            // Settle what is already acknowledged without waiting.
+            while let Some(front) = inflight.front_mut() {
+                match front.ack.try_recv() {
+                    Ok(()) => {
+                        self.acked(&mut inflight);
+                        last_progress = Instant::now();
+                    }
+                    Err(oneshot::error::TryRecvError::Empty) => break,
+                    Err(oneshot::error::TryRecvError::Closed) => return Ended::Broken,
+                }
+            }
+            if more && inflight.len() < WINDOW {
+                continue;
+            }
+            if inflight.is_empty() {
+                return Ended::Idle;
+            }
+            let room = inflight.len() < WINDOW;
+            tokio::select! {
+                r = async {
+                    match inflight.front_mut() {
+                        Some(f) => (&mut f.ack).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if r.is_err() {
+                        return Ended::Broken;
+                    }
+                    self.acked(&mut inflight);
+                    last_progress = Instant::now();
+                }
+                () = self.notify.notified(), if room => more = true,
+                _ = tick.tick() => {
+                    if last_progress.elapsed() > ACK_TIMEOUT {
+                        tracing::info!(endpoint = %self.endpoint, "no PUBACK in time");
+                        return Ended::Broken;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The front delivery was acknowledged.
+    fn acked(&self, inflight: &mut VecDeque<InFlight>) {
+        if let Some(f) = inflight.pop_front() {
+            self.checkpoints.done(f.priority, f.offset);
+            self.state
+                .stats
+                .delivered
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 /// Runs the pump of endpoint `modules/{module}/inputs/{input}` forever.
@@ -33,76 +225,43 @@ pub async fn run(state: Arc<HubState>, module: String, input: String) {
     let endpoint = format!("modules/{module}/inputs/{input}");
     let device = state.cfg.device_id.clone();
     let client_id = format!("{device}/{module}");
-    let probe = format!("devices/{device}/modules/{module}/inputs/{input}/");
+    let prefix = format!("devices/{device}/modules/{module}/inputs/{input}/");
     let notify = state.endpoint_notify(&endpoint);
+    let checkpoints = Checkpoints::default();
+    let pump = Pump {
+        state: &state,
+        endpoint: &endpoint,
+        input: &input,
+        prefix: &prefix,
+        notify: &notify,
+        checkpoints: &checkpoints,
+    };
     let mut changed = state.sessions.watch();
-    loop {
-        let Some(conn) = state.sessions.deliverable(&client_id, &probe) else {
-            let _ = tokio::time::timeout(Duration::from_secs(1), changed.changed()).await;
-            continue;
-        };
-        let batch = match state.store.read(&endpoint, BATCH).await {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(%endpoint, error = %e, "store read failed");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+    let deliver = async {
+        loop {
+            let Some(conn) = state.sessions.deliverable(&client_id, &prefix) else {
+                let _ = tokio::time::timeout(Duration::from_secs(1), changed.changed()).await;
                 continue;
-            }
-        };
-        let Some(last) = batch.last() else {
-            tokio::select! {
-                _ = notify.notified() => {}
-                _ = changed.changed() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-            continue;
-        };
-        let (priority, up_to) = (last.priority, last.offset);
-        let mut acks = Vec::with_capacity(batch.len());
-        let mut sent_all = true;
-        for m in &batch {
-            let (tx, rx) = oneshot::channel();
-            let out = Outbound {
-                topic: input_topic(&device, &module, &input, m),
-                payload: m.message.body.clone(),
-                ack: Some(tx),
             };
-            if conn.tx.send(out).await.is_err() {
-                sent_all = false;
-                break;
-            }
-            acks.push(rx);
-        }
-        let mut acked_all = sent_all;
-        let mut acked_upto = None;
-        for (rx, m) in acks.into_iter().zip(&batch) {
-            match tokio::time::timeout(ACK_TIMEOUT, rx).await {
-                Ok(Ok(())) => acked_upto = Some(m.offset),
-                _ => {
-                    acked_all = false;
-                    break;
+            match pump.deliver(&conn).await {
+                Ended::Idle => {
+                    tokio::select! {
+                        () = notify.notified() => {}
+                        _ = changed.changed() => {}
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+                Ended::Broken => {
+                    tracing::info!(%endpoint, "delivery interrupted; will resend from the checkpoint");
+                    state.store.rewind(&endpoint);
+                    // A connection that just died may still be attached for
+                    // a moment; do not spin on it.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
         }
-        if !acked_all {
-            tracing::info!(%endpoint, "delivery interrupted; will resend from the checkpoint");
-            if let Some(done) = acked_upto
-                && let Err(e) = state.store.ack(&endpoint, priority, done).await
-            {
-                tracing::error!(%endpoint, error = %e, "store checkpoint failed");
-            }
-            state.store.rewind(&endpoint);
-            continue;
-        }
-        if let Err(e) = state.store.ack(&endpoint, priority, up_to).await {
-            tracing::error!(%endpoint, error = %e, "store checkpoint failed");
-            state.store.rewind(&endpoint);
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            continue;
-        }
-        state
-            .stats
-            .delivered
-            .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
-    }
+    };
+    // One task: aborting the pump also stops its checkpoints (nothing is
+    // lost: unacknowledged = delivered again).
+    tokio::join!(deliver, checkpoints.run(&state, &endpoint));
 }

@@ -1,12 +1,15 @@
 //! Router glue: turns a telemetry publish into a stamped [`Message`], routes
 //! it with `verge-route` and stores it with `verge-store` for every endpoint.
 
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use bytes::Bytes;
 use verge_core::ClientId;
 use verge_core::message::{Message, MessageKind, decode_bag};
 use verge_core::time::Timestamp;
 use verge_route::Endpoint;
-use verge_store::Target;
+use verge_store::{AppendReceipt, Target};
 
 use crate::HubState;
 
@@ -45,7 +48,7 @@ pub fn build_message(client: &ClientId, bag: &str, body: Bytes) -> Result<Messag
     system.input_name = None;
     system.enqueued_time = Some(Timestamp::now());
     if system.message_id.is_none() {
-        system.message_id = Some(uuid::Uuid::new_v4().to_string());
+        system.message_id = Some(new_message_id());
     }
     let msg = Message {
         kind: MessageKind::Telemetry,
@@ -57,13 +60,59 @@ pub fn build_message(client: &ClientId, bag: &str, body: Bytes) -> Result<Messag
     Ok(msg)
 }
 
-/// Routes and stores one telemetry message. Returns once it is durable.
-pub async fn ingest(
+/// A fresh message id: a random-looking v4 UUID. The 122 random bits are
+/// drawn once per process and a counter is added, which keeps ids unique
+/// (within 2^62 messages) without a `getrandom` call per message.
+fn new_message_id() -> String {
+    static SEED: OnceLock<u128> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let seed = *SEED.get_or_init(|| uuid::Uuid::new_v4().as_u128());
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let bits = seed.wrapping_add(u128::from(n));
+    uuid::Builder::from_random_bytes(bits.to_be_bytes())
+        .into_uuid()
+        .hyphenated()
+        .to_string()
+}
+
+/// An accepted message whose store append may still be in flight
+/// ([`ingest_submit`]); [`Pending::wait`] completes when it is durable.
+#[derive(Debug)]
+pub struct Pending {
+    /// `None`: no route matched, nothing to wait for.
+    receipt: Option<AppendReceipt>,
+    /// Endpoints whose pumps to wake once it is durable.
+    inputs: Vec<String>,
+    targets: usize,
+}
+
+impl Pending {
+    /// Waits until the append is durable, then counts it and wakes the
+    /// pumps of its endpoints. Cancel-safe (the waking happens in the poll
+    /// that completes it); must not be polled again after it completed.
+    pub async fn wait(&mut self, state: &HubState) -> Result<Ingested, IngestError> {
+        let Some(receipt) = self.receipt.as_mut() else {
+            return Ok(Ingested::Dropped);
+        };
+        receipt.await?;
+        self.receipt = None;
+        state.stats.stored.fetch_add(1, Ordering::Relaxed);
+        for ep in self.inputs.drain(..) {
+            state.endpoint_notify(&ep).notify_one();
+        }
+        Ok(Ingested::Stored(self.targets))
+    }
+}
+
+/// Routes one telemetry message and queues it to the store. Messages
+/// submitted one after another are stored in that order; the returned
+/// [`Pending`] tells when this one is durable.
+pub async fn ingest_submit(
     state: &HubState,
     client: &ClientId,
     bag: &str,
     body: Bytes,
-) -> Result<Ingested, IngestError> {
+) -> Result<Pending, IngestError> {
     let msg = build_message(client, bag, body)?;
     let (targets, inputs): (Vec<Target>, Vec<String>) = {
         let routes = state.routes();
@@ -73,7 +122,11 @@ pub async fn ingest(
             .iter()
             .map(|m| {
                 let id = m.endpoint.id();
-                if matches!(m.endpoint, Endpoint::ModuleInput { .. }) {
+                // Wake the endpoint's pump (module input or upstream drain).
+                if matches!(
+                    m.endpoint,
+                    Endpoint::ModuleInput { .. } | Endpoint::Upstream
+                ) {
                     inputs.push(id.clone());
                 }
                 let t = Target::new(id).priority(m.priority);
@@ -90,20 +143,31 @@ pub async fn ingest(
         (targets, inputs)
     };
     if targets.is_empty() {
-        state
-            .stats
-            .dropped_no_route
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        state.stats.dropped_no_route.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(client = %client, "message matched no route; dropped");
-        return Ok(Ingested::Dropped);
+        return Ok(Pending {
+            receipt: None,
+            inputs,
+            targets: 0,
+        });
     }
-    state.store.append(&msg, &targets).await?;
-    state
-        .stats
-        .stored
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    for ep in inputs {
-        state.endpoint_notify(&ep).notify_one();
-    }
-    Ok(Ingested::Stored(targets.len()))
+    let receipt = state.store.append_submit(&msg, &targets).await?;
+    Ok(Pending {
+        receipt: Some(receipt),
+        inputs,
+        targets: targets.len(),
+    })
+}
+
+/// Routes and stores one telemetry message. Returns once it is durable.
+pub async fn ingest(
+    state: &HubState,
+    client: &ClientId,
+    bag: &str,
+    body: Bytes,
+) -> Result<Ingested, IngestError> {
+    ingest_submit(state, client, bag, body)
+        .await?
+        .wait(state)
+        .await
 }

@@ -140,7 +140,7 @@
 mod keys;
 mod writer;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -198,6 +198,10 @@ pub struct StoreConfig {
     pub journal_bytes: u64,
     /// Engine background threads (flush, compaction). Default 1.
     pub worker_threads: usize,
+    /// Bytes of recently appended bodies kept in memory, so that a pump
+    /// reading right behind the writer (the common case) and the acks that
+    /// follow skip the engine lookups. 0 disables it. Default 2 MiB.
+    pub hot_bytes: usize,
 }
 
 impl Default for StoreConfig {
@@ -214,6 +218,7 @@ impl Default for StoreConfig {
             memtable_bytes: 2 * 1024 * 1024,
             journal_bytes: 64 * 1024 * 1024,
             worker_threads: 1,
+            hot_bytes: 2 * 1024 * 1024,
         }
     }
 }
@@ -355,6 +360,26 @@ pub enum StoreError {
 /// Result alias.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// A submitted append ([`Store::append_submit`]): a future that completes
+/// once the append is durable (or refused). Cancel-safe and `Unpin`, so it
+/// can be polled by reference from a `select!` loop. Dropping it does not
+/// undo the append.
+#[derive(Debug)]
+pub struct AppendReceipt(oneshot::Receiver<Result<MessageId>>);
+
+impl std::future::Future for AppendReceipt {
+    type Output = Result<MessageId>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(StoreError::Closed)))
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct QueueState {
     pub endpoint: String,
@@ -393,6 +418,58 @@ impl State {
     }
 }
 
+/// Recently appended bodies (encoded), oldest evicted first once over
+/// [`StoreConfig::hot_bytes`]; entries leave when their body is deleted.
+/// Only durable bodies enter it, so a hit returns what the engine would.
+#[derive(Debug, Default)]
+pub(crate) struct Hot {
+    /// id → (encoded body, has a single reference and so no `r` record).
+    map: HashMap<u64, (Bytes, bool)>,
+    /// Insertion order; may hold ids already removed (skipped on eviction).
+    order: VecDeque<u64>,
+    bytes: usize,
+}
+
+impl Hot {
+    pub(crate) fn insert(&mut self, id: u64, body: Bytes, single: bool, cap: usize) {
+        // A body over a quarter of the budget would evict too much for one hit.
+        if body.len() > cap / 4 {
+            return;
+        }
+        self.bytes += body.len();
+        if let Some((old, _)) = self.map.insert(id, (body, single)) {
+            self.bytes -= old.len();
+        }
+        self.order.push_back(id);
+        while self.bytes > cap {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            self.remove(old);
+        }
+        // Removed ids linger in `order`; compact it so it stays bounded.
+        if self.order.len() > 2 * self.map.len() + 1024 {
+            let map = &self.map;
+            self.order.retain(|id| map.contains_key(id));
+        }
+    }
+
+    pub(crate) fn remove(&mut self, id: u64) {
+        if let Some((b, _)) = self.map.remove(&id) {
+            self.bytes -= b.len();
+        }
+    }
+
+    fn get(&self, id: u64) -> Option<Bytes> {
+        self.map.get(&id).map(|(b, _)| b.clone())
+    }
+
+    /// `Some(true)` when the body is known to have had a single reference.
+    pub(crate) fn single(&self, id: u64) -> Option<bool> {
+        self.map.get(&id).map(|&(_, single)| single)
+    }
+}
+
 pub(crate) struct Shared {
     pub db: Database,
     pub msgs: Keyspace,
@@ -404,6 +481,7 @@ pub(crate) struct Shared {
     pub stored_bytes: AtomicU64,
     pub expired_total: AtomicU64,
     pub poisoned: AtomicBool,
+    pub hot: Mutex<Hot>,
 }
 
 impl Shared {
@@ -413,11 +491,20 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    pub(crate) fn hot(&self) -> MutexGuard<'_, Hot> {
+        self.hot.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn load_body(&self, id: u64) -> Result<Option<Message>> {
-        let Some(raw) = self.msgs.get(keys::msg_key(keys::BODY, id))? else {
-            return Ok(None);
+        let hot = self.hot().get(id);
+        let raw = match hot {
+            Some(b) => b,
+            None => match self.msgs.get(keys::msg_key(keys::BODY, id))? {
+                Some(raw) => Bytes::copy_from_slice(&raw),
+                None => return Ok(None),
+            },
         };
-        match decode(Bytes::copy_from_slice(&raw)) {
+        match decode(raw) {
             Ok(m) => Ok(Some(m)),
             Err(e) => {
                 tracing::error!(id, error = %e, "undecodable message body; skipping it");
@@ -543,6 +630,7 @@ impl Store {
             stored_bytes: AtomicU64::new(stored),
             expired_total: AtomicU64::new(0),
             poisoned: AtomicBool::new(false),
+            hot: Mutex::new(Hot::default()),
         });
         let (tx, rx) = mpsc::channel(config.channel_capacity.max(1));
         let writer = writer::spawn(shared.clone(), rx, next_id)?;
@@ -588,6 +676,18 @@ impl Store {
     /// [`StoreError::Full`] when over the byte limit or disk floor.
     /// Duplicate (endpoint, priority) targets are merged (the first wins).
     pub async fn append(&self, msg: &Message, targets: &[Target]) -> Result<MessageId> {
+        self.append_submit(msg, targets).await?.await
+    }
+
+    /// [`Store::append`] in two steps: returns once the append is queued to
+    /// the writer — appends submitted one after another are written in that
+    /// order, in the same or later group commits — with an [`AppendReceipt`]
+    /// that completes (with [`Store::append`]'s result) when it is durable.
+    /// Lets one producer keep several appends in flight, sharing group
+    /// commits, without losing their order. Validation errors
+    /// ([`StoreError::NoTargets`], [`StoreError::TooLarge`]) come from this
+    /// call; [`StoreError::Full`] comes from the receipt.
+    pub async fn append_submit(&self, msg: &Message, targets: &[Target]) -> Result<AppendReceipt> {
         if targets.is_empty() {
             return Err(StoreError::NoTargets);
         }
@@ -605,13 +705,17 @@ impl Store {
             return Err(StoreError::TooLarge);
         }
         let exp = msg.system.absolute_expiry;
-        self.call(|reply| Cmd::Append {
-            body,
-            exp,
-            targets: merged,
-            reply,
-        })
-        .await
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Append {
+                body,
+                exp,
+                targets: merged,
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        Ok(AppendReceipt(rx))
     }
 
     /// The next unread, unexpired messages of `endpoint`, at most `max`, all
@@ -890,4 +994,120 @@ fn read_blocking(shared: &Shared, endpoint: &str, max: usize) -> Result<Vec<Stor
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn cfg(hot_bytes: usize) -> StoreConfig {
+        StoreConfig {
+            default_ttl_secs: None,
+            min_free_bytes: 0,
+            hot_bytes,
+            ..StoreConfig::default()
+        }
+    }
+
+    /// Submitted appends land in submission order and the receipts complete
+    /// in that order, whatever order they are awaited in.
+    #[tokio::test]
+    async fn submit_keeps_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), cfg(1 << 20)).unwrap();
+        let t = [Target::new("ep")];
+        let mut receipts = Vec::new();
+        for i in 0..200 {
+            receipts.push(store.append_submit(&Message::new(format!("m{i}")), &t).await.unwrap());
+        }
+        let mut ids = Vec::new();
+        for r in receipts.into_iter().rev() {
+            ids.push(r.await.unwrap().0);
+        }
+        ids.reverse();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+        let got = store.read("ep", 500).await.unwrap();
+        let bodies: Vec<String> = got
+            .iter()
+            .map(|m| String::from_utf8(m.message.body.to_vec()).unwrap())
+            .collect();
+        let want: Vec<String> = (0..200).map(|i| format!("m{i}")).collect();
+        assert_eq!(bodies, want);
+    }
+
+    /// Full comes back through the receipt and nothing is written.
+    #[tokio::test]
+    async fn submit_full_through_receipt() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig {
+            max_bytes: Some(10),
+            ..cfg(1 << 20)
+        };
+        let store = Store::open(dir.path(), config).unwrap();
+        let r = store
+            .append_submit(&Message::new("x"), &[Target::new("ep")])
+            .await
+            .unwrap();
+        assert!(matches!(r.await, Err(StoreError::Full(_))));
+        assert!(store.read("ep", 10).await.unwrap().is_empty());
+        assert!(matches!(
+            store.append_submit(&Message::new("x"), &[]).await,
+            Err(StoreError::NoTargets)
+        ));
+    }
+
+    /// Reads and acks give the same results with and without the hot-body
+    /// cache, including shared bodies (refcounts) and evicted bodies; bodies
+    /// are reclaimed when their last reference goes.
+    #[tokio::test]
+    async fn hot_cache_is_transparent() {
+        for hot in [0usize, 600, 1 << 20] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path(), cfg(hot)).unwrap();
+            let both = [Target::new("a"), Target::new("b")];
+            for i in 0..50 {
+                let body = format!("{i:0>100}");
+                if i % 2 == 0 {
+                    store.append(&Message::new(body), &both).await.unwrap();
+                } else {
+                    store.append(&Message::new(body), &both[..1]).await.unwrap();
+                }
+            }
+            let a = store.read("a", 100).await.unwrap();
+            assert_eq!(a.len(), 50, "hot {hot}");
+            for (i, m) in a.iter().enumerate() {
+                assert_eq!(m.message.body, format!("{i:0>100}").into_bytes(), "hot {hot}");
+            }
+            store.ack("a", DEFAULT_PRIORITY, a[49].offset).await.unwrap();
+            // The shared bodies are still there for "b".
+            let b = store.read("b", 100).await.unwrap();
+            assert_eq!(b.len(), 25, "hot {hot}");
+            assert!(store.stored_bytes() > 0);
+            store.ack("b", DEFAULT_PRIORITY, b[24].offset).await.unwrap();
+            assert_eq!(store.stored_bytes(), 0, "hot {hot}");
+            assert!(store.shared.hot().map.is_empty(), "hot {hot}");
+            drop(store);
+            // Reopened (cold cache): nothing left.
+            let store = Store::open(dir.path(), cfg(hot)).unwrap();
+            assert!(store.read("a", 10).await.unwrap().is_empty());
+            assert!(store.read("b", 10).await.unwrap().is_empty());
+        }
+    }
+
+    #[test]
+    fn hot_stays_bounded() {
+        let mut hot = Hot::default();
+        for id in 0..10_000u64 {
+            hot.insert(id, Bytes::from(vec![0u8; 100]), true, 10_000);
+            if id % 3 == 0 {
+                hot.remove(id);
+            }
+        }
+        assert!(hot.bytes <= 10_000);
+        assert!(hot.map.len() <= 100);
+        assert!(hot.order.len() <= 2 * hot.map.len() + 1026);
+        assert_eq!(hot.single(9_998), Some(true));
+        assert_eq!(hot.single(0), None);
+    }
 }

@@ -81,6 +81,8 @@ struct Group {
     dirty: bool,
     /// Approximate memtable bytes written per keyspace (msgs, queues, meta).
     mem: [u64; 3],
+    /// Bodies appended in this group: (id, body, single reference).
+    appended: Vec<(u64, Bytes, bool)>,
 }
 
 struct Writer {
@@ -171,6 +173,7 @@ impl Writer {
             new_queues: Vec::new(),
             dirty: false,
             mem: [0; 3],
+            appended: Vec::new(),
         };
         let mut done = Vec::with_capacity(cmds.len());
         for c in cmds {
@@ -228,6 +231,7 @@ impl Writer {
 
         let Group {
             batch,
+            refs,
             tails,
             heads,
             expired,
@@ -235,6 +239,7 @@ impl Writer {
             next_id,
             new_queues,
             mem,
+            appended,
             ..
         } = g;
         if let Err(e) = batch.commit() {
@@ -247,6 +252,19 @@ impl Writer {
             return;
         }
         self.next_id = next_id;
+        // Durable now: readers may take these bodies from memory.
+        let cap = sh.config.hot_bytes;
+        if cap > 0 {
+            let mut hot = sh.hot();
+            for (id, body, single) in appended {
+                hot.insert(id, body, single, cap);
+            }
+            for (id, (count, _, _)) in refs {
+                if count == 0 {
+                    hot.remove(id);
+                }
+            }
+        }
         {
             let mut st = sh.lock();
             for (qid, q) in new_queues {
@@ -366,6 +384,9 @@ impl Writer {
         g.mem[0] += OP + body.len() as u64;
         g.batch
             .insert(&sh.msgs, keys::msg_key(keys::BODY, id), body.as_ref());
+        if sh.config.hot_bytes > 0 {
+            g.appended.push((id, body, n == 1));
+        }
         // Single-target bodies (the common case) need no refcount record.
         if n > 1 {
             g.refs.insert(id, (n, body_size, true));
@@ -429,8 +450,11 @@ impl Writer {
         if let Some((_, off)) = keys::parse_entry_key(key) {
             g.deleted.insert((qid, off));
         }
+        let known_single = sh.hot().single(e.id) == Some(true);
         let (count, size, explicit) = match g.refs.get(&e.id) {
             Some(&v) => v,
+            // Appended with one reference: it never had an `r` record.
+            None if known_single => (1, e.size, false),
             None => match sh.msgs.get(keys::msg_key(keys::REF, e.id))? {
                 Some(v) => match keys::u32_at(&v, 0).zip(keys::u32_at(&v, 4)) {
                     Some((c, s)) => (c, s, true),
