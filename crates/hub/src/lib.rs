@@ -25,19 +25,23 @@
 //!
 //! 1. A module publishes QoS 1 on `devices/{d}/modules/{m}/messages/events/{bag}`.
 //! 2. [`connection`] checks the topic is in the client's namespace ([`topic::classify`]).
-//! 3. [`router::ingest`] decodes the bag, stamps `connectionDeviceId`,
+//! 3. [`router`] decodes the bag, stamps `connectionDeviceId`,
 //!    `connectionModuleId`, `enqueuedTime` and a message id, evaluates the
-//!    route set and appends the message to the store with one target per
-//!    matched endpoint (priority, TTL). Unrouted messages are dropped and counted.
-//! 4. Only after the append is durable does the connection send PUBACK.
-//! 5. The [`delivery`] pump of each `modules/{m}/inputs/{i}` endpoint is woken,
-//!    reads a batch, and — once module `m` is connected and subscribed to
-//!    `devices/{d}/modules/{m}/inputs/#` — publishes each message QoS 1 on
-//!    `devices/{d}/modules/{m}/inputs/{i}/{bag}` (bag with `$.cdid`/`$.cmid`).
-//! 6. When the module has PUBACKed the batch, the pump checkpoints the store;
-//!    if the module goes away first, the pump rewinds and redelivers later.
-//!    `$upstream` messages are drained the same way by [`upstream`] to the
-//!    cloud (configured by `[upstream]`), one connection per sender.
+//!    route set and queues the message to the store (in call order) with one
+//!    target per matched endpoint (priority, TTL). Unrouted messages are
+//!    dropped and counted. Up to 64 appends per connection are in flight.
+//! 4. Only after an append is durable does the connection send its PUBACK,
+//!    in packet order.
+//! 5. The [`delivery`] pump of each `modules/{m}/inputs/{i}` endpoint is woken
+//!    and — once module `m` is connected and subscribed to
+//!    `devices/{d}/modules/{m}/inputs/#` — keeps a window of deliveries in
+//!    flight on `devices/{d}/modules/{m}/inputs/{i}/{bag}` (bag with
+//!    `$.cdid`/`$.cmid`).
+//! 6. The pump checkpoints the PUBACKed prefix in the background; if the
+//!    module goes away first, it rewinds to the checkpoint and redelivers.
+//!    `$upstream` messages are drained by [`upstream`] to the cloud
+//!    (configured by `[upstream]`), one connection per sender, checkpointed
+//!    after the cloud's PUBACK.
 
 pub mod auth;
 pub mod config;
