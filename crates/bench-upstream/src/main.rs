@@ -44,7 +44,7 @@ struct Args {
     #[arg(long, default_value_t = 4)]
     senders: u32,
     /// The hub's `upstream.batch_size` (also each link's inflight window).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 100)]
     batch_size: usize,
     /// Body bytes per message.
     #[arg(long, default_value_t = 256)]

@@ -1,5 +1,6 @@
 //! The durable device-to-cloud log: every ingested message gets the next
-//! offset, and `ingest` returns only after the message is on disk.
+//! offset, and `ingest` returns only after the message is on disk
+//! (`append_submit` queues it in call order; its receipt waits for the disk).
 //!
 //! One writer thread owns appends. It takes whatever callers have queued (up
 //! to [`MAX_GROUP`]), writes them as one fjall batch, syncs once
@@ -41,6 +42,35 @@ struct Append {
     reply: oneshot::Sender<Result<u64>>,
 }
 
+/// A queued D2C append ([`D2cLog::append_submit`]); wait on it for its
+/// offset once it is durable.
+#[derive(Debug)]
+pub struct D2cReceipt {
+    rx: oneshot::Receiver<Result<u64>>,
+    /// The writer's answer, kept so that waiting again after completion
+    /// repeats it rather than polling a spent channel.
+    outcome: Option<Result<u64>>,
+}
+
+impl D2cReceipt {
+    /// The entry's offset once it is on disk; an error if the write failed
+    /// or the log closed first. Cancel-safe: may be called again (also after
+    /// it completed, repeating the answer).
+    pub async fn wait(&mut self) -> Result<u64> {
+        if self.outcome.is_none() {
+            let r = (&mut self.rx).await.unwrap_or(Err(CloudError::Closed));
+            self.outcome = Some(r);
+        }
+        match &self.outcome {
+            Some(Ok(off)) => Ok(*off),
+            // The writer answers only `Storage` errors; anything else is a closed log.
+            Some(Err(CloudError::Storage(e))) => Err(CloudError::Storage(e.clone())),
+            Some(Err(_)) => Err(CloudError::Closed),
+            None => Err(CloudError::Closed),
+        }
+    }
+}
+
 pub(crate) struct D2cLog {
     ks: Keyspace,
     tx: Mutex<Option<SyncSender<Append>>>,
@@ -77,23 +107,21 @@ impl D2cLog {
         })
     }
 
-    /// Appends one encoded message; resolves after it is durable.
-    pub async fn append(&self, encoded: Bytes) -> Result<u64> {
+    /// Queues one encoded message for the writer and returns at once: the
+    /// writer takes appends in submission order, so messages submitted one
+    /// after another by a caller get increasing offsets. The receipt's
+    /// [`D2cReceipt::wait`] resolves once the entry is durable.
+    pub fn append_submit(&self, encoded: Bytes) -> Result<D2cReceipt> {
         let (reply, rx) = oneshot::channel();
-        {
-            let tx = self.tx.lock().map_err(|_| CloudError::Closed)?;
-            let tx = tx.as_ref().ok_or(CloudError::Closed)?;
-            match tx.try_send(Append { encoded, reply }) {
-                Ok(()) => {}
-                Err(TrySendError::Full(_)) => {
-                    return Err(CloudError::Throttled(
-                        "the D2C log writer is saturated".into(),
-                    ));
-                }
-                Err(TrySendError::Disconnected(_)) => return Err(CloudError::Closed),
-            }
+        let tx = self.tx.lock().map_err(|_| CloudError::Closed)?;
+        let tx = tx.as_ref().ok_or(CloudError::Closed)?;
+        match tx.try_send(Append { encoded, reply }) {
+            Ok(()) => Ok(D2cReceipt { rx, outcome: None }),
+            Err(TrySendError::Full(_)) => Err(CloudError::Throttled(
+                "the D2C log writer is saturated".into(),
+            )),
+            Err(TrySendError::Disconnected(_)) => Err(CloudError::Closed),
         }
-        rx.await.map_err(|_| CloudError::Closed)?
     }
 
     /// The first offset not yet written (everything below it is durable).
@@ -194,6 +222,92 @@ fn writer_loop(db: Db, rx: Receiver<Append>, tail: watch::Sender<u64>, mut next:
                 for a in group {
                     let _ = a.reply.send(Err(CloudError::Storage(e.to_string())));
                 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn encoded(i: u32) -> Bytes {
+        verge_core::message::encode(&Message::new(format!("m{i}").into_bytes()))
+    }
+
+    #[tokio::test]
+    async fn submissions_keep_their_order_and_wait_for_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        let log = D2cLog::open(&db).unwrap();
+        // Many in flight before any wait, as one connection's window.
+        let mut receipts: Vec<D2cReceipt> = (0..300)
+            .map(|i| log.append_submit(encoded(i)).unwrap())
+            .collect();
+        // Waited on out of order: each still gets its submission's offset.
+        for (i, r) in receipts.iter_mut().enumerate().rev() {
+            let off = r.wait().await.unwrap();
+            assert_eq!(off, i as u64);
+            assert!(log.tail() > off, "acknowledged before it is durable");
+            // Waiting again repeats the answer.
+            assert_eq!(r.wait().await.unwrap(), off);
+        }
+        let read = log.read(0, 1000).unwrap();
+        assert_eq!(read.len(), 300);
+        for (i, e) in read.iter().enumerate() {
+            assert_eq!(e.offset, i as u64);
+            assert_eq!(e.message.body, Bytes::from(format!("m{i}")));
+        }
+        // Later submissions follow on.
+        let mut next = log.append_submit(encoded(300)).unwrap();
+        assert_eq!(next.wait().await.unwrap(), 300);
+
+        log.close();
+        assert!(matches!(
+            log.append_submit(encoded(301)),
+            Err(CloudError::Closed)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_writer_that_goes_away_fails_the_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        // A log whose writer never answers and then dies: its queue is
+        // dropped with the submissions still in it.
+        let (tx, rx) = sync_channel(QUEUE_CAPACITY);
+        let (_tail_tx, tail) = watch::channel(0);
+        let log = D2cLog {
+            ks: db.d2c.clone(),
+            tx: Mutex::new(Some(tx)),
+            tail,
+            writer: Mutex::new(None),
+        };
+        let mut a = log.append_submit(encoded(0)).unwrap();
+        let mut b = log.append_submit(encoded(1)).unwrap();
+        drop(rx);
+        assert!(matches!(a.wait().await, Err(CloudError::Closed)));
+        assert!(matches!(b.wait().await, Err(CloudError::Closed)));
+        assert!(matches!(a.wait().await, Err(CloudError::Closed)));
+        // New submissions are refused outright.
+        assert!(matches!(
+            log.append_submit(encoded(2)),
+            Err(CloudError::Closed)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_is_repeated_on_every_wait() {
+        let (reply, rx) = oneshot::channel();
+        let mut r = D2cReceipt { rx, outcome: None };
+        reply
+            .send(Err(CloudError::Storage("disk full".into())))
+            .unwrap();
+        for _ in 0..2 {
+            match r.wait().await {
+                Err(CloudError::Storage(m)) => assert_eq!(m, "disk full"),
+                other => panic!("unexpected {other:?}"),
             }
         }
     }

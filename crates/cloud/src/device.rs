@@ -5,7 +5,8 @@
 //! * CONNECT: [`CloudState::verify_device_token`] (unknown, disabled, bad or
 //!   expired → CONNACK 5), then [`CloudState::connect`]; the registration is
 //!   dropped, marking the identity disconnected, when the connection ends.
-//! * Telemetry → [`CloudState::ingest`] (PUBACK after the D2C log's fsync);
+//! * Telemetry → [`CloudState::ingest_submit`], several in flight per
+//!   connection in order (PUBACK after the D2C log's fsync of each);
 //!   twin GET and reported PATCH → the registry's twins; method answers →
 //!   [`CloudState::method_response`].
 //! * Each connection's [`ConnectionEvent`]s are pumped to the client by one
@@ -31,6 +32,7 @@ use verge_endpoint::auth::{AuthError, Credentials, check_username};
 use verge_endpoint::session::{ConnHandle, Outbound, Sessions};
 use verge_endpoint::{Backend, Limits, Rejection};
 
+use crate::d2c::D2cReceipt;
 use crate::{
     C2dDelivery, CloudError, CloudState, Connection, ConnectionEvent, MethodResponse, Settlement,
 };
@@ -116,16 +118,19 @@ impl Backend for CloudBackend {
         Ok(Link(tokio::spawn(pump.run(registration))))
     }
 
-    // The D2C log takes one append at a time per caller: submission does
-    // the whole (durable) ingest, and there is nothing left to wait for.
-    type Pending = ();
+    // Submission stamps the message and queues it for the D2C log's writer
+    // (in call order, so one connection's messages keep their order); the
+    // wait resolves after the fsync that made it durable, so the PUBACK
+    // still follows the disk while a connection's window of messages
+    // shares group commits.
+    type Pending = D2cReceipt;
 
     async fn telemetry_submit(
         &self,
         client: &ClientId,
         bag: &str,
         payload: Bytes,
-    ) -> Result<(), Rejection> {
+    ) -> Result<D2cReceipt, Rejection> {
         let (mut system, properties) =
             decode_bag(bag).map_err(|e| Rejection::bad_request(e.to_string()))?;
         // A device has no outputs; nobody may claim an input.
@@ -140,14 +145,12 @@ impl Backend for CloudBackend {
             properties,
         };
         self.cloud
-            .ingest(client, message)
-            .await
-            .map(|_| ())
+            .ingest_submit(client, message)
             .map_err(|e| rejection(&e))
     }
 
-    async fn telemetry_wait(&self, _pending: &mut ()) -> Result<(), Rejection> {
-        Ok(())
+    async fn telemetry_wait(&self, pending: &mut D2cReceipt) -> Result<(), Rejection> {
+        pending.wait().await.map(|_| ()).map_err(|e| rejection(&e))
     }
 
     async fn twin_get(&self, client: &ClientId) -> Result<Value, Rejection> {

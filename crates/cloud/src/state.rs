@@ -28,7 +28,7 @@ use crate::c2d::{
 use crate::conn::{
     ConnEntry, Connection, ConnectionEvent, EVENT_CAPACITY, MethodRequest, MethodResponse,
 };
-use crate::d2c::{D2cEntry, D2cLog};
+use crate::d2c::{D2cEntry, D2cLog, D2cReceipt};
 use crate::db::{Db, c2d_key, module_key};
 use crate::error::{CloudError, Result};
 use crate::registry::{
@@ -755,7 +755,16 @@ impl CloudState {
     /// Appends a message from `from` to the D2C log, stamping
     /// `connectionDeviceId`/`connectionModuleId`, `enqueuedTime` and a
     /// message id when absent. Returns the offset once it is on disk.
-    pub async fn ingest(&self, from: &ClientId, mut message: Message) -> Result<u64> {
+    pub async fn ingest(&self, from: &ClientId, message: Message) -> Result<u64> {
+        self.ingest_submit(from, message)?.wait().await
+    }
+
+    /// [`CloudState::ingest`] without the wait: stamps the message and
+    /// queues it for the D2C log's writer, returning at once. Submissions
+    /// take offsets in call order; the receipt's [`D2cReceipt::wait`]
+    /// resolves once the message is on disk (only then may it be
+    /// acknowledged).
+    pub fn ingest_submit(&self, from: &ClientId, mut message: Message) -> Result<D2cReceipt> {
         message
             .check_size()
             .map_err(|e| CloudError::BadRequest(e.to_string()))?;
@@ -774,8 +783,7 @@ impl CloudState {
         }
         self.inner
             .d2c
-            .append(verge_core::message::encode(&message))
-            .await
+            .append_submit(verge_core::message::encode(&message))
     }
 
     /// Up to `max` durable D2C entries starting at offset `from`.
