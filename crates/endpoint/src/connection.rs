@@ -383,10 +383,7 @@ impl<B: Backend> Session<'_, B> {
 
     /// Waits until every pending message is durable and PUBACKed, so that a
     /// publish handled next is acknowledged after them (PUBACKs in order).
-    async fn settle_all<W: AsyncWrite + Unpin>(
-        &mut self,
-        conn: &mut Conn<W>,
-    ) -> Result<(), Close> {
+    async fn settle_all<W: AsyncWrite + Unpin>(&mut self, conn: &mut Conn<W>) -> Result<(), Close> {
         loop {
             self.settle_ready(conn).await?;
             let Some((qos, pkid, p)) = self.pending.front_mut() else {
@@ -538,7 +535,11 @@ impl<B: Backend> Session<'_, B> {
                 Ok(())
             }
             Inbound::Other => {
-                tracing::debug!(client = self.client_id, topic, "publish on an unhandled topic ignored");
+                tracing::debug!(
+                    client = self.client_id,
+                    topic,
+                    "publish on an unhandled topic ignored"
+                );
                 puback(conn, qos, pkid).await
             }
         }
@@ -641,7 +642,10 @@ mod tests {
         let task = tokio::spawn(serve(backend.clone(), server, "test".into()));
         write(&mut client, Packet::Connect(Connect::new("dev1/mod1"))).await;
         let mut buf = BytesMut::new();
-        assert!(matches!(next(&mut client, &mut buf).await, Some(Packet::ConnAck(_))));
+        assert!(matches!(
+            next(&mut client, &mut buf).await,
+            Some(Packet::ConnAck(_))
+        ));
 
         let events = "devices/dev1/modules/mod1/messages/events/";
         for pkid in 1..=5 {

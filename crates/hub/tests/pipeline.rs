@@ -48,7 +48,11 @@ async fn pipelined_publishes_and_windowed_delivery() {
         }
         match a.recv().await {
             Some(Packet::PubAck(ack)) => {
-                assert_eq!(u32::from(ack.pkid), acked % 60_000 + 1, "PUBACK out of order");
+                assert_eq!(
+                    u32::from(ack.pkid),
+                    acked % 60_000 + 1,
+                    "PUBACK out of order"
+                );
                 acked += 1;
             }
             other => panic!("expected PUBACK, got {other:?}"),
@@ -77,7 +81,10 @@ async fn pipelined_publishes_and_windowed_delivery() {
     let (mut b, present) = connect_module(hub.mqtt_addr, &pki.ca_pem, "modB", false).await;
     assert!(present);
     let first = seq(&next_pub(&mut b).await);
-    assert!(first <= 200, "message 200 was never acknowledged, resumed at {first}");
+    assert!(
+        first <= 200,
+        "message 200 was never acknowledged, resumed at {first}"
+    );
     let mut seen: BTreeSet<u32> = (0..=first).collect();
     let mut last = first;
     while last < N - 1 {
@@ -88,6 +95,10 @@ async fn pipelined_publishes_and_windowed_delivery() {
         last = s;
     }
     assert_eq!(seen.len() as u32, N);
-    assert!(maybe_pub(&mut b, std::time::Duration::from_millis(300)).await.is_none());
+    assert!(
+        maybe_pub(&mut b, std::time::Duration::from_millis(300))
+            .await
+            .is_none()
+    );
     hub.shutdown().await;
 }

@@ -1019,7 +1019,12 @@ mod tests {
         let t = [Target::new("ep")];
         let mut receipts = Vec::new();
         for i in 0..200 {
-            receipts.push(store.append_submit(&Message::new(format!("m{i}")), &t).await.unwrap());
+            receipts.push(
+                store
+                    .append_submit(&Message::new(format!("m{i}")), &t)
+                    .await
+                    .unwrap(),
+            );
         }
         let mut ids = Vec::new();
         for r in receipts.into_iter().rev() {
@@ -1077,14 +1082,24 @@ mod tests {
             let a = store.read("a", 100).await.unwrap();
             assert_eq!(a.len(), 50, "hot {hot}");
             for (i, m) in a.iter().enumerate() {
-                assert_eq!(m.message.body, format!("{i:0>100}").into_bytes(), "hot {hot}");
+                assert_eq!(
+                    m.message.body,
+                    format!("{i:0>100}").into_bytes(),
+                    "hot {hot}"
+                );
             }
-            store.ack("a", DEFAULT_PRIORITY, a[49].offset).await.unwrap();
+            store
+                .ack("a", DEFAULT_PRIORITY, a[49].offset)
+                .await
+                .unwrap();
             // The shared bodies are still there for "b".
             let b = store.read("b", 100).await.unwrap();
             assert_eq!(b.len(), 25, "hot {hot}");
             assert!(store.stored_bytes() > 0);
-            store.ack("b", DEFAULT_PRIORITY, b[24].offset).await.unwrap();
+            store
+                .ack("b", DEFAULT_PRIORITY, b[24].offset)
+                .await
+                .unwrap();
             assert_eq!(store.stored_bytes(), 0, "hot {hot}");
             assert!(store.shared.hot().map.is_empty(), "hot {hot}");
             drop(store);
