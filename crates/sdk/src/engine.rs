@@ -301,15 +301,60 @@ async fn renew(link: &Link, el: &mut EventLoop) -> Option<u64> {
     }
 }
 
+/// Shortest wait before the first reconnect attempt after a failed connection.
+/// A module started just before its hub listens is then refused once and
+/// connects on one of the first fast retries (50, 100, 200 … ms).
+const FIRST_RETRY: Duration = Duration::from_millis(50);
+
+/// Reconnect delays: fast at first (from [`FIRST_RETRY`], doubling up to
+/// `reconnect_min`), then the usual exponential back-off from `reconnect_min`
+/// doubling up to the `reconnect_max` cap. [`Backoff::reset`] on every CONNACK.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        let mut b = Self {
+            next: Duration::ZERO,
+            min,
+            max,
+        };
+        b.reset();
+        b
+    }
+
+    /// Starts again from the fast first retry (after a successful connection).
+    fn reset(&mut self) {
+        self.next = FIRST_RETRY.min(self.min).min(self.max);
+    }
+
+    /// The delay before the next attempt; advances the sequence.
+    fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        let doubled = d.saturating_mul(2);
+        self.next = if d < self.min {
+            doubled.min(self.min)
+        } else {
+            doubled
+        }
+        .min(self.max);
+        d
+    }
+}
+
 async fn run(link: Arc<Link>, mut el: EventLoop, mut expiry: u64) {
     let opts = &link.opts;
-    let mut backoff = opts.reconnect_min;
+    let mut backoff = Backoff::new(opts.reconnect_min, opts.reconnect_max);
     let mut renew_at = renew_deadline(expiry, opts.sas_ttl);
     loop {
         tokio::select! {
             r = el.poll() => match r {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    backoff = opts.reconnect_min;
+                    backoff.reset();
                     tracing::info!(client = %link.id.client, session_present = ack.session_present, "connected");
                     link.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     link.connected.send_replace(true);
@@ -321,15 +366,15 @@ async fn run(link: Arc<Link>, mut el: EventLoop, mut expiry: u64) {
                 Err(ConnectionError::RequestsDone) => return,
                 Err(e) => {
                     link.connected.send_replace(false);
-                    tracing::warn!(client = %link.id.client, error = %e, retry_in = ?backoff, "not connected");
+                    let delay = backoff.next_delay();
+                    tracing::warn!(client = %link.id.client, error = %e, retry_in = ?delay, "not connected");
                     let refused = matches!(
                         e,
                         ConnectionError::ConnectionRefused(
                             ConnectReturnCode::NotAuthorized | ConnectReturnCode::BadUserNamePassword
                         )
                     );
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(opts.reconnect_max);
+                    tokio::time::sleep(delay).await;
                     if (refused || Instant::now() >= renew_at)
                         && let Some(x) = renew(&link, &mut el).await
                     {
@@ -782,5 +827,46 @@ fn message(p: &Publish, bag: &str) -> Option<Message> {
             tracing::warn!(error = %e, "message with a malformed property bag dropped");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delays(b: &mut Backoff, n: usize) -> Vec<u64> {
+        (0..n).map(|_| b.next_delay().as_millis() as u64).collect()
+    }
+
+    #[test]
+    fn backoff_fast_first_then_doubling_to_cap() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        assert_eq!(
+            delays(&mut b, 12),
+            [
+                50, 100, 200, 400, 800, 1000, 2000, 4000, 8000, 16000, 30000, 30000
+            ]
+        );
+    }
+
+    #[test]
+    fn backoff_reset_after_connect() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        delays(&mut b, 8);
+        b.reset();
+        assert_eq!(delays(&mut b, 3), [50, 100, 200]);
+    }
+
+    #[test]
+    fn backoff_small_min_and_max() {
+        // reconnect_min below the fast first retry: start there.
+        let mut b = Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
+        assert_eq!(delays(&mut b, 7), [20, 40, 80, 160, 320, 500, 500]);
+        // The cap wins over everything, even over the first retry.
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_millis(30));
+        assert_eq!(delays(&mut b, 3), [30, 30, 30]);
+        // Zero minimum: retry at once, every time (no spin risk beyond the caller's choice).
+        let mut b = Backoff::new(Duration::ZERO, Duration::from_secs(1));
+        assert_eq!(delays(&mut b, 2), [0, 0]);
     }
 }

@@ -160,7 +160,10 @@ pub struct ClientOptions {
     pub send_queue: usize,
     /// Capacity of each receive queue: inputs, C2D, desired patches (default 256).
     pub receive_queue: usize,
-    /// First reconnect delay (default 1 s), doubled up to `reconnect_max`.
+    /// Reconnect delay reached after the fast first retries (default 1 s):
+    /// after a failed connection the client retries after 50 ms (or this, if
+    /// shorter), doubling up to this value, then keeps doubling up to
+    /// `reconnect_max`. Reset on every successful connection.
     pub reconnect_min: Duration,
     /// Longest reconnect delay (default 30 s).
     pub reconnect_max: Duration,
