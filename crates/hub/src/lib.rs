@@ -280,10 +280,9 @@ async fn open_state(cfg: Config) -> anyhow::Result<(Arc<HubState>, Option<Vec<u8
     let sessions = Sessions::open(cfg.storage_dir.join("sessions.json")).await?;
     let twins = Twins::open(cfg.storage_dir.join("twins.json")).await?;
     if cfg.upstream.is_some() {
-        // Reported patches of these identities are queued for the cloud.
-        twins.sync_upstream(upstream::synced_identities(&cfg));
-        // …and those of every identity the hub holds keys for at the time
-        // (verged's module identities, the cloud's device scope).
+        // Reported patches of every identity the hub holds keys for at the
+        // time (config, verged's module identities, the cloud's device
+        // scope) are queued for the cloud.
         let keys = sas.clone();
         twins.sync_upstream_when(Arc::new(move |id| {
             id.parse::<verge_core::ClientId>()

@@ -265,60 +265,6 @@ fn edge_identity(state: &HubState, device: DeviceId) -> ClientId {
     }
 }
 
-/// The credentials the hub holds for `id` in its config file: the edge
-/// device's key, a module key derived from it, or a downstream device's
-/// configured key. (At run time the drain asks the merged key table,
-/// [`crate::auth::SasAuthenticator::key_for`], which also holds identities
-/// from verged and the cloud's device scope.)
-pub fn key_for(cfg: &Config, id: &ClientId) -> Option<SharedAccessKey> {
-    if id.device.as_str() == cfg.device_id {
-        let device_key = SharedAccessKey::from_base64(&cfg.device_key).ok()?;
-        match &id.module {
-            None => Some(device_key),
-            Some(m) => cfg
-                .modules
-                .get(m.as_str())
-                .map(|generation| device_key.derive_module_key(m, generation)),
-        }
-    } else if id.module.is_none() {
-        cfg.devices
-            .get(id.device.as_str())
-            .and_then(|k| SharedAccessKey::from_base64(k).ok())
-    } else {
-        None
-    }
-}
-
-/// The identities behind this edge the hub holds credentials for: its
-/// configured modules and downstream devices.
-fn local_identities(cfg: &Config) -> Vec<ClientId> {
-    let Ok(edge) = DeviceId::new(cfg.device_id.as_str()) else {
-        return Vec::new();
-    };
-    let modules = cfg
-        .modules
-        .keys()
-        .filter_map(|m| ModuleId::new(m.as_str()).ok())
-        .map(|m| ClientId::module(edge.clone(), m));
-    let devices = cfg
-        .devices
-        .keys()
-        .filter_map(|d| DeviceId::new(d.as_str()).ok())
-        .map(ClientId::device);
-    modules.chain(devices).collect()
-}
-
-/// Every identity whose twin the cloud holds and the hub syncs (reported
-/// patches queued for it): the edge device, its modules, downstream devices.
-pub fn synced_identities(cfg: &Config) -> Vec<String> {
-    let mut ids: Vec<String> = local_identities(cfg)
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    ids.push(cfg.device_id.clone());
-    ids
-}
-
 /// The sender of a stored message (stamped by the router on ingest).
 fn sender(m: &StoredMessage) -> Option<ClientId> {
     let d = DeviceId::new(m.message.system.connection_device_id.as_deref()?).ok()?;
@@ -1258,21 +1204,23 @@ leaf1 = "AQEBAQEBAQEBAQEBAQEBAQ=="
     #[test]
     fn credentials_come_from_the_configuration() {
         let cfg = Config::from_toml(CFG).unwrap();
+        // The drain signs with what the key table holds for each identity.
+        let table = crate::auth::SasAuthenticator::from_config(&cfg).unwrap();
         let device = SharedAccessKey::from_base64("AAAAAAAAAAAAAAAAAAAAAA==").unwrap();
         assert_eq!(
-            key_for(&cfg, &id("edge1")).unwrap().as_bytes(),
+            table.key_for(&id("edge1")).unwrap().as_bytes(),
             device.as_bytes()
         );
         let module = device.derive_module_key(&ModuleId::new("filter").unwrap(), "gen1");
         assert_eq!(
-            key_for(&cfg, &id("edge1/filter")).unwrap().as_bytes(),
+            table.key_for(&id("edge1/filter")).unwrap().as_bytes(),
             module.as_bytes()
         );
-        assert_eq!(key_for(&cfg, &id("leaf1")).unwrap().as_bytes(), [1u8; 16]);
+        assert_eq!(table.key_for(&id("leaf1")).unwrap().as_bytes(), [1u8; 16]);
         // Unknown module, unknown device, a module of another device: none.
-        assert!(key_for(&cfg, &id("edge1/other")).is_none());
-        assert!(key_for(&cfg, &id("leaf2")).is_none());
-        assert!(key_for(&cfg, &id("leaf1/m")).is_none());
+        assert!(table.key_for(&id("edge1/other")).is_none());
+        assert!(table.key_for(&id("leaf2")).is_none());
+        assert!(table.key_for(&id("leaf1/m")).is_none());
     }
 
     fn stored(msg: Message) -> StoredMessage {
