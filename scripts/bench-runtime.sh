@@ -11,8 +11,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs="${1:-3}"
-cargo build --release --quiet -p verge-cli -p verge-cloud -p verge-daemon -p verge-agent \
-    -p verge-hub -p verge-simulated-temperature-sensor -p verge-filter-module
+cargo build --release --quiet -p verge-cli -p verge-cloud -p verge-edge \
+    -p verge-simulated-temperature-sensor -p verge-filter-module
 out=target/bench-runtime
 mkdir -p "$out"
 echo "machine: $(nproc) CPUs, $(uname -sr), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
@@ -21,5 +21,5 @@ for i in $(seq 1 "$runs"); do
     target/release/verge quickstart --measure --dir "$dir" --timeout 120s >"$out/run-$i.txt" 2>"$out/run-$i.log"
     cp "$dir/measure.json" "$out/run-$i.json"
     echo "run $i:"
-    grep -E '^(cold start|idle RSS|  of the runtime)' "$out/run-$i.txt" | sed 's/^/  /'
+    grep -E '^(cold start|idle RSS|  of the runtime|  the runtime)' "$out/run-$i.txt" | sed 's/^/  /'
 done

@@ -106,6 +106,7 @@
 //!   given up).
 
 pub mod agent;
+pub mod cli;
 pub mod config;
 pub mod mgmt;
 pub mod plan;

@@ -11,7 +11,9 @@
 //! 2. registers an edge device in it,
 //! 3. writes verged's config (manual provisioning with that device's
 //!    connection string, process module runtime, auto-generated edge CA, the
-//!    `verge-agent` binary as agent) and starts `verged`,
+//!    `verge-agent` binary as agent) and starts `verged`; verged, the agent
+//!    and the hub all run from the multi-call `verge-edge` executable,
+//!    through links named after them in `<dir>/bin`,
 //! 4. deploys edgeHub (`verge-hub` as a process module), the simulated
 //!    temperature sensor and the filter module with the routes
 //!    sensor → filter → `$upstream`,
@@ -61,13 +63,17 @@ use crate::mgmt::Mgmt;
 
 /// The binaries the quickstart runs, by file name.
 const VERGE_CLOUD: &str = "verge-cloud";
+const SENSOR: &str = "verge-simulated-temperature-sensor";
+const FILTER: &str = "verge-filter-module";
+/// The multi-call executable of the runtime's daemons, run through links
+/// named after them (`<dir>/bin/verged`, …), so the three processes share
+/// one copy of the code in memory.
+const EDGE: &str = "verge-edge";
 const VERGED: &str = "verged";
 const AGENT: &str = "verge-agent";
 const HUB: &str = "verge-hub";
-const SENSOR: &str = "verge-simulated-temperature-sensor";
-const FILTER: &str = "verge-filter-module";
 /// Packages that build them (for the error message).
-const PACKAGES: &str = "-p verge-cloud -p verge-daemon -p verge-agent -p verge-hub \
+const PACKAGES: &str = "-p verge-cloud -p verge-edge \
                         -p verge-simulated-temperature-sensor -p verge-filter-module";
 
 /// Module names in the deployment.
@@ -170,6 +176,8 @@ pub fn run(args: QuickstartArgs) -> anyhow::Result<ExitCode> {
 /// Paths of the working directory.
 struct Layout {
     dir: PathBuf,
+    /// Links to `verge-edge` named after the daemons.
+    bin: PathBuf,
     logs: PathBuf,
     cloud_data: PathBuf,
     edge: PathBuf,
@@ -185,6 +193,7 @@ impl Layout {
         let edge = dir.join("edge");
         Self {
             logs: dir.join("logs"),
+            bin: dir.join("bin"),
             cloud_data: dir.join("cloud"),
             homedir: edge.join("home"),
             config: edge.join("config.toml"),
@@ -339,6 +348,11 @@ impl Quickstart {
         self.bin.join(name)
     }
 
+    /// A daemon's executable: its link to `verge-edge`.
+    fn daemon(&self, name: &str) -> PathBuf {
+        self.lay.bin.join(name)
+    }
+
     /// Under `cargo run` (cargo sets `CARGO` and `CARGO_MANIFEST_DIR`) and
     /// without `--bin-dir`: builds the sibling binaries with the same
     /// profile first, so `cargo run --release -p verge-cli -- quickstart`
@@ -386,7 +400,7 @@ impl Quickstart {
     }
 
     fn preflight(&self) -> anyhow::Result<()> {
-        let missing: Vec<&str> = [VERGE_CLOUD, VERGED, AGENT, HUB, SENSOR, FILTER]
+        let missing: Vec<&str> = [VERGE_CLOUD, EDGE, SENSOR, FILTER]
             .into_iter()
             .filter(|b| !self.exe(b).is_file())
             .collect();
@@ -459,6 +473,7 @@ impl Quickstart {
         for p in [
             &self.lay.dir,
             &self.lay.logs,
+            &self.lay.bin,
             &self.lay.cloud_data,
             &self.lay.edge,
             &self.lay.hub_dir,
@@ -470,6 +485,11 @@ impl Quickstart {
             "made by verge quickstart; removed by its next run\n",
         )
         .with_context(|| format!("writing in {}", d.display()))?;
+        for name in [VERGED, AGENT, HUB] {
+            let link = self.daemon(name);
+            std::os::unix::fs::symlink(self.exe(EDGE), &link)
+                .with_context(|| format!("linking {}", link.display()))?;
+        }
         Ok(())
     }
 
@@ -663,7 +683,7 @@ impl Quickstart {
         );
         let agent = format!(
             "{} --storage {} --interval-ms 1000",
-            self.exe(AGENT).display(),
+            self.daemon(AGENT).display(),
             l.agent_storage.display()
         );
         // Paths are checked free of quotes, so TOML literal strings hold them as is.
@@ -704,7 +724,7 @@ impl Quickstart {
     async fn start_verged(&mut self) -> anyhow::Result<()> {
         let log = log_file(&self.lay.logs.join("verged.log"))?;
         let err = log.try_clone().context("duplicating the log file")?;
-        let child = Command::new(self.exe(VERGED))
+        let child = Command::new(self.daemon(VERGED))
             .arg("--config")
             .arg(&self.lay.config)
             .env("RUST_LOG", "info")
@@ -713,7 +733,7 @@ impl Quickstart {
             .stderr(err)
             .kill_on_drop(true)
             .spawn()
-            .with_context(|| format!("starting {}", self.exe(VERGED).display()))?;
+            .with_context(|| format!("starting {}", self.daemon(VERGED).display()))?;
         self.verged = Some(child);
         self.verged_started = Some(Instant::now());
         let mgmt = self.mgmt();
@@ -827,7 +847,7 @@ impl Quickstart {
         };
         let hub_image = format!(
             "{} --config {}",
-            self.exe(HUB).display(),
+            self.daemon(HUB).display(),
             self.lay.hub_dir.join("hub.toml").display()
         );
         json!({"modulesContent": {
@@ -835,7 +855,7 @@ impl Quickstart {
                 "schemaVersion": "1.1",
                 "runtime": {"type": "docker", "settings": {"minDockerVersion": "v1.25"}},
                 "systemModules": {
-                    "edgeAgent": {"type": "docker", "settings": {"image": self.exe(AGENT).display().to_string(), "createOptions": "{}"}},
+                    "edgeAgent": {"type": "docker", "settings": {"image": self.daemon(AGENT).display().to_string(), "createOptions": "{}"}},
                     "edgeHub": module(hub_image, 0, json!({})),
                 },
                 "modules": {
@@ -1104,6 +1124,7 @@ impl Quickstart {
         let procs = descendants(verged_pid);
         // comm is the executable's name cut to 15 bytes.
         let mut anon = anon_pss_kib(verged_pid);
+        let mut runtime_pids = vec![verged_pid];
         let mut rss = |names: &[&str]| -> (u64, usize) {
             let mut total = 0;
             let mut n = 0;
@@ -1113,6 +1134,7 @@ impl Quickstart {
                     if names.contains(&AGENT) || names.contains(&HUB) {
                         let (a, p) = anon_pss_kib(*pid);
                         anon = (anon.0 + a, anon.1 + p);
+                        runtime_pids.push(*pid);
                     }
                     n += 1;
                 }
@@ -1127,6 +1149,7 @@ impl Quickstart {
             bail!("expected one agent and one hub under verged, found {na} and {nh}");
         }
         let runtime = verged + agent + hub;
+        let resident = resident_set_kib(&runtime_pids);
         let mb = |kib: u64| kib as f64 / 1024.0;
         let ms: Vec<String> = colds.iter().map(|d| d.as_millis().to_string()).collect();
         println!(
@@ -1150,9 +1173,14 @@ impl Quickstart {
             mb(anon.0),
             mb(anon.1)
         );
+        println!(
+            "  the runtime's resident set, each page counted once (code shared by the \
+             three processes too): {:.1} MB",
+            mb(resident)
+        );
         let json = json!({
             "cold_start_ms": {"median": median.as_millis() as u64, "runs": colds.iter().map(|d| d.as_millis() as u64).collect::<Vec<_>>(), "first_start_with_provisioning": first.as_millis() as u64},
-            "rss_kib": {"verged": verged, "verge_agent": agent, "verge_hub": hub, "runtime_total": runtime, "runtime_anon": anon.0, "runtime_pss": anon.1, "example_modules": modules},
+            "rss_kib": {"verged": verged, "verge_agent": agent, "verge_hub": hub, "runtime_total": runtime, "runtime_anon": anon.0, "runtime_pss": anon.1, "runtime_resident_set": resident, "example_modules": modules},
         });
         write_file(
             &self.lay.dir.join("measure.json"),
@@ -1400,6 +1428,72 @@ fn anon_pss_kib(pid: i32) -> (u64, u64) {
         proc_kib(&format!("/proc/{pid}/status"), "RssAnon:"),
         proc_kib(&format!("/proc/{pid}/smaps_rollup"), "Pss:"),
     )
+}
+
+/// The resident set of the processes `pids` taken together, in KiB: every
+/// page resident in any of them, counted once. Summing VmRSS counts a code
+/// page that three processes map three times; this is what the kernel
+/// actually holds for them. A file page is identified by (device, inode,
+/// page of the file), from `/proc/<pid>/maps` and the file-page bit of
+/// `/proc/<pid>/pagemap`; an anonymous page (heap, stack, a written copy of
+/// a file page) belongs to one process. No privilege needed: page frame
+/// numbers are not read.
+fn resident_set_kib(pids: &[i32]) -> u64 {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let page_kib = proc_kib("/proc/self/smaps", "KernelPageSize:").max(4);
+    let page = page_kib * 1024;
+    let mut file_pages: std::collections::HashSet<(String, u64, u64)> = Default::default();
+    let mut anon_pages = 0u64;
+    for pid in pids {
+        let (Ok(maps), Ok(mut pagemap)) = (
+            std::fs::read_to_string(format!("/proc/{pid}/maps")),
+            std::fs::File::open(format!("/proc/{pid}/pagemap")),
+        ) else {
+            continue;
+        };
+        for line in maps.lines() {
+            // start-end perms offset dev inode [path]
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(range), Some(offset), Some(dev), Some(inode)) =
+                (f.first(), f.get(2), f.get(3), f.get(4))
+            else {
+                continue;
+            };
+            let Some((start, end)) = range.split_once('-') else {
+                continue;
+            };
+            let (Ok(start), Ok(end), Ok(offset), Ok(inode)) = (
+                u64::from_str_radix(start, 16),
+                u64::from_str_radix(end, 16),
+                u64::from_str_radix(offset, 16),
+                inode.parse::<u64>(),
+            ) else {
+                continue;
+            };
+            if f.get(5) == Some(&"[vsyscall]") {
+                continue;
+            }
+            let pages = (end - start) / page;
+            let mut buf = vec![0u8; pages as usize * 8];
+            if pagemap.seek(SeekFrom::Start(start / page * 8)).is_err()
+                || pagemap.read_exact(&mut buf).is_err()
+            {
+                continue;
+            }
+            for (i, e) in buf.chunks_exact(8).enumerate() {
+                let e = u64::from_le_bytes(e.try_into().unwrap_or_default());
+                if e >> 63 == 0 {
+                    continue; // not present
+                }
+                if (e >> 61) & 1 == 1 && inode != 0 {
+                    file_pages.insert((dev.to_string(), inode, offset / page + i as u64));
+                } else {
+                    anon_pages += 1;
+                }
+            }
+        }
+    }
+    (file_pages.len() as u64 + anon_pages) * page_kib
 }
 
 /// Writes via a temporary file and rename, with `mode`.

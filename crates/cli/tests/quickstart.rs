@@ -1,5 +1,5 @@
 //! `verge quickstart` end to end with the real binaries (verge-cloud,
-//! verged, verge-agent, verge-hub and the two example modules, built here
+//! verge-edge as verged, verge-agent and verge-hub, and the two example modules, built here
 //! with the test's profile): the bounded CI mode failing (diagnosis) and
 //! succeeding, then an interactive run stopped with SIGINT. Both must leave no process behind. The hub binds
 //! 127.0.0.1:8883 (modules dial 8883), so the runs are sequential.
@@ -12,11 +12,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const PACKAGES: [&str; 6] = [
+const PACKAGES: [&str; 4] = [
     "verge-cloud",
-    "verge-daemon",
-    "verge-agent",
-    "verge-hub",
+    "verge-edge",
     "verge-simulated-temperature-sensor",
     "verge-filter-module",
 ];
@@ -85,7 +83,7 @@ fn quickstart_bounded_then_interrupted() {
     assert!(!out.status.success());
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(
-        e.contains("verged") && e.contains("cargo build --release"),
+        e.contains("verge-edge") && e.contains("cargo build --release"),
         "{e}"
     );
 

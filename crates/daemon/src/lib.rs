@@ -25,6 +25,7 @@
 
 pub mod api;
 pub mod ca;
+pub mod cli;
 pub mod client;
 pub mod cloud_identities;
 pub mod config;

@@ -181,8 +181,9 @@ pub struct UpstreamConfig {
     /// (default and maximum 5000, so a returning link is found within 5 s).
     #[serde(default = "default_reconnect_ms")]
     pub reconnect_ms: u64,
-    /// Messages read from the store and published per batch (default 10,
-    /// edgeHub's `MaxUpstreamBatchSize`); also each link's inflight bound.
+    /// Messages read from the store and published per batch (default 100;
+    /// edgeHub's `MaxUpstreamBatchSize` is 10); the drain keeps up to four
+    /// batches in flight.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
     /// MQTT keep-alive, seconds (default 30): a silent link is declared down

@@ -44,6 +44,7 @@
 //!    after the cloud's PUBACK.
 
 pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod delivery;

@@ -52,14 +52,22 @@
 //!   keep_alive/2, no PINGRESP by the next one = down) or by a PUBACK that
 //!   does not come within `ack_timeout_secs`.
 //! * **Drain.** One task reads batches (`batch_size`) from the store (highest
-//!   priority queue first, FIFO), groups them by sender, publishes each group
-//!   QoS 1 in order on the sender's link (pipelined, up to a batch in
-//!   flight), and checkpoints the store up to the longest prefix of the batch
-//!   the cloud PUBACKed. Anything after the first unacknowledged message is
-//!   read again from the checkpoint (rewind) once a link comes back:
+//!   priority queue first, FIFO) and publishes each message QoS 1, in order,
+//!   on its sender's link. Up to [`PIPELINE_BATCHES`] batches are in flight:
+//!   the next one is read and sent while the cloud acknowledges the earlier
+//!   ones. Batches are resolved in order; the store is checkpointed (by a
+//!   task of its own, so the drain never waits for that fsync) up to the
+//!   longest prefix the cloud PUBACKed. Anything after the first
+//!   unacknowledged message is read again from the checkpoint (rewind) once
+//!   a link comes back, and the batches behind it are abandoned:
 //!   at-least-once, order kept per sender. A sender that cannot reach the
 //!   cloud holds the queue back for everyone, because a store checkpoint is a
 //!   prefix.
+//! * **Link epochs.** A link's epoch changes each time it loses its
+//!   connection, and every request carries the epoch the drain first saw for
+//!   that link since its last rewind. A link sends only requests of its
+//!   current epoch, so after a reconnect a later batch can never overtake
+//!   the resend of an earlier one that the lost connection took down.
 //! * Our own MQTT client on `rumqttc`'s packet codec rather than its
 //!   `EventLoop`: the event loop keeps and replays unacknowledged publishes
 //!   itself across reconnects, while here the store is the single source of
@@ -127,6 +135,12 @@ const C2D_ACK_TIMEOUT: Duration = Duration::from_secs(60);
 const REPORTED_RETRY: Duration = Duration::from_secs(1);
 /// How long the drain sleeps when it was not woken (safety net).
 const IDLE_POLL: Duration = Duration::from_secs(1);
+/// Batches the drain keeps in flight: while the cloud fsyncs and
+/// acknowledges one, the next is already on the wire.
+const PIPELINE_BATCHES: usize = 4;
+/// ...and at most about this many payload bytes in flight (batches of large
+/// messages are not multiplied).
+const PIPELINE_BYTES: usize = 4 << 20;
 
 /// Upstream counters and link states (part of the hub's [`crate::Stats`]).
 #[derive(Debug, Default)]
@@ -219,6 +233,7 @@ impl Upstream {
             links: HashMap::new(),
             tasks: JoinSet::new(),
             refused: HashSet::new(),
+            epochs: HashMap::new(),
             edge: edge.clone(),
             shared,
         };
@@ -237,17 +252,48 @@ struct Shared {
 }
 
 /// A publish handed to a link; `ack` completes on the cloud's PUBACK and is
-/// dropped if the link goes down first.
+/// dropped if the link goes down first. The link skips it when it is of
+/// another link epoch or the drain has given up on it (receiver dropped).
 struct Request {
     topic: String,
     payload: Bytes,
+    epoch: u64,
     ack: oneshot::Sender<()>,
 }
 
 /// The drain's handle on one identity's link task.
 struct Link {
     tx: mpsc::Sender<Request>,
-    online: watch::Receiver<bool>,
+    /// `Some(epoch)` while connected.
+    online: watch::Receiver<Option<u64>>,
+}
+
+/// A batch the drain has published and not yet resolved.
+struct InFlight {
+    priority: u32,
+    offsets: Vec<u64>,
+    outcome: Vec<Outcome>,
+    /// The acknowledgements still to come, by index in the batch.
+    waits: Vec<(usize, oneshot::Receiver<()>)>,
+    bytes: usize,
+    /// Safety net: every request resolves by PUBACK or by its link failing.
+    deadline: Instant,
+}
+
+impl InFlight {
+    /// Waits for the batch's acknowledgements; returns how many of its
+    /// messages, from the start, are done (acknowledged or dropped).
+    async fn resolve(&mut self) -> usize {
+        for (i, rx) in std::mem::take(&mut self.waits) {
+            if let Ok(Ok(())) = tokio::time::timeout_at(self.deadline, rx).await {
+                self.outcome[i] = Outcome::Acked;
+            }
+        }
+        self.outcome
+            .iter()
+            .take_while(|o| **o != Outcome::Pending)
+            .count()
+    }
 }
 
 /// The identity whose link is the overall connectivity probe: the edge
@@ -304,6 +350,8 @@ struct Drain {
     refused: HashSet<ClientId>,
     /// The edge device itself.
     edge: ClientId,
+    /// Each link's epoch as first seen since the last rewind.
+    epochs: HashMap<ClientId, u64>,
 }
 
 impl Drain {
@@ -311,9 +359,9 @@ impl Drain {
     fn link(&mut self, state: &Arc<HubState>, id: &ClientId) -> Option<&Link> {
         if !self.links.contains_key(id) {
             let key = state.sas.key_for(id)?;
-            let cap = self.shared.up.cfg.batch_size;
+            let cap = self.shared.up.cfg.batch_size * PIPELINE_BATCHES;
             let (tx, rx) = mpsc::channel(cap);
-            let (online_tx, online) = watch::channel(false);
+            let (online_tx, online) = watch::channel(None);
             self.tasks.spawn(run_link(
                 self.shared.clone(),
                 state.clone(),
@@ -353,7 +401,7 @@ impl Drain {
     fn edge_online(&self) -> bool {
         self.links
             .get(&self.edge)
-            .is_some_and(|l| *l.online.borrow())
+            .is_some_and(|l| l.online.borrow().is_some())
     }
 
     async fn run(mut self, state: Arc<HubState>) {
@@ -365,6 +413,14 @@ impl Drain {
         // Set when a wait below saw a session or twin-queue change (which
         // marks it seen).
         let mut recheck = true;
+        let mut pipeline: VecDeque<InFlight> = VecDeque::new();
+        let ckpt_failed = Arc::new(AtomicBool::new(false));
+        let (ckpt_tx, ckpt_rx) = mpsc::channel(PIPELINE_BATCHES * 2);
+        self.tasks
+            .spawn(checkpointer(state.clone(), ckpt_rx, ckpt_failed.clone()));
+        // A batch could not be sent whole: read nothing more until it is
+        // resolved and the store rewound.
+        let mut stalled = false;
         loop {
             if std::mem::take(&mut recheck)
                 || sessions.has_changed().unwrap_or(false)
@@ -377,62 +433,68 @@ impl Drain {
             // Read only while the cloud is reachable: a read while offline
             // would be rewound anyway, and the store counts a message that
             // expires after being read once as seen, not as expired.
-            if !self.edge_online() {
+            let room = !stalled
+                && pipeline.len() < PIPELINE_BATCHES
+                && pipeline.iter().map(|b| b.bytes).sum::<usize>() < PIPELINE_BYTES;
+            if room && self.edge_online() {
+                match state.store.read(ENDPOINT, batch_size).await {
+                    Ok(batch) if !batch.is_empty() => {
+                        mirror_expired(&state).await;
+                        let b = self.send_batch(&state, &batch).await;
+                        stalled = b.waits.len()
+                            + b.outcome.iter().filter(|o| **o == Outcome::Dropped).count()
+                            < batch.len();
+                        pipeline.push_back(b);
+                        continue;
+                    }
+                    Ok(_) => mirror_expired(&state).await,
+                    Err(e) => {
+                        tracing::error!(error = %e, "upstream: store read failed");
+                        if pipeline.is_empty() {
+                            tokio::time::sleep(IDLE_POLL).await;
+                            continue;
+                        }
+                    }
+                }
+            }
+            let Some(mut front) = pipeline.pop_front() else {
+                let link_up = self.shared.link_up.notified();
                 tokio::select! {
-                    () = self.shared.link_up.notified() => {}
-                    () = tokio::time::sleep(retry) => {}
+                    () = notify.notified(), if self.edge_online() => {}
+                    () = link_up, if !self.edge_online() => {}
+                    () = tokio::time::sleep(if self.edge_online() { IDLE_POLL } else { retry }) => {}
                     Ok(()) = sessions.changed() => recheck = true,
                     Ok(()) = reported.changed() => recheck = true,
                 }
+                continue;
+            };
+            let done = front.resolve().await;
+            if ckpt_failed.swap(false, Ordering::Relaxed) {
+                // Not checkpointed: the messages go out again (at-least-once).
+                self.abandon(&state, &mut pipeline, &mut stalled, &ckpt_tx)
+                    .await;
+                tokio::time::sleep(IDLE_POLL).await;
                 continue;
             }
-            let batch = match state.store.read(ENDPOINT, batch_size).await {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::error!(error = %e, "upstream: store read failed");
-                    tokio::time::sleep(IDLE_POLL).await;
-                    continue;
-                }
-            };
-            mirror_expired(&state).await;
-            let Some(first) = batch.first() else {
-                tokio::select! {
-                    () = notify.notified() => {}
-                    () = tokio::time::sleep(IDLE_POLL) => {}
-                    Ok(()) = sessions.changed() => recheck = true,
-                    Ok(()) = reported.changed() => recheck = true,
-                }
-                continue;
-            };
-            let priority = first.priority;
-            let outcome = self.send_batch(&state, &batch).await;
-            let done = outcome
-                .iter()
-                .take_while(|o| **o != Outcome::Pending)
-                .count();
             if done > 0 {
-                let up_to = batch[done - 1].offset;
-                if let Err(e) = state.store.ack(ENDPOINT, priority, up_to).await {
-                    // Not checkpointed: the messages go out again (at-least-once).
-                    tracing::error!(error = %e, "upstream: store checkpoint failed");
-                    state.store.rewind(ENDPOINT);
-                    tokio::time::sleep(IDLE_POLL).await;
-                    continue;
+                let count =
+                    |want| front.outcome[..done].iter().filter(|o| **o == want).count() as u64;
+                let c = Checkpoint {
+                    priority: front.priority,
+                    up_to: front.offsets[done - 1],
+                    acked: count(Outcome::Acked),
+                    dropped: count(Outcome::Dropped),
+                };
+                if ckpt_tx.send(ToCheckpoint::Ack(c)).await.is_err() {
+                    tracing::error!("upstream: the checkpoint task ended");
+                    return;
                 }
-                // Counted once checkpointed, so a retried batch is not counted twice.
-                let count = |want| outcome[..done].iter().filter(|o| **o == want).count() as u64;
-                let stats = &state.stats.upstream;
-                stats
-                    .sent
-                    .fetch_add(count(Outcome::Acked), Ordering::Relaxed);
-                stats
-                    .dropped_no_identity
-                    .fetch_add(count(Outcome::Dropped), Ordering::Relaxed);
             }
-            if done < batch.len() {
+            if done < front.outcome.len() {
                 // Some sender's link is down: read again from the checkpoint
                 // once a link connects (or after one reconnect interval).
-                state.store.rewind(ENDPOINT);
+                self.abandon(&state, &mut pipeline, &mut stalled, &ckpt_tx)
+                    .await;
                 tokio::select! {
                     () = self.shared.link_up.notified() => {}
                     () = tokio::time::sleep(retry) => {}
@@ -441,36 +503,75 @@ impl Drain {
         }
     }
 
-    /// Publishes a batch, each sender's messages in order on its own link;
-    /// returns what became of each message.
-    async fn send_batch(&mut self, state: &Arc<HubState>, batch: &[StoredMessage]) -> Vec<Outcome> {
-        let mut done = vec![Outcome::Pending; batch.len()];
-        let mut waits: Vec<(usize, oneshot::Receiver<()>)> = Vec::with_capacity(batch.len());
+    /// Gives up on everything in flight after the checkpoint: the batches
+    /// behind it are dropped (links skip what they have not sent yet), a new
+    /// drain epoch begins and the store reads again from the checkpoint —
+    /// once the checkpoints already handed over are applied, so what the
+    /// cloud acknowledged is not sent again.
+    async fn abandon(
+        &mut self,
+        state: &HubState,
+        pipeline: &mut VecDeque<InFlight>,
+        stalled: &mut bool,
+        ckpt: &mpsc::Sender<ToCheckpoint>,
+    ) {
+        pipeline.clear();
+        self.epochs.clear();
+        *stalled = false;
+        let (tx, rx) = oneshot::channel();
+        if ckpt.send(ToCheckpoint::Flush(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        state.store.rewind(ENDPOINT);
+    }
+
+    /// Publishes a batch, each message in order on its sender's link,
+    /// without waiting for the acknowledgements. Stops at the first sender
+    /// whose link is down (or has been down since this drain epoch began).
+    async fn send_batch(&mut self, state: &Arc<HubState>, batch: &[StoredMessage]) -> InFlight {
+        let limit = Duration::from_secs(self.shared.up.cfg.ack_timeout_secs.saturating_mul(2));
+        let mut b = InFlight {
+            priority: batch.first().map_or(0, |m| m.priority),
+            offsets: batch.iter().map(|m| m.offset).collect(),
+            outcome: vec![Outcome::Pending; batch.len()],
+            waits: Vec::with_capacity(batch.len()),
+            bytes: batch.iter().map(|m| m.message.body.len()).sum(),
+            deadline: Instant::now() + limit,
+        };
         for (i, m) in batch.iter().enumerate() {
             // A message without a sender stamp (none are stored that way) goes
             // out as the edge device's.
             let id = sender(m).unwrap_or_else(|| self.edge.clone());
-            let topic = upstream_topic(&id, m);
-            let Some(link) = self.link(state, &id) else {
+            if self.link(state, &id).is_none() {
                 if self.refused.insert(id.clone()) {
                     tracing::warn!(identity = %id, "upstream: no credentials for this sender; dropping its messages");
                 }
-                done[i] = Outcome::Dropped;
+                b.outcome[i] = Outcome::Dropped;
                 continue;
+            }
+            let Some(link) = self.links.get(&id) else {
+                break;
             };
             // Stop at the first sender that cannot send: everything after it
             // is beyond the checkpoint and would only be sent twice.
-            if !*link.online.borrow() {
+            let Some(now) = *link.online.borrow() else {
+                break;
+            };
+            let epoch = *self.epochs.entry(id.clone()).or_insert(now);
+            if epoch != now {
+                // The link reconnected since this drain epoch began: what it
+                // lost must be resent before anything newer.
                 break;
             }
             let (tx, rx) = oneshot::channel();
             let req = Request {
-                topic,
+                topic: upstream_topic(&id, m),
                 payload: m.message.body.clone(),
+                epoch,
                 ack: tx,
             };
-            // The channel holds a batch, so this only waits for the link to
-            // take earlier requests.
+            // The channel holds the pipeline, so this only waits for the
+            // link to take earlier requests.
             if link.tx.send(req).await.is_err() {
                 // The link task is gone (it only ends by panicking): start a
                 // new one next time.
@@ -478,18 +579,75 @@ impl Drain {
                 self.links.remove(&id);
                 break;
             }
-            waits.push((i, rx));
+            b.waits.push((i, rx));
         }
-        // Every request resolves: PUBACK, or dropped when the link fails
-        // (the link enforces ack_timeout); the timeout is a safety net.
-        let limit = Duration::from_secs(self.shared.up.cfg.ack_timeout_secs.saturating_mul(2));
-        let deadline = Instant::now() + limit;
-        for (i, rx) in waits {
-            if let Ok(Ok(())) = tokio::time::timeout_at(deadline, rx).await {
-                done[i] = Outcome::Acked;
+        b
+    }
+}
+
+/// What the drain hands its checkpoint task.
+enum ToCheckpoint {
+    Ack(Checkpoint),
+    /// Answered once every earlier checkpoint is applied (or failed).
+    Flush(oneshot::Sender<()>),
+}
+
+/// A prefix of a batch the cloud has acknowledged, to checkpoint.
+struct Checkpoint {
+    priority: u32,
+    up_to: u64,
+    /// Messages of it the cloud PUBACKed / dropped for want of credentials.
+    acked: u64,
+    dropped: u64,
+}
+
+/// Checkpoints the store behind the drain, so the drain does not wait for
+/// the checkpoint's fsync before its next batch: checkpoints waiting here
+/// are merged into one (the latest offset per queue) and one group commit.
+/// A checkpoint that is lost (crash) or fails only means a resend
+/// (at-least-once); a failure sets `failed`, and the drain rewinds.
+async fn checkpointer(
+    state: Arc<HubState>,
+    mut rx: mpsc::Receiver<ToCheckpoint>,
+    failed: Arc<AtomicBool>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut up_to: BTreeMap<u32, u64> = BTreeMap::new();
+        let (mut acked, mut dropped) = (0, 0);
+        let mut flushes = Vec::new();
+        let mut add = |m: ToCheckpoint| match m {
+            ToCheckpoint::Ack(c) => {
+                let e = up_to.entry(c.priority).or_default();
+                *e = (*e).max(c.up_to);
+                acked += c.acked;
+                dropped += c.dropped;
+            }
+            ToCheckpoint::Flush(done) => flushes.push(done),
+        };
+        add(first);
+        while let Ok(m) = rx.try_recv() {
+            add(m);
+        }
+        let mut ok = true;
+        for (priority, offset) in up_to {
+            if let Err(e) = state.store.ack(ENDPOINT, priority, offset).await {
+                tracing::error!(error = %e, "upstream: store checkpoint failed");
+                ok = false;
             }
         }
-        done
+        if ok {
+            // Counted once checkpointed, so a resent message is not counted twice.
+            let stats = &state.stats.upstream;
+            stats.sent.fetch_add(acked, Ordering::Relaxed);
+            stats
+                .dropped_no_identity
+                .fetch_add(dropped, Ordering::Relaxed);
+        } else {
+            failed.store(true, Ordering::Relaxed);
+        }
+        for done in flushes {
+            let _ = done.send(());
+        }
     }
 }
 
@@ -552,6 +710,9 @@ struct LinkIo {
     /// Counts sessions, so a relay's PUBACK goes only to the connection
     /// its publish came on.
     generation: u64,
+    /// Counts lost connections (a token renewal keeps it): the drain's
+    /// requests of an older epoch are not sent.
+    epoch: u64,
     /// Changes when a reported patch is queued.
     reported: watch::Receiver<u64>,
 }
@@ -563,7 +724,7 @@ async fn run_link(
     id: ClientId,
     key: SharedAccessKey,
     rx: mpsc::Receiver<Request>,
-    online: watch::Sender<bool>,
+    online: watch::Sender<Option<u64>>,
 ) {
     let name = id.to_string();
     let is_edge = id.module.is_none() && id.device.as_str() == state.cfg.device_id;
@@ -578,13 +739,15 @@ async fn run_link(
         ops_rx,
         relays: JoinSet::new(),
         generation: 0,
+        epoch: 0,
     };
     let stats = &state.stats.upstream;
     let interval = Duration::from_millis(shared.up.cfg.reconnect_ms);
     // Last logged state, so transitions are logged once, not per attempt.
     let mut logged: Option<bool> = None;
-    let set = |up: bool| {
+    let set = |up: Option<u64>| {
         online.send_replace(up);
+        let up = up.is_some();
         stats.set_link(&name, up);
         if is_edge && stats.online.swap(up, Ordering::Relaxed) != up {
             if up {
@@ -594,7 +757,7 @@ async fn run_link(
             }
         }
     };
-    set(false);
+    set(None);
     loop {
         let started = Instant::now();
         let end =
@@ -604,7 +767,7 @@ async fn run_link(
                         tracing::info!(identity = %name, "upstream link connected");
                     }
                     logged = Some(true);
-                    set(true);
+                    set(Some(io.epoch));
                     shared.link_up.notify_one();
                     io.generation += 1;
                     // A token renewal keeps the link "up": requests wait in
@@ -619,7 +782,8 @@ async fn run_link(
             End::Closed => return,
             End::Renew => continue,
             End::Lost(why) => {
-                set(false);
+                io.epoch += 1;
+                set(None);
                 if logged != Some(false) {
                     tracing::warn!(identity = %name, reason = %why, retry_every = ?interval, "upstream link down");
                 } else {
@@ -752,7 +916,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut buf = BytesMut::with_capacity(1024);
     let mut inflight: VecDeque<(u16, Instant, oneshot::Sender<()>)> = VecDeque::new();
-    let max_inflight = cfg.batch_size;
+    let max_inflight = cfg.batch_size * PIPELINE_BATCHES;
     let ack_timeout = Duration::from_secs(cfg.ack_timeout_secs);
     // Packet id 1 is the SUBSCRIBE's; publishes use 2.. (its SUBACK is
     // back long before the ids wrap around).
@@ -889,21 +1053,27 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 // message.
                 let mut out = BytesMut::new();
                 loop {
-                    // A packet id not in flight (never 0 or 1).
-                    loop {
-                        next_pkid = next_pkid.checked_add(1).unwrap_or(2);
-                        if !inflight.iter().any(|(id, _, _)| *id == next_pkid) {
-                            break;
-                        }
-                    }
-                    let mut p = Publish::from_bytes(req.topic, QoS::AtLeastOnce, req.payload);
-                    p.pkid = next_pkid;
-                    if let Err(e) = Packet::Publish(p).write(&mut out, MAX_OUTBOUND_PACKET) {
-                        // Not sendable at all (too large): fail it, not the link.
-                        tracing::warn!(identity = %io.name, error = %e, "upstream message cannot be encoded");
-                        drop(req.ack);
+                    if req.epoch != io.epoch || req.ack.is_closed() {
+                        // Sent before a lost connection, or abandoned by the
+                        // drain: it goes out again from the store, in order.
+                        drop(req);
                     } else {
-                        inflight.push_back((next_pkid, Instant::now(), req.ack));
+                        // A packet id not in flight (never 0 or 1).
+                        loop {
+                            next_pkid = next_pkid.checked_add(1).unwrap_or(2);
+                            if !inflight.iter().any(|(id, _, _)| *id == next_pkid) {
+                                break;
+                            }
+                        }
+                        let mut p = Publish::from_bytes(req.topic, QoS::AtLeastOnce, req.payload);
+                        p.pkid = next_pkid;
+                        if let Err(e) = Packet::Publish(p).write(&mut out, MAX_OUTBOUND_PACKET) {
+                            // Not sendable at all (too large): fail it, not the link.
+                            tracing::warn!(identity = %io.name, error = %e, "upstream message cannot be encoded");
+                            drop(req.ack);
+                        } else {
+                            inflight.push_back((next_pkid, Instant::now(), req.ack));
+                        }
                     }
                     if inflight.len() >= max_inflight || out.len() >= WRITE_BURST_BYTES {
                         break;

@@ -542,6 +542,76 @@ async fn offline_backlog_survives_restart_and_drains_on_link_up() {
     hub.stop();
 }
 
+/// A backlog drains with several batches in flight while the cloud drops
+/// the connection instead of acknowledging every 37th publish: after each
+/// reconnect the lost messages go out again before anything newer, so
+/// every message arrives and the first occurrences are in order per sender.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_backlog_keeps_order_through_dropped_connections() {
+    let hub_pki = pki();
+    let storage = tempfile::tempdir().unwrap();
+    let mut cloud = Cloud::new();
+    cloud.log.drop_every.store(37, Ordering::SeqCst);
+    let mqtt = free_addr();
+    let (toml, _) = hub_config(&hub_pki, storage.path(), mqtt, cloud.upstream(), 7200);
+    // Reconnect at once (the shortest interval allowed), so requests queued
+    // before a lost connection meet the next one.
+    let text = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(
+        &toml,
+        text.replace("reconnect_ms = 200", "reconnect_ms = 10"),
+    )
+    .unwrap();
+    let log = storage.path().join("hub.log");
+    let hub = HubProc::start(&toml, mqtt, &log).await;
+    const EACH: u64 = 300;
+    let mut tasks = Vec::new();
+    for who in SENDERS {
+        let ca = hub_pki.ca_pem.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = sender(mqtt, &ca, who).await;
+            for seq in 0..EACH {
+                assert!(s.send(who, seq).await, "{who} {seq} not acknowledged");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    cloud.start().await;
+    let complete = || {
+        let seqs = by_sender(&cloud.log.got());
+        SENDERS.iter().all(|who| {
+            seqs.get(&cloud_id(who))
+                .is_some_and(|v| first_occurrences(v).len() as u64 == EACH)
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !complete() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seqs = by_sender(&cloud.log.got());
+    for who in SENDERS {
+        let got = seqs.get(&cloud_id(who)).cloned().unwrap_or_default();
+        assert_eq!(
+            first_occurrences(&got),
+            (0..EACH).collect::<Vec<_>>(),
+            "{who}: every message, first occurrences in order"
+        );
+    }
+    let drops = cloud.log.publishes.load(Ordering::SeqCst) as usize - cloud.log.got().len();
+    println!(
+        "{} publishes, {drops} dropped connections, {} connects",
+        cloud.log.publishes.load(Ordering::SeqCst),
+        cloud.log.connects.lock().unwrap().len()
+    );
+    assert!(
+        drops >= 10,
+        "the cloud dropped too few connections: {drops}"
+    );
+    hub.stop();
+}
+
 /// The cloud drops the connection instead of acknowledging every 47th
 /// publish, and the hub is SIGKILLed twice under load: every message the hub
 /// acknowledged to its sender reaches the cloud, in order per sender.

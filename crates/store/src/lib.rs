@@ -148,6 +148,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use bytes::Bytes;
+use fjall::config::PinningPolicy;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 use tokio::sync::{mpsc, oneshot};
 use verge_core::message::{Message, decode, encode};
@@ -565,7 +566,17 @@ impl Store {
             .manual_journal_persist(true)
             .open()?;
         let mem = config.memtable_bytes.max(1024 * 1024);
-        let opts = move || KeyspaceCreateOptions::default().max_memtable_size(mem);
+        // Filter and index blocks of every level stay in memory (about 0.5 %
+        // of the data held): the pumps look bodies up by key all the time,
+        // and with the small block cache the deeper levels' blocks were
+        // evicted and re-read (and checksummed) on nearly every lookup — a
+        // 1 M-message backlog drained at a third of the rate.
+        let opts = move || {
+            KeyspaceCreateOptions::default()
+                .max_memtable_size(mem)
+                .filter_block_pinning_policy(PinningPolicy::all(true))
+                .index_block_pinning_policy(PinningPolicy::all(true))
+        };
         let msgs = db.keyspace("msgs", opts)?;
         let queues = db.keyspace("queues", opts)?;
         let meta = db.keyspace("meta", opts)?;

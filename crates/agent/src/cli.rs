@@ -1,0 +1,286 @@
+//! `verge-agent`: runs the reconcile loop against the deployment manifest.
+//!
+//! Started by verged (`IOTEDGE_MANAGEMENTURI` set), it runs the modules through
+//! verged's management API (`--runtime verged`, the default then); otherwise it
+//! drives a backend directly (`--runtime process|docker`).
+//!
+//! Desired state comes from one of two sources:
+//! * the agent's module twin in the cloud (`{device}/$edgeAgent`), when the
+//!   edge environment names an IoT hub (`IOTEDGE_IOTHUBHOSTNAME`,
+//!   `IOTEDGE_WORKLOADURI`, … as verged sets them) and `--no-twin` is not
+//!   given: see [`crate::twin`];
+//! * a local file, `--manifest`.
+//!
+//! When both are present the **file wins**: it is an explicit setting of
+//! whoever configured this agent (a device taken off cloud management, a
+//! test bench), while the twin link follows implicitly from the environment.
+//! The twin link then still reports the status, and the twin's desired
+//! properties are ignored (logged). Whatever the source, the last accepted
+//! manifest is persisted in the storage directory, so an agent restarted
+//! offline restores the same modules before (or without) reaching the cloud.
+//!
+//! [`main`] is the whole program; the `verge-agent` executable and the
+//! multi-call `verge-edge` (which shares one copy of the code among
+//! verged, the agent and the hub) both call it.
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::{Agent, AgentConfig, ManagementRuntime, TwinLink, TwinOptions};
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use serde_json::Value;
+use tokio::signal::unix::{SignalKind, signal};
+use verge_runtime::{DockerConfig, DockerRuntime, ModuleRuntime, ProcessConfig, ProcessRuntime};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Backend {
+    /// verged's management API (`--management-uri` / `IOTEDGE_MANAGEMENTURI`).
+    Verged,
+    /// Child processes of the agent (no identities, no workload sockets).
+    Process,
+    /// The Docker Engine directly (no identities, no workload sockets).
+    Docker,
+}
+
+/// Variables of the agent's own environment passed on to every module unless
+/// the manifest sets them (reference §7.4).
+const INHERITED_ENV: [&str; 2] = ["RuntimeLogLevel", "UpstreamProtocol"];
+
+/// The Verge edge agent.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Deployment manifest: `{"modulesContent": …}` or `$edgeAgent` desired
+    /// properties. Re-read when it changes. Without it, the last accepted
+    /// manifest in the storage directory is used.
+    #[arg(long, env = "VERGE_AGENT_MANIFEST")]
+    manifest: Option<PathBuf>,
+    /// The agent's storage directory (manifest, restart records, reported.json).
+    #[arg(long, env = "VERGE_AGENT_STORAGE")]
+    storage: PathBuf,
+    /// Module runtime backend. Default: `verged` when a management URI is
+    /// given (verged sets `IOTEDGE_MANAGEMENTURI`), else `process`.
+    #[arg(long, value_enum, env = "VERGE_AGENT_RUNTIME")]
+    runtime: Option<Backend>,
+    /// verged's management socket, `unix:///…`.
+    #[arg(long, env = "IOTEDGE_MANAGEMENTURI")]
+    management_uri: Option<String>,
+    /// State directory of the process backend (`--runtime process`).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Docker Engine URI.
+    #[arg(long)]
+    docker_uri: Option<String>,
+    /// Reconcile interval in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    interval_ms: u64,
+    /// Minimum interval between two reported-properties updates (to
+    /// `reported.json` and to the cloud), in milliseconds; changes in between
+    /// are coalesced.
+    #[arg(long, env = "VERGE_AGENT_REPORT_INTERVAL_MS", default_value_t = 2000)]
+    report_interval_ms: u64,
+    /// Do not connect to the cloud even when the edge environment names a hub.
+    #[arg(long, env = "VERGE_AGENT_NO_TWIN")]
+    no_twin: bool,
+    /// MQTT/TLS port of the IoT hub (`IOTEDGE_IOTHUBHOSTNAME`).
+    #[arg(long, env = "VERGE_AGENT_UPSTREAM_PORT", default_value_t = 8883)]
+    upstream_port: u16,
+    /// A PEM file of CA certificates to trust for the hub, besides the
+    /// workload API's trust bundle and the system roots.
+    #[arg(long, env = "VERGE_AGENT_UPSTREAM_CA")]
+    upstream_ca: Option<PathBuf>,
+}
+
+/// The twin link, when the environment names a hub and it is not turned off.
+async fn twin_link(args: &Args) -> anyhow::Result<Option<TwinLink>> {
+    if args.no_twin {
+        return Ok(None);
+    }
+    let env = match verge_sdk::EdgeEnvironment::from_env_upstream() {
+        Ok(env) => env,
+        Err(e) => {
+            tracing::info!(reason = %e, "no twin link to the cloud");
+            return Ok(None);
+        }
+    };
+    let extra_ca_pem = match &args.upstream_ca {
+        Some(p) => Some(
+            tokio::fs::read_to_string(p)
+                .await
+                .with_context(|| format!("reading --upstream-ca {}", p.display()))?,
+        ),
+        None => None,
+    };
+    Ok(Some(TwinLink::spawn(TwinOptions {
+        env,
+        port: args.upstream_port,
+        extra_ca_pem,
+        min_gap: Duration::from_millis(args.report_interval_ms),
+    })))
+}
+
+/// Waits for a new desired document from the cloud; never, without a link.
+async fn twin_changed(link: &mut Option<TwinLink>) {
+    match link {
+        Some(l) => l.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs verge-agent with command-line `args` (the first is the program
+/// name); errors are printed and give a failure exit code.
+pub fn main<I, T>(args: I) -> std::process::ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let args = Args::parse_from(args);
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[tokio::main]
+async fn run(args: Args) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let mut cfg = AgentConfig {
+        reconcile_interval: Duration::from_millis(args.interval_ms.max(1)),
+        report_interval: Duration::from_millis(args.report_interval_ms),
+        ..AgentConfig::default()
+    };
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let backend = args.runtime.unwrap_or(if args.management_uri.is_some() {
+        Backend::Verged
+    } else {
+        Backend::Process
+    });
+    let runtime: Arc<dyn ModuleRuntime> = match backend {
+        Backend::Verged => {
+            let uri = args
+                .management_uri
+                .clone()
+                .context("--runtime verged needs --management-uri or IOTEDGE_MANAGEMENTURI")?;
+            let rt = ManagementRuntime::from_uri(&uri)?;
+            // Wait for verged (it may still be starting); the backend kind
+            // decides how images are written.
+            let mut delay = Duration::from_millis(200);
+            let info = loop {
+                match rt.info().await {
+                    Ok(i) => break i,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "verged's management API not reachable yet");
+                        tokio::select! {
+                            () = tokio::time::sleep(delay) => {}
+                            _ = term.recv() => return Ok(()),
+                            _ = int.recv() => return Ok(()),
+                        }
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                }
+            };
+            tracing::info!(socket = %rt.socket().display(), kind = %info.kind, "using verged's management API");
+            cfg.normalize_image = info.kind != "process";
+            for k in INHERITED_ENV {
+                if let Ok(v) = std::env::var(k) {
+                    cfg.extra_env.insert(k.to_owned(), v);
+                }
+            }
+            Arc::new(rt)
+        }
+        Backend::Process => {
+            let dir = args.state_dir.clone().context("--runtime process needs --state-dir (under verged, set IOTEDGE_MANAGEMENTURI or --management-uri)")?;
+            cfg.normalize_image = false;
+            Arc::new(
+                ProcessRuntime::open(ProcessConfig::new(dir))
+                    .await
+                    .context("opening the process runtime")?,
+            )
+        }
+        Backend::Docker => {
+            let mut dc = DockerConfig::default();
+            if let Some(uri) = args.docker_uri.clone() {
+                dc.uri = uri;
+            }
+            Arc::new(DockerRuntime::new(dc))
+        }
+    };
+    let mut agent = Agent::open(runtime, cfg.clone(), &args.storage)
+        .await
+        .context("opening the agent storage")?;
+    let mut twin = twin_link(&args).await?;
+    if let Some(link) = &twin {
+        agent.report_to(link.reporter());
+    }
+    let mut ticker = tokio::time::interval(cfg.reconcile_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_text: Option<String> = None;
+    let mut last_twin: Option<Value> = None;
+    loop {
+        // A new deployment from the cloud is applied at once, not at the next tick.
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = twin_changed(&mut twin) => {}
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+        if let Some(d) = twin.as_mut().and_then(TwinLink::desired)
+            && last_twin.as_ref() != Some(&d)
+        {
+            if args.manifest.is_some() {
+                tracing::info!(
+                    version = ?d.get("$version"),
+                    "the twin's desired properties are ignored: --manifest takes precedence"
+                );
+            } else {
+                match agent.set_desired(&d).await {
+                    Ok(changed) => {
+                        tracing::info!(changed, version = ?d.get("$version"), "deployment from the twin")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "deployment from the twin refused"),
+                }
+            }
+            last_twin = Some(d);
+        }
+        if let Some(path) = &args.manifest {
+            match tokio::fs::read_to_string(path).await {
+                Ok(text) if last_text.as_deref() != Some(text.as_str()) => {
+                    match agent.set_desired_text(&text).await {
+                        Ok(changed) => tracing::info!(changed, "manifest read"),
+                        Err(e) => tracing::warn!(error = %e, "manifest refused"),
+                    }
+                    last_text = Some(text);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, path = %path.display(), "cannot read the manifest")
+                }
+            }
+        }
+        let out = tokio::select! {
+            out = agent.reconcile() => out,
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        };
+        for e in &out.errors {
+            tracing::warn!(error = %e, "reconcile");
+        }
+    }
+    tracing::info!("shutting down");
+    agent.shutdown().await;
+    if let Some(link) = twin {
+        // verged allows 10 s between SIGTERM and SIGKILL.
+        link.close(Duration::from_secs(3)).await;
+    }
+    Ok(())
+}
