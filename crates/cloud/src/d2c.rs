@@ -9,11 +9,11 @@
 //! published through a `watch` channel that followers wait on.
 
 use std::sync::Mutex;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::thread::JoinHandle;
 
 use bytes::Bytes;
 use fjall::Keyspace;
+use tokio::sync::mpsc::{Receiver, Sender, channel};
 use tokio::sync::{oneshot, watch};
 use verge_core::Message;
 
@@ -22,7 +22,8 @@ use crate::error::{CloudError, Result};
 
 /// Most appends in one batch (one sync).
 pub const MAX_GROUP: usize = 512;
-/// Appends that may wait for the writer; beyond this `ingest` answers 429.
+/// Appends queued for the writer; a submission beyond this waits for room
+/// (back-pressure on the device's connection, which stops being read).
 pub const QUEUE_CAPACITY: usize = 4096;
 /// Rotate the memtable after this many bytes written: fjall's own rotation
 /// request can be dropped when its worker is busy (measured in verge-store).
@@ -73,7 +74,7 @@ impl D2cReceipt {
 
 pub(crate) struct D2cLog {
     ks: Keyspace,
-    tx: Mutex<Option<SyncSender<Append>>>,
+    tx: Mutex<Option<Sender<Append>>>,
     tail: watch::Receiver<u64>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -93,7 +94,7 @@ impl D2cLog {
             None => 0,
         };
         let (tail_tx, tail) = watch::channel(next);
-        let (tx, rx) = sync_channel(QUEUE_CAPACITY);
+        let (tx, rx) = channel(QUEUE_CAPACITY);
         let wdb = db.clone();
         let writer = std::thread::Builder::new()
             .name("d2c-writer".into())
@@ -107,21 +108,23 @@ impl D2cLog {
         })
     }
 
-    /// Queues one encoded message for the writer and returns at once: the
-    /// writer takes appends in submission order, so messages submitted one
-    /// after another by a caller get increasing offsets. The receipt's
-    /// [`D2cReceipt::wait`] resolves once the entry is durable.
-    pub fn append_submit(&self, encoded: Bytes) -> Result<D2cReceipt> {
+    /// Queues one encoded message for the writer, waiting while the queue
+    /// is full: the writer takes appends in submission order, so messages
+    /// submitted one after another by a caller get increasing offsets. The
+    /// receipt's [`D2cReceipt::wait`] resolves once the entry is durable.
+    pub async fn append_submit(&self, encoded: Bytes) -> Result<D2cReceipt> {
         let (reply, rx) = oneshot::channel();
-        let tx = self.tx.lock().map_err(|_| CloudError::Closed)?;
-        let tx = tx.as_ref().ok_or(CloudError::Closed)?;
-        match tx.try_send(Append { encoded, reply }) {
-            Ok(()) => Ok(D2cReceipt { rx, outcome: None }),
-            Err(TrySendError::Full(_)) => Err(CloudError::Throttled(
-                "the D2C log writer is saturated".into(),
-            )),
-            Err(TrySendError::Disconnected(_)) => Err(CloudError::Closed),
-        }
+        let tx = self
+            .tx
+            .lock()
+            .map_err(|_| CloudError::Closed)?
+            .as_ref()
+            .cloned()
+            .ok_or(CloudError::Closed)?;
+        tx.send(Append { encoded, reply })
+            .await
+            .map_err(|_| CloudError::Closed)?;
+        Ok(D2cReceipt { rx, outcome: None })
     }
 
     /// The first offset not yet written (everything below it is durable).
@@ -184,9 +187,9 @@ impl Drop for D2cLog {
     }
 }
 
-fn writer_loop(db: Db, rx: Receiver<Append>, tail: watch::Sender<u64>, mut next: u64) {
+fn writer_loop(db: Db, mut rx: Receiver<Append>, tail: watch::Sender<u64>, mut next: u64) {
     let mut since_rotate = 0u64;
-    while let Ok(first) = rx.recv() {
+    while let Some(first) = rx.blocking_recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
             match rx.try_recv() {
@@ -242,9 +245,10 @@ mod tests {
         let db = Db::open(dir.path()).unwrap();
         let log = D2cLog::open(&db).unwrap();
         // Many in flight before any wait, as one connection's window.
-        let mut receipts: Vec<D2cReceipt> = (0..300)
-            .map(|i| log.append_submit(encoded(i)).unwrap())
-            .collect();
+        let mut receipts: Vec<D2cReceipt> = Vec::new();
+        for i in 0..300 {
+            receipts.push(log.append_submit(encoded(i)).await.unwrap());
+        }
         // Waited on out of order: each still gets its submission's offset.
         for (i, r) in receipts.iter_mut().enumerate().rev() {
             let off = r.wait().await.unwrap();
@@ -260,14 +264,32 @@ mod tests {
             assert_eq!(e.message.body, Bytes::from(format!("m{i}")));
         }
         // Later submissions follow on.
-        let mut next = log.append_submit(encoded(300)).unwrap();
+        let mut next = log.append_submit(encoded(300)).await.unwrap();
         assert_eq!(next.wait().await.unwrap(), 300);
 
         log.close();
         assert!(matches!(
-            log.append_submit(encoded(301)),
+            log.append_submit(encoded(301)).await,
             Err(CloudError::Closed)
         ));
+    }
+
+    /// More submissions than the queue holds, none waited for: the later
+    /// ones wait for room instead of being refused, and all keep their order.
+    #[tokio::test]
+    async fn a_full_queue_makes_submissions_wait_not_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        let log = D2cLog::open(&db).unwrap();
+        let n = 3 * QUEUE_CAPACITY as u32;
+        let mut receipts = Vec::new();
+        for i in 0..n {
+            receipts.push(log.append_submit(encoded(i)).await.unwrap());
+        }
+        for (i, r) in receipts.iter_mut().enumerate() {
+            assert_eq!(r.wait().await.unwrap(), i as u64);
+        }
+        assert_eq!(log.tail(), u64::from(n));
     }
 
     #[tokio::test]
@@ -276,7 +298,7 @@ mod tests {
         let db = Db::open(dir.path()).unwrap();
         // A log whose writer never answers and then dies: its queue is
         // dropped with the submissions still in it.
-        let (tx, rx) = sync_channel(QUEUE_CAPACITY);
+        let (tx, rx) = channel(QUEUE_CAPACITY);
         let (_tail_tx, tail) = watch::channel(0);
         let log = D2cLog {
             ks: db.d2c.clone(),
@@ -284,15 +306,15 @@ mod tests {
             tail,
             writer: Mutex::new(None),
         };
-        let mut a = log.append_submit(encoded(0)).unwrap();
-        let mut b = log.append_submit(encoded(1)).unwrap();
+        let mut a = log.append_submit(encoded(0)).await.unwrap();
+        let mut b = log.append_submit(encoded(1)).await.unwrap();
         drop(rx);
         assert!(matches!(a.wait().await, Err(CloudError::Closed)));
         assert!(matches!(b.wait().await, Err(CloudError::Closed)));
         assert!(matches!(a.wait().await, Err(CloudError::Closed)));
         // New submissions are refused outright.
         assert!(matches!(
-            log.append_submit(encoded(2)),
+            log.append_submit(encoded(2)).await,
             Err(CloudError::Closed)
         ));
     }

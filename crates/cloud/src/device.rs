@@ -146,6 +146,7 @@ impl Backend for CloudBackend {
         };
         self.cloud
             .ingest_submit(client, message)
+            .await
             .map_err(|e| rejection(&e))
     }
 

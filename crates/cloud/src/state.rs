@@ -756,15 +756,16 @@ impl CloudState {
     /// `connectionDeviceId`/`connectionModuleId`, `enqueuedTime` and a
     /// message id when absent. Returns the offset once it is on disk.
     pub async fn ingest(&self, from: &ClientId, message: Message) -> Result<u64> {
-        self.ingest_submit(from, message)?.wait().await
+        self.ingest_submit(from, message).await?.wait().await
     }
 
-    /// [`CloudState::ingest`] without the wait: stamps the message and
-    /// queues it for the D2C log's writer, returning at once. Submissions
+    /// [`CloudState::ingest`] without the wait for the disk: stamps the
+    /// message and queues it for the D2C log's writer (waiting only while
+    /// the writer's queue is full). Submissions
     /// take offsets in call order; the receipt's [`D2cReceipt::wait`]
     /// resolves once the message is on disk (only then may it be
     /// acknowledged).
-    pub fn ingest_submit(&self, from: &ClientId, mut message: Message) -> Result<D2cReceipt> {
+    pub async fn ingest_submit(&self, from: &ClientId, mut message: Message) -> Result<D2cReceipt> {
         message
             .check_size()
             .map_err(|e| CloudError::BadRequest(e.to_string()))?;
@@ -784,6 +785,7 @@ impl CloudState {
         self.inner
             .d2c
             .append_submit(verge_core::message::encode(&message))
+            .await
     }
 
     /// Up to `max` durable D2C entries starting at offset `from`.
