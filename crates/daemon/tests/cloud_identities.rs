@@ -589,6 +589,14 @@ async fn module_identities_reach_the_cloud_with_derived_keys_also_after_an_outag
         async || h.cloud_keys("modA").await.is_none().then_some(()),
     )
     .await;
+    // The pass logs "(online)" after its deletions (and their bookkeeping):
+    // the cloud can show the deletion a moment before the line is written.
+    wait_until(
+        "verged to log the return online",
+        Duration::from_secs(10),
+        async || (count(&log, "(online)") >= 2).then_some(()),
+    )
+    .await;
     assert_eq!(count(&log, "(offline)"), 2);
     assert_eq!(count(&log, "(online)"), 2, "one online per transition");
     let gone = mqtt_connect(h.mqtt_port, &ca, &format!("{DEVICE}/modA"), &token).await;
