@@ -713,9 +713,18 @@ fn support_bundle_has_everything_but_secrets() {
 #[test]
 fn system_status_reports_verged() {
     let v = Verged::start();
-    let o = verge(&["--config", v.cfg.to_str().unwrap(), "system", "status"]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let text = stdout(&o);
+    // verged answers before its agent process is up ("starting"): ask again
+    // for a while.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let text = loop {
+        let o = verge(&["--config", v.cfg.to_str().unwrap(), "system", "status"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let text = stdout(&o);
+        if text.contains("): Up ") || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     assert!(text.contains("running"), "{text}");
     assert!(text.contains(&v.host()), "{text}");
     assert!(text.contains("dev1 on hub.invalid"), "{text}");
