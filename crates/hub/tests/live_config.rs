@@ -84,8 +84,12 @@ async fn routes_file_changes_apply_live_and_bad_ones_are_refused() {
         })),
     )
     .unwrap();
+    // The routes are installed after the desired twin is written and before
+    // the status is reported: wait for the report of this version.
     eventually("the new routes file is applied", || {
-        edgehub_twin(&hub)["desired"]["routes"].get("A2").is_some()
+        let t = edgehub_twin(&hub);
+        t["desired"]["routes"].get("A2").is_some()
+            && t["reported"]["lastDesiredVersion"] == t["desired"]["$version"]
     })
     .await;
     assert_eq!(
