@@ -16,6 +16,8 @@ pub(crate) const CHECKPOINT: u8 = b'c';
 pub(crate) const NEXT_ID: &[u8] = b"n";
 /// `meta` keyspace: accounted stored bytes (u64).
 pub(crate) const STORED_BYTES: &[u8] = b"s";
+/// `meta` keyspace: sequence number of the sync log lap's first record (u64).
+pub(crate) const SYNC_LAP: &[u8] = b"w";
 
 pub(crate) fn msg_key(tag: u8, id: u64) -> [u8; 9] {
     let mut k = [0u8; 9];

@@ -31,6 +31,9 @@
 //! | `meta` | `c` · queue id | head offset (u64 BE): first offset not yet acknowledged |
 //! | `meta` | `n` | next message id |
 //! | `meta` | `s` | accounted stored bytes (for the byte limit) |
+//! | `meta` | `w` | sequence number of the sync log's current lap |
+//!
+//! Next to it, `sync.log` ([`StoreConfig::sync_log_bytes`], default 2 MiB).
 //!
 //! Nothing else is kept in memory but one small record per queue (offsets,
 //! cursor, counters): no index of messages, so memory does not grow with the
@@ -46,14 +49,27 @@
 //! * **One writer.** Every mutation (append, ack, TTL cleanup) goes through a
 //!   single writer thread fed by a bounded channel. It drains whatever is
 //!   queued (up to [`StoreConfig::max_group`] commands), writes it as **one
-//!   atomic fjall batch** with `PersistMode::SyncData` (`fdatasync`), and only
-//!   then completes each caller's oneshot: **an `Ok` from `append` or `ack`
-//!   means the data is on disk.** Concurrent producers share one sync (group
-//!   commit), so throughput scales with the number of producers.
+//!   atomic fjall batch**, makes that durable, and only then completes each
+//!   caller's oneshot: **an `Ok` from `append` or `ack` means the data is on
+//!   disk.** Concurrent producers share one sync (group commit), so
+//!   throughput scales with the number of producers.
+//! * **Sync log.** "Durable" means: the group's record is `fdatasync`ed in
+//!   `sync.log`, a preallocated, zero-filled circular file (overwriting
+//!   allocated blocks syncs in about half the time of the engine's growing
+//!   journal; +12 % routed hub throughput with one publisher), and the engine
+//!   gets the batch unsynced. When a record does not fit in the rest of the
+//!   file, that group is instead committed to the engine with `SyncData`,
+//!   which makes every earlier batch durable there, together with the
+//!   sequence number the next lap starts at (`meta` key `w`), and the log
+//!   starts again at offset 0. Opening replays the current lap — records
+//!   from offset 0 numbered on from `w`, each with a valid checksum — into
+//!   the engine before anything else; replaying a batch the engine already
+//!   has changes nothing. See `synclog.rs`. With
+//!   [`StoreConfig::sync_log_bytes`] = 0 every group is synced in the engine.
 //! * **Atomic groups.** A body, its refcount and all its queue references land
 //!   in the same batch as the `n`/`s` counters, so after a crash the store is a
 //!   prefix of the committed groups and always self-consistent; opening needs
-//!   no repair step (fjall replays its journal).
+//!   no repair step (fjall replays its journal, then the store its sync log).
 //! * **Visibility.** Readers only see offsets below a queue's *durable tail*,
 //!   advanced after the sync, so nothing is delivered before it is durable.
 //! * **Checkpoint semantics.** `ack(endpoint, priority, n)` means "every offset
@@ -138,6 +154,7 @@
 //! ```
 
 mod keys;
+mod synclog;
 mod writer;
 
 use std::collections::{HashMap, VecDeque};
@@ -203,6 +220,12 @@ pub struct StoreConfig {
     /// reading right behind the writer (the common case) and the acks that
     /// follow skip the engine lookups. 0 disables it. Default 2 MiB.
     pub hot_bytes: usize,
+    /// Size of the sync log (`sync.log`, preallocated), bytes; 0 = sync every
+    /// group in the engine's own journal instead. Each group is synced by
+    /// overwriting this file, which costs about half of syncing the growing
+    /// journal; once per lap the engine is synced (≈ 1 ms per MiB written
+    /// since the last one). Default 2 MiB.
+    pub sync_log_bytes: u64,
 }
 
 impl Default for StoreConfig {
@@ -220,6 +243,7 @@ impl Default for StoreConfig {
             journal_bytes: 64 * 1024 * 1024,
             worker_threads: 1,
             hot_bytes: 2 * 1024 * 1024,
+            sync_log_bytes: 2 * 1024 * 1024,
         }
     }
 }
@@ -492,6 +516,14 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    pub(crate) fn keyspace(&self, ks: synclog::Ks) -> &Keyspace {
+        match ks {
+            synclog::Ks::Msgs => &self.msgs,
+            synclog::Ks::Queues => &self.queues,
+            synclog::Ks::Meta => &self.meta,
+        }
+    }
+
     pub(crate) fn hot(&self) -> MutexGuard<'_, Hot> {
         self.hot.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -580,6 +612,7 @@ impl Store {
         let msgs = db.keyspace("msgs", opts)?;
         let queues = db.keyspace("queues", opts)?;
         let meta = db.keyspace("meta", opts)?;
+        let log = open_sync_log(&db, [&msgs, &queues, &meta], &dir, &config)?;
 
         let mut state = State::default();
         for kv in meta.prefix([keys::QUEUE]) {
@@ -644,7 +677,7 @@ impl Store {
             hot: Mutex::new(Hot::default()),
         });
         let (tx, rx) = mpsc::channel(config.channel_capacity.max(1));
-        let writer = writer::spawn(shared.clone(), rx, next_id)?;
+        let writer = writer::spawn(shared.clone(), rx, log, next_id)?;
         let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
         let weak = tx.downgrade();
         let interval = config.cleanup_interval;
@@ -912,6 +945,65 @@ impl Store {
                 priority,
             })
     }
+}
+
+/// Replays the sync log's current lap into the engine (groups that were
+/// durable only there), syncs the engine, and starts a new lap — or, with the
+/// log turned off, removes it.
+fn open_sync_log(
+    db: &Database,
+    ks: [&Keyspace; 3],
+    dir: &Path,
+    config: &StoreConfig,
+) -> Result<Option<synclog::SyncLog>> {
+    use fjall::PersistMode;
+    let [msgs, queues, meta] = ks;
+    let path = dir.join("sync.log");
+    let lap = match meta.get(keys::SYNC_LAP)? {
+        Some(v) => Some(keys::u64_at(&v, 0).ok_or_else(|| corrupt("sync lap"))?),
+        None => None,
+    };
+    let mut next = 1;
+    if let Some(first) = lap {
+        let (records, after) = synclog::read_lap(&path, first)?;
+        if !records.is_empty() {
+            tracing::info!(records = records.len(), "store: replaying the sync log");
+            let mut b = db.batch();
+            for op in records.into_iter().flatten() {
+                let handle = |k: synclog::Ks| match k {
+                    synclog::Ks::Msgs => msgs,
+                    synclog::Ks::Queues => queues,
+                    synclog::Ks::Meta => meta,
+                };
+                match op {
+                    synclog::Op::Insert(k, key, value) => b.insert(handle(k), key, value),
+                    synclog::Op::Remove(k, key) => b.remove(handle(k), key),
+                }
+            }
+            b.durability(Some(PersistMode::SyncData)).commit()?;
+        }
+        next = after.max(1);
+    }
+    let mut b = db.batch().durability(Some(PersistMode::SyncData));
+    if config.sync_log_bytes == 0 {
+        if lap.is_some() {
+            b.remove(meta, keys::SYNC_LAP);
+            b.commit()?;
+        }
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
+        return Ok(None);
+    }
+    // Without a lap on record the file's records (if any) belong to no
+    // engine state: clear them so they cannot pass for the new lap's.
+    let log = synclog::SyncLog::open(&path, config.sync_log_bytes, lap.is_none())?;
+    b.insert(meta, keys::SYNC_LAP, next.to_be_bytes());
+    b.commit()?;
+    let mut log = log;
+    log.new_lap(next);
+    Ok(Some(log))
 }
 
 fn corrupt(what: &str) -> StoreError {

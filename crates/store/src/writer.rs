@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use verge_core::time::Timestamp;
 
 use crate::keys::{self, Entry};
+use crate::synclog::{self, Ks, SyncLog};
 use crate::{
     BODY_OVERHEAD, ENTRY_OVERHEAD, FullReason, MessageId, QueueState, Result, Shared, StoreError,
     Target,
@@ -63,7 +64,7 @@ impl Done {
 
 /// Everything one group changes, applied to the shared state after the sync.
 struct Group {
-    batch: OwnedWriteBatch,
+    batch: Batch,
     /// Refcount and accounted body size of every body touched.
     /// (count, size, has an `r` record) per body.
     refs: HashMap<u64, (u32, u32, bool)>,
@@ -85,9 +86,48 @@ struct Group {
     appended: Vec<(u64, Bytes, bool)>,
 }
 
+/// One group's writes: the engine batch and, with the sync log on, the
+/// same writes encoded as the log record's payload.
+struct Batch {
+    engine: OwnedWriteBatch,
+    log: Option<Vec<u8>>,
+}
+
+impl Batch {
+    fn new(sh: &Shared, logged: bool) -> Batch {
+        if logged {
+            Batch {
+                engine: sh.db.batch().durability(None),
+                log: Some(Vec::with_capacity(4096)),
+            }
+        } else {
+            Batch {
+                engine: sh.db.batch().durability(Some(PersistMode::SyncData)),
+                log: None,
+            }
+        }
+    }
+
+    fn insert(&mut self, sh: &Shared, ks: Ks, key: &[u8], value: &[u8]) {
+        if let Some(l) = &mut self.log {
+            synclog::put_insert(l, ks, key, value);
+        }
+        self.engine.insert(sh.keyspace(ks), key, value);
+    }
+
+    fn remove(&mut self, sh: &Shared, ks: Ks, key: &[u8]) {
+        if let Some(l) = &mut self.log {
+            synclog::put_remove(l, ks, key);
+        }
+        self.engine.remove(sh.keyspace(ks), key);
+    }
+}
+
 struct Writer {
     shared: Arc<Shared>,
     rx: mpsc::Receiver<Cmd>,
+    /// `None`: every group is synced in the engine itself.
+    log: Option<SyncLog>,
     next_id: u64,
     /// Approximate bytes in each keyspace's active memtable.
     mem: [u64; 3],
@@ -99,11 +139,13 @@ const OP: u64 = 48;
 pub(crate) fn spawn(
     shared: Arc<Shared>,
     rx: mpsc::Receiver<Cmd>,
+    log: Option<SyncLog>,
     next_id: u64,
 ) -> std::io::Result<JoinHandle<()>> {
     let w = Writer {
         shared,
         rx,
+        log,
         next_id,
         mem: [0; 3],
     };
@@ -130,6 +172,37 @@ impl Writer {
                 }
             }
             self.group(cmds);
+        }
+        // Not needed for safety (opening replays the log), but it leaves
+        // nothing to replay after a clean shutdown.
+        if self.log.is_some()
+            && !self.shared.poisoned.load(Ordering::Relaxed)
+            && let Err(e) = self.shared.db.persist(PersistMode::SyncData)
+        {
+            tracing::warn!(error = %e, "store: final sync failed; the next open replays the sync log");
+        }
+    }
+
+    /// Makes one group durable. With the sync log: the record is written and
+    /// synced, then the engine gets the batch unsynced — unless the record
+    /// does not fit in this lap; then the engine batch is synced, which makes
+    /// every earlier one durable too, and records the next lap's start.
+    fn commit(&mut self, batch: Batch) -> std::result::Result<(), String> {
+        let Batch { engine, log } = batch;
+        match (self.log.as_mut(), log) {
+            (Some(slog), Some(payload)) if slog.fits(payload.len()) => {
+                slog.write(&payload).map_err(|e| format!("sync log: {e}"))?;
+                engine.commit().map_err(|e| e.to_string())
+            }
+            (Some(slog), Some(_)) => {
+                let next = slog.next_seq();
+                let mut engine = engine.durability(Some(PersistMode::SyncData));
+                engine.insert(&self.shared.meta, keys::SYNC_LAP, next.to_be_bytes());
+                engine.commit().map_err(|e| e.to_string())?;
+                slog.new_lap(next);
+                Ok(())
+            }
+            _ => engine.commit().map_err(|e| e.to_string()),
         }
     }
 
@@ -162,7 +235,7 @@ impl Writer {
             None
         };
         let mut g = Group {
-            batch: sh.db.batch().durability(Some(PersistMode::SyncData)),
+            batch: Batch::new(&sh, self.log.is_some()),
             refs: HashMap::new(),
             tails: Vec::new(),
             heads: HashMap::new(),
@@ -211,22 +284,24 @@ impl Writer {
             g.mem[0] += if count == 0 { 2 * OP } else { OP };
             if count == 0 {
                 if explicit {
-                    g.batch.remove(&sh.msgs, keys::msg_key(keys::REF, id));
+                    g.batch.remove(&sh, Ks::Msgs, &keys::msg_key(keys::REF, id));
                 }
-                g.batch.remove(&sh.msgs, keys::msg_key(keys::BODY, id));
+                g.batch
+                    .remove(&sh, Ks::Msgs, &keys::msg_key(keys::BODY, id));
                 g.stored = g.stored.saturating_sub(u64::from(size));
             } else {
                 g.batch.insert(
-                    &sh.msgs,
-                    keys::msg_key(keys::REF, id),
-                    keys::ref_value(count, size),
+                    &sh,
+                    Ks::Msgs,
+                    &keys::msg_key(keys::REF, id),
+                    &keys::ref_value(count, size),
                 );
             }
         }
         g.batch
-            .insert(&sh.meta, keys::STORED_BYTES, g.stored.to_be_bytes());
+            .insert(&sh, Ks::Meta, keys::STORED_BYTES, &g.stored.to_be_bytes());
         g.batch
-            .insert(&sh.meta, keys::NEXT_ID, g.next_id.to_be_bytes());
+            .insert(&sh, Ks::Meta, keys::NEXT_ID, &g.next_id.to_be_bytes());
         g.mem[2] += 2 * OP;
 
         let Group {
@@ -242,10 +317,10 @@ impl Writer {
             appended,
             ..
         } = g;
-        if let Err(e) = batch.commit() {
+        if let Err(e) = self.commit(batch) {
             tracing::error!(error = %e, "store write failed; the store is poisoned until reopened");
             sh.poisoned.store(true, Ordering::Relaxed);
-            let msg = e.to_string();
+            let msg = e;
             for d in done {
                 d.fail(|| StoreError::Io(std::io::Error::other(msg.clone())));
             }
@@ -341,7 +416,7 @@ impl Writer {
         rec.extend_from_slice(endpoint.as_bytes());
         g.mem[2] += OP + rec.len() as u64;
         g.batch
-            .insert(&sh.meta, keys::meta_queue_key(keys::QUEUE, qid), rec);
+            .insert(sh, Ks::Meta, &keys::meta_queue_key(keys::QUEUE, qid), &rec);
         g.new_queues.push((
             qid,
             QueueState {
@@ -383,7 +458,7 @@ impl Writer {
         g.next_id += 1;
         g.mem[0] += OP + body.len() as u64;
         g.batch
-            .insert(&sh.msgs, keys::msg_key(keys::BODY, id), body.as_ref());
+            .insert(&sh, Ks::Msgs, &keys::msg_key(keys::BODY, id), body.as_ref());
         if sh.config.hot_bytes > 0 {
             g.appended.push((id, body, n == 1));
         }
@@ -421,8 +496,9 @@ impl Writer {
                 size: body_size,
             };
             g.batch.insert(
-                &sh.queues,
-                keys::entry_key(qid, offset),
+                &sh,
+                Ks::Queues,
+                &keys::entry_key(qid, offset),
                 entry.encode().as_slice(),
             );
             g.tails.push((qid, offset + 1));
@@ -443,7 +519,7 @@ impl Writer {
 
     fn drop_ref(&self, g: &mut Group, qid: u32, key: &[u8], e: &Entry) -> Result<()> {
         let sh = &self.shared;
-        g.batch.remove(&sh.queues, key);
+        g.batch.remove(sh, Ks::Queues, key);
         g.mem[1] += OP;
         g.stored = g.stored.saturating_sub(ENTRY_OVERHEAD);
         g.dirty = true;
@@ -492,7 +568,7 @@ impl Writer {
             match Entry::decode(&v) {
                 Some(e) => self.drop_ref(g, qid, &k, &e)?,
                 None => {
-                    g.batch.remove(&sh.queues, k);
+                    g.batch.remove(&sh, Ks::Queues, &k);
                     g.dirty = true;
                 }
             }
@@ -500,9 +576,10 @@ impl Writer {
         g.heads.insert(qid, end);
         g.mem[2] += OP;
         g.batch.insert(
-            &sh.meta,
-            keys::meta_queue_key(keys::CHECKPOINT, qid),
-            end.to_be_bytes(),
+            &sh,
+            Ks::Meta,
+            &keys::meta_queue_key(keys::CHECKPOINT, qid),
+            &end.to_be_bytes(),
         );
         g.dirty = true;
         Ok(())
@@ -557,9 +634,10 @@ impl Writer {
                 g.heads.insert(qid, new_head);
                 g.mem[2] += OP;
                 g.batch.insert(
-                    &sh.meta,
-                    keys::meta_queue_key(keys::CHECKPOINT, qid),
-                    new_head.to_be_bytes(),
+                    &sh,
+                    Ks::Meta,
+                    &keys::meta_queue_key(keys::CHECKPOINT, qid),
+                    &new_head.to_be_bytes(),
                 );
                 g.dirty = true;
             }

@@ -366,3 +366,55 @@ async fn head_read_after_many_acks_is_a_seek() {
         "head read took {second:?} (first {first:?})"
     );
 }
+
+/// A sync log far smaller than the data starts many laps (each one syncs
+/// the engine); turning the log off, or changing its size, between opens
+/// keeps everything. (Replay after a kill is `tests/crash.rs`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_log_laps_and_size_changes_keep_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let with_log = |bytes: u64| StoreConfig {
+        sync_log_bytes: bytes,
+        ..cfg()
+    };
+    let up = [Target::new("$upstream")];
+    let body = |i: usize| format!("{i:06}-{}", "x".repeat(250));
+    {
+        let store = Store::open(dir.path(), with_log(64 * 1024)).unwrap();
+        // 1,500 × ≈ 330 B of records ≈ 8 laps of 64 KiB, in groups.
+        for chunk in (0..1500).collect::<Vec<_>>().chunks(50) {
+            let mut receipts = Vec::new();
+            for &i in chunk {
+                receipts.push(store.append_submit(&msg(&body(i)), &up).await.unwrap());
+            }
+            for r in receipts {
+                r.await.unwrap();
+            }
+        }
+        let first = store.read("$upstream", 500).await.unwrap();
+        assert_eq!(bodies(&first)[499], body(499));
+        store
+            .ack("$upstream", DEFAULT_PRIORITY, first[499].offset)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        std::fs::metadata(dir.path().join("sync.log"))
+            .unwrap()
+            .len(),
+        64 * 1024
+    );
+    {
+        let store = Store::open(dir.path(), with_log(0)).unwrap();
+        assert!(!dir.path().join("sync.log").exists());
+        let rest = store.read("$upstream", 2000).await.unwrap();
+        assert_eq!(rest.len(), 1000);
+        assert_eq!(bodies(&rest)[0], body(500));
+        store.append(&msg(&body(1500)), &up).await.unwrap();
+    }
+    let store = Store::open(dir.path(), with_log(128 * 1024)).unwrap();
+    let rest = store.read("$upstream", 2000).await.unwrap();
+    assert_eq!(rest.len(), 1001);
+    assert_eq!(bodies(&rest)[1000], body(1500));
+    assert!(rest.windows(2).all(|w| w[0].offset + 1 == w[1].offset));
+}

@@ -31,8 +31,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = args.next().ok_or("missing DIR")?;
     let round: u32 = args.next().ok_or("missing ROUND")?.parse()?;
     let producers: u32 = args.next().ok_or("missing PRODUCERS")?.parse()?;
+    // The sync log changes between rounds: the default size, a small one
+    // (a new lap every few dozen groups, so kills land around lap ends),
+    // and none (groups synced in the engine). Each open must first replay
+    // what the previous round's log held.
+    let sync_log_bytes = match round % 4 {
+        1 => 64 * 1024,
+        3 => 0,
+        _ => StoreConfig::default().sync_log_bytes,
+    };
     let config = StoreConfig {
         min_free_bytes: 0,
+        sync_log_bytes,
         ..StoreConfig::default()
     };
     let store = Store::open(&dir, config)?;
