@@ -8,7 +8,8 @@
 //!   IV must be given to decrypt);
 //! * ciphertext bytes = `0x01 (version) ‖ nonce (12) ‖ ciphertext ‖ tag (16)`.
 
-use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+use ring::rand::SecureRandom as _;
 use verge_core::sas::SharedAccessKey;
 
 const VERSION: u8 = 1;
@@ -49,7 +50,9 @@ pub fn encrypt(
 ) -> Result<Vec<u8>, CryptoError> {
     let key = key_for(device_key, module_id, generation_id)?;
     let mut nonce = [0u8; NONCE_LEN];
-    aws_lc_rs::rand::fill(&mut nonce).map_err(|_| CryptoError::Encrypt)?;
+    ring::rand::SystemRandom::new()
+        .fill(&mut nonce)
+        .map_err(|_| CryptoError::Encrypt)?;
     let mut buf = plaintext.to_vec();
     key.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(iv), &mut buf)
         .map_err(|_| CryptoError::Encrypt)?;

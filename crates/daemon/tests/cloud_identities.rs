@@ -204,6 +204,8 @@ impl Harness {
         }
         if self.http.is_none() {
             let ca = std::fs::read(self.cloud_ca()).unwrap();
+            // reqwest is built without a default crypto provider here.
+            let _ = rustls::crypto::ring::default_provider().install_default();
             self.http = Some(
                 reqwest::Client::builder()
                     .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
@@ -383,7 +385,7 @@ async fn mqtt_connect(port: u16, ca: &Path, client_id: &str, password: &str) -> 
     for c in rustls_pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()

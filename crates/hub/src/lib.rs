@@ -249,9 +249,9 @@ async fn pump_supervisor(state: Arc<HubState>) {
     }
 }
 
-/// Installs the aws-lc-rs crypto provider (once per process).
+/// Installs the ring crypto provider (once per process).
 pub fn install_crypto_provider() {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 impl HubState {

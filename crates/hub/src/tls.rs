@@ -82,8 +82,8 @@ pub fn certified_key(chain_pem: &str, key_pem: &str) -> anyhow::Result<rustls::s
     }
     let key =
         PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).context("parsing the private key")?;
-    let signing = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key)
-        .context("unsupported private key")?;
+    let signing =
+        rustls::crypto::ring::sign::any_supported_type(&key).context("unsupported private key")?;
     let ck = rustls::sign::CertifiedKey::new(certs, signing);
     ck.keys_match()
         .context("the certificate and the private key do not match")?;

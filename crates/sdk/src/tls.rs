@@ -10,7 +10,7 @@ use crate::Error;
 
 /// Installs the aws-lc-rs provider as the process default (no-op if one is set).
 pub(crate) fn install_provider() {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 fn add_pem(roots: &mut RootCertStore, pem: &str) -> Result<(), Error> {
@@ -68,7 +68,7 @@ pub(crate) fn client_config_upstream(pems: &[&str]) -> Result<Arc<rustls::Client
 
 fn with_roots(roots: RootCertStore) -> Result<Arc<rustls::ClientConfig>, Error> {
     install_provider();
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| Error::Tls(e.to_string()))?
