@@ -8,7 +8,7 @@ use rustls_pki_types::pem::PemObject as _;
 
 use crate::Error;
 
-/// Installs the aws-lc-rs provider as the process default (no-op if one is set).
+/// Installs the ring provider as the process default (no-op if one is set).
 pub(crate) fn install_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }

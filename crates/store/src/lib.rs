@@ -183,11 +183,11 @@ pub const DEFAULT_PRIORITY: u32 = 2_000_000_000;
 
 /// Bytes accounted per stored body on top of its encoded length.
 pub const BODY_OVERHEAD: u64 = 64;
-/// Unread references up to which [`Store::read`] reads in place.
-const INLINE_READ_MAX: u64 = 128;
-
 /// Bytes accounted per queue reference.
 pub const ENTRY_OVERHEAD: u64 = 48;
+
+/// Unread references up to which [`Store::read`] reads in place.
+const INLINE_READ_MAX: u64 = 128;
 
 /// Store settings. [`StoreConfig::default`] suits an edge device.
 #[derive(Debug, Clone)]
@@ -524,11 +524,7 @@ impl Shared {
     }
 
     pub(crate) fn keyspace(&self, ks: synclog::Ks) -> &Keyspace {
-        match ks {
-            synclog::Ks::Msgs => &self.msgs,
-            synclog::Ks::Queues => &self.queues,
-            synclog::Ks::Meta => &self.meta,
-        }
+        ks.pick([&self.msgs, &self.queues, &self.meta])
     }
 
     pub(crate) fn hot(&self) -> MutexGuard<'_, Hot> {
@@ -982,7 +978,7 @@ fn open_sync_log(
     config: &StoreConfig,
 ) -> Result<Option<synclog::SyncLog>> {
     use fjall::PersistMode;
-    let [msgs, queues, meta] = ks;
+    let meta = ks[2];
     let path = dir.join("sync.log");
     let lap = match meta.get(keys::SYNC_LAP)? {
         Some(v) => Some(keys::u64_at(&v, 0).ok_or_else(|| corrupt("sync lap"))?),
@@ -995,14 +991,9 @@ fn open_sync_log(
             tracing::info!(records = records.len(), "store: replaying the sync log");
             let mut b = db.batch();
             for op in records.into_iter().flatten() {
-                let handle = |k: synclog::Ks| match k {
-                    synclog::Ks::Msgs => msgs,
-                    synclog::Ks::Queues => queues,
-                    synclog::Ks::Meta => meta,
-                };
                 match op {
-                    synclog::Op::Insert(k, key, value) => b.insert(handle(k), key, value),
-                    synclog::Op::Remove(k, key) => b.remove(handle(k), key),
+                    synclog::Op::Insert(k, key, value) => b.insert(k.pick(ks), key, value),
+                    synclog::Op::Remove(k, key) => b.remove(k.pick(ks), key),
                 }
             }
             b.durability(Some(PersistMode::SyncData)).commit()?;
@@ -1023,10 +1014,9 @@ fn open_sync_log(
     }
     // Without a lap on record the file's records (if any) belong to no
     // engine state: clear them so they cannot pass for the new lap's.
-    let log = synclog::SyncLog::open(&path, config.sync_log_bytes, lap.is_none())?;
+    let mut log = synclog::SyncLog::open(&path, config.sync_log_bytes, lap.is_none())?;
     b.insert(meta, keys::SYNC_LAP, next.to_be_bytes());
     b.commit()?;
-    let mut log = log;
     log.new_lap(next);
     Ok(Some(log))
 }
@@ -1136,6 +1126,28 @@ mod tests {
             hot_bytes,
             ..StoreConfig::default()
         }
+    }
+
+    /// A clean shutdown ends the sync log's lap: the engine holds
+    /// everything, so the next open has nothing to replay.
+    #[tokio::test]
+    async fn clean_shutdown_leaves_nothing_to_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), cfg(0)).unwrap();
+        for i in 0..20 {
+            let m = Message::new(format!("m{i}"));
+            store.append(&m, &[Target::new("a")]).await.unwrap();
+        }
+        drop(store);
+        let db = Database::builder(dir.path()).open().unwrap();
+        let meta = db.keyspace("meta", KeyspaceCreateOptions::default).unwrap();
+        let lap = keys::u64_at(&meta.get(keys::SYNC_LAP).unwrap().unwrap(), 0).unwrap();
+        let (records, _) = synclog::read_lap(&dir.path().join("sync.log"), lap).unwrap();
+        assert!(
+            records.is_empty(),
+            "{} records left to replay",
+            records.len()
+        );
     }
 
     /// Submitted appends land in submission order and the receipts complete

@@ -41,6 +41,15 @@ pub(crate) enum Ks {
 }
 
 impl Ks {
+    /// This keyspace's item of `[msgs, queues, meta]`.
+    pub(crate) fn pick<T>(self, [msgs, queues, meta]: [T; 3]) -> T {
+        match self {
+            Ks::Msgs => msgs,
+            Ks::Queues => queues,
+            Ks::Meta => meta,
+        }
+    }
+
     fn from_u8(b: u8) -> Option<Ks> {
         match b {
             0 => Some(Ks::Msgs),

@@ -173,11 +173,11 @@ impl Writer {
             }
             self.group(cmds);
         }
-        // Not needed for safety (opening replays the log), but it leaves
-        // nothing to replay after a clean shutdown.
+        // Not needed for safety (opening replays the log), but ending the lap
+        // leaves nothing to replay after a clean shutdown.
         if self.log.is_some()
             && !self.shared.poisoned.load(Ordering::Relaxed)
-            && let Err(e) = self.shared.db.persist(PersistMode::SyncData)
+            && let Err(e) = self.end_lap(self.shared.db.batch())
         {
             tracing::warn!(error = %e, "store: final sync failed; the next open replays the sync log");
         }
@@ -185,8 +185,7 @@ impl Writer {
 
     /// Makes one group durable. With the sync log: the record is written and
     /// synced, then the engine gets the batch unsynced — unless the record
-    /// does not fit in this lap; then the engine batch is synced, which makes
-    /// every earlier one durable too, and records the next lap's start.
+    /// does not fit in this lap; then the lap ends with this batch.
     fn commit(&mut self, batch: Batch) -> std::result::Result<(), String> {
         let Batch { engine, log } = batch;
         match (self.log.as_mut(), log) {
@@ -194,16 +193,24 @@ impl Writer {
                 slog.write(&payload).map_err(|e| format!("sync log: {e}"))?;
                 engine.commit().map_err(|e| e.to_string())
             }
-            (Some(slog), Some(_)) => {
-                let next = slog.next_seq();
-                let mut engine = engine.durability(Some(PersistMode::SyncData));
-                engine.insert(&self.shared.meta, keys::SYNC_LAP, next.to_be_bytes());
-                engine.commit().map_err(|e| e.to_string())?;
-                slog.new_lap(next);
-                Ok(())
-            }
+            (Some(_), Some(_)) => self.end_lap(engine),
             _ => engine.commit().map_err(|e| e.to_string()),
         }
+    }
+
+    /// Commits `engine` synced — which makes every earlier batch durable in
+    /// the engine too — together with the next lap's start, and starts that
+    /// lap at the log's offset 0.
+    fn end_lap(&mut self, engine: OwnedWriteBatch) -> std::result::Result<(), String> {
+        let Some(slog) = self.log.as_mut() else {
+            return engine.commit().map_err(|e| e.to_string());
+        };
+        let next = slog.next_seq();
+        let mut engine = engine.durability(Some(PersistMode::SyncData));
+        engine.insert(&self.shared.meta, keys::SYNC_LAP, next.to_be_bytes());
+        engine.commit().map_err(|e| e.to_string())?;
+        slog.new_lap(next);
+        Ok(())
     }
 
     fn group(&mut self, cmds: Vec<Cmd>) {
@@ -320,9 +327,8 @@ impl Writer {
         if let Err(e) = self.commit(batch) {
             tracing::error!(error = %e, "store write failed; the store is poisoned until reopened");
             sh.poisoned.store(true, Ordering::Relaxed);
-            let msg = e;
             for d in done {
-                d.fail(|| StoreError::Io(std::io::Error::other(msg.clone())));
+                d.fail(|| StoreError::Io(std::io::Error::other(e.clone())));
             }
             return;
         }
