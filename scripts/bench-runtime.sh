@@ -15,6 +15,15 @@ cargo build --release --quiet -p verge-cli -p verge-cloud -p verge-edge \
     -p verge-simulated-temperature-sensor -p verge-filter-module
 out=target/bench-runtime
 mkdir -p "$out"
+# verge-edge is linked with its start-up functions packed together
+# (crates/edge/symbol-order.txt); names drift when Cargo.lock or the toolchain
+# changes, and then the resident set grows back: say how many still match.
+if command -v nm >/dev/null; then
+    listed=$(wc -l <crates/edge/symbol-order.txt)
+    present=$(nm target/release/verge-edge | awk 'NR==FNR{want[$1]=1; next} ($NF in want){n++} END{print n+0}' \
+        crates/edge/symbol-order.txt -)
+    echo "symbol order: $present of $listed listed functions are in verge-edge (rerun scripts/symbol-order.sh if far fewer)"
+fi
 echo "machine: $(nproc) CPUs, $(uname -sr), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
 for i in $(seq 1 "$runs"); do
     dir="$out/quickstart"

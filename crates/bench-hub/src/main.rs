@@ -1080,7 +1080,7 @@ async fn main() -> anyhow::Result<()> {
     if args.publishers.iter().any(|&p| p == 0 || p > MAX_PUBS) {
         bail!("--publishers must be between 1 and {MAX_PUBS}");
     }
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let _ = rustls::crypto::ring::default_provider().install_default();
     epoch();
     let dir = args.work_dir.clone();
     let _ = std::fs::remove_dir_all(&dir);

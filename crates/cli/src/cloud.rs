@@ -336,7 +336,7 @@ fn tls_config(ca: Option<&Path>) -> anyhow::Result<rustls::ClientConfig> {
             }
         }
     }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| anyhow!("TLS set-up: {e}"))?

@@ -73,6 +73,8 @@ async fn edge_device_registers_its_own_modules_only() {
     };
     cloud.put_device("leaf", leaf, None).await.unwrap();
     let ca = std::fs::read(files.ca.unwrap()).unwrap();
+    // reqwest has no crypto provider of its own: ring, as verge-cloud.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::builder()
         .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
         .build()

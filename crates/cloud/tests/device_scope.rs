@@ -86,6 +86,8 @@ async fn edge_gets_its_own_scope_only() {
     let hub_key = SharedAccessKey::from_base64(&hub_module.record.keys.primary).unwrap();
 
     let ca = std::fs::read(files.ca.unwrap()).unwrap();
+    // reqwest has no crypto provider of its own: ring, as verge-cloud.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::builder()
         .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
         .build()

@@ -33,6 +33,8 @@ async fn d2c_follow_and_c2d_over_https() {
         let _ = stop_rx.await;
     }));
     let ca = std::fs::read(files.ca.unwrap()).unwrap();
+    // reqwest has no crypto provider of its own: ring, as verge-cloud.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::builder()
         .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
         .build()

@@ -165,7 +165,7 @@ async fn http_desired_update_needs_the_device_token_and_survives_restart() {
     publish_qos1(&mut a, &out("out1"), b"x", 1).await;
     assert_eq!(dropped(&hub), d + 1, "no routes yet");
 
-    let client = reqwest::Client::builder()
+    let client = common::https_client()
         .add_root_certificate(reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap())
         .resolve("localhost", hub.https_addr)
         .timeout(T)
@@ -323,7 +323,7 @@ async fn edgehub_twin_desired_from_the_twins_file_is_the_configuration() {
 }
 
 async fn put_desired(hub: &Hub, pki: &Pki, doc: &Value) -> u16 {
-    reqwest::Client::builder()
+    common::https_client()
         .add_root_certificate(reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap())
         .resolve("localhost", hub.https_addr)
         .timeout(T)

@@ -392,7 +392,7 @@ async fn direct_methods_over_https() {
     let hub = start(&pki, storage.path()).await;
     let (mut b, _) = connect_module(&hub, &pki, "modB", false).await;
     subscribe(&mut b, "$iothub/methods/POST/#").await;
-    let client = reqwest::Client::builder()
+    let client = common::https_client()
         .add_root_certificate(reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap())
         .resolve("localhost", hub.https_addr)
         .timeout(Duration::from_secs(10))

@@ -1,4 +1,4 @@
-//! rustls client configuration (TLS 1.2 and 1.3, aws-lc-rs).
+//! rustls client configuration (TLS 1.2 and 1.3, ring).
 
 use std::sync::Arc;
 

@@ -390,3 +390,10 @@ pub async fn ws_open(
     });
     Ok(Raw::over(mine))
 }
+
+/// An HTTPS client builder; reqwest is built without a crypto provider of
+/// its own, so the test installs ring (the hub's) as the process default.
+pub fn https_client() -> reqwest::ClientBuilder {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+}
