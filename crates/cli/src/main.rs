@@ -9,6 +9,7 @@
 mod bundle;
 mod check;
 mod cloud;
+mod images;
 mod list;
 mod mgmt;
 mod quickstart;

@@ -25,6 +25,16 @@
 //! them running, as IoT Edge does across daemon restarts) become its children
 //! and are stopped and reaped too; nothing is left running.
 //!
+//! `--docker` runs edgeHub, the sensor and the filter as Docker containers:
+//! the quickstart builds their images from the same binaries (module
+//! `images`: nothing is pulled), configures verged's `[moby_runtime]` (the
+//! agent stays a process) and deploys them with `imagePullPolicy: never`,
+//! host networking (the hub keeps 127.0.0.1:8883 and reaches verge-cloud on
+//! loopback, exactly as in process mode), this user's uid/gid, and the
+//! working directory mounted at its own path for the hub's config and store.
+//! On exit it removes the containers it created (and, at start, ones a
+//! killed earlier run in the same directory left).
+//!
 //! `--until-messages N --timeout 120s` is the bounded mode for CI: exit 0 once
 //! N messages from the filter (or the sensor) reached the cloud, 1 with a
 //! diagnosis otherwise. `--measure` reports the runtime's cold start and
@@ -59,6 +69,7 @@ use tokio::process::{Child, Command};
 use verge_core::SharedAccessKey;
 
 use crate::cloud::{CloudClient, format_message, stream_lines};
+use crate::images;
 use crate::mgmt::Mgmt;
 
 /// The binaries the quickstart runs, by file name.
@@ -79,6 +90,12 @@ const PACKAGES: &str = "-p verge-cloud -p verge-edge \
 /// Module names in the deployment.
 const SENSOR_MODULE: &str = "SimulatedTemperatureSensor";
 const FILTER_MODULE: &str = "filter";
+/// With `--docker`, the containers of the deployment (named after the modules).
+const CONTAINERS: [&str; 3] = ["edgeHub", SENSOR_MODULE, FILTER_MODULE];
+/// With `--docker`, the images built from the binaries here.
+const HUB_IMAGE: &str = "verge-quickstart/edgehub";
+const SENSOR_IMAGE: &str = "verge-quickstart/simulated-temperature-sensor";
+const FILTER_IMAGE: &str = "verge-quickstart/filter";
 /// The hub's MQTT port: modules dial 8883 on the gateway host, as the Azure
 /// SDKs do (they cannot dial another port).
 const HUB_MQTT_PORT: u16 = 8883;
@@ -230,6 +247,8 @@ struct Quickstart {
     cloud: Option<Child>,
     verged: Option<Child>,
     verged_started: Option<Instant>,
+    /// The engine, with `--docker`.
+    docker: Option<bollard::Docker>,
 }
 
 fn check_no_whitespace(p: &Path, what: &str) -> anyhow::Result<()> {
@@ -334,12 +353,13 @@ impl Quickstart {
             bin,
             progress: Progress {
                 step: 0,
-                total: 6,
+                total: if args.docker { 7 } else { 6 },
                 started: Instant::now(),
             },
             cloud: None,
             verged: None,
             verged_started: None,
+            docker: None,
             args,
         })
     }
@@ -428,18 +448,10 @@ impl Quickstart {
                 longest.as_os_str().len()
             );
         }
-        if self.args.docker {
-            let sock = Path::new("/var/run/docker.sock");
-            if !sock.exists() {
-                bail!(
-                    "--docker: no Docker engine at {} (is it installed and running?)",
-                    sock.display()
-                );
-            }
+        if self.args.docker && self.args.measure {
             bail!(
-                "--docker: the Docker engine is reachable, but the quickstart's modules are \
-                 native binaries and no container images of them exist yet; run without --docker \
-                 (process modules)"
+                "--measure measures the runtime with process modules (the processes under \
+                 verged); run it without --docker"
             );
         }
         // The hub must get 8883 on loopback.
@@ -501,6 +513,12 @@ impl Quickstart {
         nix::sys::prctl::set_child_subreaper(true)
             .map_err(|e| anyhow!("cannot become a child subreaper: {e}"))?;
         let timeout = parse_duration(&self.args.timeout).context("--timeout")?;
+        if self.args.docker {
+            let docker = images::connect().await?;
+            // Containers a killed quickstart in this directory left behind.
+            images::remove_ours(&docker, &CONTAINERS, &self.lay.dir).await?;
+            self.docker = Some(docker);
+        }
         self.fresh_dir()?;
         eprintln!(
             "Verge quickstart in {} (logs in {}). Ctrl-C stops everything.",
@@ -508,6 +526,36 @@ impl Quickstart {
             self.lay.logs.display()
         );
 
+        if let Some(docker) = &self.docker {
+            self.progress
+                .step("building the module images from this build's binaries (Docker)");
+            let hub = self.exe(EDGE);
+            let sensor = self.exe(SENSOR);
+            let filter = self.exe(FILTER);
+            images::build(
+                docker,
+                &[
+                    images::ImageSpec {
+                        repository: HUB_IMAGE,
+                        binary: &hub,
+                        entry_args: &["hub"],
+                    },
+                    images::ImageSpec {
+                        repository: SENSOR_IMAGE,
+                        binary: &sensor,
+                        entry_args: &[],
+                    },
+                    images::ImageSpec {
+                        repository: FILTER_IMAGE,
+                        binary: &filter,
+                        entry_args: &[],
+                    },
+                ],
+                &self.lay.dir.join("images"),
+            )
+            .await
+            .context("building the module images")?;
+        }
         self.progress
             .step("starting verge-cloud, the local cloud peer");
         let cloud = self.start_cloud().await?;
@@ -708,7 +756,16 @@ impl Quickstart {
              {agent_env}\n\
              [listen]\n\
              workload_uri = \"unix://{workload}\"\n\
-             management_uri = \"unix://{mgmt}\"\n",
+             management_uri = \"unix://{mgmt}\"\n\
+             {moby}",
+            moby = if self.args.docker {
+                "\n# Modules are containers; the agent stays a process.\n\
+                 [moby_runtime]\n\
+                 uri = \"unix:///var/run/docker.sock\"\n\
+                 network = \"azure-iot-edge\"\n"
+            } else {
+                ""
+            },
             home = l.homedir.display(),
             cloud_ca = cloud.ca.display(),
             https_port = cloud.https_port,
@@ -834,34 +891,74 @@ impl Quickstart {
     /// The deployment manifest, from `examples/quickstart.deployment.json`
     /// with this machine's binary paths.
     fn manifest(&self) -> Value {
-        let module = |image: String, order: u32, env: Value| {
-            json!({
+        let module = |image: String, create_options: Value, order: u32, env: Value| {
+            let mut m = json!({
                 "version": "1.0",
                 "type": "docker",
                 "status": "running",
                 "restartPolicy": "always",
                 "startupOrder": order,
-                "settings": {"image": image, "createOptions": "{}"},
+                "settings": {"image": image, "createOptions": create_options.to_string()},
                 "env": env,
-            })
+            });
+            if self.args.docker {
+                // Built here, in no registry.
+                m["imagePullPolicy"] = json!("never");
+            }
+            m
         };
-        let hub_image = format!(
-            "{} --config {}",
-            self.daemon(HUB).display(),
-            self.lay.hub_dir.join("hub.toml").display()
-        );
+        let hub_config = self.lay.hub_dir.join("hub.toml");
+        let (hub_image, hub_options, sensor_image, filter_image, module_options) =
+            if self.args.docker {
+                // Host networking: the hub listens on 127.0.0.1:8883 and reaches
+                // verge-cloud on loopback, as in process mode (the modules dial
+                // `localhost`). Containers run as this user, so what the hub
+                // writes under the working directory (mounted at the same
+                // path) stays removable.
+                let user = format!(
+                    "{}:{}",
+                    nix::unistd::getuid().as_raw(),
+                    nix::unistd::getgid().as_raw()
+                );
+                let dir = self.lay.dir.display().to_string();
+                let modules = json!({"User": user, "HostConfig": {"NetworkMode": "host"}});
+                let hub = json!({
+                    "User": user,
+                    "Cmd": ["--config", hub_config.display().to_string()],
+                    "HostConfig": {"NetworkMode": "host", "Binds": [format!("{dir}:{dir}")]},
+                });
+                (
+                    images::reference(HUB_IMAGE),
+                    hub,
+                    images::reference(SENSOR_IMAGE),
+                    images::reference(FILTER_IMAGE),
+                    modules,
+                )
+            } else {
+                (
+                    format!(
+                        "{} --config {}",
+                        self.daemon(HUB).display(),
+                        hub_config.display()
+                    ),
+                    json!({}),
+                    self.exe(SENSOR).display().to_string(),
+                    self.exe(FILTER).display().to_string(),
+                    json!({}),
+                )
+            };
         json!({"modulesContent": {
             "$edgeAgent": {"properties.desired": {
                 "schemaVersion": "1.1",
                 "runtime": {"type": "docker", "settings": {"minDockerVersion": "v1.25"}},
                 "systemModules": {
                     "edgeAgent": {"type": "docker", "settings": {"image": self.daemon(AGENT).display().to_string(), "createOptions": "{}"}},
-                    "edgeHub": module(hub_image, 0, json!({})),
+                    "edgeHub": module(hub_image, hub_options, 0, json!({})),
                 },
                 "modules": {
-                    SENSOR_MODULE: module(self.exe(SENSOR).display().to_string(), 1,
+                    SENSOR_MODULE: module(sensor_image, module_options.clone(), 1,
                         json!({"SendInterval": {"value": "1"}})),
-                    FILTER_MODULE: module(self.exe(FILTER).display().to_string(), 1, json!({})),
+                    FILTER_MODULE: module(filter_image, module_options, 1, json!({})),
                 },
             }},
             "$edgeHub": {"properties.desired": self.routes()},
@@ -1046,6 +1143,12 @@ impl Quickstart {
                 summary(per_sender)
             ));
         }
+        if self.docker.is_some() {
+            out.push_str(&format!(
+                "  the modules' logs: verge --config {} logs <module>\n",
+                l.config.display()
+            ));
+        }
         for m in ["edgeHub", SENSOR_MODULE, FILTER_MODULE] {
             let log = module_log(&l.homedir, m);
             let tail = last_lines(&log, 3);
@@ -1194,6 +1297,15 @@ impl Quickstart {
     /// running, then verge-cloud; checks nothing is left.
     async fn shutdown(&mut self) -> anyhow::Result<()> {
         self.stop_edge().await;
+        // verged leaves module containers running (as IoT Edge does across
+        // daemon restarts); the quickstart's go with it.
+        let containers = match &self.docker {
+            Some(docker) => {
+                eprintln!("Removing the module containers …");
+                images::remove_ours(docker, &CONTAINERS, &self.lay.dir).await
+            }
+            None => Ok(0),
+        };
         if let Some(mut c) = self.cloud.take() {
             eprintln!("Stopping verge-cloud …");
             stop_child(
@@ -1204,6 +1316,7 @@ impl Quickstart {
             )
             .await;
         }
+        containers.context("removing the module containers")?;
         self.stop_stragglers().await
     }
 

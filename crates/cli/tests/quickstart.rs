@@ -1,8 +1,9 @@
 //! `verge quickstart` end to end with the real binaries (verge-cloud,
 //! verge-edge as verged, verge-agent and verge-hub, and the two example modules, built here
 //! with the test's profile): the bounded CI mode failing (diagnosis) and
-//! succeeding, then an interactive run stopped with SIGINT. Both must leave no process behind. The hub binds
-//! 127.0.0.1:8883 (modules dial 8883), so the runs are sequential.
+//! succeeding, then an interactive run stopped with SIGINT. Both must leave no process behind. Then
+//! `--docker`: the modules as containers of images built from the same binaries. The hub binds
+//! 127.0.0.1:8883 (modules dial 8883), so the runs are sequential (one lock for both tests).
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod common;
@@ -64,8 +65,14 @@ fn wait_no_leftovers(dir: &Path) {
     }
 }
 
+/// Held by each test: both run a hub on 127.0.0.1:8883.
+static PORT_8883: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn quickstart_bounded_then_interrupted() {
+    let _port = PORT_8883
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let bin_dir = common::build(&PACKAGES);
     let tmp = tempfile::tempdir().unwrap();
 
@@ -182,4 +189,124 @@ fn quickstart_bounded_then_interrupted() {
     assert!(status.success(), "{status}:\n{stderr}");
     assert!(stderr.contains("nothing is left running"), "{stderr}");
     wait_no_leftovers(&dir);
+}
+
+/// Containers named after the quickstart's modules, running or not.
+fn module_containers() -> Vec<String> {
+    let out = Command::new("docker")
+        .args(["ps", "-a", "--format", "{{.Names}}"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "docker ps failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|n| ["edgeHub", "SimulatedTemperatureSensor", "filter"].contains(n))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn quickstart_with_docker_modules() {
+    if std::env::var("VERGE_SKIP_DOCKER_TESTS").as_deref() == Ok("1") {
+        eprintln!("VERGE_SKIP_DOCKER_TESTS=1: skipping the Docker quickstart");
+        return;
+    }
+    let _port = PORT_8883
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    assert!(
+        Command::new("docker")
+            .arg("info")
+            .output()
+            .is_ok_and(|o| o.status.success()),
+        "Docker is not reachable; start it or set VERGE_SKIP_DOCKER_TESTS=1"
+    );
+    assert!(
+        module_containers().is_empty(),
+        "containers named like the quickstart's modules exist already: {:?}",
+        module_containers()
+    );
+    let bin_dir = common::build(&PACKAGES);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("qs");
+
+    // --measure is about process modules.
+    let out = Command::new(env!("CARGO_BIN_EXE_verge"))
+        .args(["quickstart", "--docker", "--measure", "--bin-dir"])
+        .arg(&bin_dir)
+        .arg("--dir")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("without --docker"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let start = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_verge"))
+        .args(["quickstart", "--docker", "--bin-dir"])
+        .arg(&bin_dir)
+        .arg("--dir")
+        .arg(&dir)
+        .args(["--until-messages", "5", "--timeout", "180s"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "docker quickstart failed after {:?}:\n{stderr}\n{stdout}",
+        start.elapsed()
+    );
+    assert!(stderr.contains("building the module images"), "{stderr}");
+    let from_filter = stdout
+        .lines()
+        .filter(|l| l.contains("quickstart-edge/filter") && l.contains("alert=true"))
+        .count();
+    assert!(from_filter >= 5, "{stdout}");
+    // The modules were containers of the images built here, and are gone.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("edge/deployment.json")).unwrap()).unwrap();
+    let modules = &manifest["modulesContent"]["$edgeAgent"]["properties.desired"];
+    assert_eq!(
+        modules["systemModules"]["edgeHub"]["settings"]["image"],
+        "verge-quickstart/edgehub:local"
+    );
+    assert_eq!(
+        modules["modules"]["filter"]["settings"]["image"],
+        "verge-quickstart/filter:local"
+    );
+    for image in [
+        "verge-quickstart/edgehub:local",
+        "verge-quickstart/simulated-temperature-sensor:local",
+        "verge-quickstart/filter:local",
+    ] {
+        assert!(
+            Command::new("docker")
+                .args(["image", "inspect", image])
+                .output()
+                .unwrap()
+                .status
+                .success(),
+            "{image} was not built"
+        );
+    }
+    assert!(
+        stderr.contains("Removing the module containers"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("nothing is left running"), "{stderr}");
+    assert!(module_containers().is_empty(), "{:?}", module_containers());
+    wait_no_leftovers(&dir);
+    // The hub in its container wrote its store as this user: the directory
+    // can be wiped by the next run.
+    let store = dir.join("edge/hub/storage");
+    use std::os::unix::fs::MetadataExt as _;
+    assert_eq!(
+        std::fs::metadata(&store).unwrap().uid(),
+        nix::unistd::getuid().as_raw()
+    );
 }

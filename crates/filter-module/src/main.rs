@@ -7,7 +7,16 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let client = verge_sdk::ModuleClient::from_edge_environment().await?;
-    verge_filter_module::run(client, verge_filter_module::DEFAULT_THRESHOLD).await?;
-    Ok(())
+    let work = async {
+        let client = verge_sdk::ModuleClient::from_edge_environment().await?;
+        verge_filter_module::run(client, verge_filter_module::DEFAULT_THRESHOLD).await?;
+        anyhow::Ok(())
+    };
+    tokio::select! {
+        r = work => r,
+        r = verge_sdk::stop_signal() => {
+            tracing::info!("stopping");
+            Ok(r?)
+        }
+    }
 }

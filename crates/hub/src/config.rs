@@ -25,7 +25,7 @@
 //!
 //! [workload]     # optional: timers of the edge-environment mode (below)
 //! identities_refresh_secs = 300    # module identities fetched from verged this often
-//! identities_miss_secs = 10        # …and on an unknown/refused module token, at most this often
+//! identities_miss_secs = 10        # …and on an unknown/refused module token: the first at once, later ones at most this often
 //! cert_retry_max_secs = 60         # longest back-off between failed certificate renewals
 //!
 //! [upstream]     # optional: without it nothing is sent to the cloud

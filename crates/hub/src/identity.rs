@@ -5,8 +5,8 @@
 //! * Module identities: `GET /modules/$edgeHub/identities` (a Verge
 //!   extension served on the hub's socket only) at startup, every
 //!   `workload.identities_refresh_secs`, and after a token for an unknown
-//!   identity or with a wrong signature (at most every
-//!   `workload.identities_miss_secs`). Each answer replaces the module part
+//!   identity or with a wrong signature (the first such refresh at once,
+//!   later ones at most every `workload.identities_miss_secs`). Each answer replaces the module part
 //!   of the [`SasAuthenticator`]'s key table and `module-identities.json`
 //!   under `storage_dir` (mode 0600: it holds keys). A failed fetch keeps
 //!   the last known identities.
@@ -213,15 +213,21 @@ impl ModuleSource {
         Ok(list.len())
     }
 
-    /// Periodic refresh, plus early ones after an authentication miss (rate-limited).
+    /// Periodic refresh, plus early ones after an authentication miss: the
+    /// first at once (a module deployed just after the hub started is let in
+    /// on its first try), later ones at least `miss_min` apart.
     async fn run(self, every: Duration, miss_min: Duration) {
         let mut last = tokio::time::Instant::now();
+        let mut last_miss: Option<tokio::time::Instant> = None;
         let mut misses = self.auth.misses();
         loop {
             tokio::select! {
                 () = tokio::time::sleep_until(last + every) => {}
                 Ok(()) = misses.changed() => {
-                    tokio::time::sleep_until(last + miss_min).await;
+                    if let Some(t) = last_miss {
+                        tokio::time::sleep_until(t + miss_min).await;
+                    }
+                    last_miss = Some(tokio::time::Instant::now());
                 }
             }
             misses.mark_unchanged();

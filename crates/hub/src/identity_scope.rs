@@ -225,6 +225,8 @@ impl ScopeSource {
     async fn run(self, every: Duration, miss_min: Duration) {
         let mut misses = self.auth.misses();
         let mut backoff = Duration::from_secs(1);
+        // Refreshes after a miss: the first at once, later ones `miss_min` apart.
+        let mut last_miss: Option<tokio::time::Instant> = None;
         loop {
             let last = match self.refresh().await {
                 Ok(n) => {
@@ -243,7 +245,10 @@ impl ScopeSource {
             tokio::select! {
                 () = tokio::time::sleep_until(last + every) => {}
                 Ok(()) = misses.changed() => {
-                    tokio::time::sleep_until(last + miss_min).await;
+                    if let Some(t) = last_miss {
+                        tokio::time::sleep_until(t + miss_min).await;
+                    }
+                    last_miss = Some(tokio::time::Instant::now());
                 }
             }
         }

@@ -10,7 +10,9 @@
 //!   `env` over createOptions `Env`), the container name (= module name), the
 //!   network (unless createOptions set `HostConfig.NetworkMode`), bind mounts of
 //!   the workload and management sockets at the paths named by
-//!   `IOTEDGE_WORKLOADURI` / `IOTEDGE_MANAGEMENTURI`, and the labels
+//!   `IOTEDGE_WORKLOADURI` / `IOTEDGE_MANAGEMENTURI`, on the module network
+//!   the network alias `EdgeDeviceHostName` for edgeHub (so modules reach it
+//!   under their `IOTEDGE_GATEWAYHOSTNAME`, as in IoT Edge), and the labels
 //!   [`OWNER_LABEL`] and [`SPEC_LABEL`] (plus the spec's own labels), by which
 //!   `list`/`get` find the module and its spec again after a restart.
 //! * Socket bind mounts need the host socket to exist at `create` time
@@ -52,6 +54,9 @@ pub const SPEC_LABEL: &str = "net.verge.spec";
 pub const DEFAULT_DOCKER_URI: &str = "unix:///var/run/docker.sock";
 /// Default module network (as IoT Edge's).
 pub const DEFAULT_NETWORK: &str = "azure-iot-edge";
+/// The hub's module name: its container gets the device's hostname as a
+/// network alias.
+const EDGE_HUB: &str = "edgeHub";
 /// Container path of the workload socket when `IOTEDGE_WORKLOADURI` is unset.
 pub const DEFAULT_WORKLOAD_PATH: &str = "/var/run/iotedge/workload.sock";
 /// Container path of the management socket when `IOTEDGE_MANAGEMENTURI` is unset.
@@ -283,7 +288,17 @@ pub fn container_body(
                 .take()
                 .and_then(|n| n.endpoints_config)
                 .unwrap_or_default();
-            endpoints.entry(network.to_owned()).or_default();
+            let endpoint = endpoints.entry(network.to_owned()).or_default();
+            // As IoT Edge: modules reach edgeHub under the device's hostname
+            // (their IOTEDGE_GATEWAYHOSTNAME) on the module network.
+            if spec.name == EDGE_HUB
+                && let Some(host) = spec.env.get("EdgeDeviceHostName").filter(|h| !h.is_empty())
+            {
+                let aliases = endpoint.aliases.get_or_insert_with(Vec::new);
+                if !aliases.contains(host) {
+                    aliases.push(host.clone());
+                }
+            }
             body.networking_config = Some(NetworkingConfig {
                 endpoints_config: Some(endpoints),
             });
@@ -892,6 +907,33 @@ mod tests {
                 .endpoints_config
                 .unwrap()
                 .contains_key("verge-net")
+        );
+    }
+
+    #[test]
+    fn edge_hub_answers_to_the_device_hostname() {
+        let aliases = |s: &ModuleSpec| {
+            container_body(s, "verge-net", "verged")
+                .unwrap()
+                .networking_config
+                .unwrap()
+                .endpoints_config
+                .unwrap()["verge-net"]
+                .aliases
+                .clone()
+        };
+        let mut s = spec();
+        s.env
+            .insert("EdgeDeviceHostName".into(), "edge1.local".into());
+        assert_eq!(aliases(&s), None, "only edgeHub gets the alias");
+        s.name = "edgeHub".into();
+        assert_eq!(aliases(&s), Some(vec!["edge1.local".to_owned()]));
+        // An alias of the user's own is kept, and not doubled.
+        s.create_options = serde_json::json!({"NetworkingConfig": {"EndpointsConfig":
+            {"verge-net": {"Aliases": ["hub", "edge1.local"]}}}});
+        assert_eq!(
+            aliases(&s),
+            Some(vec!["hub".to_owned(), "edge1.local".to_owned()])
         );
     }
 

@@ -89,6 +89,22 @@ pub use methods::MethodResult;
 pub use module::ModuleClient;
 pub use verge_core::Message;
 
+/// Resolves on SIGTERM or SIGINT: what a module's `main` waits for to stop.
+///
+/// A module in a container is PID 1, and the kernel gives PID 1 no default
+/// action for SIGTERM: without a handler, `docker stop` (and so the agent
+/// removing or updating the module) waits out its timeout and kills it.
+pub async fn stop_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
 /// Errors of the SDK.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

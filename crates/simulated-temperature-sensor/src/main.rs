@@ -9,10 +9,18 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let client = verge_sdk::ModuleClient::from_edge_environment().await?;
-    let sensor = SensorModule::start(client, Settings::from_env()).await?;
-    let sent = sensor.run().await?;
-    tracing::info!(sent, "all messages sent; idling (methods stay available)");
-    std::future::pending::<()>().await;
-    Ok(())
+    let work = async {
+        let client = verge_sdk::ModuleClient::from_edge_environment().await?;
+        let sensor = SensorModule::start(client, Settings::from_env()).await?;
+        let sent = sensor.run().await?;
+        tracing::info!(sent, "all messages sent; idling (methods stay available)");
+        std::future::pending::<anyhow::Result<()>>().await
+    };
+    tokio::select! {
+        r = work => r,
+        r = verge_sdk::stop_signal() => {
+            tracing::info!("stopping");
+            Ok(r?)
+        }
+    }
 }
