@@ -65,6 +65,35 @@ fn wait_no_leftovers(dir: &Path) {
     }
 }
 
+/// The bounded quickstart (5 messages): asserts it succeeded with five alerts
+/// from the filter in the cloud; returns its stdout and stderr.
+fn bounded_run(bin_dir: &Path, dir: &Path, extra: &[&str]) -> (String, String) {
+    let start = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_verge"))
+        .arg("quickstart")
+        .args(extra)
+        .arg("--bin-dir")
+        .arg(bin_dir)
+        .arg("--dir")
+        .arg(dir)
+        .args(["--until-messages", "5", "--timeout", "180s"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "quickstart {extra:?} failed after {:?}:\n{stderr}\n{stdout}",
+        start.elapsed()
+    );
+    let from_filter = stdout
+        .lines()
+        .filter(|l| l.contains("quickstart-edge/filter") && l.contains("alert=true"))
+        .count();
+    assert!(from_filter >= 5, "{stdout}");
+    (stdout, stderr)
+}
+
 /// Held by each test: both run a hub on 127.0.0.1:8883.
 static PORT_8883: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -116,28 +145,7 @@ fn quickstart_bounded_then_interrupted() {
     wait_no_leftovers(&dir);
 
     // ---- bounded mode -------------------------------------------------------
-    let start = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_verge"))
-        .arg("quickstart")
-        .arg("--bin-dir")
-        .arg(&bin_dir)
-        .arg("--dir")
-        .arg(&dir)
-        .args(["--until-messages", "5", "--timeout", "180s"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "quickstart failed after {:?}:\n{stderr}\n{stdout}",
-        start.elapsed()
-    );
-    let from_filter = stdout
-        .lines()
-        .filter(|l| l.contains("quickstart-edge/filter") && l.contains("alert=true"))
-        .count();
-    assert!(from_filter >= 5, "{stdout}");
+    let (_, stderr) = bounded_run(&bin_dir, &dir, &[]);
     assert!(stderr.contains("nothing is left running"), "{stderr}");
     wait_no_leftovers(&dir);
     // What the cloud recorded: the deployment and the agent's report.
@@ -245,28 +253,8 @@ fn quickstart_with_docker_modules() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let start = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_verge"))
-        .args(["quickstart", "--docker", "--bin-dir"])
-        .arg(&bin_dir)
-        .arg("--dir")
-        .arg(&dir)
-        .args(["--until-messages", "5", "--timeout", "180s"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "docker quickstart failed after {:?}:\n{stderr}\n{stdout}",
-        start.elapsed()
-    );
+    let (_, stderr) = bounded_run(&bin_dir, &dir, &["--docker"]);
     assert!(stderr.contains("building the module images"), "{stderr}");
-    let from_filter = stdout
-        .lines()
-        .filter(|l| l.contains("quickstart-edge/filter") && l.contains("alert=true"))
-        .count();
-    assert!(from_filter >= 5, "{stdout}");
     // The modules were containers of the images built here, and are gone.
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("edge/deployment.json")).unwrap()).unwrap();
