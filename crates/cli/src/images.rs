@@ -23,8 +23,8 @@ use bollard::query_parameters::{
     StopContainerOptionsBuilder,
 };
 use futures_util::StreamExt as _;
-use verge_runtime::ModuleSpec;
 use verge_runtime::docker::{OWNER_LABEL, SPEC_LABEL};
+use verge_runtime::{DockerConfig, DockerRuntime, ModuleSpec};
 
 /// Tag of every image built here.
 const TAG: &str = "local";
@@ -49,26 +49,14 @@ pub fn reference(repository: &str) -> String {
     format!("{repository}:{TAG}")
 }
 
-/// Connects to the local engine and checks it answers.
+/// Connects to the local engine (as verged's Docker backend does, with its
+/// default socket) and negotiates the API version.
 pub async fn connect() -> anyhow::Result<Docker> {
-    let sock = Path::new("/var/run/docker.sock");
-    if !sock.exists() {
-        bail!(
-            "--docker: no Docker engine at {} (is it installed and running?)",
-            sock.display()
-        );
-    }
-    let docker = Docker::connect_with_unix_defaults()
-        .map_err(|e| anyhow!("--docker: cannot use {}: {e}", sock.display()))?;
-    let docker = tokio::time::timeout(Duration::from_secs(10), docker.negotiate_version())
+    let runtime = DockerRuntime::new(DockerConfig::default());
+    tokio::time::timeout(Duration::from_secs(10), runtime.client())
         .await
         .map_err(|_| anyhow!("--docker: the Docker engine did not answer within 10 s"))?
-        .map_err(|e| anyhow!("--docker: the Docker engine does not answer: {e}"))?;
-    docker
-        .ping()
-        .await
-        .map_err(|e| anyhow!("--docker: the Docker engine does not answer: {e}"))?;
-    Ok(docker)
+        .map_err(|e| anyhow!("--docker: {e} (is Docker installed and running?)"))
 }
 
 /// The shared libraries `ldd` resolves for `binary` (loader included);

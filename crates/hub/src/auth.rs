@@ -199,6 +199,29 @@ impl Authenticator for SasAuthenticator {
     }
 }
 
+/// Paces the early refreshes [`SasAuthenticator::misses`] asks an identity
+/// source for: the first at once (a client deployed just after the source's
+/// last fetch is let in on its first retry), later ones at least `min` apart
+/// (a client with bad credentials cannot make the source hammer its origin).
+pub(crate) struct MissPacer {
+    min: std::time::Duration,
+    last: Option<tokio::time::Instant>,
+}
+
+impl MissPacer {
+    pub(crate) fn new(min: std::time::Duration) -> Self {
+        Self { min, last: None }
+    }
+
+    /// Waits until a refresh after a miss may run.
+    pub(crate) async fn wait(&mut self) {
+        if let Some(t) = self.last {
+            tokio::time::sleep_until(t + self.min).await;
+        }
+        self.last = Some(tokio::time::Instant::now());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

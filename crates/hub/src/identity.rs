@@ -29,7 +29,7 @@ use verge_daemon::api::HubModuleIdentity;
 use verge_daemon::client::{WorkloadClient, socket_path_from_uri};
 
 use crate::HubState;
-use crate::auth::{IdentityKeys, KeyTable, SasAuthenticator};
+use crate::auth::{IdentityKeys, KeyTable, MissPacer, SasAuthenticator};
 use crate::tls::{SwappableCert, certified_key};
 
 /// Fraction of a server certificate's lifetime after which it is renewed.
@@ -218,17 +218,12 @@ impl ModuleSource {
     /// on its first try), later ones at least `miss_min` apart.
     async fn run(self, every: Duration, miss_min: Duration) {
         let mut last = tokio::time::Instant::now();
-        let mut last_miss: Option<tokio::time::Instant> = None;
+        let mut pacer = MissPacer::new(miss_min);
         let mut misses = self.auth.misses();
         loop {
             tokio::select! {
                 () = tokio::time::sleep_until(last + every) => {}
-                Ok(()) = misses.changed() => {
-                    if let Some(t) = last_miss {
-                        tokio::time::sleep_until(t + miss_min).await;
-                    }
-                    last_miss = Some(tokio::time::Instant::now());
-                }
+                Ok(()) = misses.changed() => pacer.wait().await,
             }
             misses.mark_unchanged();
             last = tokio::time::Instant::now();

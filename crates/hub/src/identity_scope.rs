@@ -32,7 +32,7 @@ use serde_json::Value;
 use verge_core::{ClientId, DeviceId, SasToken, SharedAccessKey};
 
 use crate::HubState;
-use crate::auth::{IdentityKeys, KeyTable, SasAuthenticator, unix_now};
+use crate::auth::{IdentityKeys, KeyTable, MissPacer, SasAuthenticator, unix_now};
 use crate::identity::{Task, write_private};
 
 /// API version sent with scope requests (IoT Hub's nested-edge version).
@@ -225,8 +225,7 @@ impl ScopeSource {
     async fn run(self, every: Duration, miss_min: Duration) {
         let mut misses = self.auth.misses();
         let mut backoff = Duration::from_secs(1);
-        // Refreshes after a miss: the first at once, later ones `miss_min` apart.
-        let mut last_miss: Option<tokio::time::Instant> = None;
+        let mut pacer = MissPacer::new(miss_min);
         loop {
             let last = match self.refresh().await {
                 Ok(n) => {
@@ -244,12 +243,7 @@ impl ScopeSource {
             misses.mark_unchanged();
             tokio::select! {
                 () = tokio::time::sleep_until(last + every) => {}
-                Ok(()) = misses.changed() => {
-                    if let Some(t) = last_miss {
-                        tokio::time::sleep_until(t + miss_min).await;
-                    }
-                    last_miss = Some(tokio::time::Instant::now());
-                }
+                Ok(()) = misses.changed() => pacer.wait().await,
             }
         }
     }
