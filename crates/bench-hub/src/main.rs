@@ -73,6 +73,11 @@ struct Args {
     /// Unacknowledged QoS 1 publishes per publisher connection.
     #[arg(long, default_value_t = 32)]
     window: usize,
+    /// Unacknowledged deliveries each broker keeps per subscriber: verge-hub's
+    /// `limits.max_inflight`, Mosquitto's `max_inflight_messages` (both set,
+    /// so the two compare like for like; 128 is verge-hub's default).
+    #[arg(long, default_value_t = 128)]
+    inflight: usize,
     /// Publisher counts to measure with --window (comma separated).
     #[arg(long, default_value = "1,8", value_delimiter = ',')]
     publishers: Vec<usize>,
@@ -660,8 +665,8 @@ const MAX_PUBS: usize = 16;
 fn write_hub_config(
     dir: &Path,
     pki: &Pki,
-    mqtt: u16,
-    https: u16,
+    (mqtt, https): (u16, u16),
+    inflight: usize,
     tag: &str,
 ) -> anyhow::Result<PathBuf> {
     let mut routes = String::from("{\n  \"schemaVersion\": \"1.1\",\n  \"routes\": {\n");
@@ -701,6 +706,8 @@ key = "{key}"
 [modules]
 {modules}[devices]
 leaf1 = "{LEAF_KEY}"
+[limits]
+max_inflight = {inflight}
 "#,
         storage = storage.display(),
         routes = routes_file.display(),
@@ -714,7 +721,7 @@ leaf1 = "{LEAF_KEY}"
 
 fn start_hub(args: &Args, dir: &Path, pki: &Pki, tag: &str) -> anyhow::Result<(Proc, SocketAddr)> {
     let (mqtt, https) = (free_port()?, free_port()?);
-    let cfg = write_hub_config(dir, pki, mqtt, https, tag)?;
+    let cfg = write_hub_config(dir, pki, (mqtt, https), args.inflight, tag)?;
     let log = std::fs::File::create(dir.join(format!("hub-{tag}.log")))?;
     let child = Command::new(&args.hub_bin)
         .arg("--config")
@@ -753,11 +760,12 @@ fn start_mosquitto(
     std::fs::create_dir_all(&pdir)?;
     let conf = format!(
         "per_listener_settings false\nallow_anonymous true\nlog_dest none\n\
-         max_inflight_messages 32\nmax_queued_messages 1000000\n\
+         max_inflight_messages {inflight}\nmax_queued_messages 1000000\n\
          persistence {persistence}\npersistence_location {pdir}/\n\
          listener {tcp} 127.0.0.1\n\
          listener {tls} 127.0.0.1\ncertfile {cert}\nkeyfile {key}\n",
         pdir = pdir.display(),
+        inflight = args.inflight,
         cert = pki.cert.display(),
         key = pki.key.display(),
     );

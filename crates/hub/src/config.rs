@@ -243,7 +243,9 @@ pub struct Limits {
     /// Seconds a client has to complete TLS and send CONNECT (default 60).
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_secs: u64,
-    /// Unacknowledged QoS 1 publishes per client (default 32).
+    /// Unacknowledged QoS 1 deliveries per client (default 128, the
+    /// delivery pump's window: at 32 a busy module's inputs were capped at
+    /// 32 per round trip and fell behind what its producers sent).
     #[serde(default = "default_inflight")]
     pub max_inflight: usize,
     /// Largest MQTT packet accepted, bytes (default 256 KiB + 8 KiB for topic and header).
@@ -282,7 +284,7 @@ fn default_connect_timeout() -> u64 {
     60
 }
 fn default_inflight() -> usize {
-    32
+    128
 }
 fn default_max_packet() -> usize {
     verge_core::message::MAX_MESSAGE_SIZE + 8 * 1024

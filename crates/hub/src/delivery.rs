@@ -90,7 +90,7 @@ impl Checkpoints {
             tokio::time::sleep(CHECKPOINT_DELAY).await;
             let due = std::mem::take(&mut *self.lock());
             for (priority, up_to) in due {
-                if let Err(e) = state.store.ack(endpoint, priority, up_to).await {
+                if let Err(e) = state.store.checkpoint(endpoint, priority, up_to).await {
                     // Not checkpointed = delivered again later (at least once).
                     tracing::error!(%endpoint, error = %e, "store checkpoint failed");
                 }

@@ -221,8 +221,9 @@ impl SyncLog {
         self.pos + (HEADER + payload_len) as u64 <= self.capacity
     }
 
-    /// Writes one record and syncs it. Callers check [`SyncLog::fits`] first.
-    pub(crate) fn write(&mut self, payload: &[u8]) -> std::io::Result<()> {
+    /// Writes one record and, with `sync`, makes it (and every earlier one)
+    /// durable before returning. Callers check [`SyncLog::fits`] first.
+    pub(crate) fn write(&mut self, payload: &[u8], sync: bool) -> std::io::Result<()> {
         self.rec.clear();
         self.rec
             .extend_from_slice(&(payload.len() as u32).to_le_bytes());
@@ -231,7 +232,9 @@ impl SyncLog {
         self.rec.extend_from_slice(&self.seq.to_le_bytes());
         self.rec.extend_from_slice(payload);
         self.file.write_all_at(&self.rec, self.pos)?;
-        self.file.sync_data()?;
+        if sync {
+            self.file.sync_data()?;
+        }
         self.pos += self.rec.len() as u64;
         self.seq += 1;
         Ok(())
@@ -277,15 +280,15 @@ mod tests {
         // Lap A (seq 10..): five records.
         log.new_lap(10);
         for n in 0..5 {
-            log.write(&payload(n)).unwrap();
+            log.write(&payload(n), true).unwrap();
         }
         let (ops, next) = read_lap(&path, 10).unwrap();
         assert_eq!((ops.len(), next), (5, 15));
         // Lap B (seq 15..) overwrites the first two; A's later records have
         // older sequence numbers and are not part of B.
         log.new_lap(15);
-        log.write(&payload(20)).unwrap();
-        log.write(&payload(21)).unwrap();
+        log.write(&payload(20), true).unwrap();
+        log.write(&payload(21), true).unwrap();
         drop(log);
         let (ops, next) = read_lap(&path, 15).unwrap();
         assert_eq!((ops.len(), next), (2, 17));
@@ -304,7 +307,7 @@ mod tests {
         assert_eq!(read_lap(&path, 15).unwrap().0.len(), 0);
         let mut log = SyncLog::open(&path, 128 * 1024, false).unwrap();
         log.new_lap(3);
-        log.write(&payload(1)).unwrap();
+        log.write(&payload(1), true).unwrap();
         assert_eq!(read_lap(&path, 3).unwrap().0.len(), 1);
         drop(SyncLog::open(&path, 128 * 1024, true).unwrap());
         assert_eq!(read_lap(&path, 3).unwrap().0.len(), 0);
@@ -317,7 +320,7 @@ mod tests {
         log.new_lap(1);
         assert!(log.fits(64 * 1024 - HEADER));
         assert!(!log.fits(64 * 1024 - HEADER + 1));
-        log.write(&[0u8; 100]).unwrap();
+        log.write(&[0u8; 100], true).unwrap();
         assert!(!log.fits(64 * 1024 - HEADER));
         assert!(log.fits(64 * 1024 - 2 * HEADER - 100));
     }

@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use verge_core::time::Timestamp;
 
 use crate::keys::{self, Entry};
+use crate::staged::{self, Key};
 use crate::synclog::{self, Ks, SyncLog};
 use crate::{
     BODY_OVERHEAD, ENTRY_OVERHEAD, FullReason, MessageId, QueueState, Result, Shared, StoreError,
@@ -29,6 +30,8 @@ pub(crate) enum Cmd {
     Ack {
         qid: u32,
         up_to: u64,
+        /// `false`: a checkpoint that may wait for a later group's sync.
+        sync: bool,
         reply: oneshot::Sender<Result<()>>,
     },
     Cleanup {
@@ -86,40 +89,64 @@ struct Group {
     appended: Vec<(u64, Bytes, bool)>,
 }
 
-/// One group's writes: the engine batch and, with the sync log on, the
-/// same writes encoded as the log record's payload.
-struct Batch {
-    engine: OwnedWriteBatch,
-    log: Option<Vec<u8>>,
+/// One group's writes. With the sync log on: the log record's payload and
+/// the same writes for the staging area (`staged`); without it: an engine
+/// batch synced on commit.
+enum Batch {
+    Logged { log: Vec<u8>, ops: Vec<staged::Op> },
+    Engine(OwnedWriteBatch),
 }
 
 impl Batch {
     fn new(sh: &Shared, logged: bool) -> Batch {
         if logged {
-            Batch {
-                engine: sh.db.batch().durability(None),
-                log: Some(Vec::with_capacity(4096)),
+            Batch::Logged {
+                log: Vec::with_capacity(4096),
+                ops: Vec::new(),
             }
         } else {
-            Batch {
-                engine: sh.db.batch().durability(Some(PersistMode::SyncData)),
-                log: None,
+            Batch::Engine(sh.db.batch().durability(Some(PersistMode::SyncData)))
+        }
+    }
+
+    /// `fresh`: `key` is new (a new id or offset), not in the engine.
+    fn insert_bytes(&mut self, sh: &Shared, ks: Ks, key: &[u8], value: Bytes, fresh: bool) {
+        match self {
+            Batch::Logged { log, ops } => {
+                synclog::put_insert(log, ks, key, &value);
+                ops.push(staged::Op {
+                    ks,
+                    key: Key::new(key),
+                    value: Some(value),
+                    fresh,
+                });
             }
+            Batch::Engine(b) => b.insert(sh.keyspace(ks), key, value.as_ref()),
         }
     }
 
     fn insert(&mut self, sh: &Shared, ks: Ks, key: &[u8], value: &[u8]) {
-        if let Some(l) = &mut self.log {
-            synclog::put_insert(l, ks, key, value);
+        match self {
+            Batch::Logged { .. } => {
+                self.insert_bytes(sh, ks, key, Bytes::copy_from_slice(value), false);
+            }
+            Batch::Engine(b) => b.insert(sh.keyspace(ks), key, value),
         }
-        self.engine.insert(sh.keyspace(ks), key, value);
     }
 
     fn remove(&mut self, sh: &Shared, ks: Ks, key: &[u8]) {
-        if let Some(l) = &mut self.log {
-            synclog::put_remove(l, ks, key);
+        match self {
+            Batch::Logged { log, ops } => {
+                synclog::put_remove(log, ks, key);
+                ops.push(staged::Op {
+                    ks,
+                    key: Key::new(key),
+                    value: None,
+                    fresh: false,
+                });
+            }
+            Batch::Engine(b) => b.remove(sh.keyspace(ks), key),
         }
-        self.engine.remove(sh.keyspace(ks), key);
     }
 }
 
@@ -177,39 +204,98 @@ impl Writer {
         // leaves nothing to replay after a clean shutdown.
         if self.log.is_some()
             && !self.shared.poisoned.load(Ordering::Relaxed)
-            && let Err(e) = self.end_lap(self.shared.db.batch())
+            && let Err(e) = self.end_lap()
         {
             tracing::warn!(error = %e, "store: final sync failed; the next open replays the sync log");
         }
     }
 
-    /// Makes one group durable. With the sync log: the record is written and
-    /// synced, then the engine gets the batch unsynced — unless the record
-    /// does not fit in this lap; then the lap ends with this batch.
-    fn commit(&mut self, batch: Batch) -> std::result::Result<(), String> {
-        let Batch { engine, log } = batch;
-        match (self.log.as_mut(), log) {
-            (Some(slog), Some(payload)) if slog.fits(payload.len()) => {
-                slog.write(&payload).map_err(|e| format!("sync log: {e}"))?;
-                engine.commit().map_err(|e| e.to_string())
+    /// Makes one group durable (with `sync`; see [`Cmd::Ack`]). With the
+    /// sync log: the record is written and synced, then its writes are
+    /// staged for the engine — unless the record does not fit in this lap;
+    /// then the lap ends with this group.
+    fn commit(&mut self, batch: Batch, sync: bool) -> std::result::Result<(), String> {
+        match batch {
+            Batch::Engine(b) if sync => b.commit().map_err(|e| e.to_string()),
+            Batch::Engine(b) => b.durability(None).commit().map_err(|e| e.to_string()),
+            Batch::Logged { log, ops } => {
+                let fits = match self.log.as_mut() {
+                    Some(slog) if slog.fits(log.len()) => {
+                        slog.write(&log, sync)
+                            .map_err(|e| format!("sync log: {e}"))?;
+                        true
+                    }
+                    Some(_) => false,
+                    None => return Err("sync log missing".into()),
+                };
+                // Readers may see these writes from now on; they only look at
+                // offsets below the durable tails, raised after this returns.
+                let sh = self.shared.clone();
+                let mut st = sh.staged();
+                let mut engine: Option<OwnedWriteBatch> = None;
+                let mut written = [0u64; 3];
+                for op in ops {
+                    if let Some(del) = st.apply(op) {
+                        written[del.ks as usize] += OP + del.key.as_slice().len() as u64;
+                        engine
+                            .get_or_insert_with(|| sh.db.batch().durability(None))
+                            .remove(sh.keyspace(del.ks), del.key.as_slice());
+                    }
+                }
+                drop(st);
+                // Deletes of keys the engine may hold, unsynced: the log has
+                // them until the lap ends.
+                if let Some(b) = engine {
+                    b.commit().map_err(|e| e.to_string())?;
+                    self.rotate_memtables(written);
+                }
+                if fits { Ok(()) } else { self.end_lap() }
             }
-            (Some(_), Some(_)) => self.end_lap(engine),
-            _ => engine.commit().map_err(|e| e.to_string()),
         }
     }
 
-    /// Commits `engine` synced — which makes every earlier batch durable in
-    /// the engine too — together with the next lap's start, and starts that
-    /// lap at the log's offset 0.
-    fn end_lap(&mut self, engine: OwnedWriteBatch) -> std::result::Result<(), String> {
-        let Some(slog) = self.log.as_mut() else {
-            return engine.commit().map_err(|e| e.to_string());
+    /// Commits the staged writes to the engine — in batches of about one
+    /// memtable each, so a large lap does not land in one oversized memtable —
+    /// the last one synced, which makes every earlier engine write durable
+    /// too, together with the next lap's start; then starts that lap at the
+    /// log's offset 0.
+    fn end_lap(&mut self) -> std::result::Result<(), String> {
+        let sh = self.shared.clone();
+        let Some(next) = self.log.as_ref().map(SyncLog::next_seq) else {
+            return Ok(());
         };
-        let next = slog.next_seq();
+        let limit = sh.config.memtable_bytes.max(1024 * 1024);
+        let mut engine = sh.db.batch().durability(None);
+        let mut written = [0u64; 3];
+        // A copy (cheap: keys are inline, values shared), so readers are not
+        // held up while the engine takes it; only this thread changes it.
+        let snapshot: Vec<(Ks, Key, staged::Slot)> = sh
+            .staged()
+            .all()
+            .map(|(ks, k, s)| (ks, k.clone(), s.clone()))
+            .collect();
+        for (ks, key, slot) in &snapshot {
+            let (ks, i) = (*ks, *ks as usize);
+            written[i] += OP + (key.as_slice().len() + slot.value.len()) as u64;
+            engine.insert(sh.keyspace(ks), key.as_slice(), slot.value.as_ref());
+            if written.iter().any(|&w| w >= limit) {
+                // Unsynced is enough: the log covers it until the last batch
+                // below is synced.
+                std::mem::replace(&mut engine, sh.db.batch().durability(None))
+                    .commit()
+                    .map_err(|e| e.to_string())?;
+                self.rotate_memtables(std::mem::take(&mut written));
+            }
+        }
         let mut engine = engine.durability(Some(PersistMode::SyncData));
-        engine.insert(&self.shared.meta, keys::SYNC_LAP, next.to_be_bytes());
+        engine.insert(&sh.meta, keys::SYNC_LAP, next.to_be_bytes());
         engine.commit().map_err(|e| e.to_string())?;
-        slog.new_lap(next);
+        // Only now: readers look here before the engine (see `staged`).
+        sh.staged().clear();
+        if let Some(slog) = self.log.as_mut() {
+            slog.new_lap(next);
+        }
+        self.rotate_memtables(written);
         Ok(())
     }
 
@@ -255,6 +341,11 @@ impl Writer {
             mem: [0; 3],
             appended: Vec::new(),
         };
+        // A group of lazy checkpoints only is logged without a sync: the next
+        // synced record (or the lap's end) makes it durable along with it.
+        let sync = cmds
+            .iter()
+            .any(|c| !matches!(c, Cmd::Ack { sync: false, .. }));
         let mut done = Vec::with_capacity(cmds.len());
         for c in cmds {
             match c {
@@ -270,7 +361,9 @@ impl Writer {
                     };
                     done.push(Done::Append(reply, r));
                 }
-                Cmd::Ack { qid, up_to, reply } => {
+                Cmd::Ack {
+                    qid, up_to, reply, ..
+                } => {
                     let r = self.ack(&mut g, qid, up_to);
                     done.push(Done::Ack(reply, r));
                 }
@@ -324,7 +417,7 @@ impl Writer {
             appended,
             ..
         } = g;
-        if let Err(e) = self.commit(batch) {
+        if let Err(e) = self.commit(batch, sync) {
             tracing::error!(error = %e, "store write failed; the store is poisoned until reopened");
             sh.poisoned.store(true, Ordering::Relaxed);
             for d in done {
@@ -375,7 +468,10 @@ impl Writer {
         }
         sh.stored_bytes.store(stored, Ordering::Relaxed);
         done.into_iter().for_each(Done::send);
-        self.rotate_memtables(mem);
+        // With the sync log the engine is written once per lap (`end_lap`).
+        if self.log.is_none() {
+            self.rotate_memtables(mem);
+        }
     }
 
     /// fjall asks its (possibly busy) worker to rotate a full memtable with a
@@ -463,8 +559,13 @@ impl Writer {
         let id = g.next_id;
         g.next_id += 1;
         g.mem[0] += OP + body.len() as u64;
-        g.batch
-            .insert(&sh, Ks::Msgs, &keys::msg_key(keys::BODY, id), body.as_ref());
+        g.batch.insert_bytes(
+            &sh,
+            Ks::Msgs,
+            &keys::msg_key(keys::BODY, id),
+            body.clone(),
+            true,
+        );
         if sh.config.hot_bytes > 0 {
             g.appended.push((id, body, n == 1));
         }
@@ -501,11 +602,12 @@ impl Writer {
                 expiry,
                 size: body_size,
             };
-            g.batch.insert(
+            g.batch.insert_bytes(
                 &sh,
                 Ks::Queues,
                 &keys::entry_key(qid, offset),
-                entry.encode().as_slice(),
+                Bytes::copy_from_slice(entry.encode().as_slice()),
+                true,
             );
             g.tails.push((qid, offset + 1));
             g.mem[1] += OP + 40;
@@ -537,7 +639,7 @@ impl Writer {
             Some(&v) => v,
             // Appended with one reference: it never had an `r` record.
             None if known_single => (1, e.size, false),
-            None => match sh.msgs.get(keys::msg_key(keys::REF, e.id))? {
+            None => match sh.get(Ks::Msgs, &keys::msg_key(keys::REF, e.id))? {
                 Some(v) => match keys::u32_at(&v, 0).zip(keys::u32_at(&v, 4)) {
                     Some((c, s)) => (c, s, true),
                     None => return Err(StoreError::Corrupt("bad refcount record".into())),
@@ -560,21 +662,26 @@ impl Writer {
         if end <= head {
             return Ok(());
         }
-        for kv in sh
-            .queues
-            .range(keys::entry_key(qid, head)..keys::entry_key(qid, end))
-        {
-            let (k, v) = kv.into_inner()?;
-            let Some((_, off)) = keys::parse_entry_key(&k) else {
+        // At most `end - head` keys in range: the staged writes are never cut.
+        let limit = usize::try_from(end - head).unwrap_or(usize::MAX);
+        for kv in sh.range(
+            Ks::Queues,
+            &keys::entry_key(qid, head),
+            &keys::entry_key(qid, end),
+            limit,
+        ) {
+            let (k, v) = kv?;
+            let k = k.as_slice();
+            let Some((_, off)) = keys::parse_entry_key(k) else {
                 continue;
             };
             if g.deleted.contains(&(qid, off)) {
                 continue;
             }
             match Entry::decode(&v) {
-                Some(e) => self.drop_ref(g, qid, &k, &e)?,
+                Some(e) => self.drop_ref(g, qid, k, &e)?,
                 None => {
-                    g.batch.remove(&sh, Ks::Queues, &k);
+                    g.batch.remove(&sh, Ks::Queues, k);
                     g.dirty = true;
                 }
             }
@@ -605,12 +712,15 @@ impl Writer {
             }
             let mut new_head = head;
             let mut contiguous = true;
-            for kv in sh
-                .queues
-                .range(keys::entry_key(qid, head)..keys::entry_key(qid, durable))
-            {
-                let (k, v) = kv.into_inner()?;
-                let Some((_, off)) = keys::parse_entry_key(&k) else {
+            for kv in sh.range(
+                Ks::Queues,
+                &keys::entry_key(qid, head),
+                &keys::entry_key(qid, durable),
+                usize::MAX,
+            ) {
+                let (k, v) = kv?;
+                let k = k.as_slice();
+                let Some((_, off)) = keys::parse_entry_key(k) else {
                     continue;
                 };
                 if g.deleted.contains(&(qid, off)) {
@@ -623,7 +733,7 @@ impl Writer {
                     continue;
                 };
                 if e.is_expired(now) {
-                    self.drop_ref(g, qid, &k, &e)?;
+                    self.drop_ref(g, qid, k, &e)?;
                     g.expired.push((qid, off));
                     deleted += 1;
                     if contiguous {
