@@ -78,9 +78,12 @@
 //!   has changes nothing. See `synclog.rs`. With
 //!   [`StoreConfig::sync_log_bytes`] = 0 every group is synced in the engine.
 //! * **Atomic groups.** A body, its refcount and all its queue references land
-//!   in the same batch as the `n`/`s` counters, so after a crash the store is a
-//!   prefix of the committed groups and always self-consistent; opening needs
-//!   no repair step (fjall replays its journal, then the store its sync log).
+//!   in the same sync-log record as the `n`/`s` counters, and the engine gets
+//!   none of a group's writes before that record is synced (a lazy
+//!   checkpoint's deletes wait for the next sync), so after a crash the store
+//!   is a prefix of the committed groups and always self-consistent; opening
+//!   needs no repair step (fjall replays its journal, then the store its sync
+//!   log).
 //! * **Visibility.** Readers only see offsets below a queue's *durable tail*,
 //!   advanced after the sync, so nothing is delivered before it is durable.
 //! * **Checkpoint semantics.** `ack(endpoint, priority, n)` means "every offset
@@ -913,14 +916,7 @@ impl Store {
     /// durable when it returns. Offsets beyond the durable tail are clamped;
     /// offsets below the head are a no-op.
     pub async fn ack(&self, endpoint: &str, priority: u32, up_to: u64) -> Result<()> {
-        let qid = self.queue_id(endpoint, priority)?;
-        self.call(|reply| Cmd::Ack {
-            qid,
-            up_to,
-            sync: true,
-            reply,
-        })
-        .await
+        self.ack_with(endpoint, priority, up_to, true).await
     }
 
     /// [`Store::ack`] without a sync of its own: it returns once the writer
@@ -930,11 +926,15 @@ impl Store {
     /// read again (at least once): a checkpoint alone no longer costs an
     /// fsync that the next appends would wait behind.
     pub async fn checkpoint(&self, endpoint: &str, priority: u32, up_to: u64) -> Result<()> {
+        self.ack_with(endpoint, priority, up_to, false).await
+    }
+
+    async fn ack_with(&self, endpoint: &str, priority: u32, up_to: u64, sync: bool) -> Result<()> {
         let qid = self.queue_id(endpoint, priority)?;
         self.call(|reply| Cmd::Ack {
             qid,
             up_to,
-            sync: false,
+            sync,
             reply,
         })
         .await
@@ -1293,6 +1293,22 @@ mod tests {
         }
     }
 
+    /// `store.read` as (offset, body text) pairs.
+    async fn read_bodies(store: &Store, ep: &str, max: usize) -> Vec<(u64, String)> {
+        store
+            .read(ep, max)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| {
+                (
+                    m.offset,
+                    String::from_utf8(m.message.body.to_vec()).unwrap(),
+                )
+            })
+            .collect()
+    }
+
     /// Staged writes read over the engine's: a random mix of appends (to one
     /// or two endpoints), reads, acks, lazy checkpoints and rewinds gives
     /// what a plain model gives — with the sync log off, with laps so short
@@ -1344,18 +1360,7 @@ mod tests {
                     }
                     4..=6 => {
                         let max = 1 + rnd(40) as usize;
-                        let got: Vec<(u64, String)> = store
-                            .read(ep, max)
-                            .await
-                            .unwrap()
-                            .into_iter()
-                            .map(|m| {
-                                (
-                                    m.offset,
-                                    String::from_utf8(m.message.body.to_vec()).unwrap(),
-                                )
-                            })
-                            .collect();
+                        let got = read_bodies(&store, ep, max).await;
                         let q = model.entry(ep).or_default();
                         let want: Vec<(u64, String)> =
                             q.0.iter()
@@ -1394,18 +1399,7 @@ mod tests {
             drop(store);
             let store = Store::open(dir.path(), config).unwrap();
             for (ep, (items, _, _)) in &model {
-                let got: Vec<(u64, String)> = store
-                    .read(ep, 100_000)
-                    .await
-                    .unwrap()
-                    .into_iter()
-                    .map(|m| {
-                        (
-                            m.offset,
-                            String::from_utf8(m.message.body.to_vec()).unwrap(),
-                        )
-                    })
-                    .collect();
+                let got = read_bodies(&store, ep, 100_000).await;
                 assert_eq!(&got, items, "log {log} hot {hot} after reopen, {ep}");
                 if let Some(m) = store.read(ep, 1).await.unwrap().first() {
                     panic!("log {log} hot {hot}: {ep} read past its end: {m:?}");

@@ -221,6 +221,11 @@ impl SyncLog {
         self.pos + (HEADER + payload_len) as u64 <= self.capacity
     }
 
+    /// Makes every record written so far durable.
+    pub(crate) fn sync(&mut self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+
     /// Writes one record and, with `sync`, makes it (and every earlier one)
     /// durable before returning. Callers check [`SyncLog::fits`] first.
     pub(crate) fn write(&mut self, payload: &[u8], sync: bool) -> std::io::Result<()> {

@@ -158,6 +158,14 @@ struct Writer {
     next_id: u64,
     /// Approximate bytes in each keyspace's active memtable.
     mem: [u64; 3],
+    /// Deletes of keys the engine may hold, from groups logged but not yet
+    /// synced (lazy checkpoints), with their approximate memtable bytes.
+    /// They reach the engine only after a sync covers their record, so a
+    /// power cut cannot leave the engine with a group's deletes and without
+    /// the rest of that group.
+    deletes: Option<(OwnedWriteBatch, [u64; 3])>,
+    /// A record was logged without a sync since the last sync.
+    unsynced: bool,
 }
 
 /// Approximate memtable cost of one write besides key and value.
@@ -175,6 +183,8 @@ pub(crate) fn spawn(
         log,
         next_id,
         mem: [0; 3],
+        deletes: None,
+        unsynced: false,
     };
     std::thread::Builder::new()
         .name("verge-store-writer".into())
@@ -223,6 +233,7 @@ impl Writer {
                     Some(slog) if slog.fits(log.len()) => {
                         slog.write(&log, sync)
                             .map_err(|e| format!("sync log: {e}"))?;
+                        self.unsynced = !sync;
                         true
                     }
                     Some(_) => false,
@@ -232,26 +243,35 @@ impl Writer {
                 // offsets below the durable tails, raised after this returns.
                 let sh = self.shared.clone();
                 let mut st = sh.staged();
-                let mut engine: Option<OwnedWriteBatch> = None;
-                let mut written = [0u64; 3];
                 for op in ops {
                     if let Some(del) = st.apply(op) {
+                        let (b, written) = self
+                            .deletes
+                            .get_or_insert_with(|| (sh.db.batch().durability(None), [0; 3]));
                         written[del.ks as usize] += OP + del.key.as_slice().len() as u64;
-                        engine
-                            .get_or_insert_with(|| sh.db.batch().durability(None))
-                            .remove(sh.keyspace(del.ks), del.key.as_slice());
+                        b.remove(sh.keyspace(del.ks), del.key.as_slice());
                     }
                 }
                 drop(st);
-                // Deletes of keys the engine may hold, unsynced: the log has
-                // them until the lap ends.
-                if let Some(b) = engine {
-                    b.commit().map_err(|e| e.to_string())?;
-                    self.rotate_memtables(written);
+                if !fits {
+                    self.end_lap()
+                } else if sync {
+                    self.commit_deletes()
+                } else {
+                    Ok(())
                 }
-                if fits { Ok(()) } else { self.end_lap() }
             }
         }
+    }
+
+    /// Hands the pending deletes to the engine, unsynced: the log holds them
+    /// (synced) until the lap ends.
+    fn commit_deletes(&mut self) -> std::result::Result<(), String> {
+        if let Some((b, written)) = self.deletes.take() {
+            b.commit().map_err(|e| e.to_string())?;
+            self.rotate_memtables(written);
+        }
+        Ok(())
     }
 
     /// Commits the staged writes to the engine — in batches of about one
@@ -264,6 +284,16 @@ impl Writer {
         let Some(next) = self.log.as_ref().map(SyncLog::next_seq) else {
             return Ok(());
         };
+        // Lazy records first: once they are durable, anything of theirs the
+        // engine holds after a power cut below is replayed whole on open.
+        if self.unsynced
+            && let Some(slog) = self.log.as_mut()
+        {
+            slog.sync().map_err(|e| format!("sync log: {e}"))?;
+            self.unsynced = false;
+        }
+        // Before the lap's synced batch, which makes them durable with it.
+        self.commit_deletes()?;
         let limit = sh.config.memtable_bytes.max(1024 * 1024);
         let mut engine = sh.db.batch().durability(None);
         let mut written = [0u64; 3];
