@@ -38,10 +38,11 @@
 //! Nothing else is kept in memory but one small record per queue (offsets,
 //! cursor, counters) and the current lap's writes not yet handed to the
 //! engine (bounded by the sync log's size, below): no index of messages, so
-//! memory does not grow with the backlog. Engine caches are bounded by [`StoreConfig`]: block cache, a
-//! memtable size per keyspace (the writer rotates full memtables itself,
-//! because fjall's own rotation request can be dropped when its worker is
-//! busy, which let memtables grow to hundreds of MB under sustained load),
+//! memory does not grow with the backlog. Engine caches are bounded by
+//! [`StoreConfig`]: block cache, a memtable size per keyspace (the writer
+//! rotates full memtables itself, because fjall's own rotation request can be
+//! dropped when its worker is busy, which let memtables grow to hundreds of
+//! MB under sustained load),
 //! journal size and one background worker. Measured: 1,000,000 stored
 //! 256-byte messages with a peak RSS under 50 MiB (see `BENCHMARKS.md`).
 //!
@@ -50,11 +51,12 @@
 //! * **One writer.** Every mutation (append, ack, TTL cleanup) goes through a
 //!   single writer thread fed by a bounded channel. It drains whatever is
 //!   queued (up to [`StoreConfig::max_group`] commands), writes it as **one
-//!   atomic fjall batch**, makes that durable, and only then completes each
-//!   caller's oneshot: **an `Ok` from `append` or `ack` means the data is on
-//!   disk** ([`Store::checkpoint`], an ack for delivery pumps, is the one
-//!   exception: it rides on the next synced group). Concurrent producers share one sync (group commit), so
-//!   throughput scales with the number of producers.
+//!   atomic record** (below), makes that durable, and only then completes
+//!   each caller's oneshot: **an `Ok` from `append` or `ack` means the data
+//!   is on disk** ([`Store::checkpoint`], an ack for delivery pumps, is the
+//!   one exception: it rides on the next synced group). Concurrent producers
+//!   share one sync (group commit), so throughput scales with the number of
+//!   producers.
 //! * **Sync log.** "Durable" means: the group's record is `fdatasync`ed in
 //!   `sync.log`, a preallocated, zero-filled circular file (overwriting
 //!   allocated blocks syncs in about half the time of the engine's growing
@@ -66,14 +68,16 @@
 //!   the engine's memtable inserts, tombstones, flushes and compactions for
 //!   them are skipped: in the hub benchmark with one publisher, hub CPU per
 //!   message went from 26–28 to 19–20 µs and the routed rate up 38–46 %).
-//!   When a record does not fit in the rest of the file, the
-//!   lap ends: what is still staged is committed to the engine, the last
-//!   batch with `SyncData`, which makes every earlier engine write durable,
-//!   together with the sequence number the next lap starts at (`meta` key
-//!   `w`); then the staged writes are dropped and the log starts again at
-//!   offset 0. Readers look at the staged writes first and at the engine
-//!   second, so a lap moving over is never missed. Opening replays the current lap — records
-//!   from offset 0 numbered on from `w`, each with a valid checksum — into
+//!   Deletes of keys the engine may hold go to it with their group. When a
+//!   record does not fit in the rest of the file, the lap ends: what is
+//!   still staged is committed to the engine, the last batch with
+//!   `SyncData`, which makes every earlier engine write durable, together
+//!   with the sequence number the next lap starts at (`meta` key `w`); then
+//!   the staged writes are dropped and the log starts again at offset 0.
+//!   Readers look at the staged writes first and at the engine second, so a
+//!   lap moving over is never missed. Opening replays the current lap —
+//!   records from offset 0 numbered on from `w`, each with a valid checksum —
+//!   into
 //!   the engine before anything else; replaying a batch the engine already
 //!   has changes nothing. See `synclog.rs`. With
 //!   [`StoreConfig::sync_log_bytes`] = 0 every group is synced in the engine.
