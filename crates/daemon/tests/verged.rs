@@ -406,7 +406,16 @@ async fn agent_state_and_resources() {
     assert!(last["lastExit"]["time"].as_str().unwrap().ends_with('Z'));
     assert!(last["startTime"].as_str().unwrap() > last["lastExit"]["time"].as_str().unwrap());
     let pid = last["pid"].as_u64().unwrap();
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    // The script runs as `sh` until it reaches `exec sleep`: same pid, so
+    // wait for the exec rather than race it.
+    let exec_deadline = Instant::now() + Duration::from_secs(5);
+    let comm = loop {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+        if comm.trim() == "sleep" || Instant::now() > exec_deadline {
+            break comm;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(comm.trim(), "sleep", "pid {pid} is not the agent");
 
     // The running agent's resources.
