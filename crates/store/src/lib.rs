@@ -650,32 +650,25 @@ impl Iterator for Merged {
     type Item = Result<(staged::Key, Bytes)>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        use staged::Slot;
-        loop {
-            if let Err(e) = self.fill_engine() {
-                self.engine_done = true;
-                return Some(Err(e));
-            }
-            use std::cmp::Ordering::{Equal, Greater, Less};
-            let order = match (self.staged.peek(), &self.engine_next) {
-                (None, None) => return None,
-                (Some(_), None) => Less,
-                (None, Some(_)) => Greater,
-                (Some((sk, _)), Some((ek, _))) => sk.cmp(ek),
-            };
-            if order == Equal {
-                // The staged write is newer than the engine's.
-                self.engine_next = None;
-            }
-            let take_staged = order != Greater;
-            if take_staged {
-                match self.staged.next() {
-                    Some((k, Slot { value, .. })) => return Some(Ok((k, value))),
-                    None => continue,
-                }
-            }
+        use std::cmp::Ordering::{Equal, Greater, Less};
+        if let Err(e) = self.fill_engine() {
+            self.engine_done = true;
+            return Some(Err(e));
+        }
+        let order = match (self.staged.peek(), &self.engine_next) {
+            (None, None) => return None,
+            (Some(_), None) => Less,
+            (None, Some(_)) => Greater,
+            (Some((sk, _)), Some((ek, _))) => sk.cmp(ek),
+        };
+        if order == Equal {
+            // The staged value is newer than the engine's.
+            self.engine_next = None;
+        }
+        if order == Greater {
             return self.engine_next.take().map(Ok);
         }
+        self.staged.next().map(|(k, slot)| Ok((k, slot.value)))
     }
 }
 
