@@ -103,7 +103,7 @@ async fn fill(store_dir: &Path, args: &Args) -> anyhow::Result<f64> {
         m.system.connection_device_id = Some(DEVICE.into());
         m.system.connection_module_id = Some(format!("mod{}", i % u64::from(args.senders)));
         m.properties.insert("seq", i.to_string());
-        receipts.push_back(store.append_submit(&m, &targets).await?);
+        receipts.push_back(store.append_submit(&m, targets.to_vec()).await?);
         // A window of appends in flight, so group commits are shared.
         if receipts.len() >= 1024
             && let Some(r) = receipts.pop_front()

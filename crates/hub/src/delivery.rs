@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
-use verge_core::message::encode_bag;
+use verge_core::message::encode_bag_into;
 use verge_endpoint::session::ConnHandle;
 use verge_store::StoredMessage;
 
@@ -52,10 +52,10 @@ fn topic_for(prefix: &str, input: &str, m: &mut StoredMessage) -> String {
     sys.input_name = Some(input.to_owned());
     // Hub-internal stamps that mean nothing to the receiver.
     sys.enqueued_time = None;
-    let bag = encode_bag(sys, &m.message.properties);
-    let mut topic = String::with_capacity(prefix.len() + bag.len());
+    // Room for a typical bag, so the topic is usually one allocation.
+    let mut topic = String::with_capacity(prefix.len() + 256);
     topic.push_str(prefix);
-    topic.push_str(&bag);
+    encode_bag_into(&mut topic, sys, &m.message.properties);
     topic
 }
 

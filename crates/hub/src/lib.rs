@@ -178,10 +178,12 @@ impl HubState {
 
     /// The wake-up signal of an endpoint's delivery pump.
     pub fn endpoint_notify(&self, endpoint: &str) -> Arc<Notify> {
-        lock(&self.endpoint_notify)
-            .entry(endpoint.to_owned())
-            .or_default()
-            .clone()
+        let mut map = lock(&self.endpoint_notify);
+        // Looked up per routed message: no key allocation once it exists.
+        if let Some(n) = map.get(endpoint) {
+            return n.clone();
+        }
+        map.entry(endpoint.to_owned()).or_default().clone()
     }
 
     fn register_method(&self, target: &str, rid: &str, tx: MethodReply) {

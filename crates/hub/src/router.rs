@@ -1,14 +1,16 @@
 //! Router glue: turns a telemetry publish into a stamped [`Message`], routes
 //! it with `verge-route` and stores it with `verge-store` for every endpoint.
 
-use std::sync::OnceLock;
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
+use tokio::sync::Notify;
 use verge_core::ClientId;
 use verge_core::message::{Message, MessageKind, decode_bag};
 use verge_core::time::Timestamp;
-use verge_route::Endpoint;
+use verge_route::{Endpoint, Scratch};
 use verge_store::{AppendReceipt, Target};
 
 use crate::HubState;
@@ -81,8 +83,8 @@ fn new_message_id() -> String {
 pub struct Pending {
     /// `None`: no route matched, nothing to wait for.
     receipt: Option<AppendReceipt>,
-    /// Endpoints whose pumps to wake once it is durable.
-    inputs: Vec<String>,
+    /// The pumps to wake once it is durable.
+    wake: Wake,
     targets: usize,
 }
 
@@ -97,11 +99,39 @@ impl Pending {
         receipt.await?;
         self.receipt = None;
         state.stats.stored.fetch_add(1, Ordering::Relaxed);
-        for ep in self.inputs.drain(..) {
-            state.endpoint_notify(&ep).notify_one();
-        }
+        self.wake.notify();
         Ok(Ingested::Stored(self.targets))
     }
+}
+
+/// The delivery pumps a message wakes: usually one, so that one needs no
+/// allocation of its own.
+#[derive(Debug, Default)]
+struct Wake {
+    first: Option<Arc<Notify>>,
+    more: Vec<Arc<Notify>>,
+}
+
+impl Wake {
+    fn push(&mut self, n: Arc<Notify>) {
+        if self.first.is_none() {
+            self.first = Some(n);
+        } else {
+            self.more.push(n);
+        }
+    }
+
+    /// Wakes each pump once.
+    fn notify(&mut self) {
+        for n in self.first.take().into_iter().chain(self.more.drain(..)) {
+            n.notify_one();
+        }
+    }
+}
+
+thread_local! {
+    /// Route evaluation's working memory, warmed up once per worker thread.
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::new());
 }
 
 /// Routes one telemetry message and queues it to the store. Messages
@@ -114,48 +144,46 @@ pub async fn ingest_submit(
     body: Bytes,
 ) -> Result<Pending, IngestError> {
     let msg = build_message(client, bag, body)?;
-    let (targets, inputs): (Vec<Target>, Vec<String>) = {
+    let mut wake = Wake::default();
+    let mut targets: Vec<Target> = Vec::new();
+    {
         let routes = state.routes();
-        let matches = routes.set.route(&msg);
-        let mut inputs = Vec::new();
-        let targets = matches
-            .iter()
-            .map(|m| {
-                let id = m.endpoint.id();
+        SCRATCH.with_borrow_mut(|scratch| {
+            routes.set.evaluate_each(&msg, scratch, |m| {
                 // Wake the endpoint's pump (module input or upstream drain).
                 if matches!(
                     m.endpoint,
                     Endpoint::ModuleInput { .. } | Endpoint::Upstream
                 ) {
-                    inputs.push(id.clone());
+                    wake.push(state.endpoint_notify(m.endpoint_id));
                 }
-                let t = Target::new(id).priority(m.priority);
+                let t = Target::new(m.endpoint_id).priority(m.priority);
                 // A route's own TTL wins; else the global one; else never expire.
                 let ttl = (m.ttl_secs > 0)
                     .then_some(u64::from(m.ttl_secs))
                     .or(routes.default_ttl_secs);
-                match ttl {
+                targets.push(match ttl {
                     Some(ttl) => t.ttl_secs(ttl),
                     None => t,
-                }
-            })
-            .collect();
-        (targets, inputs)
-    };
+                });
+            });
+        });
+    }
     if targets.is_empty() {
         state.stats.dropped_no_route.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(client = %client, "message matched no route; dropped");
         return Ok(Pending {
             receipt: None,
-            inputs,
+            wake,
             targets: 0,
         });
     }
-    let receipt = state.store.append_submit(&msg, &targets).await?;
+    let n = targets.len();
+    let receipt = state.store.append_submit(&msg, targets).await?;
     Ok(Pending {
         receipt: Some(receipt),
-        inputs,
-        targets: targets.len(),
+        wake,
+        targets: n,
     })
 }
 

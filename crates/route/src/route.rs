@@ -167,6 +167,8 @@ fn nonempty(s: &Option<String>) -> Option<&str> {
 pub struct RouteMatch<'a> {
     /// The destination.
     pub endpoint: &'a Endpoint,
+    /// Its id ([`Endpoint::id`]), formatted once per route set rather than once per message.
+    pub endpoint_id: &'a str,
     /// Priority of the winning route (0 highest … 9, or `DEFAULT_ROUTE_PRIORITY`).
     pub priority: u32,
     /// The winning route's TTL in seconds; 0 means "use the global TTL".
@@ -181,6 +183,8 @@ pub struct RouteSet {
     /// Sorted by (priority, name): the first match per endpoint is the winner.
     routes: Vec<CompiledRoute>,
     endpoints: Vec<Endpoint>,
+    /// `endpoints[i].id()`.
+    endpoint_ids: Vec<String>,
     trie: Trie,
 }
 
@@ -229,9 +233,11 @@ impl RouteSet {
             })
             .collect();
         routes.sort_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)));
+        let endpoint_ids = endpoints.iter().map(Endpoint::id).collect();
         Ok(Self {
             routes,
             endpoints,
+            endpoint_ids,
             trie,
         })
     }
@@ -265,6 +271,16 @@ impl RouteSet {
         out: &mut Vec<RouteMatch<'a>>,
     ) {
         out.clear();
+        self.evaluate_each(msg, scratch, |m| out.push(m));
+    }
+
+    /// [`RouteSet::evaluate`], handing each match to `each` instead of collecting them.
+    pub fn evaluate_each<'a>(
+        &'a self,
+        msg: &Message,
+        scratch: &mut Scratch,
+        mut each: impl FnMut(RouteMatch<'a>),
+    ) {
         scratch.reset();
         scratch.taken.clear();
         scratch.taken.resize(self.endpoints.len(), false);
@@ -287,9 +303,13 @@ impl RouteSet {
             if let Some(t) = scratch.taken.get_mut(r.endpoint) {
                 *t = true;
             }
-            if let Some(endpoint) = self.endpoints.get(r.endpoint) {
-                out.push(RouteMatch {
+            if let (Some(endpoint), Some(endpoint_id)) = (
+                self.endpoints.get(r.endpoint),
+                self.endpoint_ids.get(r.endpoint),
+            ) {
+                each(RouteMatch {
                     endpoint,
+                    endpoint_id,
                     priority: r.priority,
                     ttl_secs: r.ttl_secs,
                     route_name: &r.name,

@@ -846,7 +846,7 @@ impl Store {
     /// [`StoreError::Full`] when over the byte limit or disk floor.
     /// Duplicate (endpoint, priority) targets are merged (the first wins).
     pub async fn append(&self, msg: &Message, targets: &[Target]) -> Result<MessageId> {
-        self.append_submit(msg, targets).await?.await
+        self.append_submit(msg, targets.to_vec()).await?.await
     }
 
     /// [`Store::append`] in two steps: returns once the append is queued to
@@ -857,17 +857,25 @@ impl Store {
     /// commits, without losing their order. Validation errors
     /// ([`StoreError::NoTargets`], [`StoreError::TooLarge`]) come from this
     /// call; [`StoreError::Full`] comes from the receipt.
-    pub async fn append_submit(&self, msg: &Message, targets: &[Target]) -> Result<AppendReceipt> {
+    pub async fn append_submit(
+        &self,
+        msg: &Message,
+        mut targets: Vec<Target>,
+    ) -> Result<AppendReceipt> {
         if targets.is_empty() {
             return Err(StoreError::NoTargets);
         }
-        let mut merged: Vec<Target> = Vec::with_capacity(targets.len());
-        for t in targets {
-            if !merged
+        // One reference per (endpoint, priority): the first one named wins.
+        let mut i = 1;
+        while i < targets.len() {
+            let t = &targets[i];
+            if targets[..i]
                 .iter()
                 .any(|m| m.endpoint == t.endpoint && m.priority == t.priority)
             {
-                merged.push(t.clone());
+                targets.remove(i);
+            } else {
+                i += 1;
             }
         }
         let body = encode(msg);
@@ -880,7 +888,7 @@ impl Store {
             .send(Cmd::Append {
                 body,
                 exp,
-                targets: merged,
+                targets,
                 reply,
             })
             .await
@@ -1191,7 +1199,7 @@ fn stored(priority: u32, offset: u64, e: Entry, message: Message) -> StoredMessa
 }
 
 fn read_blocking(shared: &Shared, endpoint: &str, max: usize) -> Result<Vec<StoredMessage>> {
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(max.min(256));
     if max == 0 {
         return Ok(out);
     }
@@ -1450,7 +1458,7 @@ mod tests {
         for i in 0..200 {
             receipts.push(
                 store
-                    .append_submit(&Message::new(format!("m{i}")), &t)
+                    .append_submit(&Message::new(format!("m{i}")), t.to_vec())
                     .await
                     .unwrap(),
             );
@@ -1480,13 +1488,13 @@ mod tests {
         };
         let store = Store::open(dir.path(), config).unwrap();
         let r = store
-            .append_submit(&Message::new("x"), &[Target::new("ep")])
+            .append_submit(&Message::new("x"), vec![Target::new("ep")])
             .await
             .unwrap();
         assert!(matches!(r.await, Err(StoreError::Full(_))));
         assert!(store.read("ep", 10).await.unwrap().is_empty());
         assert!(matches!(
-            store.append_submit(&Message::new("x"), &[]).await,
+            store.append_submit(&Message::new("x"), Vec::new()).await,
             Err(StoreError::NoTargets)
         ));
     }

@@ -200,15 +200,17 @@ fn available_bytes(dir: &std::path::Path) -> Option<u64> {
 impl Writer {
     fn run(mut self) {
         let max = self.shared.config.max_group.max(1);
+        // Reused: a group is drained from it, keeping its capacity.
+        let mut cmds = Vec::new();
         while let Some(first) = self.rx.blocking_recv() {
-            let mut cmds = vec![first];
+            cmds.push(first);
             while cmds.len() < max {
                 match self.rx.try_recv() {
                     Ok(c) => cmds.push(c),
                     Err(_) => break,
                 }
             }
-            self.group(cmds);
+            self.group(&mut cmds);
         }
         // Not needed for safety (opening replays the log), but ending the lap
         // leaves nothing to replay after a clean shutdown.
@@ -329,10 +331,10 @@ impl Writer {
         Ok(())
     }
 
-    fn group(&mut self, cmds: Vec<Cmd>) {
+    fn group(&mut self, cmds: &mut Vec<Cmd>) {
         let sh = self.shared.clone();
         if sh.poisoned.load(Ordering::Relaxed) {
-            for c in cmds {
+            for c in cmds.drain(..) {
                 match c {
                     Cmd::Append { reply, .. } => drop(reply.send(Err(StoreError::Poisoned))),
                     Cmd::Ack { reply, .. } => drop(reply.send(Err(StoreError::Poisoned))),
@@ -377,7 +379,7 @@ impl Writer {
             .iter()
             .any(|c| !matches!(c, Cmd::Ack { sync: false, .. }));
         let mut done = Vec::with_capacity(cmds.len());
-        for c in cmds {
+        for c in cmds.drain(..) {
             match c {
                 Cmd::Append {
                     body,
@@ -636,7 +638,9 @@ impl Writer {
                 &sh,
                 Ks::Queues,
                 &keys::entry_key(qid, offset),
-                Bytes::copy_from_slice(entry.encode().as_slice()),
+                // Shared from the start: a reader's clone of it is then a
+                // refcount, not a copy into a new allocation.
+                Bytes::from_owner(entry.encode()),
                 true,
             );
             g.tails.push((qid, offset + 1));

@@ -385,7 +385,12 @@ async fn sync_log_laps_and_size_changes_keep_everything() {
         for chunk in (0..1500).collect::<Vec<_>>().chunks(50) {
             let mut receipts = Vec::new();
             for &i in chunk {
-                receipts.push(store.append_submit(&msg(&body(i)), &up).await.unwrap());
+                receipts.push(
+                    store
+                        .append_submit(&msg(&body(i)), up.to_vec())
+                        .await
+                        .unwrap(),
+                );
             }
             for r in receipts {
                 r.await.unwrap();

@@ -15,8 +15,9 @@
 use percent_encoding::percent_decode_str;
 
 use super::{Properties, SystemProperties};
-use crate::sas::url_encode;
+use crate::sas::URL_ENCODE_SET;
 use crate::time::{Timestamp, TimestampError};
+use percent_encoding::utf8_percent_encode;
 
 /// A property bag that cannot be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -127,13 +128,26 @@ pub fn decode_bag(bag: &str) -> Result<(SystemProperties, Properties), BagError>
 /// Encodes system and application properties as a property bag (no leading `/`).
 pub fn encode_bag(sys: &SystemProperties, app: &Properties) -> String {
     let mut out = String::new();
+    encode_bag_into(&mut out, sys, app);
+    out
+}
+
+/// [`encode_bag`], appended to `out` (e.g. after a topic prefix): one
+/// buffer per bag instead of one string per key and value.
+pub fn encode_bag_into(out: &mut String, sys: &SystemProperties, app: &Properties) {
+    use std::fmt::Write as _;
+    let start = out.len();
     let mut push = |k: &str, v: &str| {
-        if !out.is_empty() {
+        if out.len() > start {
             out.push('&');
         }
-        out.push_str(&url_encode(k));
-        out.push('=');
-        out.push_str(&url_encode(v));
+        // Writing to a String cannot fail.
+        let _ = write!(
+            out,
+            "{}={}",
+            utf8_percent_encode(k, URL_ENCODE_SET),
+            utf8_percent_encode(v, URL_ENCODE_SET)
+        );
     };
     macro_rules! put {
         ($k:literal, $f:ident) => {
@@ -152,7 +166,6 @@ pub fn encode_bag(sys: &SystemProperties, app: &Properties) -> String {
     for (k, v) in app.iter() {
         push(k, v);
     }
-    out
 }
 
 #[cfg(test)]

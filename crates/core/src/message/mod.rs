@@ -10,7 +10,7 @@ use bytes::Bytes;
 
 use crate::time::Timestamp;
 
-pub use bag::{BagError, decode_bag, encode_bag};
+pub use bag::{BagError, decode_bag, encode_bag, encode_bag_into};
 pub use codec::{CodecError, decode, encode};
 
 /// Largest message IoT Hub (and so Verge) accepts: body plus properties.
