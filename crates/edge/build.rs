@@ -1,30 +1,7 @@
-//! Links verge-edge with its functions ordered by `symbol-order.txt`
-//! (written by `scripts/symbol-order.sh`): the code the daemons run from
-//! start to idle is packed together, so the kernel's 64 KiB fault-around
-//! maps a few MB of text instead of nearly all of it (BENCHMARKS.md,
-//! "Runtime footprint").
-//!
-//! Only where Rust links with lld by default (x86_64 Linux); elsewhere, or
-//! with `VERGE_SYMBOL_ORDER=0` (e.g. for another linker), the order is
-//! left to the linker. Names the build does not have are skipped, so a
-//! stale file costs memory, never correctness.
+//! Links verge-edge in start-up order: see `link_order.rs`.
 
-use std::path::PathBuf;
+include!("link_order.rs");
 
 fn main() {
-    println!("cargo:rerun-if-changed=symbol-order.txt");
-    println!("cargo:rerun-if-env-changed=VERGE_SYMBOL_ORDER");
-    let target = std::env::var("TARGET").unwrap_or_default();
-    let enabled = !matches!(std::env::var("VERGE_SYMBOL_ORDER").as_deref(), Ok("0"));
-    let Some(dir) = std::env::var_os("CARGO_MANIFEST_DIR") else {
-        return;
-    };
-    let order = PathBuf::from(dir).join("symbol-order.txt");
-    if enabled && target == "x86_64-unknown-linux-gnu" && order.is_file() {
-        println!(
-            "cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={}",
-            order.display()
-        );
-        println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
-    }
+    link_in_order("symbol-order.txt");
 }
