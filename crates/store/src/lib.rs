@@ -1478,6 +1478,38 @@ mod tests {
         assert_eq!(bodies, want);
     }
 
+    /// A target named twice (same endpoint and priority) gets one reference.
+    #[tokio::test]
+    async fn repeated_targets_get_one_reference() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), cfg(1 << 20)).unwrap();
+        let t = vec![
+            Target::new("a"),
+            Target::new("b"),
+            Target::new("a"),
+            Target::new("a").priority(1),
+        ];
+        store
+            .append_submit(&Message::new("x"), t)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let queues = store.queues().await.unwrap();
+        let depth = |ep: &str| -> u64 {
+            queues
+                .iter()
+                .filter(|q| q.endpoint == ep)
+                .map(|q| q.depth)
+                .sum()
+        };
+        assert_eq!(depth("a"), 2, "one per priority");
+        assert_eq!(depth("b"), 1);
+        assert_eq!(read_bodies(&store, "a", 10).await, vec![(0, "x".into())]);
+        assert_eq!(read_bodies(&store, "a", 10).await, vec![(0, "x".into())]);
+        assert!(read_bodies(&store, "a", 10).await.is_empty());
+    }
+
     /// Full comes back through the receipt and nothing is written.
     #[tokio::test]
     async fn submit_full_through_receipt() {

@@ -221,6 +221,28 @@ mod tests {
     }
 
     #[test]
+    fn encodes_after_a_prefix() {
+        let sys = SystemProperties {
+            message_id: Some("m 1".into()),
+            ..SystemProperties::default()
+        };
+        let app: Properties = [("a&b", "c=d")].into_iter().collect();
+        let mut topic = String::from("devices/d/modules/m/inputs/in1/");
+        encode_bag_into(&mut topic, &sys, &app);
+        assert_eq!(
+            topic,
+            format!("devices/d/modules/m/inputs/in1/{}", encode_bag(&sys, &app))
+        );
+        assert_eq!(
+            topic,
+            "devices/d/modules/m/inputs/in1/%24.mid=m%201&a%26b=c%3Dd"
+        );
+        let mut empty = String::from("x/");
+        encode_bag_into(&mut empty, &SystemProperties::default(), &Properties::new());
+        assert_eq!(empty, "x/");
+    }
+
+    #[test]
     fn hub_stamped_properties_and_times() {
         let sys = SystemProperties {
             connection_device_id: Some("edge1".into()),
