@@ -1034,15 +1034,16 @@ impl Store {
             let mut out = Vec::with_capacity(snapshot.len());
             for (qid, mut info) in snapshot {
                 if info.depth > 0 {
-                    // The first live reference is nearly always among the
-                    // first few staged writes; past 64 tombstones it is
-                    // reported unknown rather than copying the whole lap.
+                    // Only the first key in range is wanted, and staged
+                    // writes are all live (deletes are never staged), so
+                    // one staged write is enough: the engine's keys are
+                    // merged up to it.
                     let first = shared
                         .range(
                             synclog::Ks::Queues,
                             &keys::entry_key(qid, info.head),
                             &keys::entry_key(qid, info.tail),
-                            64,
+                            1,
                         )
                         .next();
                     if let Some(kv) = first {
