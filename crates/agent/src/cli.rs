@@ -147,12 +147,7 @@ where
 
 #[tokio::main]
 async fn run(args: Args) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    verge_log::init(verge_log::Stream::Stdout);
     let mut cfg = AgentConfig {
         reconcile_interval: Duration::from_millis(args.interval_ms.max(1)),
         report_interval: Duration::from_millis(args.report_interval_ms),

@@ -38,13 +38,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    verge_log::init(verge_log::Stream::Stderr);
     let args = Args::parse();
     let cfg = match Config::load(
         args.config.as_deref(),

@@ -81,13 +81,7 @@ where
     T: Into<std::ffi::OsString> + Clone,
 {
     let args = Args::parse_from(args);
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    verge_log::init(verge_log::Stream::Stderr);
     let config = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {

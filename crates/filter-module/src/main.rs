@@ -2,11 +2,7 @@
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    verge_log::init(verge_log::Stream::Stdout);
     let work = async {
         let client = verge_sdk::ModuleClient::from_edge_environment().await?;
         verge_filter_module::run(client, verge_filter_module::DEFAULT_THRESHOLD).await?;

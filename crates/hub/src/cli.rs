@@ -35,12 +35,7 @@ where
 
 #[tokio::main]
 async fn run(args: Args) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    verge_log::init(verge_log::Stream::Stdout);
     let cfg = crate::config::Config::load(&args.config)?;
     // Run by verged as its edgeHub module: identities and certificate from
     // verged for whatever the file leaves out.

@@ -142,6 +142,12 @@ fn run_scenarios(script: &str, mqtt: &str, https: &str, ready_port: u16) {
         tail(&stderr, 60),
         tail(&hub_log, 60)
     );
+    // The log is a file, not a terminal: plain text, no colour codes.
+    assert!(
+        hub_log.contains("client connected") && !hub_log.contains('\x1b'),
+        "hub log has no connections or has escape codes:\n{}",
+        tail(&hub_log, 20)
+    );
     println!("{stdout}");
 }
 
