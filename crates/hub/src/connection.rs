@@ -45,8 +45,13 @@ impl Backend for HubState {
         self.auth.authenticate(creds)
     }
 
-    async fn connected(&self, _client: &ClientId, _conn: &ConnHandle) -> Result<(), Rejection> {
+    async fn connected(&self, client: &ClientId, _conn: &ConnHandle) -> Result<(), Rejection> {
+        self.clients.connected(&client.to_string());
         Ok(())
+    }
+
+    async fn disconnected(&self, client: &ClientId, (): ()) {
+        self.clients.disconnected(&client.to_string());
     }
 
     type Pending = crate::router::Pending;

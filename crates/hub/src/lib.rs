@@ -17,6 +17,7 @@
 //! | [`topic`] | (verge-endpoint's) topic classification, filter matching, per-identity authorization |
 //! | [`router`] | router glue: stamp a message, route it (`verge-route`), store it (`verge-store`) |
 //! | [`delivery`] | one pump per module-input endpoint: store → module, checkpoint on PUBACK |
+//! | [`clients`] | the `clients` section of the `$edgeHub` twin's reported properties: who is connected, since when |
 //! | [`twins`] | twins kept and persisted by the hub (with their queue of reported patches for the cloud); local desired-properties source |
 //! | [`upstream`] | the cloud link: one MQTT connection per identity; drains `$upstream` (checkpoint on PUBACK), syncs twins (reported queue, desired patches and diff on reconnect), relays cloud methods and C2D |
 //! | [`methods`] | HTTPS API: direct methods relayed to the target's MQTT connection; `PUT /edgehub/desired` |
@@ -45,6 +46,7 @@
 
 pub mod auth;
 pub mod cli;
+pub mod clients;
 pub mod config;
 pub mod connection;
 pub mod delivery;
@@ -121,6 +123,8 @@ pub struct HubState {
     pub twins: Twins,
     /// Counters.
     pub stats: Stats,
+    /// Connection status of clients, for the `$edgeHub` twin.
+    pub clients: clients::ClientStatus,
     endpoint_notify: Mutex<HashMap<String, Arc<Notify>>>,
     pending_methods: Mutex<HashMap<MethodKey, MethodReply>>,
     next_id: AtomicU64,
@@ -331,6 +335,7 @@ async fn open_state(cfg: Config) -> anyhow::Result<(Arc<HubState>, Option<Vec<u8
         stopping: tokio::sync::watch::Sender::new(false),
         twins,
         stats: Stats::default(),
+        clients: clients::ClientStatus::default(),
         endpoint_notify: Mutex::new(HashMap::new()),
         pending_methods: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(1),
@@ -384,6 +389,8 @@ impl Hub {
 
         let mut tasks = JoinSet::new();
         tasks.spawn(pump_supervisor(state.clone()));
+        let st = state.clone();
+        tasks.spawn(async move { clients::run(&st).await });
         for t in identity_tasks.into_iter().chain(scope_tasks) {
             tasks.spawn(t);
         }

@@ -211,6 +211,11 @@ impl Twins {
             .is_some_and(|e| !e.pending.is_empty())
     }
 
+    /// How many reported patches of `id` wait for the cloud.
+    pub fn pending_reported(&self, id: &str) -> usize {
+        lock(&self.inner).get(id).map_or(0, |e| e.pending.len())
+    }
+
     /// The oldest reported patch of `id` waiting for the cloud.
     pub fn next_reported(&self, id: &str) -> Option<PendingReported> {
         lock(&self.inner).get(id)?.pending.front().cloned()

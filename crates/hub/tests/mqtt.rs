@@ -579,3 +579,56 @@ async fn downstream_device_telemetry_is_stamped_and_routed_upstream() {
     assert!(leaf.recv().await.is_none());
     hub.shutdown().await;
 }
+
+/// `modA`'s entry in the `$edgeHub` twin's reported `clients`.
+fn reported_client(hub: &Hub) -> serde_json::Value {
+    hub.state.twins.client_json(&format!("{DEVICE}/$edgeHub"))["reported"]["clients"]
+        [format!("{DEVICE}/modA")]
+    .clone()
+}
+
+/// Waits (up to 5 s) until `modA` is reported with `status`.
+async fn wait_reported_status(hub: &Hub, status: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while reported_client(hub)["status"] != status {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not {status}: {}",
+            reported_client(hub)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The `$edgeHub` twin's reported `clients` follows connections (edgeHub's
+/// `clients.<id>`), survives a restart as "Disconnected", and a session
+/// take-over does not flap it.
+#[tokio::test]
+async fn edgehub_twin_reports_clients() {
+    let pki = pki();
+    let storage = tempfile::tempdir().unwrap();
+    let hub = start(&pki, storage.path()).await;
+    let (a, _) = connect_module(&hub, &pki, "modA", false).await;
+    wait_reported_status(&hub, "Connected").await;
+    let c = reported_client(&hub);
+    assert!(c["lastConnectedTimeUtc"].is_string(), "{c}");
+    assert!(c["lastDisconnectedTimeUtc"].is_null(), "{c}");
+
+    // A second connection takes the session over: still connected.
+    let (a2, _) = connect_module(&hub, &pki, "modA", false).await;
+    drop(a);
+    tokio::time::sleep(verge_hub::clients::REPORT_DELAY * 2).await;
+    assert_eq!(reported_client(&hub)["status"], "Connected");
+
+    drop(a2);
+    wait_reported_status(&hub, "Disconnected").await;
+    assert!(reported_client(&hub)["lastDisconnectedTimeUtc"].is_string());
+
+    // Connected when the hub stops: "Disconnected" after the restart.
+    let (_a3, _) = connect_module(&hub, &pki, "modA", false).await;
+    wait_reported_status(&hub, "Connected").await;
+    hub.shutdown().await;
+    let hub = start(&pki, storage.path()).await;
+    wait_reported_status(&hub, "Disconnected").await;
+    hub.shutdown().await;
+}
