@@ -41,13 +41,22 @@ struct Client {
 }
 
 impl Client {
+    /// Times not known yet are left out (a null would delete them).
     fn status(&self) -> Value {
-        let time = |t: Option<Timestamp>| t.map_or(Value::Null, |t| json!(t.to_iso8601()));
-        json!({
-            "status": if self.live > 0 { "Connected" } else { "Disconnected" },
-            "lastConnectedTimeUtc": time(self.last_connected),
-            "lastDisconnectedTimeUtc": time(self.last_disconnected),
-        })
+        let mut m = Map::new();
+        let status = if self.live > 0 {
+            "Connected"
+        } else {
+            "Disconnected"
+        };
+        m.insert("status".into(), json!(status));
+        if let Some(t) = self.last_connected {
+            m.insert("lastConnectedTimeUtc".into(), json!(t.to_iso8601()));
+        }
+        if let Some(t) = self.last_disconnected {
+            m.insert("lastDisconnectedTimeUtc".into(), json!(t.to_iso8601()));
+        }
+        Value::Object(m)
     }
 }
 
