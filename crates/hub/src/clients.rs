@@ -20,8 +20,8 @@ use serde_json::{Map, Value, json};
 use tokio::sync::Notify;
 use verge_core::time::Timestamp;
 
-use crate::HubState;
 use crate::twins::MAX_PENDING_REPORTED;
+use crate::{HubState, lock};
 
 /// Changes gathered into one reported patch.
 pub const REPORT_DELAY: Duration = Duration::from_secs(1);
@@ -68,15 +68,9 @@ pub struct ClientStatus {
 }
 
 impl ClientStatus {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Client>> {
-        self.clients
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     /// `id` opened a connection.
     pub fn connected(&self, id: &str) {
-        let mut clients = self.lock();
+        let mut clients = lock(&self.clients);
         let c = clients.entry(id.to_owned()).or_default();
         c.live += 1;
         c.last_connected = Some(Timestamp::now());
@@ -87,7 +81,7 @@ impl ClientStatus {
 
     /// A connection of `id` ended.
     pub fn disconnected(&self, id: &str) {
-        let mut clients = self.lock();
+        let mut clients = lock(&self.clients);
         let c = clients.entry(id.to_owned()).or_default();
         c.live = c.live.saturating_sub(1);
         if c.live == 0 {
@@ -100,7 +94,7 @@ impl ClientStatus {
 
     /// Takes the changed clients as a `clients` patch (`None` if none).
     fn take_patch(&self) -> Option<Value> {
-        let mut clients = self.lock();
+        let mut clients = lock(&self.clients);
         let mut patch = Map::new();
         for (id, c) in clients.iter_mut().filter(|(_, c)| c.dirty) {
             c.dirty = false;
@@ -111,7 +105,7 @@ impl ClientStatus {
 
     /// Marks `ids` changed again (their patch was not written).
     fn retry(&self, ids: impl IntoIterator<Item = String>) {
-        let mut clients = self.lock();
+        let mut clients = lock(&self.clients);
         for id in ids {
             if let Some(c) = clients.get_mut(&id) {
                 c.dirty = true;
@@ -125,7 +119,7 @@ impl ClientStatus {
         let Some(Value::Object(previous)) = reported else {
             return;
         };
-        let mut clients = self.lock();
+        let mut clients = lock(&self.clients);
         for (id, v) in previous {
             if v.get("status").and_then(Value::as_str) != Some("Connected") {
                 continue;

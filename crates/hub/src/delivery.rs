@@ -18,8 +18,8 @@ use verge_core::message::encode_bag_into;
 use verge_endpoint::session::ConnHandle;
 use verge_store::StoredMessage;
 
-use crate::HubState;
 use crate::session::Outbound;
+use crate::{HubState, lock};
 
 /// Deliveries sent and not yet acknowledged, per endpoint. Beyond the
 /// connection's own inflight limit they wait in its (bounded) queue, so the
@@ -68,14 +68,8 @@ struct Checkpoints {
 }
 
 impl Checkpoints {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, u64>> {
-        self.due
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     fn done(&self, priority: u32, offset: u64) {
-        let mut due = self.lock();
+        let mut due = lock(&self.due);
         let e = due.entry(priority).or_insert(offset);
         *e = (*e).max(offset);
         drop(due);
@@ -88,7 +82,7 @@ impl Checkpoints {
         loop {
             self.wake.notified().await;
             tokio::time::sleep(CHECKPOINT_DELAY).await;
-            let due = std::mem::take(&mut *self.lock());
+            let due = std::mem::take(&mut *lock(&self.due));
             for (priority, up_to) in due {
                 if let Err(e) = state.store.checkpoint(endpoint, priority, up_to).await {
                     // Not checkpointed = delivered again later (at least once).

@@ -130,6 +130,8 @@ pub struct HubState {
     next_id: AtomicU64,
 }
 
+/// Locks `m`; a panic elsewhere while it was held leaves data that is still
+/// consistent for every use in this crate, so poisoning is ignored.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -29,6 +29,8 @@ use tokio::sync::watch;
 use verge_core::time::Timestamp;
 use verge_core::twin::{Twin, TwinError, TwinSection};
 
+use crate::lock;
+
 /// Reported patches queued per identity for the cloud, at most.
 pub const MAX_PENDING_REPORTED: usize = 200;
 
@@ -94,10 +96,6 @@ pub struct Twins {
 
 /// Decides whether an identity's reported patches go to the cloud.
 pub type SyncFilter = std::sync::Arc<dyn Fn(&str) -> bool + Send + Sync>;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 fn new_twin(id: &str) -> Twin {
     match id.split_once('/') {

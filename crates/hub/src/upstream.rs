@@ -103,7 +103,7 @@ use verge_store::StoredMessage;
 use crate::config::{Config, UpstreamConfig};
 use crate::session::Outbound;
 use crate::twins::CloudPatch;
-use crate::{HubState, methods, topic};
+use crate::{HubState, lock, methods, topic};
 
 /// The store endpoint drained here.
 pub const ENDPOINT: &str = "$upstream";
@@ -166,10 +166,6 @@ impl UpstreamStats {
     fn set_link(&self, id: &str, up: bool) {
         lock(&self.links).insert(id.to_owned(), up);
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// What the upstream needs that is fixed for the hub's lifetime.
