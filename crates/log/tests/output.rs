@@ -18,6 +18,7 @@ fn child() {
     // A Verge target: RuntimeLogLevel's verbose levels apply to those only.
     tracing::info!(target: "verge_log::child", answer = 42, "hello from the child");
     tracing::debug!(target: "verge_log::child", "a debug line info hides");
+    tracing::debug!(target: "verge_hub::upstream", "the hub's debug line");
     tracing::debug!(target: "rustls::conn", "a dependency's debug line");
 }
 
@@ -90,6 +91,7 @@ fn unknown_format_is_named_and_text_is_used() {
 fn runtime_log_level_sets_the_level() {
     let out = run_child(&[("RUST_LOG", ""), ("RuntimeLogLevel", "debug")]);
     assert!(out.contains("a debug line"), "{out:?}");
+    assert!(out.contains("the hub's debug line"), "{out:?}");
     assert!(!out.contains("a dependency's"), "{out:?}");
     let out = run_child(&[("RUST_LOG", ""), ("RuntimeLogLevel", "warning")]);
     assert!(!out.contains("hello from the child"), "{out:?}");
