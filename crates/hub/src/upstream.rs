@@ -73,6 +73,11 @@
 //!   itself across reconnects, while here the store is the single source of
 //!   truth — a lost connection simply fails what was in flight. (verge-sdk's
 //!   engine is built on that event loop and depends on verge-daemon.)
+//! * A message that cannot go out as an MQTT PUBLISH at all (its topic
+//!   with the property bag past 65,535 bytes, or too large a packet) is
+//!   settled, not retried: dropped, counted
+//!   ([`UpstreamStats::dropped_unsendable`]) and logged once with its sender
+//!   and message id; the checkpoint moves past it.
 //! * Expired messages are skipped by the store's reads; the `$upstream`
 //!   queues' expired counts are mirrored into [`UpstreamStats::expired`].
 
@@ -152,6 +157,9 @@ pub struct UpstreamStats {
     /// Messages dropped because the hub holds no credentials for their
     /// sender any more (e.g. a module removed from the configuration).
     pub dropped_no_identity: AtomicU64,
+    /// Messages dropped because they cannot be sent upstream at all (e.g.
+    /// their topic with the property bag exceeds MQTT's 65,535 bytes).
+    pub dropped_unsendable: AtomicU64,
     /// The overall link state: the edge device's own link is up.
     pub online: AtomicBool,
     links: Mutex<BTreeMap<String, bool>>,
@@ -247,14 +255,25 @@ struct Shared {
     link_up: Notify,
 }
 
-/// A publish handed to a link; `ack` completes on the cloud's PUBACK and is
-/// dropped if the link goes down first. The link skips it when it is of
+/// A publish handed to a link; `ack` completes on the cloud's PUBACK (or
+/// when the message cannot be encoded at all) and is dropped if the link
+/// goes down first. The link skips it when it is of
 /// another link epoch or the drain has given up on it (receiver dropped).
 struct Request {
     topic: String,
     payload: Bytes,
     epoch: u64,
-    ack: oneshot::Sender<()>,
+    ack: oneshot::Sender<Sent>,
+}
+
+/// How a link settled a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    /// The cloud PUBACKed it.
+    Acked,
+    /// It cannot be sent on an MQTT link at all (e.g. too long a topic):
+    /// sending it again would fail again.
+    Unsendable,
 }
 
 /// The drain's handle on one identity's link task.
@@ -270,7 +289,7 @@ struct InFlight {
     offsets: Vec<u64>,
     outcome: Vec<Outcome>,
     /// The acknowledgements still to come, by index in the batch.
-    waits: Vec<(usize, oneshot::Receiver<()>)>,
+    waits: Vec<(usize, oneshot::Receiver<Sent>)>,
     bytes: usize,
     /// Safety net: every request resolves by PUBACK or by its link failing.
     deadline: Instant,
@@ -281,9 +300,11 @@ impl InFlight {
     /// messages, from the start, are done (acknowledged or dropped).
     async fn resolve(&mut self) -> usize {
         for (i, rx) in std::mem::take(&mut self.waits) {
-            if let Ok(Ok(())) = tokio::time::timeout_at(self.deadline, rx).await {
-                self.outcome[i] = Outcome::Acked;
-            }
+            self.outcome[i] = match tokio::time::timeout_at(self.deadline, rx).await {
+                Ok(Ok(Sent::Acked)) => Outcome::Acked,
+                Ok(Ok(Sent::Unsendable)) => Outcome::Unsendable,
+                _ => Outcome::Pending,
+            };
         }
         self.outcome
             .iter()
@@ -438,7 +459,7 @@ impl Drain {
                         mirror_expired(&state).await;
                         let b = self.send_batch(&state, &batch).await;
                         stalled = b.waits.len()
-                            + b.outcome.iter().filter(|o| **o == Outcome::Dropped).count()
+                            + b.outcome.iter().filter(|o| **o != Outcome::Pending).count()
                             < batch.len();
                         pipeline.push_back(b);
                         continue;
@@ -480,6 +501,7 @@ impl Drain {
                     up_to: front.offsets[done - 1],
                     acked: count(Outcome::Acked),
                     dropped: count(Outcome::Dropped),
+                    unsendable: count(Outcome::Unsendable),
                 };
                 if ckpt_tx.send(ToCheckpoint::Ack(c)).await.is_err() {
                     tracing::error!("upstream: the checkpoint task ended");
@@ -559,9 +581,22 @@ impl Drain {
                 // lost must be resent before anything newer.
                 break;
             }
+            let topic = upstream_topic(&id, m);
+            if let Err(why) = sendable(&topic, &m.message.body) {
+                // Settled here, once: a resend would fail the same way and
+                // hold back every message behind it.
+                tracing::warn!(
+                    identity = %id,
+                    message_id = m.message.system.message_id.as_deref().unwrap_or(""),
+                    reason = why,
+                    "upstream: message cannot be sent to the cloud; dropping it"
+                );
+                b.outcome[i] = Outcome::Unsendable;
+                continue;
+            }
             let (tx, rx) = oneshot::channel();
             let req = Request {
-                topic: upstream_topic(&id, m),
+                topic,
                 payload: m.message.body.clone(),
                 epoch,
                 ack: tx,
@@ -592,9 +627,11 @@ enum ToCheckpoint {
 struct Checkpoint {
     priority: u32,
     up_to: u64,
-    /// Messages of it the cloud PUBACKed / dropped for want of credentials.
+    /// Messages of it the cloud PUBACKed / dropped for want of credentials
+    /// / dropped as unsendable.
     acked: u64,
     dropped: u64,
+    unsendable: u64,
 }
 
 /// Checkpoints the store behind the drain, so the drain does not wait for
@@ -609,7 +646,7 @@ async fn checkpointer(
 ) {
     while let Some(first) = rx.recv().await {
         let mut up_to: BTreeMap<u32, u64> = BTreeMap::new();
-        let (mut acked, mut dropped) = (0, 0);
+        let (mut acked, mut dropped, mut unsendable) = (0, 0, 0);
         let mut flushes = Vec::new();
         let mut add = |m: ToCheckpoint| match m {
             ToCheckpoint::Ack(c) => {
@@ -617,6 +654,7 @@ async fn checkpointer(
                 *e = (*e).max(c.up_to);
                 acked += c.acked;
                 dropped += c.dropped;
+                unsendable += c.unsendable;
             }
             ToCheckpoint::Flush(done) => flushes.push(done),
         };
@@ -638,6 +676,9 @@ async fn checkpointer(
             stats
                 .dropped_no_identity
                 .fetch_add(dropped, Ordering::Relaxed);
+            stats
+                .dropped_unsendable
+                .fetch_add(unsendable, Ordering::Relaxed);
         } else {
             failed.store(true, Ordering::Relaxed);
         }
@@ -656,6 +697,20 @@ enum Outcome {
     Acked,
     /// Dropped: no credentials for its sender.
     Dropped,
+    /// Dropped: it cannot be sent on an MQTT link at all.
+    Unsendable,
+}
+
+/// Why `topic` and `payload` cannot go out as one MQTT PUBLISH, if so.
+fn sendable(topic: &str, payload: &[u8]) -> Result<(), &'static str> {
+    if topic.len() > usize::from(u16::MAX) {
+        return Err("its topic with the property bag exceeds MQTT's 65,535 bytes");
+    }
+    // Topic length prefix, packet id and a 5-byte fixed header.
+    if topic.len() + payload.len() + 9 > MAX_OUTBOUND_PACKET {
+        return Err("the packet exceeds the largest the upstream sends");
+    }
+    Ok(())
 }
 
 /// Copies the `$upstream` queues' TTL-drop counts into the stats.
@@ -911,7 +966,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> End {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut buf = BytesMut::with_capacity(1024);
-    let mut inflight: VecDeque<(u16, Instant, oneshot::Sender<()>)> = VecDeque::new();
+    let mut inflight: VecDeque<(u16, Instant, oneshot::Sender<Sent>)> = VecDeque::new();
     let max_inflight = cfg.batch_size * PIPELINE_BATCHES;
     let ack_timeout = Duration::from_secs(cfg.ack_timeout_secs);
     // Packet id 1 is the SUBSCRIBE's; publishes use 2.. (its SUBACK is
@@ -995,7 +1050,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     if let Some(pos) = inflight.iter().position(|(id, _, _)| *id == a.pkid)
                         && let Some((_, _, tx)) = inflight.remove(pos)
                     {
-                        let _ = tx.send(());
+                        let _ = tx.send(Sent::Acked);
                     }
                 }
                 Ok(Packet::SubAck(a)) => {
@@ -1064,9 +1119,10 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                         let mut p = Publish::from_bytes(req.topic, QoS::AtLeastOnce, req.payload);
                         p.pkid = next_pkid;
                         if let Err(e) = Packet::Publish(p).write(&mut out, MAX_OUTBOUND_PACKET) {
-                            // Not sendable at all (too large): fail it, not the link.
+                            // Not sendable at all (the drain checks first, so
+                            // this is a safety net): settle it, not the link.
                             tracing::warn!(identity = %io.name, error = %e, "upstream message cannot be encoded");
-                            drop(req.ack);
+                            let _ = req.ack.send(Sent::Unsendable);
                         } else {
                             inflight.push_back((next_pkid, Instant::now(), req.ack));
                         }

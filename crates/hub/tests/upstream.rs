@@ -1055,3 +1055,83 @@ async fn verge_cloud_kill9_under_load_loses_nothing_acknowledged() {
     hub.stop();
     endpoint.abort();
 }
+
+/// A message whose property bag, encoded for the upstream link, no longer
+/// fits an MQTT topic (the hub stamps a message id the device did not send,
+/// taking a 65,5xx-byte topic past 65,535 bytes) cannot be sent at all: it is
+/// dropped and counted once, and the checkpoint moves past it, so the good
+/// messages of another sender behind it reach the cloud exactly once (not
+/// again every reconnect interval), and so do its own sender's later ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsendable_message_is_dropped_once_and_does_not_hold_back_others() {
+    let vc = VergeCloud::new().await;
+    let (endpoint, _) = vc.start().await;
+    let hub_pki = pki();
+    let storage = tempfile::tempdir().unwrap();
+    let mqtt = free_addr();
+    let (_, cfg) = hub_config(
+        &hub_pki,
+        storage.path(),
+        mqtt,
+        (vc.addr.port(), &vc.ca),
+        7200,
+    );
+    let hub = verge_hub::Hub::start(cfg).await.unwrap();
+    let mut a = sender(mqtt, &hub_pki.ca_pem, "modA").await;
+    let mut b = sender(mqtt, &hub_pki.ca_pem, "modB").await;
+    // Wait for the edge device's link, so the poison is read with the rest
+    // of a live drain (not only after a reconnect).
+    wait_for("the upstream link", Duration::from_secs(10), || {
+        hub.state.stats.upstream.online.load(Ordering::Relaxed)
+    })
+    .await;
+
+    // modA's poison: a 65,530-byte topic without a message id.
+    let prefix = format!("{}seq=999&big=", a.topic);
+    let topic = format!("{prefix}{}", "a".repeat(65_530 - prefix.len()));
+    assert_eq!(topic.len(), 65_530);
+    let mut p = Publish::new(topic, QoS::AtLeastOnce, b"poison".to_vec());
+    p.pkid = 1;
+    assert!(write_pkt(&mut a.raw.s, Packet::Publish(p)).await);
+    match tokio::time::timeout(T, read_pkt(&mut a.raw.s, &mut a.raw.buf)).await {
+        Ok(Some(Packet::PubAck(ack))) => assert_eq!(ack.pkid, 1),
+        other => panic!("the hub did not accept the poison message: {other:?}"),
+    }
+    a.pkid = 1;
+    for seq in 0..5 {
+        assert!(b.send("modB", seq).await);
+    }
+    assert!(a.send("modA", 0).await);
+    wait_for("the good messages", Duration::from_secs(10), || {
+        let got = vc.received();
+        got.get("edge1/modB").map_or(0, Vec::len) >= 5 && got.contains_key("edge1/modA")
+    })
+    .await;
+    // Long enough for several reconnect intervals (200 ms) of resends.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let got = vc.received();
+    assert_eq!(got.get("edge1/modB"), Some(&(0..5).collect::<Vec<u64>>()));
+    assert_eq!(
+        got.get("edge1/modA"),
+        Some(&vec![0]),
+        "the poison never arrives"
+    );
+    let up = &hub.state.stats.upstream;
+    assert_eq!(up.dropped_unsendable.load(Ordering::Relaxed), 1);
+    assert_eq!(up.sent.load(Ordering::Relaxed), 6);
+    // Settled: nothing of `$upstream` is left unacknowledged in the store.
+    let depth: u64 = hub
+        .state
+        .store
+        .queues()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|q| q.endpoint == "$upstream")
+        .map(|q| q.depth)
+        .sum();
+    assert_eq!(depth, 0, "the checkpoint moved past the poison");
+    drop((a, b));
+    hub.shutdown().await;
+    endpoint.abort();
+}
