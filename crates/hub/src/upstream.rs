@@ -51,32 +51,50 @@
 //!   every attempt. A dead link is found by keep-alive (PINGREQ every
 //!   keep_alive/2, no PINGRESP by the next one = down) or by a PUBACK that
 //!   does not come within `ack_timeout_secs`.
-//! * **Drain.** One task reads batches (`batch_size`) from the store (highest
-//!   priority queue first, FIFO) and publishes each message QoS 1, in order,
-//!   on its sender's link. Up to [`PIPELINE_BATCHES`] batches are in flight:
-//!   the next one is read and sent while the cloud acknowledges the earlier
-//!   ones. Batches are resolved in order; the store is checkpointed (by a
-//!   task of its own, so the drain never waits for that fsync) up to the
-//!   longest prefix the cloud PUBACKed. Anything after the first
-//!   unacknowledged message is read again from the checkpoint (rewind) once
-//!   a link comes back, and the batches behind it are abandoned:
-//!   at-least-once, order kept per sender. A sender that cannot reach the
-//!   cloud holds the queue back for everyone, because a store checkpoint is a
-//!   prefix.
+//! * A CONNECT the cloud *refuses* (not authorized, bad username or
+//!   password, unknown client id: the identity does not exist there, or its
+//!   key is wrong) is not a network failure: the link retries with back-off
+//!   (doubling up to [`REFUSED_BACKOFF_MAX`]), logs the refusal once, and
+//!   shows `refused` in [`UpstreamStats::senders`] and in the `$edgeHub`
+//!   reported properties (`upstream.senders`); only its own messages wait.
+//! * **Drain: per-sender progress.** One task reads batches (`batch_size`)
+//!   from the store (highest priority queue first, FIFO) and publishes each
+//!   message QoS 1 on its sender's link, in order per sender, up to
+//!   [`PIPELINE_BATCHES`] × `batch_size` requests (and [`PIPELINE_BYTES`])
+//!   in flight across all links. A message whose sender cannot send right
+//!   now (link refused or down, or an earlier message of it failed) is
+//!   *held back* in memory, and so is every later one of that sender, while
+//!   the other senders' messages pass it; held messages go out in order once
+//!   the link is up again, or expire by their TTL (counted). The store's
+//!   checkpoint is a prefix, so the drain checkpoints (in a task of its own,
+//!   so it never waits for that fsync) only up to the first message read and
+//!   not settled (acknowledged, dropped): a dropped link or a kill -9 means
+//!   redelivery — of the held messages and of what others sent past them —
+//!   never loss. The read-ahead is bounded ([`MAX_HELD`] messages,
+//!   [`MAX_HELD_BYTES`]): at the bound the drain reads nothing further, logs
+//!   it once with the senders holding it, and sets
+//!   [`UpstreamStats::read_ahead_full`], until they can send or expire.
 //! * **Link epochs.** A link's epoch changes each time it loses its
-//!   connection, and every request carries the epoch the drain first saw for
-//!   that link since its last rewind. A link sends only requests of its
-//!   current epoch, so after a reconnect a later batch can never overtake
-//!   the resend of an earlier one that the lost connection took down.
+//!   connection; every request carries the link's epoch when the drain sent
+//!   it, and a link sends only requests of its current epoch. A request of a
+//!   lost connection fails back to the drain, which sends nothing more of
+//!   that sender until all of its requests of that epoch are settled, then
+//!   resends the failed ones first: a later message never overtakes the
+//!   resend of an earlier one.
 //! * Our own MQTT client on `rumqttc`'s packet codec rather than its
 //!   `EventLoop`: the event loop keeps and replays unacknowledged publishes
 //!   itself across reconnects, while here the store is the single source of
 //!   truth — a lost connection simply fails what was in flight. (verge-sdk's
 //!   engine is built on that event loop and depends on verge-daemon.)
+//! * A message that cannot go out as an MQTT PUBLISH at all (its topic
+//!   with the property bag past 65,535 bytes, or too large a packet) is
+//!   settled, not retried: dropped, counted
+//!   ([`UpstreamStats::dropped_unsendable`]) and logged once with its sender
+//!   and message id; the checkpoint moves past it.
 //! * Expired messages are skipped by the store's reads; the `$upstream`
 //!   queues' expired counts are mirrored into [`UpstreamStats::expired`].
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -97,6 +115,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use verge_core::message::encode_bag;
+use verge_core::time::Timestamp;
 use verge_core::{ClientId, DeviceId, ModuleId, SasToken, SharedAccessKey};
 use verge_store::StoredMessage;
 
@@ -141,30 +160,104 @@ const PIPELINE_BATCHES: usize = 4;
 /// ...and at most about this many payload bytes in flight (batches of large
 /// messages are not multiplied).
 const PIPELINE_BYTES: usize = 4 << 20;
+/// Most messages read ahead and held back in memory for senders that cannot
+/// send right now, so the others' pass them; at the bound the drain reads no
+/// further (and says so) until they can send or their messages expire.
+pub const MAX_HELD: usize = 10_000;
+/// ...and at most this many body bytes.
+pub const MAX_HELD_BYTES: usize = 32 << 20;
+/// Longest pause between CONNECT attempts of an identity the cloud refused.
+const REFUSED_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// How often changed waiting counts are written to `upstream.senders` in
+/// the `$edgeHub` reported properties (a status change is written at once).
+const REPORT_COUNTS_EVERY: Duration = Duration::from_secs(30);
 
 /// Upstream counters and link states (part of the hub's [`crate::Stats`]).
 #[derive(Debug, Default)]
 pub struct UpstreamStats {
-    /// Messages the cloud acknowledged and the store checkpointed.
+    /// Messages the cloud acknowledged.
     pub sent: AtomicU64,
-    /// `$upstream` messages dropped because their TTL ran out first.
+    /// `$upstream` messages dropped because their TTL ran out first (in the
+    /// store, or while held back for a sender that could not send).
     pub expired: AtomicU64,
     /// Messages dropped because the hub holds no credentials for their
     /// sender any more (e.g. a module removed from the configuration).
     pub dropped_no_identity: AtomicU64,
+    /// Messages dropped because they cannot be sent upstream at all (e.g.
+    /// their topic with the property bag exceeds MQTT's 65,535 bytes).
+    pub dropped_unsendable: AtomicU64,
+    /// Messages read ahead and held back in memory because their sender
+    /// cannot send right now (refused by the cloud, or its link down) while
+    /// other senders' messages pass them.
+    pub held: AtomicU64,
+    /// The read-ahead is at its bound ([`MAX_HELD`] messages or
+    /// [`MAX_HELD_BYTES`]): the drain reads nothing more, so every sender
+    /// waits, until the held-back senders can send or their messages expire.
+    pub read_ahead_full: AtomicBool,
     /// The overall link state: the edge device's own link is up.
     pub online: AtomicBool,
-    links: Mutex<BTreeMap<String, bool>>,
+    senders: Mutex<BTreeMap<String, SenderStatus>>,
+}
+
+/// One upstream sender (an identity with a link), as reported in the
+/// `$edgeHub` twin's `upstream.senders`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SenderStatus {
+    /// `connected`, `disconnected` or `refused` (the cloud refused the
+    /// identity's CONNECT: unknown identity, bad credentials).
+    pub status: &'static str,
+    /// Why it is not connected: the cloud's CONNACK code or the network error.
+    pub reason: Option<String>,
+    /// When it entered this status.
+    pub since: Timestamp,
+    /// Its messages read ahead and waiting in memory.
+    pub waiting: u64,
+    /// Its messages the cloud acknowledged since the hub started.
+    pub sent: u64,
 }
 
 impl UpstreamStats {
     /// Each identity's link state (true = connected), by identity.
     pub fn links(&self) -> BTreeMap<String, bool> {
-        lock(&self.links).clone()
+        lock(&self.senders)
+            .iter()
+            .map(|(id, s)| (id.clone(), s.status == "connected"))
+            .collect()
     }
 
-    fn set_link(&self, id: &str, up: bool) {
-        lock(&self.links).insert(id.to_owned(), up);
+    /// Each sender's state and counters, by identity.
+    pub fn senders(&self) -> BTreeMap<String, SenderStatus> {
+        lock(&self.senders).clone()
+    }
+
+    fn set_link(&self, id: &str, state: &LinkState) {
+        let (status, reason) = match state {
+            LinkState::Up(_) => ("connected", None),
+            LinkState::Down(why) => ("disconnected", Some(why.clone())),
+            LinkState::Refused(why) => ("refused", Some(why.clone())),
+        };
+        let mut senders = lock(&self.senders);
+        let s = senders
+            .entry(id.to_owned())
+            .or_insert_with(|| SenderStatus {
+                status,
+                reason: None,
+                since: Timestamp::now(),
+                waiting: 0,
+                sent: 0,
+            });
+        if s.status != status {
+            s.since = Timestamp::now();
+        }
+        s.status = status;
+        s.reason = reason;
+    }
+
+    fn set_counts(&self, id: &str, waiting: u64, sent: u64) {
+        if let Some(s) = lock(&self.senders).get_mut(id) {
+            s.waiting = waiting;
+            s.sent = sent;
+        }
     }
 }
 
@@ -225,17 +318,30 @@ impl Upstream {
             }
         };
         let edge = edge_identity(&state, device);
+        let (settled_tx, settled_rx) = mpsc::unbounded_channel();
+        let window = shared.up.cfg.batch_size.max(1) * PIPELINE_BATCHES;
         let mut drain = Drain {
             links: HashMap::new(),
             tasks: JoinSet::new(),
-            refused: HashSet::new(),
-            epochs: HashMap::new(),
+            no_credentials: HashSet::new(),
             edge: edge.clone(),
+            senders: HashMap::new(),
+            queues: BTreeMap::new(),
+            inflight: HashMap::new(),
+            inflight_bytes: 0,
+            next_token: 0,
+            settled_tx,
+            held: 0,
+            held_bytes: 0,
+            expired_held: 0,
+            window,
+            reported: BTreeMap::new(),
+            reported_at: None,
             shared,
         };
         // The edge device's link: the overall connectivity probe.
         drain.link(&state, &edge);
-        drain.run(state).await;
+        drain.run(state, settled_rx).await;
     }
 }
 
@@ -247,49 +353,76 @@ struct Shared {
     link_up: Notify,
 }
 
-/// A publish handed to a link; `ack` completes on the cloud's PUBACK and is
-/// dropped if the link goes down first. The link skips it when it is of
-/// another link epoch or the drain has given up on it (receiver dropped).
+/// A publish handed to a link; `ack` settles it: on the cloud's PUBACK, as
+/// unsendable when it cannot be encoded at all, or — dropped unsettled — as
+/// failed when the link goes down first or the request is of an older link
+/// epoch (then the drain sends it again, in order).
 struct Request {
     topic: String,
     payload: Bytes,
     epoch: u64,
-    ack: oneshot::Sender<()>,
+    ack: Ack,
+}
+
+/// How a link settled a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    /// The cloud PUBACKed it.
+    Acked,
+    /// It cannot be sent on an MQTT link at all (e.g. too long a topic):
+    /// sending it again would fail again.
+    Unsendable,
+}
+
+/// A request's settlement, back to the drain: `(token, None)` = failed.
+type Settled = (u64, Option<Sent>);
+
+/// Settles one request exactly once; dropping it unsettled reports a
+/// failure. The drain's channel is unbounded, but it holds at most one
+/// entry per request in flight, which the drain bounds.
+struct Ack {
+    token: u64,
+    tx: mpsc::UnboundedSender<Settled>,
+    done: bool,
+}
+
+impl Ack {
+    fn send(mut self, how: Sent) {
+        self.done = true;
+        let _ = self.tx.send((self.token, Some(how)));
+    }
+
+    /// The drain is gone (hub stopping).
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+impl Drop for Ack {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.tx.send((self.token, None));
+        }
+    }
+}
+
+/// A link's state, as the drain and the stats see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum LinkState {
+    /// Connected, in this link epoch.
+    Up(u64),
+    /// Not connected: not yet, or the network (why).
+    Down(String),
+    /// The cloud refused the identity's CONNECT (its return code): not a
+    /// network failure, so the link retries with back-off and only this
+    /// identity's messages wait.
+    Refused(String),
 }
 
 /// The drain's handle on one identity's link task.
 struct Link {
     tx: mpsc::Sender<Request>,
-    /// `Some(epoch)` while connected.
-    online: watch::Receiver<Option<u64>>,
-}
-
-/// A batch the drain has published and not yet resolved.
-struct InFlight {
-    priority: u32,
-    offsets: Vec<u64>,
-    outcome: Vec<Outcome>,
-    /// The acknowledgements still to come, by index in the batch.
-    waits: Vec<(usize, oneshot::Receiver<()>)>,
-    bytes: usize,
-    /// Safety net: every request resolves by PUBACK or by its link failing.
-    deadline: Instant,
-}
-
-impl InFlight {
-    /// Waits for the batch's acknowledgements; returns how many of its
-    /// messages, from the start, are done (acknowledged or dropped).
-    async fn resolve(&mut self) -> usize {
-        for (i, rx) in std::mem::take(&mut self.waits) {
-            if let Ok(Ok(())) = tokio::time::timeout_at(self.deadline, rx).await {
-                self.outcome[i] = Outcome::Acked;
-            }
-        }
-        self.outcome
-            .iter()
-            .take_while(|o| **o != Outcome::Pending)
-            .count()
-    }
+    state: watch::Receiver<LinkState>,
 }
 
 /// The identity whose link is the overall connectivity probe: the edge
@@ -337,17 +470,81 @@ pub fn upstream_topic(id: &ClientId, m: &StoredMessage) -> String {
     }
 }
 
+/// One sender's place in the drain (room for per-sender budgets later).
+#[derive(Default)]
+struct SenderQueue {
+    /// Read but not sent — its link is refused or down, or an earlier
+    /// message of it failed — in (priority, offset) order.
+    /// Boxed: a stored message is about half a KiB before its body.
+    held: BTreeMap<(u32, u64), Box<StoredMessage>>,
+    /// Requests in flight, all of link epoch `epoch`.
+    inflight: usize,
+    epoch: u64,
+    /// A request of this link epoch failed: nothing more of this sender
+    /// goes out on it (a later one could overtake the resend).
+    failed_epoch: Option<u64>,
+    /// Messages the cloud acknowledged.
+    sent: u64,
+}
+
+/// A request on a link, by token.
+struct InFlight {
+    id: ClientId,
+    msg: Box<StoredMessage>,
+    epoch: u64,
+    /// Safety net: every request settles by PUBACK or by its link failing.
+    deadline: Instant,
+}
+
+/// What the drain has read of one store queue and not settled.
+#[derive(Default)]
+struct QueueProgress {
+    /// One past the highest offset read.
+    frontier: u64,
+    /// Offsets read and not settled (in flight or held): the checkpoint
+    /// stays below the first. Everything else below `frontier` is settled
+    /// (acknowledged, dropped, or skipped by the store as expired).
+    open: BTreeSet<u64>,
+    /// The last offset handed to the checkpoint task.
+    checkpointed: Option<u64>,
+}
+
+impl QueueProgress {
+    /// The offset up to which every message of the queue is settled.
+    fn settled_up_to(&self) -> Option<u64> {
+        match self.open.first() {
+            Some(&first) => first.checked_sub(1),
+            None => self.frontier.checked_sub(1),
+        }
+    }
+}
+
 struct Drain {
     shared: Arc<Shared>,
     links: HashMap<ClientId, Link>,
     /// Link tasks; dropped (so aborted) with the drain when the hub stops.
     tasks: JoinSet<()>,
     /// Identities without credentials, warned about once.
-    refused: HashSet<ClientId>,
+    no_credentials: HashSet<ClientId>,
     /// The edge device itself.
     edge: ClientId,
-    /// Each link's epoch as first seen since the last rewind.
-    epochs: HashMap<ClientId, u64>,
+    senders: HashMap<ClientId, SenderQueue>,
+    /// By priority.
+    queues: BTreeMap<u32, QueueProgress>,
+    inflight: HashMap<u64, InFlight>,
+    inflight_bytes: usize,
+    next_token: u64,
+    settled_tx: mpsc::UnboundedSender<Settled>,
+    /// Messages held back, and their body bytes.
+    held: usize,
+    held_bytes: usize,
+    /// Held messages whose TTL ran out here (the store never saw them expire).
+    expired_held: u64,
+    /// Requests in flight at most (the pipeline).
+    window: usize,
+    /// What `upstream.senders` in the `$edgeHub` twin last showed.
+    reported: BTreeMap<String, Value>,
+    reported_at: Option<Instant>,
 }
 
 impl Drain {
@@ -355,18 +552,28 @@ impl Drain {
     fn link(&mut self, state: &Arc<HubState>, id: &ClientId) -> Option<&Link> {
         if !self.links.contains_key(id) {
             let key = state.sas.key_for(id)?;
-            let cap = self.shared.up.cfg.batch_size * PIPELINE_BATCHES;
-            let (tx, rx) = mpsc::channel(cap);
-            let (online_tx, online) = watch::channel(None);
+            // Twice the window: a full batch read at the window's edge fits.
+            let (tx, rx) = mpsc::channel(self.window * 2);
+            let (state_tx, link_state) = watch::channel(LinkState::Down("connecting".into()));
             self.tasks.spawn(run_link(
                 self.shared.clone(),
                 state.clone(),
                 id.clone(),
                 key,
                 rx,
-                online_tx,
+                state_tx,
             ));
-            self.links.insert(id.clone(), Link { tx, online });
+            self.links.insert(
+                id.clone(),
+                Link {
+                    tx,
+                    state: link_state,
+                },
+            );
+            // A new link task numbers its epochs from 0 again.
+            if let Some(s) = self.senders.get_mut(id) {
+                s.failed_epoch = None;
+            }
         }
         self.links.get(id)
     }
@@ -397,26 +604,36 @@ impl Drain {
     fn edge_online(&self) -> bool {
         self.links
             .get(&self.edge)
-            .is_some_and(|l| l.online.borrow().is_some())
+            .is_some_and(|l| matches!(*l.state.borrow(), LinkState::Up(_)))
     }
 
-    async fn run(mut self, state: Arc<HubState>) {
+    /// Room to read more: the pipeline and the read-ahead have space.
+    fn room(&self) -> bool {
+        self.inflight.len() < self.window
+            && self.inflight_bytes < PIPELINE_BYTES
+            && !self.read_ahead_full()
+    }
+
+    fn read_ahead_full(&self) -> bool {
+        self.held >= MAX_HELD || self.held_bytes >= MAX_HELD_BYTES
+    }
+
+    async fn run(mut self, state: Arc<HubState>, mut settled: mpsc::UnboundedReceiver<Settled>) {
         let notify = state.endpoint_notify(ENDPOINT);
-        let batch_size = self.shared.up.cfg.batch_size;
-        let retry = Duration::from_millis(self.shared.up.cfg.reconnect_ms);
+        let shared = self.shared.clone();
+        let batch_size = shared.up.cfg.batch_size;
         let mut sessions = state.sessions.watch();
         let mut reported = state.twins.reported_watch();
         // Set when a wait below saw a session or twin-queue change (which
         // marks it seen).
         let mut recheck = true;
-        let mut pipeline: VecDeque<InFlight> = VecDeque::new();
-        let ckpt_failed = Arc::new(AtomicBool::new(false));
         let (ckpt_tx, ckpt_rx) = mpsc::channel(PIPELINE_BATCHES * 2);
-        self.tasks
-            .spawn(checkpointer(state.clone(), ckpt_rx, ckpt_failed.clone()));
-        // A batch could not be sent whole: read nothing more until it is
-        // resolved and the store rewound.
-        let mut stalled = false;
+        self.tasks.spawn(checkpointer(state.clone(), ckpt_rx));
+        let mut tick = tokio::time::interval(IDLE_POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // After a failed store read, read again only from then.
+        let mut read_pause: Option<Instant> = None;
+        let mut full = false;
         loop {
             if std::mem::take(&mut recheck)
                 || sessions.has_changed().unwrap_or(false)
@@ -426,248 +643,443 @@ impl Drain {
                 reported.borrow_and_update();
                 self.ensure_links(&state);
             }
-            // Read only while the cloud is reachable: a read while offline
-            // would be rewound anyway, and the store counts a message that
-            // expires after being read once as seen, not as expired.
-            let room = !stalled
-                && pipeline.len() < PIPELINE_BATCHES
-                && pipeline.iter().map(|b| b.bytes).sum::<usize>() < PIPELINE_BYTES;
-            if room && self.edge_online() {
-                match state.store.read(ENDPOINT, batch_size).await {
-                    Ok(batch) if !batch.is_empty() => {
-                        mirror_expired(&state).await;
-                        let b = self.send_batch(&state, &batch).await;
-                        stalled = b.waits.len()
-                            + b.outcome.iter().filter(|o| **o == Outcome::Dropped).count()
-                            < batch.len();
-                        pipeline.push_back(b);
-                        continue;
-                    }
-                    Ok(_) => mirror_expired(&state).await,
-                    Err(e) => {
-                        tracing::error!(error = %e, "upstream: store read failed");
-                        if pipeline.is_empty() {
-                            tokio::time::sleep(IDLE_POLL).await;
-                            continue;
-                        }
-                    }
-                }
+            while let Ok((token, how)) = settled.try_recv() {
+                self.settle(&state, token, how);
             }
-            let Some(mut front) = pipeline.pop_front() else {
-                let link_up = self.shared.link_up.notified();
-                tokio::select! {
-                    () = notify.notified(), if self.edge_online() => {}
-                    () = link_up, if !self.edge_online() => {}
-                    () = tokio::time::sleep(if self.edge_online() { IDLE_POLL } else { retry }) => {}
-                    Ok(()) = sessions.changed() => recheck = true,
-                    Ok(()) = reported.changed() => recheck = true,
-                }
-                continue;
-            };
-            let done = front.resolve().await;
-            if ckpt_failed.swap(false, Ordering::Relaxed) {
-                // Not checkpointed: the messages go out again (at-least-once).
-                self.abandon(&state, &mut pipeline, &mut stalled, &ckpt_tx)
-                    .await;
-                tokio::time::sleep(IDLE_POLL).await;
-                continue;
-            }
-            if done > 0 {
-                let count =
-                    |want| front.outcome[..done].iter().filter(|o| **o == want).count() as u64;
-                let c = Checkpoint {
-                    priority: front.priority,
-                    up_to: front.offsets[done - 1],
-                    acked: count(Outcome::Acked),
-                    dropped: count(Outcome::Dropped),
+            self.flush(&state);
+            for (priority, q) in &mut self.queues {
+                let Some(up_to) = q.settled_up_to() else {
+                    continue;
                 };
-                if ckpt_tx.send(ToCheckpoint::Ack(c)).await.is_err() {
+                if q.checkpointed.is_some_and(|c| c >= up_to) {
+                    continue;
+                }
+                q.checkpointed = Some(up_to);
+                let c = Checkpoint {
+                    priority: *priority,
+                    up_to,
+                };
+                if ckpt_tx.send(c).await.is_err() {
                     tracing::error!("upstream: the checkpoint task ended");
                     return;
                 }
             }
-            if done < front.outcome.len() {
-                // Some sender's link is down: read again from the checkpoint
-                // once a link connects (or after one reconnect interval).
-                self.abandon(&state, &mut pipeline, &mut stalled, &ckpt_tx)
-                    .await;
-                tokio::select! {
-                    () = self.shared.link_up.notified() => {}
-                    () = tokio::time::sleep(retry) => {}
+            if full != self.read_ahead_full() {
+                full = !full;
+                self.log_read_ahead(&state, full);
+            }
+            // Read only while the cloud is reachable: a read while offline
+            // would only fill the read-ahead.
+            let room = self.room() && self.edge_online();
+            if room && read_pause.is_none_or(|at| Instant::now() >= at) {
+                read_pause = None;
+                match state.store.read(ENDPOINT, batch_size).await {
+                    Ok(batch) if !batch.is_empty() => {
+                        for m in batch {
+                            self.take(&state, Box::new(m));
+                        }
+                        self.mirror_expired(&state).await;
+                        continue;
+                    }
+                    Ok(_) => self.mirror_expired(&state).await,
+                    Err(e) => {
+                        tracing::error!(error = %e, "upstream: store read failed");
+                        read_pause = Some(Instant::now() + IDLE_POLL);
+                    }
                 }
+            }
+            tokio::select! {
+                Some((token, how)) = settled.recv() => self.settle(&state, token, how),
+                () = notify.notified(), if room => {}
+                () = shared.link_up.notified() => {}
+                _ = tick.tick() => self.on_tick(&state).await,
+                Ok(()) = sessions.changed() => recheck = true,
+                Ok(()) = reported.changed() => recheck = true,
             }
         }
     }
 
-    /// Gives up on everything in flight after the checkpoint: the batches
-    /// behind it are dropped (links skip what they have not sent yet), a new
-    /// drain epoch begins and the store reads again from the checkpoint —
-    /// once the checkpoints already handed over are applied, so what the
-    /// cloud acknowledged is not sent again.
-    async fn abandon(
+    /// A message just read: sent on its sender's link, or held back behind
+    /// that sender's earlier messages or until its link can send.
+    fn take(&mut self, state: &Arc<HubState>, m: Box<StoredMessage>) {
+        let q = self.queues.entry(m.priority).or_default();
+        q.frontier = q.frontier.max(m.offset + 1);
+        // A message without a sender stamp (none are stored that way) goes
+        // out as the edge device's.
+        let id = sender(&m).unwrap_or_else(|| self.edge.clone());
+        if self.link(state, &id).is_none() {
+            if self.no_credentials.insert(id.clone()) {
+                tracing::warn!(identity = %id, "upstream: no credentials for this sender; dropping its messages");
+            }
+            state
+                .stats
+                .upstream
+                .dropped_no_identity
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if let Some(q) = self.queues.get_mut(&m.priority) {
+            q.open.insert(m.offset);
+        }
+        let s = self.senders.entry(id.clone()).or_default();
+        if !s.held.is_empty() {
+            self.hold(&id, m);
+        } else if let Err(m) = self.try_send(state, &id, m) {
+            self.hold(&id, m);
+        }
+    }
+
+    /// Sends `m` on the link of `id` if that link can take it now, keeping
+    /// the sender's order; gives it back otherwise.
+    fn try_send(
         &mut self,
         state: &HubState,
-        pipeline: &mut VecDeque<InFlight>,
-        stalled: &mut bool,
-        ckpt: &mpsc::Sender<ToCheckpoint>,
-    ) {
-        pipeline.clear();
-        self.epochs.clear();
-        *stalled = false;
-        let (tx, rx) = oneshot::channel();
-        if ckpt.send(ToCheckpoint::Flush(tx)).await.is_ok() {
-            let _ = rx.await;
+        id: &ClientId,
+        m: Box<StoredMessage>,
+    ) -> Result<(), Box<StoredMessage>> {
+        if self.inflight.len() >= self.window * 2 {
+            return Err(m);
         }
-        state.store.rewind(ENDPOINT);
-    }
-
-    /// Publishes a batch, each message in order on its sender's link,
-    /// without waiting for the acknowledgements. Stops at the first sender
-    /// whose link is down (or has been down since this drain epoch began).
-    async fn send_batch(&mut self, state: &Arc<HubState>, batch: &[StoredMessage]) -> InFlight {
-        let limit = Duration::from_secs(self.shared.up.cfg.ack_timeout_secs.saturating_mul(2));
-        let mut b = InFlight {
-            priority: batch.first().map_or(0, |m| m.priority),
-            offsets: batch.iter().map(|m| m.offset).collect(),
-            outcome: vec![Outcome::Pending; batch.len()],
-            waits: Vec::with_capacity(batch.len()),
-            bytes: batch.iter().map(|m| m.message.body.len()).sum(),
-            deadline: Instant::now() + limit,
+        let Some(link) = self.links.get(id) else {
+            return Err(m);
         };
-        for (i, m) in batch.iter().enumerate() {
-            // A message without a sender stamp (none are stored that way) goes
-            // out as the edge device's.
-            let id = sender(m).unwrap_or_else(|| self.edge.clone());
-            if self.link(state, &id).is_none() {
-                if self.refused.insert(id.clone()) {
-                    tracing::warn!(identity = %id, "upstream: no credentials for this sender; dropping its messages");
-                }
-                b.outcome[i] = Outcome::Dropped;
-                continue;
+        let LinkState::Up(epoch) = *link.state.borrow() else {
+            return Err(m);
+        };
+        let s = self.senders.entry(id.clone()).or_default();
+        if s.failed_epoch == Some(epoch) || (s.inflight > 0 && s.epoch != epoch) {
+            // What the lost connection took down settles first, then goes
+            // out again before anything newer.
+            return Err(m);
+        }
+        let topic = upstream_topic(id, &m);
+        if let Err(why) = sendable(&topic, &m.message.body) {
+            // Settled here, once: a resend would fail the same way and hold
+            // back every message behind it.
+            self.unsendable(state, id, &m, why);
+            return Ok(());
+        }
+        let token = self.next_token;
+        self.next_token += 1;
+        let req = Request {
+            topic,
+            payload: m.message.body.clone(),
+            epoch,
+            ack: Ack {
+                token,
+                tx: self.settled_tx.clone(),
+                done: false,
+            },
+        };
+        match link.tx.try_send(req) {
+            Ok(()) => {
+                s.inflight += 1;
+                s.epoch = epoch;
+                self.inflight_bytes += m.message.body.len();
+                let limit =
+                    Duration::from_secs(self.shared.up.cfg.ack_timeout_secs.saturating_mul(2));
+                self.inflight.insert(
+                    token,
+                    InFlight {
+                        id: id.clone(),
+                        msg: m,
+                        epoch,
+                        deadline: Instant::now() + limit,
+                    },
+                );
+                Ok(())
             }
-            let Some(link) = self.links.get(&id) else {
-                break;
-            };
-            // Stop at the first sender that cannot send: everything after it
-            // is beyond the checkpoint and would only be sent twice.
-            let Some(now) = *link.online.borrow() else {
-                break;
-            };
-            let epoch = *self.epochs.entry(id.clone()).or_insert(now);
-            if epoch != now {
-                // The link reconnected since this drain epoch began: what it
-                // lost must be resent before anything newer.
-                break;
-            }
-            let (tx, rx) = oneshot::channel();
-            let req = Request {
-                topic: upstream_topic(&id, m),
-                payload: m.message.body.clone(),
-                epoch,
-                ack: tx,
-            };
-            // The channel holds the pipeline, so this only waits for the
-            // link to take earlier requests.
-            if link.tx.send(req).await.is_err() {
+            // Full: the link is not taking requests; held until it does.
+            Err(mpsc::error::TrySendError::Full(_)) => Err(m),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
                 // The link task is gone (it only ends by panicking): start a
                 // new one next time.
                 tracing::error!(identity = %id, "upstream link task ended; restarting it");
-                self.links.remove(&id);
-                break;
+                self.links.remove(id);
+                Err(m)
             }
-            b.waits.push((i, rx));
         }
-        b
+    }
+
+    fn unsendable(&mut self, state: &HubState, id: &ClientId, m: &StoredMessage, why: &str) {
+        tracing::warn!(
+            identity = %id,
+            message_id = m.message.system.message_id.as_deref().unwrap_or(""),
+            reason = why,
+            "upstream: message cannot be sent to the cloud; dropping it"
+        );
+        state
+            .stats
+            .upstream
+            .dropped_unsendable
+            .fetch_add(1, Ordering::Relaxed);
+        self.close(m);
+    }
+
+    /// `m` is settled: the checkpoint may pass it.
+    fn close(&mut self, m: &StoredMessage) {
+        if let Some(q) = self.queues.get_mut(&m.priority) {
+            q.open.remove(&m.offset);
+        }
+    }
+
+    fn hold(&mut self, id: &ClientId, m: Box<StoredMessage>) {
+        self.held += 1;
+        self.held_bytes += m.message.body.len();
+        self.senders
+            .entry(id.clone())
+            .or_default()
+            .held
+            .insert((m.priority, m.offset), m);
+    }
+
+    /// Sends what is held back for senders that can send again, in order.
+    fn flush(&mut self, state: &HubState) {
+        let ids: Vec<ClientId> = self
+            .senders
+            .iter()
+            .filter(|(_, s)| !s.held.is_empty())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            loop {
+                let Some(m) = self
+                    .senders
+                    .get_mut(&id)
+                    .and_then(|s| s.held.pop_first())
+                    .map(|(_, m)| m)
+                else {
+                    break;
+                };
+                self.held -= 1;
+                self.held_bytes -= m.message.body.len();
+                if let Err(m) = self.try_send(state, &id, m) {
+                    self.hold(&id, m);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// A link settled request `token` (`None`: failed, send it again).
+    fn settle(&mut self, state: &HubState, token: u64, how: Option<Sent>) {
+        // Unknown: a request the link never took, or one given up on.
+        let Some(f) = self.inflight.remove(&token) else {
+            return;
+        };
+        self.inflight_bytes -= f.msg.message.body.len();
+        let s = self.senders.entry(f.id.clone()).or_default();
+        s.inflight = s.inflight.saturating_sub(1);
+        match how {
+            Some(Sent::Acked) => {
+                s.sent += 1;
+                state.stats.upstream.sent.fetch_add(1, Ordering::Relaxed);
+                self.close(&f.msg);
+            }
+            Some(Sent::Unsendable) => {
+                self.unsendable(state, &f.id, &f.msg, "the link could not encode it");
+            }
+            None => {
+                s.failed_epoch = Some(f.epoch);
+                self.hold(&f.id, f.msg);
+            }
+        }
+    }
+
+    /// Once a second: TTL of held messages, the safety net for requests
+    /// never settled, the counters, the `$edgeHub` report.
+    async fn on_tick(&mut self, state: &HubState) {
+        let now = Timestamp::now();
+        let mut expired = Vec::new();
+        for s in self.senders.values_mut() {
+            s.held.retain(|_, m| {
+                let keep = m.expiry.is_none_or(|at| at > now);
+                if !keep {
+                    expired.push((m.priority, m.offset, m.message.body.len()));
+                }
+                keep
+            });
+        }
+        for (priority, offset, len) in expired {
+            self.held -= 1;
+            self.held_bytes -= len;
+            self.expired_held += 1;
+            if let Some(q) = self.queues.get_mut(&priority) {
+                q.open.remove(&offset);
+            }
+        }
+        let late: Vec<u64> = self
+            .inflight
+            .iter()
+            .filter(|(_, f)| f.deadline <= Instant::now())
+            .map(|(t, _)| *t)
+            .collect();
+        for token in late {
+            if let Some(f) = self.inflight.remove(&token) {
+                tracing::warn!(identity = %f.id, "upstream: no settlement for a request in time; sending it again");
+                self.inflight_bytes -= f.msg.message.body.len();
+                if let Some(s) = self.senders.get_mut(&f.id) {
+                    s.inflight = s.inflight.saturating_sub(1);
+                }
+                self.hold(&f.id, f.msg);
+            }
+        }
+        let stats = &state.stats.upstream;
+        stats.held.store(self.held as u64, Ordering::Relaxed);
+        for (id, s) in &self.senders {
+            stats.set_counts(&id.to_string(), s.held.len() as u64, s.sent);
+        }
+        self.mirror_expired(state).await;
+        self.report(state).await;
+    }
+
+    fn log_read_ahead(&self, state: &HubState, full: bool) {
+        state
+            .stats
+            .upstream
+            .read_ahead_full
+            .store(full, Ordering::Relaxed);
+        if !full {
+            tracing::info!("upstream: read-ahead below its bound again; reading resumed");
+            return;
+        }
+        let mut waiting: Vec<(usize, String)> = self
+            .senders
+            .iter()
+            .filter(|(_, s)| !s.held.is_empty())
+            .map(|(id, s)| (s.held.len(), id.to_string()))
+            .collect();
+        waiting.sort_unstable_by(|a, b| b.cmp(a));
+        waiting.truncate(5);
+        tracing::warn!(
+            held = self.held,
+            held_bytes = self.held_bytes,
+            senders = ?waiting,
+            "upstream: read-ahead bound reached; every sender waits until these can send or their messages expire"
+        );
+    }
+
+    /// Copies the `$upstream` TTL-drop counts (store, held) into the stats.
+    async fn mirror_expired(&self, state: &HubState) {
+        if let Ok(queues) = state.store.queues().await {
+            let n: u64 = queues
+                .iter()
+                .filter(|q| q.endpoint == ENDPOINT)
+                .map(|q| q.expired)
+                .sum();
+            state
+                .stats
+                .upstream
+                .expired
+                .store(n + self.expired_held, Ordering::Relaxed);
+        }
+    }
+
+    /// Writes `upstream.senders` to the `$edgeHub` twin's reported
+    /// properties: a change of status at once, waiting counts at most every
+    /// [`REPORT_COUNTS_EVERY`].
+    async fn report(&mut self, state: &HubState) {
+        let twin = state.edgehub_twin_id();
+        if state.twins.pending_reported(&twin) >= crate::twins::MAX_PENDING_REPORTED / 2 {
+            // Leave the queue to the hub's own status while the cloud is away.
+            return;
+        }
+        let counts_due = self
+            .reported_at
+            .is_none_or(|at| at.elapsed() >= REPORT_COUNTS_EVERY);
+        let mut patch = serde_json::Map::new();
+        for (id, s) in state.stats.upstream.senders() {
+            let key = twin_key(&id);
+            let entry = serde_json::json!({
+                "status": s.status,
+                "reason": s.reason,
+                "sinceUtc": s.since.to_iso8601(),
+                "waiting": s.waiting,
+            });
+            let Some(old) = self.reported.get(&key) else {
+                patch.insert(key, entry);
+                continue;
+            };
+            let changed = old.get("status") != entry.get("status")
+                || old.get("reason") != entry.get("reason")
+                || (counts_due && old.get("waiting") != entry.get("waiting"));
+            if changed {
+                patch.insert(key, entry);
+            }
+        }
+        if patch.is_empty() {
+            return;
+        }
+        let body = serde_json::json!({ "upstream": { "senders": Value::Object(patch.clone()) } });
+        match state.twins.patch_reported(&twin, &body).await {
+            Ok(_) => {
+                self.reported.extend(patch);
+                self.reported_at = Some(Instant::now());
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot report upstream senders on the $edgeHub twin");
+            }
+        }
     }
 }
 
-/// What the drain hands its checkpoint task.
-enum ToCheckpoint {
-    Ack(Checkpoint),
-    /// Answered once every earlier checkpoint is applied (or failed).
-    Flush(oneshot::Sender<()>),
+/// A twin property name for identity `id`: IoT Hub refuses `.`, `$` and
+/// spaces in names, which device and module ids may hold, so those (and
+/// `%`) are percent-encoded.
+fn twin_key(id: &str) -> String {
+    let mut out = String::with_capacity(id.len());
+    for c in id.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            '.' => out.push_str("%2E"),
+            '$' => out.push_str("%24"),
+            ' ' => out.push_str("%20"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
-/// A prefix of a batch the cloud has acknowledged, to checkpoint.
+/// A settled prefix of a store queue, for the checkpoint task.
 struct Checkpoint {
     priority: u32,
     up_to: u64,
-    /// Messages of it the cloud PUBACKed / dropped for want of credentials.
-    acked: u64,
-    dropped: u64,
 }
 
 /// Checkpoints the store behind the drain, so the drain does not wait for
-/// the checkpoint's fsync before its next batch: checkpoints waiting here
-/// are merged into one (the latest offset per queue) and one group commit.
-/// A checkpoint that is lost (crash) or fails only means a resend
-/// (at-least-once); a failure sets `failed`, and the drain rewinds.
-async fn checkpointer(
-    state: Arc<HubState>,
-    mut rx: mpsc::Receiver<ToCheckpoint>,
-    failed: Arc<AtomicBool>,
-) {
+/// the checkpoint's fsync: checkpoints waiting here are merged into one
+/// (the latest offset per queue) and one group commit. A checkpoint that is
+/// lost (crash) or fails only means a resend after a restart
+/// (at-least-once); the next one covers a failed one.
+async fn checkpointer(state: Arc<HubState>, mut rx: mpsc::Receiver<Checkpoint>) {
     while let Some(first) = rx.recv().await {
         let mut up_to: BTreeMap<u32, u64> = BTreeMap::new();
-        let (mut acked, mut dropped) = (0, 0);
-        let mut flushes = Vec::new();
-        let mut add = |m: ToCheckpoint| match m {
-            ToCheckpoint::Ack(c) => {
-                let e = up_to.entry(c.priority).or_default();
-                *e = (*e).max(c.up_to);
-                acked += c.acked;
-                dropped += c.dropped;
-            }
-            ToCheckpoint::Flush(done) => flushes.push(done),
+        let mut add = |c: Checkpoint| {
+            let e = up_to.entry(c.priority).or_default();
+            *e = (*e).max(c.up_to);
         };
         add(first);
-        while let Ok(m) = rx.try_recv() {
-            add(m);
+        while let Ok(c) = rx.try_recv() {
+            add(c);
         }
-        let mut ok = true;
         for (priority, offset) in up_to {
             if let Err(e) = state.store.ack(ENDPOINT, priority, offset).await {
                 tracing::error!(error = %e, "upstream: store checkpoint failed");
-                ok = false;
             }
         }
-        if ok {
-            // Counted once checkpointed, so a resent message is not counted twice.
-            let stats = &state.stats.upstream;
-            stats.sent.fetch_add(acked, Ordering::Relaxed);
-            stats
-                .dropped_no_identity
-                .fetch_add(dropped, Ordering::Relaxed);
-        } else {
-            failed.store(true, Ordering::Relaxed);
-        }
-        for done in flushes {
-            let _ = done.send(());
-        }
     }
 }
 
-/// What became of one message of a batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
-    /// Not sent, or not acknowledged: goes out again from the checkpoint.
-    Pending,
-    /// The cloud PUBACKed it.
-    Acked,
-    /// Dropped: no credentials for its sender.
-    Dropped,
-}
-
-/// Copies the `$upstream` queues' TTL-drop counts into the stats.
-async fn mirror_expired(state: &HubState) {
-    if let Ok(queues) = state.store.queues().await {
-        let n: u64 = queues
-            .iter()
-            .filter(|q| q.endpoint == ENDPOINT)
-            .map(|q| q.expired)
-            .sum();
-        state.stats.upstream.expired.store(n, Ordering::Relaxed);
+/// Why `topic` and `payload` cannot go out as one MQTT PUBLISH, if so.
+fn sendable(topic: &str, payload: &[u8]) -> Result<(), &'static str> {
+    if topic.len() > usize::from(u16::MAX) {
+        return Err("its topic with the property bag exceeds MQTT's 65,535 bytes");
     }
+    // Topic length prefix, packet id and a 5-byte fixed header.
+    if topic.len() + payload.len() + 9 > MAX_OUTBOUND_PACKET {
+        return Err("the packet exceeds the largest the upstream sends");
+    }
+    Ok(())
 }
 
 /// How a connected session ended.
@@ -678,6 +1090,8 @@ enum End {
     Renew,
     /// The link failed.
     Lost(String),
+    /// The cloud refused the identity's CONNECT (return code).
+    Refused(String),
 }
 
 /// Something a link's helper tasks (method and C2D relays) ask its session
@@ -720,7 +1134,7 @@ async fn run_link(
     id: ClientId,
     key: SharedAccessKey,
     rx: mpsc::Receiver<Request>,
-    online: watch::Sender<Option<u64>>,
+    link_state: watch::Sender<LinkState>,
 ) {
     let name = id.to_string();
     let is_edge = id.module.is_none() && id.device.as_str() == state.cfg.device_id;
@@ -739,12 +1153,16 @@ async fn run_link(
     };
     let stats = &state.stats.upstream;
     let interval = Duration::from_millis(shared.up.cfg.reconnect_ms);
+    // Pause before the next attempt after a refusal: doubles up to
+    // REFUSED_BACKOFF_MAX, so an identity the cloud does not know (or whose
+    // key is wrong) costs it one CONNECT a minute, not one per interval.
+    let mut refused_backoff = interval;
     // Last logged state, so transitions are logged once, not per attempt.
-    let mut logged: Option<bool> = None;
-    let set = |up: Option<u64>| {
-        online.send_replace(up);
-        let up = up.is_some();
-        stats.set_link(&name, up);
+    let mut logged: Option<&'static str> = None;
+    let set = |s: LinkState| {
+        stats.set_link(&name, &s);
+        let up = matches!(s, LinkState::Up(_));
+        link_state.send_replace(s);
         if is_edge && stats.online.swap(up, Ordering::Relaxed) != up {
             if up {
                 tracing::info!("upstream online");
@@ -753,42 +1171,61 @@ async fn run_link(
             }
         }
     };
-    set(None);
+    set(LinkState::Down("connecting".into()));
     loop {
         let started = Instant::now();
         let end =
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, connect(&shared.up, &id, &key)).await {
                 Ok(Ok(stream)) => {
-                    if logged != Some(true) {
+                    if logged != Some("up") {
                         tracing::info!(identity = %name, "upstream link connected");
                     }
-                    logged = Some(true);
-                    set(Some(io.epoch));
+                    logged = Some("up");
+                    refused_backoff = interval;
+                    set(LinkState::Up(io.epoch));
                     shared.link_up.notify_one();
                     io.generation += 1;
                     // A token renewal keeps the link "up": requests wait in
                     // the channel for the next session instead of failing.
                     session(&shared.up.cfg, stream, &mut io).await
                 }
-                Ok(Err(e)) => End::Lost(e),
+                Ok(Err(ConnectError::Refused(code))) => End::Refused(code),
+                Ok(Err(ConnectError::Failed(e))) => End::Lost(e),
                 Err(_) => End::Lost("connection attempt timed out".into()),
             };
         let now = Instant::now();
+        // At least a short pause, so a cloud that accepts and then drops us
+        // at once is not hammered.
         let next = match end {
             End::Closed => return,
             End::Renew => continue,
             End::Lost(why) => {
                 io.epoch += 1;
-                set(None);
-                if logged != Some(false) {
+                if logged != Some("down") {
                     tracing::warn!(identity = %name, reason = %why, retry_every = ?interval, "upstream link down");
                 } else {
                     tracing::debug!(identity = %name, reason = %why, "upstream connection attempt failed");
                 }
-                logged = Some(false);
-                // At least a short pause, so a cloud that accepts and then
-                // drops us at once is not hammered.
+                logged = Some("down");
+                set(LinkState::Down(why));
                 (started + interval).max(now + Duration::from_millis(10))
+            }
+            End::Refused(code) => {
+                io.epoch += 1;
+                if logged != Some("refused") {
+                    tracing::warn!(
+                        identity = %name,
+                        code = %code,
+                        "upstream: the cloud refused this identity; its messages wait (others pass), retrying with back-off"
+                    );
+                } else {
+                    tracing::debug!(identity = %name, code = %code, retry_in = ?refused_backoff, "upstream identity still refused");
+                }
+                logged = Some("refused");
+                set(LinkState::Refused(code));
+                let at = started + refused_backoff;
+                refused_backoff = (refused_backoff * 2).min(REFUSED_BACKOFF_MAX).max(interval);
+                at.max(now + Duration::from_millis(10))
             }
         };
         // While down, fail what the drain sends (it checks the link state
@@ -809,21 +1246,31 @@ async fn run_link(
     }
 }
 
+/// Why a connection attempt failed.
+enum ConnectError {
+    /// The cloud answered CONNACK with a refusal (return code).
+    Refused(String),
+    /// Anything else: network, TLS, protocol, time-out.
+    Failed(String),
+}
+
 /// Dials the cloud and completes CONNECT as `id`.
 async fn connect(
     up: &Upstream,
     id: &ClientId,
     key: &SharedAccessKey,
-) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ConnectError> {
     let tcp = TcpStream::connect((up.cfg.hostname.as_str(), up.cfg.port))
         .await
-        .map_err(|e| format!("connect {}:{}: {e}", up.cfg.hostname, up.cfg.port))?;
+        .map_err(|e| {
+            ConnectError::Failed(format!("connect {}:{}: {e}", up.cfg.hostname, up.cfg.port))
+        })?;
     let _ = tcp.set_nodelay(true);
     let mut stream = up
         .tls
         .connect(up.server_name.clone(), tcp)
         .await
-        .map_err(|e| format!("TLS: {e}"))?;
+        .map_err(|e| ConnectError::Failed(format!("TLS: {e}")))?;
     let expiry = crate::auth::unix_now() + TOKEN_TTL_SECS;
     let token = SasToken::sign(
         &format!("{}{}", up.hub_host, id.resource()),
@@ -846,12 +1293,34 @@ async fn connect(
     );
     write_packet(&mut stream, &Packet::Connect(c))
         .await
-        .map_err(|e| format!("sending CONNECT: {e}"))?;
+        .map_err(|e| ConnectError::Failed(format!("sending CONNECT: {e}")))?;
     let mut buf = BytesMut::with_capacity(64);
-    match read_packet(&mut stream, &mut buf).await? {
+    match read_packet(&mut stream, &mut buf)
+        .await
+        .map_err(ConnectError::Failed)?
+    {
         Packet::ConnAck(a) if a.code == ConnectReturnCode::Success => Ok(stream),
-        Packet::ConnAck(a) => Err(format!("CONNECT refused: {:?}", a.code)),
-        other => Err(format!("expected CONNACK, got {:?}", other.packet_type())),
+        // The identity or its credentials: trying again at once would be
+        // refused again.
+        Packet::ConnAck(a)
+            if matches!(
+                a.code,
+                ConnectReturnCode::NotAuthorized
+                    | ConnectReturnCode::BadUserNamePassword
+                    | ConnectReturnCode::BadClientId
+            ) =>
+        {
+            Err(ConnectError::Refused(format!("{:?}", a.code)))
+        }
+        // e.g. ServiceUnavailable (throttled): like a network failure.
+        Packet::ConnAck(a) => Err(ConnectError::Failed(format!(
+            "CONNECT refused: {:?}",
+            a.code
+        ))),
+        other => Err(ConnectError::Failed(format!(
+            "expected CONNACK, got {:?}",
+            other.packet_type()
+        ))),
     }
 }
 
@@ -911,7 +1380,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> End {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut buf = BytesMut::with_capacity(1024);
-    let mut inflight: VecDeque<(u16, Instant, oneshot::Sender<()>)> = VecDeque::new();
+    let mut inflight: VecDeque<(u16, Instant, Ack)> = VecDeque::new();
     let max_inflight = cfg.batch_size * PIPELINE_BATCHES;
     let ack_timeout = Duration::from_secs(cfg.ack_timeout_secs);
     // Packet id 1 is the SUBSCRIBE's; publishes use 2.. (its SUBACK is
@@ -995,7 +1464,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     if let Some(pos) = inflight.iter().position(|(id, _, _)| *id == a.pkid)
                         && let Some((_, _, tx)) = inflight.remove(pos)
                     {
-                        let _ = tx.send(());
+                        tx.send(Sent::Acked);
                     }
                 }
                 Ok(Packet::SubAck(a)) => {
@@ -1064,9 +1533,10 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                         let mut p = Publish::from_bytes(req.topic, QoS::AtLeastOnce, req.payload);
                         p.pkid = next_pkid;
                         if let Err(e) = Packet::Publish(p).write(&mut out, MAX_OUTBOUND_PACKET) {
-                            // Not sendable at all (too large): fail it, not the link.
+                            // Not sendable at all (the drain checks first, so
+                            // this is a safety net): settle it, not the link.
                             tracing::warn!(identity = %io.name, error = %e, "upstream message cannot be encoded");
-                            drop(req.ack);
+                            req.ack.send(Sent::Unsendable);
                         } else {
                             inflight.push_back((next_pkid, Instant::now(), req.ack));
                         }
@@ -1398,6 +1868,36 @@ leaf1 = "AQEBAQEBAQEBAQEBAQEBAQ=="
             expiry: None,
             message: msg,
         }
+    }
+
+    #[test]
+    fn checkpoint_stops_before_the_first_unsettled_offset() {
+        let mut q = QueueProgress::default();
+        assert_eq!(q.settled_up_to(), None, "nothing read");
+        // Read 10..=14 (0..10 were settled before, or skipped as expired).
+        q.frontier = 15;
+        q.open.extend([11, 13]);
+        assert_eq!(q.settled_up_to(), Some(10));
+        q.open.remove(&11);
+        assert_eq!(q.settled_up_to(), Some(12));
+        q.open.remove(&13);
+        assert_eq!(q.settled_up_to(), Some(14));
+        q.open.insert(0);
+        assert_eq!(q.settled_up_to(), None, "the first offset is open");
+    }
+
+    #[test]
+    fn sender_keys_are_valid_twin_property_names() {
+        assert_eq!(twin_key("edge1/modA"), "edge1/modA");
+        assert_eq!(twin_key("edge1/$edgeHub"), "edge1/%24edgeHub");
+        assert_eq!(twin_key("a.b c%"), "a%2Eb%20c%25");
+    }
+
+    #[test]
+    fn oversized_topics_are_not_sendable() {
+        assert!(sendable(&"a".repeat(65_535), b"x").is_ok());
+        assert!(sendable(&"a".repeat(65_536), b"x").is_err());
+        assert!(sendable("t", &vec![0u8; MAX_OUTBOUND_PACKET]).is_err());
     }
 
     #[test]

@@ -1055,3 +1055,217 @@ async fn verge_cloud_kill9_under_load_loses_nothing_acknowledged() {
     hub.stop();
     endpoint.abort();
 }
+
+/// A message whose property bag, encoded for the upstream link, no longer
+/// fits an MQTT topic (the hub stamps a message id the device did not send,
+/// taking a 65,5xx-byte topic past 65,535 bytes) cannot be sent at all: it is
+/// dropped and counted once, and the checkpoint moves past it, so the good
+/// messages of another sender behind it reach the cloud exactly once (not
+/// again every reconnect interval), and so do its own sender's later ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsendable_message_is_dropped_once_and_does_not_hold_back_others() {
+    let vc = VergeCloud::new().await;
+    let (endpoint, _) = vc.start().await;
+    let hub_pki = pki();
+    let storage = tempfile::tempdir().unwrap();
+    let mqtt = free_addr();
+    let (_, cfg) = hub_config(
+        &hub_pki,
+        storage.path(),
+        mqtt,
+        (vc.addr.port(), &vc.ca),
+        7200,
+    );
+    let hub = verge_hub::Hub::start(cfg).await.unwrap();
+    let mut a = sender(mqtt, &hub_pki.ca_pem, "modA").await;
+    let mut b = sender(mqtt, &hub_pki.ca_pem, "modB").await;
+    // Wait for the edge device's link, so the poison is read with the rest
+    // of a live drain (not only after a reconnect).
+    wait_for("the upstream link", Duration::from_secs(10), || {
+        hub.state.stats.upstream.online.load(Ordering::Relaxed)
+    })
+    .await;
+
+    // modA's poison: a 65,530-byte topic without a message id.
+    let prefix = format!("{}seq=999&big=", a.topic);
+    let topic = format!("{prefix}{}", "a".repeat(65_530 - prefix.len()));
+    assert_eq!(topic.len(), 65_530);
+    let mut p = Publish::new(topic, QoS::AtLeastOnce, b"poison".to_vec());
+    p.pkid = 1;
+    assert!(write_pkt(&mut a.raw.s, Packet::Publish(p)).await);
+    match tokio::time::timeout(T, read_pkt(&mut a.raw.s, &mut a.raw.buf)).await {
+        Ok(Some(Packet::PubAck(ack))) => assert_eq!(ack.pkid, 1),
+        other => panic!("the hub did not accept the poison message: {other:?}"),
+    }
+    a.pkid = 1;
+    for seq in 0..5 {
+        assert!(b.send("modB", seq).await);
+    }
+    assert!(a.send("modA", 0).await);
+    wait_for("the good messages", Duration::from_secs(10), || {
+        let got = vc.received();
+        got.get("edge1/modB").map_or(0, Vec::len) >= 5 && got.contains_key("edge1/modA")
+    })
+    .await;
+    // Long enough for several reconnect intervals (200 ms) of resends.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let got = vc.received();
+    assert_eq!(got.get("edge1/modB"), Some(&(0..5).collect::<Vec<u64>>()));
+    assert_eq!(
+        got.get("edge1/modA"),
+        Some(&vec![0]),
+        "the poison never arrives"
+    );
+    let up = &hub.state.stats.upstream;
+    assert_eq!(up.dropped_unsendable.load(Ordering::Relaxed), 1);
+    assert_eq!(up.sent.load(Ordering::Relaxed), 6);
+    // Settled: nothing of `$upstream` is left unacknowledged in the store.
+    let depth: u64 = hub
+        .state
+        .store
+        .queues()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|q| q.endpoint == "$upstream")
+        .map(|q| q.depth)
+        .sum();
+    assert_eq!(depth, 0, "the checkpoint moved past the poison");
+    drop((a, b));
+    hub.shutdown().await;
+    endpoint.abort();
+}
+
+/// One sender the cloud refuses (its identity does not exist there) holds
+/// back only itself: the other sender's messages, queued behind the refused
+/// one's, arrive promptly, in order and once; the refused one's wait, held
+/// and counted, shown as `refused` in the stats and in the `$edgeHub`
+/// reported properties, and go out in order once the cloud accepts the
+/// identity again (the link retries with back-off).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_sender_waits_while_the_others_pass() {
+    let vc = VergeCloud::new().await;
+    vc.state.delete_module(DEVICE, "modB", None).await.unwrap();
+    let (endpoint, _) = vc.start().await;
+    let hub_pki = pki();
+    let storage = tempfile::tempdir().unwrap();
+    let mqtt = free_addr();
+    let (_, cfg) = hub_config(
+        &hub_pki,
+        storage.path(),
+        mqtt,
+        (vc.addr.port(), &vc.ca),
+        7200,
+    );
+    let hub = verge_hub::Hub::start(cfg).await.unwrap();
+    let up = &hub.state.stats.upstream;
+    wait_for("the upstream link", Duration::from_secs(10), || {
+        up.online.load(Ordering::Relaxed)
+    })
+    .await;
+    let mut a = sender(mqtt, &hub_pki.ca_pem, "modA").await;
+    let mut b = sender(mqtt, &hub_pki.ca_pem, "modB").await;
+    // modB's messages first in the queue, then modA's behind them.
+    for seq in 0..5 {
+        assert!(b.send("modB", seq).await);
+    }
+    let sent_at = Instant::now();
+    for seq in 0..10 {
+        assert!(a.send("modA", seq).await);
+    }
+    wait_for("modA's messages", Duration::from_secs(10), || {
+        vc.received().get("edge1/modA").map_or(0, Vec::len) >= 10
+    })
+    .await;
+    let took = sent_at.elapsed();
+    println!("modA's 10 messages past the refused modB in {took:?}");
+    assert!(took < Duration::from_secs(3), "modA held back {took:?}");
+
+    // modB: refused, its messages waiting and visible.
+    wait_for("modB's state", Duration::from_secs(5), || {
+        up.senders()
+            .get("edge1/modB")
+            .is_some_and(|s| s.status == "refused" && s.waiting == 5)
+    })
+    .await;
+    assert_eq!(up.held.load(Ordering::Relaxed), 5);
+    let twin_id = format!("{DEVICE}/$edgeHub");
+    wait_for(
+        "upstream.senders on $edgeHub",
+        Duration::from_secs(5),
+        || {
+            let twin = hub.state.twins.client_json(&twin_id);
+            let s = twin.pointer("/reported/upstream/senders/edge1~1modB");
+            s.and_then(|s| s.get("status")).and_then(|v| v.as_str()) == Some("refused")
+                && s.and_then(|s| s.get("waiting")).and_then(|v| v.as_u64()) == Some(5)
+        },
+    )
+    .await;
+    let got = vc.received();
+    assert_eq!(got.get("edge1/modA"), Some(&(0..10).collect::<Vec<u64>>()));
+    assert!(!got.contains_key("edge1/modB"));
+    // The store keeps everything from modB's first message on.
+    let depth = || async {
+        hub.state
+            .store
+            .queues()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|q| q.endpoint == "$upstream")
+            .map(|q| q.depth)
+            .sum::<u64>()
+    };
+    assert_eq!(depth().await, 15, "checkpoint stays before modB's messages");
+
+    // modA keeps flowing while modB is refused.
+    for seq in 10..15 {
+        assert!(a.send("modA", seq).await);
+    }
+    wait_for("modA's later messages", Duration::from_secs(5), || {
+        vc.received().get("edge1/modA").map_or(0, Vec::len) >= 15
+    })
+    .await;
+
+    // The cloud gets modB again: its messages go out, in order, once.
+    let keys = verge_cloud::registry::SymmetricKeys {
+        primary: module_key("modB").to_base64(),
+        secondary: SharedAccessKey::from_bytes(vec![9u8; 32]).to_base64(),
+    };
+    let spec = verge_cloud::ModuleSpec {
+        keys: Some(keys),
+        ..verge_cloud::ModuleSpec::default()
+    };
+    vc.state
+        .put_module(DEVICE, "modB", spec, None)
+        .await
+        .unwrap();
+    assert!(b.send("modB", 5).await);
+    wait_for("modB's messages", Duration::from_secs(20), || {
+        vc.received().get("edge1/modB").map_or(0, Vec::len) >= 6
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = vc.received();
+    assert_eq!(got.get("edge1/modB"), Some(&(0..6).collect::<Vec<u64>>()));
+    assert_eq!(got.get("edge1/modA"), Some(&(0..15).collect::<Vec<u64>>()));
+    assert_eq!(up.sent.load(Ordering::Relaxed), 21);
+    wait_for(
+        "the checkpoint past everything",
+        Duration::from_secs(5),
+        || {
+            up.senders()
+                .get("edge1/modB")
+                .is_some_and(|s| s.status == "connected" && s.waiting == 0)
+        },
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while depth().await != 0 {
+        assert!(Instant::now() < deadline, "the checkpoint did not move");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop((a, b));
+    hub.shutdown().await;
+    endpoint.abort();
+}
