@@ -28,6 +28,10 @@
 //! identities_miss_secs = 10        # …and on an unknown/refused module token: the first at once, later ones at most this often
 //! cert_retry_max_secs = 60         # longest back-off between failed certificate renewals
 //!
+//! [store]        # optional: the message store's free-space floor
+//! min_free_bytes = 67108864        # appends refused below this much free space (0 = no check)…
+//! min_free_percent = 10            # …or below this share of the volume, if less (small volumes)
+//!
 //! [upstream]     # optional: without it nothing is sent to the cloud
 //! hostname = "myhub.azure-devices.net"   # dialled; also the TLS server name
 //! port = 8883
@@ -109,6 +113,10 @@ pub struct Config {
     /// Protocol limits and timers.
     #[serde(default)]
     pub limits: Limits,
+    /// The message store's free-space floor (its size limit is
+    /// `storeLimits.maxSizeBytes` of the `$edgeHub` desired properties).
+    #[serde(default)]
+    pub store: StoreSettings,
     /// The link to the cloud IoT hub; `None` = messages routed to
     /// `$upstream` stay in the store.
     #[serde(default)]
@@ -234,6 +242,35 @@ impl Default for ListenConfig {
             https: default_https(),
         }
     }
+}
+
+/// `[store]`: when the message store refuses appends for lack of disk
+/// space (see `verge_store::StoreConfig::min_free_bytes`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSettings {
+    /// Bytes that must stay free on the store's volume (default 64 MiB; 0 = no check).
+    #[serde(default = "default_min_free_bytes")]
+    pub min_free_bytes: u64,
+    /// …or this percentage of the volume's size, if less (default 10).
+    #[serde(default = "default_min_free_percent")]
+    pub min_free_percent: u8,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            min_free_bytes: default_min_free_bytes(),
+            min_free_percent: default_min_free_percent(),
+        }
+    }
+}
+
+fn default_min_free_bytes() -> u64 {
+    verge_store::StoreConfig::default().min_free_bytes
+}
+fn default_min_free_percent() -> u8 {
+    verge_store::StoreConfig::default().min_free_percent
 }
 
 /// Protocol limits and timers.

@@ -46,6 +46,9 @@ pub struct ActiveRoutes {
     /// `storeAndForwardConfiguration.timeToLiveSecs`: the TTL of messages
     /// whose route sets none; `None` = never expire.
     pub default_ttl_secs: Option<u64>,
+    /// `storeAndForwardConfiguration.storeLimits.maxSizeBytes`: the store's
+    /// size limit; `None` = none.
+    pub max_size_bytes: Option<u64>,
 }
 
 /// Parses and compiles a `$edgeHub` desired-properties document.
@@ -57,6 +60,7 @@ pub fn compile(value: &Value) -> Result<ActiveRoutes, ConfigUpdateError> {
     Ok(ActiveRoutes {
         set,
         default_ttl_secs: desired.store_and_forward.time_to_live_secs,
+        max_size_bytes: desired.store_and_forward.max_size_bytes,
     })
 }
 

@@ -149,6 +149,8 @@ impl HubState {
     /// it names has a delivery pump). Callers validate first; see [`edgehub`].
     fn install_routes(&self, routes: edgehub::ActiveRoutes) {
         self.want_pumps(&routes.set);
+        // `storeLimits.maxSizeBytes`: beyond it appends are refused ("storage full").
+        self.store.set_max_bytes(routes.max_size_bytes);
         *self
             .routes
             .write()
@@ -283,6 +285,8 @@ async fn open_state(cfg: Config) -> anyhow::Result<(Arc<HubState>, Option<Vec<u8
     // say "never expire"), so the store adds no default of its own.
     let store_cfg = StoreConfig {
         default_ttl_secs: None,
+        min_free_bytes: cfg.store.min_free_bytes,
+        min_free_percent: cfg.store.min_free_percent,
         ..StoreConfig::default()
     };
     let store = tokio::task::spawn_blocking(move || Store::open(store_dir, store_cfg)).await??;

@@ -374,3 +374,22 @@ async fn global_ttl_of_the_configuration_applies_live() {
     assert!(maybe_pub(&mut b, QUIET).await.is_none());
     hub.shutdown().await;
 }
+
+/// `storeLimits.maxSizeBytes` of the `$edgeHub` desired properties is the
+/// store's size limit, applied (and lifted) live.
+#[tokio::test]
+async fn store_size_limit_of_the_configuration_applies_live() {
+    let pki = pki();
+    let storage = tempfile::tempdir().unwrap();
+    let hub = Hub::start(config(&pki, storage.path(), "127.0.0.1:0", "127.0.0.1:0"))
+        .await
+        .unwrap();
+    let route = json!({"A6": "FROM /messages/* INTO $upstream"});
+    let doc = |limit: Value| json!({"schemaVersion": "1.1", "routes": route, "storeAndForwardConfiguration": {"timeToLiveSecs": 60, "storeLimits": {"maxSizeBytes": limit}}});
+    assert_eq!(hub.state.store.max_bytes(), None);
+    assert_eq!(put_desired(&hub, &pki, &doc(json!(4096))).await, 200);
+    assert_eq!(hub.state.store.max_bytes(), Some(4096));
+    assert_eq!(put_desired(&hub, &pki, &doc(Value::Null)).await, 200);
+    assert_eq!(hub.state.store.max_bytes(), None);
+    hub.shutdown().await;
+}

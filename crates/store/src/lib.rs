@@ -225,8 +225,15 @@ pub struct StoreConfig {
     /// [`StoreConfig::min_free_bytes`] as the physical guard.
     pub max_bytes: Option<u64>,
     /// Appends fail with [`StoreError::Full`] while the file system holding
-    /// the store has less than this many bytes available. Default 64 MiB.
+    /// the store has less than the *floor* available: this many bytes, or
+    /// [`StoreConfig::min_free_percent`] of the volume's size if that is
+    /// less (a small volume still takes messages). 0 turns every free-space
+    /// check off. Default 64 MiB. Below half the floor the engine is not
+    /// written either (see "Failure behaviour").
     pub min_free_bytes: u64,
+    /// Caps the floor at this percentage of the volume's size (100 = no
+    /// cap). Default 10.
+    pub min_free_percent: u8,
     /// How often expired references are cleaned up. Default 60 s.
     pub cleanup_interval: Duration,
     /// Scan whole queues for expired references on cleanup, not only their
@@ -265,6 +272,7 @@ impl Default for StoreConfig {
             default_ttl_secs: Some(7200),
             max_bytes: None,
             min_free_bytes: 64 * 1024 * 1024,
+            min_free_percent: 10,
             cleanup_interval: Duration::from_secs(60),
             check_entire_queue_on_cleanup: false,
             channel_capacity: 4096,
@@ -359,7 +367,8 @@ pub struct QueueInfo {
 /// Why an append was refused for lack of space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FullReason {
-    /// [`StoreConfig::max_bytes`] would be exceeded.
+    /// [`StoreConfig::max_bytes`] (or the limit set by
+    /// [`Store::set_max_bytes`]) would be exceeded.
     ByteLimit {
         /// Accounted bytes stored now.
         stored: u64,
@@ -375,12 +384,62 @@ pub enum FullReason {
     },
 }
 
+impl std::fmt::Display for FullReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FullReason::ByteLimit { stored, limit } => write!(
+                f,
+                "{stored} bytes stored, the limit (storeLimits.maxSizeBytes) is {limit}"
+            ),
+            FullReason::DiskFloor { available, floor } => write!(
+                f,
+                "{available} bytes free on the store's volume, {floor} must stay free"
+            ),
+        }
+    }
+}
+
+/// The file system holding the store, as [`Store::volume`] sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Volume {
+    /// Size of the file system, bytes.
+    pub total: u64,
+    /// Bytes available to the store's process.
+    pub available: u64,
+    /// Bytes that must stay free: appends are refused below it.
+    pub floor: u64,
+}
+
+impl Volume {
+    #[allow(clippy::useless_conversion)]
+    pub(crate) fn read(dir: &Path, config: &StoreConfig) -> Option<Volume> {
+        let s = nix::sys::statvfs::statvfs(dir).ok()?;
+        let frag = u64::from(s.fragment_size());
+        let total = u64::from(s.blocks()).saturating_mul(frag);
+        let available = u64::from(s.blocks_available()).saturating_mul(frag);
+        Some(Volume {
+            total,
+            available,
+            floor: floor_for(config, total),
+        })
+    }
+}
+
+/// [`StoreConfig::min_free_bytes`], capped at
+/// [`StoreConfig::min_free_percent`] of a volume of `total` bytes.
+pub(crate) fn floor_for(config: &StoreConfig, total: u64) -> u64 {
+    let pct = u64::from(config.min_free_percent.min(100));
+    config
+        .min_free_bytes
+        .min(u64::try_from(u128::from(total) * u128::from(pct) / 100).unwrap_or(u64::MAX))
+}
+
 /// Store errors.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// No room: the append was refused and nothing was written. Retry after
     /// acks or TTL cleanup free space.
-    #[error("store full: {0:?}")]
+    #[error("storage full: {0}")]
     Full(FullReason),
     /// The storage engine failed (I/O error, poisoned database, corrupt files).
     #[error("storage engine: {0}")]
@@ -535,6 +594,8 @@ pub(crate) struct Shared {
     pub config: StoreConfig,
     pub state: Mutex<State>,
     pub stored_bytes: AtomicU64,
+    /// The byte limit in force ([`Store::set_max_bytes`]); `u64::MAX` = none.
+    pub max_bytes: AtomicU64,
     pub expired_total: AtomicU64,
     pub poisoned: AtomicBool,
     pub hot: Mutex<Hot>,
@@ -547,6 +608,11 @@ impl Shared {
         // A panic while holding the lock cannot leave offsets half-updated in
         // a way that matters more than losing the store; keep going.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The byte limit in force, if any.
+    pub(crate) fn max_bytes(&self) -> Option<u64> {
+        Some(self.max_bytes.load(Ordering::Relaxed)).filter(|&m| m != u64::MAX)
     }
 
     pub(crate) fn keyspace(&self, ks: synclog::Ks) -> &Keyspace {
@@ -738,6 +804,7 @@ impl Store {
         let queues = db.keyspace("queues", opts)?;
         let meta = db.keyspace("meta", opts)?;
         let log = open_sync_log(&db, [&msgs, &queues, &meta], &dir, &config)?;
+        warn_if_volume_small(&dir, &config);
 
         let mut state = State::default();
         for kv in meta.prefix([keys::QUEUE]) {
@@ -797,6 +864,7 @@ impl Store {
             config: config.clone(),
             state: Mutex::new(state),
             stored_bytes: AtomicU64::new(stored),
+            max_bytes: AtomicU64::new(config.max_bytes.unwrap_or(u64::MAX)),
             expired_total: AtomicU64::new(0),
             poisoned: AtomicBool::new(false),
             hot: Mutex::new(Hot::default()),
@@ -1070,6 +1138,28 @@ impl Store {
         self.shared.stored_bytes.load(Ordering::Relaxed)
     }
 
+    /// Replaces the byte limit ([`StoreConfig::max_bytes`]) while running —
+    /// the `$edgeHub` twin's `storeLimits.maxSizeBytes`. A limit below what
+    /// is stored refuses appends until acks and TTL bring it under; nothing
+    /// stored is dropped.
+    pub fn set_max_bytes(&self, limit: Option<u64>) {
+        self.shared
+            .max_bytes
+            .store(limit.unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// The byte limit in force.
+    pub fn max_bytes(&self) -> Option<u64> {
+        self.shared.max_bytes()
+    }
+
+    /// The store volume's size, available bytes and the floor in force
+    /// ([`StoreConfig::min_free_bytes`]), read now; `None` if the file
+    /// system cannot tell.
+    pub fn volume(&self) -> Option<Volume> {
+        Volume::read(&self.shared.dir, &self.shared.config)
+    }
+
     /// Bytes the engine occupies on disk (journal and tables).
     pub fn disk_bytes(&self) -> Result<u64> {
         Ok(self.shared.db.disk_space()?)
@@ -1182,6 +1272,28 @@ fn open_sync_log(
     b.commit()?;
     log.new_lap(next);
     Ok(Some(log))
+}
+
+/// Says so at start when the volume cannot take messages: a volume smaller
+/// than the floor, or one already filled to it, refuses every append.
+fn warn_if_volume_small(dir: &Path, config: &StoreConfig) {
+    if config.min_free_bytes == 0 {
+        return;
+    }
+    let Some(v) = Volume::read(dir, config) else {
+        return;
+    };
+    // Less than a megabyte above the floor holds nothing worth the name.
+    if v.available < v.floor.saturating_add(1024 * 1024) {
+        tracing::warn!(
+            dir = %dir.display(),
+            volume_bytes = v.total,
+            available_bytes = v.available,
+            floor_bytes = v.floor,
+            "store: the volume has (almost) no space above the free-space floor; \
+             messages will be refused until space is freed (see min_free_bytes / min_free_percent)"
+        );
+    }
 }
 
 fn corrupt(what: &str) -> StoreError {
@@ -1578,6 +1690,31 @@ mod tests {
             assert!(store.read("a", 10).await.unwrap().is_empty());
             assert!(store.read("b", 10).await.unwrap().is_empty());
         }
+    }
+
+    /// The floor is min_free_bytes, capped at a share of small volumes.
+    #[test]
+    fn floor_scales_with_small_volumes() {
+        const MIB: u64 = 1024 * 1024;
+        let c = StoreConfig::default();
+        assert_eq!(floor_for(&c, 64 * MIB), 64 * MIB / 10);
+        assert_eq!(floor_for(&c, 16 * 1024 * MIB), 64 * MIB);
+        let c = StoreConfig {
+            min_free_percent: 100,
+            ..c
+        };
+        assert_eq!(floor_for(&c, 64 * MIB), 64 * MIB);
+        let c = StoreConfig {
+            min_free_bytes: 0,
+            ..c
+        };
+        assert_eq!(floor_for(&c, 64 * MIB), 0);
+        let c = StoreConfig {
+            min_free_bytes: u64::MAX,
+            min_free_percent: 200,
+            ..c
+        };
+        assert_eq!(floor_for(&c, u64::MAX), u64::MAX);
     }
 
     #[test]

@@ -166,6 +166,7 @@ struct Writer {
     deletes: Option<(OwnedWriteBatch, [u64; 3])>,
     /// A record was logged without a sync since the last sync.
     unsynced: bool,
+    gauge: Gauge,
 }
 
 /// Approximate memtable cost of one write besides key and value.
@@ -185,16 +186,62 @@ pub(crate) fn spawn(
         mem: [0; 3],
         deletes: None,
         unsynced: false,
+        gauge: Gauge::new(),
     };
     std::thread::Builder::new()
         .name("verge-store-writer".into())
         .spawn(move || w.run())
 }
 
-#[allow(clippy::useless_conversion)]
-fn available_bytes(dir: &std::path::Path) -> Option<u64> {
-    let s = nix::sys::statvfs::statvfs(dir).ok()?;
-    Some(u64::from(s.blocks_available()).saturating_mul(u64::from(s.fragment_size())))
+/// Free space on the store's volume, read with `statvfs` at most every
+/// [`GAUGE_MS`] or [`GAUGE_BYTES`] appended — not once per append — and
+/// fresh before every engine write.
+struct Gauge {
+    /// (available, floor) at the last reading; `None` = unknown.
+    last: Option<(u64, u64)>,
+    at: std::time::Instant,
+    appended: u64,
+}
+
+/// Longest a free-space reading is trusted for appends.
+const GAUGE_MS: u64 = 100;
+/// Most bytes appended on one free-space reading.
+const GAUGE_BYTES: u64 = 1024 * 1024;
+
+impl Gauge {
+    fn new() -> Gauge {
+        Gauge {
+            last: None,
+            at: std::time::Instant::now(),
+            appended: 0,
+        }
+    }
+
+    /// Reads the volume now.
+    fn refresh(&mut self, sh: &Shared) -> Option<(u64, u64)> {
+        self.at = std::time::Instant::now();
+        self.appended = 0;
+        self.last = match crate::Volume::read(&sh.dir, &sh.config) {
+            Some(v) => Some((v.available, v.floor)),
+            None => {
+                tracing::warn!(dir = %sh.dir.display(), "statvfs failed; disk floor not checked");
+                None
+            }
+        };
+        self.last
+    }
+
+    /// (available, floor), from a reading at most [`GAUGE_MS`] old.
+    fn get(&mut self, sh: &Shared) -> Option<(u64, u64)> {
+        if self.at.elapsed() >= std::time::Duration::from_millis(GAUGE_MS)
+            || self.appended >= GAUGE_BYTES
+            || self.last.is_none()
+        {
+            return self.refresh(sh);
+        }
+        // Appended since the reading: assume it all took disk space.
+        self.last.map(|(a, f)| (a.saturating_sub(self.appended), f))
+    }
 }
 
 impl Writer {
@@ -344,17 +391,14 @@ impl Writer {
             return;
         }
         let now = Timestamp::now();
-        let floor = sh.config.min_free_bytes;
-        let disk_full = if floor > 0 && cmds.iter().any(|c| matches!(c, Cmd::Append { .. })) {
-            match available_bytes(&sh.dir) {
-                Some(available) if available < floor => {
+        let disk_full = if sh.config.min_free_bytes > 0
+            && cmds.iter().any(|c| matches!(c, Cmd::Append { .. }))
+        {
+            match self.gauge.get(&sh) {
+                Some((available, floor)) if available < floor => {
                     Some(FullReason::DiskFloor { available, floor })
                 }
-                Some(_) => None,
-                None => {
-                    tracing::warn!(dir = %sh.dir.display(), "statvfs failed; disk floor not checked");
-                    None
-                }
+                _ => None,
             }
         } else {
             None
@@ -580,7 +624,7 @@ impl Writer {
         let body_size =
             u32::try_from(body.len() as u64 + BODY_OVERHEAD).map_err(|_| StoreError::TooLarge)?;
         let size = u64::from(body_size) + ENTRY_OVERHEAD * u64::from(n);
-        if let Some(limit) = sh.config.max_bytes
+        if let Some(limit) = sh.max_bytes()
             && g.stored.saturating_add(size) > limit
         {
             return Err(StoreError::Full(FullReason::ByteLimit {
@@ -648,6 +692,7 @@ impl Writer {
         }
         g.stored = g.stored.saturating_add(size);
         g.dirty = true;
+        self.gauge.appended = self.gauge.appended.saturating_add(size);
         Ok(MessageId(id))
     }
 

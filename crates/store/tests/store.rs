@@ -267,6 +267,7 @@ async fn disk_floor_refuses_appends_but_not_acks() {
     }
     let tight = StoreConfig {
         min_free_bytes: u64::MAX,
+        min_free_percent: 100,
         ..cfg()
     };
     let store = Store::open(dir.path(), tight).unwrap();
@@ -422,4 +423,28 @@ async fn sync_log_laps_and_size_changes_keep_everything() {
     assert_eq!(rest.len(), 1001);
     assert_eq!(bodies(&rest)[1000], body(1500));
     assert!(rest.windows(2).all(|w| w[0].offset + 1 == w[1].offset));
+}
+
+/// A limit set while running (`storeLimits.maxSizeBytes`) refuses appends
+/// beyond it with a "storage full" error, keeps what is stored, and takes
+/// effect both ways at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_bytes_set_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), cfg()).unwrap();
+    let t = [Target::new("ep")];
+    let body = "x".repeat(1000);
+    store.append(&msg(&body), &t).await.unwrap();
+    assert_eq!(store.max_bytes(), None);
+    store.set_max_bytes(Some(store.stored_bytes() + 500));
+    let e = store.append(&msg(&body), &t).await.unwrap_err();
+    assert!(
+        matches!(e, StoreError::Full(FullReason::ByteLimit { .. })),
+        "{e}"
+    );
+    assert!(e.to_string().starts_with("storage full"), "{e}");
+    assert_eq!(bodies(&store.read("ep", 10).await.unwrap()), std::slice::from_ref(&body));
+    store.set_max_bytes(None);
+    store.append(&msg(&body), &t).await.unwrap();
+    assert_eq!(store.read("ep", 10).await.unwrap().len(), 1);
 }
