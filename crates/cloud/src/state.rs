@@ -35,7 +35,7 @@ use crate::registry::{
     ConnInfo, DeviceRecord, DeviceSpec, DeviceStatus, ModuleRecord, ModuleSpec, SymmetricKeys,
     if_match, is_wildcard, new_generation_id,
 };
-use crate::twins::{StoredTwin, merge_tags};
+use crate::twins::{StoredTwin, merge_tags, replacement_patch};
 
 /// The system modules every edge device has.
 pub const SYSTEM_MODULES: [&str; 2] = ["$edgeAgent", "$edgeHub"];
@@ -1462,13 +1462,21 @@ impl Inner {
                 event = Some(next.desired_patch_message(d));
             }
             (Some(d), true) => {
-                next.replace_desired(d, t)?;
-                event = Some(next.desired.to_client_json());
+                let v = next.replace_desired(d, t)?;
+                event = Some(replacement_patch(
+                    &twin.desired.properties,
+                    &next.desired.properties,
+                    v,
+                ));
             }
             (None, true) => {
                 let empty = Value::Object(Map::new());
-                next.replace_desired(&empty, t)?;
-                event = Some(next.desired.to_client_json());
+                let v = next.replace_desired(&empty, t)?;
+                event = Some(replacement_patch(
+                    &twin.desired.properties,
+                    &next.desired.properties,
+                    v,
+                ));
             }
             _ => {}
         }
@@ -1526,6 +1534,7 @@ impl Inner {
         }
         let t = now();
         let mut updated: Vec<ModuleEntry> = Vec::new();
+        let mut patches = Vec::new();
         let mut created = Vec::new();
         for (name, section) in modules {
             check_module_id(name)
@@ -1548,9 +1557,16 @@ impl Inner {
                     new_module(device, name, managed)
                 }
             };
-            me.twin.replace_desired(&desired, t).map_err(|e| {
+            let before = me.twin.desired.properties.clone();
+            let version = me.twin.replace_desired(&desired, t).map_err(|e| {
                 CloudError::BadRequest(format!("modulesContent.{name}.properties.desired: {e}"))
             })?;
+            // Removed keys go out as nulls: the device merges what it gets.
+            patches.push(replacement_patch(
+                &before,
+                &me.twin.desired.properties,
+                version,
+            ));
             updated.push(me);
         }
         let mut batch = self.db.durable_batch();
@@ -1567,9 +1583,9 @@ impl Inner {
         }
         batch.commit()?;
         let mut events = Vec::new();
-        for me in updated {
+        for (me, patch) in updated.into_iter().zip(patches) {
             let mid = me.rec.module_id.clone();
-            events.push((mid.clone(), me.twin.desired.to_client_json()));
+            events.push((mid.clone(), patch));
             d.modules.insert(mid, me);
         }
         drop(reg);

@@ -308,6 +308,20 @@ async fn twin_versions_etags_and_desired_events() {
         t3.twin.to_client_json()["desired"],
         json!({"only": true, "$version": 3})
     );
+    // The device merges what it gets: the replacement reaches it as a diff
+    // whose removed keys are nulls.
+    assert_eq!(
+        conn.recv().await,
+        Some(ConnectionEvent::DesiredPatch(
+            json!({"mode": "eco", "$version": 2})
+        ))
+    );
+    assert_eq!(
+        conn.recv().await,
+        Some(ConnectionEvent::DesiredPatch(
+            json!({"rate": null, "mode": null, "only": true, "$version": 3})
+        ))
+    );
     // Reported from the device side; versions persist across restart.
     assert_eq!(
         c.patch_reported(&id, json!({"fw": "1.0"})).await.unwrap(),
@@ -437,14 +451,15 @@ async fn deployments_set_module_twins() {
     let f = c.get_module("edge", "filter").unwrap();
     assert_eq!(f.record.managed_by.as_deref(), Some("IotEdge"));
     let mut fconn = c.connect(&module("edge", "filter")).unwrap();
-    // Re-applying replaces (keys not listed disappear) and pushes the full document.
+    // Re-applying replaces (keys not listed disappear): the device gets the
+    // difference, removed keys as nulls (it merges what it gets).
     let mut m2 = manifest.clone();
     m2["modulesContent"]["filter"]["properties.desired"] = json!({"window": 5});
     c.apply_configuration("edge", m2).await.unwrap();
     assert_eq!(
         fconn.recv().await,
         Some(ConnectionEvent::DesiredPatch(
-            json!({"window": 5, "$version": 2})
+            json!({"threshold": null, "window": 5, "$version": 2})
         ))
     );
     // Invalid $edgeAgent: 400 naming the field; nothing changes.

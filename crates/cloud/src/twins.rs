@@ -1,5 +1,6 @@
 //! Persisted form of [`verge_core::Twin`] (the core type has no serde, by
-//! design: it does no I/O), and the service-side tag merge.
+//! design: it does no I/O), the service-side tag merge, and the desired patch
+//! a wholesale replacement sends to the device.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -104,6 +105,41 @@ pub(crate) fn merge_tags(current: &Map<String, Value>, patch: &Map<String, Value
     Value::Object(t)
 }
 
+/// The desired-properties patch a device gets when its desired properties
+/// are replaced wholesale (a deployment, a twin PUT): the JSON merge patch
+/// from `old` to `new`, where a removed key is `null` — sending the new
+/// document alone would be merged by the device and keep removed keys (a
+/// deleted route would stay in force) — plus the new `$version`.
+pub(crate) fn replacement_patch(
+    old: &Map<String, Value>,
+    new: &Map<String, Value>,
+    version: u64,
+) -> Value {
+    fn diff(old: &Map<String, Value>, new: &Map<String, Value>) -> Map<String, Value> {
+        let mut out = Map::new();
+        for k in old.keys() {
+            if !new.contains_key(k) {
+                out.insert(k.clone(), Value::Null);
+            }
+        }
+        for (k, v) in new {
+            match (old.get(k), v) {
+                (Some(o), n) if o == n => {}
+                (Some(Value::Object(o)), Value::Object(n)) => {
+                    out.insert(k.clone(), Value::Object(diff(o, n)));
+                }
+                _ => {
+                    out.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        out
+    }
+    let mut p = diff(old, new);
+    p.insert("$version".into(), Value::from(version));
+    Value::Object(p)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -121,6 +157,27 @@ mod tests {
         let s = serde_json::to_vec(&StoredTwin::from(&t)).unwrap();
         let back: Twin = serde_json::from_slice::<StoredTwin>(&s).unwrap().into();
         assert_eq!(back, t);
+    }
+
+    #[test]
+    fn replacement_patch_nulls_removals_and_applies_to_the_new_document() {
+        let old =
+            json!({"routes": {"a": "x", "b": "y"}, "keep": 1, "gone": {"z": 1}, "o": {"p": 1}});
+        let new = json!({"routes": {"a": "x2", "c": "w"}, "keep": 1, "o": 5});
+        let p = replacement_patch(old.as_object().unwrap(), new.as_object().unwrap(), 7);
+        assert_eq!(
+            p,
+            json!({"gone": null, "routes": {"b": null, "a": "x2", "c": "w"}, "o": 5, "$version": 7})
+        );
+        // Merged into the old document (as a device does), it gives the new one.
+        let mut patch = p.as_object().unwrap().clone();
+        patch.remove("$version");
+        assert_eq!(merge_tags(old.as_object().unwrap(), &patch), new);
+        // Nothing changed: the version alone.
+        assert_eq!(
+            replacement_patch(new.as_object().unwrap(), new.as_object().unwrap(), 8),
+            json!({"$version": 8})
+        );
     }
 
     #[test]

@@ -558,32 +558,7 @@ async fn c2d_to_a_leaf_device_completes_on_its_puback() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edgehub_desired_from_the_cloud_is_the_hub_configuration() {
     let mut w = World::new().await;
-    // The hub holds `$edgeHub`'s key (derived like any module's) and the
-    // cloud knows the module with that key, as verged registers it.
-    let text = std::fs::read_to_string(&w.toml).unwrap();
-    std::fs::write(
-        &w.toml,
-        text.replace("[modules]\n", "[modules]\n\"$edgeHub\" = \"gen-x\"\n"),
-    )
-    .unwrap();
-    let hub_key = module_key("$edgeHub");
-    w.cloud
-        .state
-        .put_module(
-            DEVICE,
-            "$edgeHub",
-            verge_cloud::ModuleSpec {
-                keys: Some(verge_cloud::registry::SymmetricKeys {
-                    primary: hub_key.to_base64(),
-                    secondary: hub_key.to_base64(),
-                }),
-                ..verge_cloud::ModuleSpec::default()
-            },
-            // The cloud created `$edgeHub` with the edge device; update it.
-            Some("*".to_owned()),
-        )
-        .await
-        .unwrap();
+    edgehub_identity(&mut w).await;
     let edgehub = format!("{DEVICE}/$edgeHub");
     w.cloud
         .set_desired(
@@ -648,6 +623,202 @@ async fn edgehub_desired_from_the_cloud_is_the_hub_configuration() {
         assert!(
             Instant::now() < deadline,
             "no 200 for version {desired_version} reported: {reported:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The hub holds `$edgeHub`'s key (derived like any module's) and the cloud
+/// knows the module with that key, as verged registers it.
+async fn edgehub_identity(w: &mut World) {
+    let text = std::fs::read_to_string(&w.toml).unwrap();
+    std::fs::write(
+        &w.toml,
+        text.replace("[modules]\n", "[modules]\n\"$edgeHub\" = \"gen-x\"\n"),
+    )
+    .unwrap();
+    let hub_key = module_key("$edgeHub");
+    w.cloud
+        .state
+        .put_module(
+            DEVICE,
+            "$edgeHub",
+            verge_cloud::ModuleSpec {
+                keys: Some(verge_cloud::registry::SymmetricKeys {
+                    primary: hub_key.to_base64(),
+                    secondary: hub_key.to_base64(),
+                }),
+                ..verge_cloud::ModuleSpec::default()
+            },
+            // The cloud created `$edgeHub` with the edge device; update it.
+            Some("*".to_owned()),
+        )
+        .await
+        .unwrap();
+}
+
+/// A deployment for edge1 (as `verge cloud deployment apply` sends it):
+/// `routes` for `$edgeHub`, `mod_a` as modA's desired properties.
+fn deployment(routes: Value, mod_a: Value) -> Value {
+    let image = |i: &str| json!({"image": i, "createOptions": "{}"});
+    json!({"modulesContent": {
+        "$edgeAgent": {"properties.desired": {
+            "schemaVersion": "1.1",
+            "runtime": {"type": "docker", "settings": {"minDockerVersion": "v1.25"}},
+            "systemModules": {
+                "edgeAgent": {"type": "docker", "settings": image("verge-agent")},
+                "edgeHub": {"type": "docker", "status": "running", "restartPolicy": "always",
+                    "settings": image("verge-hub")}
+            },
+            "modules": {}
+        }},
+        "$edgeHub": {"properties.desired": {
+            "schemaVersion": "1.1",
+            "routes": routes,
+            "storeAndForwardConfiguration": {"timeToLiveSecs": 7200}
+        }},
+        "modA": {"properties.desired": mod_a}
+    }})
+}
+
+/// modA's twin as the hub serves it to a GET (after `rid`'s response).
+async fn get_twin(raw: &mut Raw, rid: u32) -> Value {
+    raw.send(Packet::Publish(Publish::new(
+        format!("$iothub/twin/GET/?$rid={rid}"),
+        QoS::AtMostOnce,
+        Vec::new(),
+    )))
+    .await;
+    loop {
+        let p = next_pub(raw).await;
+        if topic_of(&p).starts_with(&format!("$iothub/twin/res/200/?$rid={rid}")) {
+            return json_of(&p);
+        }
+    }
+}
+
+/// A deployment replaces desired properties (IoT Hub semantics), also in the
+/// running hub: after a second deployment the route it removed carries
+/// nothing, the route it changed goes to its new endpoint, the route it added
+/// is in force, and modA's twin holds exactly the new desired properties (a
+/// removed key is gone, not merged with the old document).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn successive_deployments_add_change_and_remove_routes_and_desired_keys() {
+    let mut w = World::new().await;
+    edgehub_identity(&mut w).await;
+    let route = |out: &str, input: &str| {
+        format!(
+            "FROM /messages/modules/modA/outputs/{out} INTO BrokeredEndpoint(\"/modules/modB/inputs/{input}\")"
+        )
+    };
+    let first = deployment(
+        json!({"r1": route("out1", "in1"), "r2": route("out2", "in2")}),
+        json!({"a": 1, "b": {"x": 1, "y": 2}, "c": true}),
+    );
+    w.cloud
+        .state
+        .apply_configuration(DEVICE, first)
+        .await
+        .unwrap();
+    w.cloud.start().await;
+    let _hub = w.hub().await;
+    let mut b = w
+        .module("modB", &["devices/edge1/modules/modB/inputs/#"])
+        .await;
+    let mut a = w.module("modA", &["$iothub/twin/res/#"]).await;
+    let edgehub = format!("{DEVICE}/$edgeHub");
+    wait_for("the $edgeHub link", Duration::from_secs(10), || {
+        w.cloud.connected(&edgehub)
+    })
+    .await;
+    let mut pkid = 1;
+    // Publishes on modA's `out` until modB gets something (a route is in
+    // force); returns modB's input name.
+    let mut first_delivery = async |a: &mut Raw, b: &mut Raw, out: &str| -> String {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let topic = format!("devices/{DEVICE}/modules/modA/messages/events/%24.on={out}");
+            publish_qos1(a, &topic, out.as_bytes(), pkid).await;
+            pkid += 1;
+            if let Some(p) = maybe_pub(b, Duration::from_millis(500)).await {
+                assert_eq!(&p.payload[..], out.as_bytes());
+                return topic_of(&p).split('/').nth(5).unwrap().to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no route for {out} came in force"
+            );
+        }
+    };
+    assert_eq!(first_delivery(&mut a, &mut b, "out2").await, "in2");
+    assert_eq!(first_delivery(&mut a, &mut b, "out1").await, "in1");
+
+    // Second deployment: r2 removed, r1 changed, r3 added; modA's `c` and
+    // `b.y` removed, `a` changed.
+    let second = deployment(
+        json!({"r1": route("out1", "in1b"), "r3": route("out3", "in3")}),
+        json!({"a": 2, "b": {"x": 1}}),
+    );
+    w.cloud
+        .state
+        .apply_configuration(DEVICE, second)
+        .await
+        .unwrap();
+    assert_eq!(first_delivery(&mut a, &mut b, "out3").await, "in3");
+    // The new route set is in force: out2 has no route any more, out1 goes
+    // to in1b. Everything modB gets in the next moment is collected.
+    for out in ["out2", "out1", "out3"] {
+        let topic = format!("devices/{DEVICE}/modules/modA/messages/events/%24.on={out}");
+        publish_qos1(&mut a, &topic, out.as_bytes(), pkid).await;
+        pkid += 1;
+    }
+    let mut got = Vec::new();
+    while let Some(p) = maybe_pub(&mut b, Duration::from_millis(1500)).await {
+        got.push((
+            topic_of(&p).split('/').nth(5).unwrap().to_owned(),
+            String::from_utf8(p.payload.to_vec()).unwrap(),
+        ));
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("in1b".to_owned(), "out1".to_owned()),
+            ("in3".into(), "out3".into())
+        ],
+        "a removed route still carried messages, or a changed one kept its old endpoint:\n{}",
+        w.hub_log()
+    );
+
+    // modA's twin in the hub is the deployment's document, nothing merged.
+    let version = w.cloud.twin(&format!("{DEVICE}/modA")).desired.version;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut rid = 1;
+    loop {
+        let desired = get_twin(&mut a, rid).await["desired"].clone();
+        rid += 1;
+        if desired["$version"] == json!(version) {
+            assert_eq!(desired, json!({"a": 2, "b": {"x": 1}, "$version": version}));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "modA's twin never reached version {version}: {desired}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The hub's own twin holds the deployment's routes only.
+    let reported_version = w.cloud.twin(&edgehub).desired.version;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reported = w.cloud.twin(&edgehub).reported.properties;
+        if reported.get("lastDesiredVersion") == Some(&json!(reported_version)) {
+            assert_eq!(reported["lastDesiredStatus"]["code"], json!(200));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no status for version {reported_version}: {reported:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
