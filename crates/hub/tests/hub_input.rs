@@ -130,3 +130,122 @@ async fn stored_poison_message_is_dead_lettered_not_the_connection() {
     assert_eq!(hub.state.stats.dead_lettered.load(Ordering::Relaxed), 1);
     hub.shutdown().await;
 }
+
+fn https(pki: &Pki, hub: &Hub) -> reqwest::Client {
+    https_client()
+        .add_root_certificate(reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap())
+        .resolve("localhost", hub.https_addr)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+fn method_url(hub: &Hub, target: &str) -> String {
+    format!(
+        "https://localhost:{}/twins/{DEVICE}/modules/{target}/methods?api-version=2019-10-01",
+        hub.https_addr.port()
+    )
+}
+
+/// modB connected and listening for methods.
+async fn method_callee(hub: &Hub, pki: &Pki) -> Raw {
+    let (mut b, _) = connect_module(hub.mqtt_addr, &pki.ca_pem, "modB", false).await;
+    assert_eq!(
+        subscribe1(&mut b, "$iothub/methods/POST/#").await,
+        SubscribeReasonCode::Success(QoS::AtLeastOnce)
+    );
+    b
+}
+
+/// Answers the next method request on `b` with 200 and checks its name.
+async fn answer_method(b: &mut Raw, name: &str) {
+    let req = next_pub(b).await;
+    let topic = std::str::from_utf8(&req.topic).unwrap().to_owned();
+    let rid = topic
+        .strip_prefix(&format!("$iothub/methods/POST/{name}/?$rid="))
+        .unwrap_or_else(|| panic!("{topic}"))
+        .to_owned();
+    b.send(Packet::Publish(Publish::new(
+        format!("$iothub/methods/res/200/?$rid={rid}"),
+        QoS::AtMostOnce,
+        b"{}".to_vec(),
+    )))
+    .await;
+}
+
+#[tokio::test]
+async fn bad_method_names_and_payloads_are_refused_before_the_callee() {
+    let pki = pki();
+    let storage = tempfile::tempdir().unwrap();
+    let hub = start(&pki, storage.path()).await;
+    let mut b = method_callee(&hub, &pki).await;
+    let client = https(&pki, &hub);
+    let call = |name: String, payload: serde_json::Value| {
+        client
+            .post(method_url(&hub, "modB"))
+            .header("x-ms-edge-moduleId", "edge1/modA")
+            .header("Authorization", module_token("modA"))
+            .json(&serde_json::json!({"methodName": name, "payload": payload, "responseTimeoutInSeconds": 5}))
+            .send()
+    };
+    for name in [
+        "a#b".to_owned(),
+        "a+b".to_owned(),
+        "a\0b".to_owned(),
+        "a/b".to_owned(),
+        "a b".to_owned(),
+        String::new(),
+        "x".repeat(70_000),
+    ] {
+        let r = call(name.clone(), serde_json::json!({})).await.unwrap();
+        assert_eq!(r.status(), 400, "{:.40}", name);
+    }
+    let big = serde_json::json!("x".repeat(1_500_000));
+    assert_eq!(call("ok".into(), big).await.unwrap().status(), 413);
+    // The callee never saw any of them and is still connected: a good call
+    // (a name with every allowed kind of character) reaches it.
+    let name = "Reboot_now-2.x~!*'";
+    let good = tokio::spawn(call(name.into(), serde_json::json!({"n": 1})));
+    answer_method(&mut b, name).await;
+    assert_eq!(good.await.unwrap().unwrap().status(), 200);
+    hub.shutdown().await;
+}
+
+/// The relay the upstream link hands cloud calls to applies the same checks
+/// (one function for both paths).
+#[tokio::test]
+async fn cloud_method_relay_refuses_bad_names_and_payloads() {
+    use verge_hub::methods::{RelayError, relay};
+    let pki = pki();
+    let storage = tempfile::tempdir().unwrap();
+    let hub = start(&pki, storage.path()).await;
+    let mut b = method_callee(&hub, &pki).await;
+    let target = format!("{DEVICE}/modB");
+    let t = Duration::from_secs(5);
+    for name in [
+        "a#b".to_owned(),
+        "a+b".into(),
+        "a\0b".into(),
+        "x".repeat(70_000),
+    ] {
+        let r = relay(&hub.state, &target, &name, Bytes::from_static(b"{}"), t).await;
+        assert!(
+            matches!(&r, Err(e @ RelayError::BadName(_)) if e.status() == 400),
+            "{r:?}"
+        );
+    }
+    let big = Bytes::from(vec![b'1'; 1_500_000]);
+    let r = relay(&hub.state, &target, "ok", big, t).await;
+    assert!(
+        matches!(&r, Err(e @ RelayError::PayloadTooLarge(_)) if e.status() == 413),
+        "{r:?}"
+    );
+    let state = hub.state.clone();
+    let good =
+        tokio::spawn(
+            async move { relay(&state, &target, "ok", Bytes::from_static(b"{}"), t).await },
+        );
+    answer_method(&mut b, "ok").await;
+    assert_eq!(good.await.unwrap().unwrap().0, 200);
+    hub.shutdown().await;
+}
