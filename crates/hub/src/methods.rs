@@ -106,8 +106,10 @@ async fn invoke(state: &HubState, target: String, headers: &HeaderMap, body: &[u
     else {
         return error(StatusCode::BAD_REQUEST, "missing x-ms-edge-moduleId header");
     };
+    // edgeHub answers every authentication failure, a missing token
+    // included, with 401.
     let Some(token) = headers.get("authorization").and_then(|v| v.to_str().ok()) else {
-        return error(StatusCode::BAD_REQUEST, "missing Authorization header");
+        return error(StatusCode::UNAUTHORIZED, "missing Authorization header");
     };
     let caller_id = match ClientId::parse(caller) {
         Ok(c) if c.is_module() && c.device.as_str() == state.cfg.device_id => c,

@@ -249,3 +249,20 @@ async fn cloud_method_relay_refuses_bad_names_and_payloads() {
     assert_eq!(good.await.unwrap().unwrap().0, 200);
     hub.shutdown().await;
 }
+
+#[tokio::test]
+async fn method_call_without_authorization_is_401() {
+    let pki = pki();
+    let storage = tempfile::tempdir().unwrap();
+    let hub = start(&pki, storage.path()).await;
+    let _b = method_callee(&hub, &pki).await;
+    let r = https(&pki, &hub)
+        .post(method_url(&hub, "modB"))
+        .header("x-ms-edge-moduleId", "edge1/modA")
+        .json(&serde_json::json!({"methodName": "reboot"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    hub.shutdown().await;
+}
