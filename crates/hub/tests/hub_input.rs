@@ -266,3 +266,38 @@ async fn method_call_without_authorization_is_401() {
     assert_eq!(r.status(), 401);
     hub.shutdown().await;
 }
+
+/// `timeToLiveSecs: 0`, globally and on a route, means "the default", not
+/// "expire at once": a message stored while its receiver is away is still
+/// delivered when it comes back.
+#[tokio::test]
+async fn ttl_0_means_the_default_not_expire_at_once() {
+    let pki = pki();
+    let storage = tempfile::tempdir().unwrap();
+    let cfg = config(&pki, storage.path(), "127.0.0.1:0", "127.0.0.1:0");
+    std::fs::write(
+        pki.dir.path().join("routes.json"),
+        r#"{
+  "schemaVersion": "1.1",
+  "routes": {
+    "AtoB": {"route": "FROM /messages/modules/modA/outputs/out1 INTO BrokeredEndpoint(\"/modules/modB/inputs/in1\")", "priority": 0, "timeToLiveSecs": 0}
+  },
+  "storeAndForwardConfiguration": {"timeToLiveSecs": 0}
+}"#,
+    )
+    .unwrap();
+    let hub = Hub::start(cfg).await.unwrap();
+    // modB has a session with its inputs subscribed, then goes away.
+    let (mut b, _) = connect_module(hub.mqtt_addr, &pki.ca_pem, "modB", false).await;
+    subscribe1(&mut b, MODB_INPUTS).await;
+    drop(b);
+    let (mut a, _) = connect_module(hub.mqtt_addr, &pki.ca_pem, "modA", false).await;
+    publish_qos1(&mut a, MODA_OUT1, b"kept", 1).await;
+    // Past any whole-second expiry of a zero TTL.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (mut b, _) = connect_module(hub.mqtt_addr, &pki.ca_pem, "modB", false).await;
+    let p = next_pub(&mut b).await;
+    assert_eq!(p.payload, Bytes::from_static(b"kept"));
+    assert_eq!(hub.state.routes().default_ttl_secs, Some(7200));
+    hub.shutdown().await;
+}
