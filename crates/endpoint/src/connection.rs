@@ -427,21 +427,39 @@ impl<B: Backend> Session<'_, B> {
                 Ok(())
             }
             Packet::Subscribe(s) => {
-                let mut granted = Vec::new();
-                let mut codes = Vec::new();
-                for f in s.filters {
-                    if authorized(self.client, &f.path) {
+                let allowed: Vec<bool> = s
+                    .filters
+                    .iter()
+                    .map(|f| authorized(self.client, &f.path))
+                    .collect();
+                let wanted: Vec<String> = s
+                    .filters
+                    .iter()
+                    .zip(&allowed)
+                    .filter(|(_, ok)| **ok)
+                    .map(|(f, _)| f.path.clone())
+                    .collect();
+                // The session grants up to its cap; beyond it, 0x80.
+                let mut kept = self
+                    .backend
+                    .sessions()
+                    .subscribe(self.client_id, &wanted)
+                    .into_iter();
+                let mut codes = Vec::with_capacity(s.filters.len());
+                for (f, ok) in s.filters.iter().zip(allowed) {
+                    if !ok {
+                        tracing::warn!(client = self.client_id, filter = %f.path, "subscription refused");
+                        codes.push(SubscribeReasonCode::Failure);
+                    } else if kept.next() != Some(true) {
+                        tracing::warn!(client = self.client_id, filter = %f.path, max = crate::session::MAX_SUBSCRIPTIONS, "subscription refused: too many subscriptions");
+                        codes.push(SubscribeReasonCode::Failure);
+                    } else {
                         codes.push(SubscribeReasonCode::Success(match f.qos {
                             QoS::AtMostOnce => QoS::AtMostOnce,
                             _ => QoS::AtLeastOnce,
                         }));
-                        granted.push(f.path);
-                    } else {
-                        tracing::warn!(client = self.client_id, filter = %f.path, "subscription refused");
-                        codes.push(SubscribeReasonCode::Failure);
                     }
                 }
-                self.backend.sessions().subscribe(self.client_id, &granted);
                 conn.push(Packet::SubAck(SubAck::new(s.pkid, codes))).await
             }
             Packet::Unsubscribe(u) => {

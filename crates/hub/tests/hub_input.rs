@@ -301,3 +301,56 @@ async fn ttl_0_means_the_default_not_expire_at_once() {
     assert_eq!(hub.state.routes().default_ttl_secs, Some(7200));
     hub.shutdown().await;
 }
+
+#[tokio::test]
+async fn subscriptions_per_session_are_capped() {
+    use rumqttc::mqttbytes::v4::{Subscribe, SubscribeFilter};
+    use verge_hub::session::MAX_SUBSCRIPTIONS;
+    let pki = pki();
+    let storage = tempfile::tempdir().unwrap();
+    let hub = start(&pki, storage.path()).await;
+    let (mut b, _) = connect_module(hub.mqtt_addr, &pki.ca_pem, "modB", false).await;
+    let filters: Vec<String> = (0..MAX_SUBSCRIPTIONS + 6)
+        .map(|i| format!("$iothub/methods/POST/m{i}/#"))
+        .collect();
+    let mut s = Subscribe::new_many(
+        filters
+            .iter()
+            .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)),
+    );
+    s.pkid = 7;
+    b.send(Packet::Subscribe(s)).await;
+    let codes = match b.recv().await {
+        Some(Packet::SubAck(a)) => a.return_codes,
+        other => panic!("expected SUBACK, got {other:?}"),
+    };
+    assert_eq!(codes.len(), filters.len());
+    let ok = SubscribeReasonCode::Success(QoS::AtLeastOnce);
+    assert!(
+        codes[..MAX_SUBSCRIPTIONS].iter().all(|c| *c == ok),
+        "{codes:?}"
+    );
+    assert!(
+        codes[MAX_SUBSCRIPTIONS..]
+            .iter()
+            .all(|c| *c == SubscribeReasonCode::Failure),
+        "{codes:?}"
+    );
+    // A filter already held is granted again; a new one is not.
+    assert_eq!(subscribe1(&mut b, &filters[0]).await, ok);
+    assert_eq!(
+        subscribe1(&mut b, MODB_INPUTS).await,
+        SubscribeReasonCode::Failure
+    );
+    // After an unsubscribe there is room again.
+    let mut u = rumqttc::mqttbytes::v4::Unsubscribe::new(filters[1].clone());
+    u.pkid = 8;
+    b.send(Packet::Unsubscribe(u)).await;
+    assert!(matches!(b.recv().await, Some(Packet::UnsubAck(_))));
+    assert_eq!(subscribe1(&mut b, MODB_INPUTS).await, ok);
+    assert_eq!(
+        hub.state.sessions.subscriptions("edge1/modB").len(),
+        MAX_SUBSCRIPTIONS
+    );
+    hub.shutdown().await;
+}
