@@ -354,3 +354,75 @@ async fn subscriptions_per_session_are_capped() {
     );
     hub.shutdown().await;
 }
+
+/// Connects modA with a Will on `will_topic`; returns the CONNACK code.
+async fn connect_with_will(
+    hub: &Hub,
+    pki: &Pki,
+    will_topic: &str,
+) -> (Raw, rumqttc::mqttbytes::v4::ConnectReturnCode) {
+    use rumqttc::mqttbytes::v4::{Connect, LastWill};
+    let id = format!("{DEVICE}/modA");
+    let mut raw = Raw::open(hub.mqtt_addr, &pki.ca_pem).await;
+    let mut c = Connect::new(id.as_str());
+    c.clean_session = false;
+    c.keep_alive = 60;
+    c.set_credentials(username(&id), module_token("modA"));
+    c.last_will = Some(LastWill::new(
+        will_topic,
+        b"gone".to_vec(),
+        QoS::AtLeastOnce,
+        false,
+    ));
+    raw.send(Packet::Connect(c)).await;
+    let ack = raw.recv().await;
+    (raw, code(ack).0)
+}
+
+#[tokio::test]
+async fn will_is_sent_as_telemetry_when_the_connection_drops() {
+    use rumqttc::mqttbytes::v4::ConnectReturnCode;
+    let pki = pki();
+    let storage = tempfile::tempdir().unwrap();
+    let hub = start(&pki, storage.path()).await;
+    let (mut b, _) = connect_module(hub.mqtt_addr, &pki.ca_pem, "modB", false).await;
+    subscribe1(&mut b, MODB_INPUTS).await;
+    let will_topic = format!("{MODA_OUT1}&cause=power");
+
+    // A Will on a topic that is not the client's own telemetry refuses the CONNECT.
+    for bad in [
+        "devices/edge1/modules/modB/messages/events/".to_owned(),
+        "$iothub/twin/GET/?$rid=1".to_owned(),
+        format!("{MODA_OUT1}&k=#"),
+    ] {
+        let (_r, c) = connect_with_will(&hub, &pki, &bad).await;
+        assert_eq!(c, ConnectReturnCode::NotAuthorized, "{bad}");
+    }
+
+    // A clean DISCONNECT: no Will.
+    let (mut a, c) = connect_with_will(&hub, &pki, &will_topic).await;
+    assert_eq!(c, ConnectReturnCode::Success);
+    a.send(Packet::Disconnect).await;
+    assert!(a.recv().await.is_none());
+    assert!(
+        maybe_pub(&mut b, Duration::from_millis(500))
+            .await
+            .is_none()
+    );
+
+    // The TCP connection just drops: the Will goes through the routes to modB.
+    let (a, c) = connect_with_will(&hub, &pki, &will_topic).await;
+    assert_eq!(c, ConnectReturnCode::Success);
+    drop(a);
+    let p = next_pub(&mut b).await;
+    assert_eq!(p.payload, Bytes::from_static(b"gone"));
+    let topic = std::str::from_utf8(&p.topic).unwrap();
+    assert!(
+        topic.starts_with("devices/edge1/modules/modB/inputs/in1/"),
+        "{topic}"
+    );
+    for prop in ["cause=power", "iothub-MessageType=Will", "%24.cmid=modA"] {
+        assert!(topic.contains(prop), "{prop} missing in {topic}");
+    }
+    hub.shutdown().await;
+}
