@@ -9,7 +9,10 @@
 //! bag → routing → store; twin GET/reported; method responses; SUBSCRIBE
 //! authorization; PUBACK bookkeeping); even → the input is the whole stream
 //! (packet decoding, CONNECT parsing, username and SAS-token checks).
-//! Bad input must close the connection, never panic or hang.
+//! Bad input must close the connection, never panic or hang. Every message
+//! the hub accepted must be deliverable: its delivery topic fits MQTT's
+//! 65,535 bytes (checked on what each run stored, which is then
+//! checkpointed away).
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -153,6 +156,28 @@ fuzz_target!(|data: &[u8]| {
         if mode & 1 == 1 {
             // The valid CONNECT is accepted whatever follows it (CONNACK 0, no session).
             assert_eq!(replies.get(..4), Some(&[0x20, 0x02, 0x00, 0x00][..]));
+        }
+        let endpoint = "modules/modB/inputs/in1";
+        let stored = env
+            .state
+            .store
+            .read(endpoint, 1024)
+            .await
+            .expect("store read");
+        for m in &stored {
+            let topic = verge_hub::delivery::input_topic("edge1", "modB", "in1", m);
+            assert!(
+                topic.len() <= verge_core::message::MAX_TOPIC_LEN,
+                "accepted a message whose delivery topic is {} bytes",
+                topic.len()
+            );
+        }
+        for m in &stored {
+            let _ = env
+                .state
+                .store
+                .checkpoint(endpoint, m.priority, m.offset)
+                .await;
         }
     });
 });

@@ -22,7 +22,7 @@ use verge_core::ClientId;
 use crate::Backend;
 use crate::auth::Credentials;
 use crate::session::{ConnHandle, Outbound};
-use crate::topic::{Inbound, authorized, classify};
+use crate::topic::{Inbound, authorized, classify, will_bag};
 
 /// Capacity of each connection's outbound queue.
 const OUTBOUND_QUEUE: usize = 64;
@@ -194,6 +194,26 @@ where
         }
     };
     let client_id = client.to_string();
+    // A Will is telemetry sent for the client if it drops without
+    // DISCONNECT; one on any other topic refuses the CONNECT, as a publish
+    // outside its namespace closes the connection.
+    let will = match &connect.last_will {
+        None => None,
+        Some(w) => match will_bag(&client, &w.topic) {
+            Some(bag) => Some((bag, w.message.clone())),
+            None => {
+                tracing::warn!(%peer, client = %client_id, topic = %w.topic, "CONNECT refused: a Will must be on the client's own telemetry topic");
+                let _ = conn
+                    .send(Packet::ConnAck(ConnAck::new(
+                        ConnectReturnCode::NotAuthorized,
+                        false,
+                    )))
+                    .await;
+                let _ = conn.writer.shutdown().await;
+                return;
+            }
+        },
+    };
 
     let (tx, mut rx) = mpsc::channel::<Outbound>(OUTBOUND_QUEUE);
     let kick = Arc::new(Notify::new());
@@ -287,6 +307,7 @@ where
     let _ = conn.flush().await;
     sessions.detach(&client_id, conn_id);
     backend.disconnected(&client, link).await;
+    let disconnected = matches!(result, Err(Close::Disconnect));
     match result {
         Err(Close::Disconnect) | Err(Close::Eof) => {
             tracing::info!(client = %client_id, "client disconnected");
@@ -295,6 +316,28 @@ where
         Ok(()) => {}
     }
     let _ = conn.writer.shutdown().await;
+    if let Some((bag, payload)) = will
+        && !disconnected
+    {
+        publish_will(&*backend, &client, &bag, payload).await;
+    }
+}
+
+/// How long a Will may take to be accepted by the backend.
+const WILL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Ingests a client's Will as its telemetry (routes, store), as IoT Hub does
+/// when a connection ends without DISCONNECT.
+async fn publish_will<B: Backend>(backend: &B, client: &ClientId, bag: &str, payload: Bytes) {
+    let ingest = async {
+        let mut pending = backend.telemetry_submit(client, bag, payload).await?;
+        backend.telemetry_wait(&mut pending).await
+    };
+    match tokio::time::timeout(WILL_TIMEOUT, ingest).await {
+        Ok(Ok(())) => tracing::info!(%client, "Will message sent"),
+        Ok(Err(e)) => tracing::warn!(%client, error = %e, "Will message refused"),
+        Err(_) => tracing::warn!(%client, "Will message not accepted in time; dropped"),
+    }
 }
 
 async fn puback<W: AsyncWrite + Unpin>(
@@ -427,21 +470,39 @@ impl<B: Backend> Session<'_, B> {
                 Ok(())
             }
             Packet::Subscribe(s) => {
-                let mut granted = Vec::new();
-                let mut codes = Vec::new();
-                for f in s.filters {
-                    if authorized(self.client, &f.path) {
+                let allowed: Vec<bool> = s
+                    .filters
+                    .iter()
+                    .map(|f| authorized(self.client, &f.path))
+                    .collect();
+                let wanted: Vec<String> = s
+                    .filters
+                    .iter()
+                    .zip(&allowed)
+                    .filter(|(_, ok)| **ok)
+                    .map(|(f, _)| f.path.clone())
+                    .collect();
+                // The session grants up to its cap; beyond it, 0x80.
+                let mut kept = self
+                    .backend
+                    .sessions()
+                    .subscribe(self.client_id, &wanted)
+                    .into_iter();
+                let mut codes = Vec::with_capacity(s.filters.len());
+                for (f, ok) in s.filters.iter().zip(allowed) {
+                    if !ok {
+                        tracing::warn!(client = self.client_id, filter = %f.path, "subscription refused");
+                        codes.push(SubscribeReasonCode::Failure);
+                    } else if kept.next() != Some(true) {
+                        tracing::warn!(client = self.client_id, filter = %f.path, max = crate::session::MAX_SUBSCRIPTIONS, "subscription refused: too many subscriptions");
+                        codes.push(SubscribeReasonCode::Failure);
+                    } else {
                         codes.push(SubscribeReasonCode::Success(match f.qos {
                             QoS::AtMostOnce => QoS::AtMostOnce,
                             _ => QoS::AtLeastOnce,
                         }));
-                        granted.push(f.path);
-                    } else {
-                        tracing::warn!(client = self.client_id, filter = %f.path, "subscription refused");
-                        codes.push(SubscribeReasonCode::Failure);
                     }
                 }
-                self.backend.sessions().subscribe(self.client_id, &granted);
                 conn.push(Packet::SubAck(SubAck::new(s.pkid, codes))).await
             }
             Packet::Unsubscribe(u) => {

@@ -13,6 +13,14 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::topic::filter_matches;
 
+/// Most subscriptions one session holds. IoT Hub's topic set per identity
+/// is small — C2D, twin responses, desired patches, methods, module inputs,
+/// each one filter (`…/#`) as the SDKs subscribe, or a handful of narrower
+/// ones — so 64 leaves ample room while bounding what a client can make the
+/// endpoint keep (in memory, in the persisted sessions, and scanned on every
+/// delivery).
+pub const MAX_SUBSCRIPTIONS: usize = 64;
+
 /// Something to publish to a connected client.
 #[derive(Debug)]
 pub struct Outbound {
@@ -176,15 +184,29 @@ impl Sessions {
         }
     }
 
-    /// Adds subscriptions.
-    pub fn subscribe(&self, client_id: &str, filters: &[String]) {
-        {
+    /// Adds subscriptions, up to [`MAX_SUBSCRIPTIONS`] per session. Returns,
+    /// per filter, whether it is granted (a filter the session already holds
+    /// always is; one beyond the cap is not, and the caller answers 0x80).
+    pub fn subscribe(&self, client_id: &str, filters: &[String]) -> Vec<bool> {
+        let granted = {
             let mut map = lock(&self.inner);
             let s = map.entry(client_id.to_owned()).or_default();
-            s.subs.extend(filters.iter().cloned());
-        }
+            filters
+                .iter()
+                .map(|f| {
+                    if s.subs.contains(f) {
+                        return true;
+                    }
+                    if s.subs.len() >= MAX_SUBSCRIPTIONS {
+                        return false;
+                    }
+                    s.subs.insert(f.clone())
+                })
+                .collect()
+        };
         self.persist.notify_one();
         self.bump();
+        granted
     }
 
     /// Removes subscriptions.

@@ -94,6 +94,26 @@ pub fn query_param(query: &str, key: &str) -> Option<String> {
     })
 }
 
+/// Application property IoT Hub adds to a Will it forwards as telemetry.
+pub const WILL_PROPERTY: &str = "iothub-MessageType=Will";
+
+/// The (encoded) property bag a client's MQTT Will is ingested with when its
+/// connection ends without DISCONNECT, or `None` when its topic is not
+/// allowed. As in IoT Hub, a Will is telemetry: its topic must be the
+/// identity's own `devices/{d}[/modules/{m}]/messages/events/[{bag}]`, and
+/// the message carries the application property `iothub-MessageType=Will`.
+/// MQTT forbids wildcards in a Will topic.
+pub fn will_bag(client: &ClientId, topic: &str) -> Option<String> {
+    if topic.contains(['#', '+', '\0']) {
+        return None;
+    }
+    match classify(client, topic)? {
+        Inbound::Telemetry { bag: "" } => Some(WILL_PROPERTY.to_owned()),
+        Inbound::Telemetry { bag } => Some(format!("{bag}&{WILL_PROPERTY}")),
+        _ => None,
+    }
+}
+
 /// MQTT topic filter matching (`+` one level, `#` the rest).
 pub fn filter_matches(filter: &str, topic: &str) -> bool {
     let mut f = filter.split('/');
@@ -177,6 +197,32 @@ mod tests {
         assert!(authorized(&d, "devices/leaf1/messages/devicebound/#"));
         assert!(!authorized(&d, "devices/leaf2/messages/devicebound/#"));
         assert!(authorized(&d, "$iothub/methods/POST/#"));
+    }
+
+    #[test]
+    fn will_topics() {
+        let m = module();
+        assert_eq!(
+            will_bag(&m, "devices/edge1/modules/modA/messages/events/"),
+            Some(WILL_PROPERTY.to_owned())
+        );
+        assert_eq!(
+            will_bag(
+                &m,
+                "devices/edge1/modules/modA/messages/events/%24.on=o&k=v"
+            ),
+            Some(format!("%24.on=o&k=v&{WILL_PROPERTY}"))
+        );
+        for bad in [
+            "devices/edge1/modules/modB/messages/events/",
+            "devices/edge1/modules/modA/twin",
+            "$iothub/twin/GET/?$rid=1",
+            "devices/edge1/modules/modA/messages/events/#",
+            "devices/edge1/modules/modA/messages/events/a=+",
+            "anything",
+        ] {
+            assert_eq!(will_bag(&m, bad), None, "{bad}");
+        }
     }
 
     #[test]

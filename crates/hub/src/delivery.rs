@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
-use verge_core::message::encode_bag_into;
+use verge_core::message::{MAX_TOPIC_LEN, encode_bag_into};
 use verge_endpoint::session::ConnHandle;
 use verge_store::StoredMessage;
 
@@ -98,6 +98,8 @@ struct InFlight {
     priority: u32,
     offset: u64,
     ack: oneshot::Receiver<()>,
+    /// False for a dead-lettered message (settled without being sent).
+    delivered: bool,
 }
 
 /// How a delivery session to one connection ended.
@@ -145,8 +147,35 @@ impl Pump<'_> {
                 }
                 for mut m in batch {
                     let (tx, rx) = oneshot::channel();
+                    let topic = topic_for(self.prefix, self.input, &mut m);
+                    if topic.len() > MAX_TOPIC_LEN {
+                        // Stored before ingest refused such messages: it can
+                        // never be sent (the connection would drop on every
+                        // try and the module never get its inputs again).
+                        // Settled as if acknowledged, so it is checkpointed
+                        // past in order, after the deliveries before it.
+                        tracing::warn!(
+                            endpoint = %self.endpoint,
+                            offset = m.offset,
+                            message_id = m.message.system.message_id.as_deref().unwrap_or(""),
+                            len = topic.len(),
+                            "stored message dead-lettered: its topic exceeds the MQTT limit"
+                        );
+                        self.state
+                            .stats
+                            .dead_lettered
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let _ = tx.send(());
+                        inflight.push_back(InFlight {
+                            priority: m.priority,
+                            offset: m.offset,
+                            ack: rx,
+                            delivered: false,
+                        });
+                        continue;
+                    }
                     let out = Outbound {
-                        topic: topic_for(self.prefix, self.input, &mut m),
+                        topic,
                         payload: m.message.body,
                         ack: Some(tx),
                     };
@@ -157,6 +186,7 @@ impl Pump<'_> {
                         priority: m.priority,
                         offset: m.offset,
                         ack: rx,
+                        delivered: true,
                     });
                 }
             }
@@ -206,10 +236,12 @@ impl Pump<'_> {
     fn acked(&self, inflight: &mut VecDeque<InFlight>) {
         if let Some(f) = inflight.pop_front() {
             self.checkpoints.done(f.priority, f.offset);
-            self.state
-                .stats
-                .delivered
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if f.delivered {
+                self.state
+                    .stats
+                    .delivered
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
         }
     }
 }

@@ -59,9 +59,45 @@ pub fn compile(value: &Value) -> Result<ActiveRoutes, ConfigUpdateError> {
         RouteSet::new(&desired.routes).map_err(|e| ConfigUpdateError::Routes(e.to_string()))?;
     Ok(ActiveRoutes {
         set,
-        default_ttl_secs: desired.store_and_forward.time_to_live_secs,
+        default_ttl_secs: effective_default_ttl(desired.store_and_forward.time_to_live_secs),
         max_size_bytes: desired.store_and_forward.max_size_bytes,
     })
+}
+
+/// The global TTL in force for `storeAndForwardConfiguration.timeToLiveSecs`
+/// as parsed (`None` = negative = never expire). 0 means "not set", as it
+/// does for a route's own `timeToLiveSecs`: the default, 7200 s. Taken
+/// literally it would expire every message the moment it is stored, which
+/// no deployment means.
+pub fn effective_default_ttl(parsed: Option<u64>) -> Option<u64> {
+    match parsed {
+        Some(0) => Some(verge_core::manifest::DEFAULT_TTL_SECS),
+        other => other,
+    }
+}
+
+/// Logs the TTLs a route set gives messages: the global one, and each
+/// route's own where it sets one.
+fn log_ttls(desired: &Value, routes: &ActiveRoutes) {
+    let global = match routes.default_ttl_secs {
+        Some(s) => format!("{s} s"),
+        None => "never expire".to_owned(),
+    };
+    let configured = desired
+        .pointer("/storeAndForwardConfiguration/timeToLiveSecs")
+        .cloned()
+        .unwrap_or(Value::Null);
+    tracing::info!(effective = %global, %configured, "message TTL in force (storeAndForwardConfiguration.timeToLiveSecs)");
+    if let Some(Value::Object(map)) = desired.get("routes") {
+        for (name, spec) in map {
+            match spec.get("timeToLiveSecs").and_then(Value::as_u64) {
+                Some(ttl) if ttl > 0 => {
+                    tracing::info!(route = %name, ttl_secs = ttl, "route TTL overrides the global one");
+                }
+                _ => {}
+            }
+        }
+    }
 }
 
 /// [`compile`] for raw bytes (the routes file, an HTTP body).
@@ -115,6 +151,7 @@ impl HubState {
             .await
             .map_err(|e| ConfigUpdateError::Twin(e.to_string()))?;
         let n = routes.set.len();
+        log_ttls(value, &routes);
         self.install_routes(routes);
         Ok(n)
     }
@@ -201,5 +238,17 @@ mod tests {
         .unwrap();
         assert_eq!(routes.set.len(), 1);
         assert_eq!(routes.default_ttl_secs, Some(7200));
+    }
+
+    #[test]
+    fn a_global_ttl_of_0_means_the_default() {
+        let ttl = |t: i64| {
+            let doc = json!({"schemaVersion": "1.1", "routes": {},
+                "storeAndForwardConfiguration": {"timeToLiveSecs": t}});
+            compile(&doc).unwrap().default_ttl_secs
+        };
+        assert_eq!(ttl(0), Some(7200));
+        assert_eq!(ttl(30), Some(30));
+        assert_eq!(ttl(-1), None);
     }
 }

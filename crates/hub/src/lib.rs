@@ -91,6 +91,13 @@ pub struct Stats {
     pub dropped_no_route: AtomicU64,
     /// Messages stored.
     pub stored: AtomicU64,
+    /// Telemetry refused at ingest (not acknowledged): bad property bag,
+    /// too large, or a delivery topic that would not encode.
+    pub refused: AtomicU64,
+    /// Stored deliveries dropped because they cannot be sent (a topic past
+    /// MQTT's limit, stored before ingest refused such messages); each is
+    /// checkpointed past, never retried.
+    pub dead_lettered: AtomicU64,
     /// Messages delivered to module inputs.
     pub delivered: AtomicU64,
     /// The cloud link: messages sent, TTL drops, link states.

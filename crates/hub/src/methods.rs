@@ -106,8 +106,10 @@ async fn invoke(state: &HubState, target: String, headers: &HeaderMap, body: &[u
     else {
         return error(StatusCode::BAD_REQUEST, "missing x-ms-edge-moduleId header");
     };
+    // edgeHub answers every authentication failure, a missing token
+    // included, with 401.
     let Some(token) = headers.get("authorization").and_then(|v| v.to_str().ok()) else {
-        return error(StatusCode::BAD_REQUEST, "missing Authorization header");
+        return error(StatusCode::UNAUTHORIZED, "missing Authorization header");
     };
     let caller_id = match ClientId::parse(caller) {
         Ok(c) if c.is_module() && c.device.as_str() == state.cfg.device_id => c,
@@ -129,6 +131,11 @@ async fn invoke(state: &HubState, target: String, headers: &HeaderMap, body: &[u
     let Some(name) = req.get("methodName").and_then(Value::as_str) else {
         return error(StatusCode::BAD_REQUEST, "methodName is required");
     };
+    // Checked again by `relay`; here first so an oversized payload is not
+    // serialized for nothing.
+    if let Err(e) = check_method_name(name) {
+        return error(StatusCode::BAD_REQUEST, e.to_string());
+    }
     let timeout = req
         .get("responseTimeoutInSeconds")
         .and_then(Value::as_u64)
@@ -158,9 +165,56 @@ async fn invoke(state: &HubState, target: String, headers: &HeaderMap, body: &[u
     }
 }
 
+/// Longest method name accepted, in bytes. IoT Hub documents no limit of
+/// its own; this one is far above any real name and keeps the request topic
+/// (`$iothub/methods/POST/{name}/?$rid=…`) a small fraction of MQTT's
+/// 65,535-byte limit. It matches IoT Hub's longest identifiers (device and
+/// module ids, 128 characters).
+pub const MAX_METHOD_NAME_LEN: usize = 128;
+
+/// Largest method request payload (serialized JSON), bytes: IoT Hub's limit
+/// for direct-method payloads (128 KB).
+pub const MAX_METHOD_PAYLOAD: usize = 128 * 1024;
+
+/// Checks a direct-method name as IoT Hub does: non-empty, printable US-ASCII
+/// without the separators IoT Hub documents as excluded
+/// (`$ ( ) < > @ , ; : \ " / [ ] ? = { }`, space and tab), and without
+/// MQTT's wildcards `#` and `+`, which no MQTT topic may carry (the name is
+/// a topic level of the request the callee receives). Control characters,
+/// NUL included, are not printable.
+pub fn check_method_name(name: &str) -> Result<(), RelayError> {
+    let bad = |why: &str| Err(RelayError::BadName(why.to_owned()));
+    if name.is_empty() {
+        return bad("method name is empty");
+    }
+    if name.len() > MAX_METHOD_NAME_LEN {
+        return bad(&format!(
+            "method name is {} bytes long; the limit is {MAX_METHOD_NAME_LEN}",
+            name.len()
+        ));
+    }
+    const EXCLUDED: &[u8] = b"$()<>@,;:\\\"/[]?={}#+";
+    match name
+        .bytes()
+        .find(|b| !b.is_ascii_graphic() || EXCLUDED.contains(b))
+    {
+        Some(b) => bad(&format!(
+            "method name contains {:?}, which is not allowed (printable US-ASCII only, without $()<>@,;:\\\"/[]?={{}}#+ and spaces)",
+            char::from(b)
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Why a relayed method call got no answer from its target.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RelayError {
+    /// The method name is not one IoT Hub accepts ([`check_method_name`]).
+    #[error("{0}")]
+    BadName(String),
+    /// The request payload is over [`MAX_METHOD_PAYLOAD`].
+    #[error("method payload is {0} bytes; the limit is {MAX_METHOD_PAYLOAD}")]
+    PayloadTooLarge(usize),
     /// The target is not connected or not subscribed to methods.
     #[error("{0} is not connected or not listening for methods")]
     NotListening(String),
@@ -173,9 +227,12 @@ pub enum RelayError {
 }
 
 impl RelayError {
-    /// The status IoT Hub answers with: 404 offline, 504 timeout.
+    /// The status IoT Hub answers with: 400 bad name, 413 payload too
+    /// large, 404 offline, 504 timeout.
     pub fn status(&self) -> u16 {
         match self {
+            Self::BadName(_) => 400,
+            Self::PayloadTooLarge(_) => 413,
             Self::NotListening(_) | Self::Disconnected(_) => 404,
             Self::Timeout(..) => 504,
         }
@@ -185,7 +242,8 @@ impl RelayError {
 /// Delivers method `name` to `target` (`d` or `d/m`) over its MQTT
 /// connection and waits up to `timeout` for its answer (status, payload).
 /// Used by the HTTP API (module-to-module calls) and by the upstream link
-/// (calls from the cloud).
+/// (calls from the cloud), so both refuse the same bad names and payloads
+/// before anything reaches the target's connection.
 pub async fn relay(
     state: &HubState,
     target: &str,
@@ -193,6 +251,10 @@ pub async fn relay(
     payload: Bytes,
     timeout: Duration,
 ) -> Result<(i64, Bytes), RelayError> {
+    check_method_name(name)?;
+    if payload.len() > MAX_METHOD_PAYLOAD {
+        return Err(RelayError::PayloadTooLarge(payload.len()));
+    }
     let rid = format!("{:x}", state.next_id());
     let topic = format!("$iothub/methods/POST/{name}/?$rid={rid}");
     let Some(conn) = state.sessions.deliverable(target, &topic) else {

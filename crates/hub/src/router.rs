@@ -8,7 +8,9 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 use tokio::sync::Notify;
 use verge_core::ClientId;
-use verge_core::message::{Message, MessageKind, decode_bag};
+use verge_core::message::{
+    MAX_TOPIC_LEN, Message, MessageKind, SystemProperties, decode_bag, encoded_bag_len,
+};
 use verge_core::time::Timestamp;
 use verge_route::{Endpoint, Scratch};
 use verge_store::{AppendReceipt, Target};
@@ -24,6 +26,16 @@ pub enum IngestError {
     /// Over 256 KB.
     #[error("{0}")]
     TooLarge(#[from] verge_core::message::MessageTooLarge),
+    /// A topic it would be delivered on does not fit MQTT's limit.
+    #[error(
+        "its property bag would make a {len}-byte delivery topic (percent-encoded); the MQTT limit is {limit}"
+    )]
+    TopicTooLong {
+        /// The longest delivery topic it would need, bytes.
+        len: usize,
+        /// [`verge_core::message::MAX_TOPIC_LEN`].
+        limit: usize,
+    },
     /// The store refused it.
     #[error("store: {0}")]
     Store(#[from] verge_store::StoreError),
@@ -143,9 +155,44 @@ pub async fn ingest_submit(
     bag: &str,
     body: Bytes,
 ) -> Result<Pending, IngestError> {
+    let result = route_and_submit(state, client, bag, body).await;
+    if result.is_err() {
+        state.stats.refused.fetch_add(1, Ordering::Relaxed);
+    }
+    result
+}
+
+/// The length of the topic prefix `endpoint` delivers a message from
+/// `sys`'s sender on: `devices/{d}/modules/{m}/inputs/{i}/` for a module
+/// input, the sender's own `devices/{d}[/modules/{m}]/messages/events/`
+/// upstream.
+fn delivery_prefix_len(state: &HubState, endpoint: &Endpoint, sys: &SystemProperties) -> usize {
+    match endpoint {
+        Endpoint::ModuleInput { module, input } => {
+            "devices//modules//inputs//".len()
+                + state.cfg.device_id.len()
+                + module.len()
+                + input.len()
+        }
+        Endpoint::Upstream => {
+            let s = |v: &Option<String>| v.as_deref().map_or(0, str::len);
+            "devices//modules//messages/events/".len()
+                + s(&sys.connection_device_id)
+                + s(&sys.connection_module_id)
+        }
+    }
+}
+
+async fn route_and_submit(
+    state: &HubState,
+    client: &ClientId,
+    bag: &str,
+    body: Bytes,
+) -> Result<Pending, IngestError> {
     let msg = build_message(client, bag, body)?;
     let mut wake = Wake::default();
     let mut targets: Vec<Target> = Vec::new();
+    let mut longest_prefix = 0;
     {
         let routes = state.routes();
         SCRATCH.with_borrow_mut(|scratch| {
@@ -157,6 +204,8 @@ pub async fn ingest_submit(
                 ) {
                     wake.push(state.endpoint_notify(m.endpoint_id));
                 }
+                longest_prefix =
+                    longest_prefix.max(delivery_prefix_len(state, m.endpoint, &msg.system));
                 let t = Target::new(m.endpoint_id).priority(m.priority);
                 // A route's own TTL wins; else the global one; else never expire.
                 let ttl = (m.ttl_secs > 0)
@@ -176,6 +225,19 @@ pub async fn ingest_submit(
             receipt: None,
             wake,
             targets: 0,
+        });
+    }
+    // Every delivery re-encodes the bag, percent-encoding what the client
+    // may have sent raw (`:` → `%3A`); a topic past MQTT's limit could never
+    // be sent, and the stored message would block its queue. The bag as
+    // stamped here is the longest any delivery uses (deliveries only drop
+    // properties: `$.on` to inputs, `$.cdid`/`$.cmid` upstream).
+    let len = longest_prefix + encoded_bag_len(&msg.system, &msg.properties);
+    if len > MAX_TOPIC_LEN {
+        tracing::warn!(client = %client, len, "message refused: its delivery topic would exceed the MQTT limit");
+        return Err(IngestError::TopicTooLong {
+            len,
+            limit: MAX_TOPIC_LEN,
         });
     }
     let n = targets.len();

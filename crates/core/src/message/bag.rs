@@ -137,7 +137,7 @@ pub fn encode_bag(sys: &SystemProperties, app: &Properties) -> String {
 pub fn encode_bag_into(out: &mut String, sys: &SystemProperties, app: &Properties) {
     use std::fmt::Write as _;
     let start = out.len();
-    let mut push = |k: &str, v: &str| {
+    for_each_pair(sys, app, |k, v| {
         if out.len() > start {
             out.push('&');
         }
@@ -148,23 +148,47 @@ pub fn encode_bag_into(out: &mut String, sys: &SystemProperties, app: &Propertie
             utf8_percent_encode(k, URL_ENCODE_SET),
             utf8_percent_encode(v, URL_ENCODE_SET)
         );
-    };
+    });
+}
+
+/// The length in bytes of [`encode_bag`]'s result, without building it: what
+/// a property bag grows to once percent-encoded (a `:` becomes `%3A`, so a
+/// bag can triple). Used to refuse, at ingest, a message whose topic would
+/// not fit MQTT's [`super::MAX_TOPIC_LEN`].
+pub fn encoded_bag_len(sys: &SystemProperties, app: &Properties) -> usize {
+    fn enc(s: &str) -> usize {
+        utf8_percent_encode(s, URL_ENCODE_SET).map(str::len).sum()
+    }
+    let mut len = 0;
+    let mut first = true;
+    for_each_pair(sys, app, |k, v| {
+        // `&` between pairs, `=` inside each.
+        len += usize::from(!first) + enc(k) + 1 + enc(v);
+        first = false;
+    });
+    len
+}
+
+/// Calls `f` with each (key, value) pair of the bag, in wire order. The one
+/// place that order lives, so [`encode_bag_into`] and [`encoded_bag_len`]
+/// cannot disagree.
+fn for_each_pair(sys: &SystemProperties, app: &Properties, mut f: impl FnMut(&str, &str)) {
     macro_rules! put {
         ($k:literal, $f:ident) => {
             if let Some(v) = &sys.$f {
-                push($k, v);
+                f($k, v);
             }
         };
     }
     string_keys!(put);
     if let Some(t) = sys.absolute_expiry {
-        push("$.exp", &t.to_iso8601());
+        f("$.exp", &t.to_iso8601());
     }
     if let Some(t) = sys.creation_time {
-        push("$.ctime", &t.to_iso8601());
+        f("$.ctime", &t.to_iso8601());
     }
     for (k, v) in app.iter() {
-        push(k, v);
+        f(k, v);
     }
 }
 
@@ -190,6 +214,20 @@ mod tests {
         let (sys, app) = decode_bag("%24.on=output1&k=v").unwrap();
         assert_eq!(sys.output_name.as_deref(), Some("output1"));
         assert_eq!(app.get("k"), Some("v"));
+    }
+
+    #[test]
+    fn encoded_len_matches_the_encoding() {
+        let (mut sys, mut app) =
+            decode_bag("%24.on=o&%24.mid=m&a=b&%24.exp=2026-01-01T00%3A00%3A00Z").unwrap();
+        sys.connection_device_id = Some("d".into());
+        sys.connection_module_id = Some("m:1 ü".into());
+        app.insert("k", ":".repeat(1000));
+        assert_eq!(encoded_bag_len(&sys, &app), encode_bag(&sys, &app).len());
+        assert_eq!(
+            encoded_bag_len(&SystemProperties::default(), &Properties::new()),
+            0
+        );
     }
 
     #[test]
@@ -321,6 +359,7 @@ mod tests {
             let bag = encode_bag(&sys, &app);
             // Everything is percent-encoded: the bag itself never breaks a topic.
             prop_assert!(!bag.contains('/') && !bag.contains('#') && !bag.contains('+'));
+            prop_assert_eq!(encoded_bag_len(&sys, &app), bag.len());
             let (s2, a2) = decode_bag(&bag).unwrap();
             prop_assert_eq!(s2, sys);
             prop_assert_eq!(a2, app);

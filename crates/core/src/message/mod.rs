@@ -10,11 +10,16 @@ use bytes::Bytes;
 
 use crate::time::Timestamp;
 
-pub use bag::{BagError, decode_bag, encode_bag, encode_bag_into};
+pub use bag::{BagError, decode_bag, encode_bag, encode_bag_into, encoded_bag_len};
 pub use codec::{CodecError, decode, encode};
 
 /// Largest message IoT Hub (and so Verge) accepts: body plus properties.
 pub const MAX_MESSAGE_SIZE: usize = 256 * 1024;
+
+/// Longest MQTT topic name, in bytes: MQTT 3.1.1 (§1.5.3) prefixes strings
+/// with a 16-bit length. A topic built from a message (prefix + encoded
+/// property bag) must stay within it or it cannot be sent at all.
+pub const MAX_TOPIC_LEN: usize = 65_535;
 
 /// What kind of event a message is; routes select on it through their source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
