@@ -352,6 +352,14 @@ fn json_bytes(v: &Value) -> Bytes {
     serde_json::to_vec(v).unwrap_or_default().into()
 }
 
+/// The device port's caps: two thirds of what `RLIMIT_NOFILE` leaves (the
+/// service API gets the rest, [`crate::api::listen_limits`]), half of it
+/// per peer address; TLS and CONNECT within `connect_timeout`.
+pub fn listen_limits(connect_timeout: Duration) -> verge_listen::Limits {
+    let shares = verge_listen::fds::share(verge_listen::fds::fd_limit(), 256, &[2, 1]);
+    verge_listen::Limits::new(shares.first().copied().unwrap_or(1), connect_timeout)
+}
+
 /// Serves MQTT over TLS on `listener` until `shutdown` completes; open
 /// connections are closed then.
 pub async fn serve(
@@ -360,38 +368,45 @@ pub async fn serve(
     backend: Arc<CloudBackend>,
     shutdown: impl Future<Output = ()>,
 ) {
+    let limits = listen_limits(backend.limits.connect_timeout);
+    serve_with(listener, tls, backend, shutdown, limits).await;
+}
+
+/// [`serve`] with explicit caps.
+pub async fn serve_with(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    backend: Arc<CloudBackend>,
+    shutdown: impl Future<Output = ()>,
+    limits: verge_listen::Limits,
+) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let handshake = backend.limits.connect_timeout;
-    let mut conns = JoinSet::new();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.accept() => {
-                let (tcp, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "MQTT accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
+    let cancel = verge_listen::CancellationToken::new();
+    let be = backend.clone();
+    let run = verge_listen::Listener::new("device-mqtt", listener, limits, cancel.clone()).run(
+        move |tcp: tokio::net::TcpStream, conn: verge_listen::Conn| {
+            let (backend, acceptor) = (be.clone(), acceptor.clone());
+            async move {
                 let _ = tcp.set_nodelay(true);
-                let (backend, acceptor) = (backend.clone(), acceptor.clone());
-                conns.spawn(async move {
-                    match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => {
-                            verge_endpoint::connection::serve(backend, stream, peer.to_string()).await;
-                        }
-                        Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                let peer = conn.peer().to_string();
+                match conn.handshake(acceptor.accept(tcp)).await {
+                    Some(Ok(stream)) => {
+                        verge_endpoint::connection::serve(backend, stream, peer).await;
                     }
-                });
+                    Some(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
+                    None => {}
+                }
             }
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        },
+    );
+    tokio::pin!(run);
+    tokio::select! {
+        () = &mut run => {}
+        () = shutdown => {
+            cancel.cancel();
+            run.await;
         }
     }
-    conns.shutdown().await;
     if let Err(e) = backend.sessions.flush().await {
         tracing::warn!(error = %e, "cannot save MQTT sessions");
     }

@@ -1,5 +1,8 @@
 //! Shared HTTP plumbing: error bodies, the `api-version` check, peer
-//! credentials, and serving a router on a Unix socket.
+//! credentials, and serving a router on a Unix socket (through
+//! verge-listen: a connection cap per socket and HTTP deadlines, so idle or
+//! stalled clients of one socket never take the descriptors another socket
+//! or the management API needs).
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -7,12 +10,12 @@ use std::path::{Path, PathBuf};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::Request;
-use axum::extract::connect_info::Connected;
+use axum::extract::connect_info::{ConnectInfo, Connected};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::serve::IncomingStream;
-use tokio::net::UnixListener;
+use tokio::net::{UnixListener, UnixStream};
 
 use crate::api::ErrorResponse;
 
@@ -114,9 +117,10 @@ pub struct PeerCred {
     pub pid: Option<i32>,
 }
 
-impl Connected<IncomingStream<'_, UnixListener>> for PeerCred {
-    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
-        match stream.io().peer_cred() {
+impl PeerCred {
+    /// The credentials of `stream`'s peer.
+    pub fn of(stream: &UnixStream) -> Self {
+        match stream.peer_cred() {
             Ok(c) => PeerCred {
                 uid: Some(c.uid()),
                 pid: c.pid(),
@@ -124,6 +128,48 @@ impl Connected<IncomingStream<'_, UnixListener>> for PeerCred {
             Err(_) => PeerCred {
                 uid: None,
                 pid: None,
+            },
+        }
+    }
+}
+
+impl Connected<IncomingStream<'_, UnixListener>> for PeerCred {
+    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
+        Self::of(stream.io())
+    }
+}
+
+/// A Unix socket's connection cap and HTTP deadlines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketLimits {
+    /// Connections open at once.
+    pub max_connections: usize,
+    /// Request head / idle gap, stalled body, stalled write, grace at stop.
+    pub timeouts: verge_listen::http::Timeouts,
+}
+
+impl SocketLimits {
+    /// One module's workload socket: 1/32 of `RLIMIT_NOFILE`, between 8
+    /// and 64 (a module needs a few at a time; dozens of modules fit).
+    pub fn workload() -> Self {
+        Self::share(32, 8, 64)
+    }
+
+    /// The management socket: 1/8 of `RLIMIT_NOFILE`, between 16 and 256.
+    pub fn management() -> Self {
+        Self::share(8, 16, 256)
+    }
+
+    fn share(divisor: u64, min: usize, max: usize) -> Self {
+        let limit = verge_listen::fds::fd_limit().unwrap_or(u64::MAX);
+        let n = usize::try_from(limit / divisor).unwrap_or(usize::MAX);
+        Self {
+            max_connections: n.clamp(min, max),
+            timeouts: verge_listen::http::Timeouts {
+                header: std::time::Duration::from_secs(10),
+                body: std::time::Duration::from_secs(10),
+                write: std::time::Duration::from_secs(30),
+                grace: std::time::Duration::from_secs(2),
             },
         }
     }
@@ -148,30 +194,50 @@ pub fn bind_unix(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
 #[derive(Debug)]
 pub struct ServedSocket {
     path: PathBuf,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    cancel: verge_listen::CancellationToken,
+    tracker: verge_listen::TaskTracker,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl ServedSocket {
-    /// Serves `router` on `listener` (bound at `path`), with peer credentials.
+    /// Serves `router` on `listener` (bound at `path`), with peer
+    /// credentials, and the management socket's limits.
     pub fn serve(path: PathBuf, listener: UnixListener, router: Router) -> Self {
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let service = router.into_make_service_with_connect_info::<PeerCred>();
-        let p = path.clone();
-        let task = tokio::spawn(async move {
-            let r = axum::serve(listener, service)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.await;
-                })
-                .await;
-            if let Err(e) = r {
-                tracing::error!(socket = %p.display(), error = %e, "socket server failed");
-            }
-        });
+        Self::serve_with(path, listener, router, SocketLimits::management())
+    }
+
+    /// [`ServedSocket::serve`] with explicit limits.
+    pub fn serve_with(
+        path: PathBuf,
+        listener: UnixListener,
+        router: Router,
+        limits: SocketLimits,
+    ) -> Self {
+        let cancel = verge_listen::CancellationToken::new();
+        let tracker = verge_listen::TaskTracker::new();
+        let name = path.display().to_string();
+        let caps = verge_listen::Limits {
+            max_connections: limits.max_connections,
+            max_per_peer: limits.max_connections,
+            handshake_timeout: limits.timeouts.header,
+        };
+        let timeouts = limits.timeouts;
+        let run = verge_listen::Listener::new(name, listener, caps, cancel.clone())
+            .with_tracker(tracker.clone())
+            .run(move |stream: UnixStream, conn: verge_listen::Conn| {
+                let router = router.clone();
+                async move {
+                    let cred = PeerCred::of(&stream);
+                    let svc = hyper_util::service::TowerToHyperService::new(router);
+                    verge_listen::http::serve(stream, svc, ConnectInfo(cred), timeouts, &conn)
+                        .await;
+                }
+            });
         Self {
             path,
-            stop: Some(tx),
-            task: Some(task),
+            cancel,
+            tracker,
+            task: Some(tokio::spawn(run)),
         }
     }
 
@@ -182,10 +248,16 @@ impl ServedSocket {
 
     /// Stops accepting, gives open connections up to 2 s, removes the file.
     pub async fn shutdown(mut self) {
-        self.stop_now();
+        self.cancel.cancel();
+        self.tracker.close();
         if let Some(task) = self.task.take() {
             let abort = task.abort_handle();
-            if tokio::time::timeout(std::time::Duration::from_secs(2), task)
+            let tracker = self.tracker.clone();
+            let drained = async move {
+                let _ = task.await;
+                tracker.wait().await;
+            };
+            if tokio::time::timeout(std::time::Duration::from_secs(3), drained)
                 .await
                 .is_err()
             {
@@ -194,17 +266,12 @@ impl ServedSocket {
         }
         let _ = tokio::fs::remove_file(&self.path).await;
     }
-
-    fn stop_now(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-    }
 }
 
 impl Drop for ServedSocket {
     fn drop(&mut self) {
-        self.stop_now();
+        // Connections see the cancellation and end within their grace.
+        self.cancel.cancel();
         if let Some(task) = self.task.take() {
             task.abort();
             let _ = std::fs::remove_file(&self.path);

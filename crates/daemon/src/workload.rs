@@ -52,7 +52,7 @@ use crate::api::{
 };
 use crate::ca::{CaError, EdgeCa, IssuedCert, IssuedKind};
 use crate::http::{
-    ApiError, ServedSocket, bind_unix, json_response, parse_body, require_api_version,
+    ApiError, ServedSocket, SocketLimits, bind_unix, json_response, parse_body, require_api_version,
 };
 use crate::keys::{IdentityStore, ModuleIdentity, canonical_module_id, runtime_name};
 
@@ -347,6 +347,9 @@ pub struct WorkloadSockets {
     state: Arc<DaemonState>,
     dir: PathBuf,
     served: tokio::sync::Mutex<HashMap<String, ServedSocket>>,
+    /// Each socket's own cap and deadlines: one module's idle or stalled
+    /// connections never take another socket's descriptors.
+    limits: SocketLimits,
 }
 
 impl WorkloadSockets {
@@ -356,7 +359,14 @@ impl WorkloadSockets {
             state,
             dir,
             served: tokio::sync::Mutex::new(HashMap::new()),
+            limits: SocketLimits::workload(),
         }
+    }
+
+    /// Uses `limits` for every socket served from now on.
+    pub fn with_limits(mut self, limits: SocketLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// The socket path of a module (either name form).
@@ -380,7 +390,10 @@ impl WorkloadSockets {
         let listener = bind_unix(&path, 0o666)?;
         let router = router(self.state.clone(), &id);
         tracing::info!(module = %id, socket = %path.display(), "workload socket up");
-        served.insert(id, ServedSocket::serve(path.clone(), listener, router));
+        served.insert(
+            id,
+            ServedSocket::serve_with(path.clone(), listener, router, self.limits),
+        );
         Ok(path)
     }
 

@@ -15,7 +15,7 @@ use verge_daemon::ca::EdgeCa;
 use verge_daemon::client::{RawResponse, WorkloadClient, request};
 use verge_daemon::config::EdgeCaConfig;
 use verge_daemon::env::{EnvContext, WorkloadUriStyle};
-use verge_daemon::http::{ServedSocket, bind_unix};
+use verge_daemon::http::{ServedSocket, SocketLimits, bind_unix};
 use verge_daemon::keys::IdentityStore;
 use verge_daemon::mgmt::{MgmtState, router};
 use verge_daemon::workload::{DaemonState, WorkloadSockets};
@@ -125,6 +125,11 @@ struct Harness {
 }
 
 async fn harness() -> Harness {
+    harness_with(None).await
+}
+
+/// With `limits` on the workload sockets.
+async fn harness_with(limits: Option<SocketLimits>) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().to_path_buf();
     let device_key = SharedAccessKey::from_bytes(vec![5u8; 32]);
@@ -143,7 +148,11 @@ async fn harness() -> Harness {
         identities: identities.clone(),
         ca,
     });
-    let sockets = Arc::new(WorkloadSockets::new(state.clone(), home.join("mnt")));
+    let mut sockets = WorkloadSockets::new(state.clone(), home.join("mnt"));
+    if let Some(l) = limits {
+        sockets = sockets.with_limits(l);
+    }
+    let sockets = Arc::new(sockets);
     let runtime = Arc::new(FakeRuntime::default());
     let mgmt_socket = home.join("mgmt.sock");
     let listener = bind_unix(&mgmt_socket, 0o660).unwrap();
@@ -658,4 +667,61 @@ async fn resources_and_agent_endpoints_shape() {
     assert_eq!(r.status, 404);
     assert!(String::from_utf8_lossy(&r.body).contains("does not supervise"));
     h.sockets.shutdown_all().await;
+}
+
+#[tokio::test]
+async fn a_flooded_workload_socket_leaves_the_others_answering() {
+    let second = Duration::from_secs(1);
+    let h = harness_with(Some(SocketLimits {
+        max_connections: 8,
+        timeouts: verge_listen::http::Timeouts {
+            header: second,
+            body: second,
+            write: second * 2,
+            grace: second,
+        },
+    }))
+    .await;
+    let m = &h.mgmt_socket;
+    for module in ["modA", "modB"] {
+        let body = format!(r#"{{"moduleId":"{module}"}}"#);
+        let r = call(m, "POST", &format!("/identities/?{V}"), Some(&body)).await;
+        assert_eq!(r.status, 200);
+    }
+    let sock_a = h.home.join("mnt/modA.sock");
+    let sock_b = h.home.join("mnt/modB.sock");
+
+    // modA's socket: its cap of silent connections, and more waiting.
+    let mut flood = Vec::new();
+    for _ in 0..12 {
+        flood.push(tokio::net::UnixStream::connect(&sock_a).await.unwrap());
+    }
+    let quick = Duration::from_millis(500);
+    let bundle = format!("/trust-bundle?{V}");
+    // The management API and modB's socket answer at once; modA's does not.
+    let r = request(m, "GET", &format!("/identities/?{V}"), None, quick).await;
+    assert_eq!(r.unwrap().status, 200);
+    let r = request(&sock_b, "GET", &bundle, None, quick).await;
+    assert_eq!(r.unwrap().status, 200);
+    assert!(
+        request(&sock_a, "GET", &bundle, None, Duration::from_millis(300))
+            .await
+            .is_err()
+    );
+
+    // The silent connections are closed by the header deadline…
+    for s in &mut flood[..8] {
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(
+            Duration::from_secs(3),
+            tokio::io::AsyncReadExt::read(s, &mut b),
+        )
+        .await
+        .expect("silent workload connection still open");
+        assert!(matches!(n, Ok(0) | Err(_)));
+    }
+    drop(flood);
+    // …and modA's socket answers again.
+    let r = call(&sock_a, "GET", &bundle, None).await;
+    assert_eq!(r.status, 200);
 }

@@ -32,6 +32,8 @@ const OUTBOUND_QUEUE: usize = 64;
 const INBOUND_WINDOW: usize = 64;
 /// Outgoing bytes buffered before a write even within one loop turn.
 const FLUSH_AT: usize = 64 * 1024;
+/// Longest wait for a closing write (TLS close_notify).
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Why a connection ended (for logs).
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +50,8 @@ enum Close {
     KeepAlive,
     #[error("taken over by a new connection")]
     TakenOver,
+    #[error("client not reading: a write made no progress for {0:?}")]
+    WriteTimeout(Duration),
     #[error("unsupported protocol level {0}")]
     ProtocolLevel(u8),
 }
@@ -55,10 +59,26 @@ enum Close {
 /// The write side. Packets are encoded into `out` and written together once
 /// per loop turn ([`Conn::flush`]): one syscall (and one TLS record) for
 /// many PUBACKs and deliveries instead of one each.
+///
+/// Every write has a deadline and gives way to a take-over: a client that
+/// stops reading blocks the writer, and keep-alive and `kick` are otherwise
+/// only looked at between writes.
 struct Conn<W> {
     writer: W,
     out: BytesMut,
     max_packet: usize,
+    /// Longest a write may wait for the client to read.
+    write_timeout: Duration,
+    /// Notified when a new connection takes the session over.
+    kick: Option<Arc<Notify>>,
+}
+
+/// Resolves when `kick` is notified (never without one).
+async fn kicked(kick: Option<&Notify>) {
+    match kick {
+        Some(k) => k.notified().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl<W: AsyncWrite + Unpin> Conn<W> {
@@ -72,16 +92,37 @@ impl<W: AsyncWrite + Unpin> Conn<W> {
         Ok(())
     }
 
-    /// Writes whatever is queued.
+    /// Writes whatever is queued, within the write deadline.
     async fn flush(&mut self) -> Result<(), Close> {
         if self.out.is_empty() {
             return Ok(());
         }
-        let r = self.writer.write_all(&self.out).await;
-        self.out.clear();
-        r?;
-        self.writer.flush().await?;
-        Ok(())
+        let Self {
+            writer,
+            out,
+            write_timeout,
+            kick,
+            ..
+        } = self;
+        let write = async {
+            writer.write_all(out).await?;
+            writer.flush().await
+        };
+        let r = tokio::select! {
+            r = tokio::time::timeout(*write_timeout, write) => match r {
+                Ok(r) => r.map_err(Close::Io),
+                Err(_) => Err(Close::WriteTimeout(*write_timeout)),
+            },
+            () = kicked(kick.as_deref()) => Err(Close::TakenOver),
+        };
+        out.clear();
+        r
+    }
+
+    /// Closes the write side (TLS close_notify), briefly: the peer may not read.
+    async fn shutdown(&mut self) {
+        let bound = self.write_timeout.min(SHUTDOWN_TIMEOUT);
+        let _ = tokio::time::timeout(bound, self.writer.shutdown()).await;
     }
 
     /// Queues `p` and writes it now.
@@ -135,6 +176,8 @@ where
         writer,
         out: BytesMut::with_capacity(4096),
         max_packet: max,
+        write_timeout: limits.connect_timeout,
+        kick: None,
     };
     let mut buf = BytesMut::with_capacity(4096);
     let timeout = limits.connect_timeout;
@@ -189,7 +232,7 @@ where
                     false,
                 )))
                 .await;
-            let _ = conn.writer.shutdown().await;
+            conn.shutdown().await;
             return;
         }
     };
@@ -217,6 +260,12 @@ where
 
     let (tx, mut rx) = mpsc::channel::<Outbound>(OUTBOUND_QUEUE);
     let kick = Arc::new(Notify::new());
+    conn.kick = Some(kick.clone());
+    // A client that stops reading is closed after its keep-alive period × 1.5
+    // (or the connect timeout without keep-alive), even in the middle of a write.
+    if connect.keep_alive > 0 {
+        conn.write_timeout = Duration::from_millis(u64::from(connect.keep_alive) * 1500);
+    }
     let sessions = backend.sessions();
     let conn_id = sessions.next_conn_id();
     let handle = ConnHandle {
@@ -236,7 +285,7 @@ where
                     false,
                 )))
                 .await;
-            let _ = conn.writer.shutdown().await;
+            conn.shutdown().await;
             return;
         }
     };
@@ -303,8 +352,12 @@ where
         }
     }
     .await;
-    // PUBACKs already earned are still worth sending.
-    let _ = conn.flush().await;
+    // PUBACKs already earned are still worth sending, unless the client is
+    // not reading or another connection has the session.
+    let stuck = matches!(result, Err(Close::TakenOver | Close::WriteTimeout(_)));
+    if !stuck && !matches!(result, Err(Close::Io(_))) {
+        let _ = conn.flush().await;
+    }
     sessions.detach(&client_id, conn_id);
     backend.disconnected(&client, link).await;
     let disconnected = matches!(result, Err(Close::Disconnect));
@@ -315,7 +368,9 @@ where
         Err(e) => tracing::info!(client = %client_id, reason = %e, "connection closed"),
         Ok(()) => {}
     }
-    let _ = conn.writer.shutdown().await;
+    if !stuck {
+        conn.shutdown().await;
+    }
     if let Some((bag, payload)) = will
         && !disconnected
     {
@@ -625,6 +680,7 @@ mod tests {
     struct Mock {
         sessions: Arc<Sessions>,
         durable: Mutex<Vec<oneshot::Sender<()>>>,
+        handles: Mutex<Vec<ConnHandle>>,
     }
 
     impl Backend for Mock {
@@ -644,7 +700,8 @@ mod tests {
         async fn authenticate(&self, creds: &Credentials<'_>) -> Result<ClientId, AuthError> {
             ClientId::parse(creds.client_id).map_err(|e| AuthError::Refused(e.to_string()))
         }
-        async fn connected(&self, _: &ClientId, _: &ConnHandle) -> Result<(), Rejection> {
+        async fn connected(&self, _: &ClientId, h: &ConnHandle) -> Result<(), Rejection> {
+            self.handles.lock().unwrap().push(h.clone());
             Ok(())
         }
         async fn telemetry_submit(
@@ -667,6 +724,93 @@ mod tests {
             Ok(1)
         }
         async fn method_response(&self, _: &ClientId, _: &str, _: i64, _: Bytes) {}
+    }
+
+    async fn mock(dir: &std::path::Path) -> Arc<Mock> {
+        Arc::new(Mock {
+            sessions: Sessions::open(dir.join("s.json")).await.unwrap(),
+            durable: Mutex::new(Vec::new()),
+            handles: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Connects `client` as dev1/mod1 with `keep_alive` seconds; returns the
+    /// connection's handle (its outbound queue).
+    async fn connect_mod1(
+        backend: &Mock,
+        client: &mut DuplexStream,
+        keep_alive: u16,
+    ) -> ConnHandle {
+        let mut c = Connect::new("dev1/mod1");
+        c.keep_alive = keep_alive;
+        write(client, Packet::Connect(c)).await;
+        let mut buf = BytesMut::new();
+        match next(client, &mut buf).await {
+            Some(Packet::ConnAck(a)) => assert_eq!(a.code, ConnectReturnCode::Success),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+        backend.handles.lock().unwrap().pop().unwrap()
+    }
+
+    /// Queues 8 KiB deliveries to `h` until the connection goes away.
+    fn flood(h: ConnHandle) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            for _ in 0..256 {
+                let out = Outbound {
+                    topic: "devices/dev1/modules/mod1/inputs/in1/".into(),
+                    payload: Bytes::from(vec![0u8; 8192]),
+                    ack: None,
+                };
+                if h.tx.send(out).await.is_err() {
+                    return;
+                }
+            }
+        })
+    }
+
+    /// A client that never reads what is routed to it is closed within its
+    /// keep-alive period × 1.5, though the writer is blocked.
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = mock(dir.path()).await;
+        let (mut client, server) = tokio::io::duplex(4096);
+        let task = tokio::spawn(serve(backend.clone(), server, "test".into()));
+        let h = connect_mod1(&backend, &mut client, 1).await;
+        let start = Instant::now();
+        let pusher = flood(h);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("a client that does not read is still connected")
+            .unwrap();
+        assert!(start.elapsed() >= Duration::from_millis(1400));
+        pusher.abort();
+    }
+
+    /// A new connection takes the session over promptly while the old one
+    /// is blocked writing to a client that does not read.
+    #[tokio::test]
+    async fn take_over_ends_a_connection_blocked_in_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = mock(dir.path()).await;
+        let (mut old, server) = tokio::io::duplex(4096);
+        let old_task = tokio::spawn(serve(backend.clone(), server, "old".into()));
+        // No keep-alive: only the connect timeout (5 s) would bound the write.
+        let h = connect_mod1(&backend, &mut old, 0).await;
+        let pusher = flood(h);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!old_task.is_finished());
+
+        let (mut new, server) = tokio::io::duplex(1 << 16);
+        let _new_task = tokio::spawn(serve(backend.clone(), server, "new".into()));
+        let start = Instant::now();
+        connect_mod1(&backend, &mut new, 0).await;
+        tokio::time::timeout(Duration::from_secs(1), old_task)
+            .await
+            .expect("the old connection outlived its take-over")
+            .unwrap();
+        assert!(start.elapsed() < Duration::from_secs(1));
+        pusher.abort();
     }
 
     async fn write(io: &mut DuplexStream, p: Packet) {
@@ -695,10 +839,7 @@ mod tests {
     #[tokio::test]
     async fn pubacks_after_durable_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let backend = Arc::new(Mock {
-            sessions: Sessions::open(dir.path().join("s.json")).await.unwrap(),
-            durable: Mutex::new(Vec::new()),
-        });
+        let backend = mock(dir.path()).await;
         let (mut client, server) = tokio::io::duplex(1 << 16);
         let task = tokio::spawn(serve(backend.clone(), server, "test".into()));
         write(&mut client, Packet::Connect(Connect::new("dev1/mod1"))).await;

@@ -13,6 +13,13 @@
 //! mqtt = "0.0.0.0:8883"
 //! https = "0.0.0.0:443"
 //!
+//! [limits]     # optional; connection caps default to shares of RLIMIT_NOFILE
+//! connect_timeout_secs = 60      # TLS handshake + CONNECT
+//! max_mqtt_connections = 512
+//! max_https_connections = 256
+//! max_connections_per_ip = 256   # per port
+//! http_timeout_secs = 30         # HTTPS request head / idle / stalled body
+//!
 //! [tls]
 //! cert = "/etc/verge/hub.pem"   # server chain, leaf first
 //! key = "/etc/verge/hub.key"
@@ -294,6 +301,57 @@ pub struct Limits {
     /// How often the routes file is checked for changes, milliseconds (default 1000).
     #[serde(default = "default_twins_poll")]
     pub routes_poll_ms: u64,
+    /// Connections open at once on the MQTT port (default: two thirds of
+    /// what `RLIMIT_NOFILE` leaves after a reserve of 256 or a quarter).
+    #[serde(default)]
+    pub max_mqtt_connections: Option<usize>,
+    /// Connections open at once on the HTTPS port (default: the other third).
+    #[serde(default)]
+    pub max_https_connections: Option<usize>,
+    /// Connections open at once from one IP address, per port (default: half
+    /// of that port's cap).
+    #[serde(default)]
+    pub max_connections_per_ip: Option<usize>,
+    /// HTTPS: seconds to send a request head (also the longest idle gap
+    /// between requests) and the longest stall of a request body; a response
+    /// write stalled twice as long closes the connection (default 30).
+    #[serde(default = "default_http_timeout")]
+    pub http_timeout_secs: u64,
+}
+
+impl Limits {
+    /// The listeners' connection caps (MQTT, HTTPS), sized from
+    /// `RLIMIT_NOFILE` unless configured, so that together they stay under
+    /// it and a flood on one port never starves the other.
+    pub fn connection_caps(&self) -> (verge_listen::Limits, verge_listen::Limits) {
+        let shares = verge_listen::fds::share(verge_listen::fds::fd_limit(), 256, &[2, 1]);
+        let mqtt = self
+            .max_mqtt_connections
+            .unwrap_or_else(|| shares.first().copied().unwrap_or(1));
+        let https = self
+            .max_https_connections
+            .unwrap_or_else(|| shares.get(1).copied().unwrap_or(1));
+        let handshake = std::time::Duration::from_secs(self.connect_timeout_secs);
+        let cap = |n: usize| {
+            let mut l = verge_listen::Limits::new(n, handshake);
+            if let Some(p) = self.max_connections_per_ip {
+                l.max_per_peer = p.max(1);
+            }
+            l
+        };
+        (cap(mqtt), cap(https))
+    }
+
+    /// The HTTPS listener's deadlines.
+    pub fn http_timeouts(&self) -> verge_listen::http::Timeouts {
+        let t = std::time::Duration::from_secs(self.http_timeout_secs.max(1));
+        verge_listen::http::Timeouts {
+            header: t,
+            body: t,
+            write: t * 2,
+            ..Default::default()
+        }
+    }
 }
 
 impl Default for Limits {
@@ -304,6 +362,10 @@ impl Default for Limits {
             max_packet_bytes: default_max_packet(),
             twins_poll_ms: default_twins_poll(),
             routes_poll_ms: default_twins_poll(),
+            max_mqtt_connections: None,
+            max_https_connections: None,
+            max_connections_per_ip: None,
+            http_timeout_secs: default_http_timeout(),
         }
     }
 }
@@ -319,6 +381,9 @@ fn default_https() -> SocketAddr {
 }
 fn default_connect_timeout() -> u64 {
     60
+}
+fn default_http_timeout() -> u64 {
+    30
 }
 fn default_inflight() -> usize {
     128

@@ -230,6 +230,10 @@ pub struct Hub {
     /// Bound HTTPS address.
     pub https_addr: SocketAddr,
     tasks: JoinSet<()>,
+    /// Stops the listeners.
+    cancel: verge_listen::CancellationToken,
+    /// The MQTT and HTTPS listeners' counters.
+    listener_stats: [Arc<verge_listen::Stats>; 2],
 }
 
 /// Runs one delivery pump per wanted module-input endpoint, starting new
@@ -420,6 +424,11 @@ impl Hub {
         if let Some(path) = state.cfg.twins_file.clone() {
             tasks.spawn(twins::run_desired_source(state.clone(), path));
         }
+        let (mqtt_caps, https_caps) = state.cfg.limits.connection_caps();
+        let cancel = verge_listen::CancellationToken::new();
+        let mqtt = verge_listen::Listener::new("mqtt", mqtt, mqtt_caps, cancel.clone());
+        let https = verge_listen::Listener::new("https", https, https_caps, cancel.clone());
+        let listener_stats = [mqtt.stats(), https.stats()];
         tasks.spawn(mqtt_listener(state.clone(), mqtt, tls.clone()));
         tasks.spawn(https_listener(state.clone(), https, tls));
         tracing::info!(%mqtt_addr, %https_addr, "verge-hub listening");
@@ -428,17 +437,26 @@ impl Hub {
             mqtt_addr,
             https_addr,
             tasks,
+            cancel,
+            listener_stats,
         })
     }
 
     /// Stops every task, flushes the sessions and closes the store.
     pub async fn shutdown(mut self) {
         self.state.stopping.send_replace(true);
+        self.cancel.cancel();
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
         if let Err(e) = self.state.sessions.flush().await {
             tracing::error!(error = %e, "cannot persist sessions");
         }
+    }
+
+    /// The MQTT and HTTPS listeners' counters (accepted, refused, timed out, open).
+    pub fn listener_stats(&self) -> (&verge_listen::Stats, &verge_listen::Stats) {
+        let [mqtt, https] = &self.listener_stats;
+        (mqtt, https)
     }
 
     /// Waits until a task ends (which only happens on a fatal error).
@@ -449,80 +467,59 @@ impl Hub {
 
 async fn mqtt_listener(
     state: Arc<HubState>,
-    listener: TcpListener,
+    listener: verge_listen::Listener<TcpListener>,
     tls: tokio_rustls::TlsAcceptor,
 ) {
-    let mut conns = JoinSet::new();
-    let handshake = Duration::from_secs(state.cfg.limits.connect_timeout_secs);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (tcp, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
+    listener
+        .run(
+            move |tcp: tokio::net::TcpStream, conn: verge_listen::Conn| {
+                let (state, tls) = (state.clone(), tls.clone());
+                async move {
+                    let _ = tcp.set_nodelay(true);
+                    let peer = conn.peer().to_string();
+                    match conn.handshake(tls.accept(tcp)).await {
+                        Some(Ok(stream)) => tokio::select! {
+                            () = connection::serve(state, stream, peer) => {}
+                            () = conn.cancelled() => {}
+                        },
+                        Some(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
+                        None => {}
                     }
-                };
-                let _ = tcp.set_nodelay(true);
-                let state = state.clone();
-                let tls = tls.clone();
-                conns.spawn(async move {
-                    match tokio::time::timeout(handshake, tls.accept(tcp)).await {
-                        Ok(Ok(stream)) => connection::serve(state, stream, peer.to_string()).await,
-                        Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
-                    }
-                });
-            }
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-        }
-    }
+                }
+            },
+        )
+        .await;
 }
 
 async fn https_listener(
     state: Arc<HubState>,
-    listener: TcpListener,
+    listener: verge_listen::Listener<TcpListener>,
     tls: tokio_rustls::TlsAcceptor,
 ) {
     let app = methods::router(state.clone());
-    let mut conns = JoinSet::new();
-    let handshake = Duration::from_secs(state.cfg.limits.connect_timeout_secs);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (tcp, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let tls = tls.clone();
-                let app = app.clone().layer(axum::Extension(methods::Peer(peer)));
-                conns.spawn(async move {
-                    let stream = match tokio::time::timeout(handshake, tls.accept(tcp)).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
+    let timeouts = state.cfg.limits.http_timeouts();
+    listener
+        .run(
+            move |tcp: tokio::net::TcpStream, conn: verge_listen::Conn| {
+                let (app, tls) = (app.clone(), tls.clone());
+                async move {
+                    let Some(peer) = conn.peer().socket_addr() else {
+                        return;
+                    };
+                    let stream = match conn.handshake(tls.accept(tcp)).await {
+                        Some(Ok(s)) => s,
+                        Some(Err(e)) => {
                             tracing::info!(%peer, error = %e, "TLS handshake failed");
                             return;
                         }
-                        Err(_) => return,
+                        None => return,
                     };
                     let svc = hyper_util::service::TowerToHyperService::new(app);
-                    // with_upgrades: MQTT over WebSocket takes the connection over.
-                    if let Err(e) = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                        .with_upgrades()
-                        .await
-                    {
-                        tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
-                    }
-                });
-            }
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-        }
-    }
+                    // Upgrades are served: MQTT over WebSocket takes the connection over.
+                    verge_listen::http::serve(stream, svc, methods::Peer(peer), timeouts, &conn)
+                        .await;
+                }
+            },
+        )
+        .await;
 }

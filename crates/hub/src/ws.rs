@@ -23,6 +23,7 @@ pub const SUBPROTOCOL: &str = "mqtt";
 pub(crate) async fn upgrade(
     State(state): State<Arc<HubState>>,
     peer: Option<axum::Extension<crate::methods::Peer>>,
+    guard: Option<axum::Extension<verge_listen::ConnGuard>>,
     ws: WebSocketUpgrade,
 ) -> Response {
     let ws = ws.protocols([SUBPROTOCOL]);
@@ -43,6 +44,8 @@ pub(crate) async fn upgrade(
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
             tracing::debug!(%peer, "MQTT over WebSocket");
+            // The HTTPS listener's permit stays taken while the socket lives.
+            let _guard = guard;
             // Spawned by the upgrade, outside the listener's JoinSet: stop with the hub.
             let stop = state.clone();
             tokio::select! {

@@ -622,55 +622,70 @@ async fn d2c_messages(State(st): State<ApiState>, RawQuery(q): RawQuery) -> ApiR
 
 // -------------------------------------------------------------------- serve
 
+/// The service API listener's caps: a third of what `RLIMIT_NOFILE` leaves
+/// (the device port gets the rest, [`crate::device::listen_limits`]), half
+/// of it per peer address, 10 s for the TLS handshake.
+pub fn listen_limits() -> verge_listen::Limits {
+    let shares = verge_listen::fds::share(verge_listen::fds::fd_limit(), 256, &[2, 1]);
+    verge_listen::Limits::new(shares.get(1).copied().unwrap_or(1), Duration::from_secs(10))
+}
+
 /// Serves the API over TLS on `listener` until `shutdown` resolves; then
 /// stops accepting and drops open connections (follow streams included).
+/// Caps from [`listen_limits`], default HTTP deadlines (30 s for a request
+/// head or an idle gap, 30 s of a stalled body, 60 s of a stalled write).
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     state: ApiState,
     shutdown: impl Future<Output = ()>,
 ) {
+    serve_with(
+        listener,
+        tls,
+        state,
+        shutdown,
+        listen_limits(),
+        verge_listen::http::Timeouts::default(),
+    )
+    .await;
+}
+
+/// [`serve`] with explicit caps and deadlines.
+pub async fn serve_with(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    state: ApiState,
+    shutdown: impl Future<Output = ()>,
+    limits: verge_listen::Limits,
+    timeouts: verge_listen::http::Timeouts,
+) {
     let acceptor = TlsAcceptor::from(tls);
     let app = router(state);
-    let mut conns = tokio::task::JoinSet::new();
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            () = &mut shutdown => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-        };
-        let acceptor = acceptor.clone();
-        let app = app.clone();
-        conns.spawn(async move {
-            let tls =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+    let cancel = verge_listen::CancellationToken::new();
+    let run = verge_listen::Listener::new("service-api", listener, limits, cancel.clone()).run(
+        move |tcp: tokio::net::TcpStream, conn: verge_listen::Conn| {
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            async move {
+                let tls = match conn.handshake(acceptor.accept(tcp)).await {
+                    Some(Ok(s)) => s,
+                    Some(Err(e)) => {
+                        tracing::debug!(peer = %conn.peer(), error = %e, "TLS handshake failed");
                         return;
                     }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
+                    None => return,
                 };
-            let svc = hyper_util::service::TowerToHyperService::new(app);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                .await
-            {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+                let svc = hyper_util::service::TowerToHyperService::new(app);
+                verge_listen::http::serve(tls, svc, (), timeouts, &conn).await;
             }
-        });
+        },
+    );
+    tokio::pin!(run);
+    tokio::select! {
+        () = &mut run => {}
+        () = shutdown => {
+            cancel.cancel();
+            run.await;
+        }
     }
-    conns.shutdown().await;
 }
