@@ -635,7 +635,9 @@ mod tests {
     async fn pubacks_after_durable_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let backend = Arc::new(Mock {
-            sessions: Sessions::open(dir.path().join("s.json")).await.unwrap(),
+            sessions: Sessions::open(dir.path().join("s"), &verge_shutdown::Shutdown::new())
+                .await
+                .unwrap(),
             durable: Mutex::new(Vec::new()),
         });
         let (mut client, server) = tokio::io::duplex(1 << 16);
