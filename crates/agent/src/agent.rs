@@ -92,10 +92,9 @@ impl std::fmt::Debug for Agent {
     }
 }
 
+/// Writes an agent state file atomically and durably (0600).
 async fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    tokio::fs::write(&tmp, bytes).await?;
-    tokio::fs::rename(&tmp, path).await
+    verge_files::write_atomic_async(path.to_owned(), bytes.to_vec()).await
 }
 
 /// The status text of a module whose image is not on the device.

@@ -30,7 +30,6 @@ use crate::{Agent, AgentConfig, ManagementRuntime, TwinLink, TwinOptions};
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use serde_json::Value;
-use tokio::signal::unix::{SignalKind, signal};
 use verge_runtime::{DockerConfig, DockerRuntime, ModuleRuntime, ProcessConfig, ProcessRuntime};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -153,8 +152,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         report_interval: Duration::from_millis(args.report_interval_ms),
         ..AgentConfig::default()
     };
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+    // SIGTERM (verged, docker stop) and SIGINT alike end the loop below.
+    let mut signals = verge_shutdown::Signals::install()?;
     let backend = args.runtime.unwrap_or(if args.management_uri.is_some() {
         Backend::Verged
     } else {
@@ -177,8 +176,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         tracing::warn!(error = %e, "verged's management API not reachable yet");
                         tokio::select! {
                             () = tokio::time::sleep(delay) => {}
-                            _ = term.recv() => return Ok(()),
-                            _ = int.recv() => return Ok(()),
+                            _ = signals.recv() => return Ok(()),
                         }
                         delay = (delay * 2).min(Duration::from_secs(5));
                     }
@@ -219,6 +217,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let mut ticker = tokio::time::interval(cfg.reconcile_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tracing::info!(backend = ?backend, "verge-agent started");
     let mut last_text: Option<String> = None;
     let mut last_twin: Option<Value> = None;
     loop {
@@ -226,8 +225,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tokio::select! {
             _ = ticker.tick() => {}
             () = twin_changed(&mut twin) => {}
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            signal = signals.recv() => {
+                tracing::info!(signal = %signal?, "shutting down");
+                break;
+            }
         }
         if let Some(d) = twin.as_mut().and_then(TwinLink::desired)
             && last_twin.as_ref() != Some(&d)
@@ -264,18 +265,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         let out = tokio::select! {
             out = agent.reconcile() => out,
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            signal = signals.recv() => {
+                tracing::info!(signal = %signal?, "shutting down");
+                break;
+            }
         };
         for e in &out.errors {
             tracing::warn!(error = %e, "reconcile");
         }
     }
-    tracing::info!("shutting down");
     agent.shutdown().await;
     if let Some(link) = twin {
         // verged allows 10 s between SIGTERM and SIGKILL.
         link.close(Duration::from_secs(3)).await;
     }
+    tracing::info!("verge-agent stopped");
     Ok(())
 }

@@ -17,7 +17,6 @@ mod system;
 mod times;
 mod ui;
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::SystemTime;
@@ -423,30 +422,15 @@ fn config_apply(config_file: &Path, target: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes via a temporary file and rename, so a reader never sees half a config.
-/// The file holds the device key: mode 0600.
+/// Writes via a temporary file, fsync and rename, so a reader never sees half
+/// a config. The file holds the device key: mode 0600.
 fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt as _;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("config")
-    ));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("installing {}", path.display()))?;
+    verge_files::write_atomic(path, text.as_bytes())
+        .with_context(|| format!("installing {}", path.display()))?;
     Ok(())
 }

@@ -49,9 +49,26 @@ pub struct CloudBackend {
 
 impl CloudBackend {
     /// A backend over `cloud`, keeping MQTT sessions (subscriptions of
-    /// clean_session=0 clients) in `sessions_file`.
+    /// clean_session=0 clients) next to `sessions_file` (in the directory of
+    /// that name without `.json`; see [`Sessions`]), with a persister no
+    /// shutdown waits for (tests and benchmarks).
     pub async fn open(cloud: CloudState, sessions_file: PathBuf) -> anyhow::Result<Arc<Self>> {
-        let sessions = Sessions::open(sessions_file).await?;
+        Self::open_with(
+            cloud,
+            sessions_file.with_extension(""),
+            &verge_shutdown::Shutdown::new(),
+        )
+        .await
+    }
+
+    /// A backend over `cloud`, keeping MQTT sessions in `sessions_dir`; the
+    /// sessions' persister is a task of `shutdown`.
+    pub async fn open_with(
+        cloud: CloudState,
+        sessions_dir: PathBuf,
+        shutdown: &verge_shutdown::Shutdown,
+    ) -> anyhow::Result<Arc<Self>> {
+        let sessions = Sessions::open(sessions_dir, shutdown).await?;
         Ok(Arc::new(Self {
             cloud,
             sessions,

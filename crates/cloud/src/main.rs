@@ -94,27 +94,23 @@ fn policy_key(cfg: &Config) -> anyhow::Result<(SharedAccessKey, bool)> {
 }
 
 fn write_secret(path: &Path, data: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        verge_files::create_private_dir(dir)?;
     }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    verge_files::write_atomic(path, data)?;
     Ok(())
 }
 
+/// How long the shutdown waits for the listeners and the sessions' persister.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 async fn run(cfg: Config) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&cfg.data_dir)
+    // SIGTERM and SIGINT alike; installed first so an early one is not lost.
+    let mut signals = verge_shutdown::Signals::install().context("installing signal handlers")?;
+    // The journal holds device keys in clear: the data directory and every
+    // file the database creates in it are the owner's only.
+    verge_files::restrict_umask();
+    verge_files::create_private_dir(&cfg.data_dir)
         .with_context(|| format!("data_dir {}", cfg.data_dir.display()))?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -145,9 +141,10 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let cloud = tokio::task::spawn_blocking(move || CloudState::open(opts))
         .await
         .context("opening the state")??;
-    let sweeper = {
+    let shutdown = verge_shutdown::Shutdown::new();
+    {
         let cloud = cloud.clone();
-        tokio::spawn(async move {
+        shutdown.spawn_until_cancelled("C2D sweeper", async move {
             let mut tick = tokio::time::interval(Duration::from_secs(10));
             loop {
                 tick.tick().await;
@@ -155,11 +152,12 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
                     tracing::warn!(error = %e, "C2D sweep failed");
                 }
             }
-        })
-    };
-    let backend = CloudBackend::open(cloud.clone(), cfg.data_dir.join("mqtt-sessions.json"))
-        .await
-        .context("opening the MQTT sessions")?;
+        });
+    }
+    let backend =
+        CloudBackend::open_with(cloud.clone(), cfg.data_dir.join("mqtt-sessions"), &shutdown)
+            .await
+            .context("opening the MQTT sessions")?;
     let mqtt_tls = device::mqtt_tls(&tls_cfg);
     tracing::info!(%addr, %mqtt_addr, %hostname, ca = ?files.ca, "verge-cloud serving");
     // The test harness and scripts read these lines for the bound ports.
@@ -169,50 +167,33 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         cloud: cloud.clone(),
         auth: Arc::new(auth),
     };
-    // One signal stops both listeners.
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        // Err: the sender is gone, which also means stop.
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let mqtt = tokio::spawn(device::serve(
-        mqtt_listener,
-        mqtt_tls,
-        backend,
-        stopped(stop_rx.clone()),
-    ));
-    let api = verge_cloud::api::serve(listener, tls_cfg, state, stopped(stop_rx));
-    tokio::pin!(api);
+    // One token stops both listeners.
+    shutdown.spawn(
+        "device endpoint",
+        device::serve(
+            mqtt_listener,
+            mqtt_tls,
+            backend,
+            shutdown.token().cancelled_owned(),
+        ),
+    );
+    shutdown.spawn(
+        "service API",
+        verge_cloud::api::serve(listener, tls_cfg, state, shutdown.token().cancelled_owned()),
+    );
     tokio::select! {
-        () = &mut api => {}
-        () = shutdown_signal() => {
-            let _ = stop_tx.send(true);
-            api.await;
+        name = shutdown.task_ended_early() => {
+            tracing::error!(task = %name, "a task stopped unexpectedly; shutting down");
+        }
+        signal = signals.recv() => {
+            let signal = signal?;
+            tracing::info!(%signal, "shutting down");
         }
     }
-    let _ = stop_tx.send(true);
-    if let Err(e) = mqtt.await {
-        tracing::warn!(error = %e, "device endpoint task failed");
-    }
-    sweeper.abort();
-    tracing::info!("shutting down");
+    shutdown.finish(SHUTDOWN_GRACE).await;
     tokio::task::spawn_blocking(move || cloud.close())
         .await
         .context("closing the state")?;
+    tracing::info!("verge-cloud stopped");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }

@@ -56,21 +56,14 @@ async fn runtime_for(config: &Config) -> anyhow::Result<Arc<dyn ModuleRuntime>> 
     Ok(Arc::new(rt))
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
+/// SIGTERM or SIGINT, the shared way (logged); with no handlers, never.
+async fn shutdown_signal(mut signals: Option<verge_shutdown::Signals>) {
+    match &mut signals {
+        Some(s) => match s.recv().await {
+            Ok(signal) => tracing::info!(%signal, "stop requested"),
+            Err(e) => tracing::error!(error = %e, "signal handlers failed; stopping"),
+        },
+        None => std::future::pending().await,
     }
 }
 
@@ -101,8 +94,16 @@ where
         }
     };
     let result = rt.block_on(async {
+        // Installed first, so a stop request during start-up is not lost.
+        let signals = match verge_shutdown::Signals::install() {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot install signal handlers; stop with SIGKILL");
+                None
+            }
+        };
         let runtime = runtime_for(&config).await?;
-        crate::daemon::run(config, runtime, shutdown_signal()).await
+        crate::daemon::run(config, runtime, shutdown_signal(signals)).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

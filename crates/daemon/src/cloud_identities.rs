@@ -273,8 +273,8 @@ impl CloudIdentities {
         }
     }
 
-    /// Runs passes until `stop` turns true (see the module docs).
-    pub async fn run(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+    /// Runs passes until `stop` is cancelled (see the module docs).
+    pub async fn run(self, stop: verge_shutdown::CancellationToken) {
         let mut changes = self.store.subscribe();
         let mut online: Option<bool> = None;
         let mut delay = RETRY_START;
@@ -284,7 +284,7 @@ impl CloudIdentities {
             // shutdown does not wait for it. Cancelling is safe, every
             // store write is atomic and the next start reconciles again.
             let result = tokio::select! {
-                _ = stop.wait_for(|s| *s) => return,
+                () = stop.cancelled() => return,
                 r = self.sync_once() => r,
             };
             let wait = match result {
@@ -321,7 +321,7 @@ impl CloudIdentities {
                 }
             };
             tokio::select! {
-                _ = stop.wait_for(|s| *s) => return,
+                () = stop.cancelled() => return,
                 r = changes.changed() => if r.is_err() { return },
                 () = retry => {}
             }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use verge_runtime::{ModuleRuntime, ModuleSpec, ModuleStatus};
+use verge_shutdown::CancellationToken;
 
 use crate::ca::EdgeCa;
 use crate::cloud_identities::{CloudIdentities, CloudTarget};
@@ -137,8 +138,10 @@ pub async fn run(
 
     // Module identities in the cloud, in the background: never in the way
     // of module start-up or the management API (see `cloud_identities`).
-    let (cloud_stop_tx, cloud_stop_rx) = tokio::sync::watch::channel(false);
-    let cloud_sync = match CloudIdentities::new(
+    // One shutdown for verged's own tasks: the token stops them, the
+    // tracker waits for them (bounded), stragglers are logged by name.
+    let tasks = verge_shutdown::Shutdown::new();
+    match CloudIdentities::new(
         CloudTarget {
             hub: config.provisioning.iothub_hostname.clone(),
             https_port: config.provisioning.https_port,
@@ -147,13 +150,14 @@ pub async fn run(
         },
         identities.clone(),
     ) {
-        Ok(c) => Some(tokio::spawn(c.run(cloud_stop_rx))),
+        Ok(c) => {
+            tasks.spawn("cloud identity registration", c.run(tasks.token()));
+        }
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"),
                 "cannot set up the HTTPS client; module identities are not registered in the cloud");
-            None
         }
-    };
+    }
 
     // The agent.
     let agent_socket = sockets.socket_path(&agent_identity.module_id);
@@ -180,15 +184,17 @@ pub async fn run(
         &config.listen.workload_dir,
         config.moby_runtime.as_ref().map(|m| m.network.as_str()),
     );
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let watchdog = match config.agent.kind {
-        AgentKind::Process => tokio::spawn(process_watchdog(
-            config.agent.name.clone(),
-            config.agent.image.clone(),
-            env,
-            monitor.clone(),
-            stop_rx,
-        )),
+    match config.agent.kind {
+        AgentKind::Process => tasks.spawn(
+            "agent watchdog",
+            process_watchdog(
+                config.agent.name.clone(),
+                config.agent.image.clone(),
+                env,
+                monitor.clone(),
+                tasks.token(),
+            ),
+        ),
         AgentKind::Docker => {
             let spec = ModuleSpec {
                 name: config.agent.name.clone(),
@@ -199,33 +205,19 @@ pub async fn run(
                 workload_socket: Some(agent_socket.clone()),
                 management_socket: Some(mgmt_path.clone()),
             };
-            tokio::spawn(runtime_watchdog(
-                runtime.clone(),
-                spec,
-                monitor.clone(),
-                stop_rx,
-            ))
+            tasks.spawn(
+                "agent watchdog",
+                runtime_watchdog(runtime.clone(), spec, monitor.clone(), tasks.token()),
+            )
         }
     };
 
     shutdown.await;
     tracing::info!("shutting down");
-    let _ = stop_tx.send(true);
-    if tokio::time::timeout(Duration::from_secs(40), watchdog)
-        .await
-        .is_err()
-    {
-        tracing::warn!("the agent watchdog did not stop in time");
-    }
     renewal.abort();
-    let _ = cloud_stop_tx.send(true);
-    if let Some(task) = cloud_sync
-        && tokio::time::timeout(Duration::from_secs(5), task)
-            .await
-            .is_err()
-    {
-        tracing::warn!("the cloud identity registration did not stop in time");
-    }
+    // The agent gets SIGTERM and 10 s before SIGKILL; the agent's own
+    // modules are stopped by the agent.
+    tasks.finish(SHUTDOWN_GRACE).await;
     mgmt.shutdown().await;
     sockets.shutdown_all().await;
     tracing::info!("stopped");
@@ -238,10 +230,14 @@ fn split_command(image: &str) -> Option<(String, Vec<String>)> {
     Some((program, parts.collect()))
 }
 
-async fn sleep_or_stop(d: Duration, stop: &mut tokio::sync::watch::Receiver<bool>) -> bool {
+/// How long verged waits for its tasks at shutdown: the agent watchdog
+/// gives the agent 10 s between SIGTERM and SIGKILL, plus room.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+async fn sleep_or_stop(d: Duration, stop: &CancellationToken) -> bool {
     tokio::select! {
         () = tokio::time::sleep(d) => false,
-        _ = stop.wait_for(|s| *s) => true,
+        () = stop.cancelled() => true,
     }
 }
 
@@ -252,7 +248,7 @@ async fn process_watchdog(
     image: String,
     env: BTreeMap<String, String>,
     monitor: AgentMonitor,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let Some((program, args)) = split_command(&image) else {
         tracing::error!("agent image is empty");
@@ -261,7 +257,7 @@ async fn process_watchdog(
     };
     let mut delay = BACKOFF_START;
     loop {
-        if *stop.borrow() {
+        if stop.is_cancelled() {
             return;
         }
         let started = Instant::now();
@@ -275,7 +271,7 @@ async fn process_watchdog(
             Err(e) => {
                 tracing::error!(agent = %name, program = %program, error = %e, "cannot start the agent");
                 monitor.start_failed();
-                if sleep_or_stop(delay, &mut stop).await {
+                if sleep_or_stop(delay, &stop).await {
                     monitor.stopped();
                     return;
                 }
@@ -287,7 +283,7 @@ async fn process_watchdog(
         monitor.started(child.id());
         let exited = tokio::select! {
             status = child.wait() => Some(status),
-            _ = stop.wait_for(|s| *s) => None,
+            () = stop.cancelled() => None,
         };
         let Some(status) = exited else {
             terminate(&mut child, Duration::from_secs(10)).await;
@@ -309,7 +305,7 @@ async fn process_watchdog(
             delay = BACKOFF_START;
         }
         tracing::warn!(agent = %name, ?status, ?ran, "agent exited; restarting in {delay:?}");
-        if sleep_or_stop(delay, &mut stop).await {
+        if sleep_or_stop(delay, &stop).await {
             monitor.stopped();
             return;
         }
@@ -336,7 +332,7 @@ async fn runtime_watchdog(
     runtime: Arc<dyn ModuleRuntime>,
     spec: ModuleSpec,
     monitor: AgentMonitor,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let name = spec.name.clone();
     let _ = runtime.remove(&name).await;
@@ -383,7 +379,7 @@ async fn runtime_watchdog(
         } else {
             monitor.start_failed();
         }
-        if sleep_or_stop(delay.max(Duration::from_secs(2)), &mut stop).await {
+        if sleep_or_stop(delay.max(Duration::from_secs(2)), &stop).await {
             let _ = runtime.stop(&name, Duration::from_secs(10)).await;
             monitor.stopped();
             return;

@@ -9,8 +9,7 @@
 //!   cloud, which know the device key, compute the same keys.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -61,34 +60,12 @@ fn io_err<'a>(
     }
 }
 
-/// Writes `bytes` to `path` atomically with the given mode (blocking).
+/// Writes `bytes` to `path` atomically and durably with the given mode
+/// (blocking), creating its directory.
 pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StoreError> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     std::fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(io_err("creating", &tmp))?;
-        f.set_permissions(std::fs::Permissions::from_mode(mode))
-            .map_err(io_err("chmod", &tmp))?;
-        f.write_all(bytes).map_err(io_err("writing", &tmp))?;
-        f.sync_all().map_err(io_err("syncing", &tmp))?;
-    }
-    std::fs::rename(&tmp, path).map_err(io_err("renaming into", path))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        // Best effort: some file systems refuse fsync on directories.
-        let _ = d.sync_all();
-    }
-    Ok(())
+    verge_files::write_atomic_mode(path, bytes, mode).map_err(io_err("writing", path))
 }
 
 /// Stores the provisioned device key at `<homedir>/keys/device.key` (0600) and

@@ -728,7 +728,9 @@ mod tests {
 
     async fn mock(dir: &std::path::Path) -> Arc<Mock> {
         Arc::new(Mock {
-            sessions: Sessions::open(dir.join("s.json")).await.unwrap(),
+            sessions: Sessions::open(dir.join("s"), &verge_shutdown::Shutdown::new())
+                .await
+                .unwrap(),
             durable: Mutex::new(Vec::new()),
             handles: Mutex::new(Vec::new()),
         })

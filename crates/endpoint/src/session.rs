@@ -2,13 +2,14 @@
 //! reconnects and hub restarts for clean_session=0) and the live connection
 //! currently attached to each session.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::PathBuf;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::topic::filter_matches;
@@ -51,11 +52,22 @@ struct Session {
 }
 
 /// All sessions.
+///
+/// Persistent sessions (clean_session=0) are kept on disk one small file per
+/// session (`<dir>/<sha256 of the client id>.json`, holding the id and its
+/// subscriptions), written atomically and fsync'd by a persister task when
+/// that session changes: a change costs one small write, whatever the number
+/// of sessions. A sessions file of the older layout (`<dir>.json`, every
+/// session in one document) is split into the directory at open.
 pub struct Sessions {
     inner: Mutex<HashMap<String, Session>>,
     changed: watch::Sender<u64>,
+    /// Client ids whose file is out of date.
+    dirty: Mutex<HashSet<String>>,
     persist: Arc<Notify>,
-    path: PathBuf,
+    /// One persister at a time writes files (flush and the task).
+    writing: tokio::sync::Mutex<()>,
+    dir: PathBuf,
     next_conn: AtomicU64,
 }
 
@@ -63,46 +75,101 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-impl Sessions {
-    /// Loads persisted sessions from `path` (a JSON file) and starts the persister task.
-    pub async fn open(path: PathBuf) -> anyhow::Result<Arc<Self>> {
-        let mut map = HashMap::new();
-        match tokio::fs::read(&path).await {
-            Ok(bytes) => {
-                let saved: BTreeMap<String, BTreeSet<String>> = serde_json::from_slice(&bytes)?;
-                for (id, subs) in saved {
-                    map.insert(
-                        id,
-                        Session {
-                            subs,
-                            persistent: true,
-                            conn: None,
-                        },
-                    );
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e.into()),
+/// One session's file.
+#[derive(Serialize, Deserialize)]
+struct SavedSession {
+    id: String,
+    subs: BTreeSet<String>,
+}
+
+/// The file name of `client_id`'s session: a hash, since client ids may hold
+/// `/` and be longer than a file name may be.
+fn session_file(dir: &Path, client_id: &str) -> PathBuf {
+    dir.join(verge_files::keyed_file_name(client_id, "json"))
+}
+
+/// Reads every session file of `dir` and migrates `<dir>.json` (blocking).
+/// Damaged files are moved aside (see `verge_files::load_json`).
+fn load_dir(dir: &Path) -> std::io::Result<HashMap<String, Session>> {
+    verge_files::create_private_dir(dir)?;
+    let mut map = HashMap::new();
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("reading {}: {e}", dir.display())))?;
+    for entry in entries {
+        let path = entry?.path();
+        if path.extension().is_none_or(|x| x != "json") {
+            continue;
         }
+        if let Some(s) = verge_files::load_json::<SavedSession>(&path)? {
+            map.insert(
+                s.id,
+                Session {
+                    subs: s.subs,
+                    persistent: true,
+                    conn: None,
+                },
+            );
+        }
+    }
+    let legacy = dir.with_extension("json");
+    if let Some(saved) = verge_files::load_json::<BTreeMap<String, BTreeSet<String>>>(&legacy)? {
+        for (id, subs) in saved {
+            let bytes = serde_json::to_vec(&SavedSession {
+                id: id.clone(),
+                subs: subs.clone(),
+            })
+            .map_err(std::io::Error::other)?;
+            verge_files::write_atomic(&session_file(dir, &id), &bytes)?;
+            map.insert(
+                id,
+                Session {
+                    subs,
+                    persistent: true,
+                    conn: None,
+                },
+            );
+        }
+        verge_files::remove_durable(&legacy)?;
+        tracing::info!(file = %legacy.display(), dir = %dir.display(), "sessions moved to one file each");
+    }
+    Ok(map)
+}
+
+impl Sessions {
+    /// Loads the persisted sessions of `dir` (created 0700 if missing) and
+    /// starts the persister as a task of `shutdown`; it writes what is left
+    /// and ends when the shutdown begins.
+    pub async fn open(
+        dir: PathBuf,
+        shutdown: &verge_shutdown::Shutdown,
+    ) -> anyhow::Result<Arc<Self>> {
+        let d = dir.clone();
+        let map = tokio::task::spawn_blocking(move || load_dir(&d)).await??;
         let (changed, _) = watch::channel(0);
         let this = Arc::new(Self {
             inner: Mutex::new(map),
             changed,
+            dirty: Mutex::new(HashSet::new()),
             persist: Arc::new(Notify::new()),
-            path,
+            writing: tokio::sync::Mutex::new(()),
+            dir,
             next_conn: AtomicU64::new(1),
         });
         let weak = Arc::downgrade(&this);
         let persist = this.persist.clone();
-        tokio::spawn(async move {
+        let token = shutdown.token();
+        shutdown.spawn("sessions persister", async move {
             loop {
-                persist.notified().await;
+                let stop = tokio::select! {
+                    () = persist.notified() => false,
+                    () = token.cancelled() => true,
+                };
                 let Some(this) = weak.upgrade() else { break };
-                let snapshot = this.snapshot();
-                let path = this.path.clone();
-                drop(this);
-                if let Err(e) = write_atomic(&path, &snapshot).await {
-                    tracing::error!(path = %path.display(), error = %e, "cannot persist sessions");
+                if let Err(e) = this.flush().await {
+                    tracing::error!(error = %e, "cannot persist sessions");
+                }
+                if stop {
+                    break;
                 }
             }
         });
@@ -114,20 +181,53 @@ impl Sessions {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Writes the sessions to disk now.
+    /// Writes the sessions changed since the last write to disk now.
     pub async fn flush(&self) -> std::io::Result<()> {
-        let snapshot = self.snapshot();
-        write_atomic(&self.path, &snapshot).await
+        let _writing = self.writing.lock().await;
+        let dirty: Vec<String> = lock(&self.dirty).drain().collect();
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        let work: Vec<(PathBuf, Option<Vec<u8>>)> = {
+            let map = lock(&self.inner);
+            dirty
+                .iter()
+                .map(|id| {
+                    let file = session_file(&self.dir, id);
+                    let bytes = map.get(id).filter(|s| s.persistent).map(|s| {
+                        serde_json::to_vec(&SavedSession {
+                            id: id.clone(),
+                            subs: s.subs.clone(),
+                        })
+                        .unwrap_or_default()
+                    });
+                    (file, bytes)
+                })
+                .collect()
+        };
+        let done = tokio::task::spawn_blocking(move || {
+            for (file, bytes) in work {
+                match bytes {
+                    Some(b) => verge_files::write_atomic(&file, &b)?,
+                    None => verge_files::remove_durable(&file)?,
+                }
+            }
+            Ok::<_, std::io::Error>(())
+        })
+        .await
+        .map_err(std::io::Error::other)?;
+        if done.is_err() {
+            // Written again next time (a later write of the same session
+            // holds the newest state anyway).
+            lock(&self.dirty).extend(dirty);
+        }
+        done
     }
 
-    fn snapshot(&self) -> Vec<u8> {
-        let map = lock(&self.inner);
-        let saved: BTreeMap<&String, &BTreeSet<String>> = map
-            .iter()
-            .filter(|(_, s)| s.persistent)
-            .map(|(k, s)| (k, &s.subs))
-            .collect();
-        serde_json::to_vec_pretty(&saved).unwrap_or_default()
+    /// Marks `client_id`'s file out of date and wakes the persister.
+    fn mark(&self, client_id: &str) {
+        lock(&self.dirty).insert(client_id.to_owned());
+        self.persist.notify_one();
     }
 
     fn bump(&self) {
@@ -143,6 +243,7 @@ impl Sessions {
     /// connection. Returns whether a session was present.
     pub fn attach(&self, client_id: &str, clean: bool, conn: ConnHandle) -> bool {
         let present;
+        let changed;
         {
             let mut map = lock(&self.inner);
             let s = map.entry(client_id.to_owned()).or_default();
@@ -150,6 +251,8 @@ impl Sessions {
                 tracing::info!(client = client_id, "session taken over by a new connection");
                 old.kick.notify_one();
             }
+            // Only a change of what is persisted touches the disk.
+            let before = (s.persistent, s.subs.is_empty());
             if clean {
                 s.subs.clear();
                 present = false;
@@ -158,8 +261,11 @@ impl Sessions {
             }
             s.persistent = !clean;
             s.conn = Some(conn);
+            changed = before != (s.persistent, s.subs.is_empty());
         }
-        self.persist.notify_one();
+        if changed {
+            self.mark(client_id);
+        }
         self.bump();
         present
     }
@@ -204,7 +310,7 @@ impl Sessions {
                 })
                 .collect()
         };
-        self.persist.notify_one();
+        self.mark(client_id);
         self.bump();
         granted
     }
@@ -219,7 +325,7 @@ impl Sessions {
                 }
             }
         }
-        self.persist.notify_one();
+        self.mark(client_id);
         self.bump();
     }
 
@@ -251,9 +357,124 @@ impl Sessions {
     }
 }
 
-/// Writes `bytes` to `path` via a temporary file and a rename.
-pub async fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    tokio::fs::write(&tmp, bytes).await?;
-    tokio::fs::rename(&tmp, path).await
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::time::Duration;
+
+    fn handle(s: &Sessions) -> ConnHandle {
+        let (tx, _rx) = mpsc::channel(1);
+        ConnHandle {
+            id: s.next_conn_id(),
+            tx,
+            kick: Arc::new(Notify::new()),
+        }
+    }
+
+    fn files(dir: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// A change to one session rewrites that session's file only; reopening
+    /// restores every persistent session; a clean session leaves no file.
+    #[tokio::test]
+    async fn one_change_writes_one_small_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("sessions");
+        let shutdown = verge_shutdown::Shutdown::new();
+        let s = Sessions::open(dir.clone(), &shutdown).await.unwrap();
+        for id in ["a/m", "b", "c"] {
+            s.attach(id, false, handle(&s));
+            s.subscribe(id, &[format!("devices/{id}/#")]);
+        }
+        s.attach("clean", true, handle(&s));
+        s.flush().await.unwrap();
+        assert_eq!(files(&dir).len(), 3);
+        // Mark b's file: a change to a/m must leave it alone.
+        let b_file = session_file(&dir, "b");
+        std::fs::write(&b_file, br#"{"id":"b","subs":["sentinel"]}"#).unwrap();
+        s.subscribe("a/m", &["$iothub/methods/POST/#".to_owned()]);
+        s.unsubscribe("c", &["devices/c/#".to_owned()]);
+        s.flush().await.unwrap();
+        assert_eq!(
+            std::fs::read(&b_file).unwrap(),
+            br#"{"id":"b","subs":["sentinel"]}"#
+        );
+        // Reconnecting with nothing changed writes nothing either.
+        s.attach("b", false, handle(&s));
+        s.flush().await.unwrap();
+        assert!(
+            std::fs::read_to_string(&b_file)
+                .unwrap()
+                .contains("sentinel")
+        );
+        // A clean reconnect forgets the session on disk too.
+        s.attach("c", true, handle(&s));
+        s.flush().await.unwrap();
+        assert_eq!(files(&dir).len(), 2);
+        shutdown.finish(Duration::from_secs(5)).await;
+        drop(s);
+
+        let s = Sessions::open(dir.clone(), &verge_shutdown::Shutdown::new())
+            .await
+            .unwrap();
+        let mut a = s.subscriptions("a/m");
+        a.sort();
+        assert_eq!(a, ["$iothub/methods/POST/#", "devices/a/m/#"]);
+        assert_eq!(s.subscriptions("b"), ["sentinel"]);
+        assert!(s.subscriptions("c").is_empty());
+    }
+
+    /// The older single-file layout is split into one file per session, and
+    /// a damaged session file is moved aside without losing the others.
+    #[tokio::test]
+    async fn migrates_the_single_file_and_survives_a_damaged_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("sessions");
+        std::fs::write(
+            tmp.path().join("sessions.json"),
+            br#"{"d1": ["x/#"], "d2/m": ["y/#"]}"#,
+        )
+        .unwrap();
+        let s = Sessions::open(dir.clone(), &verge_shutdown::Shutdown::new())
+            .await
+            .unwrap();
+        assert_eq!(s.subscriptions("d1"), ["x/#"]);
+        assert_eq!(s.subscriptions("d2/m"), ["y/#"]);
+        assert!(!tmp.path().join("sessions.json").exists());
+        assert_eq!(files(&dir).len(), 2);
+        drop(s);
+
+        std::fs::write(session_file(&dir, "d1"), b"").unwrap();
+        let s = Sessions::open(dir.clone(), &verge_shutdown::Shutdown::new())
+            .await
+            .unwrap();
+        assert!(s.subscriptions("d1").is_empty());
+        assert_eq!(s.subscriptions("d2/m"), ["y/#"]);
+        assert!(
+            files(&dir)
+                .iter()
+                .any(|p| p.to_string_lossy().contains(".json.damaged-"))
+        );
+    }
+
+    /// The persister writes what is pending when the shutdown begins.
+    #[tokio::test]
+    async fn the_persister_flushes_at_shutdown() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("sessions");
+        let shutdown = verge_shutdown::Shutdown::new();
+        let s = Sessions::open(dir.clone(), &shutdown).await.unwrap();
+        s.attach("d", false, handle(&s));
+        s.subscribe("d", &["t/#".to_owned()]);
+        assert!(shutdown.finish(Duration::from_secs(5)).await.is_empty());
+        let text = std::fs::read_to_string(session_file(&dir, "d")).unwrap();
+        assert!(text.contains("t/#"), "{text}");
+    }
 }

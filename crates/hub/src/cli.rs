@@ -36,6 +36,9 @@ where
 #[tokio::main]
 async fn run(args: Args) -> anyhow::Result<()> {
     verge_log::init(verge_log::Stream::Stdout);
+    // Messages, twins and sessions are the clients' data: whatever the hub
+    // (or its store) creates is the owner's only.
+    verge_files::restrict_umask();
     let cfg = crate::config::Config::load(&args.config)?;
     // Run by verged as its edgeHub module: identities and certificate from
     // verged for whatever the file leaves out.
@@ -43,12 +46,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let cfg = cfg
         .with_edge_env(edge)
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
-    let mut hub = crate::Hub::start(cfg).await?;
+    // SIGTERM (docker stop, verged stopping the module; as PID 1 in a
+    // container there is no default action) and SIGINT alike run the
+    // shutdown. Installed before the start so an early signal is not lost.
+    let mut signals = verge_shutdown::Signals::install()?;
+    let hub = crate::Hub::start(cfg).await?;
     tokio::select! {
-        _ = hub.wait() => anyhow::bail!("a hub task stopped unexpectedly"),
-        r = tokio::signal::ctrl_c() => {
-            r?;
-            tracing::info!("shutting down");
+        name = hub.wait() => {
+            hub.shutdown().await;
+            anyhow::bail!("the hub task {name:?} stopped unexpectedly")
+        }
+        signal = signals.recv() => {
+            let signal = signal?;
+            tracing::info!(%signal, "shutting down");
             hub.shutdown().await;
         }
     }

@@ -83,7 +83,11 @@ impl Backend for HubState {
         self.twins
             .patch_reported(&client.to_string(), &patch)
             .await
-            .map_err(|e| Rejection::bad_request(e.to_string()))
+            .map_err(|e| match e {
+                crate::twins::PatchError::Refused(e) => Rejection::bad_request(e.to_string()),
+                // Not on disk: the client must not take it as accepted.
+                crate::twins::PatchError::NotSaved(e) => Rejection::new(500, e.to_string()),
+            })
     }
 
     async fn method_response(&self, client: &ClientId, rid: &str, status: i64, payload: Bytes) {

@@ -116,30 +116,7 @@ pub type Task = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 /// caches hold keys), fsynced and renamed, so a crash leaves the old or the
 /// new file, never half of one.
 pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        // Best effort: some file systems refuse fsync on directories.
-        let _ = d.sync_all();
-    }
-    Ok(())
+    verge_files::write_atomic(path, bytes)
 }
 
 /// Module identities → key table entries (bad entries are skipped and logged).

@@ -123,9 +123,9 @@ pub struct HubState {
     pumps_wanted: Mutex<BTreeSet<(String, String)>>,
     pumps_changed: Notify,
     config_update: tokio::sync::Mutex<()>,
-    /// Set when the hub shuts down: ends tasks it does not own through a
-    /// JoinSet (WebSocket connections, spawned by the HTTP upgrade).
-    stopping: tokio::sync::watch::Sender<bool>,
+    /// The hub's shutdown: its token ends every loop (WebSocket connections,
+    /// spawned by the HTTP upgrade, included); its tracker holds the tasks.
+    shutdown: verge_shutdown::Shutdown,
     /// Twins.
     pub twins: Twins,
     /// Counters.
@@ -181,9 +181,12 @@ impl HubState {
 
     /// Completes once the hub is shutting down.
     pub async fn stopped(&self) {
-        let mut rx = self.stopping.subscribe();
-        // Err only if the sender is gone, which means the state is gone too.
-        let _ = rx.wait_for(|stopping| *stopping).await;
+        self.shutdown.cancelled().await;
+    }
+
+    /// The hub's shutdown (token and task tracker).
+    pub fn shutdown(&self) -> &verge_shutdown::Shutdown {
+        &self.shutdown
     }
 
     /// A process-unique number (connection ids, method request ids).
@@ -229,12 +232,13 @@ pub struct Hub {
     pub mqtt_addr: SocketAddr,
     /// Bound HTTPS address.
     pub https_addr: SocketAddr,
-    tasks: JoinSet<()>,
-    /// Stops the listeners.
-    cancel: verge_listen::CancellationToken,
     /// The MQTT and HTTPS listeners' counters.
     listener_stats: [Arc<verge_listen::Stats>; 2],
 }
+
+/// How long [`Hub::shutdown`] waits for the hub's tasks (verged and Docker
+/// allow 10 s between SIGTERM and SIGKILL; the rest is for flushing).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs one delivery pump per wanted module-input endpoint, starting new
 /// pumps as routes add endpoints. Pumps of endpoints no route names any more
@@ -278,7 +282,7 @@ pub fn install_crypto_provider() {
 impl HubState {
     /// Opens the storage directory (store, sessions, twins) and puts the
     /// initial configuration in force, without binding or starting anything
-    /// but the sessions' persister. [`Hub::start`] uses it; so do harnesses
+    /// but the sessions' persister (a task of the hub's shutdown). [`Hub::start`] uses it; so do harnesses
     /// that drive [`connection::serve`] directly (the fuzz target).
     pub async fn open(cfg: Config) -> anyhow::Result<Arc<Self>> {
         Ok(open_state(cfg).await?.0)
@@ -287,11 +291,18 @@ impl HubState {
 
 /// [`HubState::open`], also returning the routes file's content as applied.
 async fn open_state(cfg: Config) -> anyhow::Result<(Arc<HubState>, Option<Vec<u8>>)> {
-    tokio::fs::create_dir_all(&cfg.storage_dir)
-        .await
-        .with_context(|| format!("creating {}", cfg.storage_dir.display()))?;
-    let sas = Arc::new(SasAuthenticator::from_config(&cfg)?);
+    // Messages, twins and session state are the clients' data: owner only
+    // (the store creates its files inside a directory nobody else can enter).
     let store_dir = cfg.storage_dir.join("store");
+    {
+        let dirs = [cfg.storage_dir.clone(), store_dir.clone()];
+        tokio::task::spawn_blocking(move || {
+            dirs.iter()
+                .try_for_each(|d| verge_files::create_private_dir(d))
+        })
+        .await??;
+    }
+    let sas = Arc::new(SasAuthenticator::from_config(&cfg)?);
     // TTLs come from the routes and the `$edgeHub` configuration (which can
     // say "never expire"), so the store adds no default of its own.
     let store_cfg = StoreConfig {
@@ -301,8 +312,9 @@ async fn open_state(cfg: Config) -> anyhow::Result<(Arc<HubState>, Option<Vec<u8
         ..StoreConfig::default()
     };
     let store = tokio::task::spawn_blocking(move || Store::open(store_dir, store_cfg)).await??;
-    let sessions = Sessions::open(cfg.storage_dir.join("sessions.json")).await?;
-    let twins = Twins::open(cfg.storage_dir.join("twins.json")).await?;
+    let shutdown = verge_shutdown::Shutdown::new();
+    let sessions = Sessions::open(cfg.storage_dir.join("sessions"), &shutdown).await?;
+    let twins = Twins::open(cfg.storage_dir.join("twins")).await?;
     if cfg.upstream.is_some() {
         // Reported patches of every identity the hub holds keys for at the
         // time (config, verged's module identities, the cloud's device
@@ -349,7 +361,7 @@ async fn open_state(cfg: Config) -> anyhow::Result<(Arc<HubState>, Option<Vec<u8
         pumps_wanted: Mutex::new(endpoints),
         pumps_changed: Notify::new(),
         config_update: tokio::sync::Mutex::new(()),
-        stopping: tokio::sync::watch::Sender::new(false),
+        shutdown,
         twins,
         stats: Stats::default(),
         clients: clients::ClientStatus::default(),
@@ -404,53 +416,63 @@ impl Hub {
         let mqtt_addr = mqtt.local_addr()?;
         let https_addr = https.local_addr()?;
 
-        let mut tasks = JoinSet::new();
-        tasks.spawn(pump_supervisor(state.clone()));
+        // The hub's loops hold nothing to flush (the store and the sessions
+        // do it themselves): they end at the shutdown's first await point.
+        let sd = state.shutdown.clone();
+        sd.spawn_until_cancelled("delivery pumps", pump_supervisor(state.clone()));
         let st = state.clone();
-        tasks.spawn(async move { clients::run(&st).await });
-        for t in identity_tasks.into_iter().chain(scope_tasks) {
-            tasks.spawn(t);
+        sd.spawn_until_cancelled(
+            "$edgeHub clients report",
+            async move { clients::run(&st).await },
+        );
+        for (i, t) in identity_tasks.into_iter().chain(scope_tasks).enumerate() {
+            sd.spawn_until_cancelled(format!("identity refresh {i}"), t);
         }
         if let Some(up) = upstream::Upstream::prepare(&state.cfg)? {
-            tasks.spawn(up.run(state.clone()));
+            sd.spawn_until_cancelled("upstream", up.run(state.clone()));
         }
         if let Some(path) = state.cfg.routes_file.clone() {
-            tasks.spawn(edgehub::watch_routes_file(
-                state.clone(),
-                path,
-                routes_bytes,
-            ));
+            sd.spawn_until_cancelled(
+                "routes file watch",
+                edgehub::watch_routes_file(state.clone(), path, routes_bytes),
+            );
         }
         if let Some(path) = state.cfg.twins_file.clone() {
-            tasks.spawn(twins::run_desired_source(state.clone(), path));
+            sd.spawn_until_cancelled(
+                "twins file watch",
+                twins::run_desired_source(state.clone(), path),
+            );
         }
         let (mqtt_caps, https_caps) = state.cfg.limits.connection_caps();
-        let cancel = verge_listen::CancellationToken::new();
+        // The listeners stop accepting on the hub's shutdown.
+        let cancel = sd.token();
         let mqtt = verge_listen::Listener::new("mqtt", mqtt, mqtt_caps, cancel.clone());
-        let https = verge_listen::Listener::new("https", https, https_caps, cancel.clone());
+        let https = verge_listen::Listener::new("https", https, https_caps, cancel);
         let listener_stats = [mqtt.stats(), https.stats()];
-        tasks.spawn(mqtt_listener(state.clone(), mqtt, tls.clone()));
-        tasks.spawn(https_listener(state.clone(), https, tls));
+        sd.spawn_until_cancelled(
+            "MQTT listener",
+            mqtt_listener(state.clone(), mqtt, tls.clone()),
+        );
+        sd.spawn_until_cancelled("HTTPS listener", https_listener(state.clone(), https, tls));
         tracing::info!(%mqtt_addr, %https_addr, "verge-hub listening");
         Ok(Self {
             state,
             mqtt_addr,
             https_addr,
-            tasks,
-            cancel,
             listener_stats,
         })
     }
 
-    /// Stops every task, flushes the sessions and closes the store.
-    pub async fn shutdown(mut self) {
-        self.state.stopping.send_replace(true);
-        self.cancel.cancel();
-        self.tasks.abort_all();
-        while self.tasks.join_next().await.is_some() {}
+    /// Stops every task (waiting up to [`SHUTDOWN_GRACE`]), then writes the
+    /// sessions left unwritten. Returns the names of tasks that outlived
+    /// the grace period (logged).
+    pub async fn shutdown(self) -> Vec<String> {
+        let left = self.state.shutdown.finish(SHUTDOWN_GRACE).await;
         if let Err(e) = self.state.sessions.flush().await {
             tracing::error!(error = %e, "cannot persist sessions");
         }
+        tracing::info!("verge-hub stopped");
+        left
     }
 
     /// The MQTT and HTTPS listeners' counters (accepted, refused, timed out, open).
@@ -459,9 +481,10 @@ impl Hub {
         (mqtt, https)
     }
 
-    /// Waits until a task ends (which only happens on a fatal error).
-    pub async fn wait(&mut self) {
-        let _ = self.tasks.join_next().await;
+    /// Waits until a task ends before the shutdown (which only happens on a
+    /// fatal error); yields its name.
+    pub async fn wait(&self) -> String {
+        self.state.shutdown.task_ended_early().await
     }
 }
 

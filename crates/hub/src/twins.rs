@@ -1,5 +1,12 @@
-//! Twins kept by the hub, persisted as JSON in the storage directory, and the
-//! local source of desired properties (a JSON file polled for changes).
+//! Twins kept by the hub, persisted in the storage directory, and the local
+//! source of desired properties (a JSON file polled for changes).
+//!
+//! Each twin is its own file (`twins/<sha256 of the id>.json`, written
+//! atomically and fsync'd before a change is acknowledged), so a reported
+//! patch costs one small write whatever the number of twins. A reported
+//! patch that cannot be saved is refused (500), and the twin is left as it
+//! was. The older single `twins.json` is split into the directory at start;
+//! a damaged file is moved aside (see `verge_files::load_json`).
 //!
 //! With an upstream, the hub's twins are caches of the cloud's:
 //!
@@ -49,6 +56,14 @@ pub struct PendingReported {
     pub patch: Value,
 }
 
+/// One twin's file.
+#[derive(Serialize, Deserialize)]
+struct SavedFile {
+    id: String,
+    #[serde(flatten)]
+    twin: SavedTwin,
+}
+
 #[derive(Serialize, Deserialize, Default)]
 struct SavedTwin {
     version: u64,
@@ -61,7 +76,7 @@ struct SavedTwin {
 }
 
 /// One twin and its queue of reported patches for the cloud.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Entry {
     twin: Twin,
     pending: VecDeque<PendingReported>,
@@ -79,10 +94,23 @@ pub enum CloudPatch {
     Gap,
 }
 
+/// Why a reported patch was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum PatchError {
+    /// The patch itself is refused (400).
+    #[error(transparent)]
+    Refused(#[from] TwinError),
+    /// It could not be saved; nothing changed (500).
+    #[error("the twin could not be saved: {0}")]
+    NotSaved(std::io::Error),
+}
+
 /// Every twin, keyed by client id (`d` or `d/m`).
 pub struct Twins {
     inner: Mutex<HashMap<String, Entry>>,
-    path: PathBuf,
+    dir: PathBuf,
+    /// Held from a change to its file's fsync: writes of one twin's file
+    /// happen in the order of its changes.
     save: tokio::sync::Mutex<()>,
     /// Identities whose reported patches are queued for the cloud (set
     /// when the hub has an upstream: those it holds credentials for).
@@ -126,45 +154,21 @@ fn client_section(v: Option<&Value>) -> (Map<String, Value>, u64) {
 }
 
 impl Twins {
-    /// Loads the twins saved at `path`.
-    pub async fn open(path: PathBuf) -> anyhow::Result<Self> {
-        let mut map = HashMap::new();
-        match tokio::fs::read(&path).await {
-            Ok(bytes) => {
-                let saved: BTreeMap<String, SavedTwin> = serde_json::from_slice(&bytes)?;
-                for (id, s) in saved {
-                    let mut t = new_twin(&id);
-                    let pending: VecDeque<PendingReported> = s.pending_reported.into();
-                    let next_seq = s
-                        .next_seq
-                        .max(pending.back().map_or(0, |p| p.seq.saturating_add(1)));
-                    t.version = s.version;
-                    t.desired = TwinSection {
-                        properties: s.desired.properties,
-                        version: s.desired.version,
-                        ..TwinSection::default()
-                    };
-                    t.reported = TwinSection {
-                        properties: s.reported.properties,
-                        version: s.reported.version,
-                        ..TwinSection::default()
-                    };
-                    map.insert(
-                        id,
-                        Entry {
-                            twin: t,
-                            pending,
-                            next_seq,
-                        },
-                    );
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e.into()),
-        }
+    /// Loads the twins saved in `dir` (created 0700 if missing; the older
+    /// `<dir>.json` is split into it).
+    pub async fn open(dir: PathBuf) -> anyhow::Result<Self> {
+        let d = dir.clone();
+        let saved = tokio::task::spawn_blocking(move || load_dir(&d)).await??;
+        let map: HashMap<String, Entry> = saved
+            .into_iter()
+            .map(|(id, s)| {
+                let e = entry_from(&id, s);
+                (id, e)
+            })
+            .collect();
         Ok(Self {
             inner: Mutex::new(map),
-            path,
+            dir,
             save: tokio::sync::Mutex::new(()),
             synced: Mutex::new(HashSet::new()),
             synced_when: std::sync::RwLock::new(None),
@@ -221,6 +225,7 @@ impl Twins {
 
     /// The cloud answered reported patch `seq` of `id`: drop it from the queue.
     pub async fn reported_done(&self, id: &str, seq: u64) {
+        let _save = self.save.lock().await;
         let removed = {
             let mut map = lock(&self.inner);
             match map.get_mut(id) {
@@ -232,12 +237,13 @@ impl Twins {
             }
         };
         if removed {
-            self.persist().await;
+            self.persist(id).await;
         }
     }
 
     /// Applies a desired patch (with `$version`) received from the cloud.
     pub async fn cloud_desired_patch(&self, id: &str, patch: &Value) -> CloudPatch {
+        let _save = self.save.lock().await;
         let (mut props, version) = client_section(Some(patch));
         props.retain(|k, _| !k.starts_with('$'));
         let out = {
@@ -262,7 +268,7 @@ impl Twins {
             }
         };
         if matches!(out, CloudPatch::Push(..)) {
-            self.persist().await;
+            self.persist(id).await;
         }
         out
     }
@@ -273,6 +279,7 @@ impl Twins {
     /// changed; reported properties become the cloud's with the patches
     /// still queued applied on top.
     pub async fn cloud_twin(&self, id: &str, body: &Value) -> Option<(Value, u64)> {
+        let _save = self.save.lock().await;
         let (desired, dv) = client_section(body.get("desired"));
         let (reported, rv) = client_section(body.get("reported"));
         let push = {
@@ -301,7 +308,7 @@ impl Twins {
                 (msg, dv)
             })
         };
-        self.persist().await;
+        self.persist(id).await;
         push
     }
 
@@ -331,17 +338,23 @@ impl Twins {
     /// Merges a reported patch; returns the new reported version. With an
     /// upstream the patch is also queued for the cloud (persisted before
     /// this returns, so the 204 the client gets means it survives a restart).
-    pub async fn patch_reported(&self, id: &str, patch: &Value) -> Result<u64, TwinError> {
+    ///
+    /// If the twin cannot be saved, the patch is undone and
+    /// [`PatchError::NotSaved`] returned (the client gets an error, not 204).
+    pub async fn patch_reported(&self, id: &str, patch: &Value) -> Result<u64, PatchError> {
         let queue = self.is_synced(id);
-        let v = {
+        let _save = self.save.lock().await;
+        let (v, before) = {
             let mut map = lock(&self.inner);
+            let before = map.get(id).cloned();
             let e = map.entry(id.to_owned()).or_insert_with(|| new_entry(id));
             if queue && e.pending.len() >= MAX_PENDING_REPORTED {
                 return Err(TwinError::TooLarge {
                     section: "reported (patches waiting for the cloud)",
                     size: e.pending.len(),
                     limit: MAX_PENDING_REPORTED,
-                });
+                }
+                .into());
             }
             let v = e.twin.patch_reported(patch, Timestamp::now())?;
             if queue {
@@ -352,9 +365,22 @@ impl Twins {
                     patch: patch.clone(),
                 });
             }
-            v
+            (v, before)
         };
-        self.persist().await;
+        if let Err(e) = self.write_twin(id).await {
+            let mut map = lock(&self.inner);
+            match before {
+                Some(b) => {
+                    map.insert(id.to_owned(), b);
+                }
+                None => {
+                    map.remove(id);
+                }
+            }
+            tracing::error!(twin = id, error = %e, "reported patch refused: the twin cannot be saved");
+            return Err(PatchError::NotSaved(e));
+        }
+        drop(_save);
         if queue {
             self.reported_tx.send_modify(|n| *n = n.wrapping_add(1));
         }
@@ -368,6 +394,7 @@ impl Twins {
         id: &str,
         desired: &Map<String, Value>,
     ) -> Result<Option<(Value, u64)>, TwinError> {
+        let _save = self.save.lock().await;
         let out = {
             let mut map = lock(&self.inner);
             let twin = &mut map
@@ -384,67 +411,106 @@ impl Twins {
             }
         };
         if out.is_some() {
-            self.persist().await;
+            self.persist(id).await;
         }
         Ok(out)
     }
 
-    async fn persist(&self) {
-        let _guard = self.save.lock().await;
+    /// Saves `id`'s twin; a failure is logged (changes from the cloud are
+    /// fetched again after a restart). Callers hold `save` since their change.
+    async fn persist(&self, id: &str) {
+        if let Err(e) = self.write_twin(id).await {
+            tracing::error!(twin = id, error = %e, "cannot persist the twin");
+        }
+    }
+
+    /// Writes `id`'s file as the twin is now (callers hold `save`).
+    async fn write_twin(&self, id: &str) -> std::io::Result<()> {
         let bytes = {
             let map = lock(&self.inner);
-            let saved: BTreeMap<&String, SavedTwin> = map
-                .iter()
-                .map(|(k, e)| {
-                    let t = &e.twin;
-                    (
-                        k,
-                        SavedTwin {
-                            version: t.version,
-                            desired: SavedSection {
-                                properties: t.desired.properties.clone(),
-                                version: t.desired.version,
-                            },
-                            reported: SavedSection {
-                                properties: t.reported.properties.clone(),
-                                version: t.reported.version,
-                            },
-                            pending_reported: e.pending.iter().cloned().collect(),
-                            next_seq: e.next_seq,
-                        },
-                    )
-                })
-                .collect();
-            serde_json::to_vec_pretty(&saved).unwrap_or_default()
+            let Some(e) = map.get(id) else { return Ok(()) };
+            serde_json::to_vec(&SavedFile {
+                id: id.to_owned(),
+                twin: saved_twin(e),
+            })
+            .map_err(std::io::Error::other)?
         };
-        if let Err(e) = write_durable(&self.path, &bytes).await {
-            tracing::error!(path = %self.path.display(), error = %e, "cannot persist twins");
-        }
+        verge_files::write_atomic_async(twin_file(&self.dir, id), bytes).await
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file, fsynced before the
-/// rename: a reported patch answered 204 is queued for the cloud, so it
-/// must be on disk first (ack after fsync).
-async fn write_durable(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    let (path, bytes) = (path.to_owned(), bytes.to_vec());
-    tokio::task::spawn_blocking(move || {
-        use std::io::Write as _;
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, &path)?;
-        if let Some(dir) = path.parent()
-            && let Ok(d) = std::fs::File::open(dir)
-        {
-            let _ = d.sync_all();
+fn twin_file(dir: &std::path::Path, id: &str) -> PathBuf {
+    dir.join(verge_files::keyed_file_name(id, "json"))
+}
+
+fn saved_twin(e: &Entry) -> SavedTwin {
+    let t = &e.twin;
+    SavedTwin {
+        version: t.version,
+        desired: SavedSection {
+            properties: t.desired.properties.clone(),
+            version: t.desired.version,
+        },
+        reported: SavedSection {
+            properties: t.reported.properties.clone(),
+            version: t.reported.version,
+        },
+        pending_reported: e.pending.iter().cloned().collect(),
+        next_seq: e.next_seq,
+    }
+}
+
+fn entry_from(id: &str, s: SavedTwin) -> Entry {
+    let mut t = new_twin(id);
+    let pending: VecDeque<PendingReported> = s.pending_reported.into();
+    let next_seq = s
+        .next_seq
+        .max(pending.back().map_or(0, |p| p.seq.saturating_add(1)));
+    t.version = s.version;
+    t.desired = TwinSection {
+        properties: s.desired.properties,
+        version: s.desired.version,
+        ..TwinSection::default()
+    };
+    t.reported = TwinSection {
+        properties: s.reported.properties,
+        version: s.reported.version,
+        ..TwinSection::default()
+    };
+    Entry {
+        twin: t,
+        pending,
+        next_seq,
+    }
+}
+
+/// Reads every twin file of `dir` and migrates `<dir>.json` (blocking).
+fn load_dir(dir: &std::path::Path) -> std::io::Result<Vec<(String, SavedTwin)>> {
+    verge_files::create_private_dir(dir)?;
+    let mut out = Vec::new();
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("reading {}: {e}", dir.display())))?;
+    for entry in entries {
+        let path = entry?.path();
+        if path.extension().is_none_or(|x| x != "json") {
+            continue;
         }
-        Ok(())
-    })
-    .await
-    .map_err(std::io::Error::other)?
+        if let Some(f) = verge_files::load_json::<SavedFile>(&path)? {
+            out.push((f.id, f.twin));
+        }
+    }
+    let legacy = dir.with_extension("json");
+    if let Some(saved) = verge_files::load_json::<BTreeMap<String, SavedTwin>>(&legacy)? {
+        for (id, twin) in saved {
+            let f = SavedFile { id, twin };
+            let bytes = serde_json::to_vec(&f).map_err(std::io::Error::other)?;
+            verge_files::write_atomic(&twin_file(dir, &f.id), &bytes)?;
+            out.push((f.id, f.twin));
+        }
+        verge_files::remove_durable(&legacy)?;
+        tracing::info!(file = %legacy.display(), dir = %dir.display(), "twins moved to one file each");
+    }
+    Ok(out)
 }
 
 /// The JSON merge patch that turns `old` into `new`.
@@ -552,9 +618,78 @@ mod tests {
     use serde_json::json;
 
     async fn open(dir: &tempfile::TempDir) -> Twins {
-        let t = Twins::open(dir.path().join("twins.json")).await.unwrap();
+        let t = Twins::open(dir.path().join("twins")).await.unwrap();
         t.sync_upstream(["d/m".to_owned()]);
         t
+    }
+
+    fn twin_files(dir: &std::path::Path) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// A reported patch writes its own twin's file and leaves the others'
+    /// alone (before: every twin was rewritten and fsync'd).
+    #[tokio::test]
+    async fn a_patch_rewrites_one_twin_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = open(&dir).await;
+        for id in ["d/m", "d/n", "e"] {
+            t.patch_reported(id, &json!({"a": 1})).await.unwrap();
+        }
+        let files = twin_files(&dir.path().join("twins"));
+        assert_eq!(files.len(), 3);
+        let other = twin_file(&dir.path().join("twins"), "e");
+        let sentinel = br#"{"id":"e","version":7,"desired":{"properties":{},"version":0},"reported":{"properties":{"sentinel":true},"version":1}}"#;
+        std::fs::write(&other, sentinel).unwrap();
+        t.patch_reported("d/m", &json!({"a": 2})).await.unwrap();
+        assert_eq!(std::fs::read(&other).unwrap(), sentinel);
+        drop(t);
+        let t = open(&dir).await;
+        assert_eq!(t.client_json("d/m")["reported"]["a"], json!(2));
+        assert_eq!(t.client_json("e")["reported"]["sentinel"], json!(true));
+    }
+
+    /// A patch that cannot be saved is refused and leaves the twin as it was
+    /// (before: the client got 204 and the patch lived only in memory).
+    #[tokio::test]
+    async fn a_patch_that_cannot_be_saved_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = open(&dir).await;
+        t.patch_reported("d/m", &json!({"a": 1})).await.unwrap();
+        // The directory is gone: the next write fails.
+        std::fs::remove_dir_all(dir.path().join("twins")).unwrap();
+        let e = t.patch_reported("d/m", &json!({"a": 2})).await.unwrap_err();
+        assert!(matches!(e, PatchError::NotSaved(_)), "{e}");
+        assert_eq!(t.client_json("d/m")["reported"]["a"], json!(1));
+        assert_eq!(t.pending_reported("d/m"), 1);
+        let e = t.patch_reported("new", &json!({"a": 2})).await.unwrap_err();
+        assert!(matches!(e, PatchError::NotSaved(_)), "{e}");
+        // A refused patch is still a 400-kind error.
+        std::fs::create_dir(dir.path().join("twins")).unwrap();
+        let e = t.patch_reported("d/m", &json!(5)).await.unwrap_err();
+        assert!(matches!(e, PatchError::Refused(_)), "{e}");
+        t.patch_reported("d/m", &json!({"a": 3})).await.unwrap();
+    }
+
+    /// The single `twins.json` of earlier versions is split into files.
+    #[tokio::test]
+    async fn the_single_file_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("twins.json"),
+            br#"{"d/m": {"version": 3, "desired": {"properties": {"x": 1}, "version": 2}, "reported": {"properties": {"y": 2}, "version": 1}}}"#,
+        )
+        .unwrap();
+        let t = open(&dir).await;
+        assert_eq!(t.desired("d/m").unwrap()["x"], json!(1));
+        assert_eq!(t.client_json("d/m")["reported"]["y"], json!(2));
+        assert!(!dir.path().join("twins.json").exists());
+        assert_eq!(twin_files(&dir.path().join("twins")).len(), 1);
     }
 
     #[tokio::test]
@@ -594,7 +729,10 @@ mod tests {
             t.patch_reported("d/m", &json!({ "n": i })).await.unwrap();
         }
         let e = t.patch_reported("d/m", &json!({"n": -1})).await;
-        assert!(matches!(e, Err(TwinError::TooLarge { .. })), "{e:?}");
+        assert!(
+            matches!(e, Err(PatchError::Refused(TwinError::TooLarge { .. }))),
+            "{e:?}"
+        );
         assert_eq!(
             t.client_json("d/m")["reported"]["n"],
             json!(MAX_PENDING_REPORTED - 1)

@@ -277,18 +277,12 @@ async fn resolve_executable(program: &str) -> Option<PathBuf> {
     None
 }
 
-/// Writes a file atomically (temp file + rename).
+/// Writes a state file atomically and durably (0600).
 async fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), RuntimeError> {
     let data = serde_json::to_vec_pretty(value).map_err(|e| other("serialising state", e))?;
-    static SEQ: AtomicU64 = AtomicU64::new(0);
-    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-    let tmp = path.with_extension(format!("json.{}.{seq}.tmp", std::process::id()));
-    tokio::fs::write(&tmp, &data)
+    verge_files::write_atomic_async(path.to_owned(), data)
         .await
-        .map_err(|e| other(&format!("writing {}", tmp.display()), e))?;
-    tokio::fs::rename(&tmp, path)
-        .await
-        .map_err(|e| other(&format!("renaming {}", tmp.display()), e))
+        .map_err(|e| other("writing state", e))
 }
 
 /// `(pgrp, starttime)` of a live, non-zombie process, from `/proc/<pid>/stat`.
