@@ -26,26 +26,55 @@ where
     let args = Args::parse_from(args);
     match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("Error: {e:?}");
+        // The error chain on one line, never a backtrace (`{:?}` of an
+        // anyhow error prints one under RUST_BACKTRACE=1): a bad config is
+        // the operator's to fix, not a crash.
+        Err(Failure::Config(e)) => {
+            eprintln!("verge-hub: invalid configuration: {e:#}");
+            std::process::ExitCode::from(CONFIG_ERROR_EXIT)
+        }
+        Err(Failure::Run(e)) => {
+            eprintln!("verge-hub: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }
 }
 
+/// Exit code for an invalid configuration (as verged's).
+pub const CONFIG_ERROR_EXIT: u8 = 2;
+
+enum Failure {
+    Config(anyhow::Error),
+    Run(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Run(e)
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Failure::Run(e.into())
+    }
+}
+
 #[tokio::main]
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run(args: Args) -> Result<(), Failure> {
     verge_log::init(verge_log::Stream::Stdout);
-    let cfg = crate::config::Config::load(&args.config)?;
+    let cfg = crate::config::Config::load(&args.config)
+        .map_err(|e| Failure::Config(anyhow::Error::new(e)))?;
     // Run by verged as its edgeHub module: identities and certificate from
     // verged for whatever the file leaves out.
-    let edge = crate::identity::EdgeEnv::from_env().map_err(|e| anyhow::anyhow!(e))?;
+    let edge = crate::identity::EdgeEnv::from_env()
+        .map_err(|e| Failure::Config(anyhow::anyhow!("the module environment: {e}")))?;
     let cfg = cfg
         .with_edge_env(edge)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
+        .map_err(|e| Failure::Config(anyhow::anyhow!("{}: {e}", args.config.display())))?;
     let mut hub = crate::Hub::start(cfg).await?;
     tokio::select! {
-        _ = hub.wait() => anyhow::bail!("a hub task stopped unexpectedly"),
+        _ = hub.wait() => return Err(anyhow::anyhow!("a hub task stopped unexpectedly").into()),
         r = tokio::signal::ctrl_c() => {
             r?;
             tracing::info!("shutting down");
