@@ -130,10 +130,17 @@ fn status_error(status: u16, message: String, s: Subject<'_>) -> RuntimeError {
             module: what,
             reason: message,
         },
-        502 => RuntimeError::PullFailed {
-            image: s.image.unwrap_or_default().to_owned(),
-            reason: message,
-        },
+        502 => {
+            let image = s.image.unwrap_or_default().to_owned();
+            // verged's message is its own `PullFailed` already ("pulling
+            // image X failed: why"): keep only the why, or it says it twice.
+            let prefix = format!("pulling image {image} failed: ");
+            let reason = match message.strip_prefix(&prefix) {
+                Some(why) => why.to_owned(),
+                None => message,
+            };
+            RuntimeError::PullFailed { image, reason }
+        }
         503 => RuntimeError::Unavailable(message),
         _ => RuntimeError::Other(format!("HTTP {status}: {message}")),
     }
@@ -665,6 +672,16 @@ mod tests {
             status_error(502, "no".into(), c),
             RuntimeError::PullFailed { image, .. } if image == "img"
         ));
+        // verged's message is a PullFailed's own text: said once.
+        let e = status_error(
+            502,
+            "pulling image img failed: registry unreachable".into(),
+            c,
+        );
+        assert_eq!(
+            e.to_string(),
+            "pulling image img failed: registry unreachable"
+        );
         assert!(matches!(
             status_error(503, "later".into(), m),
             RuntimeError::Unavailable(_)

@@ -342,18 +342,43 @@ async fn support_bundle(
     Ok(())
 }
 
+/// This machine's hostname (as `iotedge config mp` writes it): what
+/// modules and leaf devices dial, and the edge hub certificate's name.
+fn machine_hostname() -> anyhow::Result<String> {
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+    };
+    read("/proc/sys/kernel/hostname")
+        .or_else(|| read("/etc/hostname"))
+        .filter(|h| {
+            h.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        })
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "cannot read this machine's hostname (/proc/sys/kernel/hostname); \
+                 set `hostname` in the written config yourself"
+            )
+        })
+}
+
 /// The smallest configuration verged accepts for manual provisioning.
-fn mp_template(cs: &ConnectionString, agent: &str) -> String {
-    let hostname = cs
-        .gateway_host_name
-        .clone()
-        .unwrap_or_else(|| "localhost".to_owned());
+fn mp_template(cs: &ConnectionString, agent: &str, hostname: &str) -> String {
+    // A connection string's GatewayHostName is the gateway this device
+    // connects through: a nested edge's parent.
+    let parent = match &cs.gateway_host_name {
+        Some(g) => format!("parent_hostname = \"{g}\"\n"),
+        None => String::new(),
+    };
     // A connection string holds no quotes or backslashes (ids and base64 keys
     // cannot), so it is written as a TOML basic string as is; the agent path is
     // a TOML literal string, so backslashes in it need no escaping.
     format!(
         "# Written by `verge config mp`. Apply with `verge config apply`.\n\
-         hostname = \"{hostname}\"\n\n\
+         hostname = \"{hostname}\"\n{parent}\n\
          [provisioning]\n\
          source = \"manual\"\n\
          connection_string = \"{cs}\"\n\n\
@@ -382,7 +407,7 @@ fn config_mp(connection_string: &str, out: &Path, force: bool, agent: &str) -> a
     if agent.contains('\'') || agent.contains('\n') {
         bail!("the agent path must not contain quotes or newlines");
     }
-    let text = mp_template(&cs, agent);
+    let text = mp_template(&cs, agent, &machine_hostname()?);
     // Never write a file verged would refuse.
     verge_daemon::config::Config::parse(&text, out).map_err(|e| anyhow::anyhow!("{e}"))?;
     write_atomically(out, &text)?;

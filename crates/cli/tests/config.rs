@@ -26,6 +26,13 @@ fn mp_writes_a_config_verged_accepts_and_apply_installs_it() {
     assert!(ok, "{err}");
     let text = std::fs::read_to_string(&cfg).unwrap();
     assert!(text.contains("connection_string = \"HostName=hub.example.net;DeviceId=edge1;"));
+    // The machine's hostname, as iotedge writes it, never "localhost".
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert!(
+        text.contains(&format!("hostname = \"{}\"\n", host.trim())),
+        "{text}"
+    );
+    assert!(!text.contains("parent_hostname"), "{text}");
     use std::os::unix::fs::PermissionsExt as _;
     assert_eq!(
         std::fs::metadata(&cfg).unwrap().permissions().mode() & 0o777,
@@ -99,4 +106,61 @@ fn version() {
     let (ok, out, _) = verge(&["version"]);
     assert!(ok);
     assert!(out.starts_with("verge "));
+}
+
+#[test]
+fn mp_takes_the_gateway_as_parent() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.toml");
+    let cs = format!("{CS};GatewayHostName=parent.local");
+    let (ok, _, err) = verge(&["config", "mp", "-c", &cs, "--out", cfg.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(
+        text.contains("parent_hostname = \"parent.local\""),
+        "{text}"
+    );
+    assert!(
+        !text.lines().any(|l| l == "hostname = \"parent.local\""),
+        "{text}"
+    );
+}
+
+#[test]
+fn apply_names_the_key_of_a_missing_file_or_a_quoted_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.toml");
+    let (ok, _, err) = verge(&["config", "mp", "-c", CS, "--out", cfg.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let target = dir.path().join("t.toml");
+    let apply = |text: &str| {
+        std::fs::write(&cfg, text).unwrap();
+        verge(&[
+            "config",
+            "apply",
+            "-c",
+            cfg.to_str().unwrap(),
+            "--target",
+            target.to_str().unwrap(),
+        ])
+    };
+    let missing = dir.path().join("no-such-bundle.pem");
+    let (ok, _, err) = apply(&text.replacen(
+        "hostname",
+        &format!("trust_bundle_cert = \"{}\"\nhostname", missing.display()),
+        1,
+    ));
+    assert!(!ok);
+    assert!(err.contains("`trust_bundle_cert`"), "{err}");
+    assert!(err.contains(&missing.display().to_string()), "{err}");
+    assert!(!target.exists(), "a refused config is not installed");
+
+    let (ok, _, err) = apply(&text.replace(
+        "source = \"manual\"\n",
+        "source = \"manual\"\nhttps_port = \"443\"\n",
+    ));
+    assert!(!ok);
+    assert!(err.contains("`provisioning.https_port`"), "{err}");
+    assert!(!target.exists());
 }

@@ -339,6 +339,54 @@ impl Ctx<'_> {
     }
 }
 
+/// The dotted key whose value starts at byte `offset`: the `key =` on that
+/// line, under the last `[table]` header before it (`provisioning.https_port`).
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let before = text.get(..offset)?;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = &text[line_start..];
+    let line = line.split('\n').next().unwrap_or_default();
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    if key.is_empty() || key.starts_with('[') {
+        return None;
+    }
+    let table = before[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| {
+            l.trim_start_matches('[')
+                .split(']')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned()
+        });
+    Some(match table {
+        Some(t) if !t.is_empty() => format!("{t}.{key}"),
+        _ => key.to_owned(),
+    })
+}
+
+/// serde's Rust type names in a message, in words a config author knows.
+fn plain_type_names(message: &str) -> String {
+    let mut m = message.to_owned();
+    for (rust, plain) in [
+        ("expected i64", "expected a number (without quotes)"),
+        ("expected u16", "expected a number (without quotes)"),
+        ("expected u32", "expected a number (without quotes)"),
+        (
+            "expected a boolean",
+            "expected true or false (without quotes)",
+        ),
+    ] {
+        m = m.replace(rust, plain);
+    }
+    m
+}
+
 fn unix_path(ctx: &Ctx<'_>, key: &str, v: &Spanned<String>) -> Result<PathBuf, ConfigError> {
     match v.get_ref().strip_prefix("unix://") {
         Some(p) if p.starts_with('/') => Ok(PathBuf::from(p)),
@@ -362,7 +410,33 @@ impl Config {
             key: None,
             message: format!("cannot read the config file: {e}"),
         })?;
-        Self::parse(&text, path)
+        let config = Self::parse(&text, path)?;
+        config.check_files()?;
+        Ok(config)
+    }
+
+    /// The files the config names must exist (a typo would otherwise show
+    /// only later, as a TLS or CA error far from its cause).
+    fn check_files(&self) -> Result<(), ConfigError> {
+        let mut files: Vec<(&str, &Path)> = Vec::new();
+        if let Some(p) = &self.trust_bundle_cert {
+            files.push(("trust_bundle_cert", p));
+        }
+        if let EdgeCaConfig::Files { cert, pk } = &self.edge_ca {
+            files.push(("edge_ca.cert", cert));
+            files.push(("edge_ca.pk", pk));
+        }
+        for (key, file) in files {
+            if let Err(e) = std::fs::metadata(file) {
+                return Err(ConfigError {
+                    path: self.source_path.clone(),
+                    line: None,
+                    key: Some(key.to_owned()),
+                    message: format!("cannot read {}: {e}", file.display()),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Validates config text (`path` is used for messages and relative paths).
@@ -370,11 +444,22 @@ impl Config {
         let ctx = Ctx { path, text };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let message = e.message().trim().to_owned();
-            // serde names unknown/missing keys in the message itself.
+            // serde names unknown/missing keys in the message itself, but
+            // not the key of a value of the wrong type: find it from the span.
+            let key = e
+                .span()
+                .filter(|_| {
+                    message.starts_with("invalid type") || message.starts_with("invalid value")
+                })
+                .and_then(|s| key_at(text, s.start));
+            let message = match &key {
+                Some(_) => plain_type_names(&message),
+                None => message,
+            };
             ConfigError {
                 path: path.to_path_buf(),
                 line: e.span().map(|s| ctx.line(&s)),
-                key: None,
+                key,
                 message,
             }
         })?;
@@ -987,10 +1072,19 @@ management_uri = "unix:///run/verge/mgmt.sock"
         for bad in ["0", "65536", "-1", "\"443\""] {
             let e = with(bad).unwrap_err();
             assert_eq!(e.line, Some(6), "{bad}: {e}");
-            if bad != "\"443\"" {
-                assert_eq!(e.key.as_deref(), Some("provisioning.https_port"), "{e}");
-            }
+            assert_eq!(e.key.as_deref(), Some("provisioning.https_port"), "{e}");
         }
+        let e = with("\"443\"").unwrap_err();
+        assert!(
+            e.to_string().contains(
+                "`provisioning.https_port`: invalid type: string \"443\", expected a number"
+            ),
+            "{e}"
+        );
+        // A top-level key too.
+        let e =
+            parse(&base().replace("hostname = \"edge1.local\"", "hostname = true")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("hostname"), "{e}");
         // Unknown keys next to it stay errors.
         let e = parse(&base().replace(
             "source = \"manual\"\n",
@@ -999,6 +1093,33 @@ management_uri = "unix:///run/verge/mgmt.sock"
         .unwrap_err();
         assert!(e.to_string().contains("http_port"), "{e}");
         assert_eq!(e.line, Some(6), "{e}");
+    }
+
+    #[test]
+    fn named_files_must_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("config.toml");
+        std::fs::write(
+            &cfg,
+            base().replace("homedir", "trust_bundle_cert = \"nope.pem\"\nhomedir"),
+        )
+        .unwrap();
+        let e = Config::load(&cfg).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("trust_bundle_cert"), "{e}");
+        assert!(
+            e.to_string()
+                .contains(&dir.path().join("nope.pem").display().to_string()),
+            "{e}"
+        );
+        std::fs::write(dir.path().join("nope.pem"), "x").unwrap();
+        Config::load(&cfg).unwrap();
+        std::fs::write(
+            &cfg,
+            base() + "[edge_ca]\ncert = \"nope.pem\"\npk = \"ca.key\"\n",
+        )
+        .unwrap();
+        let e = Config::load(&cfg).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("edge_ca.pk"), "{e}");
     }
 
     #[test]

@@ -26,26 +26,55 @@ where
     let args = Args::parse_from(args);
     match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("Error: {e:?}");
+        // The error chain on one line, never a backtrace (`{:?}` of an
+        // anyhow error prints one under RUST_BACKTRACE=1): a bad config is
+        // the operator's to fix, not a crash.
+        Err(Failure::Config(e)) => {
+            eprintln!("verge-hub: invalid configuration: {e:#}");
+            std::process::ExitCode::from(CONFIG_ERROR_EXIT)
+        }
+        Err(Failure::Run(e)) => {
+            eprintln!("verge-hub: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }
 }
 
+/// Exit code for an invalid configuration (as verged's).
+pub const CONFIG_ERROR_EXIT: u8 = 2;
+
+enum Failure {
+    Config(anyhow::Error),
+    Run(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Run(e)
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Failure::Run(e.into())
+    }
+}
+
 #[tokio::main]
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run(args: Args) -> Result<(), Failure> {
     verge_log::init(verge_log::Stream::Stdout);
     // Messages, twins and sessions are the clients' data: whatever the hub
     // (or its store) creates is the owner's only.
     verge_files::restrict_umask();
-    let cfg = crate::config::Config::load(&args.config)?;
+    let cfg = crate::config::Config::load(&args.config)
+        .map_err(|e| Failure::Config(anyhow::Error::new(e)))?;
     // Run by verged as its edgeHub module: identities and certificate from
     // verged for whatever the file leaves out.
-    let edge = crate::identity::EdgeEnv::from_env().map_err(|e| anyhow::anyhow!(e))?;
+    let edge = crate::identity::EdgeEnv::from_env()
+        .map_err(|e| Failure::Config(anyhow::anyhow!("the module environment: {e}")))?;
     let cfg = cfg
         .with_edge_env(edge)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
+        .map_err(|e| Failure::Config(anyhow::anyhow!("{}: {e}", args.config.display())))?;
     // SIGTERM (docker stop, verged stopping the module; as PID 1 in a
     // container there is no default action) and SIGINT alike run the
     // shutdown. Installed before the start so an early signal is not lost.
@@ -54,7 +83,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tokio::select! {
         name = hub.wait() => {
             hub.shutdown().await;
-            anyhow::bail!("the hub task {name:?} stopped unexpectedly")
+            return Err(anyhow::anyhow!("the hub task {name:?} stopped unexpectedly").into());
         }
         signal = signals.recv() => {
             let signal = signal?;
