@@ -720,7 +720,9 @@ async fn first_delivery(a: &mut Raw, b: &mut Raw, pkid: &mut u16, out: &str) -> 
 /// running hub: after a second deployment the route it removed carries
 /// nothing, the route it changed goes to its new endpoint, the route it added
 /// is in force, and modA's twin holds exactly the new desired properties (a
-/// removed key is gone, not merged with the old document).
+/// removed key is gone, not merged with the old document). A deployment
+/// with a bad route is refused whole and reported; one made while the hub
+/// is offline is taken whole after the reconnect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn successive_deployments_add_change_and_remove_routes_and_desired_keys() {
     let mut w = World::new().await;
@@ -863,4 +865,33 @@ async fn successive_deployments_add_change_and_remove_routes_and_desired_keys() 
         first_delivery(&mut a, &mut b, &mut pkid, "out1").await,
         "in1b"
     );
+
+    // A deployment made while the hub is cut off from the cloud arrives as
+    // the whole twin (GET after the reconnect), which is the whole truth:
+    // r1 removed there is removed here too, r4 added is in force.
+    w.cloud.stop().await;
+    let fourth = deployment(
+        json!({"r3": route("out3", "in3"), "r4": route("out4", "in4")}),
+        json!({"a": 4}),
+    );
+    w.cloud
+        .state
+        .apply_configuration(DEVICE, fourth)
+        .await
+        .unwrap();
+    w.cloud.start().await;
+    assert_eq!(
+        first_delivery(&mut a, &mut b, &mut pkid, "out4").await,
+        "in4"
+    );
+    for out in ["out1", "out3"] {
+        let topic = format!("devices/{DEVICE}/modules/modA/messages/events/%24.on={out}");
+        publish_qos1(&mut a, &topic, out.as_bytes(), pkid).await;
+        pkid += 1;
+    }
+    let mut got = Vec::new();
+    while let Some(p) = maybe_pub(&mut b, Duration::from_millis(1500)).await {
+        got.push(topic_of(&p).split('/').nth(5).unwrap().to_owned());
+    }
+    assert_eq!(got, ["in3"], "r1 outlived the deployment that removed it");
 }
