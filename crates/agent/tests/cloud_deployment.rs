@@ -16,7 +16,9 @@
 //! Checked: both script modules start (verged's management API); the twin's
 //! reported properties show `lastDesiredStatus.code` 200, the desired
 //! `$version` and both modules running; an update removing one module removes
-//! it and the reported properties drop it; a stopped agent reports 406; with
+//! it and the reported properties drop it; direct methods to `$edgeAgent` are
+//! answered at once (`ping` 200, an unknown one 400 naming the supported
+//! methods) through the service SDK; a stopped agent reports 406; with
 //! verge-cloud stopped, verged and the agent started again restore the
 //! remaining modules from the persisted manifest.
 //!
@@ -612,6 +614,31 @@ async fn deployment_from_verge_cloud_reaches_the_agent_and_status_comes_back() {
     assert_eq!(r["runtime"]["settings"]["minDockerVersion"], "v1.25", "{r}");
     assert_eq!(r["modules"]["modA"]["settings"]["image"], "/bin/sh", "{r}");
     assert_eq!(twin["connection_state"], "Connected", "{twin}");
+    // ---- direct methods to $edgeAgent: answered at once, never a timeout ------
+    let method = async |name: &str| {
+        let start = Instant::now();
+        let r = h
+            .sdk(
+                json!({"op": "invoke", "device": DEVICE, "module": "$edgeAgent",
+                        "method": name, "timeout": 20}),
+            )
+            .await;
+        let took = start.elapsed();
+        assert!(took < Duration::from_secs(10), "{name} took {took:?}: {r}");
+        r
+    };
+    assert_eq!(
+        method("ping").await,
+        json!({"status": 200, "payload": null})
+    );
+    let m = method("NoSuchMethod").await;
+    assert_eq!(m["status"], 400, "{m}");
+    assert_eq!(
+        m["payload"]["message"],
+        "Command 'NoSuchMethod' not found. The supported commands are - ping",
+        "{m}"
+    );
+
     // the same document as reported.json (once the file has caught up)
     let reported_file = h.dir.path().join("agent/reported.json");
     let file: Value = serde_json::from_slice(&std::fs::read(&reported_file).unwrap()).unwrap();

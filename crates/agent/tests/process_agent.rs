@@ -422,3 +422,107 @@ async fn restarted_agent_restores_the_persisted_manifest() {
     cleanup(&rt2).await;
     let _ = &env.state;
 }
+
+/// The process's resident set (`VmRSS`), in KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Files under `dir`, recursively.
+fn files_under(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| {
+                    if e.path().is_dir() {
+                        files_under(&e.path())
+                    } else {
+                        1
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Memory stays bounded across many deployments (issue #20.11): 200
+/// deployments, each recreating one module (new env) and replacing another
+/// by one with a new name, leave the agent with as many live tasks, a
+/// reported document of the same size, no record of removed modules and no
+/// files of theirs in the runtime's state directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_deployments_keep_nothing_per_deployment() {
+    let env = Env::new().await;
+    let mut agent = env.agent().await;
+    let deployment = |i: u32| {
+        let mut modules = serde_json::Map::new();
+        modules.insert(
+            "keep".into(),
+            sh(
+                "exec sleep 30",
+                json!({"env": {"N": {"value": i.to_string()}}}),
+            ),
+        );
+        modules.insert(format!("m{i}"), sh("exec sleep 30", json!({})));
+        manifest(Value::Object(modules))
+    };
+    let tasks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    let measure = |agent: &Agent| {
+        let mut r = agent.reported().clone();
+        // Times and pids differ from one deployment to the next.
+        for section in ["modules", "systemModules"] {
+            for m in r[section].as_object_mut().unwrap().values_mut() {
+                let m = m.as_object_mut().unwrap();
+                m.retain(|k, _| !k.ends_with("TimeUtc"));
+            }
+        }
+        (
+            tasks(),
+            r.to_string().len(),
+            files_under(&env.state),
+            rss_kib(),
+        )
+    };
+    let mut first = None;
+    let rss_start = rss_kib();
+    for i in 0..220 {
+        if i == 5 {
+            eprintln!(
+                "RSS {rss_start} KiB before, {} KiB after 5 deployments",
+                rss_kib()
+            );
+        }
+        assert!(agent.set_desired(&deployment(i)).await.unwrap());
+        reconcile_until(&mut agent, Duration::from_secs(10), |a| code(a) == 200).await;
+        if i > 0 {
+            assert!(agent.restart_record(&format!("m{}", i - 1)).is_none());
+        }
+        if i == 19 {
+            first = Some(measure(&agent));
+        }
+    }
+    let (tasks0, reported0, files0, rss0) = first.unwrap();
+    let (tasks1, reported1, files1, rss1) = measure(&agent);
+    eprintln!(
+        "after 20 deployments: {tasks0} tasks, reported {reported0} B, {files0} runtime files, RSS {rss0} KiB; \
+         after 220: {tasks1} tasks, reported {reported1} B, {files1} runtime files, RSS {rss1} KiB"
+    );
+    assert_eq!(tasks1, tasks0, "live tasks grew with deployments");
+    assert!(
+        reported1 <= reported0 + 64,
+        "reported grew: {reported0} → {reported1}"
+    );
+    assert_eq!(files1, files0, "runtime files of removed modules are left");
+    let names: Vec<String> = env.states().await.into_keys().collect();
+    assert_eq!(names, ["edgeHub", "keep", "m219"]);
+    env.cleanup().await;
+}

@@ -637,10 +637,12 @@ pub async fn run(args: CloudArgs) -> anyhow::Result<()> {
         }
         CloudCommand::Deployment(DeploymentCommand::Status { device, output }) => {
             let twin = client.get(&twin_path(&device, Some("$edgeAgent"))).await?;
+            // The hub reports on its own twin whether it took the routes.
+            let hub = client.get(&twin_path(&device, Some("$edgeHub"))).await?;
             if output == Output::Json {
-                return print_json(&deployment_status_json(&twin));
+                return print_json(&deployment_status_json(&twin, &hub));
             }
-            print!("{}", render_deployment_status(&twin));
+            print!("{}", render_deployment_status(&twin, &hub));
             Ok(())
         }
         CloudCommand::Messages(MessagesCommand::Tail {
@@ -1000,8 +1002,11 @@ fn module_rows(reported: &Value) -> Vec<(String, Value)> {
     out
 }
 
-/// The deployment status as JSON (for `--output json` and the quickstart).
-pub fn deployment_status_json(twin: &Value) -> Value {
+/// The deployment status as JSON (for `--output json`): what the edge agent
+/// reports on `$edgeAgent` (`twin`) and, under `edgeHub`, what the hub
+/// reports on `$edgeHub` (`hub`) about its part (routes), as IoT Edge has
+/// each module report the outcome of its own desired properties.
+pub fn deployment_status_json(twin: &Value, hub: &Value) -> Value {
     let desired_version = twin.pointer("/properties/desired/$version").cloned();
     let reported = twin
         .pointer("/properties/reported")
@@ -1024,12 +1029,31 @@ pub fn deployment_status_json(twin: &Value) -> Value {
         "desiredVersion": desired_version,
         "lastDesiredVersion": reported.get("lastDesiredVersion"),
         "lastDesiredStatus": reported.get("lastDesiredStatus"),
+        "edgeHub": {
+            "desiredVersion": hub.pointer("/properties/desired/$version"),
+            "lastDesiredVersion": hub.pointer("/properties/reported/lastDesiredVersion"),
+            "lastDesiredStatus": hub.pointer("/properties/reported/lastDesiredStatus"),
+        },
         "modules": modules,
     })
 }
 
-fn render_deployment_status(twin: &Value) -> String {
-    let s = deployment_status_json(twin);
+/// ` 200` or ` 400 why`: a `lastDesiredStatus` for a status line.
+fn status_text(st: &Value) -> String {
+    let code = st.get("code").map_or(Value::Null, Clone::clone);
+    let desc = st
+        .get("description")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if desc.is_empty() {
+        format!("{code}")
+    } else {
+        format!("{code} {desc}")
+    }
+}
+
+fn render_deployment_status(twin: &Value, hub: &Value) -> String {
+    let s = deployment_status_json(twin, hub);
     let mut out = String::new();
     let desired = s.get("desiredVersion").map_or(Value::Null, Clone::clone);
     let last = s
@@ -1040,16 +1064,26 @@ fn render_deployment_status(twin: &Value) -> String {
             "Deployment: desired version {desired}; the edge agent has reported nothing yet \
              (is the device's verged running and connected?)\n"
         )),
-        Some(st) => {
-            let code = st.get("code").map_or(Value::Null, Clone::clone);
-            let desc = st
-                .get("description")
-                .and_then(Value::as_str)
-                .unwrap_or_default();
-            out.push_str(&format!(
-                "Deployment: desired version {desired}, agent reports version {last}: {code}{}{desc}\n",
-                if desc.is_empty() { "" } else { " " }
-            ));
+        Some(st) => out.push_str(&format!(
+            "Deployment: desired version {desired}, agent reports version {last}: {}\n",
+            status_text(st)
+        )),
+    }
+    // The hub's part: a route it refused is not in force even when the
+    // agent's status is 200.
+    let h = s.get("edgeHub").map_or(Value::Null, Clone::clone);
+    let hub_desired = h.get("desiredVersion").map_or(Value::Null, Clone::clone);
+    if !hub_desired.is_null() {
+        match h.get("lastDesiredStatus").filter(|v| !v.is_null()) {
+            None => out.push_str(&format!(
+                "Routes: desired version {hub_desired}; the hub has reported nothing yet\n"
+            )),
+            Some(st) => out.push_str(&format!(
+                "Routes: desired version {hub_desired}, the hub reports version {}: {}\n",
+                h.get("lastDesiredVersion")
+                    .map_or(Value::Null, Clone::clone),
+                status_text(st)
+            )),
         }
     }
     let rows: Vec<Vec<String>> = s

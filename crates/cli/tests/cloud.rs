@@ -361,6 +361,56 @@ async fn devices_modules_twins_deployments_messages_methods_c2d() {
     .unwrap();
     assert_eq!(js["lastDesiredStatus"]["code"], json!(200));
     assert_eq!(js["modules"].as_array().unwrap().len(), 3);
+    assert!(
+        st.contains("Routes: desired version 1; the hub has reported nothing yet"),
+        "{st}"
+    );
+
+    // The hub refuses the deployment's routes (as verge-hub reports it on
+    // its own twin): the status shows the refusal, not only the agent's 200.
+    let hub_key = agent_key
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["moduleId"] == "$edgeHub")
+        .unwrap()["authentication"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let hub = ModuleClient::from_connection_string_with(
+        &format!("HostName=localhost;DeviceId=edge1;ModuleId=$edgeHub;SharedAccessKey={hub_key}"),
+        Some(&cloud.ca_pem()),
+        cloud.opts(),
+    )
+    .await
+    .unwrap();
+    let why = "invalid routes: route \"bad\": expected FROM at 1:1";
+    hub.patch_reported(&json!({
+        "schemaVersion": "1.0",
+        "lastDesiredStatus": {"code": 400, "description": why}
+    }))
+    .await
+    .unwrap();
+    let st = cloud.ok(&["deployment", "status", "--device", "edge1"]);
+    assert!(
+        line_with(&st, "Routes:").contains(&format!(": 400 {why}")),
+        "{st}"
+    );
+    let js: Value = serde_json::from_str(&cloud.ok(&[
+        "deployment",
+        "status",
+        "--device",
+        "edge1",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(
+        js["edgeHub"]["lastDesiredStatus"],
+        json!({"code": 400, "description": why})
+    );
+    assert_eq!(js["edgeHub"]["desiredVersion"], json!(1));
+    hub.close();
 
     // ---- messages -------------------------------------------------------------
     let leaf_show = cloud.ok(&["devices", "show", "leaf1"]);

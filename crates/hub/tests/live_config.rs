@@ -393,3 +393,100 @@ async fn store_size_limit_of_the_configuration_applies_live() {
     assert_eq!(hub.state.store.max_bytes(), None);
     hub.shutdown().await;
 }
+
+/// The process's resident set (`VmRSS`), in KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Memory stays bounded across many deployments (issue #20.11): 200
+/// `$edgeHub` documents (every route renamed, TTLs changed, every tenth one
+/// refused) leave as many live tasks as after the first few, the same set of
+/// delivery pumps, and a `$edgeHub` twin no bigger than a single document's —
+/// nothing is kept per deployment. Messages still flow on the last routes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_deployments_keep_nothing_per_deployment() {
+    let pki = pki();
+    let storage = tempfile::tempdir().unwrap();
+    let hub = Hub::start(config(&pki, storage.path(), "127.0.0.1:0", "127.0.0.1:0"))
+        .await
+        .unwrap();
+    let (mut a, mut b) = two_modules(&hub, &pki).await;
+    let doc = |i: u32| {
+        let mut routes = serde_json::Map::new();
+        // Same endpoints, new names and conditions every time.
+        routes.insert(
+            format!("toB{i}"),
+            json!(format!(
+                "FROM /messages/modules/modA/outputs/out1 WHERE NOT IS_DEFINED($body.skip{i}) INTO BrokeredEndpoint(\"/modules/modB/inputs/in1\")"
+            )),
+        );
+        routes.insert(format!("up{i}"), json!("FROM /messages/* INTO $upstream"));
+        if i % 10 == 9 {
+            routes.insert("bad".into(), json!("FROM /messages/* INTO"));
+        }
+        json!({"schemaVersion": "1.1", "routes": routes,
+               "storeAndForwardConfiguration": {"timeToLiveSecs": 7200 + i}})
+    };
+    let tasks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    // Without `clients` (who is connected, reported once by a timer).
+    let twin_len = |hub: &Hub| {
+        let mut t = edgehub_twin(hub);
+        t["reported"].as_object_mut().unwrap().remove("clients");
+        t.to_string().len()
+    };
+    let deploy = async |i: u32| {
+        let r = hub.state.set_edgehub_desired(&doc(i)).await;
+        assert_eq!(r.is_ok(), i % 10 != 9, "deployment {i}: {r:?}");
+    };
+    let rss_start = rss_kib();
+    for i in 0..20 {
+        deploy(i).await;
+        if i == 4 {
+            eprintln!(
+                "RSS {rss_start} KiB before, {} KiB after 5 deployments",
+                rss_kib()
+            );
+        }
+    }
+    // Let the first pumps start and settle.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (tasks0, twin0, rss0) = (tasks(), twin_len(&hub), rss_kib());
+    let first = edgehub_twin(&hub);
+    for i in 20..220 {
+        deploy(i).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (tasks1, twin1, rss1) = (tasks(), twin_len(&hub), rss_kib());
+    eprintln!(
+        "after 20 deployments: {tasks0} tasks, $edgeHub twin {twin0} B, RSS {rss0} KiB; \
+         after 220: {tasks1} tasks, twin {twin1} B, RSS {rss1} KiB"
+    );
+    assert_eq!(tasks1, tasks0, "live tasks grew with deployments");
+    // Names grow by a digit (toB18 → toB218); anything kept per deployment
+    // would be kilobytes.
+    assert!(
+        twin1 <= twin0 + 64,
+        "the $edgeHub twin grew: {twin0} → {twin1} bytes\n{first}\n{}",
+        edgehub_twin(&hub)
+    );
+    let t = edgehub_twin(&hub);
+    assert_eq!(
+        t["desired"]["routes"].as_object().unwrap().len(),
+        2,
+        "only the last accepted document's routes: {t}"
+    );
+    // The last accepted routes are in force.
+    publish_qos1(&mut a, &out("out1"), b"{}", 1).await;
+    assert_eq!(input_of(&next_pub(&mut b).await), "in1");
+    hub.shutdown().await;
+}

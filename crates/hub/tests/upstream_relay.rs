@@ -703,11 +703,32 @@ async fn get_twin(raw: &mut Raw, rid: u32) -> Value {
     }
 }
 
+/// Publishes on modA's output `out` until modB gets something (a route for
+/// it is in force); returns modB's input name.
+async fn first_delivery(a: &mut Raw, b: &mut Raw, pkid: &mut u16, out: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let topic = format!("devices/{DEVICE}/modules/modA/messages/events/%24.on={out}");
+        publish_qos1(a, &topic, out.as_bytes(), *pkid).await;
+        *pkid += 1;
+        if let Some(p) = maybe_pub(b, Duration::from_millis(500)).await {
+            assert_eq!(&p.payload[..], out.as_bytes());
+            return topic_of(&p).split('/').nth(5).unwrap().to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no route for {out} came in force"
+        );
+    }
+}
+
 /// A deployment replaces desired properties (IoT Hub semantics), also in the
 /// running hub: after a second deployment the route it removed carries
 /// nothing, the route it changed goes to its new endpoint, the route it added
 /// is in force, and modA's twin holds exactly the new desired properties (a
-/// removed key is gone, not merged with the old document).
+/// removed key is gone, not merged with the old document). A deployment
+/// with a bad route is refused whole and reported; one made while the hub
+/// is offline is taken whole after the reconnect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn successive_deployments_add_change_and_remove_routes_and_desired_keys() {
     let mut w = World::new().await;
@@ -738,26 +759,14 @@ async fn successive_deployments_add_change_and_remove_routes_and_desired_keys() 
     })
     .await;
     let mut pkid = 1;
-    // Publishes on modA's `out` until modB gets something (a route is in
-    // force); returns modB's input name.
-    let mut first_delivery = async |a: &mut Raw, b: &mut Raw, out: &str| -> String {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let topic = format!("devices/{DEVICE}/modules/modA/messages/events/%24.on={out}");
-            publish_qos1(a, &topic, out.as_bytes(), pkid).await;
-            pkid += 1;
-            if let Some(p) = maybe_pub(b, Duration::from_millis(500)).await {
-                assert_eq!(&p.payload[..], out.as_bytes());
-                return topic_of(&p).split('/').nth(5).unwrap().to_owned();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no route for {out} came in force"
-            );
-        }
-    };
-    assert_eq!(first_delivery(&mut a, &mut b, "out2").await, "in2");
-    assert_eq!(first_delivery(&mut a, &mut b, "out1").await, "in1");
+    assert_eq!(
+        first_delivery(&mut a, &mut b, &mut pkid, "out2").await,
+        "in2"
+    );
+    assert_eq!(
+        first_delivery(&mut a, &mut b, &mut pkid, "out1").await,
+        "in1"
+    );
 
     // Second deployment: r2 removed, r1 changed, r3 added; modA's `c` and
     // `b.y` removed, `a` changed.
@@ -770,7 +779,10 @@ async fn successive_deployments_add_change_and_remove_routes_and_desired_keys() 
         .apply_configuration(DEVICE, second)
         .await
         .unwrap();
-    assert_eq!(first_delivery(&mut a, &mut b, "out3").await, "in3");
+    assert_eq!(
+        first_delivery(&mut a, &mut b, &mut pkid, "out3").await,
+        "in3"
+    );
     // The new route set is in force: out2 has no route any more, out1 goes
     // to in1b. Everything modB gets in the next moment is collected.
     for out in ["out2", "out1", "out3"] {
@@ -828,6 +840,66 @@ async fn successive_deployments_add_change_and_remove_routes_and_desired_keys() 
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // A third deployment with a route that does not parse: the hub refuses
+    // it whole (the second's routes stay in force) and reports why to the
+    // cloud, where the deployment status reads it.
+    let third = deployment(
+        json!({"r1": route("out1", "in1"), "bad": "FROM /messages/* INTO"}),
+        json!({"a": 3}),
+    );
+    w.cloud
+        .state
+        .apply_configuration(DEVICE, third)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let reported = w.cloud.twin(&edgehub).reported.properties;
+        if reported["lastDesiredStatus"]["code"] == json!(400) {
+            break reported["lastDesiredStatus"].clone();
+        }
+        assert!(Instant::now() < deadline, "no 400 reported: {reported:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let why = status["description"].as_str().unwrap();
+    assert!(
+        why.contains("invalid routes") && why.contains("bad"),
+        "{status}"
+    );
+    assert_eq!(
+        first_delivery(&mut a, &mut b, &mut pkid, "out1").await,
+        "in1b"
+    );
+
+    // A deployment made while the hub is cut off from the cloud arrives as
+    // the whole twin (GET after the reconnect), which is the whole truth:
+    // r1 removed there is removed here too, r4 added is in force.
+    w.cloud.stop().await;
+    let fourth = deployment(
+        json!({"r3": route("out3", "in3"), "r4": route("out4", "in4")}),
+        json!({"a": 4}),
+    );
+    w.cloud
+        .state
+        .apply_configuration(DEVICE, fourth)
+        .await
+        .unwrap();
+    w.cloud.start().await;
+    assert_eq!(
+        first_delivery(&mut a, &mut b, &mut pkid, "out4").await,
+        "in4"
+    );
+    for out in ["out1", "out3"] {
+        let topic = format!("devices/{DEVICE}/modules/modA/messages/events/%24.on={out}");
+        publish_qos1(&mut a, &topic, out.as_bytes(), pkid).await;
+        pkid += 1;
+    }
+    let mut got = Vec::new();
+    while let Some(p) = maybe_pub(&mut b, Duration::from_millis(1500)).await {
+        got.push(topic_of(&p).split('/').nth(5).unwrap().to_owned());
+    }
+    assert_eq!(got, ["in3"], "r1 outlived the deployment that removed it");
 }
 
 /// A cloud call with a method name IoT Hub refuses, or a payload over

@@ -9,7 +9,7 @@ import json
 import sys
 
 from azure.iot.hub import IoTHubConfigurationManager, IoTHubRegistryManager
-from azure.iot.hub.models import ConfigurationContent, Twin, TwinProperties
+from azure.iot.hub.models import CloudToDeviceMethod, ConfigurationContent, Twin, TwinProperties
 
 p = json.loads(sys.argv[1])
 rm = IoTHubRegistryManager.from_connection_string(p["cs"])
@@ -40,5 +40,11 @@ elif op == "module_twin":
         "reported": t.properties.reported,
         "connection_state": t.connection_state,
     }))
+elif op == "invoke":
+    # A direct method to a module; the device's status and payload.
+    r = rm.invoke_device_module_method(p["device"], p["module"], CloudToDeviceMethod(
+        method_name=p["method"], payload=p.get("payload"),
+        response_timeout_in_seconds=p["timeout"]))
+    print(json.dumps({"status": r.status, "payload": r.payload}))
 else:
     raise SystemExit("unknown op " + op)
