@@ -46,11 +46,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut hub = crate::Hub::start(cfg).await?;
     tokio::select! {
         _ = hub.wait() => anyhow::bail!("a hub task stopped unexpectedly"),
-        r = tokio::signal::ctrl_c() => {
+        r = stop_signal() => {
             r?;
             tracing::info!("shutting down");
             hub.shutdown().await;
         }
+    }
+    Ok(())
+}
+
+/// SIGTERM (what `docker stop` and verged send; as a container's PID 1
+/// the hub would otherwise ignore it until SIGKILL) or SIGINT.
+async fn stop_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
     }
     Ok(())
 }
