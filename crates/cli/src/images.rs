@@ -268,7 +268,65 @@ pub async fn build(
     Ok(())
 }
 
-/// Whether the container is one of this quickstart's: made by a verged
+/// The images built here for `repositories`, module images first (they
+/// stand on the base image).
+fn references(repositories: &[&str]) -> Vec<String> {
+    let mut refs: Vec<String> = repositories.iter().map(|r| reference(r)).collect();
+    refs.push(reference(BASE));
+    refs
+}
+
+/// What the images built for `repositories` take on disk, in bytes (the
+/// module images share the base image's layers: the largest counts), or
+/// `None` if none is there.
+pub async fn images_size(docker: &Docker, repositories: &[&str]) -> Option<u64> {
+    let mut size = None;
+    for r in references(repositories) {
+        if let Ok(i) = docker.inspect_image(&r).await {
+            let s = i.size.and_then(|s| u64::try_from(s).ok()).unwrap_or(0);
+            size = Some(size.unwrap_or(0).max(s));
+        }
+    }
+    size
+}
+
+/// What [`clean`] removed.
+#[derive(Debug, Default)]
+pub struct Cleaned {
+    /// References of the images removed.
+    pub images: Vec<String>,
+    /// Bytes the largest of them took (the others share its layers).
+    pub bytes: u64,
+    /// Whether the module network was removed.
+    pub network: bool,
+}
+
+/// Removes what `--docker` leaves for the next run: the images built here
+/// for `repositories` (and the base image) and the module network, if a
+/// verged made it. Through verged's Docker backend, as the daemon would.
+pub async fn clean(repositories: &[&str]) -> anyhow::Result<Cleaned> {
+    let runtime = DockerRuntime::new(DockerConfig::default());
+    let mut out = Cleaned::default();
+    for r in references(repositories) {
+        if let Some(bytes) = runtime
+            .remove_image(&r)
+            .await
+            .map_err(|e| anyhow!("removing image {r}: {e}"))?
+        {
+            out.bytes = out.bytes.max(bytes);
+            out.images.push(r);
+        }
+    }
+    out.network = runtime.remove_network().await.map_err(|e| {
+        anyhow!(
+            "removing the Docker network {}: {e}",
+            runtime.config().network
+        )
+    })?;
+    Ok(out)
+}
+
+/// Whether the container is one of this quickstart's/// Whether the container is one of this quickstart's: made by a verged
 /// (owner label) for a module whose workload socket is under `dir`.
 fn is_ours(labels: Option<&std::collections::HashMap<String, String>>, dir: &Path) -> bool {
     let Some(labels) = labels else {
@@ -285,58 +343,65 @@ fn is_ours(labels: Option<&std::collections::HashMap<String, String>>, dir: &Pat
 }
 
 /// Stops and removes the containers named `names` that this quickstart
-/// (working directory `dir`) created. Fails, naming it, on a container of
-/// that name that belongs to someone else: it would clash with the
-/// deployment and is not ours to remove.
+/// (working directory `dir`) created, all at once. Fails, naming it, on a
+/// container of that name that belongs to someone else: it would clash with
+/// the deployment and is not ours to remove.
 pub async fn remove_ours(docker: &Docker, names: &[&str], dir: &Path) -> anyhow::Result<usize> {
+    let results =
+        futures_util::future::join_all(names.iter().map(|n| remove_one(docker, n, dir))).await;
     let mut removed = 0;
-    for name in names {
-        let inspect = match docker
-            .inspect_container(name, None::<InspectContainerOptions>)
-            .await
-        {
-            Ok(i) => i,
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => continue,
-            Err(e) => bail!("inspecting container {name}: {e}"),
-        };
-        let labels = inspect.config.as_ref().and_then(|c| c.labels.as_ref());
-        if !is_ours(labels, dir) {
-            bail!(
-                "a Docker container named {name} exists and is not this quickstart's \
-                 (another IoT Edge or Verge on this engine?); module names are container \
-                 names, so the deployment would clash. Remove it (docker rm -f {name}) or \
-                 run without --docker"
-            );
-        }
-        // SIGTERM first: the hub closes its store cleanly.
-        let _ = docker
-            .stop_container(
-                name,
-                Some(StopContainerOptionsBuilder::default().t(10).build()),
-            )
-            .await;
-        match docker
-            .remove_container(
-                name,
-                Some(
-                    RemoveContainerOptionsBuilder::default()
-                        .force(true)
-                        .v(true)
-                        .build(),
-                ),
-            )
-            .await
-        {
-            Ok(()) => removed += 1,
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => {}
-            Err(e) => bail!("removing container {name}: {e}"),
-        }
+    for r in results {
+        removed += usize::from(r?);
     }
     Ok(removed)
+}
+
+/// [`remove_ours`] for one name: whether a container was removed.
+async fn remove_one(docker: &Docker, name: &str, dir: &Path) -> anyhow::Result<bool> {
+    let inspect = match docker
+        .inspect_container(name, None::<InspectContainerOptions>)
+        .await
+    {
+        Ok(i) => i,
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => return Ok(false),
+        Err(e) => bail!("inspecting container {name}: {e}"),
+    };
+    let labels = inspect.config.as_ref().and_then(|c| c.labels.as_ref());
+    if !is_ours(labels, dir) {
+        bail!(
+            "a Docker container named {name} exists and is not this quickstart's \
+             (another IoT Edge or Verge on this engine?); module names are container \
+             names, so the deployment would clash. Remove it (docker rm -f {name}) or \
+             run without --docker"
+        );
+    }
+    // SIGTERM first: the hub closes its store cleanly.
+    let _ = docker
+        .stop_container(
+            name,
+            Some(StopContainerOptionsBuilder::default().t(10).build()),
+        )
+        .await;
+    match docker
+        .remove_container(
+            name,
+            Some(
+                RemoveContainerOptionsBuilder::default()
+                    .force(true)
+                    .v(true)
+                    .build(),
+            ),
+        )
+        .await
+    {
+        Ok(()) => Ok(true),
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => Ok(false),
+        Err(e) => bail!("removing container {name}: {e}"),
+    }
 }
 
 #[cfg(test)]

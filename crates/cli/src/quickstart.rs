@@ -130,6 +130,11 @@ pub struct QuickstartArgs {
     /// cloud) and idle memory (verged + agent + hub), print them and exit.
     #[arg(long)]
     measure: bool,
+    /// Remove what `--docker` leaves for the next run (the module images
+    /// built here and the Docker network `azure-iot-edge` verged made), then
+    /// exit.
+    #[arg(long, conflicts_with_all = ["docker", "measure", "until_messages"])]
+    clean: bool,
 }
 
 /// Parses `120s`, `3m`, `500ms` or a number of seconds.
@@ -178,7 +183,14 @@ pub fn run(args: QuickstartArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(async move {
-        let mut qs = Quickstart::new(args)?;
+        if args.clean {
+            return clean().await;
+        }
+        // From the start: the children get process groups of their own (so
+        // the terminal's Ctrl-C reaches only this process), and without a
+        // handler an early Ctrl-C would end this process and leave them.
+        let stop = stop_requests()?;
+        let mut qs = Quickstart::new(args, stop)?;
         let result = qs.run().await;
         let stopped = qs.shutdown().await;
         match (result, stopped) {
@@ -188,6 +200,47 @@ pub fn run(args: QuickstartArgs) -> anyhow::Result<ExitCode> {
             (Err(e), Err(e2)) => Err(e.context(format!("also, stopping failed: {e2:#}"))),
         }
     })
+}
+
+/// `--clean`.
+async fn clean() -> anyhow::Result<ExitCode> {
+    let c = images::clean(&[HUB_IMAGE, SENSOR_IMAGE, FILTER_IMAGE]).await?;
+    if c.images.is_empty() {
+        eprintln!("No quickstart images to remove.");
+    } else {
+        eprintln!(
+            "Removed {} ({:.0} MB).",
+            c.images.join(", "),
+            c.bytes as f64 / 1e6
+        );
+    }
+    if c.network {
+        eprintln!("Removed the Docker network azure-iot-edge.");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A receiver that turns `true` on the first SIGINT or SIGTERM.
+fn stop_requests() -> anyhow::Result<tokio::sync::watch::Receiver<bool>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        let _ = tx.send(true);
+    });
+    Ok(rx)
+}
+
+/// Resolves once a stop was requested (never if the sender is gone first).
+async fn stop_requested(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Paths of the working directory.
@@ -249,6 +302,12 @@ struct Quickstart {
     verged_started: Option<Instant>,
     /// The engine, with `--docker`.
     docker: Option<bollard::Docker>,
+    /// Turns `true` on SIGINT or SIGTERM.
+    stop: tokio::sync::watch::Receiver<bool>,
+    /// Whether this run made the working directory (and so started or
+    /// may have started something): before that, there is nothing to stop
+    /// and the directory is not this run's.
+    started: bool,
 }
 
 fn check_no_whitespace(p: &Path, what: &str) -> anyhow::Result<()> {
@@ -318,6 +377,45 @@ fn alive(pid: i32) -> bool {
                 .unwrap_or(false)
         })
         .unwrap_or(false)
+}
+
+fn pid_of(child: &Child) -> Option<i32> {
+    child.id().and_then(|p| i32::try_from(p).ok())
+}
+
+/// Stops the modules verged left running, now this subreaper's children
+/// (all but `cloud`): SIGTERM to each one's process group, SIGKILL after 10 s.
+async fn stop_orphans(cloud: Option<i32>) {
+    let orphans: Vec<i32> = my_children()
+        .into_iter()
+        .map(|(p, _)| p)
+        .filter(|p| Some(*p) != cloud)
+        .collect();
+    if orphans.is_empty() {
+        return;
+    }
+    eprintln!("Stopping {} module processes …", orphans.len());
+    for p in &orphans {
+        // Each module leads its own process group.
+        if killpg(Pid::from_raw(*p), Signal::SIGTERM).is_err() {
+            let _ = kill(Pid::from_raw(*p), Signal::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        reap(&orphans);
+        let left: Vec<i32> = orphans.iter().copied().filter(|p| alive(*p)).collect();
+        if left.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            for p in &left {
+                let _ = killpg(Pid::from_raw(*p), Signal::SIGKILL);
+                let _ = kill(Pid::from_raw(*p), Signal::SIGKILL);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn stop_child(child: &mut Child, name: &str, signal: Signal, grace: Duration) {
@@ -401,7 +499,7 @@ fn cargo_run_var(name: &std::ffi::OsStr) -> bool {
 }
 
 impl Quickstart {
-    fn new(args: QuickstartArgs) -> anyhow::Result<Self> {
+    fn new(args: QuickstartArgs, stop: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<Self> {
         let bin = match &args.bin_dir {
             Some(b) => b.clone(),
             None => std::env::current_exe()
@@ -429,6 +527,8 @@ impl Quickstart {
             verged: None,
             verged_started: None,
             docker: None,
+            stop,
+            started: false,
             args,
         })
     }
@@ -570,7 +670,20 @@ impl Quickstart {
         Ok(())
     }
 
+    /// The steps, until the end or a stop request (which is not an error:
+    /// Ctrl-C is how an interactive quickstart ends).
     async fn run(&mut self) -> anyhow::Result<ExitCode> {
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            r = self.steps() => r,
+            () = stop_requested(&mut stop) => {
+                eprintln!("Stopping …");
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    }
+
+    async fn steps(&mut self) -> anyhow::Result<ExitCode> {
         self.build_siblings()?;
         self.preflight()?;
         // Modules outlive verged (the process backend leaves them running):
@@ -584,6 +697,7 @@ impl Quickstart {
             images::remove_ours(&docker, &CONTAINERS, &self.lay.dir).await?;
             self.docker = Some(docker);
         }
+        self.started = true;
         self.fresh_dir()?;
         eprintln!(
             "Verge quickstart in {} (logs in {}). Ctrl-C stops everything.",
@@ -682,6 +796,9 @@ impl Quickstart {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
+            // Out of the terminal's foreground group: Ctrl-C is for the
+            // quickstart, which stops the cloud last.
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {}", self.exe(VERGE_CLOUD).display()))?;
@@ -853,6 +970,8 @@ impl Quickstart {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
+            // As the cloud: only the quickstart gets the terminal's Ctrl-C.
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {}", self.daemon(VERGED).display()))?;
@@ -1034,9 +1153,7 @@ impl Quickstart {
     /// Follows the D2C log until Ctrl-C, or (bounded) until enough messages
     /// arrived or the timeout.
     async fn follow(&mut self, cloud: &CloudInfo, timeout: Duration) -> anyhow::Result<ExitCode> {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
-        let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+        let mut stop = self.stop.clone();
         let bounded = self.args.until_messages.is_some() || self.args.measure;
         let want = if self.args.measure {
             1
@@ -1107,8 +1224,7 @@ impl Quickstart {
                     eprintln!("… still waiting for the first message ({})", self.status_line().await);
                 }
                 () = tokio::time::sleep_until(deadline), if bounded => break Outcome::Timeout,
-                _ = term.recv() => break Outcome::Signal,
-                _ = int.recv() => break Outcome::Signal,
+                () = stop_requested(&mut stop) => break Outcome::Signal,
             }
         };
         tail.abort();
@@ -1361,70 +1477,65 @@ impl Quickstart {
     /// Stops verged (and with it the agent), then the modules it left
     /// running, then verge-cloud; checks nothing is left.
     async fn shutdown(&mut self) -> anyhow::Result<()> {
-        self.stop_edge().await;
-        // verged leaves module containers running (as IoT Edge does across
-        // daemon restarts); the quickstart's go with it.
-        let containers = match &self.docker {
-            Some(docker) => {
-                eprintln!("Removing the module containers …");
-                images::remove_ours(docker, &CONTAINERS, &self.lay.dir).await
-            }
-            None => Ok(0),
-        };
-        if let Some(mut c) = self.cloud.take() {
-            eprintln!("Stopping verge-cloud …");
-            stop_child(
-                &mut c,
-                "verge-cloud",
-                Signal::SIGTERM,
-                Duration::from_secs(20),
-            )
-            .await;
+        if !self.started {
+            // Refused before it began (a check failed, or another
+            // quickstart runs): nothing ran, and the directory is not ours.
+            return Ok(());
         }
+        self.stop_verged().await;
+        // Then all at once (nothing restarts them now): the modules verged
+        // leaves running (as IoT Edge does across daemon restarts), as
+        // processes or containers, and verge-cloud.
+        let cloud = self.cloud.take();
+        let modules = stop_orphans(cloud.as_ref().and_then(pid_of));
+        let containers = async {
+            match &self.docker {
+                Some(docker) => {
+                    eprintln!("Removing the module containers …");
+                    images::remove_ours(docker, &CONTAINERS, &self.lay.dir).await
+                }
+                None => Ok(0),
+            }
+        };
+        let cloud = async move {
+            if let Some(mut c) = cloud {
+                eprintln!("Stopping verge-cloud …");
+                stop_child(
+                    &mut c,
+                    "verge-cloud",
+                    Signal::SIGTERM,
+                    Duration::from_secs(20),
+                )
+                .await;
+            }
+        };
+        let ((), containers, ()) = tokio::join!(modules, containers, cloud);
         containers.context("removing the module containers")?;
-        self.stop_stragglers().await
+        self.stop_stragglers().await?;
+        if let Some(docker) = &self.docker
+            && let Some(bytes) =
+                images::images_size(docker, &[HUB_IMAGE, SENSOR_IMAGE, FILTER_IMAGE]).await
+        {
+            eprintln!(
+                "The module images (verge-quickstart/*, {:.0} MB) and the Docker network \
+                 azure-iot-edge stay for the next run; `verge quickstart --clean` removes them.",
+                bytes as f64 / 1e6
+            );
+        }
+        Ok(())
     }
 
     /// Stops verged (and with it the agent), then the modules it left running.
     async fn stop_edge(&mut self) {
+        self.stop_verged().await;
+        stop_orphans(self.cloud.as_ref().and_then(pid_of)).await;
+    }
+
+    /// Stops verged, which stops the agent (so nothing restarts a module).
+    async fn stop_verged(&mut self) {
         if let Some(mut v) = self.verged.take() {
             eprintln!("Stopping verged and the agent …");
             stop_child(&mut v, "verged", Signal::SIGTERM, Duration::from_secs(45)).await;
-        }
-        // Modules left running by verged are now our children (subreaper).
-        let cloud_pid = self
-            .cloud
-            .as_ref()
-            .and_then(Child::id)
-            .and_then(|p| i32::try_from(p).ok());
-        let orphans: Vec<i32> = my_children()
-            .into_iter()
-            .map(|(p, _)| p)
-            .filter(|p| Some(*p) != cloud_pid)
-            .collect();
-        if !orphans.is_empty() {
-            eprintln!("Stopping {} module processes …", orphans.len());
-            for p in &orphans {
-                // Each module leads its own process group.
-                if killpg(Pid::from_raw(*p), Signal::SIGTERM).is_err() {
-                    let _ = kill(Pid::from_raw(*p), Signal::SIGTERM);
-                }
-            }
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                reap(&orphans);
-                let left: Vec<i32> = orphans.iter().copied().filter(|p| alive(*p)).collect();
-                if left.is_empty() {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    for p in &left {
-                        let _ = killpg(Pid::from_raw(*p), Signal::SIGKILL);
-                        let _ = kill(Pid::from_raw(*p), Signal::SIGKILL);
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
         }
     }
 

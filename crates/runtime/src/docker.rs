@@ -33,8 +33,8 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, InspectContainerOptions, InspectNetworkOptions,
-    ListContainersOptions, LogsOptions, RemoveContainerOptions, RestartContainerOptions,
-    StartContainerOptions, StopContainerOptions,
+    ListContainersOptions, LogsOptions, RemoveContainerOptions, RemoveImageOptions,
+    RestartContainerOptions, StartContainerOptions, StopContainerOptions,
 };
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -395,6 +395,52 @@ impl DockerRuntime {
         }
         self.network_ready.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// Removes the module network if this runtime's owner made it (its
+    /// [`OWNER_LABEL`]); `Ok(false)` if there is none or it is someone
+    /// else's. The engine refuses while containers are attached to it.
+    pub async fn remove_network(&self) -> Result<bool, RuntimeError> {
+        let docker = self.client().await?;
+        let name = self.config.network.as_str();
+        let net = match docker
+            .inspect_network(name, None::<InspectNetworkOptions>)
+            .await
+        {
+            Ok(n) => n,
+            Err(e) if status_of(&e) == Some(404) => return Ok(false),
+            Err(e) => return Err(general_error(e)),
+        };
+        let owner = net.labels.as_ref().and_then(|l| l.get(OWNER_LABEL));
+        if owner != Some(&self.config.owner) {
+            return Ok(false);
+        }
+        match docker.remove_network(name).await {
+            Ok(()) => {}
+            Err(e) if status_of(&e) == Some(404) => return Ok(false),
+            Err(e) => return Err(general_error(e)),
+        }
+        self.network_ready.store(false, Ordering::Release);
+        Ok(true)
+    }
+
+    /// Removes an image by reference (and its untagged parents); `Ok(None)`
+    /// if there is no such image, else the bytes its layers took.
+    pub async fn remove_image(&self, reference: &str) -> Result<Option<u64>, RuntimeError> {
+        let docker = self.client().await?;
+        let size = match docker.inspect_image(reference).await {
+            Ok(i) => i.size.and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
+            Err(e) if status_of(&e) == Some(404) => return Ok(None),
+            Err(e) => return Err(general_error(e)),
+        };
+        match docker
+            .remove_image(reference, None::<RemoveImageOptions>, None)
+            .await
+        {
+            Ok(_) => Ok(Some(size)),
+            Err(e) if status_of(&e) == Some(404) => Ok(None),
+            Err(e) => Err(general_error(e)),
+        }
     }
 
     /// Inspects a container and checks it is one of ours.

@@ -23,6 +23,27 @@ pub fn build(packages: &[&str]) -> PathBuf {
         .to_string_lossy()
         .into_owned();
     let mut cmd = Command::new(env!("CARGO"));
+    // Without what `cargo test` set for this test (CARGO_PKG_*, OUT_DIR, …):
+    // build scripts that watch them (ring's) would run again, and all that
+    // depends on them would be compiled again, on every test run and again
+    // by the next `cargo build` from a shell.
+    for (k, _) in std::env::vars_os() {
+        let name = k.to_string_lossy();
+        if [
+            "CARGO_MANIFEST_DIR",
+            "CARGO_MANIFEST_PATH",
+            "CARGO_CRATE_NAME",
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_TARGET_TMPDIR",
+            "OUT_DIR",
+        ]
+        .contains(&name.as_ref())
+            || name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_BIN_")
+        {
+            cmd.env_remove(&k);
+        }
+    }
     cmd.args(["build", "--quiet"]);
     for p in packages {
         cmd.args(["-p", p]);
