@@ -712,11 +712,16 @@ pub async fn run(args: CloudArgs) -> anyhow::Result<()> {
                     enc(&device)
                 ),
             );
+            // One percent-encoded header: header names lose their case.
+            let mut bag = Vec::new();
             for p in &properties {
                 let (k, v) = p
                     .split_once('=')
                     .ok_or_else(|| anyhow!("--property {p:?}: write key=value"))?;
-                b = b.header(format!("iothub-app-{k}"), v);
+                bag.push(format!("{}={}", enc(k), enc(v)));
+            }
+            if !bag.is_empty() {
+                b = b.header("verge-app-properties", bag.join("&"));
             }
             if let Some(a) = &ack {
                 if !["none", "positive", "negative", "full"].contains(&a.as_str()) {

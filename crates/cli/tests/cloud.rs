@@ -500,6 +500,8 @@ async fn devices_modules_twins_deployments_messages_methods_c2d() {
         "hello",
         "-p",
         "color=blue",
+        "-p",
+        "kitToken=K1&2",
         "--ack",
         "full",
     ]);
@@ -510,6 +512,8 @@ async fn devices_modules_twins_deployments_messages_methods_c2d() {
         .unwrap();
     assert_eq!(&got.body[..], b"hello");
     assert_eq!(got.properties.get("color"), Some("blue"));
+    // Names keep their case (they are not HTTP header names on the way).
+    assert_eq!(got.properties.get("kitToken"), Some("K1&2"));
     let e = cloud.fails(&["c2d", "send", "--device", "leaf1", "x", "-p", "novalue"]);
     assert!(e.contains("key=value"), "{e}");
 

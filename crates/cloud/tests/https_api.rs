@@ -144,6 +144,34 @@ async fn d2c_follow_and_c2d_over_https() {
         .unwrap();
     assert_eq!(r.status(), 404);
 
+    // Names with capitals keep them (HTTP lowercases header names): IoT Hub
+    // delivers `kitToken`, not `kittoken`.
+    let r = http
+        .post(format!(
+            "{base}/verge/devices/d/messages/deviceBound?ttlSecs=60"
+        ))
+        .header("Authorization", &token)
+        .header("iothub-messageid", "c2")
+        .header("verge-app-properties", "kitToken=A%26b%3Dc&Color=Red")
+        .body("payload")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let delivery = cloud.c2d_next("d").await.unwrap().unwrap();
+    assert_eq!(delivery.message.properties.get("kitToken"), Some("A&b=c"));
+    assert_eq!(delivery.message.properties.get("Color"), Some("Red"));
+    assert_eq!(delivery.message.properties.get("kittoken"), None);
+    let r = http
+        .post(format!("{base}/verge/devices/d/messages/deviceBound"))
+        .header("Authorization", &token)
+        .header("verge-app-properties", "bad=%ff")
+        .body("payload")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
     let _ = stop_tx.send(());
     tokio::time::timeout(Duration::from_secs(10), server)
         .await

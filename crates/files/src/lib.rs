@@ -116,15 +116,23 @@ pub async fn remove_durable_async(path: PathBuf) -> std::io::Result<()> {
 }
 
 /// Creates `dir` (and missing parents) and makes it 0700, also when it
-/// already existed with a wider mode (blocking).
+/// already existed with a wider mode (blocking). A directory this process
+/// does not own (a volume mounted by someone else) keeps its mode, with a
+/// warning: refusing to start over it would help nobody.
 pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(DIR_MODE)
         .create(dir)
         .map_err(|e| named(e, "creating", dir))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(DIR_MODE))
-        .map_err(|e| named(e, "setting the mode of", dir))
+    match std::fs::set_permissions(dir, std::fs::Permissions::from_mode(DIR_MODE)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot make the directory private (not its owner)");
+            Ok(())
+        }
+        Err(e) => Err(named(e, "setting the mode of", dir)),
+    }
 }
 
 /// A file name for `key` (a client id, a twin id): its SHA-256 in hex, then

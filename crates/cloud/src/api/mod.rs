@@ -19,7 +19,11 @@
 //!   message. The body is the payload; `iothub-messageid`,
 //!   `iothub-correlationid`, `iothub-ack`, `content-type`,
 //!   `content-encoding` headers set system properties and `iothub-app-{name}`
-//!   headers set application properties. Answers `{"messageId": …}`.
+//!   headers set application properties. HTTP lowercases header names, so
+//!   properties whose names have capitals travel in one
+//!   `verge-app-properties` header instead: `name=value` pairs joined by `&`,
+//!   each percent-encoded (names keep their case, as in IoT Hub). Answers
+//!   `{"messageId": …}`.
 //! * `GET /verge/feedback?from=SEQ&max=N` — C2D feedback records (JSON array,
 //!   each with `seq`, `originalMessageId`, `statusCode`, `deviceId`, …).
 //! * `GET /verge/messages?from=OFFSET&max=N&follow=true` — the D2C log as
@@ -490,6 +494,10 @@ async fn module_method(
 
 // ---------------------------------------------------------------------- C2D
 
+/// The header carrying application properties with their case (see the
+/// module docs): HTTP header names are case-insensitive and arrive lowercased.
+pub const APP_PROPERTIES: &str = "verge-app-properties";
+
 async fn c2d_send(
     State(st): State<ApiState>,
     Path(id): Path<String>,
@@ -510,6 +518,24 @@ async fn c2d_send(
             "iothub-userid" => s.user_id = Some(v.to_owned()),
             "content-type" => s.content_type = Some(v.to_owned()),
             "content-encoding" => s.content_encoding = Some(v.to_owned()),
+            APP_PROPERTIES => {
+                for pair in v.split('&').filter(|p| !p.is_empty()) {
+                    let (k, val) = pair.split_once('=').unwrap_or((pair, ""));
+                    let dec = |x: &str| {
+                        percent_encoding::percent_decode_str(x)
+                            .decode_utf8()
+                            .map(std::borrow::Cow::into_owned)
+                    };
+                    match (dec(k), dec(val)) {
+                        (Ok(k), Ok(val)) if !k.is_empty() => msg.properties.insert(&k, &val),
+                        _ => {
+                            return Err(ApiError(CloudError::BadRequest(format!(
+                                "{APP_PROPERTIES}: {pair:?} is not a percent-encoded UTF-8 name=value pair"
+                            ))));
+                        }
+                    }
+                }
+            }
             _ => {
                 if let Some(app) = n.strip_prefix("iothub-app-") {
                     msg.properties.insert(app, v);
