@@ -129,17 +129,34 @@
 //!   ([`StoreConfig::channel_capacity`]); `append` waits for room, so a slow
 //!   disk slows producers instead of growing memory.
 //! * **Full.** If accepting an append would take the accounted size over
-//!   [`StoreConfig::max_bytes`], or the file system's available space is below
-//!   [`StoreConfig::min_free_bytes`] (`statvfs`, checked once per group), that
-//!   append fails with [`StoreError::Full`] and nothing is written. Stored data
-//!   is untouched; acks and TTL cleanup keep working (they free space) and
-//!   intake resumes by itself once the condition clears. The floor exists so
-//!   that the engine never meets `ENOSPC`.
-//! * **I/O errors.** If a write or sync fails, every caller of that group
-//!   gets [`StoreError::Io`]; fjall marks the database poisoned and the store
-//!   answers every later mutation with [`StoreError::Poisoned`] until it is
-//!   reopened (reopening replays the journal). Callers saw no `Ok` for the
-//!   failed group, so no acknowledged message is lost.
+//!   the byte limit ([`StoreConfig::max_bytes`], [`Store::set_max_bytes`]),
+//!   or the file system's available space is below the floor
+//!   ([`StoreConfig::min_free_bytes`], capped at
+//!   [`StoreConfig::min_free_percent`] of the volume; read with `statvfs` at
+//!   most every 100 ms or 1 MiB appended, never per append), that append
+//!   fails with [`StoreError::Full`] ("storage full") and nothing is
+//!   written. Stored data is untouched; acks and TTL cleanup keep working
+//!   and intake resumes by itself once the condition clears. Opening warns
+//!   when the volume has no room above the floor.
+//! * **The engine never meets a full disk** while the floor is on: before
+//!   each engine write (a lap's end, pending deletes) the space is read
+//!   again, and half the floor must stay free after it (the rest is the
+//!   engine's headroom for flushes and compactions). If it would not, the
+//!   engine is not written: deletes wait for the lap's end, and a group
+//!   that needs the lap to end fails with [`StoreError::Full`], whole.
+//!   Checkpoints in such a group (and any group that failed) are kept in
+//!   memory — reads and [`Store::rewind`] skip what they acknowledged, so
+//!   a drain does not resend it — and written with a later group once
+//!   space returns (until then a restart redelivers them: at least once).
+//! * **I/O errors.** If a write or sync fails (another process filled the
+//!   disk past the floor, a failing disk), every caller of that group gets
+//!   [`StoreError::Io`] and fjall marks the database poisoned. The writer
+//!   reopens it in place, without a restart: at the next command or every
+//!   500 ms, once the disk has room again, the old database is closed, the
+//!   new one recovers its journal, the sync log's lap is replayed into it
+//!   and the queues are rebuilt (readers keep their cursors). Until then
+//!   mutations get [`StoreError::Poisoned`]; reads keep working. Callers
+//!   saw no `Ok` for the failed group, so no acknowledged message is lost.
 //! * **Corrupt bodies.** A reference whose body is missing or undecodable is
 //!   logged and skipped by `read` (and counted with the expired ones) rather
 //!   than stalling the endpoint forever.
@@ -207,6 +224,10 @@ pub const DEFAULT_PRIORITY: u32 = 2_000_000_000;
 pub const BODY_OVERHEAD: u64 = 64;
 /// Bytes accounted per queue reference.
 pub const ENTRY_OVERHEAD: u64 = 48;
+
+/// How often the writer retries deferred checkpoints and reopening a
+/// poisoned engine.
+const RETRY_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Unread references up to which [`Store::read`] reads in place.
 const INLINE_READ_MAX: u64 = 128;
@@ -507,6 +528,10 @@ pub(crate) struct QueueState {
     pub durable: u64,
     /// Next offset `read` hands out (in memory).
     pub cursor: u64,
+    /// Offsets below this were acknowledged, even if the checkpoint is not
+    /// stored yet (deferred while the disk is full): a rewind goes back to
+    /// here, not to `head`, so delivered messages are not sent again.
+    pub acked: u64,
     /// Offsets below this were already counted as delivered or expired.
     pub counted: u64,
     /// Expired references dropped since open.
@@ -585,11 +610,112 @@ impl Hot {
     }
 }
 
-pub(crate) struct Shared {
+/// The open engine: the database and its three keyspaces.
+pub(crate) struct Engine {
     pub db: Database,
     pub msgs: Keyspace,
     pub queues: Keyspace,
     pub meta: Keyspace,
+}
+
+impl Engine {
+    /// Opens (or creates) the database in `dir`. Blocking (fjall replays its
+    /// journal).
+    fn open(dir: &Path, config: &StoreConfig) -> Result<Engine> {
+        let db = Database::builder(dir)
+            .cache_size(config.cache_bytes)
+            .max_journaling_size(config.journal_bytes.max(64 * 1024 * 1024))
+            .worker_threads(config.worker_threads.max(1))
+            .manual_journal_persist(true)
+            .open()?;
+        let mem = config.memtable_bytes.max(1024 * 1024);
+        // Filter and index blocks of every level stay in memory (about 0.5 %
+        // of the data held): the pumps look bodies up by key all the time,
+        // and with the small block cache the deeper levels' blocks were
+        // evicted and re-read (and checksummed) on nearly every lookup — a
+        // 1 M-message backlog drained at a third of the rate.
+        let opts = move || {
+            KeyspaceCreateOptions::default()
+                .max_memtable_size(mem)
+                .filter_block_pinning_policy(PinningPolicy::all(true))
+                .index_block_pinning_policy(PinningPolicy::all(true))
+        };
+        let msgs = db.keyspace("msgs", opts)?;
+        let queues = db.keyspace("queues", opts)?;
+        let meta = db.keyspace("meta", opts)?;
+        Ok(Engine {
+            db,
+            msgs,
+            queues,
+            meta,
+        })
+    }
+
+    pub(crate) fn keyspace(&self, ks: synclog::Ks) -> &Keyspace {
+        ks.pick([&self.msgs, &self.queues, &self.meta])
+    }
+
+    /// Every queue with its checkpoint and tail, the accounted bytes and the
+    /// next message id, as the engine holds them (after the sync log's
+    /// replay).
+    fn load(&self) -> Result<(State, u64, u64)> {
+        let (meta, queues) = (&self.meta, &self.queues);
+        let mut state = State::default();
+        for kv in meta.prefix([keys::QUEUE]) {
+            let (k, v) = kv.into_inner()?;
+            let qid = keys::u32_at(&k, 1).ok_or_else(|| corrupt("queue key"))?;
+            let priority = keys::u32_at(&v, 0).ok_or_else(|| corrupt("queue record"))?;
+            let endpoint = std::str::from_utf8(v.get(4..).unwrap_or_default())
+                .map_err(|_| corrupt("queue endpoint"))?
+                .to_owned();
+            let head = match meta.get(keys::meta_queue_key(keys::CHECKPOINT, qid))? {
+                Some(v) => keys::u64_at(&v, 0).ok_or_else(|| corrupt("checkpoint"))?,
+                None => 0,
+            };
+            // The tail: seek from the head, never walk acked tombstones.
+            let last = queues
+                .range(keys::entry_key(qid, head)..=keys::entry_key(qid, u64::MAX))
+                .next_back();
+            let next = match last {
+                Some(g) => {
+                    let k = g.key()?;
+                    keys::parse_entry_key(&k)
+                        .ok_or_else(|| corrupt("entry key"))?
+                        .1
+                        + 1
+                }
+                None => head,
+            };
+            state.add_queue(
+                qid,
+                QueueState {
+                    endpoint,
+                    priority,
+                    head,
+                    next,
+                    durable: next,
+                    cursor: head,
+                    acked: head,
+                    counted: head,
+                    expired: 0,
+                },
+            );
+        }
+        let stored = match meta.get(keys::STORED_BYTES)? {
+            Some(v) => keys::u64_at(&v, 0).ok_or_else(|| corrupt("stored bytes"))?,
+            None => 0,
+        };
+        let next_id = match meta.get(keys::NEXT_ID)? {
+            Some(v) => keys::u64_at(&v, 0).ok_or_else(|| corrupt("next id"))?,
+            None => 0,
+        };
+        Ok((state, stored, next_id))
+    }
+}
+
+pub(crate) struct Shared {
+    /// `None` while the writer reopens a poisoned engine.
+    engine: std::sync::RwLock<Option<Arc<Engine>>>,
     pub dir: PathBuf,
     pub config: StoreConfig,
     pub state: Mutex<State>,
@@ -598,6 +724,9 @@ pub(crate) struct Shared {
     pub max_bytes: AtomicU64,
     pub expired_total: AtomicU64,
     pub poisoned: AtomicBool,
+    /// The writer has work to retry (deferred checkpoints, a reopen): the
+    /// cleaner thread wakes it every [`RETRY_INTERVAL`].
+    pub retry: AtomicBool,
     pub hot: Mutex<Hot>,
     /// The current lap's writes not yet in the engine (`staged`).
     pub staged: Mutex<staged::Staged>,
@@ -615,8 +744,22 @@ impl Shared {
         Some(self.max_bytes.load(Ordering::Relaxed)).filter(|&m| m != u64::MAX)
     }
 
-    pub(crate) fn keyspace(&self, ks: synclog::Ks) -> &Keyspace {
-        ks.pick([&self.msgs, &self.queues, &self.meta])
+    /// The open engine, or [`StoreError::Poisoned`] while it is reopened.
+    pub(crate) fn engine(&self) -> Result<Arc<Engine>> {
+        self.engine
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or(StoreError::Poisoned)
+    }
+
+    /// Puts `engine` in place (or takes it out, with `None`), returning the
+    /// one that was there.
+    pub(crate) fn swap_engine(&self, engine: Option<Arc<Engine>>) -> Option<Arc<Engine>> {
+        std::mem::replace(
+            &mut *self.engine.write().unwrap_or_else(|e| e.into_inner()),
+            engine,
+        )
     }
 
     pub(crate) fn hot(&self) -> MutexGuard<'_, Hot> {
@@ -633,6 +776,7 @@ impl Shared {
             return Ok(Some(v));
         }
         Ok(self
+            .engine()?
             .keyspace(ks)
             .get(key)?
             .map(|v| Bytes::copy_from_slice(&v)))
@@ -642,20 +786,27 @@ impl Shared {
     /// writes over the engine's. At most `limit` staged writes are taken; if
     /// there were more, the iteration ends at the last one taken
     /// ([`Merged::truncated_at`]).
-    pub(crate) fn range(&self, ks: synclog::Ks, lo: &[u8], hi: &[u8], limit: usize) -> Merged {
+    pub(crate) fn range(
+        &self,
+        ks: synclog::Ks,
+        lo: &[u8],
+        hi: &[u8],
+        limit: usize,
+    ) -> Result<Merged> {
+        let engine = self.engine()?;
         // Staged first, the engine second: a lap moves from here to the
         // engine before it is cleared here, so nothing falls between.
         let staged = self.staged().range(ks, lo, hi, limit.max(1));
         let stop = (staged.len() >= limit.max(1))
             .then(|| staged.last().map(|(k, _)| k.clone()))
             .flatten();
-        Merged {
+        Ok(Merged {
             staged: staged.into_iter().peekable(),
-            engine: self.keyspace(ks).range(lo..hi),
+            engine: engine.keyspace(ks).range(lo..hi),
             engine_next: None,
             engine_done: false,
             stop,
-        }
+        })
     }
 
     fn load_body(&self, id: u64) -> Result<Option<Message>> {
@@ -782,84 +933,13 @@ impl Store {
     pub fn open(dir: impl AsRef<Path>, config: StoreConfig) -> Result<Store> {
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir)?;
-        let db = Database::builder(&dir)
-            .cache_size(config.cache_bytes)
-            .max_journaling_size(config.journal_bytes.max(64 * 1024 * 1024))
-            .worker_threads(config.worker_threads.max(1))
-            .manual_journal_persist(true)
-            .open()?;
-        let mem = config.memtable_bytes.max(1024 * 1024);
-        // Filter and index blocks of every level stay in memory (about 0.5 %
-        // of the data held): the pumps look bodies up by key all the time,
-        // and with the small block cache the deeper levels' blocks were
-        // evicted and re-read (and checksummed) on nearly every lookup — a
-        // 1 M-message backlog drained at a third of the rate.
-        let opts = move || {
-            KeyspaceCreateOptions::default()
-                .max_memtable_size(mem)
-                .filter_block_pinning_policy(PinningPolicy::all(true))
-                .index_block_pinning_policy(PinningPolicy::all(true))
-        };
-        let msgs = db.keyspace("msgs", opts)?;
-        let queues = db.keyspace("queues", opts)?;
-        let meta = db.keyspace("meta", opts)?;
-        let log = open_sync_log(&db, [&msgs, &queues, &meta], &dir, &config)?;
+        let engine = Engine::open(&dir, &config)?;
+        let log = open_sync_log(&engine, &dir, &config)?;
         warn_if_volume_small(&dir, &config);
-
-        let mut state = State::default();
-        for kv in meta.prefix([keys::QUEUE]) {
-            let (k, v) = kv.into_inner()?;
-            let qid = keys::u32_at(&k, 1).ok_or_else(|| corrupt("queue key"))?;
-            let priority = keys::u32_at(&v, 0).ok_or_else(|| corrupt("queue record"))?;
-            let endpoint = std::str::from_utf8(v.get(4..).unwrap_or_default())
-                .map_err(|_| corrupt("queue endpoint"))?
-                .to_owned();
-            let head = match meta.get(keys::meta_queue_key(keys::CHECKPOINT, qid))? {
-                Some(v) => keys::u64_at(&v, 0).ok_or_else(|| corrupt("checkpoint"))?,
-                None => 0,
-            };
-            // The tail: seek from the head, never walk acked tombstones.
-            let last = queues
-                .range(keys::entry_key(qid, head)..=keys::entry_key(qid, u64::MAX))
-                .next_back();
-            let next = match last {
-                Some(g) => {
-                    let k = g.key()?;
-                    keys::parse_entry_key(&k)
-                        .ok_or_else(|| corrupt("entry key"))?
-                        .1
-                        + 1
-                }
-                None => head,
-            };
-            state.add_queue(
-                qid,
-                QueueState {
-                    endpoint,
-                    priority,
-                    head,
-                    next,
-                    durable: next,
-                    cursor: head,
-                    counted: head,
-                    expired: 0,
-                },
-            );
-        }
-        let stored = match meta.get(keys::STORED_BYTES)? {
-            Some(v) => keys::u64_at(&v, 0).ok_or_else(|| corrupt("stored bytes"))?,
-            None => 0,
-        };
-        let next_id = match meta.get(keys::NEXT_ID)? {
-            Some(v) => keys::u64_at(&v, 0).ok_or_else(|| corrupt("next id"))?,
-            None => 0,
-        };
+        let (state, stored, next_id) = engine.load()?;
 
         let shared = Arc::new(Shared {
-            db,
-            msgs,
-            queues,
-            meta,
+            engine: std::sync::RwLock::new(Some(Arc::new(engine))),
             dir,
             config: config.clone(),
             state: Mutex::new(state),
@@ -867,6 +947,7 @@ impl Store {
             max_bytes: AtomicU64::new(config.max_bytes.unwrap_or(u64::MAX)),
             expired_total: AtomicU64::new(0),
             poisoned: AtomicBool::new(false),
+            retry: AtomicBool::new(false),
             hot: Mutex::new(Hot::default()),
             staged: Mutex::new(staged::Staged::default()),
         });
@@ -875,15 +956,25 @@ impl Store {
         let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
         let weak = tx.downgrade();
         let interval = config.cleanup_interval;
+        let tick_shared = shared.clone();
         let cleaner = std::thread::Builder::new()
             .name("verge-store-ttl".into())
             .spawn(move || {
+                let mut last_cleanup = std::time::Instant::now();
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                    stop_rx.recv_timeout(interval)
+                    stop_rx.recv_timeout(interval.min(RETRY_INTERVAL))
                 {
                     let Some(tx) = weak.upgrade() else { break };
-                    let (reply, _rx) = oneshot::channel();
-                    if tx.blocking_send(Cmd::Cleanup { reply }).is_err() {
+                    let cmd = if last_cleanup.elapsed() >= interval {
+                        last_cleanup = std::time::Instant::now();
+                        let (reply, _rx) = oneshot::channel();
+                        Cmd::Cleanup { reply }
+                    } else if tick_shared.retry.load(Ordering::Relaxed) {
+                        Cmd::Tick
+                    } else {
+                        continue;
+                    };
+                    if tx.blocking_send(cmd).is_err() {
                         break;
                     }
                 }
@@ -1024,7 +1115,7 @@ impl Store {
             .unwrap_or_default();
         for qid in ids {
             if let Some(q) = st.queues.get_mut(&qid) {
-                q.cursor = q.head;
+                q.cursor = q.head.max(q.acked);
             }
         }
     }
@@ -1056,7 +1147,7 @@ impl Store {
                 &keys::entry_key(qid, from),
                 &keys::entry_key(qid, to),
                 usize::MAX,
-            ) {
+            )? {
                 if out.len() >= n {
                     break;
                 }
@@ -1112,7 +1203,7 @@ impl Store {
                             &keys::entry_key(qid, info.head),
                             &keys::entry_key(qid, info.tail),
                             1,
-                        )
+                        )?
                         .next();
                     if let Some(kv) = first {
                         let (_, v) = kv?;
@@ -1162,13 +1253,16 @@ impl Store {
 
     /// Bytes the engine occupies on disk (journal and tables).
     pub fn disk_bytes(&self) -> Result<u64> {
-        Ok(self.shared.db.disk_space()?)
+        Ok(self.shared.engine()?.db.disk_space()?)
     }
 
     /// Engine internals, for diagnostics: write buffer bytes, journal count,
     /// and per keyspace (sealed memtables, tables).
     pub fn engine_stats(&self) -> String {
         let sh = &self.shared;
+        let Ok(e) = sh.engine() else {
+            return "engine reopening".into();
+        };
         let ks = |k: &Keyspace| {
             format!(
                 "{}:{}/{}",
@@ -1180,11 +1274,11 @@ impl Store {
         format!(
             "staged={} write_buffer={} journals={} {} {} {}",
             sh.staged().bytes(),
-            sh.db.write_buffer_size(),
-            sh.db.journal_count(),
-            ks(&sh.msgs),
-            ks(&sh.queues),
-            ks(&sh.meta)
+            e.db.write_buffer_size(),
+            e.db.journal_count(),
+            ks(&e.msgs),
+            ks(&e.queues),
+            ks(&e.meta)
         )
     }
 
@@ -1204,7 +1298,7 @@ impl Store {
         st.endpoints.get(endpoint).map_or(0, |list| {
             list.iter()
                 .filter_map(|(_, qid)| st.queues.get(qid))
-                .map(|q| q.durable.saturating_sub(q.cursor.max(q.head)))
+                .map(|q| q.durable.saturating_sub(q.cursor.max(q.head).max(q.acked)))
                 .sum()
         })
     }
@@ -1224,14 +1318,14 @@ impl Store {
 /// Replays the sync log's current lap into the engine (groups that were
 /// durable only there), syncs the engine, and starts a new lap — or, with the
 /// log turned off, removes it.
-fn open_sync_log(
-    db: &Database,
-    ks: [&Keyspace; 3],
+pub(crate) fn open_sync_log(
+    engine: &Engine,
     dir: &Path,
     config: &StoreConfig,
 ) -> Result<Option<synclog::SyncLog>> {
     use fjall::PersistMode;
-    let meta = ks[2];
+    let (db, meta) = (&engine.db, &engine.meta);
+    let ks = [&engine.msgs, &engine.queues, &engine.meta];
     let path = dir.join("sync.log");
     let lap = match meta.get(keys::SYNC_LAP)? {
         Some(v) => Some(keys::u64_at(&v, 0).ok_or_else(|| corrupt("sync lap"))?),
@@ -1327,7 +1421,7 @@ fn read_blocking(shared: &Shared, endpoint: &str, max: usize) -> Result<Vec<Stor
             let (from, to) = {
                 let st = shared.lock();
                 let Some(q) = st.queues.get(&qid) else { break };
-                (q.cursor.max(q.head), q.durable)
+                (q.cursor.max(q.head).max(q.acked), q.durable)
             };
             if from >= to {
                 break;
@@ -1344,7 +1438,7 @@ fn read_blocking(shared: &Shared, endpoint: &str, max: usize) -> Result<Vec<Stor
                 &keys::entry_key(qid, from),
                 &keys::entry_key(qid, to),
                 max,
-            );
+            )?;
             for kv in entries.by_ref() {
                 if out.len() >= max || seen >= budget {
                     break;

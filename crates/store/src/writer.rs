@@ -15,8 +15,8 @@ use crate::keys::{self, Entry};
 use crate::staged::{self, Key};
 use crate::synclog::{self, Ks, SyncLog};
 use crate::{
-    BODY_OVERHEAD, ENTRY_OVERHEAD, FullReason, MessageId, QueueState, Result, Shared, StoreError,
-    Target,
+    BODY_OVERHEAD, ENTRY_OVERHEAD, Engine, FullReason, MessageId, QueueState, Result, Shared,
+    StoreError, Target,
 };
 
 /// A request to the writer.
@@ -37,6 +37,8 @@ pub(crate) enum Cmd {
     Cleanup {
         reply: oneshot::Sender<Result<u64>>,
     },
+    /// Wakes the writer to retry deferred checkpoints or a reopen.
+    Tick,
 }
 
 enum Done {
@@ -94,23 +96,24 @@ struct Group {
 /// batch synced on commit.
 enum Batch {
     Logged { log: Vec<u8>, ops: Vec<staged::Op> },
-    Engine(OwnedWriteBatch),
+    Engine(OwnedWriteBatch, Arc<Engine>),
 }
 
 impl Batch {
-    fn new(sh: &Shared, logged: bool) -> Batch {
-        if logged {
+    fn new(sh: &Shared, logged: bool) -> Result<Batch> {
+        Ok(if logged {
             Batch::Logged {
                 log: Vec::with_capacity(4096),
                 ops: Vec::new(),
             }
         } else {
-            Batch::Engine(sh.db.batch().durability(Some(PersistMode::SyncData)))
-        }
+            let e = sh.engine()?;
+            Batch::Engine(e.db.batch().durability(Some(PersistMode::SyncData)), e)
+        })
     }
 
     /// `fresh`: `key` is new (a new id or offset), not in the engine.
-    fn insert_bytes(&mut self, sh: &Shared, ks: Ks, key: &[u8], value: Bytes, fresh: bool) {
+    fn insert_bytes(&mut self, ks: Ks, key: &[u8], value: Bytes, fresh: bool) {
         match self {
             Batch::Logged { log, ops } => {
                 synclog::put_insert(log, ks, key, &value);
@@ -121,20 +124,20 @@ impl Batch {
                     fresh,
                 });
             }
-            Batch::Engine(b) => b.insert(sh.keyspace(ks), key, value.as_ref()),
+            Batch::Engine(b, e) => b.insert(e.keyspace(ks), key, value.as_ref()),
         }
     }
 
-    fn insert(&mut self, sh: &Shared, ks: Ks, key: &[u8], value: &[u8]) {
+    fn insert(&mut self, ks: Ks, key: &[u8], value: &[u8]) {
         match self {
             Batch::Logged { .. } => {
-                self.insert_bytes(sh, ks, key, Bytes::copy_from_slice(value), false);
+                self.insert_bytes(ks, key, Bytes::copy_from_slice(value), false);
             }
-            Batch::Engine(b) => b.insert(sh.keyspace(ks), key, value),
+            Batch::Engine(b, e) => b.insert(e.keyspace(ks), key, value),
         }
     }
 
-    fn remove(&mut self, sh: &Shared, ks: Ks, key: &[u8]) {
+    fn remove(&mut self, ks: Ks, key: &[u8]) {
         match self {
             Batch::Logged { log, ops } => {
                 synclog::put_remove(log, ks, key);
@@ -145,7 +148,7 @@ impl Batch {
                     fresh: false,
                 });
             }
-            Batch::Engine(b) => b.remove(sh.keyspace(ks), key),
+            Batch::Engine(b, e) => b.remove(e.keyspace(ks), key),
         }
     }
 }
@@ -167,10 +170,49 @@ struct Writer {
     /// A record was logged without a sync since the last sync.
     unsynced: bool,
     gauge: Gauge,
+    /// Checkpoints (queue → first offset not acknowledged) whose group
+    /// failed (disk full, engine reopening): applied in memory (reads and
+    /// rewinds skip them) and written again with a later group.
+    deferred: HashMap<u32, u64>,
+    /// When a reopen of the poisoned engine was last tried.
+    last_reopen: Option<std::time::Instant>,
+    /// The last group failed for lack of disk space (logged once).
+    full: bool,
 }
 
 /// Approximate memtable cost of one write besides key and value.
 const OP: u64 = 48;
+
+/// Why a group could not be made durable.
+#[derive(Debug, Clone)]
+enum CommitError {
+    /// The engine would not have had room: nothing was written to it, the
+    /// store stays usable.
+    Full(FullReason),
+    /// A write failed; the engine is poisoned until reopened.
+    Io(String),
+}
+
+impl From<fjall::Error> for CommitError {
+    fn from(e: fjall::Error) -> Self {
+        CommitError::Io(e.to_string())
+    }
+}
+
+impl From<StoreError> for CommitError {
+    fn from(e: StoreError) -> Self {
+        CommitError::Io(e.to_string())
+    }
+}
+
+impl CommitError {
+    fn to_store_error(&self) -> StoreError {
+        match self {
+            CommitError::Full(r) => StoreError::Full(*r),
+            CommitError::Io(e) => StoreError::Io(std::io::Error::other(e.clone())),
+        }
+    }
+}
 
 pub(crate) fn spawn(
     shared: Arc<Shared>,
@@ -187,6 +229,9 @@ pub(crate) fn spawn(
         deletes: None,
         unsynced: false,
         gauge: Gauge::new(),
+        deferred: HashMap::new(),
+        last_reopen: None,
+        full: false,
     };
     std::thread::Builder::new()
         .name("verge-store-writer".into())
@@ -258,6 +303,10 @@ impl Writer {
                 }
             }
             self.group(&mut cmds);
+            self.shared.retry.store(
+                !self.deferred.is_empty() || self.shared.poisoned.load(Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
         }
         // Not needed for safety (opening replays the log), but ending the lap
         // leaves nothing to replay after a clean shutdown.
@@ -265,29 +314,65 @@ impl Writer {
             && !self.shared.poisoned.load(Ordering::Relaxed)
             && let Err(e) = self.end_lap()
         {
-            tracing::warn!(error = %e, "store: final sync failed; the next open replays the sync log");
+            tracing::warn!(error = ?e, "store: final sync failed; the next open replays the sync log");
+        }
+    }
+
+    /// Whether the engine may take about `bytes` more: with the disk floor
+    /// on, half of the floor must stay free after them (the other half is
+    /// the engine's own headroom for flushes and compactions). Read fresh:
+    /// this runs once per lap, not per append.
+    fn engine_room(&mut self, bytes: u64) -> std::result::Result<(), CommitError> {
+        if self.shared.config.min_free_bytes == 0 {
+            return Ok(());
+        }
+        let sh = self.shared.clone();
+        match self.gauge.refresh(&sh) {
+            Some((available, floor)) if available < bytes.saturating_add(floor / 2) => {
+                Err(CommitError::Full(FullReason::DiskFloor {
+                    available,
+                    floor,
+                }))
+            }
+            _ => Ok(()),
         }
     }
 
     /// Makes one group durable (with `sync`; see [`Cmd::Ack`]). With the
     /// sync log: the record is written and synced, then its writes are
-    /// staged for the engine — unless the record does not fit in this lap;
-    /// then the lap ends with this group.
-    fn commit(&mut self, batch: Batch, sync: bool) -> std::result::Result<(), String> {
+    /// staged for the engine. A record that does not fit in the rest of the
+    /// lap ends the lap first — before this group touches anything, so that
+    /// if the engine cannot take the lap (disk full) the group fails whole.
+    fn commit(&mut self, batch: Batch, sync: bool) -> std::result::Result<(), CommitError> {
         match batch {
-            Batch::Engine(b) if sync => b.commit().map_err(|e| e.to_string()),
-            Batch::Engine(b) => b.durability(None).commit().map_err(|e| e.to_string()),
+            Batch::Engine(b, _) => {
+                self.engine_room(b.len() as u64 * OP)?;
+                let b = if sync { b } else { b.durability(None) };
+                Ok(b.commit()?)
+            }
             Batch::Logged { log, ops } => {
+                let Some(slog) = self.log.as_ref() else {
+                    return Err(CommitError::Io("sync log missing".into()));
+                };
+                if !slog.fits(log.len()) {
+                    self.end_lap()?;
+                }
                 let fits = match self.log.as_mut() {
                     Some(slog) if slog.fits(log.len()) => {
                         slog.write(&log, sync)
-                            .map_err(|e| format!("sync log: {e}"))?;
+                            .map_err(|e| CommitError::Io(format!("sync log: {e}")))?;
                         self.unsynced = !sync;
                         true
                     }
-                    Some(_) => false,
-                    None => return Err("sync log missing".into()),
+                    // Larger than the whole log: it goes to the engine
+                    // directly, with the lap's end below.
+                    Some(_) => {
+                        self.engine_room(log.len() as u64)?;
+                        false
+                    }
+                    None => return Err(CommitError::Io("sync log missing".into())),
                 };
+                let engine = self.shared.engine()?;
                 // Readers may see these writes from now on; they only look at
                 // offsets below the durable tails, raised after this returns.
                 let sh = self.shared.clone();
@@ -296,9 +381,9 @@ impl Writer {
                     if let Some(del) = st.apply(op) {
                         let (b, written) = self
                             .deletes
-                            .get_or_insert_with(|| (sh.db.batch().durability(None), [0; 3]));
+                            .get_or_insert_with(|| (engine.db.batch().durability(None), [0; 3]));
                         written[del.ks as usize] += OP + del.key.as_slice().len() as u64;
-                        b.remove(sh.keyspace(del.ks), del.key.as_slice());
+                        b.remove(engine.keyspace(del.ks), del.key.as_slice());
                     }
                 }
                 drop(st);
@@ -314,10 +399,17 @@ impl Writer {
     }
 
     /// Hands the pending deletes to the engine, unsynced: the log holds them
-    /// (synced) until the lap ends.
-    fn commit_deletes(&mut self) -> std::result::Result<(), String> {
+    /// (synced) until the lap ends. With the disk (nearly) full they wait
+    /// for the lap's end instead.
+    fn commit_deletes(&mut self) -> std::result::Result<(), CommitError> {
+        let Some((_, written)) = &self.deletes else {
+            return Ok(());
+        };
+        if self.engine_room(written.iter().sum()).is_err() {
+            return Ok(());
+        }
         if let Some((b, written)) = self.deletes.take() {
-            b.commit().map_err(|e| e.to_string())?;
+            b.commit()?;
             self.rotate_memtables(written);
         }
         Ok(())
@@ -327,24 +419,35 @@ impl Writer {
     /// memtable each, so a large lap does not land in one oversized memtable —
     /// the last one synced, which makes every earlier engine write durable
     /// too, together with the next lap's start; then starts that lap at the
-    /// log's offset 0.
-    fn end_lap(&mut self) -> std::result::Result<(), String> {
+    /// log's offset 0. Refused, with nothing written, when the disk is
+    /// (nearly) full.
+    fn end_lap(&mut self) -> std::result::Result<(), CommitError> {
         let sh = self.shared.clone();
         let Some(next) = self.log.as_ref().map(SyncLog::next_seq) else {
             return Ok(());
         };
+        let pending = self
+            .deletes
+            .as_ref()
+            .map_or(0, |(_, w)| w.iter().sum::<u64>());
+        self.engine_room((sh.staged().bytes() as u64).saturating_add(pending))?;
+        let e = sh.engine()?;
         // Lazy records first: once they are durable, anything of theirs the
         // engine holds after a power cut below is replayed whole on open.
         if self.unsynced
             && let Some(slog) = self.log.as_mut()
         {
-            slog.sync().map_err(|e| format!("sync log: {e}"))?;
+            slog.sync()
+                .map_err(|e| CommitError::Io(format!("sync log: {e}")))?;
             self.unsynced = false;
         }
         // Before the lap's synced batch, which makes them durable with it.
-        self.commit_deletes()?;
+        if let Some((b, written)) = self.deletes.take() {
+            b.commit()?;
+            self.rotate_memtables(written);
+        }
         let limit = sh.config.memtable_bytes.max(1024 * 1024);
-        let mut engine = sh.db.batch().durability(None);
+        let mut engine = e.db.batch().durability(None);
         let mut written = [0u64; 3];
         // A copy (cheap: keys are inline, values shared), so readers are not
         // held up while the engine takes it; only this thread changes it.
@@ -356,19 +459,17 @@ impl Writer {
         for (ks, key, slot) in &snapshot {
             let (ks, i) = (*ks, *ks as usize);
             written[i] += OP + (key.as_slice().len() + slot.value.len()) as u64;
-            engine.insert(sh.keyspace(ks), key.as_slice(), slot.value.as_ref());
+            engine.insert(e.keyspace(ks), key.as_slice(), slot.value.as_ref());
             if written.iter().any(|&w| w >= limit) {
                 // Unsynced is enough: the log covers it until the last batch
                 // below is synced.
-                std::mem::replace(&mut engine, sh.db.batch().durability(None))
-                    .commit()
-                    .map_err(|e| e.to_string())?;
+                std::mem::replace(&mut engine, e.db.batch().durability(None)).commit()?;
                 self.rotate_memtables(std::mem::take(&mut written));
             }
         }
         let mut engine = engine.durability(Some(PersistMode::SyncData));
-        engine.insert(&sh.meta, keys::SYNC_LAP, next.to_be_bytes());
-        engine.commit().map_err(|e| e.to_string())?;
+        engine.insert(&e.meta, keys::SYNC_LAP, next.to_be_bytes());
+        engine.commit()?;
         // Only now: readers look here before the engine (see `staged`).
         sh.staged().clear();
         if let Some(slog) = self.log.as_mut() {
@@ -378,17 +479,123 @@ impl Writer {
         Ok(())
     }
 
+    /// Reopens a poisoned engine in place (at most every
+    /// [`crate::RETRY_INTERVAL`]): the old database is closed, the new one
+    /// recovers its journal and replays the sync log's lap — every group
+    /// ever acknowledged — and the queues are rebuilt from it, keeping the
+    /// readers' cursors. Fails (to be tried again) while the disk is still
+    /// full.
+    fn reopen(&mut self) -> Result<()> {
+        if self
+            .last_reopen
+            .is_some_and(|t| t.elapsed() < crate::RETRY_INTERVAL)
+        {
+            return Err(StoreError::Poisoned);
+        }
+        self.last_reopen = Some(std::time::Instant::now());
+        let sh = self.shared.clone();
+        if sh.config.min_free_bytes > 0 {
+            // Reopening writes (journal recovery, the lap's replay): not
+            // before the disk has room again. Until then the old engine
+            // still serves reads.
+            if let Some((available, floor)) = self.gauge.refresh(&sh)
+                && available < floor / 2
+            {
+                return Err(StoreError::Full(FullReason::DiskFloor { available, floor }));
+            }
+        }
+        // Everything that holds the old database goes first: fjall locks its
+        // directory until the last handle is dropped.
+        self.deletes = None;
+        if let Some(old) = sh.swap_engine(None) {
+            // Readers hold it for the length of one read at most.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while Arc::strong_count(&old) > 1 && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            drop(old);
+        }
+        let engine = crate::Engine::open(&sh.dir, &sh.config)?;
+        let log = crate::open_sync_log(&engine, &sh.dir, &sh.config)?;
+        let (fresh, stored, next_id) = engine.load()?;
+        {
+            let mut st = sh.lock();
+            let old = std::mem::take(&mut *st);
+            *st = fresh;
+            st.next_qid = st.next_qid.max(old.next_qid);
+            for (qid, o) in old.queues {
+                if let Some(q) = st.queues.get_mut(&qid) {
+                    q.acked = o.acked.clamp(q.head, q.durable);
+                    q.cursor = o.cursor.clamp(q.acked, q.durable);
+                    q.counted = o.counted.clamp(q.head, q.durable);
+                    q.expired = o.expired;
+                }
+            }
+        }
+        // The engine holds the lap now. Hot bodies are durable ones, but
+        // start clean rather than trust memory kept across a failure.
+        sh.staged().clear();
+        *sh.hot() = crate::Hot::default();
+        sh.stored_bytes.store(stored, Ordering::Relaxed);
+        self.next_id = next_id;
+        self.log = log;
+        self.mem = [0; 3];
+        self.unsynced = false;
+        sh.swap_engine(Some(Arc::new(engine)));
+        sh.poisoned.store(false, Ordering::Relaxed);
+        tracing::info!(dir = %sh.dir.display(), "store: engine reopened after a write failure; intake resumes");
+        Ok(())
+    }
+
+    /// Records that queue `qid` is acknowledged below `end` although its
+    /// checkpoint could not be written: reads and rewinds skip those
+    /// offsets from now on, and the checkpoint goes out with a later group.
+    fn defer(&mut self, qid: u32, end: u64) {
+        let e = self.deferred.entry(qid).or_insert(end);
+        *e = (*e).max(end);
+        if let Some(q) = self.shared.lock().queues.get_mut(&qid) {
+            q.acked = q.acked.max(end);
+        }
+    }
+
     fn group(&mut self, cmds: &mut Vec<Cmd>) {
         let sh = self.shared.clone();
-        if sh.poisoned.load(Ordering::Relaxed) {
+        if sh.poisoned.load(Ordering::Relaxed)
+            && let Err(e) = self.reopen()
+        {
+            if !matches!(e, StoreError::Poisoned) {
+                tracing::warn!(error = %e, "store: cannot reopen the engine yet; retrying");
+            }
             for c in cmds.drain(..) {
                 match c {
                     Cmd::Append { reply, .. } => drop(reply.send(Err(StoreError::Poisoned))),
-                    Cmd::Ack { reply, .. } => drop(reply.send(Err(StoreError::Poisoned))),
+                    Cmd::Ack {
+                        qid, up_to, reply, ..
+                    } => {
+                        let durable = sh.lock().queues.get(&qid).map_or(0, |q| q.durable);
+                        self.defer(qid, up_to.saturating_add(1).min(durable));
+                        drop(reply.send(Err(StoreError::Poisoned)));
+                    }
                     Cmd::Cleanup { reply } => drop(reply.send(Err(StoreError::Poisoned))),
+                    Cmd::Tick => {}
                 }
             }
             return;
+        }
+        // Checkpoints that failed before go first (nobody waits for them).
+        if !self.deferred.is_empty() {
+            let mut again: Vec<Cmd> = self
+                .deferred
+                .drain()
+                .map(|(qid, end)| Cmd::Ack {
+                    qid,
+                    up_to: end.saturating_sub(1),
+                    sync: true,
+                    reply: oneshot::channel().0,
+                })
+                .collect();
+            again.append(cmds);
+            *cmds = again;
         }
         let now = Timestamp::now();
         let disk_full = if sh.config.min_free_bytes > 0
@@ -403,8 +610,23 @@ impl Writer {
         } else {
             None
         };
+        let batch = match Batch::new(&sh, self.log.is_some()) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "store: no engine");
+                for c in cmds.drain(..) {
+                    match c {
+                        Cmd::Append { reply, .. } => drop(reply.send(Err(StoreError::Poisoned))),
+                        Cmd::Ack { reply, .. } => drop(reply.send(Err(StoreError::Poisoned))),
+                        Cmd::Cleanup { reply } => drop(reply.send(Err(StoreError::Poisoned))),
+                        Cmd::Tick => {}
+                    }
+                }
+                return;
+            }
+        };
         let mut g = Group {
-            batch: Batch::new(&sh, self.log.is_some()),
+            batch,
             refs: HashMap::new(),
             tails: Vec::new(),
             heads: HashMap::new(),
@@ -447,6 +669,7 @@ impl Writer {
                     let r = self.cleanup(&mut g, now);
                     done.push(Done::Cleanup(reply, r));
                 }
+                Cmd::Tick => {}
             }
         }
         if !g.dirty {
@@ -460,14 +683,12 @@ impl Writer {
             g.mem[0] += if count == 0 { 2 * OP } else { OP };
             if count == 0 {
                 if explicit {
-                    g.batch.remove(&sh, Ks::Msgs, &keys::msg_key(keys::REF, id));
+                    g.batch.remove(Ks::Msgs, &keys::msg_key(keys::REF, id));
                 }
-                g.batch
-                    .remove(&sh, Ks::Msgs, &keys::msg_key(keys::BODY, id));
+                g.batch.remove(Ks::Msgs, &keys::msg_key(keys::BODY, id));
                 g.stored = g.stored.saturating_sub(u64::from(size));
             } else {
                 g.batch.insert(
-                    &sh,
                     Ks::Msgs,
                     &keys::msg_key(keys::REF, id),
                     &keys::ref_value(count, size),
@@ -475,9 +696,9 @@ impl Writer {
             }
         }
         g.batch
-            .insert(&sh, Ks::Meta, keys::STORED_BYTES, &g.stored.to_be_bytes());
+            .insert(Ks::Meta, keys::STORED_BYTES, &g.stored.to_be_bytes());
         g.batch
-            .insert(&sh, Ks::Meta, keys::NEXT_ID, &g.next_id.to_be_bytes());
+            .insert(Ks::Meta, keys::NEXT_ID, &g.next_id.to_be_bytes());
         g.mem[2] += 2 * OP;
 
         let Group {
@@ -494,12 +715,30 @@ impl Writer {
             ..
         } = g;
         if let Err(e) = self.commit(batch, sync) {
-            tracing::error!(error = %e, "store write failed; the store is poisoned until reopened");
-            sh.poisoned.store(true, Ordering::Relaxed);
+            match &e {
+                CommitError::Full(reason) => {
+                    if !self.full {
+                        tracing::warn!(%reason, "store: the disk is full; appends are refused and checkpoints wait until space returns");
+                    }
+                    self.full = true;
+                }
+                CommitError::Io(e) => {
+                    tracing::error!(error = %e, "store write failed; reopening the engine");
+                    sh.poisoned.store(true, Ordering::Relaxed);
+                }
+            }
+            // Delivered is delivered: the checkpoints are kept in memory and
+            // written again, so a drain does not send them once more.
+            for (qid, end) in heads {
+                self.defer(qid, end);
+            }
             for d in done {
-                d.fail(|| StoreError::Io(std::io::Error::other(e.clone())));
+                d.fail(|| e.to_store_error());
             }
             return;
+        }
+        if std::mem::take(&mut self.full) {
+            tracing::info!("store: writes succeed again");
         }
         self.next_id = next_id;
         // Durable now: readers may take these bodies from memory.
@@ -557,8 +796,9 @@ impl Writer {
     /// memory stays bounded by the configured memtable size.
     fn rotate_memtables(&mut self, written: [u64; 3]) {
         let sh = self.shared.clone();
+        let Ok(e) = sh.engine() else { return };
         let limit = sh.config.memtable_bytes.max(1024 * 1024);
-        for (i, ks) in [&sh.msgs, &sh.queues, &sh.meta].into_iter().enumerate() {
+        for (i, ks) in [&e.msgs, &e.queues, &e.meta].into_iter().enumerate() {
             self.mem[i] += written[i];
             if self.mem[i] >= limit {
                 self.mem[i] = 0;
@@ -594,7 +834,7 @@ impl Writer {
         rec.extend_from_slice(endpoint.as_bytes());
         g.mem[2] += OP + rec.len() as u64;
         g.batch
-            .insert(sh, Ks::Meta, &keys::meta_queue_key(keys::QUEUE, qid), &rec);
+            .insert(Ks::Meta, &keys::meta_queue_key(keys::QUEUE, qid), &rec);
         g.new_queues.push((
             qid,
             QueueState {
@@ -604,6 +844,7 @@ impl Writer {
                 next: 0,
                 durable: 0,
                 cursor: 0,
+                acked: 0,
                 counted: 0,
                 expired: 0,
             },
@@ -635,13 +876,8 @@ impl Writer {
         let id = g.next_id;
         g.next_id += 1;
         g.mem[0] += OP + body.len() as u64;
-        g.batch.insert_bytes(
-            &sh,
-            Ks::Msgs,
-            &keys::msg_key(keys::BODY, id),
-            body.clone(),
-            true,
-        );
+        g.batch
+            .insert_bytes(Ks::Msgs, &keys::msg_key(keys::BODY, id), body.clone(), true);
         if sh.config.hot_bytes > 0 {
             g.appended.push((id, body, n == 1));
         }
@@ -679,7 +915,6 @@ impl Writer {
                 size: body_size,
             };
             g.batch.insert_bytes(
-                &sh,
                 Ks::Queues,
                 &keys::entry_key(qid, offset),
                 // Shared from the start: a reader's clone of it is then a
@@ -706,7 +941,7 @@ impl Writer {
 
     fn drop_ref(&self, g: &mut Group, qid: u32, key: &[u8], e: &Entry) -> Result<()> {
         let sh = &self.shared;
-        g.batch.remove(sh, Ks::Queues, key);
+        g.batch.remove(Ks::Queues, key);
         g.mem[1] += OP;
         g.stored = g.stored.saturating_sub(ENTRY_OVERHEAD);
         g.dirty = true;
@@ -748,7 +983,7 @@ impl Writer {
             &keys::entry_key(qid, head),
             &keys::entry_key(qid, end),
             limit,
-        ) {
+        )? {
             let (k, v) = kv?;
             let k = k.as_slice();
             let Some((_, off)) = keys::parse_entry_key(k) else {
@@ -760,7 +995,7 @@ impl Writer {
             match Entry::decode(&v) {
                 Some(e) => self.drop_ref(g, qid, k, &e)?,
                 None => {
-                    g.batch.remove(&sh, Ks::Queues, k);
+                    g.batch.remove(Ks::Queues, k);
                     g.dirty = true;
                 }
             }
@@ -768,7 +1003,6 @@ impl Writer {
         g.heads.insert(qid, end);
         g.mem[2] += OP;
         g.batch.insert(
-            &sh,
             Ks::Meta,
             &keys::meta_queue_key(keys::CHECKPOINT, qid),
             &end.to_be_bytes(),
@@ -796,7 +1030,7 @@ impl Writer {
                 &keys::entry_key(qid, head),
                 &keys::entry_key(qid, durable),
                 usize::MAX,
-            ) {
+            )? {
                 let (k, v) = kv?;
                 let k = k.as_slice();
                 let Some((_, off)) = keys::parse_entry_key(k) else {
@@ -829,7 +1063,6 @@ impl Writer {
                 g.heads.insert(qid, new_head);
                 g.mem[2] += OP;
                 g.batch.insert(
-                    &sh,
                     Ks::Meta,
                     &keys::meta_queue_key(keys::CHECKPOINT, qid),
                     &new_head.to_be_bytes(),
