@@ -1,0 +1,209 @@
+//! What a link does with the cloud's traffic for its identity: the twin
+//! (GET answers, desired patches, reported-patch answers), direct method
+//! calls relayed to the local client, C2D messages relayed to a
+//! downstream device (completed upstream only on its PUBACK).
+
+use bytes::Bytes;
+use rumqttc::mqttbytes::QoS;
+use rumqttc::mqttbytes::v4::{Packet, PubAck, Publish};
+use serde_json::Value;
+use tokio::io::AsyncWrite;
+use tokio::sync::oneshot;
+
+use super::link::{LinkIo, Next, Op, write_packet};
+use super::{C2D_ACK_TIMEOUT, MAX_RELAYS, METHOD_TIMEOUT};
+use crate::session::Outbound;
+use crate::twins::CloudPatch;
+use crate::{methods, topic};
+
+/// Sends a twin GET with request id `rid`.
+pub(super) async fn twin_get<W: AsyncWrite + Unpin>(wr: &mut W, rid: &str) -> Result<(), String> {
+    let p = Publish::new(
+        format!("$iothub/twin/GET/?$rid={rid}"),
+        QoS::AtMostOnce,
+        Vec::new(),
+    );
+    write_packet(wr, &Packet::Publish(p)).await
+}
+
+/// `(status, rid)` of a `$iothub/twin/res/{status}/?$rid={rid}` topic.
+pub(super) fn twin_response(topic: &[u8]) -> Option<(u16, String)> {
+    let rest = std::str::from_utf8(topic)
+        .ok()?
+        .strip_prefix("$iothub/twin/res/")?;
+    let (status, query) = rest.split_once('/')?;
+    let query = query.strip_prefix('?').unwrap_or(query);
+    Some((status.parse().ok()?, topic::query_param(query, "$rid")?))
+}
+
+/// The answer to the twin GET: the cloud's twin replaces the cached one,
+/// and the client gets the desired changes it missed as one patch.
+pub(super) async fn on_twin(io: &LinkIo, status: u16, payload: &[u8]) {
+    if status != 200 {
+        tracing::warn!(identity = %io.name, status, "the cloud refused the twin GET; keeping the cached twin");
+        return;
+    }
+    let body: Value = match serde_json::from_slice(payload) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(identity = %io.name, error = %e, "the cloud's twin is not JSON");
+            return;
+        }
+    };
+    if let Some((msg, version)) = io.state.twins.cloud_twin(&io.name, &body).await {
+        tracing::info!(identity = %io.name, version, "desired properties changed while away; pushing the difference");
+        desired_changed(io, &msg, version).await;
+    }
+}
+
+/// A desired change from the cloud, already in the local twin: pushed to the
+/// client — or, for the hub's own `$edgeHub` twin, applied as the hub's
+/// configuration (routes), which validates it whole and reports the outcome.
+async fn desired_changed(io: &LinkIo, msg: &Value, version: u64) {
+    if io.name != io.state.edgehub_twin_id() {
+        crate::twins::push_desired(&io.state, &io.name, msg, version).await;
+        return;
+    }
+    let Some(desired) = io.state.twins.desired(&io.name) else {
+        return;
+    };
+    match io.state.set_edgehub_desired(&Value::Object(desired)).await {
+        Ok(n) => tracing::info!(
+            routes = n,
+            version,
+            "$edgeHub desired properties from the cloud applied"
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "$edgeHub desired properties from the cloud refused; previous routes stay active");
+        }
+    }
+}
+
+/// The cloud's answer to reported patch `seq`; true = try it again later.
+pub(super) async fn on_reported(io: &LinkIo, seq: u64, status: u16) -> bool {
+    match status {
+        200..=299 => {}
+        429 | 500.. => {
+            tracing::debug!(identity = %io.name, status, "reported patch deferred by the cloud");
+            return true;
+        }
+        _ => {
+            // Sending it again would be refused again; it stays applied locally.
+            tracing::warn!(identity = %io.name, status, seq, "the cloud refused a reported patch; dropping it");
+        }
+    }
+    io.state.twins.reported_done(&io.name, seq).await;
+    false
+}
+
+/// A PUBLISH from the cloud other than a twin response.
+pub(super) async fn on_publish<W: AsyncWrite + Unpin>(
+    io: &mut LinkIo,
+    p: Publish,
+    wr: &mut W,
+) -> Result<Next, String> {
+    let Ok(topic) = std::str::from_utf8(&p.topic).map(str::to_owned) else {
+        return Err("a topic from the cloud is not UTF-8".into());
+    };
+    let qos1 = p.qos == QoS::AtLeastOnce;
+    let c2d_prefix = format!("devices/{}/messages/devicebound/", io.name);
+    if io.leaf && topic.starts_with(&c2d_prefix) {
+        // Acknowledged upstream only once the leaf device has: PUBACK = complete.
+        let Some(conn) = io.state.sessions.deliverable(&io.name, &topic) else {
+            tracing::info!(identity = %io.name, "C2D message for a device not connected here; left unacknowledged");
+            return Ok(Next::Continue);
+        };
+        let (generation, pkid, ops) = (io.generation, p.pkid, io.ops_tx.clone());
+        let name = io.name.clone();
+        let (tx, rx) = oneshot::channel();
+        let out = Outbound {
+            topic,
+            payload: p.payload,
+            ack: qos1.then_some(tx),
+        };
+        io.relays.spawn(async move {
+            let delivered = async {
+                conn.tx.send(out).await.ok()?;
+                if !qos1 {
+                    // Nothing to acknowledge upstream.
+                    return None;
+                }
+                rx.await.ok()
+            };
+            match tokio::time::timeout(C2D_ACK_TIMEOUT, delivered).await {
+                Ok(Some(())) => {
+                    let _ = ops.send(Op::PubAck { generation, pkid }).await;
+                }
+                _ if qos1 => {
+                    tracing::info!(identity = %name, "C2D message not acknowledged by the device")
+                }
+                _ => {}
+            }
+        });
+        return Ok(Next::Continue);
+    }
+    if qos1 {
+        write_packet(wr, &Packet::PubAck(PubAck::new(p.pkid))).await?;
+    }
+    if topic.starts_with("$iothub/twin/PATCH/properties/desired/") {
+        let Ok(patch) = serde_json::from_slice::<Value>(&p.payload) else {
+            tracing::warn!(identity = %io.name, "desired patch from the cloud is not JSON; resyncing");
+            return Ok(Next::Resync);
+        };
+        return Ok(
+            match io.state.twins.cloud_desired_patch(&io.name, &patch).await {
+                CloudPatch::Push(msg, version) => {
+                    desired_changed(io, &msg, version).await;
+                    Next::Continue
+                }
+                CloudPatch::Stale => Next::Continue,
+                CloudPatch::Gap => Next::Resync,
+            },
+        );
+    }
+    if let Some(rest) = topic.strip_prefix("$iothub/methods/POST/") {
+        let Some((method, query)) = rest.split_once('/') else {
+            return Ok(Next::Continue);
+        };
+        let query = query.strip_prefix('?').unwrap_or(query);
+        let Some(rid) = topic::query_param(query, "$rid") else {
+            return Ok(Next::Continue);
+        };
+        let (state, name, method, ops) = (
+            io.state.clone(),
+            io.name.clone(),
+            method.to_owned(),
+            io.ops_tx.clone(),
+        );
+        let answer = move |status: i64, payload: Bytes| Op::Publish {
+            topic: format!("$iothub/methods/res/{status}/?$rid={rid}"),
+            payload,
+        };
+        if io.relays.len() >= MAX_RELAYS {
+            let _ = io
+                .ops_tx
+                .try_send(answer(429, error_body("too many calls in progress")));
+            return Ok(Next::Continue);
+        }
+        io.relays.spawn(async move {
+            let op = match methods::relay(&state, &name, &method, p.payload, METHOD_TIMEOUT).await {
+                Ok((status, payload)) => answer(status, payload),
+                Err(e) => {
+                    tracing::info!(identity = %name, method = %method, error = %e, "cloud method call not answered locally");
+                    answer(i64::from(e.status()), error_body(&e.to_string()))
+                }
+            };
+            let _ = ops.send(op).await;
+        });
+        return Ok(Next::Continue);
+    }
+    tracing::debug!(identity = %io.name, %topic, "publish from the cloud on an unhandled topic ignored");
+    Ok(Next::Continue)
+}
+
+fn error_body(message: &str) -> Bytes {
+    // Serializing a Value cannot fail.
+    serde_json::to_vec(&serde_json::json!({ "message": message }))
+        .unwrap_or_default()
+        .into()
+}
