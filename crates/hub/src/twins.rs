@@ -426,7 +426,7 @@ impl Twins {
 /// Writes `bytes` to `path` through a temporary file, fsynced before the
 /// rename: a reported patch answered 204 is queued for the cloud, so it
 /// must be on disk first (ack after fsync).
-async fn write_durable(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) async fn write_durable(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     let (path, bytes) = (path.to_owned(), bytes.to_vec());
     tokio::task::spawn_blocking(move || {
         use std::io::Write as _;
