@@ -570,7 +570,8 @@ impl CloudState {
             .await
     }
 
-    /// Service PUT of a twin: `tags` and `properties.desired` replaced.
+    /// Service PUT of a twin: `tags` and `properties.desired` replaced. The
+    /// device gets the difference as a desired patch (removed keys `null`).
     pub async fn replace_twin(
         &self,
         client: &ClientId,
@@ -603,7 +604,10 @@ impl CloudState {
     /// field when invalid), then every listed module twin's desired
     /// properties are replaced in one atomic write, creating missing module
     /// identities (`$edgeAgent`, `$edgeHub`, and others as `managedBy:
-    /// IotEdge`). Modules not listed keep their twins.
+    /// IotEdge`). Modules not listed keep their twins. Each module gets the
+    /// difference from its previous desired properties as a desired patch,
+    /// removed keys as `null` (a device merges patches: the new document
+    /// alone would leave removed routes and keys in force).
     pub async fn apply_configuration(&self, device: &str, content: Value) -> Result<()> {
         let d = device.to_owned();
         self.blocking(move |i| i.apply_configuration(&d, &content))

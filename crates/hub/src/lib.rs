@@ -383,9 +383,14 @@ async fn open_state(cfg: Config) -> anyhow::Result<(Arc<HubState>, Option<Vec<u8
     {
         match &state.cfg.routes_file {
             Some(path) => anyhow::bail!("{}: {e}", path.display()),
-            None => {
-                tracing::error!(error = %e, "the saved $edgeHub configuration is refused; starting with no routes");
-            }
+            None => match state.restore_last_accepted().await {
+                Some(routes) => {
+                    tracing::error!(error = %e, routes, "the saved $edgeHub configuration is refused; the last accepted routes are in force");
+                }
+                None => {
+                    tracing::error!(error = %e, "the saved $edgeHub configuration is refused; starting with no routes");
+                }
+            },
         }
     }
     Ok((state, routes_file.map(|(bytes, _)| bytes)))
