@@ -18,6 +18,7 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 use verge_core::manifest::Deployment;
+use verge_core::method::{MAX_METHOD_PAYLOAD, check_method_name};
 use verge_core::time::Timestamp;
 use verge_core::{ClientId, DeviceId, Message, ModuleId, SasToken, Twin};
 
@@ -669,9 +670,12 @@ impl CloudState {
 
     // ---------------------------------------------------------------- methods
 
-    /// Invokes a direct method and waits for the answer. 404 when the target
-    /// is unknown or (after waiting up to `connect_timeout` for it to
-    /// connect) not connected; 504 when it does not answer within
+    /// Invokes a direct method and waits for the answer. 400 when the name
+    /// is not one IoT Hub accepts and 413 when the serialized payload is over
+    /// 128 KB (both before anything is sent: a `#` or `+` in the request
+    /// topic would make the endpoint drop the target's connection); 404 when
+    /// the target is unknown or (after waiting up to `connect_timeout` for it
+    /// to connect) not connected; 504 when it does not answer within
     /// `response_timeout`; 429 when its event queue is full.
     pub async fn invoke_method(
         &self,
@@ -681,6 +685,13 @@ impl CloudState {
         response_timeout: Duration,
         connect_timeout: Duration,
     ) -> Result<MethodResponse> {
+        check_method_name(name).map_err(|e| CloudError::BadRequest(e.to_string()))?;
+        let size = serde_json::to_vec(&payload).map_or(0, |v| v.len());
+        if size > MAX_METHOD_PAYLOAD {
+            return Err(CloudError::TooLarge(format!(
+                "method payload is {size} bytes; the limit is {MAX_METHOD_PAYLOAD}"
+            )));
+        }
         {
             let reg = lock(&self.inner.reg);
             twin_info(&reg, target)?;

@@ -691,6 +691,47 @@ async fn methods_route_time_out_and_need_a_connection() {
 }
 
 #[tokio::test]
+async fn methods_with_bad_names_or_big_payloads_are_refused_before_sending() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    c.put_device("d", DeviceSpec::default(), None)
+        .await
+        .unwrap();
+    let id = dev("d");
+    let mut conn = c.connect(&id).unwrap();
+    let ms = Duration::from_millis;
+    // MQTT wildcards, topic separators and spaces cannot be a topic level.
+    for name in ["a#b", "a+b", "a/b", "a b", "", &"x".repeat(129)] {
+        let e = c
+            .invoke_method(&id, name, json!(1), ms(100), ms(0))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, CloudError::BadRequest(_)), "{name:?}: {e:?}");
+        assert_eq!(e.status(), 400);
+    }
+    // 128 KB of serialized JSON is the limit.
+    let at_limit = json!("x".repeat(verge_core::method::MAX_METHOD_PAYLOAD - 2));
+    let over = json!("x".repeat(verge_core::method::MAX_METHOD_PAYLOAD - 1));
+    let e = c
+        .invoke_method(&id, "big", over, ms(100), ms(0))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), 413, "{e:?}");
+    // Nothing reached the connection.
+    assert!(conn.rx.try_recv().is_err());
+    // A good name with a payload at the limit is delivered.
+    let e = c
+        .invoke_method(&id, "ok", at_limit, ms(50), ms(0))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), 504);
+    match conn.rx.try_recv() {
+        Ok(ConnectionEvent::Method(m)) => assert_eq!(m.name, "ok"),
+        other => panic!("expected the method request, got {other:?}"),
+    }
+}
+
+#[tokio::test]
 async fn c2d_delivery_settlement_feedback_and_expiry() {
     let dir = tempfile::tempdir().unwrap();
     let c = open(dir.path());
