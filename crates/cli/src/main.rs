@@ -92,6 +92,8 @@ enum Command {
         #[arg(short, long, value_enum, default_value = "text")]
         output: Output,
     },
+    /// List the checks `verge check` runs, with their ids and descriptions.
+    CheckList,
     /// Collect logs, module list, checks and the redacted config into a .tar.gz.
     SupportBundle {
         /// The archive ("-" for stdout) [default: support_bundle_<UTC time>.tar.gz].
@@ -100,8 +102,11 @@ enum Command {
         /// Logs since: RFC 3339, unix seconds, or a duration before now.
         #[arg(long, default_value = "1d")]
         since: String,
+        /// Logs until: same forms as --since [default: now].
+        #[arg(long)]
+        until: Option<String>,
     },
-    /// verged itself: status, logs, restart.
+    /// verged itself: status, logs, restart, stop, reprovision, set-log-level.
     #[command(subcommand)]
     System(SystemCommand),
     /// Create, check and install verged's configuration.
@@ -121,7 +126,7 @@ enum Command {
 enum SystemCommand {
     /// Whether verged and the agent run, and what verged reports about the host.
     Status,
-    /// verged's logs (from the systemd journal; the process agent's output is there too).
+    /// verged's logs (the systemd journal; without systemd, the file verged keeps in its homedir).
     Logs {
         /// Keep streaming new lines.
         #[arg(short, long)]
@@ -132,6 +137,17 @@ enum SystemCommand {
     },
     /// Restart verged (systemctl restart verged).
     Restart,
+    /// Stop verged and its agent (systemctl stop verged, or through verged's
+    /// management API when it does not run under systemd). Modules keep running.
+    Stop,
+    /// Re-run provisioning: verged reloads the device identity from its
+    /// config file and starts again (manual provisioning; DPS is not supported yet).
+    Reprovision,
+    /// Change verged's and the agent's log level now, and keep it in the config.
+    SetLogLevel {
+        /// fatal, error, warning, info, debug or verbose.
+        level: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -183,8 +199,14 @@ fn main() -> ExitCode {
             config_file,
             target,
         }) => config_apply(&config_file, &target).map(|()| ExitCode::SUCCESS),
-        Command::System(SystemCommand::Logs { follow, args }) => system::logs(follow, &args),
+        Command::System(SystemCommand::Logs { follow, args }) => {
+            system::logs(follow, &args, &config_path)
+        }
         Command::Quickstart(args) => quickstart::run(args),
+        Command::CheckList => {
+            print!("{}", check::render_list(ui::colour_enabled()));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::System(SystemCommand::Restart) => system::restart(),
         command => block_on(async {
             let host = cli.host.as_deref();
@@ -239,12 +261,33 @@ fn main() -> ExitCode {
                         ExitCode::SUCCESS
                     })
                 }
-                Command::SupportBundle { output, since } => {
-                    support_bundle(mgmt()?, &config_path, host, output, &since).await?;
+                Command::SupportBundle {
+                    output,
+                    since,
+                    until,
+                } => {
+                    support_bundle(
+                        mgmt()?,
+                        &config_path,
+                        host,
+                        output,
+                        &since,
+                        until.as_deref(),
+                    )
+                    .await?;
                     Ok(ExitCode::SUCCESS)
                 }
                 Command::System(SystemCommand::Status) => {
                     system::status(host, cli.config.as_deref(), &config_path).await
+                }
+                Command::System(SystemCommand::Stop) => {
+                    system::stop(host, cli.config.as_deref()).await
+                }
+                Command::System(SystemCommand::Reprovision) => {
+                    system::reprovision(host, cli.config.as_deref(), &config_path).await
+                }
+                Command::System(SystemCommand::SetLogLevel { level }) => {
+                    system::set_log_level(&level, host, cli.config.as_deref(), &config_path).await
                 }
                 Command::Cloud(args) => {
                     cloud::run(args).await?;
@@ -252,6 +295,7 @@ fn main() -> ExitCode {
                 }
                 // Handled above, without a runtime.
                 Command::Version
+                | Command::CheckList
                 | Command::Quickstart(_)
                 | Command::Config(_)
                 | Command::System(SystemCommand::Logs { .. } | SystemCommand::Restart) => {
@@ -308,13 +352,24 @@ async fn support_bundle(
     host: Option<&str>,
     output: Option<PathBuf>,
     since: &str,
+    until: Option<&str>,
 ) -> anyhow::Result<()> {
-    let since = times::parse_point(since, SystemTime::now()).context("--since")?;
+    let now = SystemTime::now();
+    let since = times::parse_point(since, now).context("--since")?;
+    let until = until
+        .map(|u| times::parse_point(u, now).context("--until"))
+        .transpose()?;
+    if let Some(u) = until
+        && u <= since
+    {
+        bail!("--until must be after --since");
+    }
     let files = bundle::collect(&bundle::Options {
         config_path,
         host,
         mgmt,
         since,
+        until,
     })
     .await;
     let path = output.unwrap_or_else(|| PathBuf::from(bundle::default_name()));

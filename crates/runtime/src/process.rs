@@ -807,6 +807,77 @@ impl ModuleRuntime for ProcessRuntime {
 }
 
 // ---------------------------------------------------------------------------
+// Output kept outside the module runtime
+
+/// The captured output of a process verged runs outside the module runtime
+/// (the process agent): the same rotating files, line format and
+/// `tail`/`since`/`until`/`follow` reading as a module's, in `dir`.
+pub struct OutputLog {
+    sink: Arc<LogSink>,
+    next_run: AtomicU64,
+}
+
+/// One run's capture; [`OutputRun::finish`] after the process exited.
+pub struct OutputRun {
+    sink: Arc<LogSink>,
+    run: u64,
+    pumps: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl OutputLog {
+    /// Logs in `dir` (`output.log`, `output.log.1` …), rotated at
+    /// `max_bytes`, `max_files` kept (at least 1).
+    pub fn new(dir: PathBuf, max_bytes: u64, max_files: usize) -> Self {
+        Self {
+            sink: Arc::new(LogSink::new(dir, max_bytes, max_files.max(1))),
+            next_run: AtomicU64::new(1),
+        }
+    }
+
+    /// Starts copying a child's stdout and stderr into the log.
+    pub async fn capture(
+        &self,
+        stdout: Option<impl AsyncRead + Unpin + Send + 'static>,
+        stderr: Option<impl AsyncRead + Unpin + Send + 'static>,
+    ) -> OutputRun {
+        let run = self.next_run.fetch_add(1, Ordering::Relaxed);
+        self.sink.begin_run(run).await;
+        let mut pumps = Vec::new();
+        if let Some(out) = stdout {
+            pumps.push(tokio::spawn(pump(out, b'O', self.sink.clone())));
+        }
+        if let Some(err) = stderr {
+            pumps.push(tokio::spawn(pump(err, b'E', self.sink.clone())));
+        }
+        OutputRun {
+            sink: self.sink.clone(),
+            run,
+            pumps,
+        }
+    }
+
+    /// The lines the options select; with `follow`, also new lines until
+    /// the current run ends.
+    pub async fn stream(&self, options: &LogOptions) -> Result<LogStream, RuntimeError> {
+        self.sink.stream(options).await
+    }
+}
+
+impl OutputRun {
+    /// The process exited: drains what its pipes still hold (bounded) and
+    /// ends followers of this run.
+    pub async fn finish(self) {
+        for p in self.pumps {
+            let abort = p.abort_handle();
+            if tokio::time::timeout(DRAIN_GRACE, p).await.is_err() {
+                abort.abort();
+            }
+        }
+        self.sink.end_run(self.run).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Logs
 
 /// One captured line.
@@ -1123,5 +1194,41 @@ mod tests {
             .map(|i| std::fs::metadata(sink.path(i)).unwrap().len())
             .sum();
         assert!(total <= 300);
+    }
+
+    #[tokio::test]
+    async fn output_log_captures_a_child_and_ends_followers() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = OutputLog::new(dir.path().join("logs"), 1 << 20, 2);
+        let mut child = tokio::process::Command::new("/bin/sh")
+            .args(["-c", "echo out; echo err >&2; sleep 0.3; echo late"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let run = log.capture(child.stdout.take(), child.stderr.take()).await;
+        let follow = log
+            .stream(&LogOptions {
+                follow: true,
+                ..LogOptions::default()
+            })
+            .await
+            .unwrap();
+        child.wait().await.unwrap();
+        run.finish().await;
+        // The follower ends with the run, having seen every line.
+        let got: Vec<Bytes> =
+            tokio::time::timeout(Duration::from_secs(10), follow.collect::<Vec<_>>())
+                .await
+                .unwrap()
+                .into_iter()
+                .map(Result::unwrap)
+                .collect();
+        let text: String = got.iter().map(|b| String::from_utf8_lossy(b)).collect();
+        assert!(text.contains("late\n"), "{text}");
+        let all = log.stream(&LogOptions::default()).await.unwrap();
+        let n = all.collect::<Vec<_>>().await.len();
+        assert_eq!(n, 3);
+        assert!(dir.path().join("logs/output.log").exists());
     }
 }
