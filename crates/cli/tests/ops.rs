@@ -1117,3 +1117,49 @@ fn check_list_names_every_check() {
         assert!(stdout(&o).contains(cmd), "{}", stdout(&o));
     }
 }
+
+/// Process mode: createOptions the backend does not apply are named in
+/// `verge list` (and verged's log); a container image gets a hint that the
+/// process backend runs executables.
+#[test]
+fn process_mode_names_ignored_create_options_and_container_images() {
+    let v = Verged::start();
+    let spec = json!({
+        "name": "beta",
+        "type": "docker",
+        "imagePullPolicy": "on-create",
+        "config": {
+            "settings": {
+                "image": "/bin/sleep 600",
+                "createOptions": {"Cmd": [], "HostConfig": {"PortBindings": {"80/tcp": [{"HostPort": "8080"}]}}},
+            },
+            "env": [],
+        },
+    });
+    let (s, b) = v.call("POST", "/modules", Some(spec));
+    assert_eq!(s, 201, "{b}");
+    let o = verge(&["-H", &v.host(), "list"]);
+    assert!(
+        stdout(&o).contains("hint: beta: createOptions not applied by the process backend (it applies only Cmd and WorkingDir): HostConfig.PortBindings"),
+        "{}",
+        stdout(&o)
+    );
+    let spec = json!({
+        "name": "sensor",
+        "type": "docker",
+        "imagePullPolicy": "on-create",
+        "config": {
+            "settings": {"image": "mcr.microsoft.com/azureiotedge-simulated-temperature-sensor:1.5", "createOptions": {}},
+            "env": [],
+        },
+    });
+    let (s, b) = v.call("POST", "/modules", Some(spec));
+    assert_eq!(s, 502, "{b}");
+    assert!(
+        b["message"]
+            .as_str()
+            .unwrap()
+            .contains("the process backend runs executables"),
+        "{b}"
+    );
+}

@@ -274,11 +274,27 @@ fn details(s: ModuleState, kind: &str) -> ModuleDetails {
             exit_status,
             runtime_status: RuntimeStatus {
                 status: status.to_owned(),
-                description: None,
+                description: process_hint(kind, &s.spec.create_options),
             },
         },
         labels: s.spec.labels,
     }
+}
+
+/// What a process module does not get of its createOptions, as its status
+/// description (docker applies them all).
+fn process_hint(kind: &str, create_options: &serde_json::Value) -> Option<String> {
+    if kind != "process" {
+        return None;
+    }
+    let ignored = verge_runtime::process::ignored_create_options(create_options);
+    (!ignored.is_empty()).then(|| {
+        format!(
+            "createOptions not applied by the process backend (it applies only {}): {}",
+            verge_runtime::process::APPLIED_CREATE_OPTIONS.join(" and "),
+            ignored.join(", ")
+        )
+    })
 }
 
 async fn runtime_kind(state: &MgmtState) -> String {

@@ -3,7 +3,10 @@
 //! For devices without a container engine. A module's `image` is an executable
 //! path followed by whitespace-separated arguments; the createOptions `Cmd`
 //! array is appended as further arguments and `WorkingDir` becomes the working
-//! directory. Everything else in createOptions is ignored.
+//! directory. Everything else in createOptions is ignored, with a warning
+//! ([`ignored_create_options`]; verged's management API shows them in the
+//! module's status description, and `verge list` prints them). An image that
+//! looks like a container image fails its pull with a hint.
 //!
 //! # Environment
 //!
@@ -212,6 +215,52 @@ struct CommandLine {
     program: String,
     args: Vec<String>,
     working_dir: Option<String>,
+}
+
+/// The createOptions the process backend applies; see [`ignored_create_options`].
+pub const APPLIED_CREATE_OPTIONS: [&str; 2] = ["Cmd", "WorkingDir"];
+
+/// The createOptions a process module does not get (everything but
+/// [`APPLIED_CREATE_OPTIONS`]; `HostConfig` by its keys, as
+/// `HostConfig.PortBindings`), sorted: for warnings and `verge list`.
+pub fn ignored_create_options(create_options: &serde_json::Value) -> Vec<String> {
+    let Some(map) = create_options.as_object() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (k, v) in map {
+        if APPLIED_CREATE_OPTIONS.contains(&k.as_str()) || v.is_null() {
+            continue;
+        }
+        match v.as_object() {
+            Some(inner) if k == "HostConfig" => out.extend(
+                inner
+                    .iter()
+                    .filter(|(_, v)| !v.is_null())
+                    .map(|(ik, _)| format!("{k}.{ik}")),
+            ),
+            _ => out.push(k.clone()),
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Whether a module's image names a container image rather than an
+/// executable (`mcr.microsoft.com/azureiotedge-agent:1.5`, `nginx:1.27`):
+/// not a path, but with a registry or repository path, tag or digest.
+pub fn looks_like_container_image(program: &str) -> bool {
+    !program.starts_with('/')
+        && !program.starts_with('.')
+        && (program.contains('/') || program.contains(':') || program.contains('@'))
+}
+
+fn container_image_hint(program: &str) -> String {
+    format!(
+        "the process backend runs executables; `{program}` looks like a container image: \
+         give the module's image as the path of an executable (with its arguments), or \
+         configure [moby_runtime] in verged's config to run containers"
+    )
 }
 
 fn command_line(spec: &ModuleSpec) -> Result<CommandLine, RuntimeError> {
@@ -705,6 +754,10 @@ impl ModuleRuntime for ProcessRuntime {
             .ok_or_else(|| RuntimeError::ImageNotFound(image.to_owned()))?;
         match resolve_executable(program).await {
             Some(_) => Ok(()),
+            None if looks_like_container_image(program) => Err(RuntimeError::PullFailed {
+                image: image.to_owned(),
+                reason: container_image_hint(program),
+            }),
             None => Err(RuntimeError::ImageNotFound(program.to_owned())),
         }
     }
@@ -712,6 +765,14 @@ impl ModuleRuntime for ProcessRuntime {
     async fn create(&self, spec: &ModuleSpec) -> Result<(), RuntimeError> {
         validate_name(&spec.name)?;
         command_line(spec)?;
+        let ignored = ignored_create_options(&spec.create_options);
+        if !ignored.is_empty() {
+            tracing::warn!(
+                module = %spec.name,
+                ignored = %ignored.join(", "),
+                "the process backend applies only Cmd and WorkingDir of createOptions; the rest is ignored"
+            );
+        }
         let dir = self.inner.config.state_dir.join("modules").join(&spec.name);
         let module = Arc::new(Module::new(
             &self.inner.config,
@@ -1152,6 +1213,65 @@ mod tests {
         assert!(command_line(&spec("", serde_json::json!({}))).is_err());
         assert!(command_line(&spec("/bin/true", serde_json::json!({"Cmd": [1]}))).is_err());
         assert!(command_line(&spec("/bin/true", serde_json::json!([]))).is_err());
+    }
+
+    #[test]
+    fn container_images_and_ignored_create_options() {
+        for image in [
+            "mcr.microsoft.com/azureiotedge-simulated-temperature-sensor:1.5",
+            "nginx:1.27",
+            "me/app",
+            "app@sha256:00",
+        ] {
+            assert!(looks_like_container_image(image), "{image}");
+        }
+        for program in ["/usr/bin/app", "./app", "python3"] {
+            assert!(!looks_like_container_image(program), "{program}");
+        }
+        let ignored = ignored_create_options(&serde_json::json!({
+            "Cmd": ["x"],
+            "WorkingDir": "/tmp",
+            "Env": ["A=1"],
+            "HostConfig": {"PortBindings": {}, "Binds": [], "Privileged": null},
+            "ExposedPorts": {},
+        }));
+        assert_eq!(
+            ignored,
+            vec![
+                "Env",
+                "ExposedPorts",
+                "HostConfig.Binds",
+                "HostConfig.PortBindings"
+            ]
+        );
+        assert!(ignored_create_options(&serde_json::json!({"Cmd": ["x"]})).is_empty());
+    }
+
+    #[tokio::test]
+    async fn pulling_a_container_image_says_this_backend_runs_executables() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = ProcessRuntime::open(ProcessConfig::new(dir.path()))
+            .await
+            .unwrap();
+        let e = rt
+            .pull("mcr.microsoft.com/azureiotedge-agent:1.5", None)
+            .await
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("the process backend runs executables"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "`mcr.microsoft.com/azureiotedge-agent:1.5` looks like a container image"
+            ),
+            "{text}"
+        );
+        assert!(matches!(
+            rt.pull("/no/such/program", None).await,
+            Err(RuntimeError::ImageNotFound(_))
+        ));
     }
 
     #[test]
