@@ -2,14 +2,15 @@
 //!
 //! `list`, `logs`, `restart`, `check`, `support-bundle` and `system` talk to
 //! verged's management API over its Unix socket (from the config file, or
-//! `-H unix:///path`); `config mp` / `config apply` write and install the
-//! configuration; `cloud …` drives a verge-cloud over its service API;
+//! `-H unix:///path`); `config mp` / `config import` / `config apply` write
+//! and install the configuration; `cloud …` drives a verge-cloud over its service API;
 //! `quickstart` runs a whole deployment on this machine.
 
 mod bundle;
 mod check;
 mod cloud;
 mod images;
+mod import;
 mod list;
 mod mgmt;
 mod quickstart;
@@ -167,6 +168,19 @@ enum ConfigCommand {
         #[arg(long, default_value = "/usr/local/bin/verge-agent")]
         agent: String,
     },
+    /// Convert an Azure IoT Edge configuration (1.1's /etc/iotedge/config.yaml
+    /// or aziot's /etc/aziot/config.toml) into Verge's.
+    Import {
+        /// The file to convert [default: /etc/aziot/config.toml, else /etc/iotedge/config.yaml].
+        #[arg(short, long)]
+        input: Option<PathBuf>,
+        /// Where to write Verge's configuration.
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        out: PathBuf,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
+    },
     /// Validate a configuration file and install it where verged reads it.
     Apply {
         /// The configuration to apply.
@@ -195,6 +209,9 @@ fn main() -> ExitCode {
             force,
             agent,
         }) => config_mp(&connection_string, &out, force, &agent).map(|()| ExitCode::SUCCESS),
+        Command::Config(ConfigCommand::Import { input, out, force }) => {
+            config_import(input.as_deref(), &out, force).map(|()| ExitCode::SUCCESS)
+        }
         Command::Config(ConfigCommand::Apply {
             config_file,
             target,
@@ -470,6 +487,43 @@ fn config_mp(connection_string: &str, out: &Path, force: bool, agent: &str) -> a
     println!(
         "Wrote {}. Apply it with: verge config apply -c {}",
         out.display(),
+        out.display()
+    );
+    Ok(())
+}
+
+fn config_import(input: Option<&Path>, out: &Path, force: bool) -> anyhow::Result<()> {
+    let input = match input {
+        Some(p) => p.to_path_buf(),
+        None => ["/etc/aziot/config.toml", "/etc/iotedge/config.yaml"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "neither /etc/aziot/config.toml nor /etc/iotedge/config.yaml exists; \
+                     name the file with --input"
+                )
+            })?,
+    };
+    if out.exists() && !force {
+        bail!("{} exists; pass --force to replace it", out.display());
+    }
+    let text =
+        std::fs::read_to_string(&input).with_context(|| format!("reading {}", input.display()))?;
+    let hostname = machine_hostname().unwrap_or_else(|_| "localhost".to_owned());
+    let imported = import::convert(&text, &input, &hostname)?;
+    // Never write a file verged would refuse.
+    verge_daemon::config::Config::parse(&imported.text, out)
+        .map_err(|e| anyhow::anyhow!("the converted configuration is not valid: {e}"))?;
+    write_atomically(out, &imported.text)?;
+    for n in &imported.notes {
+        eprintln!("note: {n}");
+    }
+    println!(
+        "Wrote {} from {}. Check it, then apply it with: verge config apply -c {}",
+        out.display(),
+        input.display(),
         out.display()
     );
     Ok(())
