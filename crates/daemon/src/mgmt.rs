@@ -32,6 +32,16 @@
 //!   "disks":[{"name","mount_point","available_space","total_space","file_system"}],
 //!   "docker_stats":null,"modules":[{"name","pid","processes","cpu_percent",
 //!   "memory_bytes"}],"notes":[…]}`. It takes a quarter second (CPU sampling).
+//!
+//! and three mutating ones for `verge system` (so root or verged's uid only;
+//! 404 from a router built without a [`DaemonControl`]):
+//!
+//! * `POST /system/stop` — 202 `{"message"}`; verged stops (its agent with it).
+//! * `POST /system/reprovision` — verged re-reads its config file; 400 with
+//!   the reason when it could not start with it (DPS is refused there), else
+//!   202 `{"message"}` and verged restarts in-process with that identity.
+//! * `PUT /system/loglevel` `{"level":"debug"}` — verged's filter now, and a
+//!   process agent restarted with `RuntimeLogLevel`; 200 `{"message"}`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
