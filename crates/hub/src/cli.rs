@@ -14,6 +14,11 @@ struct Args {
     /// Path of the TOML configuration file.
     #[arg(long, env = "VERGE_HUB_CONFIG")]
     config: PathBuf,
+    /// If the message store cannot be opened, move it aside
+    /// (`<dir>.damaged-<time>`, nothing deleted) and start with an empty one.
+    /// A store found damaged is moved aside without it.
+    #[arg(long, env = "VERGE_HUB_SALVAGE")]
+    salvage: bool,
 }
 
 /// Runs verge-hub with command-line `args` (the first is the program
@@ -43,6 +48,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let cfg = cfg
         .with_edge_env(edge)
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
+    let cfg = crate::config::Config {
+        salvage_store: args.salvage,
+        ..cfg
+    };
     let mut hub = crate::Hub::start(cfg).await?;
     tokio::select! {
         _ = hub.wait() => anyhow::bail!("a hub task stopped unexpectedly"),
