@@ -538,3 +538,42 @@ async fn a_restart_on_a_refused_twin_keeps_the_last_accepted_routes() {
     assert_eq!(input_of(&next_pub(&mut b).await), "in1");
     hub.shutdown().await;
 }
+
+/// A message store whose engine files are damaged does not stop the hub
+/// (under verged that would be a crash loop): it is moved aside, kept, and
+/// the hub starts with an empty store.
+#[tokio::test]
+async fn a_damaged_store_is_moved_aside_and_the_hub_starts() {
+    let pki = pki();
+    let storage = tempfile::tempdir().unwrap();
+    let hub = Hub::start(config(&pki, storage.path(), "127.0.0.1:0", "127.0.0.1:0"))
+        .await
+        .unwrap();
+    hub.shutdown().await;
+    // Garble the engine's manifests ("current" of every keyspace).
+    let mut todo = vec![storage.path().join("store")];
+    let mut garbled = 0;
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if p.file_name().is_some_and(|n| n == "current") {
+                std::fs::write(&p, b"\xde\xad\xbe\xef garbage").unwrap();
+                garbled += 1;
+            }
+        }
+    }
+    assert!(garbled > 0, "no manifest found to damage");
+    let hub = Hub::start(config(&pki, storage.path(), "127.0.0.1:0", "127.0.0.1:0"))
+        .await
+        .unwrap();
+    let moved: Vec<String> = std::fs::read_dir(storage.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("store.damaged-"))
+        .collect();
+    assert_eq!(moved.len(), 1, "{moved:?}");
+    assert!(hub.state.store.queues().await.unwrap().is_empty());
+    hub.shutdown().await;
+}
