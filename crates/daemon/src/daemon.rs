@@ -18,7 +18,7 @@ use crate::http::{ServedSocket, bind_unix};
 use crate::keys::{IdentityStore, canonical_module_id, store_device_key};
 use crate::mgmt::{MgmtExtras, MgmtState, router_with as mgmt_router_with};
 use crate::supervision::AgentMonitor;
-use crate::workload::{DaemonState, WorkloadSockets};
+use crate::workload::{CallerCheck, DaemonState, WorkloadSockets};
 
 /// First restart delay of the agent.
 pub const BACKOFF_START: Duration = Duration::from_secs(1);
@@ -73,10 +73,31 @@ pub async fn run(
         identities: identities.clone(),
         ca: ca.clone(),
     });
-    let sockets = Arc::new(WorkloadSockets::new(
-        state.clone(),
-        config.listen.workload_dir.clone(),
-    ));
+    let is_docker = runtime
+        .info()
+        .await
+        .map(|i| i.kind == "docker")
+        .unwrap_or(false);
+    let monitor = AgentMonitor::new(
+        &config.agent.name,
+        match config.agent.kind {
+            AgentKind::Process => "process",
+            AgentKind::Docker => "docker",
+        },
+        &config.agent.image,
+    );
+    let mut sockets = WorkloadSockets::new(state.clone(), config.listen.workload_dir.clone());
+    if !is_docker {
+        // Process backend: the modules share a uid, so the caller's process
+        // decides (see `workload`'s docs); Docker mounts each socket into
+        // its own container only.
+        let mut check = CallerCheck::new(runtime.clone());
+        if config.agent.kind == AgentKind::Process {
+            check = check.with_agent(&config.agent.name, monitor.clone());
+        }
+        sockets = sockets.with_caller_check(check);
+    }
+    let sockets = Arc::new(sockets);
     let agent_identity = identities
         .get_or_create(&config.agent.name, "iotedge")
         .await?;
@@ -87,11 +108,6 @@ pub async fn run(
             .with_context(|| format!("workload socket of {}", identity.module_id))?;
     }
 
-    let is_docker = runtime
-        .info()
-        .await
-        .map(|i| i.kind == "docker")
-        .unwrap_or(false);
     let env_ctx = EnvContext {
         iothub_hostname: config.provisioning.iothub_hostname.to_string(),
         device_id: config.provisioning.device_id.to_string(),
@@ -104,14 +120,6 @@ pub async fn run(
         },
     };
 
-    let monitor = AgentMonitor::new(
-        &config.agent.name,
-        match config.agent.kind {
-            AgentKind::Process => "process",
-            AgentKind::Docker => "docker",
-        },
-        &config.agent.image,
-    );
     let mgmt_path = config.listen.management_socket.clone();
     let listener = bind_unix(&mgmt_path, 0o660)
         .with_context(|| format!("binding the management socket {}", mgmt_path.display()))?;
