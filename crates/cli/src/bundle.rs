@@ -21,6 +21,8 @@ pub struct Options<'a> {
     pub mgmt: Mgmt,
     /// Logs since (module logs and verged's journal).
     pub since: Timestamp,
+    /// Logs until (`None`: up to now).
+    pub until: Option<Timestamp>,
 }
 
 const REDACTED: &str = "<redacted>";
@@ -143,10 +145,21 @@ fn redact_modules(mut v: serde_json::Value) -> serde_json::Value {
     v
 }
 
-async fn journal(unit: &str, since: Timestamp) -> String {
+async fn journal(unit: &str, since: Timestamp, until: Option<Timestamp>) -> String {
     let since_arg = format!("@{}", since.as_millis() / 1000);
+    let mut args = vec![
+        "-u".to_owned(),
+        unit.to_owned(),
+        "--no-pager".to_owned(),
+        "--since".to_owned(),
+        since_arg,
+    ];
+    if let Some(u) = until {
+        args.push("--until".to_owned());
+        args.push(format!("@{}", u.as_millis() / 1000));
+    }
     let cmd = tokio::process::Command::new("journalctl")
-        .args(["-u", unit, "--no-pager", "--since", &since_arg])
+        .args(&args)
         .kill_on_drop(true)
         .output();
     match tokio::time::timeout(Duration::from_secs(30), cmd).await {
@@ -168,6 +181,36 @@ async fn journal(unit: &str, since: Timestamp) -> String {
         ),
         Err(_) => "# journalctl did not finish within 30 s.\n".to_owned(),
     }
+}
+
+/// verged's own log file (rotated files oldest first), the lines from
+/// `since` on; `None` when there is none (verged runs under the journal).
+/// Lines start with their time; a line that does not (a continuation)
+/// goes with the one before.
+fn read_log_file(path: &Path, since: Timestamp, until: Option<Timestamp>) -> Option<Vec<u8>> {
+    let mut found = false;
+    let mut out = Vec::new();
+    // Lines without a leading time (JSON lines) are all kept.
+    let mut keep = true;
+    for i in (0..10).rev() {
+        let Ok(data) = std::fs::read(verge_log::LogFile::rotated_path(path, i)) else {
+            continue;
+        };
+        found = true;
+        for line in data.split_inclusive(|b| *b == b'\n') {
+            let head = line.split(|b| *b == b' ').next().unwrap_or_default();
+            if let Some(t) = std::str::from_utf8(head)
+                .ok()
+                .and_then(|h| Timestamp::parse(h).ok())
+            {
+                keep = t >= since && until.is_none_or(|u| t < u);
+            }
+            if keep {
+                out.extend_from_slice(line);
+            }
+        }
+    }
+    found.then_some(out)
 }
 
 /// Collects the bundle's files: (path in the archive, contents).
@@ -205,9 +248,12 @@ pub async fn collect(o: &Options<'_>) -> Vec<(String, Vec<u8>)> {
         }
     }
 
+    // A process agent is verged's child, not a module: its log is read by
+    // its name all the same.
+    let agent = o.mgmt.agent().await.ok().flatten().map(|a| a.name);
     match o.mgmt.get_json::<serde_json::Value>("/modules").await {
         Ok(v) => {
-            let names: Vec<String> = v["modules"]
+            let mut names: Vec<String> = v["modules"]
                 .as_array()
                 .map(|a| {
                     a.iter()
@@ -215,17 +261,25 @@ pub async fn collect(o: &Options<'_>) -> Vec<(String, Vec<u8>)> {
                         .collect()
                 })
                 .unwrap_or_default();
+            if let Some(a) = agent
+                && !names.contains(&a)
+            {
+                names.push(a);
+            }
             let v = redact_modules(v);
             files.push((
                 "modules.json".to_owned(),
                 serde_json::to_vec_pretty(&v).unwrap_or_default(),
             ));
             for name in names {
-                let path = format!(
+                let mut path = format!(
                     "/modules/{}/logs?timestamps=true&since={}",
                     enc(&name),
                     o.since.to_iso8601()
                 );
+                if let Some(u) = o.until {
+                    path.push_str(&format!("&until={}", u.to_iso8601()));
+                }
                 let mut buf = Vec::new();
                 if let Err(e) = o.mgmt.stream(&path, &mut buf).await {
                     buf.extend_from_slice(format!("\n# cannot read the logs: {e:#}\n").as_bytes());
@@ -236,10 +290,17 @@ pub async fn collect(o: &Options<'_>) -> Vec<(String, Vec<u8>)> {
         Err(e) => notes.push(format!("modules: {e:#}")),
     }
 
-    files.push((
-        "logs/verged.txt".to_owned(),
-        journal("verged", o.since).await.into_bytes(),
-    ));
+    let verged_log = match verge_daemon::config::Config::load(o.config_path) {
+        Ok(c) => {
+            let path = verge_daemon::daemon::verged_log_path(&c.homedir);
+            match read_log_file(&path, o.since, o.until) {
+                Some(text) => text,
+                None => journal("verged", o.since, o.until).await.into_bytes(),
+            }
+        }
+        Err(_) => journal("verged", o.since, o.until).await.into_bytes(),
+    };
+    files.push(("logs/verged.txt".to_owned(), verged_log));
 
     let report = check::run_checks(&Inputs {
         config_path: o.config_path,
@@ -325,6 +386,48 @@ mod tests {
     use super::*;
 
     const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+    #[test]
+    fn verged_log_file_by_time_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("verged.log");
+        std::fs::write(
+            verge_log::LogFile::rotated_path(&path, 1),
+            "2026-01-01T00:00:00.000001Z  INFO old\n",
+        )
+        .unwrap();
+        std::fs::write(
+            &path,
+            "2026-01-02T00:00:00.000001Z  INFO in window\n  continued\n\
+             2026-01-03T00:00:00.000001Z  INFO too late\n",
+        )
+        .unwrap();
+        let t = |s: &str| Timestamp::parse(s).unwrap();
+        let got = read_log_file(
+            &path,
+            t("2026-01-01T12:00:00Z"),
+            Some(t("2026-01-02T12:00:00Z")),
+        )
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(got).unwrap(),
+            "2026-01-02T00:00:00.000001Z  INFO in window\n  continued\n"
+        );
+        let all = read_log_file(&path, t("2025-01-01T00:00:00Z"), None).unwrap();
+        assert!(
+            String::from_utf8(all)
+                .unwrap()
+                .starts_with("2026-01-01T00:00:00.000001Z  INFO old\n")
+        );
+        assert!(
+            read_log_file(
+                &dir.path().join("none.log"),
+                t("2025-01-01T00:00:00Z"),
+                None
+            )
+            .is_none()
+        );
+    }
 
     #[test]
     fn scrubs_keys_and_signatures() {

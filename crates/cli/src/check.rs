@@ -22,7 +22,7 @@ const ISSUED_WARN_FRACTION: f64 = verge_daemon::ca::RENEW_AT_FRACTION;
 const DISK_WARN_PERCENT: f64 = 10.0;
 /// The MQTT/TLS port of IoT Hub (and of a parent edge hub).
 const UPSTREAM_PORT: u16 = 8883;
-/// How long the upstream probe (DNS + TCP connect) may take.
+/// How long each step of the upstream probe (TCP connect, TLS, HTTPS) may take.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long the Docker ping may take.
 const DOCKER_TIMEOUT: Duration = Duration::from_secs(3);
@@ -102,6 +102,71 @@ impl Builder {
             details,
         });
     }
+}
+
+/// Every check `verge check` runs: id, section, description
+/// (`verge check-list`). A test keeps it in step with [`run_checks`].
+pub const CATALOGUE: &[(&str, &str, &str)] = &[
+    ("config-well-formed", CONFIG, "config file is valid"),
+    ("clock-sanity", CONFIG, "system clock is plausible"),
+    ("edge-ca-cert-expiry", CONFIG, "edge CA certificate"),
+    (
+        "trust-bundle-cert-expiry",
+        CONFIG,
+        "trust bundle certificate",
+    ),
+    (
+        "storage-disk-space",
+        CONFIG,
+        "free disk space of the storage directory",
+    ),
+    (
+        "connect-management-uri",
+        CONNECT,
+        "verged's management socket answers",
+    ),
+    ("verged-version", CONNECT, "verged and verge versions match"),
+    (
+        "issued-certs-expiry",
+        CONNECT,
+        "certificates issued by the edge CA",
+    ),
+    ("container-engine", CONNECT, "container engine answers"),
+    (
+        "upstream-connectivity",
+        CONNECT,
+        "IoT hub reachable, its TLS certificate verified",
+    ),
+    (
+        "clock-skew",
+        CONNECT,
+        "system clock agrees with the IoT hub's",
+    ),
+    (
+        "parent-connectivity",
+        CONNECT,
+        "parent edge device reachable, its TLS certificate verified",
+    ),
+];
+
+/// `verge check-list`: the checks, by section.
+pub fn render_list(colour: bool) -> String {
+    let mut out = String::new();
+    let mut section = "";
+    for (id, sec, description) in CATALOGUE {
+        if *sec != section {
+            if !section.is_empty() {
+                out.push('\n');
+            }
+            section = sec;
+            out.push_str(&ui::paint(colour, Colour::Bold, sec));
+            out.push('\n');
+            out.push_str(&"-".repeat(sec.chars().count()));
+            out.push('\n');
+        }
+        out.push_str(&format!("{id:<26} {description}\n"));
+    }
+    out
 }
 
 /// What the checks need to know.
@@ -303,15 +368,53 @@ pub async fn run_checks(inputs: &Inputs<'_>) -> Report {
                 vec!["no [moby_runtime] in the config: modules run as processes".to_owned()],
             ),
         }
-        let (host, what) = match &c.parent_hostname {
-            Some(p) => (p.clone(), "parent edge device"),
-            None => (c.provisioning.iothub_hostname.to_string(), "IoT hub"),
-        };
-        upstream_check(&mut b, &host, what).await;
+        let up = Upstream::from_config(c);
+        upstream_check(
+            &mut b,
+            "upstream-connectivity",
+            "IoT hub reachable, its TLS certificate verified",
+            &up.hub,
+            up.port,
+            &format!("IoT hub ({})", up.protocol),
+            &up.trust,
+        )
+        .await;
+        clock_skew_check(&mut b, &up).await;
+        match &c.parent_hostname {
+            // A nested edge talks to its parent's edge hub, whose edge CA
+            // the trust bundle holds.
+            Some(parent) => {
+                upstream_check(
+                    &mut b,
+                    "parent-connectivity",
+                    "parent edge device reachable, its TLS certificate verified",
+                    parent,
+                    up.port,
+                    &format!("parent edge device ({})", up.protocol),
+                    &up.trust,
+                )
+                .await
+            }
+            None => b.add(
+                "parent-connectivity",
+                CONNECT,
+                "parent edge device reachable, its TLS certificate verified",
+                Outcome::Skipped,
+                vec!["not a nested edge (no parent_hostname)".to_owned()],
+            ),
+        }
     } else {
         for (id, d) in [
             ("container-engine", "container engine answers"),
-            ("upstream-connectivity", "upstream reachable on port 8883"),
+            (
+                "upstream-connectivity",
+                "IoT hub reachable, its TLS certificate verified",
+            ),
+            ("clock-skew", "system clock agrees with the IoT hub's"),
+            (
+                "parent-connectivity",
+                "parent edge device reachable, its TLS certificate verified",
+            ),
         ] {
             b.add(
                 id,
@@ -675,48 +778,286 @@ async fn docker_check(b: &mut Builder, uri: &str, server_version: Option<&str>) 
     }
 }
 
-async fn upstream_check(b: &mut Builder, host: &str, what: &str) {
-    let id = "upstream-connectivity";
-    let description = "upstream reachable on port 8883";
-    let addr = format!("{host}:{UPSTREAM_PORT}");
-    let probe = async {
-        let addrs: Vec<_> = tokio::net::lookup_host(addr.as_str())
-            .await
-            .map_err(|e| format!("cannot resolve {host}: {e}"))?
-            .collect();
-        let mut last = format!("{host} resolved to no address");
-        for a in addrs {
-            match tokio::net::TcpStream::connect(a).await {
-                Ok(_) => return Ok(a),
-                Err(e) => last = format!("{a}: {e}"),
-            }
+/// Where the edge device's upstream traffic goes and how it is trusted,
+/// from the config (and `[agent.env]`, where the deployment's
+/// `UpstreamProtocol` and the agent's upstream settings live).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// The IoT hub's host name (`[provisioning]`).
+    pub hub: String,
+    /// The port the hub and the agent dial: `VERGE_AGENT_UPSTREAM_PORT`, else
+    /// by `UpstreamProtocol` (8883 MQTT, 5671 AMQP, 443 over WebSocket).
+    pub port: u16,
+    /// The protocol, for messages.
+    pub protocol: &'static str,
+    /// The hub's HTTPS port (`[provisioning] https_port`).
+    pub https_port: u16,
+    /// PEM files trusted besides the system roots: `trust_bundle_cert` and
+    /// `VERGE_AGENT_UPSTREAM_CA`. Never the edge CA: a local edge hub
+    /// must not pass for the cloud.
+    pub trust: Vec<PathBuf>,
+}
+
+impl Upstream {
+    /// From a validated config.
+    pub fn from_config(c: &Config) -> Self {
+        let protocol = c
+            .agent
+            .env
+            .get("UpstreamProtocol")
+            .map(|p| p.trim().to_ascii_lowercase());
+        let (default_port, protocol) = match protocol.as_deref() {
+            Some("mqttws") => (443, "MQTT over WebSocket"),
+            Some("amqpws") => (443, "AMQP over WebSocket"),
+            Some("amqp") => (5671, "AMQP"),
+            _ => (UPSTREAM_PORT, "MQTT"),
+        };
+        let port = c
+            .agent
+            .env
+            .get("VERGE_AGENT_UPSTREAM_PORT")
+            .and_then(|p| p.trim().parse::<u16>().ok())
+            .unwrap_or(default_port);
+        let mut trust: Vec<PathBuf> = c.trust_bundle_cert.iter().cloned().collect();
+        if let Some(ca) = c.agent.env.get("VERGE_AGENT_UPSTREAM_CA") {
+            trust.push(PathBuf::from(ca));
         }
-        Err(last)
+        Upstream {
+            hub: c.provisioning.iothub_hostname.to_string(),
+            port,
+            protocol,
+            https_port: c.provisioning.https_port,
+            trust,
+        }
+    }
+}
+
+/// rustls settings trusting the system roots and the PEM files.
+fn tls_config(trust: &[PathBuf]) -> Result<rustls::ClientConfig, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for path in trust {
+        let pem =
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        for cert in CertificateDer::pem_slice_iter(&pem).flatten() {
+            let _ = roots.add(cert);
+        }
+    }
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+}
+
+/// Why a probe failed: the server could not be reached (the device works
+/// offline meanwhile), or what answered is not the server (TLS).
+enum ProbeError {
+    Unreachable(String),
+    Tls(String),
+}
+
+/// DNS, TCP and a TLS handshake that verifies the server's certificate for
+/// `host` (blocking; run off the async workers).
+fn tls_probe(
+    host: &str,
+    port: u16,
+    config: rustls::ClientConfig,
+) -> Result<std::net::SocketAddr, ProbeError> {
+    use std::net::ToSocketAddrs as _;
+    let addrs: Vec<_> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| ProbeError::Unreachable(format!("cannot resolve {host}: {e}")))?
+        .collect();
+    let mut last = format!("{host} resolved to no address");
+    let mut tcp = None;
+    for a in addrs {
+        match std::net::TcpStream::connect_timeout(&a, UPSTREAM_TIMEOUT) {
+            Ok(s) => {
+                tcp = Some((s, a));
+                break;
+            }
+            Err(e) => last = format!("{a}: {e}"),
+        }
+    }
+    let (mut tcp, addr) = tcp.ok_or(ProbeError::Unreachable(last))?;
+    let _ = tcp.set_read_timeout(Some(UPSTREAM_TIMEOUT));
+    let _ = tcp.set_write_timeout(Some(UPSTREAM_TIMEOUT));
+    let name = rustls_pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| ProbeError::Tls(format!("{host} is not a valid TLS server name: {e}")))?;
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name)
+        .map_err(|e| ProbeError::Tls(e.to_string()))?;
+    while conn.is_handshaking() {
+        if let Err(e) = conn.complete_io(&mut tcp) {
+            return Err(
+                match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                    Some(tls) => ProbeError::Tls(tls.to_string()),
+                    None if e.kind() == std::io::ErrorKind::InvalidData => {
+                        ProbeError::Tls(e.to_string())
+                    }
+                    None => ProbeError::Unreachable(format!("{addr}: TLS handshake: {e}")),
+                },
+            );
+        }
+    }
+    Ok(addr)
+}
+
+async fn upstream_check(
+    b: &mut Builder,
+    id: &'static str,
+    description: &'static str,
+    host: &str,
+    port: u16,
+    what: &str,
+    trust: &[PathBuf],
+) {
+    let addr = format!("{host}:{port}");
+    let result = match tls_config(trust) {
+        Err(e) => Err(ProbeError::Tls(e)),
+        Ok(config) => {
+            let h = host.to_owned();
+            tokio::task::spawn_blocking(move || tls_probe(&h, port, config))
+                .await
+                .unwrap_or_else(|e| Err(ProbeError::Unreachable(e.to_string())))
+        }
     };
-    let result = tokio::time::timeout(UPSTREAM_TIMEOUT, probe)
-        .await
-        .unwrap_or_else(|_| Err(format!("no connection within {UPSTREAM_TIMEOUT:?}")));
+    let trusted = if trust.is_empty() {
+        "the system roots".to_owned()
+    } else {
+        format!(
+            "the system roots and {}",
+            trust
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
     match result {
         Ok(a) => b.add(
             id,
             CONNECT,
             description,
             Outcome::Ok,
-            vec![format!("{what} {addr} ({a})")],
+            vec![format!(
+                "{what} {addr} ({a}): its certificate is valid for {host} and trusted ({trusted})"
+            )],
         ),
-        Err(e) => b.add(
+        Err(ProbeError::Unreachable(e)) => b.add(
             id,
             CONNECT,
             description,
             Outcome::Warning,
             vec![
                 format!("cannot connect to the {what} at {addr}: {e}"),
-                "the device keeps working offline, but nothing reaches the cloud until this \
-                 connects: check DNS, the firewall (outbound TCP 8883) and any proxy"
-                    .to_owned(),
+                format!(
+                    "the device keeps working offline, but nothing reaches the cloud until this \
+                     connects: check DNS, the firewall (outbound TCP {port}) and any proxy"
+                ),
+            ],
+        ),
+        Err(ProbeError::Tls(e)) => b.add(
+            id,
+            CONNECT,
+            description,
+            Outcome::Error,
+            vec![
+                format!("{addr} answers, but not as the {what} {host}: {e}"),
+                format!(
+                    "the certificate must be valid for {host} and chain to {trusted}. Is \
+                     something else listening there (a local edge hub on this machine)? \
+                     Otherwise give the {what}'s CA as trust_bundle_cert"
+                ),
             ],
         ),
     }
+}
+
+/// Allowed difference between this clock and the hub's before a warning
+/// (SAS tokens and certificates tolerate little more).
+const SKEW_WARN: Duration = Duration::from_secs(60);
+/// Difference that breaks authentication.
+const SKEW_ERROR: Duration = Duration::from_secs(300);
+
+/// This clock against the `Date` of the hub's HTTPS answer.
+async fn clock_skew_check(b: &mut Builder, up: &Upstream) {
+    let id = "clock-skew";
+    let description = "system clock agrees with the IoT hub's";
+    let base = format!("https://{}:{}/", up.hub, up.https_port);
+    let probe = async {
+        let tls = tls_config(&up.trust)?;
+        let client = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .timeout(UPSTREAM_TIMEOUT)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let sent = SystemTime::now();
+        let resp = client.get(&base).send().await.map_err(|e| format!("{e}"))?;
+        let received = SystemTime::now();
+        let date = resp
+            .headers()
+            .get(reqwest::header::DATE)
+            .and_then(|v| v.to_str().ok())
+            .ok_or("the answer has no Date header")?
+            .to_owned();
+        let server = parse_http_date(&date).ok_or(format!("cannot read its Date {date:?}"))?;
+        // The midpoint of the request is our best guess of when it was stamped.
+        let local = sent + received.duration_since(sent).unwrap_or_default() / 2;
+        Ok::<_, String>((server, local))
+    };
+    match probe.await {
+        Ok((server, local)) => {
+            let (skew, ahead) = match local.duration_since(server) {
+                Ok(d) => (d, true),
+                Err(e) => (e.duration(), false),
+            };
+            // The Date header has whole seconds.
+            let skew = skew.saturating_sub(Duration::from_secs(1));
+            let detail = format!(
+                "this clock is {}s {} the IoT hub's ({base}: {})",
+                skew.as_secs(),
+                if ahead { "ahead of" } else { "behind" },
+                fmt_time(server)
+            );
+            let result = if skew >= SKEW_ERROR {
+                Outcome::Error
+            } else if skew >= SKEW_WARN {
+                Outcome::Warning
+            } else {
+                Outcome::Ok
+            };
+            let mut details = vec![detail];
+            if result != Outcome::Ok {
+                details.push(
+                    "SAS tokens and certificates fail with a wrong clock: sync it \
+                     (timedatectl set-ntp true)"
+                        .to_owned(),
+                );
+            }
+            b.add(id, CONNECT, description, result, details);
+        }
+        Err(e) => b.add(
+            id,
+            CONNECT,
+            description,
+            Outcome::Skipped,
+            vec![format!("cannot ask {base} for its time: {e}")],
+        ),
+    }
+}
+
+/// An HTTP date (`Sun, 06 Nov 1994 08:49:37 GMT`, RFC 9110 IMF-fixdate).
+fn parse_http_date(v: &str) -> Option<SystemTime> {
+    let fmt = time::macros::format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    let t = time::PrimitiveDateTime::parse(v.trim(), &fmt).ok()?;
+    Some(t.assume_utc().into())
 }
 
 /// The text form: sections, one line per check with indented details, summary.
@@ -764,6 +1105,76 @@ pub fn render(report: &Report, colour: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn http_dates_and_upstream_ports() {
+        let t = parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
+        assert_eq!(t.duration_since(UNIX_EPOCH).unwrap().as_secs(), 784_111_777);
+        assert!(parse_http_date("yesterday").is_none());
+        let text = |env: &str| {
+            format!(
+                "hostname = \"e\"\ntrust_bundle_cert = \"/tb.pem\"\n[provisioning]\nsource = \"manual\"\n\
+                 connection_string = \"HostName=hub.example.net;DeviceId=d;SharedAccessKey=AAECAwQFBgcICQoLDA0ODw==\"\n\
+                 https_port = 8443\n[agent]\nname = \"edgeAgent\"\ntype = \"process\"\n[agent.config]\n\
+                 image = \"/bin/true\"\n[agent.env]\n{env}\n"
+            )
+        };
+        let up = |env: &str| {
+            Upstream::from_config(
+                &Config::parse(&text(env), Path::new("/etc/verge/c.toml")).unwrap(),
+            )
+        };
+        let u = up("");
+        assert_eq!(
+            (u.hub.as_str(), u.port, u.https_port),
+            ("hub.example.net", 8883, 8443)
+        );
+        assert_eq!(u.trust, vec![PathBuf::from("/tb.pem")]);
+        assert_eq!(up("UpstreamProtocol = \"MqttWs\"").port, 443);
+        assert_eq!(up("UpstreamProtocol = \"Amqp\"").port, 5671);
+        let u = up("VERGE_AGENT_UPSTREAM_PORT = \"18883\"\nVERGE_AGENT_UPSTREAM_CA = \"/ca.pem\"");
+        assert_eq!(u.port, 18883);
+        assert_eq!(u.trust.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_catalogue_lists_every_check_run() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("bundle.pem"), "").unwrap();
+        let cfg = dir.path().join("config.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "hostname = \"edge1\"\nhomedir = \"{home}\"\ntrust_bundle_cert = \"bundle.pem\"\n\
+                 [provisioning]\nsource = \"manual\"\nconnection_string = \"HostName=hub.invalid;\
+                 DeviceId=d;SharedAccessKey=AAECAwQFBgcICQoLDA0ODw==\"\n\
+                 [agent]\nname = \"edgeAgent\"\ntype = \"process\"\n[agent.config]\nimage = \"/bin/true\"\n",
+                home = dir.path().join("home").display()
+            ),
+        )
+        .unwrap();
+        let sock = format!("unix://{}", dir.path().join("none.sock").display());
+        let report = run_checks(&Inputs {
+            config_path: &cfg,
+            host: Some(&sock),
+        })
+        .await;
+        assert!(report.checks.len() >= 12, "{report:?}");
+        for c in &report.checks {
+            assert!(
+                CATALOGUE
+                    .iter()
+                    .any(|(id, sec, d)| *id == c.id && *sec == c.section && *d == c.description),
+                "{} ({}) is missing from the catalogue",
+                c.id,
+                c.description
+            );
+        }
+        let list = render_list(false);
+        for (id, _, d) in CATALOGUE {
+            assert!(list.contains(&format!("{id:<26} {d}")), "{list}");
+        }
+    }
 
     #[test]
     fn issued_certs_warn_by_share_of_lifetime() {

@@ -63,6 +63,7 @@ pub fn json_row(m: &ModuleDetails, now: SystemTime) -> serde_json::Value {
         "startTime": m.status.start_time,
         "exitTime": m.status.exit_status.as_ref().map(|e| &e.exit_time),
         "exitCode": m.status.exit_status.as_ref().map(|e| &e.status_code),
+        "hint": m.status.runtime_status.description,
     })
 }
 
@@ -163,8 +164,23 @@ pub async fn run(mgmt: &Mgmt, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         print!("{}", render(&modules, now, ui::colour_enabled()));
+        for line in hints(&modules) {
+            println!("{line}");
+        }
     }
     Ok(())
+}
+
+/// One line per module whose status carries a hint from verged (createOptions
+/// the process backend does not apply).
+fn hints(modules: &[ModuleDetails]) -> Vec<String> {
+    modules
+        .iter()
+        .filter_map(|m| {
+            let d = m.status.runtime_status.description.as_deref()?;
+            Some(format!("hint: {}: {d}", m.name))
+        })
+        .collect()
 }
 
 #[cfg(test)]

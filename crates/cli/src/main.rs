@@ -2,14 +2,15 @@
 //!
 //! `list`, `logs`, `restart`, `check`, `support-bundle` and `system` talk to
 //! verged's management API over its Unix socket (from the config file, or
-//! `-H unix:///path`); `config mp` / `config apply` write and install the
-//! configuration; `cloud …` drives a verge-cloud over its service API;
+//! `-H unix:///path`); `config mp` / `config import` / `config apply` write
+//! and install the configuration; `cloud …` drives a verge-cloud over its service API;
 //! `quickstart` runs a whole deployment on this machine.
 
 mod bundle;
 mod check;
 mod cloud;
 mod images;
+mod import;
 mod list;
 mod mgmt;
 mod quickstart;
@@ -91,6 +92,8 @@ enum Command {
         #[arg(short, long, value_enum, default_value = "text")]
         output: Output,
     },
+    /// List the checks `verge check` runs, with their ids and descriptions.
+    CheckList,
     /// Collect logs, module list, checks and the redacted config into a .tar.gz.
     SupportBundle {
         /// The archive ("-" for stdout) [default: support_bundle_<UTC time>.tar.gz].
@@ -99,8 +102,11 @@ enum Command {
         /// Logs since: RFC 3339, unix seconds, or a duration before now.
         #[arg(long, default_value = "1d")]
         since: String,
+        /// Logs until: same forms as --since [default: now].
+        #[arg(long)]
+        until: Option<String>,
     },
-    /// verged itself: status, logs, restart.
+    /// verged itself: status, logs, restart, stop, reprovision, set-log-level.
     #[command(subcommand)]
     System(SystemCommand),
     /// Create, check and install verged's configuration.
@@ -120,7 +126,7 @@ enum Command {
 enum SystemCommand {
     /// Whether verged and the agent run, and what verged reports about the host.
     Status,
-    /// verged's logs (from the systemd journal; the process agent's output is there too).
+    /// verged's logs (the systemd journal; without systemd, the file verged keeps in its homedir).
     Logs {
         /// Keep streaming new lines.
         #[arg(short, long)]
@@ -131,6 +137,17 @@ enum SystemCommand {
     },
     /// Restart verged (systemctl restart verged).
     Restart,
+    /// Stop verged and its agent (systemctl stop verged, or through verged's
+    /// management API when it does not run under systemd). Modules keep running.
+    Stop,
+    /// Re-run provisioning: verged reloads the device identity from its
+    /// config file and starts again (manual provisioning; DPS is not supported yet).
+    Reprovision,
+    /// Change verged's and the agent's log level now, and keep it in the config.
+    SetLogLevel {
+        /// fatal, error, warning, info, debug or verbose.
+        level: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -149,6 +166,19 @@ enum ConfigCommand {
         /// The agent verged starts (executable and arguments; run as a process).
         #[arg(long, default_value = "/usr/local/bin/verge-agent")]
         agent: String,
+    },
+    /// Convert an Azure IoT Edge configuration (1.1's /etc/iotedge/config.yaml
+    /// or aziot's /etc/aziot/config.toml) into Verge's.
+    Import {
+        /// The file to convert [default: /etc/aziot/config.toml, else /etc/iotedge/config.yaml].
+        #[arg(short, long)]
+        input: Option<PathBuf>,
+        /// Where to write Verge's configuration.
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        out: PathBuf,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
     },
     /// Validate a configuration file and install it where verged reads it.
     Apply {
@@ -178,12 +208,21 @@ fn main() -> ExitCode {
             force,
             agent,
         }) => config_mp(&connection_string, &out, force, &agent).map(|()| ExitCode::SUCCESS),
+        Command::Config(ConfigCommand::Import { input, out, force }) => {
+            config_import(input.as_deref(), &out, force).map(|()| ExitCode::SUCCESS)
+        }
         Command::Config(ConfigCommand::Apply {
             config_file,
             target,
         }) => config_apply(&config_file, &target).map(|()| ExitCode::SUCCESS),
-        Command::System(SystemCommand::Logs { follow, args }) => system::logs(follow, &args),
+        Command::System(SystemCommand::Logs { follow, args }) => {
+            system::logs(follow, &args, &config_path)
+        }
         Command::Quickstart(args) => quickstart::run(args),
+        Command::CheckList => {
+            print!("{}", check::render_list(ui::colour_enabled()));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::System(SystemCommand::Restart) => system::restart(),
         command => block_on(async {
             let host = cli.host.as_deref();
@@ -238,12 +277,33 @@ fn main() -> ExitCode {
                         ExitCode::SUCCESS
                     })
                 }
-                Command::SupportBundle { output, since } => {
-                    support_bundle(mgmt()?, &config_path, host, output, &since).await?;
+                Command::SupportBundle {
+                    output,
+                    since,
+                    until,
+                } => {
+                    support_bundle(
+                        mgmt()?,
+                        &config_path,
+                        host,
+                        output,
+                        &since,
+                        until.as_deref(),
+                    )
+                    .await?;
                     Ok(ExitCode::SUCCESS)
                 }
                 Command::System(SystemCommand::Status) => {
                     system::status(host, cli.config.as_deref(), &config_path).await
+                }
+                Command::System(SystemCommand::Stop) => {
+                    system::stop(host, cli.config.as_deref()).await
+                }
+                Command::System(SystemCommand::Reprovision) => {
+                    system::reprovision(host, cli.config.as_deref(), &config_path).await
+                }
+                Command::System(SystemCommand::SetLogLevel { level }) => {
+                    system::set_log_level(&level, host, cli.config.as_deref(), &config_path).await
                 }
                 Command::Cloud(args) => {
                     cloud::run(args).await?;
@@ -251,6 +311,7 @@ fn main() -> ExitCode {
                 }
                 // Handled above, without a runtime.
                 Command::Version
+                | Command::CheckList
                 | Command::Quickstart(_)
                 | Command::Config(_)
                 | Command::System(SystemCommand::Logs { .. } | SystemCommand::Restart) => {
@@ -307,13 +368,24 @@ async fn support_bundle(
     host: Option<&str>,
     output: Option<PathBuf>,
     since: &str,
+    until: Option<&str>,
 ) -> anyhow::Result<()> {
-    let since = times::parse_point(since, SystemTime::now()).context("--since")?;
+    let now = SystemTime::now();
+    let since = times::parse_point(since, now).context("--since")?;
+    let until = until
+        .map(|u| times::parse_point(u, now).context("--until"))
+        .transpose()?;
+    if let Some(u) = until
+        && u <= since
+    {
+        bail!("--until must be after --since");
+    }
     let files = bundle::collect(&bundle::Options {
         config_path,
         host,
         mgmt,
         since,
+        until,
     })
     .await;
     let path = output.unwrap_or_else(|| PathBuf::from(bundle::default_name()));
@@ -414,6 +486,43 @@ fn config_mp(connection_string: &str, out: &Path, force: bool, agent: &str) -> a
     println!(
         "Wrote {}. Apply it with: verge config apply -c {}",
         out.display(),
+        out.display()
+    );
+    Ok(())
+}
+
+fn config_import(input: Option<&Path>, out: &Path, force: bool) -> anyhow::Result<()> {
+    let input = match input {
+        Some(p) => p.to_path_buf(),
+        None => ["/etc/aziot/config.toml", "/etc/iotedge/config.yaml"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "neither /etc/aziot/config.toml nor /etc/iotedge/config.yaml exists; \
+                     name the file with --input"
+                )
+            })?,
+    };
+    if out.exists() && !force {
+        bail!("{} exists; pass --force to replace it", out.display());
+    }
+    let text =
+        std::fs::read_to_string(&input).with_context(|| format!("reading {}", input.display()))?;
+    let hostname = machine_hostname().unwrap_or_else(|_| "localhost".to_owned());
+    let imported = import::convert(&text, &input, &hostname)?;
+    // Never write a file verged would refuse.
+    verge_daemon::config::Config::parse(&imported.text, out)
+        .map_err(|e| anyhow::anyhow!("the converted configuration is not valid: {e}"))?;
+    write_atomically(out, &imported.text)?;
+    for n in &imported.notes {
+        eprintln!("note: {n}");
+    }
+    println!(
+        "Wrote {} from {}. Check it, then apply it with: verge config apply -c {}",
+        out.display(),
+        input.display(),
         out.display()
     );
     Ok(())

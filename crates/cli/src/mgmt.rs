@@ -113,6 +113,33 @@ impl Mgmt {
         Ok(r.body)
     }
 
+    /// One request with a JSON body; the body of a 2xx answer, else an error.
+    pub async fn call_json(
+        &self,
+        method: &str,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<Bytes> {
+        let r = request(
+            &self.socket,
+            method,
+            &Self::path_with_version(path),
+            Some(body.to_string().into_bytes()),
+            CALL_TIMEOUT,
+        )
+        .await
+        .map_err(|e| self.map_err(e))?;
+        if !(200..300).contains(&r.status) {
+            return Err(status_error(r.status, &error_message(&r.body)));
+        }
+        Ok(r.body)
+    }
+
+    /// The `message` of a JSON answer (verged's `/system/*`), or the text.
+    pub fn message(body: &[u8]) -> String {
+        error_message(body)
+    }
+
     /// `GET` a JSON document.
     pub async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let body = self.call("GET", path).await?;

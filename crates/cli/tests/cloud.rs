@@ -24,13 +24,18 @@ struct Cloud {
 
 impl Cloud {
     fn start() -> Cloud {
+        Self::start_as("localhost")
+    }
+
+    /// A verge-cloud whose certificate names `hostname`.
+    fn start_as(hostname: &str) -> Cloud {
         let bin = common::build(&["verge-cloud"]).join("verge-cloud");
         let dir = tempfile::tempdir().unwrap();
         let mut child = Command::new(bin)
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .args(["--listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0"])
-            .args(["--hostname", "localhost"])
+            .args(["--hostname", hostname])
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(dir.path().join("cloud.log")).unwrap())
             .spawn()
@@ -524,4 +529,107 @@ async fn devices_modules_twins_deployments_messages_methods_c2d() {
     assert!(out.contains("Deleted leaf1"), "{out}");
     let e = cloud.fails(&["devices", "show", "leaf1"]);
     assert!(e.contains("not found"), "{e}");
+}
+
+/// A verged config whose upstream is `cloud` (as quickstart writes it:
+/// hub `localhost`, the cloud's MQTT port and CA for the agent).
+fn edge_config(dir: &std::path::Path, cloud: &Cloud, ca: &std::path::Path) -> PathBuf {
+    let cfg = dir.join("config.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "hostname = \"edge1\"\nhomedir = '{home}'\ntrust_bundle_cert = '{ca}'\n\n\
+             [provisioning]\nsource = \"manual\"\n\
+             connection_string = \"HostName=localhost;DeviceId=edge1;SharedAccessKey=AAECAwQFBgcICQoLDA0ODw==\"\n\
+             https_port = {https}\n\n\
+             [agent]\nname = \"edgeAgent\"\ntype = \"process\"\n[agent.config]\nimage = \"/bin/true\"\n\
+             [agent.env]\nVERGE_AGENT_UPSTREAM_PORT = \"{mqtt}\"\n",
+            home = dir.join("home").display(),
+            ca = ca.display(),
+            https = cloud.https,
+            mqtt = cloud.mqtt,
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+/// `verge check` verifies the real upstream: TLS to the cloud's MQTT port
+/// with the configured trust, and the clock against its `Date`; something
+/// else answering there (another server, not the hub) is an error.
+#[test]
+fn check_verifies_the_upstream_over_tls() {
+    let cloud = Cloud::start();
+    let dir = tempfile::tempdir().unwrap();
+    let check = |cfg: &std::path::Path| -> Value {
+        let o = Command::new(env!("CARGO_BIN_EXE_verge"))
+            .args([
+                "--config",
+                cfg.to_str().unwrap(),
+                "check",
+                "--output",
+                "json",
+            ])
+            .env_remove("VERGE_HOST")
+            .output()
+            .unwrap();
+        serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stderr)))
+    };
+    let find = |r: &Value, id: &str| -> Value {
+        r["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["id"] == id)
+            .unwrap_or_else(|| panic!("no {id}: {r}"))
+            .clone()
+    };
+    let cfg = edge_config(dir.path(), &cloud, &cloud.ca());
+    let r = check(&cfg);
+    let up = find(&r, "upstream-connectivity");
+    assert_eq!(up["result"], "ok", "{up}");
+    assert!(
+        up["details"][0]
+            .as_str()
+            .unwrap()
+            .contains(&format!("localhost:{}", cloud.mqtt)),
+        "{up}"
+    );
+    let skew = find(&r, "clock-skew");
+    assert_eq!(skew["result"], "ok", "{skew}");
+    assert_eq!(find(&r, "parent-connectivity")["result"], "skipped");
+
+    // Another server on that port (its certificate chains to a CA that is
+    // not the configured trust): an error, not "reachable".
+    let other = Cloud::start_as("other.example");
+    let other_dir = tempfile::tempdir().unwrap();
+    let mut wrong = edge_config(other_dir.path(), &other, &cloud.ca());
+    let up = find(&check(&wrong), "upstream-connectivity");
+    assert_eq!(up["result"], "error", "{up}");
+    assert!(
+        up["details"][0]
+            .as_str()
+            .unwrap()
+            .contains("not as the IoT hub"),
+        "{up}"
+    );
+    // Without a trust for the cloud's CA it is an error too.
+    std::fs::write(other_dir.path().join("empty.pem"), "").unwrap();
+    wrong = edge_config(
+        other_dir.path(),
+        &cloud,
+        &other_dir.path().join("empty.pem"),
+    );
+    let up = find(&check(&wrong), "upstream-connectivity");
+    assert_eq!(up["result"], "error", "{up}");
+
+    // A nested edge checks its parent too.
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "hostname = \"edge1\"",
+        "hostname = \"edge1\"\nparent_hostname = \"localhost\"",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let parent = find(&check(&cfg), "parent-connectivity");
+    assert_eq!(parent["result"], "ok", "{parent}");
 }

@@ -164,3 +164,48 @@ fn apply_names_the_key_of_a_missing_file_or_a_quoted_number() {
     assert!(err.contains("`provisioning.https_port`"), "{err}");
     assert!(!target.exists());
 }
+
+#[test]
+fn import_converts_an_iot_edge_1_1_config_and_refuses_unknown_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dir.path().join("config.yaml");
+    std::fs::write(
+        &yaml,
+        format!(
+            "provisioning:\n  source: \"manual\"\n  device_connection_string: \"{CS}\"\n\
+             agent:\n  name: \"edgeAgent\"\n  type: \"docker\"\n  env: {{}}\n  config:\n\
+             \x20   image: \"mcr.microsoft.com/azureiotedge-agent:1.1\"\n    auth: {{}}\n\
+             hostname: \"edge1.local\"\nhomedir: \"/var/lib/iotedge\"\n"
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("verge.toml");
+    let (ok, stdout, err) = verge(&[
+        "config",
+        "import",
+        "-i",
+        yaml.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("verge config apply"), "{stdout}");
+    assert!(err.contains("note: homedir"), "{err}");
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(text.contains("hostname = \"edge1.local\""), "{text}");
+    assert!(text.contains("DeviceId=edge1"), "{text}");
+
+    std::fs::write(&yaml, "hostname: x\nsomething_new: 1\n").unwrap();
+    let out2 = dir.path().join("verge2.toml");
+    let (ok, _, err) = verge(&[
+        "config",
+        "import",
+        "-i",
+        yaml.to_str().unwrap(),
+        "-o",
+        out2.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("something_new: unknown setting"), "{err}");
+    assert!(!out2.exists());
+}

@@ -201,11 +201,17 @@ impl Verged {
     }
 
     fn start() -> Self {
-        let mut v = Self::prepare();
+        Self::prepare().launch("error")
+    }
+
+    /// Starts verged (outside systemd: no `JOURNAL_STREAM`) with `RUST_LOG`.
+    fn launch(self, rust_log: &str) -> Self {
+        let mut v = self;
         let child = Command::new(verged_bin())
             .arg("--config")
             .arg(&v.cfg)
-            .env("RUST_LOG", "error")
+            .env("RUST_LOG", rust_log)
+            .env_remove("JOURNAL_STREAM")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -553,6 +559,8 @@ fn check_reports_ok_and_warns_about_the_unreachable_hub() {
     assert_eq!(result("verged-version"), "ok", "{report}");
     // hub.invalid never resolves: offline is legal, so a warning.
     assert_eq!(result("upstream-connectivity"), "warning", "{report}");
+    assert_eq!(result("clock-skew"), "skipped", "{report}");
+    assert_eq!(result("parent-connectivity"), "skipped", "{report}");
     assert_eq!(result("container-engine"), "skipped", "{report}");
     assert_eq!(result("issued-certs-expiry"), "ok", "{report}");
     assert_eq!(report["summary"]["errors"], 0, "{report}");
@@ -566,11 +574,11 @@ fn check_reports_ok_and_warns_about_the_unreachable_hub() {
         "{text}"
     );
     assert!(
-        text.contains("\u{203c} upstream reachable on port 8883 - Warning"),
+        text.contains("\u{203c} IoT hub reachable, its TLS certificate verified - Warning"),
         "{text}"
     );
     assert!(
-        text.contains("    cannot connect to the IoT hub at hub.invalid:8883"),
+        text.contains("    cannot connect to the IoT hub (MQTT) at hub.invalid:8883"),
         "{text}"
     );
     // A nearly full disk on the test machine is a second, legitimate warning.
@@ -894,4 +902,257 @@ fn list_and_status_follow_a_restarting_agent() {
         "{text}"
     );
     assert!(text.contains("(last exit: code 5 at "), "{text}");
+}
+
+/// The process agent is inspectable and restartable like a module, and
+/// verged's own log is kept where `verge system logs` and the bundle find it
+/// when it does not run under systemd.
+#[test]
+fn agent_and_verged_logs_and_agent_restart() {
+    let v = Verged::prepare();
+    std::fs::write(
+        v.dir.path().join("agent.sh"),
+        "echo \"agent hello $$\"\necho \"agent warning\" >&2\nexec sleep 600\n",
+    )
+    .unwrap();
+    let v = v.launch("info");
+    let host = v.host();
+    let hello = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with("agent hello "))
+            .map(str::to_owned)
+            .collect()
+    };
+    let first = wait("the agent's first output", || {
+        let o = verge(&["-H", &host, "logs", "edgeAgent"]);
+        let text = stdout(&o);
+        (o.status.success() && text.contains("agent warning"))
+            .then(|| hello(&text))
+            .filter(|h| h.len() == 1)
+    });
+
+    let o = verge(&["-H", &host, "restart", "edgeAgent"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), "edgeAgent");
+    let both = wait("the restarted agent's output", || {
+        let o = verge(&["-H", &host, "logs", "edgeAgent", "--tail", "all"]);
+        let h = hello(&stdout(&o));
+        (h.len() == 2).then_some(h)
+    });
+    assert_eq!(both[0], first[0]);
+    assert_ne!(both[1], first[0], "a new process: {both:?}");
+    let (_, agent) = v.call("GET", "/systeminfo/agent", None);
+    assert_eq!(agent["restartCount"], 1, "{agent}");
+    assert_eq!(agent["status"], "running", "{agent}");
+    let o = verge(&["-H", &host, "logs", "edgeAgent", "--tail", "1", "-t"]);
+    assert!(
+        stdout(&o).trim_end().ends_with("agent warning") || stdout(&o).contains("agent hello"),
+        "{}",
+        stdout(&o)
+    );
+    // An unknown module is still an error.
+    let o = verge(&["-H", &host, "restart", "nosuchmodule"]);
+    assert!(!o.status.success());
+
+    let cfg = v.cfg.to_str().unwrap();
+    let o = verge(&["--config", cfg, "system", "logs"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("management API up"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("restarting the agent"),
+        "{}",
+        stdout(&o)
+    );
+    let o = verge(&["--config", cfg, "system", "logs", "--", "-n", "5"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("journalctl arguments"),
+        "{}",
+        stderr(&o)
+    );
+
+    let out = v.dir.path().join("bundle.tar.gz");
+    let o = verge(&[
+        "--config",
+        cfg,
+        "support-bundle",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let file = std::fs::File::open(&out).unwrap();
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
+    let mut files = std::collections::BTreeMap::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let name = entry.path().unwrap().to_string_lossy().into_owned();
+        let mut text = String::new();
+        entry.read_to_string(&mut text).unwrap();
+        files.insert(name, text);
+    }
+    assert_eq!(
+        hello(
+            &files["logs/edgeAgent_log.txt"]
+                .lines()
+                .map(|l| l.split_once(' ').map_or(l, |(_, r)| r))
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+        .len(),
+        2,
+        "{}",
+        files["logs/edgeAgent_log.txt"]
+    );
+    assert!(
+        files["logs/verged.txt"].contains("management API up"),
+        "{}",
+        files["logs/verged.txt"]
+    );
+}
+
+/// `verge system set-log-level`, `reprovision` and `stop` act on the
+/// running verged through its management API (it does not run under
+/// systemd here), and the level is kept in the config file.
+#[test]
+fn system_set_log_level_reprovision_and_stop() {
+    let v = Verged::prepare();
+    std::fs::write(
+        v.dir.path().join("agent.sh"),
+        "echo \"agent level=$RuntimeLogLevel device=$IOTEDGE_DEVICEID\"\nexec sleep 600\n",
+    )
+    .unwrap();
+    let mut v = v.launch("info");
+    let cfg = v.cfg.to_str().unwrap().to_owned();
+    let host = v.host();
+    let agent_lines = |want: &str| {
+        wait(want, || {
+            let o = verge(&["-H", &host, "logs", "edgeAgent"]);
+            let text = stdout(&o);
+            text.contains(want).then_some(text)
+        })
+    };
+    agent_lines("device=dev1");
+
+    // Log level: now, for verged and the agent, and in the file.
+    let o = verge(&["--config", &cfg, "system", "set-log-level", "loud"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("\"loud\""), "{}", stderr(&o));
+    let o = verge(&["--config", &cfg, "system", "set-log-level", "error"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("verged logs at error"),
+        "{}",
+        stdout(&o)
+    );
+    agent_lines("agent level=error");
+    let text = std::fs::read_to_string(&v.cfg).unwrap();
+    assert!(text.contains("log_level = \"error\""), "{text}");
+    assert!(text.contains("RuntimeLogLevel = \"error\""), "{text}");
+    // verged's own info lines stop: the agent's restarts (seen above in
+    // its output, and one more now) leave no line.
+    let o = verge(&["-H", &host, "restart", "edgeAgent"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = std::fs::read_to_string(v.home.join("logs/verged.log")).unwrap();
+    assert!(log.contains("management API up"), "{log}");
+    assert!(!log.contains("restarting the agent"), "{log}");
+
+    // Reprovision: the identity from the file as it is now.
+    std::fs::write(&v.cfg, text.replace("DeviceId=dev1", "DeviceId=dev2")).unwrap();
+    let o = verge(&["--config", &cfg, "system", "reprovision"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("dev2"), "{}", stdout(&o));
+    agent_lines("device=dev2");
+    // DPS is refused, and verged keeps running.
+    let now = std::fs::read_to_string(&v.cfg).unwrap();
+    std::fs::write(
+        &v.cfg,
+        now.replace(
+            "source = \"manual\"",
+            "source = \"dps\"\nglobal_endpoint = \"https://x\"\nid_scope = \"0ne\"",
+        )
+        .replace("connection_string", "#connection_string"),
+    )
+    .unwrap();
+    let o = verge(&["--config", &cfg, "system", "reprovision"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("DPS"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("not supported"), "{}", stderr(&o));
+    let o = verge(&["-H", &host, "list"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::write(&v.cfg, &now).unwrap();
+
+    // Stop: verged exits by itself.
+    let o = verge(&["--config", &cfg, "system", "stop"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let child = v.child.as_mut().unwrap();
+    let status = wait("verged to exit", || child.try_wait().unwrap());
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn check_list_names_every_check() {
+    let o = verge(&["check-list"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    for id in [
+        "config-well-formed",
+        "upstream-connectivity",
+        "connect-management-uri",
+    ] {
+        assert!(text.contains(id), "{text}");
+    }
+    let o = verge(&["--help"]);
+    for cmd in ["check-list", "support-bundle", "system"] {
+        assert!(stdout(&o).contains(cmd), "{}", stdout(&o));
+    }
+    let o = verge(&["system", "--help"]);
+    for cmd in ["stop", "reprovision", "set-log-level"] {
+        assert!(stdout(&o).contains(cmd), "{}", stdout(&o));
+    }
+}
+
+/// Process mode: createOptions the backend does not apply are named in
+/// `verge list` (and verged's log); a container image gets a hint that the
+/// process backend runs executables.
+#[test]
+fn process_mode_names_ignored_create_options_and_container_images() {
+    let v = Verged::start();
+    let spec = json!({
+        "name": "beta",
+        "type": "docker",
+        "imagePullPolicy": "on-create",
+        "config": {
+            "settings": {
+                "image": "/bin/sleep 600",
+                "createOptions": {"Cmd": [], "HostConfig": {"PortBindings": {"80/tcp": [{"HostPort": "8080"}]}}},
+            },
+            "env": [],
+        },
+    });
+    let (s, b) = v.call("POST", "/modules", Some(spec));
+    assert_eq!(s, 201, "{b}");
+    let o = verge(&["-H", &v.host(), "list"]);
+    assert!(
+        stdout(&o).contains("hint: beta: createOptions not applied by the process backend (it applies only Cmd and WorkingDir): HostConfig.PortBindings"),
+        "{}",
+        stdout(&o)
+    );
+    let spec = json!({
+        "name": "sensor",
+        "type": "docker",
+        "imagePullPolicy": "on-create",
+        "config": {
+            "settings": {"image": "mcr.microsoft.com/azureiotedge-simulated-temperature-sensor:1.5", "createOptions": {}},
+            "env": [],
+        },
+    });
+    let (s, b) = v.call("POST", "/modules", Some(spec));
+    assert_eq!(s, 502, "{b}");
+    assert!(
+        b["message"]
+            .as_str()
+            .unwrap()
+            .contains("the process backend runs executables"),
+        "{b}"
+    );
 }

@@ -19,6 +19,9 @@ pub enum CloudError {
     /// The target of a direct method is not connected (404, IoT Hub's DeviceNotOnline).
     #[error("{0}")]
     NotOnline(String),
+    /// The request body is over a size limit (413).
+    #[error("{0}")]
+    TooLarge(String),
     /// The identity already exists and no `If-Match` was given (409).
     #[error("{0}")]
     Conflict(String),
@@ -47,6 +50,7 @@ impl CloudError {
             Self::Unauthorized(_) => 401,
             Self::NotFound(_) | Self::NotOnline(_) => 404,
             Self::Conflict(_) => 409,
+            Self::TooLarge(_) => 413,
             Self::PreconditionFailed(_) => 412,
             Self::Throttled(_) => 429,
             Self::Timeout(_) => 504,
@@ -63,6 +67,7 @@ impl CloudError {
             Self::NotFound(_) => "DeviceNotFound",
             Self::NotOnline(_) => "DeviceNotOnline",
             Self::Conflict(_) => "DeviceAlreadyExists",
+            Self::TooLarge(_) => "MessageTooLarge",
             Self::PreconditionFailed(_) => "PreconditionFailed",
             Self::Throttled(_) => "ThrottlingException",
             Self::Timeout(_) => "GatewayTimeout",

@@ -18,6 +18,7 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 use verge_core::manifest::Deployment;
+use verge_core::method::{MAX_METHOD_PAYLOAD, check_method_name};
 use verge_core::time::Timestamp;
 use verge_core::{ClientId, DeviceId, Message, ModuleId, SasToken, Twin};
 
@@ -36,6 +37,7 @@ use crate::registry::{
     if_match, is_wildcard, new_generation_id,
 };
 use crate::twins::{StoredTwin, merge_tags, replacement_patch};
+use fjall::OwnedWriteBatch;
 
 /// The system modules every edge device has.
 pub const SYSTEM_MODULES: [&str; 2] = ["$edgeAgent", "$edgeHub"];
@@ -175,6 +177,13 @@ struct Pending {
 struct Inner {
     hostname: String,
     db: Db,
+    /// Serializes registry and C2D writes. A writer holds it for the whole
+    /// write (read, commit, apply), so what it read before its commit is
+    /// still current after it; `reg` and `c2d` are only held for in-memory
+    /// work, never across a commit's fsync, so CONNECT, authentication and
+    /// telemetry (which take `reg` on tokio workers) never wait for a disk.
+    /// Lock order: `writer`, then `reg`, then `c2d`.
+    writer: Mutex<()>,
     reg: Mutex<Registry>,
     c2d: Mutex<C2dQueues>,
     conns: Mutex<Conns>,
@@ -184,6 +193,12 @@ struct Inner {
     desired_tx: broadcast::Sender<DesiredEvent>,
     d2c: D2cLog,
     closed: AtomicBool,
+    /// Test hook: each registry or C2D commit first sleeps this long.
+    #[cfg(test)]
+    commit_delay: Mutex<Duration>,
+    /// Test hook: true while a commit is held by `commit_delay`.
+    #[cfg(test)]
+    commit_held: AtomicBool,
 }
 
 /// The cloud's state and operations. Cheap to clone (one `Arc`).
@@ -313,6 +328,7 @@ impl CloudState {
             inner: Arc::new(Inner {
                 hostname: options.hostname,
                 db,
+                writer: Mutex::new(()),
                 reg: Mutex::new(reg),
                 c2d: Mutex::new(c2d),
                 conns: Mutex::new(Conns::default()),
@@ -322,6 +338,10 @@ impl CloudState {
                 desired_tx,
                 d2c,
                 closed: AtomicBool::new(false),
+                #[cfg(test)]
+                commit_delay: Mutex::new(Duration::ZERO),
+                #[cfg(test)]
+                commit_held: AtomicBool::new(false),
             }),
         })
     }
@@ -341,6 +361,18 @@ impl CloudState {
         if let Err(e) = self.inner.db.db.persist(fjall::PersistMode::SyncAll) {
             tracing::warn!(error = %e, "final persist failed");
         }
+    }
+
+    /// Test hook: slows every later registry or C2D commit by `d`.
+    #[cfg(test)]
+    pub(crate) fn set_commit_delay(&self, d: Duration) {
+        *lock(&self.inner.commit_delay) = d;
+    }
+
+    /// Test hook: true while a commit is being slowed.
+    #[cfg(test)]
+    pub(crate) fn commit_held(&self) -> bool {
+        self.inner.commit_held.load(Ordering::Acquire)
     }
 
     async fn blocking<T, F>(&self, f: F) -> Result<T>
@@ -570,7 +602,8 @@ impl CloudState {
             .await
     }
 
-    /// Service PUT of a twin: `tags` and `properties.desired` replaced.
+    /// Service PUT of a twin: `tags` and `properties.desired` replaced. The
+    /// device gets the difference as a desired patch (removed keys `null`).
     pub async fn replace_twin(
         &self,
         client: &ClientId,
@@ -603,7 +636,10 @@ impl CloudState {
     /// field when invalid), then every listed module twin's desired
     /// properties are replaced in one atomic write, creating missing module
     /// identities (`$edgeAgent`, `$edgeHub`, and others as `managedBy:
-    /// IotEdge`). Modules not listed keep their twins.
+    /// IotEdge`). Modules not listed keep their twins. Each module gets the
+    /// difference from its previous desired properties as a desired patch,
+    /// removed keys as `null` (a device merges patches: the new document
+    /// alone would leave removed routes and keys in force).
     pub async fn apply_configuration(&self, device: &str, content: Value) -> Result<()> {
         let d = device.to_owned();
         self.blocking(move |i| i.apply_configuration(&d, &content))
@@ -665,9 +701,12 @@ impl CloudState {
 
     // ---------------------------------------------------------------- methods
 
-    /// Invokes a direct method and waits for the answer. 404 when the target
-    /// is unknown or (after waiting up to `connect_timeout` for it to
-    /// connect) not connected; 504 when it does not answer within
+    /// Invokes a direct method and waits for the answer. 400 when the name
+    /// is not one IoT Hub accepts and 413 when the serialized payload is over
+    /// 128 KB (both before anything is sent: a `#` or `+` in the request
+    /// topic would make the endpoint drop the target's connection); 404 when
+    /// the target is unknown or (after waiting up to `connect_timeout` for it
+    /// to connect) not connected; 504 when it does not answer within
     /// `response_timeout`; 429 when its event queue is full.
     pub async fn invoke_method(
         &self,
@@ -677,6 +716,13 @@ impl CloudState {
         response_timeout: Duration,
         connect_timeout: Duration,
     ) -> Result<MethodResponse> {
+        check_method_name(name).map_err(|e| CloudError::BadRequest(e.to_string()))?;
+        let size = serde_json::to_vec(&payload).map_or(0, |v| v.len());
+        if size > MAX_METHOD_PAYLOAD {
+            return Err(CloudError::TooLarge(format!(
+                "method payload is {size} bytes; the limit is {MAX_METHOD_PAYLOAD}"
+            )));
+        }
         {
             let reg = lock(&self.inner.reg);
             twin_info(&reg, target)?;
@@ -965,6 +1011,19 @@ fn conn_info_mut<'a>(reg: &'a mut Registry, client: &ClientId) -> Result<&'a mut
     }
 }
 
+fn twin_ref<'a>(reg: &'a Registry, client: &ClientId) -> Result<&'a Twin> {
+    let dev = client.device.as_str();
+    let d = reg.devices.get(dev).ok_or_else(|| not_found_device(dev))?;
+    match &client.module {
+        None => Ok(&d.twin),
+        Some(m) => Ok(&d
+            .modules
+            .get(m.as_str())
+            .ok_or_else(|| not_found_module(dev, m.as_str()))?
+            .twin),
+    }
+}
+
 fn twin_mut<'a>(reg: &'a mut Registry, client: &ClientId) -> Result<&'a mut Twin> {
     let dev = client.device.as_str();
     let d = reg
@@ -1013,6 +1072,26 @@ fn new_module(device: &str, module: &str, managed_by: Option<String>) -> ModuleE
 }
 
 impl Inner {
+    /// Commits a durable batch (fdatasync). Runs on the blocking pool.
+    fn commit(&self, batch: OwnedWriteBatch) -> Result<()> {
+        self.before_commit();
+        batch.commit()?;
+        Ok(())
+    }
+
+    #[cfg(test)]
+    fn before_commit(&self) {
+        let d = *lock(&self.commit_delay);
+        if !d.is_zero() {
+            self.commit_held.store(true, Ordering::Release);
+            std::thread::sleep(d);
+            self.commit_held.store(false, Ordering::Release);
+        }
+    }
+
+    #[cfg(not(test))]
+    fn before_commit(&self) {}
+
     fn notify(&self, client: &ClientId, ev: ConnectionEvent) {
         if let Some(c) = lock(&self.conns).map.get(client) {
             c.notify(ev);
@@ -1142,7 +1221,8 @@ impl Inner {
         if_match_hdr: Option<&str>,
     ) -> Result<(DeviceInfo, bool)> {
         check_device_id(id)?;
-        let mut reg = lock(&self.reg);
+        let _writer = lock(&self.writer);
+        let reg = lock(&self.reg);
         let t = now().as_millis();
         let existing = reg.devices.get(id).map(|d| d.rec.clone());
         match (&existing, if_match_hdr) {
@@ -1228,8 +1308,10 @@ impl Inner {
                 }
             }
         }
-        batch.commit()?;
-        // Disk has it; now memory.
+        drop(reg);
+        self.commit(batch)?;
+        // Disk has it; now memory (the writer lock kept it as read).
+        let mut reg = lock(&self.reg);
         if let Some(e) = &existing
             && e.iot_edge
             && let Some(s) = &e.device_scope
@@ -1266,7 +1348,8 @@ impl Inner {
     }
 
     fn delete_device(&self, id: &str, if_match_hdr: Option<&str>) -> Result<()> {
-        let mut reg = lock(&self.reg);
+        let _writer = lock(&self.writer);
+        let reg = lock(&self.reg);
         let d = reg.devices.get(id).ok_or_else(|| not_found_device(id))?;
         if let Some(h) = if_match_hdr
             && !if_match(h, &d.rec.etag())
@@ -1299,15 +1382,15 @@ impl Inner {
                 }
             }
         }
-        let mut c2d = lock(&self.c2d);
-        if let Some(q) = c2d.queues.get(id) {
+        if let Some(q) = lock(&self.c2d).queues.get(id) {
             for m in q {
                 batch.remove(&self.db.c2d, c2d_key(id, m.seq));
             }
         }
-        batch.commit()?;
-        c2d.queues.remove(id);
-        drop(c2d);
+        drop(reg);
+        self.commit(batch)?;
+        let mut reg = lock(&self.reg);
+        lock(&self.c2d).queues.remove(id);
         reg.devices.remove(id);
         if let Some(s) = own_scope {
             reg.scopes.remove(&s);
@@ -1330,12 +1413,15 @@ impl Inner {
         if_match_hdr: Option<&str>,
     ) -> Result<(ModuleInfo, bool)> {
         check_module_id(module)?;
-        let mut reg = lock(&self.reg);
-        let d = reg
-            .devices
-            .get_mut(device)
-            .ok_or_else(|| not_found_device(device))?;
-        let existing = d.modules.get(module).map(|m| m.rec.clone());
+        let _writer = lock(&self.writer);
+        let existing = {
+            let reg = lock(&self.reg);
+            let d = reg
+                .devices
+                .get(device)
+                .ok_or_else(|| not_found_device(device))?;
+            d.modules.get(module).map(|m| m.rec.clone())
+        };
         match (&existing, if_match_hdr) {
             (Some(_), None) => {
                 return Err(CloudError::Conflict(format!(
@@ -1374,7 +1460,12 @@ impl Inner {
                 to_json_bytes(&StoredTwin::from(&twin))?,
             );
         }
-        batch.commit()?;
+        self.commit(batch)?;
+        let mut reg = lock(&self.reg);
+        let d = reg
+            .devices
+            .get_mut(device)
+            .ok_or_else(|| not_found_device(device))?;
         let entry = d.modules.entry(module.to_owned()).or_insert(ModuleEntry {
             rec: rec.clone(),
             twin,
@@ -1391,28 +1482,31 @@ impl Inner {
     }
 
     fn delete_module(&self, device: &str, module: &str, if_match_hdr: Option<&str>) -> Result<()> {
-        let mut reg = lock(&self.reg);
-        let d = reg
-            .devices
-            .get_mut(device)
-            .ok_or_else(|| not_found_device(device))?;
-        let m = d
-            .modules
-            .get(module)
-            .ok_or_else(|| not_found_module(device, module))?;
-        if let Some(h) = if_match_hdr
-            && !if_match(h, &m.rec.etag())
+        let _writer = lock(&self.writer);
         {
-            return Err(CloudError::PreconditionFailed(format!(
-                "etag {h} does not match module {module:?} of device {device:?}"
-            )));
+            let reg = lock(&self.reg);
+            let m = reg
+                .devices
+                .get(device)
+                .ok_or_else(|| not_found_device(device))?
+                .modules
+                .get(module)
+                .ok_or_else(|| not_found_module(device, module))?;
+            if let Some(h) = if_match_hdr
+                && !if_match(h, &m.rec.etag())
+            {
+                return Err(CloudError::PreconditionFailed(format!(
+                    "etag {h} does not match module {module:?} of device {device:?}"
+                )));
+            }
         }
         let mut batch = self.db.durable_batch();
         batch.remove(&self.db.modules, module_key(device, module));
         batch.remove(&self.db.twins, module_key(device, module));
-        batch.commit()?;
-        d.modules.remove(module);
-        drop(reg);
+        self.commit(batch)?;
+        if let Some(d) = lock(&self.reg).devices.get_mut(device) {
+            d.modules.remove(module);
+        }
         lock(&self.conns).map.retain(|c, _| {
             !(c.device.as_str() == device
                 && c.module.as_ref().is_some_and(|m| m.as_str() == module))
@@ -1438,8 +1532,9 @@ impl Inner {
             Some(_) => return Err(CloudError::BadRequest("tags must be a JSON object".into())),
         };
         let desired = desired_of(body)?;
-        let mut reg = lock(&self.reg);
-        let twin = twin_mut(&mut reg, client)?;
+        let _writer = lock(&self.writer);
+        let reg = lock(&self.reg);
+        let twin = twin_ref(&reg, client)?;
         if let Some(h) = if_match_hdr
             && !if_match(h, &twin.etag())
         {
@@ -1486,8 +1581,10 @@ impl Inner {
             twin_key(client),
             to_json_bytes(&StoredTwin::from(&next))?,
         );
-        batch.commit()?;
-        *twin = next;
+        drop(reg);
+        self.commit(batch)?;
+        let mut reg = lock(&self.reg);
+        *twin_mut(&mut reg, client)? = next;
         let info = twin_info(&reg, client)?;
         drop(reg);
         if let Some(p) = event {
@@ -1497,9 +1594,8 @@ impl Inner {
     }
 
     fn patch_reported(&self, client: &ClientId, patch: &Value) -> Result<u64> {
-        let mut reg = lock(&self.reg);
-        let twin = twin_mut(&mut reg, client)?;
-        let mut next = twin.clone();
+        let _writer = lock(&self.writer);
+        let mut next = twin_ref(&lock(&self.reg), client)?.clone();
         let v = next.patch_reported(patch, now())?;
         let mut batch = self.db.durable_batch();
         batch.insert(
@@ -1507,8 +1603,9 @@ impl Inner {
             twin_key(client),
             to_json_bytes(&StoredTwin::from(&next))?,
         );
-        batch.commit()?;
-        *twin = next;
+        self.commit(batch)?;
+        let mut reg = lock(&self.reg);
+        *twin_mut(&mut reg, client)? = next;
         if let Ok(c) = conn_info_mut(&mut reg, client) {
             c.activity_ms = now().as_millis();
         }
@@ -1522,10 +1619,11 @@ impl Inner {
             .get("modulesContent")
             .and_then(Value::as_object)
             .ok_or_else(|| CloudError::BadRequest("modulesContent is required".into()))?;
-        let mut reg = lock(&self.reg);
+        let _writer = lock(&self.writer);
+        let reg = lock(&self.reg);
         let d = reg
             .devices
-            .get_mut(device)
+            .get(device)
             .ok_or_else(|| not_found_device(device))?;
         if !d.rec.iot_edge {
             return Err(CloudError::BadRequest(format!(
@@ -1533,7 +1631,9 @@ impl Inner {
             )));
         }
         let t = now();
-        let mut updated: Vec<ModuleEntry> = Vec::new();
+        // Records and twins only: connection state is not copied, so a
+        // client that connects during the commit stays recorded.
+        let mut updated: Vec<(ModuleRecord, Twin)> = Vec::new();
         let mut patches = Vec::new();
         let mut created = Vec::new();
         for (name, section) in modules {
@@ -1544,51 +1644,66 @@ impl Inner {
                 .get("properties.desired")
                 .cloned()
                 .unwrap_or_else(|| Value::Object(Map::new()));
-            let mut me = match d.modules.get(name) {
-                Some(m) => ModuleEntry {
-                    rec: m.rec.clone(),
-                    twin: m.twin.clone(),
-                    conn: m.conn.clone(),
-                },
+            let (rec, mut twin) = match d.modules.get(name) {
+                Some(m) => (m.rec.clone(), m.twin.clone()),
                 None => {
                     created.push(name.clone());
                     let managed = (!SYSTEM_MODULES.contains(&name.as_str()))
                         .then(|| MANAGED_BY_EDGE.to_owned());
-                    new_module(device, name, managed)
+                    let me = new_module(device, name, managed);
+                    (me.rec, me.twin)
                 }
             };
-            let before = me.twin.desired.properties.clone();
-            let version = me.twin.replace_desired(&desired, t).map_err(|e| {
+            let before = twin.desired.properties.clone();
+            let version = twin.replace_desired(&desired, t).map_err(|e| {
                 CloudError::BadRequest(format!("modulesContent.{name}.properties.desired: {e}"))
             })?;
             // Removed keys go out as nulls: the device merges what it gets.
             patches.push(replacement_patch(
                 &before,
-                &me.twin.desired.properties,
+                &twin.desired.properties,
                 version,
             ));
-            updated.push(me);
-        }
-        let mut batch = self.db.durable_batch();
-        for me in &updated {
-            let key = module_key(device, &me.rec.module_id);
-            if created.contains(&me.rec.module_id) {
-                batch.insert(&self.db.modules, key.clone(), to_json_bytes(&me.rec)?);
-            }
-            batch.insert(
-                &self.db.twins,
-                key,
-                to_json_bytes(&StoredTwin::from(&me.twin))?,
-            );
-        }
-        batch.commit()?;
-        let mut events = Vec::new();
-        for (me, patch) in updated.into_iter().zip(patches) {
-            let mid = me.rec.module_id.clone();
-            events.push((mid.clone(), patch));
-            d.modules.insert(mid, me);
+            updated.push((rec, twin));
         }
         drop(reg);
+        let mut batch = self.db.durable_batch();
+        for (rec, twin) in &updated {
+            let key = module_key(device, &rec.module_id);
+            if created.contains(&rec.module_id) {
+                batch.insert(&self.db.modules, key.clone(), to_json_bytes(rec)?);
+            }
+            batch.insert(&self.db.twins, key, to_json_bytes(&StoredTwin::from(twin))?);
+        }
+        self.commit(batch)?;
+        let mut events = Vec::new();
+        {
+            let mut reg = lock(&self.reg);
+            let d = reg
+                .devices
+                .get_mut(device)
+                .ok_or_else(|| not_found_device(device))?;
+            for ((rec, twin), patch) in updated.into_iter().zip(patches) {
+                let mid = rec.module_id.clone();
+                events.push((mid.clone(), patch));
+                match d.modules.get_mut(&mid) {
+                    Some(m) => {
+                        m.rec = rec;
+                        m.twin = twin;
+                    }
+                    None => {
+                        d.modules.insert(
+                            mid,
+                            ModuleEntry {
+                                rec,
+                                twin,
+                                conn: ConnInfo::default(),
+                            },
+                        );
+                    }
+                }
+            }
+        }
         tracing::info!(device, modules = events.len(), created = ?created, "deployment applied");
         for (mid, patch) in events {
             if let (Ok(dv), Ok(m)) = (DeviceId::new(device), ModuleId::new(&mid)) {
@@ -1596,6 +1711,22 @@ impl Inner {
             }
         }
         Ok(())
+    }
+
+    /// The generation id of a registered device (for C2D feedback).
+    fn generation_of(&self, device: &str) -> Result<String> {
+        lock(&self.reg)
+            .devices
+            .get(device)
+            .map(|d| d.rec.generation_id.clone())
+            .ok_or_else(|| not_found_device(device))
+    }
+
+    /// Records a device's C2D queue depth in its connection state.
+    fn set_c2d_count(&self, device: &str, depth: usize) {
+        if let Some(d) = lock(&self.reg).devices.get_mut(device) {
+            d.conn.c2d_count = depth;
+        }
     }
 
     fn c2d_send(&self, device: &str, mut message: Message, ttl_secs: u64) -> Result<String> {
@@ -1612,18 +1743,9 @@ impl Inner {
         message
             .check_size()
             .map_err(|e| CloudError::BadRequest(e.to_string()))?;
-        let mut reg = lock(&self.reg);
-        let d = reg
-            .devices
-            .get_mut(device)
-            .ok_or_else(|| not_found_device(device))?;
-        let mut c2d = lock(&self.c2d);
-        self.c2d_sweep_locked(&mut c2d, Some(device), &d.rec.generation_id)?;
-        if c2d.depth(device) >= MAX_QUEUE_DEPTH {
-            return Err(CloudError::Throttled(format!(
-                "device {device:?} already has {MAX_QUEUE_DEPTH} C2D messages queued"
-            )));
-        }
+        let _writer = lock(&self.writer);
+        let generation = self.generation_of(device)?;
+        self.c2d_sweep_device(device, &generation)?;
         let t = now();
         let id = message
             .system
@@ -1634,34 +1756,46 @@ impl Inner {
         message.system.to = Some(format!("/devices/{device}/messages/devicebound"));
         message.system.enqueued_time = Some(t);
         message.system.absolute_expiry = Some(t.plus_secs(ttl));
-        let q = Queued {
-            seq: c2d.next_seq,
-            delivery_count: 0,
-            message,
-            lock: None,
+        let q = {
+            let c2d = lock(&self.c2d);
+            if c2d.depth(device) >= MAX_QUEUE_DEPTH {
+                return Err(CloudError::Throttled(format!(
+                    "device {device:?} already has {MAX_QUEUE_DEPTH} C2D messages queued"
+                )));
+            }
+            Queued {
+                seq: c2d.next_seq,
+                delivery_count: 0,
+                message,
+                lock: None,
+            }
         };
         self.db
             .c2d
             .insert(c2d_key(device, q.seq), q.encode().as_ref())?;
+        self.before_commit();
         self.db.db.persist(fjall::PersistMode::SyncData)?;
-        c2d.next_seq += 1;
-        c2d.queues
-            .entry(device.to_owned())
-            .or_default()
-            .push_back(q);
-        d.conn.c2d_count = c2d.depth(device);
+        let depth = {
+            let mut c2d = lock(&self.c2d);
+            c2d.next_seq = c2d.next_seq.max(q.seq + 1);
+            c2d.queues
+                .entry(device.to_owned())
+                .or_default()
+                .push_back(q);
+            c2d.depth(device)
+        };
+        self.set_c2d_count(device, depth);
         Ok(id)
     }
 
     fn c2d_next(&self, device: &str) -> Result<Option<C2dDelivery>> {
-        let reg = lock(&self.reg);
-        let d = reg
-            .devices
-            .get(device)
-            .ok_or_else(|| not_found_device(device))?;
-        let mut c2d = lock(&self.c2d);
-        self.c2d_sweep_locked(&mut c2d, Some(device), &d.rec.generation_id)?;
+        // Held throughout: a message being settled or expired (its commit
+        // under way) is not handed out again meanwhile.
+        let _writer = lock(&self.writer);
+        let generation = self.generation_of(device)?;
+        self.c2d_sweep_device(device, &generation)?;
         let t = now().as_millis();
+        let mut c2d = lock(&self.c2d);
         let Some(q) = c2d
             .queues
             .get_mut(device)
@@ -1680,105 +1814,96 @@ impl Inner {
     }
 
     fn c2d_settle(&self, device: &str, token: &str, how: Settlement) -> Result<()> {
-        let mut reg = lock(&self.reg);
-        let d = reg
-            .devices
-            .get_mut(device)
-            .ok_or_else(|| not_found_device(device))?;
+        let _writer = lock(&self.writer);
+        let generation = self.generation_of(device)?;
         let mut c2d = lock(&self.c2d);
-        let queue = c2d.queues.get_mut(device);
-        let pos = queue.as_ref().and_then(|q| {
-            q.iter()
-                .position(|m| m.lock.as_ref().is_some_and(|(t, _)| t == token))
-        });
-        let (Some(queue), Some(pos)) = (queue, pos) else {
+        let Some(m) = c2d.queues.get_mut(device).and_then(|q| {
+            q.iter_mut()
+                .find(|m| m.lock.as_ref().is_some_and(|(t, _)| t == token))
+        }) else {
             return Err(CloudError::PreconditionFailed(format!(
                 "lock token {token:?} of device {device:?} is unknown or expired"
             )));
         };
-        let outcome = match how {
-            Settlement::Complete => Some("Success"),
-            Settlement::Reject => Some("Rejected"),
-            Settlement::Abandon if queue[pos].delivery_count >= MAX_DELIVERY_COUNT => {
-                Some("DeliveryCountExceeded")
+        let code = match how {
+            Settlement::Complete => "Success",
+            Settlement::Reject => "Rejected",
+            Settlement::Abandon if m.delivery_count >= MAX_DELIVERY_COUNT => {
+                "DeliveryCountExceeded"
             }
-            Settlement::Abandon => None,
-        };
-        match outcome {
-            None => {
-                let m = &mut queue[pos];
+            Settlement::Abandon => {
                 m.lock = None;
                 // The delivery count survives restarts; no sync needed for it.
                 self.db
                     .c2d
                     .insert(c2d_key(device, m.seq), m.encode().as_ref())?;
+                return Ok(());
             }
-            Some(code) => {
-                let m = queue[pos].clone();
-                let mut batch = self.db.durable_batch();
-                batch.remove(&self.db.c2d, c2d_key(device, m.seq));
-                let seq = c2d.next_feedback;
-                batch.insert(
-                    &self.db.feedback,
-                    seq.to_be_bytes(),
-                    feedback_json(&m, code, device, &d.rec.generation_id)?,
-                );
-                batch.commit()?;
-                c2d.next_feedback += 1;
-                if let Some(q) = c2d.queues.get_mut(device) {
-                    q.remove(pos);
-                }
+        };
+        let m = m.clone();
+        let seq = c2d.next_feedback;
+        drop(c2d);
+        let mut batch = self.db.durable_batch();
+        batch.remove(&self.db.c2d, c2d_key(device, m.seq));
+        batch.insert(
+            &self.db.feedback,
+            seq.to_be_bytes(),
+            feedback_json(&m, code, device, &generation)?,
+        );
+        self.commit(batch)?;
+        let depth = {
+            let mut c2d = lock(&self.c2d);
+            c2d.next_feedback = c2d.next_feedback.max(seq + 1);
+            if let Some(q) = c2d.queues.get_mut(device) {
+                q.retain(|x| x.seq != m.seq);
             }
-        }
-        d.conn.c2d_count = c2d.depth(device);
+            c2d.depth(device)
+        };
+        self.set_c2d_count(device, depth);
         Ok(())
     }
 
     fn c2d_sweep(&self, only: Option<&str>) -> Result<()> {
-        let reg = lock(&self.reg);
-        let mut c2d = lock(&self.c2d);
+        let _writer = lock(&self.writer);
         let devices: Vec<String> = match only {
             Some(d) => vec![d.to_owned()],
-            None => c2d.queues.keys().cloned().collect(),
+            None => lock(&self.c2d).queues.keys().cloned().collect(),
         };
         for dev in devices {
-            let generation = reg
-                .devices
-                .get(&dev)
-                .map(|d| d.rec.generation_id.clone())
-                .unwrap_or_default();
-            self.c2d_sweep_locked(&mut c2d, Some(&dev), &generation)?;
+            // A queue without a device (deleted meanwhile) still expires.
+            let generation = self.generation_of(&dev).unwrap_or_default();
+            self.c2d_sweep_device(&dev, &generation)?;
         }
         Ok(())
     }
 
     /// Drops expired messages of one device (recording feedback) and frees
-    /// stale locks. Callers hold the c2d lock.
-    fn c2d_sweep_locked(
-        &self,
-        c2d: &mut C2dQueues,
-        device: Option<&str>,
-        generation: &str,
-    ) -> Result<()> {
-        let Some(device) = device else { return Ok(()) };
+    /// stale locks. Callers hold the writer lock, and neither `reg` nor
+    /// `c2d`: the feedback commit runs without them.
+    fn c2d_sweep_device(&self, device: &str, generation: &str) -> Result<()> {
         let t = now();
-        let Some(q) = c2d.queues.get_mut(device) else {
-            return Ok(());
-        };
-        for m in q.iter_mut() {
-            if m.lock
-                .as_ref()
-                .is_some_and(|(_, at)| t.as_millis() - at > LOCK_TIMEOUT_MS)
-            {
-                m.lock = None;
+        let (expired, first) = {
+            let mut c2d = lock(&self.c2d);
+            let first = c2d.next_feedback;
+            let Some(q) = c2d.queues.get_mut(device) else {
+                return Ok(());
+            };
+            for m in q.iter_mut() {
+                if m.lock
+                    .as_ref()
+                    .is_some_and(|(_, at)| t.as_millis() - at > LOCK_TIMEOUT_MS)
+                {
+                    m.lock = None;
+                }
             }
-        }
-        let expired: Vec<Queued> = q.iter().filter(|m| m.expired(t)).cloned().collect();
+            let expired: Vec<Queued> = q.iter().filter(|m| m.expired(t)).cloned().collect();
+            (expired, first)
+        };
         if expired.is_empty() {
             return Ok(());
         }
         let mut batch = self.db.durable_batch();
-        let mut seq = c2d.next_feedback;
+        let mut seq = first;
         for m in &expired {
             batch.remove(&self.db.c2d, c2d_key(device, m.seq));
             batch.insert(
@@ -1788,11 +1913,16 @@ impl Inner {
             );
             seq += 1;
         }
-        batch.commit()?;
-        c2d.next_feedback = seq;
-        if let Some(q) = c2d.queues.get_mut(device) {
-            q.retain(|m| !m.expired(t));
-        }
+        self.commit(batch)?;
+        let depth = {
+            let mut c2d = lock(&self.c2d);
+            c2d.next_feedback = c2d.next_feedback.max(seq);
+            if let Some(q) = c2d.queues.get_mut(device) {
+                q.retain(|m| !expired.iter().any(|e| e.seq == m.seq));
+            }
+            c2d.depth(device)
+        };
+        self.set_c2d_count(device, depth);
         Ok(())
     }
 }

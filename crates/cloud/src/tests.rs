@@ -691,6 +691,134 @@ async fn methods_route_time_out_and_need_a_connection() {
 }
 
 #[tokio::test]
+async fn methods_with_bad_names_or_big_payloads_are_refused_before_sending() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    c.put_device("d", DeviceSpec::default(), None)
+        .await
+        .unwrap();
+    let id = dev("d");
+    let mut conn = c.connect(&id).unwrap();
+    let ms = Duration::from_millis;
+    // MQTT wildcards, topic separators and spaces cannot be a topic level.
+    for name in ["a#b", "a+b", "a/b", "a b", "", &"x".repeat(129)] {
+        let e = c
+            .invoke_method(&id, name, json!(1), ms(100), ms(0))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, CloudError::BadRequest(_)), "{name:?}: {e:?}");
+        assert_eq!(e.status(), 400);
+    }
+    // 128 KB of serialized JSON is the limit.
+    let at_limit = json!("x".repeat(verge_core::method::MAX_METHOD_PAYLOAD - 2));
+    let over = json!("x".repeat(verge_core::method::MAX_METHOD_PAYLOAD - 1));
+    let e = c
+        .invoke_method(&id, "big", over, ms(100), ms(0))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), 413, "{e:?}");
+    // Nothing reached the connection.
+    assert!(conn.rx.try_recv().is_err());
+    // A good name with a payload at the limit is delivered.
+    let e = c
+        .invoke_method(&id, "ok", at_limit, ms(50), ms(0))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), 504);
+    match conn.rx.try_recv() {
+        Ok(ConnectionEvent::Method(m)) => assert_eq!(m.name, "ok"),
+        other => panic!("expected the method request, got {other:?}"),
+    }
+}
+
+/// A registry write holds its commit (fsync) for 2 s: meanwhile devices
+/// still authenticate, connect and get their telemetry on disk, because the
+/// registry lock is not held across the commit. Connections made during the
+/// write stay recorded after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_registry_commits_do_not_stall_connects_or_telemetry() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    let keys = SymmetricKeys::generate();
+    let spec = DeviceSpec {
+        keys: Some(keys.clone()),
+        ..DeviceSpec::default()
+    };
+    c.put_device("d", spec, None).await.unwrap();
+    c.put_device("edge", edge(), None).await.unwrap();
+    let token = SasToken::sign(
+        "cloud.test/devices/d",
+        &SharedAccessKey::from_base64(&keys.primary).unwrap(),
+        4_000_000_000,
+        None,
+    )
+    .to_string();
+    let hold = Duration::from_secs(2);
+    c.set_commit_delay(hold);
+    let write = tokio::spawn({
+        let c = c.clone();
+        async move {
+            let agent = json!({
+                "schemaVersion": "1.1",
+                "runtime": {"type": "docker", "settings": {"minDockerVersion": "v1.25"}},
+                "systemModules": {
+                    "edgeAgent": {"type": "docker", "settings": {"image": "a:1", "createOptions": "{}"}},
+                    "edgeHub": {"type": "docker", "status": "running", "restartPolicy": "always",
+                        "settings": {"image": "h:1", "createOptions": "{}"}}
+                },
+                "modules": {}
+            });
+            let hub = json!({"schemaVersion": "1.1", "routes": {},
+                "storeAndForwardConfiguration": {"timeToLiveSecs": 7200}});
+            let content = json!({"modulesContent": {
+                "$edgeAgent": {"properties.desired": agent},
+                "$edgeHub": {"properties.desired": hub}
+            }});
+            c.apply_configuration("edge", content).await
+        }
+    });
+    // Wait (bounded) until the write is inside its commit.
+    let t0 = std::time::Instant::now();
+    while !c.commit_held() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the write never committed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let t1 = std::time::Instant::now();
+    let (id, _conn, _agent) = tokio::time::timeout(hold / 2, async {
+        let id = c.verify_device_token("d", &token).unwrap();
+        let conn = c.connect(&id).unwrap();
+        let agent = c.connect(&module("edge", "$edgeAgent")).unwrap();
+        // What the endpoint waits for before its PUBACK.
+        c.ingest(&id, Message::new(b"t".to_vec())).await.unwrap();
+        (id, conn, agent)
+    })
+    .await
+    .unwrap_or_else(|_| panic!("CONNECT/PUBACK stalled behind a registry commit"));
+    assert!(t1.elapsed() < hold / 2);
+    assert!(!write.is_finished(), "the commit was still held");
+    write.await.unwrap().unwrap();
+    c.set_commit_delay(Duration::ZERO);
+    assert!(c.get_device("d").unwrap().conn.connected);
+    let agent = c.get_module("edge", "$edgeAgent").unwrap();
+    assert!(
+        agent.conn.connected,
+        "the write kept a stale connection state"
+    );
+    assert_eq!(
+        c.get_twin(&module("edge", "$edgeHub"))
+            .unwrap()
+            .twin
+            .desired
+            .version,
+        1
+    );
+    assert!(c.is_connected(&id));
+}
+
+#[tokio::test]
 async fn c2d_delivery_settlement_feedback_and_expiry() {
     let dir = tempfile::tempdir().unwrap();
     let c = open(dir.path());

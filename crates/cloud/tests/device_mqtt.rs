@@ -311,6 +311,16 @@ async fn devices_and_modules_over_mqtt() {
     assert_eq!(patch["rate"], 5);
     assert!(patch["$version"].is_u64());
 
+    // Names no MQTT topic can carry are refused (400) before anything is
+    // sent, and the device's connection stays up: the next call reaches it.
+    for name in ["re#boot", "re+boot"] {
+        let e = cloud
+            .invoke_method(&dev, name, json!(1), T, T)
+            .await
+            .unwrap_err();
+        assert_eq!(e.status(), 400, "{name}: {e}");
+    }
+
     // Direct method, answered by the device.
     let call = {
         let cloud = cloud.clone();

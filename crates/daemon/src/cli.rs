@@ -57,13 +57,34 @@ async fn runtime_for(config: &Config) -> anyhow::Result<Arc<dyn ModuleRuntime>> 
 }
 
 /// SIGTERM or SIGINT, the shared way (logged); with no handlers, never.
-async fn shutdown_signal(mut signals: Option<verge_shutdown::Signals>) {
-    match &mut signals {
+async fn shutdown_signal(signals: Option<&mut verge_shutdown::Signals>) {
+    match signals {
         Some(s) => match s.recv().await {
             Ok(signal) => tracing::info!(%signal, "stop requested"),
             Err(e) => tracing::error!(error = %e, "signal handlers failed; stopping"),
         },
         None => std::future::pending().await,
+    }
+}
+
+/// Whether stderr is connected to the systemd journal: `JOURNAL_STREAM`
+/// names its device and inode (systemd.exec(5)), and they must be stderr's
+/// own (a child of a journald service inherits the variable, not the stream).
+fn stderr_is_journal() -> bool {
+    let Some(v) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = v.to_str().and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    // `st_dev`/`st_ino` are u64 here but narrower on some targets.
+    #[allow(clippy::unnecessary_cast)]
+    match nix::sys::stat::fstat(std::io::stderr()) {
+        Ok(st) => st.st_dev as u64 == dev && st.st_ino as u64 == ino,
+        Err(_) => false,
     }
 }
 
@@ -74,10 +95,10 @@ where
     T: Into<std::ffi::OsString> + Clone,
 {
     let args = Args::parse_from(args);
-    verge_log::init(verge_log::Stream::Stderr);
     let config = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
+            verge_log::init(verge_log::Stream::Stderr);
             eprintln!("verged: invalid configuration: {e}");
             return ExitCode::from(2);
         }
@@ -86,6 +107,24 @@ where
         println!("configuration OK");
         return ExitCode::SUCCESS;
     }
+    // Without a journal behind stderr, verged's log would be wherever its
+    // stderr went: keep a copy where `verge system logs` and the support
+    // bundle find it.
+    let tee = if stderr_is_journal() {
+        None
+    } else {
+        let path = crate::daemon::verged_log_path(&config.homedir);
+        match verge_log::LogFile::open(path.clone(), 4 * 1024 * 1024, 3) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!("verged: cannot write its log to {}: {e}", path.display());
+                None
+            }
+        }
+    };
+    let log = verge_log::init_with(verge_log::Stream::Stderr, tee);
+    apply_config_log_level(&config, log.as_ref());
+    let control = crate::mgmt::DaemonControl::new(args.config.clone(), log);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -93,17 +132,42 @@ where
             return ExitCode::FAILURE;
         }
     };
-    let result = rt.block_on(async {
+    let result: anyhow::Result<()> = rt.block_on(async {
         // Installed first, so a stop request during start-up is not lost.
-        let signals = match verge_shutdown::Signals::install() {
+        let mut signals = match verge_shutdown::Signals::install() {
             Ok(s) => Some(s),
             Err(e) => {
                 tracing::error!(error = %e, "cannot install signal handlers; stop with SIGKILL");
                 None
             }
         };
+        // One runtime for every run: its modules keep running while verged
+        // reprovisions (a new process runtime would kill them as orphans).
         let runtime = runtime_for(&config).await?;
-        crate::daemon::run(config, runtime, shutdown_signal(signals)).await
+        let mut config = config;
+        loop {
+            let c = control.clone();
+            let signals = signals.as_mut();
+            let shutdown = async move {
+                tokio::select! {
+                    () = shutdown_signal(signals) => {}
+                    () = c.wait() => {}
+                }
+            };
+            crate::daemon::run_with(config, runtime.clone(), shutdown, Some(control.clone()))
+                .await?;
+            if !control.take_reprovision() {
+                return Ok(());
+            }
+            // `verge system reprovision`: the identity from the file as it is now.
+            config =
+                Config::load(&args.config).map_err(|e| anyhow::anyhow!("reprovisioning: {e}"))?;
+            tracing::info!(
+                device = %config.provisioning.device_id,
+                hub = %config.provisioning.iothub_hostname,
+                "reprovisioned from the config file; starting again"
+            );
+        }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -111,5 +175,18 @@ where
             eprintln!("verged: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The config's `log_level` (`verge system set-log-level` keeps it there),
+/// unless the environment sets one (`RUST_LOG`, `RuntimeLogLevel`).
+fn apply_config_log_level(config: &Config, log: Option<&verge_log::Handle>) {
+    let from_env = ["RUST_LOG", "RuntimeLogLevel"]
+        .iter()
+        .any(|k| std::env::var(k).is_ok_and(|v| !v.trim().is_empty()));
+    if let (Some(level), Some(h), false) = (&config.log_level, log, from_env)
+        && let Err(e) = h.set_runtime_log_level(level)
+    {
+        tracing::warn!("log_level: {e}");
     }
 }

@@ -3,6 +3,8 @@
 //! ```toml
 //! hostname = "edge1.local"
 //! homedir = "/var/lib/verge/edged"
+//! # log_level = "info"   (fatal, error, warning, info, debug, verbose; RUST_LOG
+//! #                       or RuntimeLogLevel in verged's environment win)
 //! # parent_hostname = "parent.local"
 //! # trust_bundle_cert = "/etc/verge/trust-bundle.pem"
 //!
@@ -113,6 +115,9 @@ pub struct Config {
     pub connect: ConnectConfig,
     /// Where verged listens.
     pub listen: ListenConfig,
+    /// verged's log level (`RuntimeLogLevel` names), when `RUST_LOG` and
+    /// `RuntimeLogLevel` are unset; `verge system set-log-level` writes it.
+    pub log_level: Option<String>,
     /// Lifetime of issued server certificates, when shorter than the default
     /// ([`crate::ca::SERVER_CERT_DAYS`]): a test knob (renewal tests), `None`
     /// in production.
@@ -224,6 +229,7 @@ struct RawConfig {
     connect: Option<RawEndpoints>,
     listen: Option<RawEndpoints>,
     server_cert_lifetime_secs: Option<Spanned<i64>>,
+    log_level: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -526,7 +532,17 @@ impl Config {
             None => None,
         };
 
+        let log_level = match &raw.log_level {
+            Some(v) => {
+                verge_log::runtime_log_level(v.get_ref())
+                    .map_err(|e| ctx.err(Some(v.span()), "log_level", e))?;
+                Some(v.get_ref().trim().to_ascii_lowercase())
+            }
+            None => None,
+        };
+
         Ok(Config {
+            log_level,
             source_path: path.to_path_buf(),
             hostname,
             parent_hostname: raw.parent_hostname.filter(|p| !p.trim().is_empty()),

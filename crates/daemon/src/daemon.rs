@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use verge_runtime::process::OutputLog;
 use verge_runtime::{ModuleRuntime, ModuleSpec, ModuleStatus};
 use verge_shutdown::CancellationToken;
 
@@ -16,7 +17,7 @@ use crate::config::{AgentKind, Config};
 use crate::env::{EnvContext, WorkloadUriStyle, agent_env};
 use crate::http::{ServedSocket, bind_unix};
 use crate::keys::{IdentityStore, canonical_module_id, store_device_key};
-use crate::mgmt::{MgmtExtras, MgmtState, router_with as mgmt_router_with};
+use crate::mgmt::{DaemonControl, MgmtExtras, MgmtState, router_with as mgmt_router_with};
 use crate::supervision::AgentMonitor;
 use crate::workload::{CallerCheck, DaemonState, WorkloadSockets};
 
@@ -41,6 +42,17 @@ pub async fn run(
     config: Config,
     runtime: Arc<dyn ModuleRuntime>,
     shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    run_with(config, runtime, shutdown, None).await
+}
+
+/// [`run`], controllable through the management API (`/system/*`): the
+/// caller also ends the run when `control` asks (see [`DaemonControl`]).
+pub async fn run_with(
+    config: Config,
+    runtime: Arc<dyn ModuleRuntime>,
+    shutdown: impl Future<Output = ()>,
+    control: Option<Arc<DaemonControl>>,
 ) -> anyhow::Result<()> {
     // Startup file I/O, off the async workers.
     let cfg = config.clone();
@@ -120,6 +132,13 @@ pub async fn run(
         },
     };
 
+    // A process agent's output, kept as a process module's is, so
+    // `verge logs edgeAgent` and the support bundle read it.
+    let agent_log = Arc::new(OutputLog::new(
+        agent_log_dir(&config.homedir),
+        AGENT_LOG_MAX_BYTES,
+        AGENT_LOG_MAX_FILES,
+    ));
     let mgmt_path = config.listen.management_socket.clone();
     let listener = bind_unix(&mgmt_path, 0o660)
         .with_context(|| format!("binding the management socket {}", mgmt_path.display()))?;
@@ -136,7 +155,9 @@ pub async fn run(
             },
             MgmtExtras {
                 agent: Some(monitor.clone()),
+                agent_log: (config.agent.kind == AgentKind::Process).then(|| agent_log.clone()),
                 homedir: Some(config.homedir.clone()),
+                control: control.clone(),
             },
         ),
     );
@@ -200,6 +221,8 @@ pub async fn run(
                 config.agent.image.clone(),
                 env,
                 monitor.clone(),
+                agent_log.clone(),
+                control.clone(),
                 tasks.token(),
             ),
         ),
@@ -249,13 +272,39 @@ async fn sleep_or_stop(d: Duration, stop: &CancellationToken) -> bool {
     }
 }
 
+/// Where verged keeps its own log when no journal keeps its stderr
+/// (`verged.log`, `verged.log.1` …).
+pub fn verged_log_path(homedir: &std::path::Path) -> PathBuf {
+    homedir.join("logs").join("verged.log")
+}
+
+/// Where a process agent's output is kept (`output.log`, `output.log.1` …).
+pub fn agent_log_dir(homedir: &std::path::Path) -> PathBuf {
+    homedir.join("agent").join("logs")
+}
+
+/// Size at which the agent's log is rotated.
+const AGENT_LOG_MAX_BYTES: u64 = 1024 * 1024;
+/// Agent log files kept, the current one included.
+const AGENT_LOG_MAX_FILES: usize = 3;
+
+/// How the agent's run ended.
+enum RunEnd {
+    Exited(std::io::Result<std::process::ExitStatus>),
+    Stop,
+    Restart,
+}
+
 /// Runs the agent as a child process and restarts it with exponential
-/// back-off when it exits; on stop, SIGTERM then SIGKILL after 10 s.
+/// back-off when it exits, or at once when asked to (management API); on
+/// stop, SIGTERM then SIGKILL after 10 s. Its stdout and stderr go to `log`.
 async fn process_watchdog(
     name: String,
     image: String,
     env: BTreeMap<String, String>,
     monitor: AgentMonitor,
+    log: Arc<OutputLog>,
+    control: Option<Arc<DaemonControl>>,
     stop: CancellationToken,
 ) {
     let Some((program, args)) = split_command(&image) else {
@@ -269,9 +318,17 @@ async fn process_watchdog(
             return;
         }
         let started = Instant::now();
-        let mut child = match tokio::process::Command::new(&program)
-            .args(&args)
-            .envs(&env)
+        let mut cmd = tokio::process::Command::new(&program);
+        cmd.args(&args).envs(&env);
+        // `verge system set-log-level` at run time: it wins over the config
+        // and over a RUST_LOG inherited from verged.
+        if let Some(level) = control.as_ref().and_then(|c| c.agent_log_level()) {
+            cmd.env("RuntimeLogLevel", level).env_remove("RUST_LOG");
+        }
+        let mut child = match cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
         {
@@ -287,17 +344,33 @@ async fn process_watchdog(
                 continue;
             }
         };
+        let output = log.capture(child.stdout.take(), child.stderr.take()).await;
         tracing::info!(agent = %name, pid = ?child.id(), "agent started");
         monitor.started(child.id());
-        let exited = tokio::select! {
-            status = child.wait() => Some(status),
-            () = stop.cancelled() => None,
+        let end = tokio::select! {
+            status = child.wait() => RunEnd::Exited(status),
+            () = stop.cancelled() => RunEnd::Stop,
+            () = monitor.restart_requested() => RunEnd::Restart,
         };
-        let Some(status) = exited else {
-            terminate(&mut child, Duration::from_secs(10)).await;
-            monitor.stopped();
-            tracing::info!(agent = %name, "agent stopped");
-            return;
+        let status = match end {
+            RunEnd::Exited(status) => {
+                output.finish().await;
+                status
+            }
+            RunEnd::Stop => {
+                terminate(&mut child, Duration::from_secs(10)).await;
+                output.finish().await;
+                monitor.stopped();
+                tracing::info!(agent = %name, "agent stopped");
+                return;
+            }
+            RunEnd::Restart => {
+                tracing::info!(agent = %name, "restarting the agent (requested)");
+                terminate(&mut child, Duration::from_secs(10)).await;
+                output.finish().await;
+                delay = BACKOFF_START;
+                continue;
+            }
         };
         {
             use std::os::unix::process::ExitStatusExt as _;

@@ -6,6 +6,11 @@
 //! is root or verged's own uid. With the process backend the agent and the
 //! modules share verged's uid, so there "access to the socket = agent".
 //!
+//! The process agent is verged's child, not a module of the runtime; its
+//! name still answers `/modules/{name}/logs` (its captured output) and
+//! `/modules/{name}/restart` (the watchdog restarts it), as a docker agent's
+//! does through the runtime.
+//!
 //! Besides aziot's paths, verged serves three read-only Verge extensions
 //! (same `api-version`), for `verge system status`, `list` and `check`:
 //!
@@ -27,6 +32,16 @@
 //!   "disks":[{"name","mount_point","available_space","total_space","file_system"}],
 //!   "docker_stats":null,"modules":[{"name","pid","processes","cpu_percent",
 //!   "memory_bytes"}],"notes":[…]}`. It takes a quarter second (CPU sampling).
+//!
+//! and three mutating ones for `verge system` (so root or verged's uid only;
+//! 404 from a router built without a [`DaemonControl`]):
+//!
+//! * `POST /system/stop` — 202 `{"message"}`; verged stops (its agent with it).
+//! * `POST /system/reprovision` — verged re-reads its config file; 400 with
+//!   the reason when it could not start with it (DPS is refused there), else
+//!   202 `{"message"}` and verged restarts in-process with that identity.
+//! * `PUT /system/loglevel` `{"level":"debug"}` — verged's filter now, and a
+//!   process agent restarted with `RuntimeLogLevel`; 200 `{"message"}`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -44,6 +59,7 @@ use axum::routing::{get, post, put};
 use futures_util::StreamExt as _;
 use verge_core::id::ModuleId;
 use verge_core::time::Timestamp;
+use verge_runtime::process::OutputLog;
 use verge_runtime::{
     LogOptions, ModuleRuntime, ModuleSpec, ModuleState, ModuleStatus, RegistryAuth, RuntimeError,
 };
@@ -78,6 +94,54 @@ pub struct MgmtState {
     pub allowed_uid: u32,
 }
 
+/// What the CLI asks of verged itself (Verge extensions, mutating, so root
+/// or verged's uid only): stop, re-run provisioning, change the log level.
+/// verged's `main` waits on it beside the signals.
+pub struct DaemonControl {
+    config_path: PathBuf,
+    end_run: tokio::sync::Notify,
+    reprovision: std::sync::atomic::AtomicBool,
+    log: Option<verge_log::Handle>,
+    agent_log_level: std::sync::Mutex<Option<String>>,
+}
+
+impl DaemonControl {
+    /// For a verged started with `config_path`; `log` changes its filter.
+    pub fn new(config_path: PathBuf, log: Option<verge_log::Handle>) -> Arc<Self> {
+        Arc::new(Self {
+            config_path,
+            end_run: tokio::sync::Notify::new(),
+            reprovision: std::sync::atomic::AtomicBool::new(false),
+            log,
+            agent_log_level: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// Completes when a stop or a reprovisioning was asked for.
+    pub async fn wait(&self) {
+        self.end_run.notified().await;
+    }
+
+    /// Whether the run ended for a reprovisioning (and clears it).
+    pub fn take_reprovision(&self) -> bool {
+        self.reprovision
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The agent's `RuntimeLogLevel` set at run time, if any.
+    pub fn agent_log_level(&self) -> Option<String> {
+        self.agent_log_level
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn end(&self) {
+        // `notify_one` keeps the request when `main` is not waiting yet.
+        self.end_run.notify_one();
+    }
+}
+
 /// What verged adds to the management state: the agent it supervises and
 /// its homedir (for disk usage). Kept apart from [`MgmtState`] so callers
 /// that build a plain router need not know about them.
@@ -85,8 +149,12 @@ pub struct MgmtState {
 pub struct MgmtExtras {
     /// The supervised agent, if any.
     pub agent: Option<AgentMonitor>,
+    /// A process agent's captured output (a docker agent's is the runtime's).
+    pub agent_log: Option<Arc<OutputLog>>,
     /// verged's homedir.
     pub homedir: Option<PathBuf>,
+    /// Stop, reprovision, log level (`None`: `/system/*` answer 404).
+    pub control: Option<Arc<DaemonControl>>,
 }
 
 #[derive(Clone)]
@@ -129,6 +197,9 @@ pub fn router_with(state: MgmtState, extras: MgmtExtras) -> Router {
         .route("/systeminfo/agent", get(agent_info))
         .route("/systeminfo/resources", get(system_resources))
         .route("/certificates", get(certificates))
+        .route("/system/stop", post(system_stop))
+        .route("/system/reprovision", post(system_reprovision))
+        .route("/system/loglevel", put(system_log_level))
         .fallback(|| async { ApiError::not_found("no such management API path") })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -213,11 +284,27 @@ fn details(s: ModuleState, kind: &str) -> ModuleDetails {
             exit_status,
             runtime_status: RuntimeStatus {
                 status: status.to_owned(),
-                description: None,
+                description: process_hint(kind, &s.spec.create_options),
             },
         },
         labels: s.spec.labels,
     }
+}
+
+/// What a process module does not get of its createOptions, as its status
+/// description (docker applies them all).
+fn process_hint(kind: &str, create_options: &serde_json::Value) -> Option<String> {
+    if kind != "process" {
+        return None;
+    }
+    let ignored = verge_runtime::process::ignored_create_options(create_options);
+    (!ignored.is_empty()).then(|| {
+        format!(
+            "createOptions not applied by the process backend (it applies only {}): {}",
+            verge_runtime::process::APPLIED_CREATE_OPTIONS.join(" and "),
+            ignored.join(", ")
+        )
+    })
 }
 
 async fn runtime_kind(state: &MgmtState) -> String {
@@ -391,12 +478,51 @@ async fn stop_module(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The process agent verged supervises, when `name` is its name (the
+/// runtime does not know it: it is verged's child, not a module).
+fn supervised_process_agent<'a>(full: &'a Full, name: &str) -> Option<&'a AgentMonitor> {
+    full.extras
+        .agent
+        .as_ref()
+        .filter(|a| full.extras.agent_log.is_some() && a.snapshot().name == name)
+}
+
+/// How long a restart of the process agent may take (its SIGTERM grace is 10 s).
+const AGENT_RESTART_TIMEOUT: Duration = Duration::from_secs(30);
+
 async fn restart_module(
-    State(state): State<MgmtState>,
+    State(full): State<Full>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    state.runtime.restart(&name).await.map_err(runtime_err)?;
-    Ok(StatusCode::NO_CONTENT)
+    match full.base.runtime.restart(&name).await {
+        Ok(()) => Ok(StatusCode::NO_CONTENT),
+        Err(RuntimeError::NotFound(e)) => {
+            let Some(agent) = supervised_process_agent(&full, &name) else {
+                return Err(runtime_err(RuntimeError::NotFound(e)));
+            };
+            let before = agent.snapshot().start_time;
+            agent.request_restart();
+            // Answer once it runs again, so `verge restart` means it.
+            let restarted = tokio::time::timeout(AGENT_RESTART_TIMEOUT, async {
+                loop {
+                    let now = agent.snapshot();
+                    if now.status == "running" && now.start_time != before {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+            .await;
+            match restarted {
+                Ok(()) => Ok(StatusCode::NO_CONTENT),
+                Err(_) => Err(ApiError::internal(format!(
+                    "{name} was asked to restart but does not run again within {AGENT_RESTART_TIMEOUT:?}; \
+                     verged keeps retrying (see `verge system status`)"
+                ))),
+            }
+        }
+        Err(e) => Err(runtime_err(e)),
+    }
 }
 
 fn parse_bool(q: &HashMap<String, String>, key: &str) -> Result<bool, ApiError> {
@@ -439,16 +565,24 @@ pub fn parse_log_options(q: &HashMap<String, String>) -> Result<LogOptions, ApiE
 }
 
 async fn module_logs(
-    State(state): State<MgmtState>,
+    State(full): State<Full>,
     Path(name): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let opts = parse_log_options(&q)?;
-    let stream = state
-        .runtime
-        .logs(&name, &opts)
-        .await
-        .map_err(runtime_err)?;
+    let stream = match full.base.runtime.logs(&name, &opts).await {
+        Ok(s) => s,
+        Err(RuntimeError::NotFound(e)) => {
+            match (
+                supervised_process_agent(&full, &name),
+                &full.extras.agent_log,
+            ) {
+                (Some(_), Some(log)) => log.stream(&opts).await.map_err(runtime_err)?,
+                _ => return Err(runtime_err(RuntimeError::NotFound(e))),
+            }
+        }
+        Err(e) => return Err(runtime_err(e)),
+    };
     let body =
         Body::from_stream(stream.map(|r| r.map_err(|e| std::io::Error::other(e.to_string()))));
     let mut resp = Response::new(body);
@@ -690,4 +824,106 @@ async fn system_resources(State(full): State<Full>) -> Result<Response, ApiError
     .await
     .map_err(join)?;
     Ok(json_response(StatusCode::OK, &out))
+}
+
+fn control(full: &Full) -> Result<&Arc<DaemonControl>, ApiError> {
+    full.extras
+        .control
+        .as_ref()
+        .ok_or_else(|| ApiError::not_found("this verged cannot be controlled through its API"))
+}
+
+#[derive(serde::Serialize)]
+struct MessageJson {
+    message: String,
+}
+
+async fn system_stop(State(full): State<Full>) -> Result<Response, ApiError> {
+    let c = control(&full)?;
+    tracing::info!("stop requested through the management API");
+    c.end();
+    Ok(json_response(
+        StatusCode::ACCEPTED,
+        &MessageJson {
+            message: "verged is stopping (with its agent; modules keep running)".to_owned(),
+        },
+    ))
+}
+
+async fn system_reprovision(State(full): State<Full>) -> Result<Response, ApiError> {
+    let c = control(&full)?.clone();
+    let path = c.config_path.clone();
+    // Provisioning is re-run from the config file as it is now: refuse
+    // before stopping anything if verged could not start with it.
+    let config = tokio::task::spawn_blocking(move || crate::config::Config::load(&path))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::bad_request(format!("cannot reprovision: {e}")))?;
+    tracing::info!(
+        device = %config.provisioning.device_id,
+        hub = %config.provisioning.iothub_hostname,
+        "reprovisioning requested: restarting with the identity from the config file"
+    );
+    c.reprovision
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    c.end();
+    Ok(json_response(
+        StatusCode::ACCEPTED,
+        &MessageJson {
+            message: format!(
+                "reprovisioning: verged restarts as device {} on {} (manual provisioning, from {})",
+                config.provisioning.device_id,
+                config.provisioning.iothub_hostname,
+                c.config_path.display()
+            ),
+        },
+    ))
+}
+
+#[derive(serde::Deserialize)]
+struct LogLevelRequest {
+    level: String,
+}
+
+async fn system_log_level(State(full): State<Full>, body: Bytes) -> Result<Response, ApiError> {
+    let c = control(&full)?;
+    let req: LogLevelRequest = parse_body(&body)?;
+    verge_log::runtime_log_level(&req.level).map_err(ApiError::bad_request)?;
+    let level = req.level.trim().to_ascii_lowercase();
+    match &c.log {
+        Some(h) => h
+            .set_runtime_log_level(&level)
+            .map_err(ApiError::internal)?,
+        None => {
+            return Err(ApiError::internal(
+                "verged's log filter cannot be changed (no handle)",
+            ));
+        }
+    }
+    *c.agent_log_level
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(level.clone());
+    // The agent reads RuntimeLogLevel at start: a process agent is
+    // restarted with it now.
+    let agent = match (&full.extras.agent, &full.extras.agent_log) {
+        (Some(a), Some(_)) => {
+            a.request_restart();
+            format!(
+                "{} restarts with RuntimeLogLevel={level}",
+                a.snapshot().name
+            )
+        }
+        (Some(a), None) => format!(
+            "{} (a container) gets RuntimeLogLevel={level} when verged next starts it",
+            a.snapshot().name
+        ),
+        (None, _) => "no agent".to_owned(),
+    };
+    tracing::warn!(level = %level, "log level changed through the management API");
+    Ok(json_response(
+        StatusCode::OK,
+        &MessageJson {
+            message: format!("verged logs at {level}; {agent}"),
+        },
+    ))
 }

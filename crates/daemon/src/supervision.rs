@@ -1,6 +1,7 @@
 //! What verged knows about the agent it supervises, for
 //! `GET /systeminfo/agent`. The watchdogs in [`crate::daemon`] report every
-//! start and exit here; the management API reads snapshots.
+//! start and exit here; the management API reads snapshots and asks for
+//! restarts (`verge restart edgeAgent`).
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -20,6 +21,8 @@ struct Inner {
 #[derive(Debug, Clone)]
 pub struct AgentMonitor {
     inner: Arc<Mutex<Inner>>,
+    /// Restart requests from the management API, for the watchdog.
+    restart: Arc<tokio::sync::Notify>,
 }
 
 impl AgentMonitor {
@@ -39,7 +42,19 @@ impl AgentMonitor {
                 },
                 started_once: false,
             })),
+            restart: Arc::new(tokio::sync::Notify::new()),
         }
+    }
+
+    /// Asks the watchdog to stop the agent and start it again now.
+    pub fn request_restart(&self) {
+        // `notify_one` keeps the request if the watchdog is not waiting yet.
+        self.restart.notify_one();
+    }
+
+    /// Completes when a restart was requested.
+    pub async fn restart_requested(&self) {
+        self.restart.notified().await;
     }
 
     fn update(&self, f: impl FnOnce(&mut Inner)) {

@@ -14,6 +14,11 @@ struct Args {
     /// Path of the TOML configuration file.
     #[arg(long, env = "VERGE_HUB_CONFIG")]
     config: PathBuf,
+    /// If the message store cannot be opened, move it aside
+    /// (`<dir>.damaged-<time>`, nothing deleted) and start with an empty one.
+    /// A store found damaged is moved aside without it.
+    #[arg(long, env = "VERGE_HUB_SALVAGE")]
+    salvage: bool,
 }
 
 /// Runs verge-hub with command-line `args` (the first is the program
@@ -75,6 +80,10 @@ async fn run(args: Args) -> Result<(), Failure> {
     let cfg = cfg
         .with_edge_env(edge)
         .map_err(|e| Failure::Config(anyhow::anyhow!("{}: {e}", args.config.display())))?;
+    let cfg = crate::config::Config {
+        salvage_store: args.salvage,
+        ..cfg
+    };
     // SIGTERM (docker stop, verged stopping the module; as PID 1 in a
     // container there is no default action) and SIGINT alike run the
     // shutdown. Installed before the start so an early signal is not lost.

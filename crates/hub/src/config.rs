@@ -135,6 +135,10 @@ pub struct Config {
     /// module and uses it (set by [`Config::with_edge_env`], not from TOML).
     #[serde(skip)]
     pub edge: Option<crate::identity::EdgeEnv>,
+    /// Move a message store that cannot be opened aside and start an empty
+    /// one (`verge-hub --salvage`; not from TOML).
+    #[serde(skip)]
+    pub salvage_store: bool,
 }
 
 /// `[workload]`: timers of the edge-environment mode.

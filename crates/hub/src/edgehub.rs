@@ -10,6 +10,11 @@
 //! properties, so the twin always shows the configuration in force and the
 //! last accepted one survives a restart. The outcome is reported on the twin
 //! as `lastDesiredVersion` / `lastDesiredStatus {code, description}`.
+//!
+//! With an upstream the twin mirrors the cloud's desired properties, which
+//! may be a document the hub refused; so the last accepted document is also
+//! kept in its own file ([`ACCEPTED_FILE`]), and a hub restarting on a
+//! refused twin puts those routes back in force rather than none.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,6 +25,9 @@ use verge_core::manifest::EdgeHubDesired;
 use verge_route::RouteSet;
 
 use crate::HubState;
+
+/// The last accepted `$edgeHub` document, in the storage directory.
+pub const ACCEPTED_FILE: &str = "edgehub-accepted.json";
 
 /// Why a new `$edgeHub` desired document was refused (the old routes stay).
 #[derive(Debug, thiserror::Error)]
@@ -153,7 +161,32 @@ impl HubState {
         let n = routes.set.len();
         log_ttls(value, &routes);
         self.install_routes(routes);
+        // Serializing a map cannot fail.
+        let bytes = serde_json::to_vec(&desired).unwrap_or_default();
+        let path = self.cfg.storage_dir.join(ACCEPTED_FILE);
+        if let Err(e) = verge_files::write_atomic_async(path.clone(), bytes).await {
+            tracing::warn!(path = %path.display(), error = %e, "cannot keep the accepted $edgeHub configuration");
+        }
         Ok(n)
+    }
+
+    /// At start, when the saved `$edgeHub` twin is refused: puts the last
+    /// accepted document's routes in force (the twin, a mirror of the
+    /// cloud's, is left as it is). Returns the number of routes, if any.
+    pub(crate) async fn restore_last_accepted(&self) -> Option<usize> {
+        let path = self.cfg.storage_dir.join(ACCEPTED_FILE);
+        let bytes = tokio::fs::read(&path).await.ok()?;
+        match parse(&bytes) {
+            Ok((_, routes)) => {
+                let n = routes.set.len();
+                self.install_routes(routes);
+                Some(n)
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "the last accepted $edgeHub configuration is refused too");
+                None
+            }
+        }
     }
 }
 

@@ -289,6 +289,48 @@ impl HubState {
     }
 }
 
+/// Opens the message store. A store whose files are damaged (a table
+/// deleted, a corrupt manifest: [`verge_store::StoreError::is_damage`]) will
+/// not open by retrying, and exiting would only have the hub restarted into
+/// the same error: it is moved aside (nothing deleted) and an empty store
+/// starts in its place, with an error naming both directories. `salvage`
+/// (`--salvage`) does the same for any failure to open.
+async fn open_store(
+    dir: std::path::PathBuf,
+    config: StoreConfig,
+    salvage: bool,
+) -> anyhow::Result<Store> {
+    let first = {
+        let (dir, config) = (dir.clone(), config.clone());
+        tokio::task::spawn_blocking(move || Store::open(dir, config)).await?
+    };
+    let e = match first {
+        Ok(store) => return Ok(store),
+        Err(e) => e,
+    };
+    if !(salvage || e.is_damage()) {
+        return Err(anyhow::anyhow!(
+            "cannot open the message store {}: {e}. If its files are damaged, start \
+             verge-hub once with --salvage (or VERGE_HUB_SALVAGE=1): the store is moved \
+             aside to {}.damaged-<time> and an empty one started",
+            dir.display(),
+            dir.display()
+        ));
+    }
+    let moved = verge_store::move_aside(&dir)
+        .with_context(|| format!("moving the damaged store {} aside", dir.display()))?;
+    tracing::error!(
+        store = %dir.display(),
+        moved_to = %moved.display(),
+        error = %e,
+        "the message store could not be opened; it was moved aside and an empty store \
+         started (messages not yet delivered are in the moved copy)"
+    );
+    tokio::task::spawn_blocking(move || Store::open(dir, config))
+        .await?
+        .map_err(Into::into)
+}
+
 /// [`HubState::open`], also returning the routes file's content as applied.
 async fn open_state(cfg: Config) -> anyhow::Result<(Arc<HubState>, Option<Vec<u8>>)> {
     // Messages, twins and session state are the clients' data: owner only
@@ -311,7 +353,7 @@ async fn open_state(cfg: Config) -> anyhow::Result<(Arc<HubState>, Option<Vec<u8
         min_free_percent: cfg.store.min_free_percent,
         ..StoreConfig::default()
     };
-    let store = tokio::task::spawn_blocking(move || Store::open(store_dir, store_cfg)).await??;
+    let store = open_store(store_dir, store_cfg, cfg.salvage_store).await?;
     let shutdown = verge_shutdown::Shutdown::new();
     let sessions = Sessions::open(cfg.storage_dir.join("sessions"), &shutdown).await?;
     let twins = Twins::open(cfg.storage_dir.join("twins")).await?;
@@ -383,9 +425,14 @@ async fn open_state(cfg: Config) -> anyhow::Result<(Arc<HubState>, Option<Vec<u8
     {
         match &state.cfg.routes_file {
             Some(path) => anyhow::bail!("{}: {e}", path.display()),
-            None => {
-                tracing::error!(error = %e, "the saved $edgeHub configuration is refused; starting with no routes");
-            }
+            None => match state.restore_last_accepted().await {
+                Some(routes) => {
+                    tracing::error!(error = %e, routes, "the saved $edgeHub configuration is refused; the last accepted routes are in force");
+                }
+                None => {
+                    tracing::error!(error = %e, "the saved $edgeHub configuration is refused; starting with no routes");
+                }
+            },
         }
     }
     Ok((state, routes_file.map(|(bytes, _)| bytes)))

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use verge_core::ClientId;
+use verge_core::method::{MAX_METHOD_PAYLOAD, check_method_name};
 
 use crate::HubState;
 use crate::session::Outbound;
@@ -165,51 +166,11 @@ async fn invoke(state: &HubState, target: String, headers: &HeaderMap, body: &[u
     }
 }
 
-/// Longest method name accepted, in bytes. IoT Hub documents no limit of
-/// its own; this one is far above any real name and keeps the request topic
-/// (`$iothub/methods/POST/{name}/?$rid=…`) a small fraction of MQTT's
-/// 65,535-byte limit. It matches IoT Hub's longest identifiers (device and
-/// module ids, 128 characters).
-pub const MAX_METHOD_NAME_LEN: usize = 128;
-
-/// Largest method request payload (serialized JSON), bytes: IoT Hub's limit
-/// for direct-method payloads (128 KB).
-pub const MAX_METHOD_PAYLOAD: usize = 128 * 1024;
-
-/// Checks a direct-method name as IoT Hub does: non-empty, printable US-ASCII
-/// without the separators IoT Hub documents as excluded
-/// (`$ ( ) < > @ , ; : \ " / [ ] ? = { }`, space and tab), and without
-/// MQTT's wildcards `#` and `+`, which no MQTT topic may carry (the name is
-/// a topic level of the request the callee receives). Control characters,
-/// NUL included, are not printable.
-pub fn check_method_name(name: &str) -> Result<(), RelayError> {
-    let bad = |why: &str| Err(RelayError::BadName(why.to_owned()));
-    if name.is_empty() {
-        return bad("method name is empty");
-    }
-    if name.len() > MAX_METHOD_NAME_LEN {
-        return bad(&format!(
-            "method name is {} bytes long; the limit is {MAX_METHOD_NAME_LEN}",
-            name.len()
-        ));
-    }
-    const EXCLUDED: &[u8] = b"$()<>@,;:\\\"/[]?={}#+";
-    match name
-        .bytes()
-        .find(|b| !b.is_ascii_graphic() || EXCLUDED.contains(b))
-    {
-        Some(b) => bad(&format!(
-            "method name contains {:?}, which is not allowed (printable US-ASCII only, without $()<>@,;:\\\"/[]?={{}}#+ and spaces)",
-            char::from(b)
-        )),
-        None => Ok(()),
-    }
-}
-
 /// Why a relayed method call got no answer from its target.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RelayError {
-    /// The method name is not one IoT Hub accepts ([`check_method_name`]).
+    /// The method name is not one IoT Hub accepts
+    /// ([`verge_core::method::check_method_name`]).
     #[error("{0}")]
     BadName(String),
     /// The request payload is over [`MAX_METHOD_PAYLOAD`].
@@ -251,7 +212,7 @@ pub async fn relay(
     payload: Bytes,
     timeout: Duration,
 ) -> Result<(i64, Bytes), RelayError> {
-    check_method_name(name)?;
+    check_method_name(name).map_err(|e| RelayError::BadName(e.to_string()))?;
     if payload.len() > MAX_METHOD_PAYLOAD {
         return Err(RelayError::PayloadTooLarge(payload.len()));
     }

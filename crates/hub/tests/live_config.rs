@@ -490,3 +490,90 @@ async fn two_hundred_deployments_keep_nothing_per_deployment() {
     assert_eq!(input_of(&next_pub(&mut b).await), "in1");
     hub.shutdown().await;
 }
+
+/// With an upstream the `$edgeHub` twin mirrors the cloud's desired
+/// properties, even a document the hub refused. A hub restarted on such a
+/// twin keeps the last accepted routes in force instead of starting with
+/// none.
+#[tokio::test]
+async fn a_restart_on_a_refused_twin_keeps_the_last_accepted_routes() {
+    let pki = pki();
+    let storage = tempfile::tempdir().unwrap();
+    let mut cfg = config(&pki, storage.path(), "127.0.0.1:0", "127.0.0.1:0");
+    // The configuration comes from the twin only, as with an upstream.
+    cfg.routes_file = None;
+    let hub = Hub::start(cfg.clone()).await.unwrap();
+    let id = format!("{DEVICE}/$edgeHub");
+    let good = json!({"schemaVersion": "1.1", "routes": {
+        "r": "FROM /messages/modules/modA/outputs/out1 INTO BrokeredEndpoint(\"/modules/modB/inputs/in1\")"}});
+    assert_eq!(hub.state.set_edgehub_desired(&good).await.unwrap(), 1);
+    // What the upstream link does with a cloud patch: into the twin, then
+    // applied as the configuration (refused here).
+    let v = hub.state.twins.desired_version(&id);
+    hub.state
+        .twins
+        .cloud_desired_patch(
+            &id,
+            &json!({"routes": {"r": null, "bad": "FROM /messages/* INTO"}, "$version": v + 1}),
+        )
+        .await;
+    let twin = hub.state.twins.desired(&id).unwrap();
+    assert!(twin["routes"].get("bad").is_some(), "{twin:?}");
+    assert!(
+        hub.state
+            .set_edgehub_desired(&Value::Object(twin))
+            .await
+            .is_err()
+    );
+    hub.shutdown().await;
+
+    let hub = Hub::start(cfg).await.unwrap();
+    assert_eq!(
+        hub.state.routes().set.len(),
+        1,
+        "no routes after the restart"
+    );
+    let (mut a, mut b) = two_modules(&hub, &pki).await;
+    publish_qos1(&mut a, &out("out1"), b"one", 1).await;
+    assert_eq!(input_of(&next_pub(&mut b).await), "in1");
+    hub.shutdown().await;
+}
+
+/// A message store whose engine files are damaged does not stop the hub
+/// (under verged that would be a crash loop): it is moved aside, kept, and
+/// the hub starts with an empty store.
+#[tokio::test]
+async fn a_damaged_store_is_moved_aside_and_the_hub_starts() {
+    let pki = pki();
+    let storage = tempfile::tempdir().unwrap();
+    let hub = Hub::start(config(&pki, storage.path(), "127.0.0.1:0", "127.0.0.1:0"))
+        .await
+        .unwrap();
+    hub.shutdown().await;
+    // Garble the engine's manifests ("current" of every keyspace).
+    let mut todo = vec![storage.path().join("store")];
+    let mut garbled = 0;
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if p.file_name().is_some_and(|n| n == "current") {
+                std::fs::write(&p, b"\xde\xad\xbe\xef garbage").unwrap();
+                garbled += 1;
+            }
+        }
+    }
+    assert!(garbled > 0, "no manifest found to damage");
+    let hub = Hub::start(config(&pki, storage.path(), "127.0.0.1:0", "127.0.0.1:0"))
+        .await
+        .unwrap();
+    let moved: Vec<String> = std::fs::read_dir(storage.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("store.damaged-"))
+        .collect();
+    assert_eq!(moved.len(), 1, "{moved:?}");
+    assert!(hub.state.store.queues().await.unwrap().is_empty());
+    hub.shutdown().await;
+}

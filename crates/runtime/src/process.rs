@@ -3,7 +3,10 @@
 //! For devices without a container engine. A module's `image` is an executable
 //! path followed by whitespace-separated arguments; the createOptions `Cmd`
 //! array is appended as further arguments and `WorkingDir` becomes the working
-//! directory. Everything else in createOptions is ignored.
+//! directory. Everything else in createOptions is ignored, with a warning
+//! ([`ignored_create_options`]; verged's management API shows them in the
+//! module's status description, and `verge list` prints them). An image that
+//! looks like a container image fails its pull with a hint.
 //!
 //! # Environment
 //!
@@ -212,6 +215,52 @@ struct CommandLine {
     program: String,
     args: Vec<String>,
     working_dir: Option<String>,
+}
+
+/// The createOptions the process backend applies; see [`ignored_create_options`].
+pub const APPLIED_CREATE_OPTIONS: [&str; 2] = ["Cmd", "WorkingDir"];
+
+/// The createOptions a process module does not get (everything but
+/// [`APPLIED_CREATE_OPTIONS`]; `HostConfig` by its keys, as
+/// `HostConfig.PortBindings`), sorted: for warnings and `verge list`.
+pub fn ignored_create_options(create_options: &serde_json::Value) -> Vec<String> {
+    let Some(map) = create_options.as_object() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (k, v) in map {
+        if APPLIED_CREATE_OPTIONS.contains(&k.as_str()) || v.is_null() {
+            continue;
+        }
+        match v.as_object() {
+            Some(inner) if k == "HostConfig" => out.extend(
+                inner
+                    .iter()
+                    .filter(|(_, v)| !v.is_null())
+                    .map(|(ik, _)| format!("{k}.{ik}")),
+            ),
+            _ => out.push(k.clone()),
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Whether a module's image names a container image rather than an
+/// executable (`mcr.microsoft.com/azureiotedge-agent:1.5`, `nginx:1.27`):
+/// not a path, but with a registry or repository path, tag or digest.
+pub fn looks_like_container_image(program: &str) -> bool {
+    !program.starts_with('/')
+        && !program.starts_with('.')
+        && (program.contains('/') || program.contains(':') || program.contains('@'))
+}
+
+fn container_image_hint(program: &str) -> String {
+    format!(
+        "the process backend runs executables; `{program}` looks like a container image: \
+         give the module's image as the path of an executable (with its arguments), or \
+         configure [moby_runtime] in verged's config to run containers"
+    )
 }
 
 fn command_line(spec: &ModuleSpec) -> Result<CommandLine, RuntimeError> {
@@ -699,6 +748,10 @@ impl ModuleRuntime for ProcessRuntime {
             .ok_or_else(|| RuntimeError::ImageNotFound(image.to_owned()))?;
         match resolve_executable(program).await {
             Some(_) => Ok(()),
+            None if looks_like_container_image(program) => Err(RuntimeError::PullFailed {
+                image: image.to_owned(),
+                reason: container_image_hint(program),
+            }),
             None => Err(RuntimeError::ImageNotFound(program.to_owned())),
         }
     }
@@ -706,6 +759,14 @@ impl ModuleRuntime for ProcessRuntime {
     async fn create(&self, spec: &ModuleSpec) -> Result<(), RuntimeError> {
         validate_name(&spec.name)?;
         command_line(spec)?;
+        let ignored = ignored_create_options(&spec.create_options);
+        if !ignored.is_empty() {
+            tracing::warn!(
+                module = %spec.name,
+                ignored = %ignored.join(", "),
+                "the process backend applies only Cmd and WorkingDir of createOptions; the rest is ignored"
+            );
+        }
         let dir = self.inner.config.state_dir.join("modules").join(&spec.name);
         let module = Arc::new(Module::new(
             &self.inner.config,
@@ -797,6 +858,77 @@ impl ModuleRuntime for ProcessRuntime {
             os_type: std::env::consts::OS.to_owned(),
             architecture: std::env::consts::ARCH.to_owned(),
         })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Output kept outside the module runtime
+
+/// The captured output of a process verged runs outside the module runtime
+/// (the process agent): the same rotating files, line format and
+/// `tail`/`since`/`until`/`follow` reading as a module's, in `dir`.
+pub struct OutputLog {
+    sink: Arc<LogSink>,
+    next_run: AtomicU64,
+}
+
+/// One run's capture; [`OutputRun::finish`] after the process exited.
+pub struct OutputRun {
+    sink: Arc<LogSink>,
+    run: u64,
+    pumps: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl OutputLog {
+    /// Logs in `dir` (`output.log`, `output.log.1` …), rotated at
+    /// `max_bytes`, `max_files` kept (at least 1).
+    pub fn new(dir: PathBuf, max_bytes: u64, max_files: usize) -> Self {
+        Self {
+            sink: Arc::new(LogSink::new(dir, max_bytes, max_files.max(1))),
+            next_run: AtomicU64::new(1),
+        }
+    }
+
+    /// Starts copying a child's stdout and stderr into the log.
+    pub async fn capture(
+        &self,
+        stdout: Option<impl AsyncRead + Unpin + Send + 'static>,
+        stderr: Option<impl AsyncRead + Unpin + Send + 'static>,
+    ) -> OutputRun {
+        let run = self.next_run.fetch_add(1, Ordering::Relaxed);
+        self.sink.begin_run(run).await;
+        let mut pumps = Vec::new();
+        if let Some(out) = stdout {
+            pumps.push(tokio::spawn(pump(out, b'O', self.sink.clone())));
+        }
+        if let Some(err) = stderr {
+            pumps.push(tokio::spawn(pump(err, b'E', self.sink.clone())));
+        }
+        OutputRun {
+            sink: self.sink.clone(),
+            run,
+            pumps,
+        }
+    }
+
+    /// The lines the options select; with `follow`, also new lines until
+    /// the current run ends.
+    pub async fn stream(&self, options: &LogOptions) -> Result<LogStream, RuntimeError> {
+        self.sink.stream(options).await
+    }
+}
+
+impl OutputRun {
+    /// The process exited: drains what its pipes still hold (bounded) and
+    /// ends followers of this run.
+    pub async fn finish(self) {
+        for p in self.pumps {
+            let abort = p.abort_handle();
+            if tokio::time::timeout(DRAIN_GRACE, p).await.is_err() {
+                abort.abort();
+            }
+        }
+        self.sink.end_run(self.run).await;
     }
 }
 
@@ -1078,6 +1210,65 @@ mod tests {
     }
 
     #[test]
+    fn container_images_and_ignored_create_options() {
+        for image in [
+            "mcr.microsoft.com/azureiotedge-simulated-temperature-sensor:1.5",
+            "nginx:1.27",
+            "me/app",
+            "app@sha256:00",
+        ] {
+            assert!(looks_like_container_image(image), "{image}");
+        }
+        for program in ["/usr/bin/app", "./app", "python3"] {
+            assert!(!looks_like_container_image(program), "{program}");
+        }
+        let ignored = ignored_create_options(&serde_json::json!({
+            "Cmd": ["x"],
+            "WorkingDir": "/tmp",
+            "Env": ["A=1"],
+            "HostConfig": {"PortBindings": {}, "Binds": [], "Privileged": null},
+            "ExposedPorts": {},
+        }));
+        assert_eq!(
+            ignored,
+            vec![
+                "Env",
+                "ExposedPorts",
+                "HostConfig.Binds",
+                "HostConfig.PortBindings"
+            ]
+        );
+        assert!(ignored_create_options(&serde_json::json!({"Cmd": ["x"]})).is_empty());
+    }
+
+    #[tokio::test]
+    async fn pulling_a_container_image_says_this_backend_runs_executables() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = ProcessRuntime::open(ProcessConfig::new(dir.path()))
+            .await
+            .unwrap();
+        let e = rt
+            .pull("mcr.microsoft.com/azureiotedge-agent:1.5", None)
+            .await
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("the process backend runs executables"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "`mcr.microsoft.com/azureiotedge-agent:1.5` looks like a container image"
+            ),
+            "{text}"
+        );
+        assert!(matches!(
+            rt.pull("/no/such/program", None).await,
+            Err(RuntimeError::ImageNotFound(_))
+        ));
+    }
+
+    #[test]
     fn names_are_checked() {
         assert!(validate_name("edgeHub").is_ok());
         assert!(validate_name("").is_err());
@@ -1117,5 +1308,41 @@ mod tests {
             .map(|i| std::fs::metadata(sink.path(i)).unwrap().len())
             .sum();
         assert!(total <= 300);
+    }
+
+    #[tokio::test]
+    async fn output_log_captures_a_child_and_ends_followers() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = OutputLog::new(dir.path().join("logs"), 1 << 20, 2);
+        let mut child = tokio::process::Command::new("/bin/sh")
+            .args(["-c", "echo out; echo err >&2; sleep 0.3; echo late"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let run = log.capture(child.stdout.take(), child.stderr.take()).await;
+        let follow = log
+            .stream(&LogOptions {
+                follow: true,
+                ..LogOptions::default()
+            })
+            .await
+            .unwrap();
+        child.wait().await.unwrap();
+        run.finish().await;
+        // The follower ends with the run, having seen every line.
+        let got: Vec<Bytes> =
+            tokio::time::timeout(Duration::from_secs(10), follow.collect::<Vec<_>>())
+                .await
+                .unwrap()
+                .into_iter()
+                .map(Result::unwrap)
+                .collect();
+        let text: String = got.iter().map(|b| String::from_utf8_lossy(b)).collect();
+        assert!(text.contains("late\n"), "{text}");
+        let all = log.stream(&LogOptions::default()).await.unwrap();
+        let n = all.collect::<Vec<_>>().await.len();
+        assert_eq!(n, 3);
+        assert!(dir.path().join("logs/output.log").exists());
     }
 }

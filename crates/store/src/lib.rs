@@ -157,9 +157,17 @@
 //!   and the queues are rebuilt (readers keep their cursors). Until then
 //!   mutations get [`StoreError::Poisoned`]; reads keep working. Callers
 //!   saw no `Ok` for the failed group, so no acknowledged message is lost.
-//! * **Corrupt bodies.** A reference whose body is missing or undecodable is
-//!   logged and skipped by `read` (and counted with the expired ones) rather
-//!   than stalling the endpoint forever.
+//! * **Damaged records.** A reference or body that fails its checksum or does
+//!   not decode — or a block of the engine's tables that cannot be read — is
+//!   logged, counted ([`Store::damaged_count`]) and skipped by `read`; the
+//!   rest of the queue flows, and acks over it still move the checkpoint
+//!   (what a damaged reference pointed to is not reclaimed). A damaged
+//!   record in the middle of the sync log's lap is skipped if intact records
+//!   of the lap follow it (their groups are replayed, the lost ones counted
+//!   and logged at open); a damaged last record is a torn write and ends the
+//!   lap, as before. Damaged engine files that keep it from opening (a
+//!   deleted table, a corrupt manifest) make [`Store::open`] fail:
+//!   [`move_aside`] puts the directory aside so an empty store can start.
 //! * **Power loss** is covered as far as `fdatasync` and the disk's write
 //!   cache honour it; the tests kill the process (SIGKILL), not the machine.
 //!
@@ -493,6 +501,41 @@ pub enum StoreError {
     Closed,
 }
 
+impl StoreError {
+    /// Whether this says the store's files are damaged (checksums, decoding,
+    /// files the engine lists but cannot find) rather than that the disk or
+    /// the system failed to answer. [`Store::open`] failing this way will not
+    /// heal by retrying: see [`move_aside`].
+    pub fn is_damage(&self) -> bool {
+        match self {
+            StoreError::Engine(fjall::Error::Io(e)) | StoreError::Io(e) => {
+                e.kind() == std::io::ErrorKind::NotFound
+                    || e.kind() == std::io::ErrorKind::InvalidData
+            }
+            StoreError::Engine(fjall::Error::Storage(fjall::LsmError::Io(e))) => {
+                e.kind() == std::io::ErrorKind::NotFound
+                    || e.kind() == std::io::ErrorKind::InvalidData
+            }
+            e => is_damage(e),
+        }
+    }
+}
+
+/// Moves the store directory `dir` aside, to `<dir>.damaged-<unix
+/// seconds>`, so that an empty store can be created in its place (for a
+/// store that [`Store::open`] refuses as damaged). Nothing is deleted: the
+/// moved copy keeps every file. Returns where it went.
+pub fn move_aside(dir: &Path) -> std::io::Result<PathBuf> {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut name = dir.as_os_str().to_owned();
+    name.push(format!(".damaged-{secs}"));
+    let to = PathBuf::from(name);
+    std::fs::rename(dir, &to)?;
+    Ok(to)
+}
+
 /// Result alias.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -723,6 +766,8 @@ pub(crate) struct Shared {
     /// The byte limit in force ([`Store::set_max_bytes`]); `u64::MAX` = none.
     pub max_bytes: AtomicU64,
     pub expired_total: AtomicU64,
+    /// Damaged records skipped by reads since open.
+    pub damaged_total: AtomicU64,
     pub poisoned: AtomicBool,
     /// The writer has work to retry (deferred checkpoints, a reopen): the
     /// cleaner thread wakes it every [`RETRY_INTERVAL`].
@@ -818,13 +863,30 @@ impl Shared {
                 None => return Ok(None),
             },
         };
-        match decode(raw) {
-            Ok(m) => Ok(Some(m)),
-            Err(e) => {
-                tracing::error!(id, error = %e, "undecodable message body; skipping it");
-                Ok(None)
-            }
-        }
+        decode(raw)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt(format!("message body {id}: {e}")))
+    }
+
+    /// Counts and logs a damaged record that a read skips.
+    fn damaged(&self, what: &str, qid: u32, offset: u64, e: &StoreError) {
+        self.damaged_total.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(queue = qid, offset, error = %e, "store: damaged {what}; skipping it");
+    }
+}
+
+/// Whether `e` says stored data is damaged (checksum, decoding), as opposed
+/// to the disk failing to answer: a damaged record is skipped and counted,
+/// an I/O error is returned (and the read tried again later).
+pub(crate) fn is_damage(e: &StoreError) -> bool {
+    use fjall::{Error as F, LsmError as L};
+    match e {
+        StoreError::Corrupt(_) => true,
+        StoreError::Engine(F::Storage(l)) => !matches!(l, L::Io(_)),
+        StoreError::Engine(
+            F::Decompress(_) | F::InvalidTrailer | F::InvalidTag(_) | F::Unrecoverable,
+        ) => true,
+        _ => false,
     }
 }
 
@@ -946,6 +1008,7 @@ impl Store {
             stored_bytes: AtomicU64::new(stored),
             max_bytes: AtomicU64::new(config.max_bytes.unwrap_or(u64::MAX)),
             expired_total: AtomicU64::new(0),
+            damaged_total: AtomicU64::new(0),
             poisoned: AtomicBool::new(false),
             retry: AtomicBool::new(false),
             hot: Mutex::new(Hot::default()),
@@ -1151,12 +1214,20 @@ impl Store {
                 if out.len() >= n {
                     break;
                 }
-                let (k, v) = kv?;
-                let (_, offset) =
-                    keys::parse_entry_key(k.as_slice()).ok_or_else(|| corrupt("entry key"))?;
-                let e = Entry::decode(&v).ok_or_else(|| corrupt("entry"))?;
-                if let Some(message) = shared.load_body(e.id)? {
-                    out.push(stored(priority, offset, e, message));
+                let (k, v) = match kv {
+                    Err(e) if is_damage(&e) => break,
+                    kv => kv?,
+                };
+                let Some((_, offset)) = keys::parse_entry_key(k.as_slice()) else {
+                    break;
+                };
+                // Damaged ones are skipped (and counted by `read`).
+                let Some(e) = Entry::decode(&v) else { continue };
+                match shared.load_body(e.id) {
+                    Ok(Some(message)) => out.push(stored(priority, offset, e, message)),
+                    Ok(None) => {}
+                    Err(err) if is_damage(&err) => {}
+                    Err(err) => return Err(err),
                 }
             }
             Ok(out)
@@ -1205,9 +1276,14 @@ impl Store {
                             1,
                         )?
                         .next();
-                    if let Some(kv) = first {
-                        let (_, v) = kv?;
-                        info.oldest_enqueued = Entry::decode(&v).map(|e| e.enqueued);
+                    match first {
+                        Some(Ok((_, v))) => {
+                            info.oldest_enqueued = Entry::decode(&v).map(|e| e.enqueued);
+                        }
+                        // Damaged: no age to show (reads skip it).
+                        Some(Err(e)) if is_damage(&e) => {}
+                        Some(Err(e)) => return Err(e),
+                        None => {}
                     }
                 }
                 out.push(info);
@@ -1222,6 +1298,14 @@ impl Store {
     /// References dropped for TTL since the store was opened, all queues.
     pub fn expired_count(&self) -> u64 {
         self.shared.expired_total.load(Ordering::Relaxed)
+    }
+
+    /// Damaged records (references or bodies that fail their checksum or
+    /// do not decode) that reads skipped since the store was opened; each is
+    /// logged. The messages they held are lost; the rest of their queue
+    /// flows.
+    pub fn damaged_count(&self) -> u64 {
+        self.shared.damaged_total.load(Ordering::Relaxed)
     }
 
     /// Accounted bytes currently stored (see [`StoreConfig::max_bytes`]).
@@ -1333,7 +1417,20 @@ pub(crate) fn open_sync_log(
     };
     let mut next = 1;
     if let Some(first) = lap {
-        let (records, after) = synclog::read_lap(&path, first)?;
+        let synclog::Lap {
+            records,
+            next: after,
+            lost,
+        } = synclog::read_lap(&path, first)?;
+        if lost > 0 {
+            tracing::error!(
+                path = %path.display(),
+                lost_groups = lost,
+                replayed_groups = records.len(),
+                "store: damaged records in the sync log were skipped; the messages and \
+                 checkpoints they held are lost (checkpoints lost mean redelivery)"
+            );
+        }
         if !records.is_empty() {
             tracing::info!(records = records.len(), "store: replaying the sync log");
             let mut b = db.batch();
@@ -1346,6 +1443,13 @@ pub(crate) fn open_sync_log(
             b.durability(Some(PersistMode::SyncData)).commit()?;
         }
         next = after.max(1);
+        if lost > 0 || after > first {
+            // Records of this lap may be left behind damage that reading
+            // did not look past: number the next lap past any record the
+            // file can hold, so none of them can pass for one of its own.
+            let len = std::fs::metadata(&path).map_or(0, |m| m.len());
+            next = next.saturating_add(synclog::max_records(len));
+        }
     }
     let mut b = db.batch().durability(Some(PersistMode::SyncData));
     if config.sync_log_bytes == 0 {
@@ -1439,28 +1543,51 @@ fn read_blocking(shared: &Shared, endpoint: &str, max: usize) -> Result<Vec<Stor
                 &keys::entry_key(qid, to),
                 max,
             )?;
+            // A damaged stretch the engine cannot iterate past: skip one
+            // offset per pass (each pass makes progress; the rest flows).
+            let mut unreadable = false;
             for kv in entries.by_ref() {
                 if out.len() >= max || seen >= budget {
                     break;
                 }
                 seen += 1;
-                let (k, v) = kv?;
-                let (_, offset) =
-                    keys::parse_entry_key(k.as_slice()).ok_or_else(|| corrupt("entry key"))?;
-                let e = Entry::decode(&v).ok_or_else(|| corrupt("entry"))?;
+                let (k, v) = match kv {
+                    Ok(kv) => kv,
+                    Err(e) if is_damage(&e) => {
+                        shared.damaged("queue block", qid, scanned_to, &e);
+                        unreadable = true;
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                };
+                let Some((_, offset)) = keys::parse_entry_key(k.as_slice()) else {
+                    shared.damaged("queue key", qid, scanned_to, &corrupt("entry key"));
+                    unreadable = true;
+                    break;
+                };
                 scanned_to = offset + 1;
+                let Some(e) = Entry::decode(&v) else {
+                    shared.damaged("queue reference", qid, offset, &corrupt("entry"));
+                    continue;
+                };
                 if e.is_expired(now) {
                     expired.push(offset);
                     continue;
                 }
-                match shared.load_body(e.id)? {
-                    Some(message) => out.push(stored(priority, offset, e, message)),
-                    // Deleted under us by a cleanup racing this read (or
-                    // corrupt, already logged): nothing to deliver.
-                    None => expired.push(offset),
+                match shared.load_body(e.id) {
+                    Ok(Some(message)) => out.push(stored(priority, offset, e, message)),
+                    // Deleted under us by a cleanup racing this read:
+                    // nothing to deliver.
+                    Ok(None) => expired.push(offset),
+                    Err(err) if is_damage(&err) => {
+                        shared.damaged("message body", qid, offset, &err);
+                    }
+                    Err(err) => return Err(err),
                 }
             }
-            if seen == 0 {
+            if unreadable {
+                scanned_to += 1;
+            } else if seen == 0 {
                 // Everything in range was deleted by a concurrent cleanup
                 // (up to where the staged writes were cut, if they were).
                 scanned_to = match entries.truncated_at() {
@@ -1646,7 +1773,9 @@ mod tests {
         let db = Database::builder(dir.path()).open().unwrap();
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default).unwrap();
         let lap = keys::u64_at(&meta.get(keys::SYNC_LAP).unwrap().unwrap(), 0).unwrap();
-        let (records, _) = synclog::read_lap(&dir.path().join("sync.log"), lap).unwrap();
+        let records = synclog::read_lap(&dir.path().join("sync.log"), lap)
+            .unwrap()
+            .records;
         assert!(
             records.is_empty(),
             "{} records left to replay",
@@ -1784,6 +1913,44 @@ mod tests {
             assert!(store.read("a", 10).await.unwrap().is_empty());
             assert!(store.read("b", 10).await.unwrap().is_empty());
         }
+    }
+
+    /// A reference and a body that do not decode are skipped and counted;
+    /// the rest of the queue is delivered and acknowledged.
+    #[tokio::test]
+    async fn undecodable_records_are_skipped_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), cfg(0)).unwrap();
+        let mut ids = Vec::new();
+        for i in 0..10 {
+            let m = Message::new(format!("m{i}"));
+            ids.push(store.append(&m, &[Target::new("a")]).await.unwrap().0);
+        }
+        let qid = store.queue_id("a", DEFAULT_PRIORITY).unwrap();
+        drop(store);
+        {
+            let db = Database::builder(dir.path()).open().unwrap();
+            let msgs = db.keyspace("msgs", KeyspaceCreateOptions::default).unwrap();
+            let queues = db
+                .keyspace("queues", KeyspaceCreateOptions::default)
+                .unwrap();
+            msgs.insert(keys::msg_key(keys::BODY, ids[3]), b"\xff\xff\xff")
+                .unwrap();
+            queues.insert(keys::entry_key(qid, 6), b"bad").unwrap();
+            db.persist(fjall::PersistMode::SyncAll).unwrap();
+        }
+        let store = Store::open(dir.path(), cfg(0)).unwrap();
+        let got = read_bodies(&store, "a", 100).await;
+        let texts: Vec<&str> = got.iter().map(|(_, b)| b.as_str()).collect();
+        assert_eq!(texts, ["m0", "m1", "m2", "m4", "m5", "m7", "m8", "m9"]);
+        assert_eq!(store.damaged_count(), 2);
+        store.ack("a", DEFAULT_PRIORITY, 9).await.unwrap();
+        store
+            .append(&Message::new("after"), &[Target::new("a")])
+            .await
+            .unwrap();
+        let got = read_bodies(&store, "a", 100).await;
+        assert_eq!(got, vec![(10, "after".to_owned())]);
     }
 
     /// The floor is min_free_bytes, capped at a share of small volumes.

@@ -135,39 +135,99 @@ pub(crate) struct SyncLog {
     rec: Vec<u8>,
 }
 
+/// The current lap read back by [`read_lap`].
+#[derive(Debug, Default)]
+pub(crate) struct Lap {
+    /// Its valid records, in order.
+    pub records: Vec<Vec<Op>>,
+    /// The sequence number after the last record.
+    pub next: u64,
+    /// Damaged records skipped because valid ones of the lap follow them:
+    /// their groups are lost.
+    pub lost: u64,
+}
+
 /// The current lap's records in the log at `path` (if there is one), in
 /// order from offset 0: those whose sequence numbers run on from `first`
-/// with valid checksums. Returns them and the sequence number after the last.
-pub(crate) fn read_lap(path: &Path, first: u64) -> std::io::Result<(Vec<Vec<Op>>, u64)> {
+/// with valid checksums. A record that fails its checksum ends the lap —
+/// the usual torn last write of a crash — unless a later record of the
+/// same lap (the next sequence numbers, checksums valid) is found after
+/// it: then the damaged ones are skipped and counted in [`Lap::lost`],
+/// and reading goes on.
+pub(crate) fn read_lap(path: &Path, first: u64) -> std::io::Result<Lap> {
     let all = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(e),
     };
-    let mut out = Vec::new();
+    let mut lap = Lap::default();
     let mut at = 0usize;
     let mut seq = first;
-    while let Some(h) = all.get(at..at + HEADER) {
-        let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
-        let sum = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
-        let rseq = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
-        if rseq != seq {
-            break;
+    loop {
+        if let Some((ops, len)) = record_at(&all, at, seq) {
+            lap.records.push(ops);
+            at += HEADER + len;
+            seq += 1;
+            continue;
         }
-        let Some(payload) = all.get(at + HEADER..at + HEADER + len) else {
-            break;
-        };
-        if checksum(rseq, payload) != sum {
-            break;
+        // Damaged (or the lap's end): look for the next record of this lap
+        // further on. Sequence numbers only grow, so records of older laps
+        // never match one of this lap's.
+        match resync(&all, at + 1, seq) {
+            Some((skip_to, found_seq)) => {
+                lap.lost += found_seq - seq;
+                at = skip_to;
+                seq = found_seq;
+            }
+            None => break,
         }
-        let Some(ops) = decode_ops(payload) else {
-            break;
-        };
-        out.push(ops);
-        at += HEADER + len;
-        seq += 1;
     }
-    Ok((out, seq))
+    lap.next = seq;
+    Ok(lap)
+}
+
+/// The record at `at` if it is intact and numbered `seq`: its ops and
+/// payload length.
+fn record_at(all: &[u8], at: usize, seq: u64) -> Option<(Vec<Op>, usize)> {
+    let h = all.get(at..at.checked_add(HEADER)?)?;
+    let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+    let sum = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+    let rseq = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
+    if rseq != seq {
+        return None;
+    }
+    let payload = all.get(at + HEADER..(at + HEADER).checked_add(len)?)?;
+    if checksum(rseq, payload) != sum {
+        return None;
+    }
+    Some((decode_ops(payload)?, len))
+}
+
+/// Most records a damaged stretch may hide before a later valid one is
+/// still taken as part of the lap.
+const RESYNC_SPAN: u64 = 1024;
+
+/// Most records a log of `bytes` can hold (each at least a header).
+pub(crate) fn max_records(bytes: u64) -> u64 {
+    bytes / HEADER as u64 + 1
+}
+
+/// Where, after `from`, the next intact record numbered `seq + 1 ..=
+/// seq + RESYNC_SPAN` starts, and its number.
+fn resync(all: &[u8], from: usize, seq: u64) -> Option<(usize, u64)> {
+    let mut at = from;
+    while at + HEADER <= all.len() {
+        let h = &all[at..at + HEADER];
+        let rseq = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
+        if rseq > seq
+            && rseq <= seq + RESYNC_SPAN
+            && let Some(_) = record_at(all, at, rseq)
+        {
+            return Some((at, rseq));
+        }
+        at += 1;
+    }
+    None
 }
 
 impl SyncLog {
@@ -280,42 +340,82 @@ mod tests {
     fn read_lap_stops_at_torn_or_stale_records() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sync.log");
-        assert_eq!(read_lap(&path, 1).unwrap().0.len(), 0);
+        assert_eq!(read_lap(&path, 1).unwrap().records.len(), 0);
         let mut log = SyncLog::open(&path, 64 * 1024, false).unwrap();
         // Lap A (seq 10..): five records.
         log.new_lap(10);
         for n in 0..5 {
             log.write(&payload(n), true).unwrap();
         }
-        let (ops, next) = read_lap(&path, 10).unwrap();
-        assert_eq!((ops.len(), next), (5, 15));
+        let l = read_lap(&path, 10).unwrap();
+        assert_eq!((l.records.len(), l.next, l.lost), (5, 15, 0));
         // Lap B (seq 15..) overwrites the first two; A's later records have
         // older sequence numbers and are not part of B.
         log.new_lap(15);
         log.write(&payload(20), true).unwrap();
         log.write(&payload(21), true).unwrap();
         drop(log);
-        let (ops, next) = read_lap(&path, 15).unwrap();
-        assert_eq!((ops.len(), next), (2, 17));
-        assert_eq!(ops[1], decode_ops(&payload(21)).unwrap());
-        // Another lap's first number finds nothing.
-        assert_eq!(read_lap(&path, 10).unwrap().0.len(), 0);
-        // Reopening the same size keeps the records; a torn second record
-        // (a flipped payload byte) ends the lap there.
+        let l = read_lap(&path, 15).unwrap();
+        assert_eq!((l.records.len(), l.next, l.lost), (2, 17, 0));
+        assert_eq!(l.records[1], decode_ops(&payload(21)).unwrap());
+        // Reopening the same size keeps the records; a torn last record
+        // (a flipped payload byte) ends the lap there, and is no loss.
         let reopened = SyncLog::open(&path, 64 * 1024, false).unwrap();
         let len = (HEADER + payload(20).len()) as u64;
         reopened.file.write_all_at(&[0xff], len + 40).unwrap();
-        let (ops, next) = read_lap(&path, 15).unwrap();
-        assert_eq!((ops.len(), next), (1, 16));
+        let l = read_lap(&path, 15).unwrap();
+        assert_eq!((l.records.len(), l.next, l.lost), (1, 16, 0));
         // A log of another size is recreated empty; so is a cleared one.
         drop(SyncLog::open(&path, 128 * 1024, false).unwrap());
-        assert_eq!(read_lap(&path, 15).unwrap().0.len(), 0);
+        assert_eq!(read_lap(&path, 15).unwrap().records.len(), 0);
         let mut log = SyncLog::open(&path, 128 * 1024, false).unwrap();
         log.new_lap(3);
         log.write(&payload(1), true).unwrap();
-        assert_eq!(read_lap(&path, 3).unwrap().0.len(), 1);
+        assert_eq!(read_lap(&path, 3).unwrap().records.len(), 1);
         drop(SyncLog::open(&path, 128 * 1024, true).unwrap());
-        assert_eq!(read_lap(&path, 3).unwrap().0.len(), 0);
+        assert_eq!(read_lap(&path, 3).unwrap().records.len(), 0);
+    }
+
+    /// A damaged record in the middle of a lap (header or payload) loses
+    /// that record only: the valid ones after it are replayed, the loss
+    /// counted.
+    #[test]
+    fn a_damaged_record_is_skipped_when_later_ones_are_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sync.log");
+        let rec = (HEADER + payload(0).len()) as u64;
+        for (what, at) in [("payload", 2 * rec + 40), ("length", 2 * rec + 1)] {
+            let mut log = SyncLog::open(&path, 64 * 1024, true).unwrap();
+            log.new_lap(7);
+            for n in 0..6 {
+                log.write(&payload(n), true).unwrap();
+            }
+            log.file.write_all_at(&[0xee], at).unwrap();
+            let l = read_lap(&path, 7).unwrap();
+            assert_eq!((l.records.len(), l.next, l.lost), (5, 13, 1), "{what}");
+            assert_eq!(l.records[1], decode_ops(&payload(1)).unwrap(), "{what}");
+            assert_eq!(l.records[2], decode_ops(&payload(3)).unwrap(), "{what}");
+        }
+        // Damage wider than `resync` looks past: the lap ends there (the
+        // store numbers its next lap past any record the file can hold, so
+        // the ones left behind can never pass for that lap's).
+        let mut log = SyncLog::open(&path, 64 * 1024, true).unwrap();
+        log.new_lap(100);
+        let n = RESYNC_SPAN + 10;
+        let small = {
+            let mut p = Vec::new();
+            put_remove(&mut p, Ks::Queues, &[1; 12]);
+            p
+        };
+        for _ in 0..n {
+            log.write(&small, false).unwrap();
+        }
+        let rec = (HEADER + small.len()) as u64;
+        for i in 1..=RESYNC_SPAN + 1 {
+            log.file.write_all_at(&[0xee; 4], i * rec + 8).unwrap();
+        }
+        let l = read_lap(&path, 100).unwrap();
+        assert_eq!((l.records.len(), l.lost, l.next), (1, 0, 101));
     }
 
     #[test]

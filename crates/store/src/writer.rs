@@ -953,13 +953,27 @@ impl Writer {
             Some(&v) => v,
             // Appended with one reference: it never had an `r` record.
             None if known_single => (1, e.size, false),
-            None => match sh.get(Ks::Msgs, &keys::msg_key(keys::REF, e.id))? {
-                Some(v) => match keys::u32_at(&v, 0).zip(keys::u32_at(&v, 4)) {
+            None => match sh.get(Ks::Msgs, &keys::msg_key(keys::REF, e.id)) {
+                Ok(Some(v)) => match keys::u32_at(&v, 0).zip(keys::u32_at(&v, 4)) {
                     Some((c, s)) => (c, s, true),
-                    None => return Err(StoreError::Corrupt("bad refcount record".into())),
+                    // Damaged: drop the body with this reference (other
+                    // references then find it missing and are skipped)
+                    // rather than refusing every ack of the queue.
+                    None => {
+                        tracing::error!(
+                            id = e.id,
+                            "store: damaged refcount record; dropping its body"
+                        );
+                        (1, e.size, true)
+                    }
                 },
                 // No record: this was the body's only reference.
-                None => (1, e.size, false),
+                Ok(None) => (1, e.size, false),
+                Err(err) if crate::is_damage(&err) => {
+                    tracing::error!(id = e.id, error = %err, "store: damaged refcount record; dropping its body");
+                    (1, e.size, true)
+                }
+                Err(err) => return Err(err),
             },
         };
         g.refs
@@ -984,7 +998,17 @@ impl Writer {
             &keys::entry_key(qid, end),
             limit,
         )? {
-            let (k, v) = kv?;
+            let (k, v) = match kv {
+                Ok(kv) => kv,
+                // Unreadable references: the checkpoint still moves past
+                // them (what they pointed to is not reclaimed), or the
+                // queue would be stuck redelivering.
+                Err(e) if crate::is_damage(&e) => {
+                    tracing::error!(queue = qid, error = %e, "store: damaged references acknowledged without reclaiming them");
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
             let k = k.as_slice();
             let Some((_, off)) = keys::parse_entry_key(k) else {
                 continue;
@@ -1031,7 +1055,12 @@ impl Writer {
                 &keys::entry_key(qid, durable),
                 usize::MAX,
             )? {
-                let (k, v) = kv?;
+                let (k, v) = match kv {
+                    Ok(kv) => kv,
+                    // Damaged: left for reads to skip; other queues go on.
+                    Err(e) if crate::is_damage(&e) => break,
+                    Err(e) => return Err(e),
+                };
                 let k = k.as_slice();
                 let Some((_, off)) = keys::parse_entry_key(k) else {
                     continue;

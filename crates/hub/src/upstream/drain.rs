@@ -236,14 +236,21 @@ impl Drain {
                 if q.checkpointed.is_some_and(|c| c >= up_to) {
                     continue;
                 }
-                q.checkpointed = Some(up_to);
                 let c = Checkpoint {
                     priority: *priority,
                     up_to,
                 };
-                if ckpt_tx.send(c).await.is_err() {
-                    tracing::error!("upstream: the checkpoint task ended");
-                    return;
+                // Never wait for the checkpoint task (its store acks are
+                // fsyncs, and settlements arrive one by one): while it is
+                // busy, the offset is handed over on a later turn (the tick
+                // guarantees one), merged with whatever settled meanwhile.
+                match ckpt_tx.try_send(c) {
+                    Ok(()) => q.checkpointed = Some(up_to),
+                    Err(mpsc::error::TrySendError::Full(_)) => break,
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        tracing::error!("upstream: the checkpoint task ended");
+                        return;
+                    }
                 }
             }
             if full != self.read_ahead_full() {
