@@ -50,6 +50,11 @@ for pkg in verge-workload verge-sdk verge-hub; do
     exit 1
   fi
 done
+# The CLI reaches Docker only through verge-runtime (no direct bollard edge).
+if cargo tree -q -p verge-cli -e normal --depth 1 --prefix none | grep -q '^bollard '; then
+  echo "verge-cli depends on bollard directly; go through verge-runtime" >&2
+  exit 1
+fi
 
 log "cargo test --workspace"
 cargo test --workspace --all-targets --no-fail-fast "$@"
