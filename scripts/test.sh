@@ -38,6 +38,24 @@ if [ "${VERGE_SKIP_DOCKER_TESTS:-0}" != 1 ]; then
   ./scripts/test-images.sh
 fi
 
+# Crate edges (ARCHITECTURE: only verge-runtime talks to Docker, and only the
+# daemon, the agent and the CLI use it): the SDK, the hub and the workload
+# API crate must not pull in bollard. Dev-dependencies are left out: the
+# hub's edge-environment tests run verged in-process.
+log "checking crate edges"
+for pkg in verge-workload verge-sdk verge-hub; do
+  if cargo tree -q -p "$pkg" -e no-dev --prefix none | grep -q '^bollard '; then
+    echo "$pkg depends on bollard (Docker); only verge-runtime may" >&2
+    cargo tree -q -p "$pkg" -e no-dev -i bollard >&2 || true
+    exit 1
+  fi
+done
+# The CLI reaches Docker only through verge-runtime (no direct bollard edge).
+if cargo tree -q -p verge-cli -e normal --depth 1 --prefix none | grep -q '^bollard '; then
+  echo "verge-cli depends on bollard directly; go through verge-runtime" >&2
+  exit 1
+fi
+
 log "cargo test --workspace"
 cargo test --workspace --all-targets --no-fail-fast "$@"
 cargo test --workspace --doc

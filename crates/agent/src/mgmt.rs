@@ -61,13 +61,13 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use verge_core::sas::url_encode;
 use verge_core::time::Timestamp;
-use verge_daemon::api::{
-    ErrorResponse, MANAGEMENT_API_VERSION, ModuleConfig, ModuleDetails, ModuleList, ModuleSettings,
-    ModuleSpecJson, RegistryAuthJson, SystemInfo,
-};
 use verge_runtime::{
     LogOptions, LogStream, ModuleRuntime, ModuleSpec, ModuleState, ModuleStatus, RegistryAuth,
     RuntimeError, RuntimeInfo,
+};
+use verge_workload::api::{
+    ErrorResponse, MANAGEMENT_API_VERSION, ModuleConfig, ModuleDetails, ModuleList, ModuleSettings,
+    ModuleSpecJson, RegistryAuthJson, SystemInfo,
 };
 
 /// Module name used in the `prepareupdate` path for [`ModuleRuntime::pull`],
@@ -213,7 +213,7 @@ pub fn spec_json(spec: &ModuleSpec, image_pull_policy: &str) -> ModuleSpecJson {
             env: spec
                 .env
                 .iter()
-                .map(|(k, v)| verge_daemon::api::EnvVar {
+                .map(|(k, v)| verge_workload::api::EnvVar {
                     key: k.clone(),
                     value: v.clone(),
                 })
@@ -621,7 +621,7 @@ impl ModuleRuntime for ManagementRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use verge_daemon::api::{EnvVar, ExitStatus, ModuleStatusJson, RuntimeStatus};
+    use verge_workload::api::{EnvVar, ExitStatus, ModuleStatusJson, RuntimeStatus};
 
     fn status_name(s: ModuleStatus) -> &'static str {
         match s {

@@ -11,18 +11,15 @@
 //! Containers are found again by the labels verged's Docker backend puts on
 //! them: the owner label, and the module spec whose workload socket lies in
 //! the quickstart's directory. Only those are ever removed.
+//!
+//! Every Docker call goes through verge-runtime's Docker backend (its
+//! `images` module): only the runtime talks to the engine.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
-use bollard::Docker;
-use bollard::query_parameters::{
-    BuildImageOptionsBuilder, InspectContainerOptions, RemoveContainerOptionsBuilder,
-    StopContainerOptionsBuilder,
-};
-use futures_util::StreamExt as _;
 use verge_runtime::docker::{OWNER_LABEL, SPEC_LABEL};
 use verge_runtime::{DockerConfig, DockerRuntime, ModuleSpec};
 
@@ -51,12 +48,13 @@ pub fn reference(repository: &str) -> String {
 
 /// Connects to the local engine (as verged's Docker backend does, with its
 /// default socket) and negotiates the API version.
-pub async fn connect() -> anyhow::Result<Docker> {
+pub async fn connect() -> anyhow::Result<DockerRuntime> {
     let runtime = DockerRuntime::new(DockerConfig::default());
     tokio::time::timeout(Duration::from_secs(10), runtime.client())
         .await
         .map_err(|_| anyhow!("--docker: the Docker engine did not answer within 10 s"))?
-        .map_err(|e| anyhow!("--docker: {e} (is Docker installed and running?)"))
+        .map_err(|e| anyhow!("--docker: {e} (is Docker installed and running?)"))?;
+    Ok(runtime)
 }
 
 /// The shared libraries `ldd` resolves for `binary` (loader included);
@@ -175,33 +173,10 @@ fn write_base_context(binaries: &[PathBuf], out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn build_options(tag: &str) -> bollard::query_parameters::BuildImageOptions {
-    BuildImageOptionsBuilder::default()
-        .t(tag)
-        .rm(true)
-        .forcerm(true)
-        .build()
-}
-
-/// Follows one build to its end; fails with the builder's own message.
-async fn finish_build(
-    tag: &str,
-    stream: impl futures_util::Stream<Item = Result<bollard::models::BuildInfo, bollard::errors::Error>>,
-) -> anyhow::Result<()> {
-    let mut stream = std::pin::pin!(stream);
-    while let Some(item) = stream.next().await {
-        let info = item.map_err(|e| anyhow!("building {tag}: {e}"))?;
-        if let Some(detail) = info.error_detail.and_then(|d| d.message) {
-            bail!("building {tag}: {detail}");
-        }
-    }
-    Ok(())
-}
-
 /// Builds the base image and one image per entry of `images`.
 /// `scratch_dir` holds the (large) build context while it is sent.
 pub async fn build(
-    docker: &Docker,
+    docker: &DockerRuntime,
     images: &[ImageSpec<'_>],
     scratch_dir: &Path,
 ) -> anyhow::Result<()> {
@@ -214,32 +189,11 @@ pub async fn build(
     tokio::task::spawn_blocking(move || write_base_context(&binaries, &out))
         .await
         .map_err(|e| anyhow!("archiving the binaries: {e}"))??;
-    let file = tokio::fs::File::open(&context)
-        .await
-        .with_context(|| format!("opening {}", context.display()))?;
-    // Streamed in 1 MiB chunks: a debug build's context is several hundred MB.
-    let chunks = futures_util::stream::unfold(Some(file), |file| async move {
-        use tokio::io::AsyncReadExt as _;
-        let mut file = file?;
-        let mut buf = vec![0u8; 1 << 20];
-        match file.read(&mut buf).await {
-            Ok(0) => None,
-            Ok(n) => {
-                buf.truncate(n);
-                Some((Ok(bytes::Bytes::from(buf)), Some(file)))
-            }
-            Err(e) => Some((Err(e), None)),
-        }
-    });
-    let body = bollard::body_try_stream(chunks);
+    // Streamed from the file: a debug build's context is several hundred MB.
     let base = reference(BASE);
-    let result = finish_build(
-        &base,
-        docker.build_image(build_options(&base), None, Some(body)),
-    )
-    .await;
+    let result = docker.build_image_from_file(&base, &context).await;
     let _ = tokio::fs::remove_file(&context).await;
-    result?;
+    result.map_err(|e| anyhow!("{e}"))?;
 
     for i in images {
         let name = i
@@ -258,12 +212,10 @@ pub async fn build(
         append_bytes(&mut tar, "Dockerfile", dockerfile.as_bytes(), 0o644, false)?;
         let bytes = tar.into_inner()?;
         let tag = reference(i.repository);
-        let body = bollard::body_full(bytes.into());
-        finish_build(
-            &tag,
-            docker.build_image(build_options(&tag), None, Some(body)),
-        )
-        .await?;
+        docker
+            .build_image(&tag, bytes.into())
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
     }
     Ok(())
 }
@@ -279,11 +231,10 @@ fn references(repositories: &[&str]) -> Vec<String> {
 /// What the images built for `repositories` take on disk, in bytes (the
 /// module images share the base image's layers: the largest counts), or
 /// `None` if none is there.
-pub async fn images_size(docker: &Docker, repositories: &[&str]) -> Option<u64> {
+pub async fn images_size(docker: &DockerRuntime, repositories: &[&str]) -> Option<u64> {
     let mut size = None;
     for r in references(repositories) {
-        if let Ok(i) = docker.inspect_image(&r).await {
-            let s = i.size.and_then(|s| u64::try_from(s).ok()).unwrap_or(0);
+        if let Ok(Some(s)) = docker.image_size(&r).await {
             size = Some(size.unwrap_or(0).max(s));
         }
     }
@@ -346,7 +297,11 @@ fn is_ours(labels: Option<&std::collections::HashMap<String, String>>, dir: &Pat
 /// (working directory `dir`) created, all at once. Fails, naming it, on a
 /// container of that name that belongs to someone else: it would clash with
 /// the deployment and is not ours to remove.
-pub async fn remove_ours(docker: &Docker, names: &[&str], dir: &Path) -> anyhow::Result<usize> {
+pub async fn remove_ours(
+    docker: &DockerRuntime,
+    names: &[&str],
+    dir: &Path,
+) -> anyhow::Result<usize> {
     let results =
         futures_util::future::join_all(names.iter().map(|n| remove_one(docker, n, dir))).await;
     let mut removed = 0;
@@ -357,19 +312,13 @@ pub async fn remove_ours(docker: &Docker, names: &[&str], dir: &Path) -> anyhow:
 }
 
 /// [`remove_ours`] for one name: whether a container was removed.
-async fn remove_one(docker: &Docker, name: &str, dir: &Path) -> anyhow::Result<bool> {
-    let inspect = match docker
-        .inspect_container(name, None::<InspectContainerOptions>)
-        .await
-    {
-        Ok(i) => i,
-        Err(bollard::errors::Error::DockerResponseServerError {
-            status_code: 404, ..
-        }) => return Ok(false),
+async fn remove_one(docker: &DockerRuntime, name: &str, dir: &Path) -> anyhow::Result<bool> {
+    let labels = match docker.container_labels(name).await {
+        Ok(Some(labels)) => labels,
+        Ok(None) => return Ok(false),
         Err(e) => bail!("inspecting container {name}: {e}"),
     };
-    let labels = inspect.config.as_ref().and_then(|c| c.labels.as_ref());
-    if !is_ours(labels, dir) {
+    if !is_ours(Some(&labels), dir) {
         bail!(
             "a Docker container named {name} exists and is not this quickstart's \
              (another IoT Edge or Verge on this engine?); module names are container \
@@ -378,30 +327,10 @@ async fn remove_one(docker: &Docker, name: &str, dir: &Path) -> anyhow::Result<b
         );
     }
     // SIGTERM first: the hub closes its store cleanly.
-    let _ = docker
-        .stop_container(
-            name,
-            Some(StopContainerOptionsBuilder::default().t(10).build()),
-        )
-        .await;
-    match docker
-        .remove_container(
-            name,
-            Some(
-                RemoveContainerOptionsBuilder::default()
-                    .force(true)
-                    .v(true)
-                    .build(),
-            ),
-        )
+    docker
+        .stop_and_remove_container(name, Duration::from_secs(10))
         .await
-    {
-        Ok(()) => Ok(true),
-        Err(bollard::errors::Error::DockerResponseServerError {
-            status_code: 404, ..
-        }) => Ok(false),
-        Err(e) => bail!("removing container {name}: {e}"),
-    }
+        .map_err(|e| anyhow!("removing container {name}: {e}"))
 }
 
 #[cfg(test)]

@@ -747,41 +747,34 @@ fn system_status_reports_verged() {
     );
 }
 
-/// A server certificate through the agent's workload socket (the agent's
-/// identity exists from the start), as the hub would ask for one.
-fn issue_server_cert(v: &Verged, expiration: Option<&str>) -> Value {
-    let (s, ids) = v.call("GET", "/identities/", None);
-    assert_eq!(s, 200, "{ids}");
-    let gen_id = ids["identities"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["moduleId"] == "$edgeAgent")
-        .unwrap()["generationId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+/// A server certificate through a workload socket, asked by a process module
+/// `name` of its own (verged serves a module's socket to its own processes
+/// only), as the hub would ask for one.
+fn issue_server_cert(v: &Verged, name: &str, expiration: Option<&str>) -> Value {
     let mut body = json!({"commonName": "edge1.local"});
     if let Some(e) = expiration {
         body["expiration"] = json!(e);
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let r = rt
-        .block_on(verge_daemon::client::request(
-            &v.home.join("mnt/edgeAgent.sock"),
-            "POST",
-            &format!(
-                "/modules/$edgeAgent/genid/{gen_id}/certificate/server?api-version=2019-01-30"
-            ),
-            Some(body.to_string().into_bytes()),
-            Duration::from_secs(30),
-        ))
-        .unwrap();
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
-    serde_json::from_slice(&r.body).unwrap()
+    let out = v.dir.path().join(format!("{name}.cert"));
+    let script = r#"sock="${IOTEDGE_WORKLOADURI#unix://}"
+code=$(curl -s -o "$OUT.body" -w '%{http_code}' --unix-socket "$sock" -X POST -d "$BODY" \
+  "http://localhost/modules/$IOTEDGE_MODULEID/genid/$IOTEDGE_MODULEGENERATIONID/certificate/server?api-version=2019-01-30")
+echo "$code" > "$OUT.code.tmp" && mv "$OUT.code.tmp" "$OUT.code"
+exec sleep 600
+"#;
+    let body = body.to_string();
+    v.module(
+        name,
+        script,
+        &[("OUT", out.to_str().unwrap()), ("BODY", body.as_str())],
+    );
+    let code_file = out.with_extension("cert.code");
+    let code = wait("the module's certificate request", || {
+        std::fs::read_to_string(&code_file).ok()
+    });
+    let got = std::fs::read_to_string(out.with_extension("cert.body")).unwrap_or_default();
+    assert_eq!(code.trim(), "201", "{got}");
+    serde_json::from_str(&got).unwrap()
 }
 
 fn check_json(v: &Verged) -> Value {
@@ -814,13 +807,13 @@ fn check_reports_issued_certificates_by_lifetime() {
     assert!(c["details"].to_string().contains("none issued yet"), "{c}");
 
     // A fresh 30-day server certificate: fewer than 30 days left, yet fine.
-    issue_server_cert(&v, None);
+    issue_server_cert(&v, "certa", None);
     let c = find_check(&check_json(&v), "issued-certs-expiry");
     assert_eq!(c["result"], "ok", "{c}");
     assert!(
         c["details"]
             .to_string()
-            .contains("$edgeAgent server certificate (CN edge1.local)"),
+            .contains("certa server certificate (CN edge1.local)"),
         "{c}"
     );
 
@@ -829,7 +822,7 @@ fn check_reports_issued_certificates_by_lifetime() {
     let soon = verge_core::time::Timestamp::now()
         .plus_secs(60)
         .to_iso8601();
-    issue_server_cert(&v, Some(&soon));
+    issue_server_cert(&v, "certb", Some(&soon));
     let c = find_check(&check_json(&v), "issued-certs-expiry");
     assert_eq!(c["result"], "warning", "{c}");
     assert!(

@@ -19,7 +19,7 @@ use crate::http::{ServedSocket, bind_unix};
 use crate::keys::{IdentityStore, canonical_module_id, store_device_key};
 use crate::mgmt::{DaemonControl, MgmtExtras, MgmtState, router_with as mgmt_router_with};
 use crate::supervision::AgentMonitor;
-use crate::workload::{DaemonState, WorkloadSockets};
+use crate::workload::{CallerCheck, DaemonState, WorkloadSockets};
 
 /// First restart delay of the agent.
 pub const BACKOFF_START: Duration = Duration::from_secs(1);
@@ -85,10 +85,31 @@ pub async fn run_with(
         identities: identities.clone(),
         ca: ca.clone(),
     });
-    let sockets = Arc::new(WorkloadSockets::new(
-        state.clone(),
-        config.listen.workload_dir.clone(),
-    ));
+    let is_docker = runtime
+        .info()
+        .await
+        .map(|i| i.kind == "docker")
+        .unwrap_or(false);
+    let monitor = AgentMonitor::new(
+        &config.agent.name,
+        match config.agent.kind {
+            AgentKind::Process => "process",
+            AgentKind::Docker => "docker",
+        },
+        &config.agent.image,
+    );
+    let mut sockets = WorkloadSockets::new(state.clone(), config.listen.workload_dir.clone());
+    if !is_docker {
+        // Process backend: the modules share a uid, so the caller's process
+        // decides (see `workload`'s docs); Docker mounts each socket into
+        // its own container only.
+        let mut check = CallerCheck::new(runtime.clone());
+        if config.agent.kind == AgentKind::Process {
+            check = check.with_agent(&config.agent.name, monitor.clone());
+        }
+        sockets = sockets.with_caller_check(check);
+    }
+    let sockets = Arc::new(sockets);
     let agent_identity = identities
         .get_or_create(&config.agent.name, "iotedge")
         .await?;
@@ -99,11 +120,6 @@ pub async fn run_with(
             .with_context(|| format!("workload socket of {}", identity.module_id))?;
     }
 
-    let is_docker = runtime
-        .info()
-        .await
-        .map(|i| i.kind == "docker")
-        .unwrap_or(false);
     let env_ctx = EnvContext {
         iothub_hostname: config.provisioning.iothub_hostname.to_string(),
         device_id: config.provisioning.device_id.to_string(),
@@ -116,14 +132,6 @@ pub async fn run_with(
         },
     };
 
-    let monitor = AgentMonitor::new(
-        &config.agent.name,
-        match config.agent.kind {
-            AgentKind::Process => "process",
-            AgentKind::Docker => "docker",
-        },
-        &config.agent.image,
-    );
     // A process agent's output, kept as a process module's is, so
     // `verge logs edgeAgent` and the support bundle read it.
     let agent_log = Arc::new(OutputLog::new(

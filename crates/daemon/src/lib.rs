@@ -11,10 +11,11 @@
 //! * [`supervision`]: the supervised agent's state, for the management API.
 //! * [`resources`]: host and per-module resource use from `/proc`.
 //! * [`env`]: the environment injected into modules.
-//! * [`client`]: a small client for both APIs (the hub uses
+//! * [`api`], [`client`]: the APIs' JSON bodies and a small client for both
+//!   APIs, defined in `verge-workload` and re-exported here (the hub uses
 //!   [`client::WorkloadClient::server_certificate`] for its TLS certificate
 //!   and [`client::WorkloadClient::hub_identities`] for the module keys it
-//!   checks tokens with).
+//!   checks tokens with, through `verge-workload`).
 //! * [`daemon`]: startup, agent watchdog, shutdown.
 //!
 //! Module keys are never stored: `device_key.derive_module_key(module, generation_id)`

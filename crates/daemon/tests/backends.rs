@@ -68,10 +68,15 @@ impl Drop for Verged {
 impl Verged {
     /// Starts verged with a process agent; `extra` is appended to the config.
     fn start(extra: &str) -> Self {
+        Self::start_with_agent(extra, "exec sleep 600\n")
+    }
+
+    /// [`Verged::start`] with `agent_script` (run by `/bin/sh`) as the agent.
+    fn start_with_agent(extra: &str, agent_script: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let home = dir.path().join("home");
         let agent = dir.path().join("agent.sh");
-        std::fs::write(&agent, "exec sleep 600\n").unwrap();
+        std::fs::write(&agent, agent_script).unwrap();
         let cfg = dir.path().join("config.toml");
         std::fs::write(
             &cfg,
@@ -446,6 +451,156 @@ while true; do i=$((i+1)); echo "tick $i"; sleep 0.1; done
 
 /// Docker is reachable (else panics with a clear message), or the tests are
 /// to be skipped (returns false).
+/// Signs "a" as `${TARGET_NAME:-self}` on `${TARGET_SOCK:-own socket}` from a
+/// child of the script (curl), writes the HTTP code to `$OUT/<module>.code`
+/// and the body to `$OUT/<module>.body`, then sleeps.
+const SIGN_SCRIPT: &str = r#"sock="${TARGET_SOCK:-${IOTEDGE_WORKLOADURI#unix://}}"
+name="${TARGET_NAME:-$IOTEDGE_MODULEID}"
+genid="${TARGET_GENID:-$IOTEDGE_MODULEGENERATIONID}"
+me="$(echo "$IOTEDGE_MODULEID" | tr -d '$')"
+code=$(curl -s -o "$OUT/$me.body" -w '%{http_code}' --unix-socket "$sock" -X POST \
+  -d '{"keyId":"primary","algo":"HMACSHA256","data":"YQ=="}' \
+  "http://localhost/modules/$name/genid/$genid/sign?api-version=2019-01-30")
+echo "$code" > "$OUT/$me.code.tmp" && mv "$OUT/$me.code.tmp" "$OUT/$me.code"
+exec sleep 600
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_modules_act_only_for_themselves() {
+    let out = tempfile::tempdir().unwrap();
+    let outp = out.path().to_owned();
+    // The agent (verged's watchdog child, not a runtime module) signs too.
+    let v = Verged::start_with_agent("", &format!("OUT={}\n{SIGN_SCRIPT}", outp.display()));
+    let script = v.path("sign.sh");
+    std::fs::write(&script, SIGN_SCRIPT).unwrap();
+    let image = format!("/bin/sh {}", script.display());
+    let code_of = |m: &str| read(&outp.join(format!("{m}.code"))).trim().to_owned();
+
+    // the agent's own process is served on the agent's socket
+    wait_for_async("the agent's sign call", Duration::from_secs(20), || {
+        !code_of("edgeAgent").is_empty()
+    })
+    .await;
+    assert_eq!(
+        code_of("edgeAgent"),
+        "200",
+        "{}",
+        read(&outp.join("edgeAgent.body"))
+    );
+
+    // a real process module signs as itself through its own socket
+    let out_env = ("OUT", outp.to_str().unwrap());
+    let (s, m) = v
+        .call(
+            "POST",
+            &format!("/modules?{MV}"),
+            Some(spec("signer", &image, &[out_env], serde_json::json!({}))),
+        )
+        .await;
+    assert_eq!(s, 201, "{m}");
+    let (s, b) = v
+        .call("POST", &format!("/modules/signer/start?{MV}"), None)
+        .await;
+    assert_eq!(s, 204, "{b}");
+    v.wait_status("signer", "running").await;
+    wait_for_async("signer's sign call", Duration::from_secs(20), || {
+        !code_of("signer").is_empty()
+    })
+    .await;
+    assert_eq!(
+        code_of("signer"),
+        "200",
+        "{}",
+        read(&outp.join("signer.body"))
+    );
+    let body: serde_json::Value = serde_json::from_str(&read(&outp.join("signer.body"))).unwrap();
+    assert!(
+        body["digest"].as_str().is_some_and(|d| !d.is_empty()),
+        "{body}"
+    );
+
+    // a process outside signer's tree (this test) cannot sign as signer
+    let (_, ids) = v.call("GET", &format!("/identities/?{MV}"), None).await;
+    let genid = ids["identities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["moduleId"] == "signer")
+        .unwrap()["generationId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let sock = v.home.join("mnt/signer.sock");
+    let sign_path = format!("/modules/signer/genid/{genid}/sign?{WV}");
+    let sign_body = r#"{"keyId":"primary","algo":"HMACSHA256","data":"YQ=="}"#;
+    let (s, b) = call(&sock, "POST", &sign_path, Some(sign_body.into())).await;
+    assert_eq!(s, 403, "{b}");
+    assert!(
+        b["message"].as_str().unwrap().contains("own processes"),
+        "{b}"
+    );
+    for path in [
+        format!("/modules/signer/genid/{genid}/encrypt?{WV}"),
+        format!("/modules/signer/certificate/identity?{WV}"),
+        format!("/modules/signer/genid/{genid}/certificate/server?{WV}"),
+    ] {
+        let (s, b) = call(&sock, "POST", &path, Some("{}".into())).await;
+        assert_eq!(s, 403, "{path}: {b}");
+    }
+    // the trust bundle is public
+    let (s, b) = call(&sock, "GET", &format!("/trust-bundle?{WV}"), None).await;
+    assert_eq!(s, 200, "{b}");
+
+    // nor can another process module, using signer's socket and generation
+    let thief_env = [
+        out_env,
+        ("TARGET_SOCK", sock.to_str().unwrap()),
+        ("TARGET_NAME", "signer"),
+        ("TARGET_GENID", genid.as_str()),
+    ];
+    let (s, m) = v
+        .call(
+            "POST",
+            &format!("/modules?{MV}"),
+            Some(spec("thief", &image, &thief_env, serde_json::json!({}))),
+        )
+        .await;
+    assert_eq!(s, 201, "{m}");
+    let (s, b) = v
+        .call("POST", &format!("/modules/thief/start?{MV}"), None)
+        .await;
+    assert_eq!(s, 204, "{b}");
+    wait_for_async("thief's sign call", Duration::from_secs(20), || {
+        !code_of("thief").is_empty()
+    })
+    .await;
+    assert_eq!(
+        code_of("thief"),
+        "403",
+        "{}",
+        read(&outp.join("thief.body"))
+    );
+
+    // a restarted module (new pid) is recognised at once
+    std::fs::remove_file(outp.join("signer.code")).unwrap();
+    let (s, b) = v
+        .call("POST", &format!("/modules/signer/restart?{MV}"), None)
+        .await;
+    assert_eq!(s, 204, "{b}");
+    wait_for_async(
+        "signer's sign call after restart",
+        Duration::from_secs(20),
+        || !code_of("signer").is_empty(),
+    )
+    .await;
+    assert_eq!(
+        code_of("signer"),
+        "200",
+        "{}",
+        read(&outp.join("signer.body"))
+    );
+}
+
 fn docker_ready() -> bool {
     if std::env::var("VERGE_SKIP_DOCKER_TESTS").as_deref() == Ok("1") {
         eprintln!("VERGE_SKIP_DOCKER_TESTS=1: skipping Docker test");

@@ -6,6 +6,11 @@
 //! restart in between) reach the cloud once it is back; deleting an
 //! identity deletes it in the cloud.
 //!
+//! The tokens are signed by the modules themselves: with the process backend
+//! verged serves a module's workload socket to the module's own processes
+//! only, so modA and the agent run [`SIGNER`], which signs what the test
+//! asks through files.
+//!
 //! Everything binds 127.0.0.1 and temp-dir sockets; both processes are
 //! stopped on drop (also on failure) and every wait is bounded.
 #![allow(clippy::unwrap_used, missing_docs)]
@@ -22,7 +27,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use verge_core::id::ModuleId;
 use verge_core::sas::{SasToken, SharedAccessKey, url_encode};
-use verge_daemon::client::{WorkloadClient, request};
+use verge_daemon::client::request;
 
 /// The edge device's key (verged's provisioning and the cloud registry).
 const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
@@ -155,6 +160,23 @@ impl Harness {
     }
     fn verged_log(&self) -> PathBuf {
         self.dir.path().join("verged.log")
+    }
+    /// The signing script (written on first use).
+    fn signer(&self) -> PathBuf {
+        let p = self.dir.path().join("signer.sh");
+        if !p.exists() {
+            std::fs::write(&p, SIGNER).unwrap();
+        }
+        p
+    }
+    /// Where `module`'s signer takes requests.
+    fn sign_dir(&self, module: &str) -> PathBuf {
+        let d = self
+            .dir
+            .path()
+            .join(format!("sign-{}", module.trim_start_matches('$')));
+        std::fs::create_dir_all(&d).unwrap();
+        d
     }
 
     /// Starts verge-cloud on the harness's fixed ports (same data dir each time).
@@ -295,7 +317,7 @@ https_port = {port}
 name = "edgeAgent"
 type = "process"
 [agent.config]
-image = "/bin/sleep 600"
+image = "/bin/sh {signer} {agent_dir}"
 
 [edge_ca]
 auto_generated_edge_ca_expiry_days = 30
@@ -303,6 +325,8 @@ auto_generated_edge_ca_expiry_days = 30
                 home = self.home().display(),
                 ca = self.cloud_ca().display(),
                 port = self.https_port,
+                signer = self.signer().display(),
+                agent_dir = self.sign_dir("$edgeAgent").display(),
             ),
         )
         .unwrap();
@@ -437,23 +461,49 @@ async fn mqtt_connect(port: u16, ca: &Path, client_id: &str, password: &str) -> 
     ack[3]
 }
 
-/// A module token signed through the module's own workload socket.
-async fn module_token(home: &Path, module: &str, generation: &str) -> String {
-    // Socket files carry the runtime name (without `$`).
-    let socket = home
-        .join("mnt")
-        .join(format!("{}.sock", module.trim_start_matches('$')));
-    let client = WorkloadClient::new(socket, module, generation);
+/// Run as a module (`/bin/sh signer.sh <dir>`): signs `<dir>/req` (a sign
+/// request body) through the module's own workload socket, as itself,
+/// answering in `<dir>/resp`.
+const SIGNER: &str = r#"dir="$1"
+while true; do
+  if [ -f "$dir/req" ]; then
+    curl -s --unix-socket "${IOTEDGE_WORKLOADURI#unix://}" -X POST --data-binary @"$dir/req" \
+      "http://localhost/modules/$IOTEDGE_MODULEID/genid/$IOTEDGE_MODULEGENERATIONID/sign?api-version=2019-01-30" \
+      > "$dir/resp.tmp"
+    rm -f "$dir/req"
+    mv "$dir/resp.tmp" "$dir/resp"
+  fi
+  sleep 0.1
+done
+"#;
+
+/// A module token signed by the module (its [`SIGNER`] in `dir`) through its
+/// own workload socket.
+async fn module_token(dir: &Path, module: &str) -> String {
     let resource = format!("127.0.0.1/devices/{DEVICE}/modules/{module}");
     let expiry = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs()
         + 3600;
-    let digest = client
-        .sign(SasToken::string_to_sign(&resource, expiry).as_bytes())
-        .await
-        .unwrap();
+    let data = SasToken::string_to_sign(&resource, expiry);
+    let req = json!({"keyId": "primary", "algo": "HMACSHA256",
+        "data": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, data.as_bytes())});
+    let resp = dir.join("resp");
+    let _ = std::fs::remove_file(&resp);
+    std::fs::write(dir.join("req.tmp"), req.to_string()).unwrap();
+    std::fs::rename(dir.join("req.tmp"), dir.join("req")).unwrap();
+    let body = wait_until(
+        &format!("{module} to sign"),
+        Duration::from_secs(30),
+        async || std::fs::read_to_string(&resp).ok(),
+    )
+    .await;
+    let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    let digest = v["digest"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{module} could not sign: {v}"))
+        .to_owned();
     SasToken::from_signature(&resource, digest, expiry, None).to_string()
 }
 
@@ -492,7 +542,7 @@ async fn module_identities_reach_the_cloud_with_derived_keys_also_after_an_outag
 
     // ---- verged: $edgeAgent at startup, $edgeHub and modA through the management API
     h.start_verged();
-    let agent_gen = h.await_registered("$edgeAgent").await;
+    h.await_registered("$edgeAgent").await;
     assert_ne!(h.cloud_keys("$edgeAgent").await.unwrap(), random_agent_key);
     let (s, v) = h
         .mgmt_call(
@@ -502,12 +552,19 @@ async fn module_identities_reach_the_cloud_with_derived_keys_also_after_an_outag
         )
         .await;
     assert_eq!(s, 200, "{v}");
+    let image = format!(
+        "/bin/sh {} {}",
+        h.signer().display(),
+        h.sign_dir("modA").display()
+    );
     let spec = json!({"name": "modA", "type": "docker", "imagePullPolicy": "never",
-        "config": {"settings": {"image": "/bin/sleep 600"}, "env": []}});
+        "config": {"settings": {"image": image}, "env": []}});
     let (s, v) = h.mgmt_call("POST", "/modules", Some(spec)).await;
     assert_eq!(s, 201, "{v}");
+    let (s, v) = h.mgmt_call("POST", "/modules/modA/start", None).await;
+    assert_eq!(s, 204, "{v}");
     h.await_registered("$edgeHub").await;
-    let gen_a = h.await_registered("modA").await;
+    h.await_registered("modA").await;
     let (_, v) = h
         .service(
             reqwest::Method::GET,
@@ -518,7 +575,7 @@ async fn module_identities_reach_the_cloud_with_derived_keys_also_after_an_outag
     assert_eq!(v["managedBy"], "iotedge", "{v}");
 
     // ---- modA's token, signed by verged's workload API, opens the cloud's MQTT endpoint
-    let token = module_token(&h.home(), "modA", &gen_a).await;
+    let token = module_token(&h.sign_dir("modA"), "modA").await;
     let ca = h.cloud_ca();
     let rc = mqtt_connect(h.mqtt_port, &ca, &format!("{DEVICE}/modA"), &token).await;
     assert_eq!(rc, 0, "CONNACK for modA's workload-signed token");
@@ -532,7 +589,7 @@ async fn module_identities_reach_the_cloud_with_derived_keys_also_after_an_outag
     .to_string();
     let rc = mqtt_connect(h.mqtt_port, &ca, &format!("{DEVICE}/modA"), &wrong).await;
     assert_ne!(rc, 0, "a forged token was accepted");
-    let agent_token = module_token(&h.home(), "$edgeAgent", &agent_gen).await;
+    let agent_token = module_token(&h.sign_dir("$edgeAgent"), "$edgeAgent").await;
     let rc = mqtt_connect(
         h.mqtt_port,
         &ca,

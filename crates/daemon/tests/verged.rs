@@ -231,11 +231,47 @@ async fn sdk_signs_through_verged() {
         workload_uri: WorkloadUriStyle::HostSocket,
     };
     let env = module_env(&ctx, &ident, &sock_a, &BTreeMap::new());
-    let py2 = py.clone();
-    let env2 = env.clone();
-    let out = tokio::task::spawn_blocking(move || run_python(&py2, &env2))
-        .await
-        .unwrap();
+    // The SDK runs as modA itself: a process module started by verged (the
+    // workload socket serves only the module's own processes).
+    let out_file = dir.path().join("modA.json");
+    let wrapper = dir.path().join("modA.sh");
+    std::fs::write(
+        &wrapper,
+        "\"$PY\" \"$SCRIPT\" > \"$OUT.tmp\" 2> \"$OUT.err\"; mv \"$OUT.tmp\" \"$OUT\"; exec sleep 600\n",
+    )
+    .unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/test_workload.py");
+    let spec = serde_json::json!({"name": "modA", "type": "docker",
+    "config": {"settings": {"image": format!("/bin/sh {}", wrapper.display())},
+        "env": [
+            {"key": "PY", "value": py.display().to_string()},
+            {"key": "SCRIPT", "value": script.display().to_string()},
+            {"key": "OUT", "value": out_file.display().to_string()},
+        ]}});
+    let (s, m) = call(
+        &mgmt,
+        "POST",
+        &format!("/modules?{V}"),
+        Some(&spec.to_string()),
+    )
+    .await;
+    assert_eq!(s, 201, "{m}");
+    let (s, m) = call(&mgmt, "POST", &format!("/modules/modA/start?{V}"), None).await;
+    assert_eq!(s, 204, "{m}");
+    let out_file2 = out_file.clone();
+    tokio::task::spawn_blocking(move || {
+        wait_for("the SDK in module modA", Duration::from_secs(60), || {
+            out_file2.exists()
+        });
+    })
+    .await
+    .unwrap();
+    let text = std::fs::read_to_string(&out_file).unwrap();
+    let out: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| {
+            let err = std::fs::read_to_string(dir.path().join("modA.json.err")).unwrap_or_default();
+            panic!("{e}: {text}; stderr: {err}")
+        });
     assert_eq!(out["ok"], true, "{out}");
     let token = SasToken::parse(out["token"].as_str().unwrap()).unwrap();
     assert_eq!(
@@ -260,7 +296,28 @@ async fn sdk_signs_through_verged() {
     assert_eq!(out["trust_bundle"], tb["certificate"]);
     assert_eq!(out["gateway_hostname"], "edge1.local");
 
-    // module B's socket cannot sign as module A
+    // the same SDK outside modA's processes (this test) is refused on modA's socket
+    let py2 = py.clone();
+    let env2 = env.clone();
+    let outside = tokio::task::spawn_blocking(move || run_python(&py2, &env2))
+        .await
+        .unwrap();
+    assert_eq!(outside["ok"], false, "{outside}");
+    let (s, body) = call(
+        &sock_a,
+        "POST",
+        &format!(
+            "/modules/modA/genid/{}/sign?api-version=2019-01-30",
+            ident.generation_id
+        ),
+        Some(r#"{"keyId":"primary","algo":"HMACSHA256","data":"YQ=="}"#),
+    )
+    .await;
+    assert_eq!(s, 403, "{body}");
+
+    // module B's socket cannot sign as module A (refused twice over here:
+    // the socket is not modA's, and this test is not modB's process; the
+    // socket-name check alone is covered in tests/api.rs)
     let mut env_b = env.clone();
     env_b.insert(
         "IOTEDGE_WORKLOADURI".into(),

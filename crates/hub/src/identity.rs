@@ -25,8 +25,8 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 use verge_core::time::Timestamp;
 use verge_core::{ClientId, DeviceId, ModuleId, SharedAccessKey};
-use verge_daemon::api::HubModuleIdentity;
-use verge_daemon::client::{WorkloadClient, socket_path_from_uri};
+use verge_workload::api::HubModuleIdentity;
+use verge_workload::client::{WorkloadClient, socket_path_from_uri};
 
 use crate::HubState;
 use crate::auth::{IdentityKeys, KeyTable, MissPacer, SasAuthenticator};

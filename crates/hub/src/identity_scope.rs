@@ -116,7 +116,7 @@ enum Signer {
     /// The edge device's key (config-file mode).
     Device(SharedAccessKey),
     /// The hub's module identity, signed by verged (edge-environment mode).
-    Workload(verge_daemon::client::WorkloadClient),
+    Workload(verge_workload::client::WorkloadClient),
 }
 
 struct ScopeSource {

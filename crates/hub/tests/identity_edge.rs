@@ -9,6 +9,11 @@
 //! renewed without a restart (short lifetime through verged's test knob);
 //! after verged stops, the restarted hub still serves TLS and accepts the
 //! module (both from its caches).
+//!
+//! The hub first runs as verged's process module `edgeHub` (verged serves a
+//! module's workload socket to the module's own processes only); once verged
+//! is stopped it is restarted directly. modA's tokens are signed by this test
+//! process, which is verged itself here (verged serves its own process).
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod common;
@@ -65,10 +70,52 @@ async fn mgmt(sock: &Path, method: &str, path: &str, body: Option<Value>) -> (u1
     )
 }
 
+/// A module's process group (the process backend makes each module a group
+/// leader); killed on drop, also on panic.
+struct ModuleGroup(i32);
+
+impl ModuleGroup {
+    fn alive(&self) -> bool {
+        // A zombie (exited, not yet reaped) is not alive.
+        std::fs::read_to_string(format!("/proc/{}/stat", self.0))
+            .ok()
+            .and_then(|s| s.rsplit_once(") ").map(|(_, r)| !r.starts_with('Z')))
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for ModuleGroup {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let start = Instant::now();
+        while self.alive() && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Starts a created module through the management API; returns its process group.
+async fn start_module(sock: &Path, name: &str) -> ModuleGroup {
+    let (status, v) = mgmt(sock, "POST", &format!("/modules/{name}/start"), None).await;
+    assert_eq!(status, 204, "{v}");
+    let (status, v) = mgmt(sock, "GET", &format!("/modules/{name}"), None).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["status"]["runtimeStatus"]["status"], "running", "{v}");
+    ModuleGroup(v["id"].as_str().unwrap().parse().unwrap())
+}
+
 /// Creates a module through the management API; returns the environment verged gives it.
 async fn create_module(sock: &Path, name: &str) -> BTreeMap<String, String> {
+    create_module_running(sock, name, "/bin/true").await
+}
+
+/// [`create_module`] with `image` (the process backend's command line).
+async fn create_module_running(sock: &Path, name: &str, image: &str) -> BTreeMap<String, String> {
     let spec = json!({"name": name, "type": "process", "imagePullPolicy": "never",
-        "config": {"settings": {"image": "/bin/true"}, "env": []}});
+        "config": {"settings": {"image": image}, "env": []}});
     let (status, v) = mgmt(sock, "POST", "/modules", Some(spec)).await;
     assert_eq!(status, 201, "{v}");
     v["config"]["env"]
@@ -114,13 +161,13 @@ async fn tls_to(addr: SocketAddr, ca_pem: &str, name: &str) -> std::io::Result<T
 }
 
 /// Waits until the hub completes TLS handshakes for the gateway name.
-async fn wait_tls(addr: SocketAddr, ca_pem: &str, hub: &mut HubProc) -> Tls {
+async fn wait_tls(addr: SocketAddr, ca_pem: &str, mut alive: impl FnMut() -> bool) -> Tls {
     let start = Instant::now();
     loop {
         if let Ok(s) = tls_to(addr, ca_pem, GATEWAY).await {
             return s;
         }
-        assert!(hub.0.try_wait().unwrap().is_none(), "the hub exited");
+        assert!(alive(), "the hub exited");
         assert!(start.elapsed() < Duration::from_secs(30), "hub not up");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -217,11 +264,6 @@ async fn hub_runs_on_identities_and_certificates_from_verged() {
     let dir = tempfile::tempdir().unwrap();
     let mut verged = start_verged(dir.path()).await;
 
-    let hub_env = create_module(&verged.mgmt, "edgeHub").await;
-    assert_eq!(hub_env["IOTEDGE_MODULEID"], "$edgeHub");
-    assert_eq!(hub_env["EdgeDeviceHostName"], GATEWAY);
-    let ca_pem = workload_of(&hub_env).trust_bundle().await.unwrap();
-
     let (mqtt, https) = (free_port(), free_port());
     let hub_cfg = dir.path().join("hub.toml");
     std::fs::write(
@@ -238,9 +280,19 @@ cert_retry_max_secs = 2
         ),
     )
     .unwrap();
+    let hub_image = format!(
+        "{} --config {}",
+        env!("CARGO_BIN_EXE_verge-hub"),
+        hub_cfg.display()
+    );
+    let hub_env = create_module_running(&verged.mgmt, "edgeHub", &hub_image).await;
+    assert_eq!(hub_env["IOTEDGE_MODULEID"], "$edgeHub");
+    assert_eq!(hub_env["EdgeDeviceHostName"], GATEWAY);
+    // The trust bundle is public: this test (verged's own process) reads it.
+    let ca_pem = workload_of(&hub_env).trust_bundle().await.unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{mqtt}").parse().unwrap();
-    let mut hub = start_hub(&hub_cfg, &hub_env);
-    let first = wait_tls(addr, &ca_pem, &mut hub).await;
+    let hub_module = start_module(&verged.mgmt, "edgeHub").await;
+    let first = wait_tls(addr, &ca_pem, || hub_module.alive()).await;
     let first_der = leaf_der(&first);
     drop(first);
     // The certificate names the gateway host (rustls checks the SAN), nothing else.
@@ -298,7 +350,7 @@ cert_retry_max_secs = 2
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    assert!(hub.0.try_wait().unwrap().is_none(), "the hub restarted");
+    assert!(hub_module.alive(), "the hub restarted");
 
     // verged stops; the hub restarts from its caches.
     let _ = verged.stop.take().unwrap().send(());
@@ -311,9 +363,9 @@ cert_retry_max_secs = 2
         workload_of(&hub_env).trust_bundle().await.is_err(),
         "verged still answers"
     );
-    drop(hub);
+    drop(hub_module);
     let mut hub = start_hub(&hub_cfg, &hub_env);
-    let s = wait_tls(addr, &ca_pem, &mut hub).await;
+    let s = wait_tls(addr, &ca_pem, || hub.0.try_wait().unwrap().is_none()).await;
     drop(s);
     assert_eq!(
         connack(addr, &ca_pem, "dev1/modA", &token).await,

@@ -112,7 +112,7 @@ fn is_unreachable(e: &BollardError) -> bool {
     )
 }
 
-fn status_of(e: &BollardError) -> Option<u16> {
+pub(crate) fn status_of(e: &BollardError) -> Option<u16> {
     match e {
         BollardError::DockerResponseServerError { status_code, .. } => Some(*status_code),
         _ => None,
@@ -138,7 +138,7 @@ fn container_error(name: &str, e: BollardError) -> RuntimeError {
     }
 }
 
-fn general_error(e: BollardError) -> RuntimeError {
+pub(crate) fn general_error(e: BollardError) -> RuntimeError {
     if is_unreachable(&e) {
         RuntimeError::Unavailable(e.to_string())
     } else {

@@ -4,6 +4,7 @@
 //! a device with Docker and one without run the same deployment logic.
 
 pub mod docker;
+pub mod images;
 pub mod process;
 
 pub use docker::{DockerConfig, DockerRuntime};

@@ -455,3 +455,84 @@ async fn missing_socket_is_unavailable() {
         Err(RuntimeError::Unavailable(_))
     ));
 }
+
+/// A build context (tar) holding only `Dockerfile`.
+fn dockerfile_context(dockerfile: &str) -> Vec<u8> {
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(dockerfile.len() as u64);
+    h.set_mode(0o644);
+    h.set_cksum();
+    tar.append_data(&mut h, "Dockerfile", dockerfile.as_bytes())
+        .unwrap();
+    tar.into_inner().unwrap()
+}
+
+/// The calls `verge quickstart --docker` makes through the runtime: image
+/// builds (in memory and streamed from a file), sizes, removal, and
+/// container clean-up by name.
+#[tokio::test]
+async fn image_builds_and_container_cleanup() {
+    if !docker_ready() {
+        return;
+    }
+    let mut fx = Fixture::new("images");
+    let rt = fx.runtime();
+    let tag = format!("verge-test/built-{}:local", fx.id);
+    let from_file = format!("verge-test/built-file-{}:local", fx.id);
+    let context = dockerfile_context(&format!("FROM {IMAGE}\nLABEL verge.test=1\n"));
+
+    assert_eq!(rt.image_size(&tag).await.unwrap(), None);
+    rt.build_image(&tag, context.clone().into()).await.unwrap();
+    assert!(rt.image_size(&tag).await.unwrap().is_some_and(|s| s > 0));
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("context.tar");
+    std::fs::write(&path, &context).unwrap();
+    rt.build_image_from_file(&from_file, &path).await.unwrap();
+    assert!(rt.image_size(&from_file).await.unwrap().is_some());
+
+    // The builder's own message comes back.
+    let err = rt
+        .build_image(
+            &format!("verge-test/broken-{}:local", fx.id),
+            dockerfile_context("FROM scratch\nRUN [\"/nothing-here\"]\n").into(),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("building"), "{err}");
+
+    for r in [&tag, &from_file] {
+        assert!(rt.remove_image(r).await.unwrap().is_some());
+        assert_eq!(rt.image_size(r).await.unwrap(), None);
+    }
+
+    // Containers by name, whoever made them: labels, then stop and remove.
+    let name = fx.name("labelled");
+    assert_eq!(rt.container_labels(&name).await.unwrap(), None);
+    let out = Command::new("docker")
+        .args(["run", "-d", "--name", &name, "--label", "who=test", IMAGE])
+        .args(["sleep", "60"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let labels = rt.container_labels(&name).await.unwrap().unwrap();
+    assert_eq!(labels.get("who").map(String::as_str), Some("test"));
+    let started = Instant::now();
+    assert!(
+        rt.stop_and_remove_container(&name, Duration::from_secs(1))
+            .await
+            .unwrap()
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert_eq!(rt.container_labels(&name).await.unwrap(), None);
+    assert!(
+        !rt.stop_and_remove_container(&name, Duration::from_secs(1))
+            .await
+            .unwrap()
+    );
+}

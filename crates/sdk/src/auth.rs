@@ -4,7 +4,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use verge_core::{ClientId, HubHostname, SasToken, SharedAccessKey};
-use verge_daemon::client::WorkloadClient;
+use verge_workload::client::WorkloadClient;
 
 use crate::Error;
 

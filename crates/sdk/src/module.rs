@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use verge_core::{ClientId, ConnectionString, DeviceId, HubHostname, Message, ModuleId};
-use verge_daemon::client::{WorkloadClient, socket_path_from_uri};
+use verge_workload::client::{WorkloadClient, socket_path_from_uri};
 
 use crate::auth::{Signer, TokenSource};
 use crate::edge::EdgeEnvironment;

@@ -353,7 +353,8 @@ async fn subscriptions_are_made_again_when_the_hub_lost_the_session() {
 
     // Restart the hub without its persisted sessions: CONNACK session_present = 0.
     hub.shutdown().await;
-    std::fs::remove_file(env.storage.join("sessions.json")).unwrap();
+    // (One file per session under `sessions/`.)
+    std::fs::remove_dir_all(env.storage.join("sessions")).unwrap();
     let hub = env.start_hub_on(DEFAULT_ROUTES, mqtt, https).await;
     let before = b.connections();
     let deadline = tokio::time::Instant::now() + T;

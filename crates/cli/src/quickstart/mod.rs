@@ -300,7 +300,7 @@ struct Quickstart {
     verged: Option<Child>,
     verged_started: Option<Instant>,
     /// The engine, with `--docker`.
-    docker: Option<bollard::Docker>,
+    docker: Option<verge_runtime::DockerRuntime>,
     /// Turns `true` on SIGINT or SIGTERM.
     stop: tokio::sync::watch::Receiver<bool>,
     /// Whether this run made the working directory (and so started or

@@ -85,7 +85,7 @@
 //!   `EventLoop`: the event loop keeps and replays unacknowledged publishes
 //!   itself across reconnects, while here the store is the single source of
 //!   truth — a lost connection simply fails what was in flight. (verge-sdk's
-//!   engine is built on that event loop and depends on verge-daemon.)
+//!   engine is built on that event loop and depends on the workload client.)
 //! * A message that cannot go out as an MQTT PUBLISH at all (its topic
 //!   with the property bag past 65,535 bytes, or too large a packet) is
 //!   settled, not retried: dropped, counted

@@ -4,9 +4,11 @@
 //! file with the same group commit: one `fdatasync` per drained batch).
 //! Also runs the 1,000,000-message RSS check in a child process.
 //!
-//! `cargo run --release -p verge-store --bin store-bench [-- DIR [SECS]]`
+//! `cargo bench -p verge-store --bench store-bench [-- DIR [SECS]]`
 //! (DIR defaults to `target/store-bench`, on the repository's disk; SECS, the
 //! time per measurement, to 2; each is repeated 3 times, interleaved).
+//! `cargo test --all-targets` also runs this binary, without `--bench`: it
+//! then only says how to run it (a benchmark run takes about a minute).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -185,12 +187,20 @@ async fn rss(dir: &Path) -> Result<(), BoxError> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), BoxError> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("--rss-child") {
-        let dir = args.get(1).ok_or("missing dir")?;
+    let all: Vec<String> = std::env::args().skip(1).collect();
+    if all.first().map(String::as_str) == Some("--rss-child") {
+        let dir = all.get(1).ok_or("missing dir")?;
         return rss(Path::new(dir)).await;
     }
-    let root = PathBuf::from(args.first().cloned().unwrap_or("target/store-bench".into()));
+    // `cargo bench` appends `--bench`; `cargo test` runs bench targets without it.
+    if !all.iter().any(|a| a == "--bench") {
+        println!("store-bench: run with `cargo bench -p verge-store --bench store-bench`");
+        return Ok(());
+    }
+    let args: Vec<&String> = all.iter().filter(|a| !a.starts_with("--")).collect();
+    let root = args
+        .first()
+        .map_or_else(|| PathBuf::from("target/store-bench"), PathBuf::from);
     let secs: f64 = args.get(1).map_or(Ok(2.0), |s| s.parse())?;
     std::fs::create_dir_all(&root)?;
 

@@ -1,9 +1,9 @@
-//! Helper for the crash test: appends from several concurrent producers and
+//! The crash test's child (the test binary run with `--crash-writer`): appends from several concurrent producers and
 //! prints `M <round> <producer> <seq>` only after each append returned `Ok`
 //! (i.e. after its fsync), while a consumer reads and acks `$upstream`,
 //! printing `A <offset>` after each ack returned. The test SIGKILLs it.
 //!
-//! Usage: `store-crash-writer DIR ROUND PRODUCERS`
+//! Arguments: `DIR ROUND PRODUCERS`.
 
 use std::io::Write;
 
@@ -25,9 +25,9 @@ fn line(text: String) {
     let _ = out.flush();
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut args = std::env::args().skip(1);
+/// Runs the writer until killed (or until an append fails).
+pub async fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = args.iter();
     let dir = args.next().ok_or("missing DIR")?;
     let round: u32 = args.next().ok_or("missing ROUND")?.parse()?;
     let producers: u32 = args.next().ok_or("missing PRODUCERS")?.parse()?;
@@ -45,7 +45,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         sync_log_bytes,
         ..StoreConfig::default()
     };
-    let store = Store::open(&dir, config)?;
+    let store = Store::open(dir, config)?;
     let targets = [
         Target::new("modules/keep/inputs/in").priority(1),
         Target::new("$upstream"),
