@@ -327,26 +327,8 @@ pub fn strip_nulls(v: Value) -> Value {
 pub fn merge_diff(old: &Value, new: &Value) -> Option<Value> {
     match (old, new) {
         (Value::Object(o), Value::Object(n)) => {
-            let mut out = Map::new();
-            for (k, nv) in n {
-                match o.get(k) {
-                    Some(ov) if ov == nv => {}
-                    Some(ov @ Value::Object(_)) if nv.is_object() => {
-                        if let Some(d) = merge_diff(ov, nv) {
-                            out.insert(k.clone(), d);
-                        }
-                    }
-                    _ => {
-                        out.insert(k.clone(), nv.clone());
-                    }
-                }
-            }
-            for k in o.keys() {
-                if !n.contains_key(k) {
-                    out.insert(k.clone(), Value::Null);
-                }
-            }
-            (!out.is_empty()).then_some(Value::Object(out))
+            let d = verge_core::twin::merge_diff(o, n);
+            (!d.is_empty()).then_some(Value::Object(d))
         }
         _ => (old != new).then(|| new.clone()),
     }

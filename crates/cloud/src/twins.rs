@@ -115,27 +115,7 @@ pub(crate) fn replacement_patch(
     new: &Map<String, Value>,
     version: u64,
 ) -> Value {
-    fn diff(old: &Map<String, Value>, new: &Map<String, Value>) -> Map<String, Value> {
-        let mut out = Map::new();
-        for k in old.keys() {
-            if !new.contains_key(k) {
-                out.insert(k.clone(), Value::Null);
-            }
-        }
-        for (k, v) in new {
-            match (old.get(k), v) {
-                (Some(o), n) if o == n => {}
-                (Some(Value::Object(o)), Value::Object(n)) => {
-                    out.insert(k.clone(), Value::Object(diff(o, n)));
-                }
-                _ => {
-                    out.insert(k.clone(), v.clone());
-                }
-            }
-        }
-        out
-    }
-    let mut p = diff(old, new);
+    let mut p = verge_core::twin::merge_diff(old, new);
     p.insert("$version".into(), Value::from(version));
     Value::Object(p)
 }

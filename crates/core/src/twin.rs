@@ -132,6 +132,32 @@ fn check_keys(
     Ok(())
 }
 
+/// The JSON merge patch (RFC 7386) that turns `old` into `new`: members
+/// added or changed as they are in `new`, removed ones as `null`, nested
+/// objects diffed member by member; empty when the two are equal. Used
+/// wherever a document is replaced but only a patch can travel (deployments,
+/// twin GETs after a reconnect, reported state).
+pub fn merge_diff(old: &Map<String, Value>, new: &Map<String, Value>) -> Map<String, Value> {
+    let mut out = Map::new();
+    for k in old.keys() {
+        if !new.contains_key(k) {
+            out.insert(k.clone(), Value::Null);
+        }
+    }
+    for (k, v) in new {
+        match (old.get(k), v) {
+            (Some(o), n) if o == n => {}
+            (Some(Value::Object(o)), Value::Object(n)) => {
+                out.insert(k.clone(), Value::Object(merge_diff(o, n)));
+            }
+            _ => {
+                out.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    out
+}
+
 /// Applies `patch` to `target` (RFC 7386: `null` deletes, objects merge),
 /// mirroring every touched leaf into `meta`.
 fn merge(
@@ -347,6 +373,20 @@ mod tests {
 
     fn t(ms: i64) -> Timestamp {
         Timestamp::from_millis(ms)
+    }
+
+    #[test]
+    fn merge_diff_nulls_removals_and_recurses() {
+        let old = json!({"a": 1, "b": {"x": 1, "y": 2}, "gone": true, "o": {"k": 1}});
+        let new = json!({"a": 1, "b": {"x": 1, "y": 3}, "c": "new", "o": 5});
+        let (Value::Object(o), Value::Object(n)) = (old, new) else {
+            unreachable!()
+        };
+        assert_eq!(
+            Value::Object(merge_diff(&o, &n)),
+            json!({"gone": null, "b": {"y": 3}, "c": "new", "o": 5})
+        );
+        assert!(merge_diff(&n, &n).is_empty());
     }
 
     #[test]

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tokio::sync::watch;
 use verge_core::time::Timestamp;
-use verge_core::twin::{Twin, TwinError, TwinSection};
+use verge_core::twin::{Twin, TwinError, TwinSection, merge_diff};
 
 use crate::lock;
 
@@ -285,7 +285,7 @@ impl Twins {
         let push = {
             let mut map = lock(&self.inner);
             let e = map.entry(id.to_owned()).or_insert_with(|| new_entry(id));
-            let patch = diff(&e.twin.desired.properties, &desired);
+            let patch = merge_diff(&e.twin.desired.properties, &desired);
             e.twin.desired = TwinSection {
                 properties: desired,
                 version: dv,
@@ -401,7 +401,7 @@ impl Twins {
                 .entry(id.to_owned())
                 .or_insert_with(|| new_entry(id))
                 .twin;
-            let patch = diff(&twin.desired.properties, desired);
+            let patch = merge_diff(&twin.desired.properties, desired);
             if patch.is_empty() {
                 None
             } else {
@@ -511,28 +511,6 @@ fn load_dir(dir: &std::path::Path) -> std::io::Result<Vec<(String, SavedTwin)>> 
         tracing::info!(file = %legacy.display(), dir = %dir.display(), "twins moved to one file each");
     }
     Ok(out)
-}
-
-/// The JSON merge patch that turns `old` into `new`.
-pub fn diff(old: &Map<String, Value>, new: &Map<String, Value>) -> Map<String, Value> {
-    let mut out = Map::new();
-    for k in old.keys() {
-        if !new.contains_key(k) {
-            out.insert(k.clone(), Value::Null);
-        }
-    }
-    for (k, v) in new {
-        match (old.get(k), v) {
-            (Some(o), n) if o == n => {}
-            (Some(Value::Object(o)), Value::Object(n)) => {
-                out.insert(k.clone(), Value::Object(diff(o, n)));
-            }
-            _ => {
-                out.insert(k.clone(), v.clone());
-            }
-        }
-    }
-    out
 }
 
 /// Polls the desired-properties file and pushes changes to subscribed clients.
@@ -793,18 +771,5 @@ mod tests {
         assert!(t.has_pending_reported("d/m"));
         // The same twin again: nothing to push.
         assert!(t.cloud_twin("d/m", &cloud).await.is_none());
-    }
-
-    #[test]
-    fn diff_is_a_merge_patch() {
-        let old = json!({"a": 1, "b": {"x": 1, "y": 2}, "gone": true});
-        let new = json!({"a": 1, "b": {"x": 1, "y": 3}, "c": "new"});
-        let (Value::Object(o), Value::Object(n)) = (old, new) else {
-            unreachable!()
-        };
-        assert_eq!(
-            Value::Object(diff(&o, &n)),
-            json!({"gone": null, "b": {"y": 3}, "c": "new"})
-        );
     }
 }

@@ -5,103 +5,24 @@
 
 mod common;
 
-use std::io::{BufRead as _, BufReader};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-/// A running verge-hub and the lines of its log.
-struct Running {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    log: Vec<String>,
-}
+use verge_testkit::Running;
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// The hub's grace period is 5 s; allow for a slow machine.
+const STOP_LIMIT: Duration = Duration::from_secs(15);
 
-impl Running {
-    fn start(config: &Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_verge-hub"))
+/// Starts the real verge-hub on `config`, outside any edge environment.
+fn start(config: &Path) -> Running {
+    Running::start(
+        Command::new(env!("CARGO_BIN_EXE_verge-hub"))
             .arg("--config")
             .arg(config)
-            .env("RUST_LOG", "info")
-            .env("VERGE_LOG_FORMAT", "text")
-            .env_remove("IOTEDGE_WORKLOADURI")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (tx, lines) = mpsc::channel();
-        for out in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        Self {
-            child,
-            lines,
-            log: Vec::new(),
-        }
-    }
-
-    /// Waits (bounded) for a log line containing `text`.
-    fn wait_for(&mut self, text: &str) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    let found = line.contains(text);
-                    self.log.push(line);
-                    if found {
-                        return;
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        panic!("no log line with {text:?}; log:\n{}", self.log.join("\n"));
-    }
-
-    /// Sends `signal` and waits (bounded) for the exit; returns its code.
-    fn stop(&mut self, signal: &str) -> Option<i32> {
-        let ok = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-        // The hub's grace period is 5 s; allow for a slow machine.
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
-                    self.log.push(line);
-                }
-                return status.code();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "verge-hub did not exit on {signal}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+            .env_remove("IOTEDGE_WORKLOADURI"),
+    )
 }
 
 fn write_config(pki: &common::Pki, storage: &Path) -> std::path::PathBuf {
@@ -129,13 +50,18 @@ fn sigterm_and_sigint_run_the_shutdown() {
         let pki = common::pki();
         let storage = pki.dir.path().join("storage");
         let config = write_config(&pki, &storage);
-        let mut hub = Running::start(&config);
+        let mut hub = start(&config);
         hub.wait_for("verge-hub listening");
-        assert_eq!(hub.stop(signal), Some(0), "{}", hub.log.join("\n"));
+        assert_eq!(
+            hub.stop(signal, STOP_LIMIT),
+            Some(0),
+            "{}",
+            hub.log().join("\n")
+        );
         assert!(
-            hub.log.iter().any(|l| l.contains("verge-hub stopped")),
+            hub.log().iter().any(|l| l.contains("verge-hub stopped")),
             "SIG{signal}: {}",
-            hub.log.join("\n")
+            hub.log().join("\n")
         );
     }
 }
@@ -151,20 +77,20 @@ fn damaged_side_files_are_moved_aside() {
         std::fs::write(storage.join("sessions.json"), content).unwrap();
         std::fs::write(storage.join("twins.json"), content).unwrap();
         let config = write_config(&pki, &storage);
-        let mut hub = Running::start(&config);
+        let mut hub = start(&config);
         hub.wait_for("verge-hub listening");
         for name in ["sessions.json", "twins.json"] {
             assert!(
-                hub.log
+                hub.log()
                     .iter()
                     .any(|l| l.contains("damaged file moved aside") && l.contains(name)),
                 "{name}: {}",
-                hub.log.join("\n")
+                hub.log().join("\n")
             );
             assert!(!storage.join(name).exists());
             assert_eq!(damaged(&storage, name).len(), 1, "{name}");
         }
-        assert_eq!(hub.stop("TERM"), Some(0));
+        assert_eq!(hub.stop("TERM", STOP_LIMIT), Some(0));
     }
 }
 
@@ -183,9 +109,9 @@ fn storage_is_private() {
     )
     .unwrap();
     let config = write_config(&pki, &storage);
-    let mut hub = Running::start(&config);
+    let mut hub = start(&config);
     hub.wait_for("verge-hub listening");
-    assert_eq!(hub.stop("TERM"), Some(0));
+    assert_eq!(hub.stop("TERM", STOP_LIMIT), Some(0));
     assert_eq!(mode(&storage), 0o700);
     assert_eq!(mode(&storage.join("store")), 0o700);
     assert_eq!(mode(&storage.join("sessions")), 0o700);

@@ -1,0 +1,117 @@
+//! Test support shared by Verge's integration tests (dev-dependency only):
+//! a daemon executable started for real, with its log lines collected, a
+//! bounded wait for a line, and a stop by signal with a bounded wait for the
+//! exit. Panics are the point here: a failed step fails the test.
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// A daemon executable started for real, and the lines of its log (stdout
+/// and stderr). Killed when dropped, so a failing test leaves nothing behind.
+pub struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    log: Vec<String>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Running {
+    /// Starts `cmd` with text logs at `info`, collecting both output streams.
+    pub fn start(cmd: &mut Command) -> Self {
+        let mut child = cmd
+            .env("RUST_LOG", "info")
+            .env("VERGE_LOG_FORMAT", "text")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        for out in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Self {
+            child,
+            lines,
+            log: Vec::new(),
+        }
+    }
+
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits (at most 30 s) for a log line containing `text`.
+    pub fn wait_for(&mut self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let found = line.contains(text);
+                    self.log.push(line);
+                    if found {
+                        return;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!("no log line with {text:?}; log:\n{}", self.log.join("\n"));
+    }
+
+    /// Sends `signal` (`TERM`, `INT`) and waits up to `limit` for the exit;
+    /// returns the exit code (`None`: killed by a signal).
+    pub fn stop(&mut self, signal: &str, limit: Duration) -> Option<i32> {
+        let ok = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.log.push(line);
+                }
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no exit within {limit:?} of SIG{signal}; log:\n{}",
+                self.log.join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether a line seen so far contains `text`.
+    pub fn logged(&self, text: &str) -> bool {
+        self.log.iter().any(|l| l.contains(text))
+    }
+
+    /// The lines seen so far.
+    pub fn log(&self) -> &[String] {
+        &self.log
+    }
+}
