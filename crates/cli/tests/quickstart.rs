@@ -380,6 +380,8 @@ fn quickstart_with_docker_modules() {
         nix::unistd::getuid().as_raw()
     );
 
+    hub_as_pid1_stops_on_sigterm("verge-quickstart/edgehub:local");
+
     // ---- --clean removes the images ---------------------------------------------
     let out = Command::new(env!("CARGO_BIN_EXE_verge"))
         .args(["quickstart", "--clean"])
@@ -417,4 +419,104 @@ fn image_exists(image: &str) -> bool {
         .unwrap()
         .status
         .success()
+}
+
+/// The hub as PID 1 of its container (issue #19 item 15): the kernel gives
+/// PID 1 no default action for SIGTERM, so a hub that did not handle it
+/// ignored `docker stop` and was killed when the grace period ran out.
+/// Here `docker stop` with a 30 s grace must end it within a few seconds,
+/// through its own shutdown (exit code 0, the shutdown logged).
+fn hub_as_pid1_stops_on_sigterm(image: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ok = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+        .args(["-subj", "/CN=localhost", "-keyout"])
+        .arg(dir.join("key.pem"))
+        .arg("-out")
+        .arg(dir.join("cert.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let d = dir.display();
+    // No network but its own loopback: the hub needs none here.
+    std::fs::write(
+        dir.join("hub.toml"),
+        format!(
+            "iothub_hostname = \"verge.local\"\nhostname = \"localhost\"\ndevice_id = \"edge1\"\n\
+             device_key = \"c2VjcmV0LWtleS1mb3ItdGhlLXBpZDEtdGVzdA==\"\nstorage_dir = '{d}/storage'\n\
+             [listen]\nmqtt = \"127.0.0.1:8883\"\nhttps = \"127.0.0.1:8443\"\n\
+             [tls]\ncert = '{d}/cert.pem'\nkey = '{d}/key.pem'\n"
+        ),
+    )
+    .unwrap();
+    let name = format!("verge-pid1-test-{}", std::process::id());
+    let docker = |args: &[&str]| Command::new("docker").args(args).output().unwrap();
+    let user = format!(
+        "{}:{}",
+        nix::unistd::getuid().as_raw(),
+        nix::unistd::getgid().as_raw()
+    );
+    let mount = format!("{d}:{d}");
+    let config = format!("{d}/hub.toml");
+    let out = docker(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--network",
+        "none",
+        "--user",
+        &user,
+        "-v",
+        &mount,
+        image,
+        "--config",
+        &config,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let logs = || {
+        let o = docker(&["logs", &name]);
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !logs().contains("verge-hub listening") {
+        assert!(
+            Instant::now() < deadline,
+            "the hub did not start:\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stopping = Instant::now();
+    let stop = docker(&["stop", "-t", "30", &name]);
+    let took = stopping.elapsed();
+    let code = docker(&["inspect", "-f", "{{.State.ExitCode}}", &name]);
+    let text = logs();
+    let _ = docker(&["rm", "-f", &name]);
+    assert!(
+        stop.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stop.stderr)
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "docker stop took {took:?}: SIGTERM to the hub as PID 1 was not handled\n{text}"
+    );
+    assert_eq!(String::from_utf8_lossy(&code.stdout).trim(), "0", "{text}");
+    assert!(text.contains("shutting down signal=SIGTERM"), "{text}");
+    assert!(text.contains("verge-hub stopped"), "{text}");
 }
