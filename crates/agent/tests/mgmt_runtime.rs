@@ -74,6 +74,7 @@ async fn harness() -> Harness {
                 workload_uri: WorkloadUriStyle::HostSocket,
             },
             allowed_uid: nix::unistd::getuid().as_raw(),
+            system_images: verge_daemon::system_images::SystemImages::default(),
         }),
     );
     let rt = ManagementRuntime::from_uri(&format!("unix://{}", sock.display())).unwrap();

@@ -149,6 +149,23 @@ fn quickstart_bounded_then_interrupted() {
     let (_, stderr) = bounded_run(&bin_dir, &dir, &[]);
     assert!(stderr.contains("nothing is left running"), "{stderr}");
     wait_no_leftovers(&dir);
+    // The deployment names Microsoft's edgeHub image, as Azure's manifests
+    // do: verged ran Verge's hub in its place, configured by the
+    // manifest's edgeHub env alone (no hub config file).
+    let verged_log = std::fs::read_to_string(dir.join("logs/verged.log")).unwrap();
+    assert!(
+        verged_log.contains("Verge's own runs in its place module=edgeHub image=mcr.microsoft.com/azureiotedge-hub:1.5"),
+        "{verged_log}"
+    );
+    let hub_log =
+        std::fs::read_to_string(dir.join("edge/home/modules/modules/edgeHub/logs/output.log"))
+            .unwrap();
+    assert!(
+        hub_log.contains("edgeHub settings applied settings=storageFolder="),
+        "{hub_log}"
+    );
+    assert!(dir.join("edge/hub/storage/edgeHub").is_dir());
+    assert!(!dir.join("edge/hub/hub.toml").exists());
     // What the cloud recorded: the deployment and the agent's report.
     let env = std::fs::read_to_string(dir.join("cloud.env")).unwrap();
     assert!(
@@ -353,9 +370,16 @@ fn quickstart_with_docker_modules() {
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("edge/deployment.json")).unwrap()).unwrap();
     let modules = &manifest["modulesContent"]["$edgeAgent"]["properties.desired"];
+    // The manifest names Microsoft's edgeHub image, as Azure's do; verged
+    // ran Verge's hub image in its place (its config says which).
     assert_eq!(
         modules["systemModules"]["edgeHub"]["settings"]["image"],
-        "verge-quickstart/edgehub:local"
+        "mcr.microsoft.com/azureiotedge-hub:1.5"
+    );
+    assert!(
+        std::fs::read_to_string(dir.join("edge/config.toml"))
+            .unwrap()
+            .contains("edge_hub = \"verge-quickstart/edgehub:local\""),
     );
     assert_eq!(
         modules["modules"]["filter"]["settings"]["image"],

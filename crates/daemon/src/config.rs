@@ -29,6 +29,8 @@
 //! # server_cert_lifetime_secs = 120   (testing only: shortens the server certificates
 //! #                                    the workload API issues; default 30 days)
 //! # [moby_runtime] uri = "unix:///var/run/docker.sock", network = "azure-iot-edge"
+//! # [system_modules] edge_hub = "…", edge_agent = "…"   (what runs for Microsoft's
+//! #                  azureiotedge-hub / -agent images; see `system_images`)
 //! # [connect] workload_uri = "unix:///var/run/iotedge/workload.sock", management_uri = "…"
 //! # [listen]  workload_uri = "unix://<homedir>/mnt", management_uri = "unix://<homedir>/mgmt.sock"
 //! ```
@@ -111,6 +113,8 @@ pub struct Config {
     pub edge_ca: EdgeCaConfig,
     /// Docker, when configured.
     pub moby_runtime: Option<MobyRuntimeConfig>,
+    /// What runs for Microsoft's system-module images.
+    pub system_images: crate::system_images::SystemImages,
     /// URIs handed to modules.
     pub connect: ConnectConfig,
     /// Where verged listens.
@@ -226,10 +230,18 @@ struct RawConfig {
     agent: Spanned<RawAgent>,
     edge_ca: Option<Spanned<RawEdgeCa>>,
     moby_runtime: Option<RawMoby>,
+    system_modules: Option<RawSystemModules>,
     connect: Option<RawEndpoints>,
     listen: Option<RawEndpoints>,
     server_cert_lifetime_secs: Option<Spanned<i64>>,
     log_level: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSystemModules {
+    edge_hub: Option<String>,
+    edge_agent: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -552,6 +564,15 @@ impl Config {
             agent,
             edge_ca,
             moby_runtime,
+            system_images: crate::system_images::SystemImages {
+                edge_hub: raw.system_modules.as_ref().and_then(|s| s.edge_hub.clone()),
+                edge_agent: raw
+                    .system_modules
+                    .as_ref()
+                    .and_then(|s| s.edge_agent.clone()),
+                own_exe: None,
+            }
+            .with_current_exe(),
             connect: ConnectConfig {
                 workload_uri,
                 management_uri,
@@ -876,6 +897,28 @@ Port = 5
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("/etc/verge/config.toml"))
+    }
+
+    #[test]
+    fn system_modules_name_what_runs_for_microsofts_images() {
+        let c = parse(&format!(
+            "{}\n[system_modules]\nedge_hub = \"verge/edgehub:1\"\n",
+            base()
+        ))
+        .unwrap();
+        assert_eq!(c.system_images.edge_hub.as_deref(), Some("verge/edgehub:1"));
+        assert_eq!(c.system_images.edge_agent, None);
+        assert_eq!(
+            c.system_images
+                .resolve("mcr.microsoft.com/azureiotedge-hub:1.5", true)
+                .unwrap()
+                .as_deref(),
+            Some("verge/edgehub:1")
+        );
+        let e = parse(&format!("{}\n[system_modules]\nedge_hubb = \"x\"\n", base()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("edge_hubb"), "{e}");
     }
 
     #[test]

@@ -90,6 +90,19 @@ pub async fn run_with(
         .await
         .map(|i| i.kind == "docker")
         .unwrap_or(false);
+    // aziot's config names Microsoft's agent image: Verge's agent runs.
+    let agent_image = match config
+        .system_images
+        .resolve(&config.agent.image, config.agent.kind == AgentKind::Docker)
+    {
+        Ok(None) => config.agent.image.clone(),
+        Ok(Some(verge)) => {
+            tracing::info!(image = %config.agent.image, runs = %verge,
+                "Microsoft's agent image: Verge's agent runs in its place");
+            verge
+        }
+        Err(e) => anyhow::bail!("agent.config.image: {e}"),
+    };
     let monitor = AgentMonitor::new(
         &config.agent.name,
         match config.agent.kind {
@@ -152,6 +165,7 @@ pub async fn run_with(
                 sockets: sockets.clone(),
                 env: env_ctx.clone(),
                 allowed_uid: nix::unistd::getuid().as_raw(),
+                system_images: config.system_images.clone(),
             },
             MgmtExtras {
                 agent: Some(monitor.clone()),
@@ -218,7 +232,7 @@ pub async fn run_with(
             "agent watchdog",
             process_watchdog(
                 config.agent.name.clone(),
-                config.agent.image.clone(),
+                agent_image,
                 env,
                 monitor.clone(),
                 agent_log.clone(),
@@ -229,7 +243,7 @@ pub async fn run_with(
         AgentKind::Docker => {
             let spec = ModuleSpec {
                 name: config.agent.name.clone(),
-                image: config.agent.image.clone(),
+                image: agent_image,
                 create_options: config.agent.create_options.clone(),
                 env,
                 labels: BTreeMap::new(),

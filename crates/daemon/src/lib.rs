@@ -38,4 +38,5 @@ pub mod keys;
 pub mod mgmt;
 pub mod resources;
 pub mod supervision;
+pub mod system_images;
 pub mod workload;

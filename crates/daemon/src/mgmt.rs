@@ -92,6 +92,8 @@ pub struct MgmtState {
     pub env: EnvContext,
     /// Uid allowed to mutate (besides root).
     pub allowed_uid: u32,
+    /// What runs for Microsoft's system-module images.
+    pub system_images: crate::system_images::SystemImages,
 }
 
 /// What the CLI asks of verged itself (Verge extensions, mutating, so root
@@ -359,9 +361,10 @@ async fn prepare_spec(state: &MgmtState, spec: &ModuleSpecJson) -> Result<Module
         .iter()
         .map(|e| (e.key.clone(), e.value.clone()))
         .collect();
+    let image = resolved_image(state, spec).await?;
     Ok(ModuleSpec {
         name: spec.name.clone(),
-        image: spec.config.settings.image.clone(),
+        image,
         create_options: spec.config.settings.create_options.clone(),
         env: module_env(&state.env, &identity, &socket, &user_env),
         labels: spec.labels.clone(),
@@ -370,7 +373,28 @@ async fn prepare_spec(state: &MgmtState, spec: &ModuleSpecJson) -> Result<Module
     })
 }
 
-async fn pull_if_wanted(state: &MgmtState, spec: &ModuleSpecJson) -> Result<(), ApiError> {
+/// The image to run for `spec`: Verge's own in place of Microsoft's
+/// system-module images (see [`crate::system_images`]), else its own.
+async fn resolved_image(state: &MgmtState, spec: &ModuleSpecJson) -> Result<String, ApiError> {
+    let image = &spec.config.settings.image;
+    let docker = runtime_kind(state).await == "docker";
+    match state.system_images.resolve(image, docker) {
+        Ok(None) => Ok(image.clone()),
+        Ok(Some(verge)) => {
+            tracing::info!(module = %spec.name, image = %image, runs = %verge,
+                "Microsoft's system-module image: Verge's own runs in its place");
+            Ok(verge)
+        }
+        Err(e) => Err(ApiError::bad_request(format!("module {}: {e}", spec.name))),
+    }
+}
+
+/// Pulls `image` (the one that will run) as `spec`'s pull policy says.
+async fn pull_if_wanted(
+    state: &MgmtState,
+    spec: &ModuleSpecJson,
+    image: &str,
+) -> Result<(), ApiError> {
     let policy = spec.image_pull_policy.as_deref().unwrap_or("on-create");
     match policy {
         "never" => Ok(()),
@@ -382,7 +406,7 @@ async fn pull_if_wanted(state: &MgmtState, spec: &ModuleSpecJson) -> Result<(), 
             });
             state
                 .runtime
-                .pull(&spec.config.settings.image, auth.as_ref())
+                .pull(image, auth.as_ref())
                 .await
                 .map_err(runtime_err)
         }
@@ -395,7 +419,7 @@ async fn pull_if_wanted(state: &MgmtState, spec: &ModuleSpecJson) -> Result<(), 
 async fn create_module(State(state): State<MgmtState>, body: Bytes) -> Result<Response, ApiError> {
     let spec: ModuleSpecJson = parse_body(&body)?;
     let rt = prepare_spec(&state, &spec).await?;
-    pull_if_wanted(&state, &spec).await?;
+    pull_if_wanted(&state, &spec, &rt.image).await?;
     state.runtime.create(&rt).await.map_err(runtime_err)?;
     let kind = runtime_kind(&state).await;
     let m = state.runtime.get(&rt.name).await.map_err(runtime_err)?;
@@ -425,7 +449,7 @@ async fn update_module(
         Ok(()) | Err(RuntimeError::NotFound(_)) => {}
         Err(e) => return Err(runtime_err(e)),
     }
-    pull_if_wanted(&state, &spec).await?;
+    pull_if_wanted(&state, &spec, &rt.image).await?;
     state.runtime.create(&rt).await.map_err(runtime_err)?;
     if start {
         state.runtime.start(&name).await.map_err(runtime_err)?;
@@ -446,7 +470,8 @@ async fn prepare_update(
             "the body and the path name different modules",
         ));
     }
-    pull_if_wanted(&state, &spec).await?;
+    let image = resolved_image(&state, &spec).await?;
+    pull_if_wanted(&state, &spec, &image).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

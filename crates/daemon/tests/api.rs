@@ -171,6 +171,7 @@ async fn harness_with(limits: Option<SocketLimits>) -> Harness {
                 workload_uri: WorkloadUriStyle::HostSocket,
             },
             allowed_uid: nix::unistd::getuid().as_raw(),
+            system_images: verge_daemon::system_images::SystemImages::default(),
         }),
     );
     Harness {

@@ -11,9 +11,11 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(version)]
 struct Args {
-    /// Path of the TOML configuration file.
+    /// Path of the TOML configuration file. Run by verged (the module
+    /// environment set), it may be left out: the manifest's edgeHub
+    /// environment configures the hub, as Azure's edgeHub (`azure_env`).
     #[arg(long, env = "VERGE_HUB_CONFIG")]
-    config: PathBuf,
+    config: Option<PathBuf>,
     /// If the message store cannot be opened, move it aside
     /// (`<dir>.damaged-<time>`, nothing deleted) and start with an empty one.
     /// A store found damaged is moved aside without it.
@@ -71,15 +73,34 @@ async fn run(args: Args) -> Result<(), Failure> {
     // Messages, twins and sessions are the clients' data: whatever the hub
     // (or its store) creates is the owner's only.
     verge_files::restrict_umask();
-    let cfg = crate::config::Config::load(&args.config)
-        .map_err(|e| Failure::Config(anyhow::Error::new(e)))?;
     // Run by verged as its edgeHub module: identities and certificate from
     // verged for whatever the file leaves out.
     let edge = crate::identity::EdgeEnv::from_env()
         .map_err(|e| Failure::Config(anyhow::anyhow!("the module environment: {e}")))?;
-    let cfg = cfg
-        .with_edge_env(edge)
-        .map_err(|e| Failure::Config(anyhow::anyhow!("{}: {e}", args.config.display())))?;
+    let azure = crate::azure_env::AzureEnv::from_env();
+    let from_file = args.config.is_some();
+    let cfg = match (&args.config, edge) {
+        (Some(path), edge) => crate::config::Config::load(path)
+            .map_err(|e| Failure::Config(anyhow::Error::new(e)))?
+            .with_edge_env(edge)
+            .map_err(|e| Failure::Config(anyhow::anyhow!("{}: {e}", path.display())))?,
+        (None, Some(edge)) => crate::azure_env::config_without_file(edge, &azure)
+            .map_err(|e| Failure::Config(anyhow::anyhow!("{e}")))?,
+        (None, None) => {
+            return Err(Failure::Config(anyhow::anyhow!(
+                "--config is required when the hub is not run by verged \
+                 (IOTEDGE_WORKLOADURI is not set)"
+            )));
+        }
+    };
+    if cfg.edge.is_some() {
+        azure.log_report(args.config.as_deref());
+    }
+    if !from_file {
+        crate::azure_env::write_upstream_ca(&cfg)
+            .await
+            .map_err(Failure::Run)?;
+    }
     let cfg = crate::config::Config {
         salvage_store: args.salvage,
         ..cfg

@@ -6,6 +6,7 @@
 //! | module | role |
 //! |---|---|
 //! | [`config`] | the TOML configuration (`--config`) |
+//! | [`azure_env`] | run by verged without a file: the configuration from the manifest's edgeHub environment (Azure's variables) |
 //! | listener ([`Hub::start`], [`tls`]) | TLS 1.2/1.3 listeners: MQTT on 8883, HTTPS on 443 |
 //! | [`connection`] | the hub as a `verge_endpoint::Backend`: one MQTT 3.1.1 connection (CONNECT, keep-alive, packet loop, bounded inflight) over any byte stream |
 //! | [`ws`] | MQTT over WebSocket on the HTTPS port (`/$iothub/websocket`, subprotocol `mqtt`) → [`connection`] |
@@ -45,6 +46,7 @@
 //!    after the cloud's PUBACK.
 
 pub mod auth;
+pub mod azure_env;
 pub mod cli;
 pub mod clients;
 pub mod config;

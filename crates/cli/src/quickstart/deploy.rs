@@ -6,8 +6,8 @@ use serde_json::{Value, json};
 use verge_core::SharedAccessKey;
 
 use super::{
-    AGENT, CloudInfo, FILTER, FILTER_IMAGE, FILTER_MODULE, HUB, HUB_IMAGE, HUB_MQTT_PORT,
-    Quickstart, SENSOR, SENSOR_IMAGE, SENSOR_MODULE, write_file,
+    AGENT, CloudInfo, FILTER, FILTER_IMAGE, FILTER_MODULE, HUB_IMAGE, HUB_MQTT_PORT,
+    MICROSOFT_HUB_IMAGE, Quickstart, SENSOR, SENSOR_IMAGE, SENSOR_MODULE, write_file,
 };
 use crate::cloud::CloudClient;
 use crate::images;
@@ -88,12 +88,18 @@ impl Quickstart {
              management_uri = \"unix://{mgmt}\"\n\
              {moby}",
             moby = if self.args.docker {
-                "\n# Modules are containers; the agent stays a process.\n\
-                 [moby_runtime]\n\
-                 uri = \"unix:///var/run/docker.sock\"\n\
-                 network = \"azure-iot-edge\"\n"
+                format!(
+                    "\n# Modules are containers; the agent stays a process.\n\
+                     [moby_runtime]\n\
+                     uri = \"unix:///var/run/docker.sock\"\n\
+                     network = \"azure-iot-edge\"\n\n\
+                     # The manifest names Microsoft's edgeHub image: this one runs instead.\n\
+                     [system_modules]\n\
+                     edge_hub = \"{}\"\n",
+                    images::reference(HUB_IMAGE)
+                )
             } else {
-                ""
+                String::new()
             },
             home = l.homedir.display(),
             cloud_ca = cloud.ca.display(),
@@ -107,35 +113,21 @@ impl Quickstart {
         write_file(&l.config, text.as_bytes(), 0o600)
     }
 
-    /// Creates the module identities in verged up front (the agent's module
-    /// creation then reuses them), so their generation ids, and with them
-    /// the module keys verged derives, are known now (verged registers them
-    /// in the cloud); writes the hub's config file.
-    /// Writes the hub's config: listeners and the upstream only. verged runs
-    /// the hub as edgeHub, so its server certificate and module identities
-    /// come from verged's workload API, its leaf devices from the cloud's
-    /// device scope, and its routes from its `$edgeHub` twin in the cloud
-    /// (set by the deployment) — nothing else is written here.
-    pub(super) fn write_hub_config(&self, cloud: &CloudInfo) -> anyhow::Result<()> {
-        let h = &self.lay.hub_dir;
-        let text = format!(
-            "# Written by `verge quickstart`.\n\
-             storage_dir = '{storage}'\n\n\
-             [listen]\n\
-             mqtt = \"127.0.0.1:{HUB_MQTT_PORT}\"\n\
-             https = \"127.0.0.1:0\"\n\n\
-             [upstream]\n\
-             hostname = \"localhost\"\n\
-             port = {mqtt_port}\n\
-             https_port = {https_port}\n\
-             ca_file = '{ca}'\n\
-             reconnect_ms = 1000\n",
-            storage = h.join("storage").display(),
-            mqtt_port = cloud.mqtt_port,
-            https_port = cloud.https_port,
-            ca = cloud.ca.display(),
-        );
-        write_file(&h.join("hub.toml"), text.as_bytes(), 0o600)
+    /// The edgeHub module's environment: the hub has no config file of its
+    /// own (as Azure's edgeHub): verged gives it its identities and
+    /// certificate, its `$edgeHub` twin in the cloud its routes, and these
+    /// variables the rest (`verge_hub::azure_env`): `storageFolder` as in
+    /// Azure manifests, the listeners and the cloud's ports (verge-cloud
+    /// listens on free ports) as Verge's own.
+    fn hub_env(&self, cloud: &CloudInfo) -> Value {
+        let storage = self.lay.hub_dir.join("storage");
+        json!({
+            "storageFolder": {"value": storage.display().to_string()},
+            "VERGE_HUB_LISTEN_MQTT": {"value": format!("127.0.0.1:{HUB_MQTT_PORT}")},
+            "VERGE_HUB_LISTEN_HTTPS": {"value": "127.0.0.1:0"},
+            "VERGE_HUB_UPSTREAM_PORT": {"value": cloud.mqtt_port.to_string()},
+            "VERGE_HUB_UPSTREAM_HTTPS_PORT": {"value": cloud.https_port.to_string()},
+        })
     }
 
     /// The `$edgeHub` desired properties: sensor → filter → $upstream (and,
@@ -173,7 +165,7 @@ impl Quickstart {
 
     /// The deployment manifest, from `examples/quickstart.deployment.json`
     /// with this machine's binary paths.
-    pub(super) fn manifest(&self) -> Value {
+    pub(super) fn manifest(&self, cloud: &CloudInfo) -> Value {
         let module = |image: String, create_options: Value, order: u32, env: Value| {
             let mut m = json!({
                 "version": "1.0",
@@ -190,53 +182,48 @@ impl Quickstart {
             }
             m
         };
-        let hub_config = self.lay.hub_dir.join("hub.toml");
-        let (hub_image, hub_options, sensor_image, filter_image, module_options) =
-            if self.args.docker {
-                // Host networking: the hub listens on 127.0.0.1:8883 and reaches
-                // verge-cloud on loopback, as in process mode (the modules dial
-                // `localhost`). Containers run as this user, so what the hub
-                // writes under the working directory (mounted at the same
-                // path) stays removable.
-                let user = format!(
-                    "{}:{}",
-                    nix::unistd::getuid().as_raw(),
-                    nix::unistd::getgid().as_raw()
-                );
-                let dir = self.lay.dir.display().to_string();
-                let modules = json!({"User": user, "HostConfig": {"NetworkMode": "host"}});
-                let hub = json!({
-                    "User": user,
-                    "Cmd": ["--config", hub_config.display().to_string()],
-                    "HostConfig": {"NetworkMode": "host", "Binds": [format!("{dir}:{dir}")]},
-                });
-                (
-                    images::reference(HUB_IMAGE),
-                    hub,
-                    images::reference(SENSOR_IMAGE),
-                    images::reference(FILTER_IMAGE),
-                    modules,
-                )
-            } else {
-                (
-                    format!(
-                        "{} --config {}",
-                        self.daemon(HUB).display(),
-                        hub_config.display()
-                    ),
-                    json!({}),
-                    self.exe(SENSOR).display().to_string(),
-                    self.exe(FILTER).display().to_string(),
-                    json!({}),
-                )
-            };
+        let (hub_options, sensor_image, filter_image, module_options) = if self.args.docker {
+            // Host networking: the hub listens on 127.0.0.1:8883 and reaches
+            // verge-cloud on loopback, as in process mode (the modules dial
+            // `localhost`). Containers run as this user, so what the hub
+            // writes under the working directory (mounted at the same
+            // path) stays removable.
+            let user = format!(
+                "{}:{}",
+                nix::unistd::getuid().as_raw(),
+                nix::unistd::getgid().as_raw()
+            );
+            let dir = self.lay.dir.display().to_string();
+            let modules = json!({"User": user, "HostConfig": {"NetworkMode": "host"}});
+            let hub = json!({
+                "User": user,
+                "HostConfig": {"NetworkMode": "host", "Binds": [format!("{dir}:{dir}")]},
+            });
+            (
+                hub,
+                images::reference(SENSOR_IMAGE),
+                images::reference(FILTER_IMAGE),
+                modules,
+            )
+        } else {
+            (
+                json!({}),
+                self.exe(SENSOR).display().to_string(),
+                self.exe(FILTER).display().to_string(),
+                json!({}),
+            )
+        };
+        // Microsoft's edgeHub image, as in Azure's manifests: verged runs
+        // Verge's hub in its place (`verge_daemon::system_images`; with
+        // --docker, the image built here, named in verged's config).
+        let hub_image = MICROSOFT_HUB_IMAGE.to_owned();
         json!({"modulesContent": {
             "$edgeAgent": {"properties.desired": {
                 "schemaVersion": "1.1",
                 "runtime": {"type": "docker", "settings": {"minDockerVersion": "v1.25"}},
                 "systemModules": {
                     "edgeAgent": {"type": "docker", "settings": {"image": self.daemon(AGENT).display().to_string(), "createOptions": "{}"}},
-                    "edgeHub": module(hub_image, hub_options, 0, json!({})),
+                    "edgeHub": module(hub_image, hub_options, 0, self.hub_env(cloud)),
                 },
                 "modules": {
                     SENSOR_MODULE: module(sensor_image, module_options.clone(), 1,

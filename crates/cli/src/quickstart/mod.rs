@@ -93,6 +93,8 @@ const FILTER_MODULE: &str = "filter";
 const CONTAINERS: [&str; 3] = ["edgeHub", SENSOR_MODULE, FILTER_MODULE];
 /// With `--docker`, the images built from the binaries here.
 const HUB_IMAGE: &str = "verge-quickstart/edgehub";
+/// What the deployment names for edgeHub, as Azure's manifests do.
+const MICROSOFT_HUB_IMAGE: &str = "mcr.microsoft.com/azureiotedge-hub:1.5";
 const SENSOR_IMAGE: &str = "verge-quickstart/simulated-temperature-sensor";
 const FILTER_IMAGE: &str = "verge-quickstart/filter";
 /// The hub's MQTT port: modules dial 8883 on the gateway host, as the Azure
@@ -344,23 +346,29 @@ fn write_file(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
+/// `p` against the current directory, unless it is absolute.
+fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+    if p.is_absolute() {
+        return Ok(p.to_path_buf());
+    }
+    Ok(std::env::current_dir()
+        .context("cannot read the current directory")?
+        .join(p))
+}
+
 impl Quickstart {
     fn new(args: QuickstartArgs, stop: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<Self> {
+        // Absolute: the daemons' links in the working directory point here,
+        // and a relative target would resolve against the links' directory.
         let bin = match &args.bin_dir {
-            Some(b) => b.clone(),
+            Some(b) => absolute(b)?,
             None => std::env::current_exe()
                 .context("cannot find this executable's path")?
                 .parent()
                 .map(Path::to_path_buf)
                 .ok_or_else(|| anyhow!("this executable has no parent directory"))?,
         };
-        let dir = if args.dir.is_absolute() {
-            args.dir.clone()
-        } else {
-            std::env::current_dir()
-                .context("cannot read the current directory")?
-                .join(&args.dir)
-        };
+        let dir = absolute(&args.dir)?;
         Ok(Self {
             lay: Layout::new(dir),
             bin,
@@ -551,12 +559,9 @@ impl Quickstart {
         self.write_verged_config(&device_key, &cloud)?;
         self.start_verged().await?;
 
-        self.progress.step("writing the hub's config");
-        self.write_hub_config(&cloud)?;
-
         self.progress
             .step("deploying edgeHub, the sensor and the filter");
-        let manifest = self.manifest();
+        let manifest = self.manifest(&cloud);
         // The cloud keeps the deployment in the device's $edgeAgent twin.
         cloud
             .client
@@ -594,6 +599,16 @@ impl Quickstart {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn relative_paths_become_absolute() {
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(
+            absolute(Path::new("target/debug")).unwrap(),
+            cwd.join("target/debug")
+        );
+        assert_eq!(absolute(Path::new("/opt/v")).unwrap(), Path::new("/opt/v"));
+    }
 
     #[test]
     fn durations() {
