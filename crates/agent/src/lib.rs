@@ -66,9 +66,9 @@
 //! stopped; the module is then removed (`DELETE`) and created (`POST /modules`
 //! with `imagePullPolicy: never`). The `net.verge.*` labels are stored by
 //! verged with the module and come back from `GET /modules`, so ownership and
-//! the spec hash work as with a direct backend. verged reports neither health
-//! nor image digests (`image_digests` answers "unknown"): `on-unhealthy` has
-//! nothing to act on and a pinned digest is not checked in this mode. A killed agent is restarted by verged's
+//! the spec hash work as with a direct backend, and so do `on-unhealthy`
+//! restarts and digest pins: verged reports the healthcheck's verdict and
+//! answers `GET /images/digests`. A killed agent is restarted by verged's
 //! watchdog and, finding the modules up to date, leaves them running.
 //!
 //! # The twin in the cloud

@@ -38,8 +38,10 @@
 //! createOptions and the `labels` extension (the agent's `net.verge.*` labels,
 //! hence its ownership and spec hash). `env` comes back as the module got it,
 //! with verged's `IOTEDGE_*` variables; `workload_socket` is read back from
-//! `IOTEDGE_WORKLOADURI`. verged reports no health and no image id, so those
-//! are `None`.
+//! `IOTEDGE_WORKLOADURI`. verged reports the Docker healthcheck's verdict
+//! (`runtimeStatus.health`, a Verge extension) and answers
+//! `GET /images/digests`, so `on-unhealthy` restarts and digest pins work
+//! through verged as with Docker directly; the image id is `None`.
 //!
 //! # Errors
 //!
@@ -62,12 +64,12 @@ use hyper_util::rt::TokioIo;
 use verge_core::sas::url_encode;
 use verge_core::time::Timestamp;
 use verge_runtime::{
-    LogOptions, LogStream, ModuleRuntime, ModuleSpec, ModuleState, ModuleStatus, RegistryAuth,
-    RuntimeError, RuntimeInfo,
+    Health, LogOptions, LogStream, ModuleRuntime, ModuleSpec, ModuleState, ModuleStatus,
+    RegistryAuth, RuntimeError, RuntimeInfo,
 };
 use verge_workload::api::{
-    ErrorResponse, MANAGEMENT_API_VERSION, ModuleConfig, ModuleDetails, ModuleList, ModuleSettings,
-    ModuleSpecJson, RegistryAuthJson, SystemInfo,
+    ErrorResponse, ImageDigests, MANAGEMENT_API_VERSION, ModuleConfig, ModuleDetails, ModuleList,
+    ModuleSettings, ModuleSpecJson, RegistryAuthJson, SystemInfo,
 };
 
 /// Module name used in the `prepareupdate` path for [`ModuleRuntime::pull`],
@@ -192,7 +194,12 @@ pub fn state_from_details(d: ModuleDetails) -> ModuleState {
             .and_then(|e| e.status_code.trim().parse::<i64>().ok()),
         started_at: parse_time(d.status.start_time.as_deref()),
         exited_at: parse_time(exit.as_ref().map(|e| e.exit_time.as_str())),
-        health: None,
+        health: match d.status.runtime_status.health.as_deref() {
+            Some("starting") => Some(Health::Starting),
+            Some("healthy") => Some(Health::Healthy),
+            Some("unhealthy") => Some(Health::Unhealthy),
+            _ => None,
+        },
         runtime_id: Some(d.id).filter(|id| !id.is_empty()),
         image_id: None,
     }
@@ -495,6 +502,24 @@ impl ManagementRuntime {
 
 #[async_trait::async_trait]
 impl ModuleRuntime for ManagementRuntime {
+    async fn image_digests(&self, image: &str) -> Result<Option<Vec<String>>, RuntimeError> {
+        let query = format!("image={}", url_encode(image));
+        let bytes = self
+            .call(
+                "GET",
+                "/images/digests",
+                &query,
+                None,
+                Subject::image(None, image),
+                self.timeout,
+            )
+            .await?;
+        let answer: ImageDigests = serde_json::from_slice(&bytes).map_err(|e| {
+            RuntimeError::Other(format!("GET /images/digests: unexpected answer: {e}"))
+        })?;
+        Ok(answer.digests)
+    }
+
     async fn pull(&self, image: &str, auth: Option<&RegistryAuth>) -> Result<(), RuntimeError> {
         let spec = ModuleSpec {
             name: PULL_PLACEHOLDER.to_owned(),
@@ -726,6 +751,7 @@ mod tests {
                 runtime_status: RuntimeStatus {
                     status: "failed".into(),
                     description: None,
+                    health: None,
                 },
             },
             labels: BTreeMap::from([("net.verge.owner".into(), "verge-agent".into())]),

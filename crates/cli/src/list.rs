@@ -135,6 +135,7 @@ pub fn agent_row(a: &AgentInfo) -> ModuleDetails {
             runtime_status: RuntimeStatus {
                 status: status.to_owned(),
                 description: None,
+                health: None,
             },
         },
         labels: Default::default(),
@@ -250,6 +251,7 @@ mod tests {
                 runtime_status: RuntimeStatus {
                     status: status.into(),
                     description: None,
+                    health: None,
                 },
             },
             labels: Default::default(),

@@ -915,9 +915,12 @@ Port = 5
                 .as_deref(),
             Some("verge/edgehub:1")
         );
-        let e = parse(&format!("{}\n[system_modules]\nedge_hubb = \"x\"\n", base()))
-            .unwrap_err()
-            .to_string();
+        let e = parse(&format!(
+            "{}\n[system_modules]\nedge_hubb = \"x\"\n",
+            base()
+        ))
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("edge_hubb"), "{e}");
     }
 

@@ -61,13 +61,15 @@ use verge_core::id::ModuleId;
 use verge_core::time::Timestamp;
 use verge_runtime::process::OutputLog;
 use verge_runtime::{
-    LogOptions, ModuleRuntime, ModuleSpec, ModuleState, ModuleStatus, RegistryAuth, RuntimeError,
+    Health, LogOptions, ModuleRuntime, ModuleSpec, ModuleState, ModuleStatus, RegistryAuth,
+    RuntimeError,
 };
 
 use crate::api::{
     CertificateList, CreateIdentityRequest, EnvVar, ExitStatus, IdentityJson, IdentityList,
-    ModuleConfig, ModuleDetails, ModuleList, ModuleSettings, ModuleSpecJson, ModuleStatusJson,
-    ProvisioningInfo, RuntimeStatus, SystemInfo, SystemResources, UpdateIdentityRequest,
+    ImageDigests, ModuleConfig, ModuleDetails, ModuleList, ModuleSettings, ModuleSpecJson,
+    ModuleStatusJson, ProvisioningInfo, RuntimeStatus, SystemInfo, SystemResources,
+    UpdateIdentityRequest,
 };
 use crate::env::{EnvContext, module_env};
 use crate::http::{ApiError, PeerCred, json_response, parse_body, require_api_version};
@@ -189,6 +191,7 @@ pub fn router_with(state: MgmtState, extras: MgmtExtras) -> Router {
         .route("/modules/{name}/stop", post(stop_module))
         .route("/modules/{name}/restart", post(restart_module))
         .route("/modules/{name}/logs", get(module_logs))
+        .route("/images/digests", get(image_digests))
         .route("/identities", get(list_identities).post(create_identity))
         .route("/identities/", get(list_identities).post(create_identity))
         .route(
@@ -287,6 +290,14 @@ fn details(s: ModuleState, kind: &str) -> ModuleDetails {
             runtime_status: RuntimeStatus {
                 status: status.to_owned(),
                 description: process_hint(kind, &s.spec.create_options),
+                health: s.health.map(|h| {
+                    match h {
+                        Health::Starting => "starting",
+                        Health::Healthy => "healthy",
+                        Health::Unhealthy => "unhealthy",
+                    }
+                    .to_owned()
+                }),
             },
         },
         labels: s.spec.labels,
@@ -587,6 +598,30 @@ pub fn parse_log_options(q: &HashMap<String, String>) -> Result<LogOptions, ApiE
         until: parse_time(q, "until")?,
         timestamps: parse_bool(q, "timestamps")?,
     })
+}
+
+/// `GET /images/digests?image=…` (see [`ImageDigests`]).
+async fn image_digests(
+    State(state): State<MgmtState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let image = q
+        .get("image")
+        .map(|i| i.trim())
+        .filter(|i| !i.is_empty())
+        .ok_or_else(|| ApiError::bad_request("the query parameter image is missing"))?;
+    let digests = state
+        .runtime
+        .image_digests(image)
+        .await
+        .map_err(runtime_err)?;
+    Ok(json_response(
+        StatusCode::OK,
+        &ImageDigests {
+            image: image.to_owned(),
+            digests,
+        },
+    ))
 }
 
 async fn module_logs(

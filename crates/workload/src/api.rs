@@ -235,6 +235,11 @@ pub struct RuntimeStatus {
     /// Human text.
     #[serde(default)]
     pub description: Option<String>,
+    /// Verge extension: the Docker healthcheck's verdict (`starting`,
+    /// `healthy`, `unhealthy`), absent without one: the agent's
+    /// `on-unhealthy` restarts act on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<String>,
 }
 
 /// Module status.
@@ -490,4 +495,17 @@ pub struct SystemResources {
     pub modules: Vec<ModuleResources>,
     /// What could not be measured, and why.
     pub notes: Vec<String>,
+}
+
+/// `GET /images/digests?image={reference}` (Verge extension): the content
+/// digests of a local image, so the agent checks a pinned digest
+/// (`settings.digest`, `name@sha256:…`) through verged as it does with
+/// Docker directly. 404 when the image is not present.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageDigests {
+    /// The reference asked about.
+    pub image: String,
+    /// The image id and its registry digests; `null` when the backend has
+    /// no image digests (the process backend).
+    pub digests: Option<Vec<String>>,
 }
