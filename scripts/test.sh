@@ -12,6 +12,10 @@ log() { printf '==> %s\n' "$*"; }
 need=()
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+# debootstrap: a Debian root the package test installs the .deb into.
+if [ "${VERGE_SKIP_PACKAGE_TESTS:-0}" != 1 ]; then
+  command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
+fi
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     log "installing ${need[*]}"
@@ -36,6 +40,13 @@ export VERGE_PYTHON="$PWD/.venv/bin/python"
 # Test images: nothing can be pulled, so Docker tests run images built here.
 if [ "${VERGE_SKIP_DOCKER_TESTS:-0}" != 1 ]; then
   ./scripts/test-images.sh
+fi
+
+# The Debian root for the package test (crates/cli/tests/package.rs), kept
+# in target/ between runs.
+if [ "${VERGE_SKIP_PACKAGE_TESTS:-0}" != 1 ]; then
+  log "preparing a Debian root for the package test (debootstrap)"
+  ./scripts/deb-root.sh
 fi
 
 # Crate edges (ARCHITECTURE: only verge-runtime talks to Docker, and only the

@@ -55,9 +55,11 @@ struct Args {
     /// manifest in the storage directory is used.
     #[arg(long, env = "VERGE_AGENT_MANIFEST")]
     manifest: Option<PathBuf>,
-    /// The agent's storage directory (manifest, restart records, reported.json).
+    /// The agent's storage directory (manifest, restart records,
+    /// reported.json). Default, as Azure's edgeAgent: `{storageFolder}/edgeAgent`
+    /// from the `storageFolder` variable, else in the temp directory.
     #[arg(long, env = "VERGE_AGENT_STORAGE")]
-    storage: PathBuf,
+    storage: Option<PathBuf>,
     /// Module runtime backend. Default: `verged` when a management URI is
     /// given (verged sets `IOTEDGE_MANAGEMENTURI`), else `process`.
     #[arg(long, value_enum, env = "VERGE_AGENT_RUNTIME")]
@@ -208,7 +210,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Arc::new(DockerRuntime::new(dc))
         }
     };
-    let mut agent = Agent::open(runtime, cfg.clone(), &args.storage)
+    let storage = storage_dir(args.storage.clone());
+    let mut agent = Agent::open(runtime, cfg.clone(), &storage)
         .await
         .context("opening the agent storage")?;
     let mut twin = twin_link(&args).await?;
@@ -281,4 +284,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     tracing::info!("verge-agent stopped");
     Ok(())
+}
+/// `--storage`, else Azure's `storageFolder` (any case) + `/edgeAgent`,
+/// else the temp directory (lost with a container, as edgeAgent's).
+fn storage_dir(flag: Option<PathBuf>) -> PathBuf {
+    if let Some(dir) = flag {
+        return dir;
+    }
+    let folder = std::env::vars()
+        .find(|(k, v)| k.eq_ignore_ascii_case("storageFolder") && !v.trim().is_empty())
+        .map(|(_, v)| PathBuf::from(v.trim()));
+    match folder {
+        Some(f) => f.join("edgeAgent"),
+        None => {
+            let dir = std::env::temp_dir().join("edgeAgent");
+            tracing::warn!(dir = %dir.display(),
+                "neither --storage nor storageFolder is set: the agent keeps its state in the temp directory");
+            dir
+        }
+    }
 }

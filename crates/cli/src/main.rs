@@ -163,8 +163,10 @@ enum ConfigCommand {
         /// Replace an existing file.
         #[arg(long)]
         force: bool,
-        /// The agent verged starts (executable and arguments; run as a process).
-        #[arg(long, default_value = "/usr/local/bin/verge-agent")]
+        /// The agent verged starts (executable and arguments; run as a
+        /// process). Microsoft's image name, the default, runs Verge's agent
+        /// beside verged.
+        #[arg(long, default_value = "mcr.microsoft.com/azureiotedge-agent:1.5")]
         agent: String,
     },
     /// Convert an Azure IoT Edge configuration (1.1's /etc/iotedge/config.yaml
@@ -191,7 +193,28 @@ enum ConfigCommand {
     },
 }
 
+/// `verge logs … | head`: a reader that closes the pipe early is the
+/// reader's choice, not a crash. Rust ignores SIGPIPE, so `println!` panics
+/// on the closed pipe; end quietly instead, with the status a shell shows
+/// for a tool stopped by SIGPIPE (128 + 13).
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    quiet_on_closed_stdout();
     let cli = Cli::parse();
     let config_path = cli
         .config
@@ -458,7 +481,10 @@ fn mp_template(cs: &ConnectionString, agent: &str, hostname: &str) -> String {
          name = \"edgeAgent\"\n\
          type = \"process\"\n\n\
          [agent.config]\n\
-         image = '{agent}'\n"
+         image = '{agent}'\n\n\
+         [agent.env]\n\
+         # The agent keeps its state in {{storageFolder}}/edgeAgent.\n\
+         storageFolder = \"/var/lib/verge\"\n"
     )
 }
 
@@ -549,10 +575,17 @@ fn config_apply(config_file: &Path, target: &Path) -> anyhow::Result<()> {
         config.provisioning.iothub_hostname,
         target.display()
     );
-    println!(
-        "Restart verged to use it (verged --config {}).",
-        target.display()
-    );
+    // Installed from the package: verged is a systemd service.
+    if Path::new("/lib/systemd/system/verged.service").exists()
+        && target == Path::new(DEFAULT_CONFIG)
+    {
+        println!("Restart verged to use it: sudo systemctl restart verged");
+    } else {
+        println!(
+            "Restart verged to use it (verged --config {}).",
+            target.display()
+        );
+    }
     Ok(())
 }
 

@@ -209,3 +209,20 @@ fn import_converts_an_iot_edge_1_1_config_and_refuses_unknown_settings() {
     assert!(err.contains("something_new: unknown setting"), "{err}");
     assert!(!out2.exists());
 }
+
+/// `verge … | head`: a reader closing the pipe early ends the CLI quietly
+/// (exit 141, as after SIGPIPE), not with a panic and a backtrace.
+#[test]
+fn closed_stdout_ends_quietly() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_verge"))
+        .arg("check-list")
+        .stdout(writer)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
