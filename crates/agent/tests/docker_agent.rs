@@ -12,33 +12,11 @@ use serde_json::{Value, json};
 use verge_agent::{Agent, AgentConfig, ReconcileOutcome};
 use verge_runtime::{DockerConfig, DockerRuntime, ModuleRuntime, ModuleStatus};
 
-const IMAGE: &str = "verge-test/busybox:1";
+const IMAGE: &str = verge_testkit::docker::TEST_IMAGE;
 
 /// Every manifest has an `edgeHub`, and Docker container names are global:
 /// the tests of this file take turns.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn docker_ready() -> bool {
-    if std::env::var("VERGE_SKIP_DOCKER_TESTS").as_deref() == Ok("1") {
-        return false;
-    }
-    let ok = |args: &[&str]| {
-        Command::new("docker")
-            .args(args)
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    // Missing Docker is a failure, not a skip: a silently skipped test proves nothing.
-    assert!(
-        ok(&["info"]),
-        "Docker is not reachable (set VERGE_SKIP_DOCKER_TESTS=1 to skip Docker tests)"
-    );
-    assert!(
-        ok(&["image", "inspect", IMAGE]),
-        "{IMAGE} is missing: ./scripts/test.sh builds it (scripts/test-images.sh)"
-    );
-    true
-}
 
 fn module(script: &str, extra: Value) -> Value {
     let opts = json!({ "Cmd": ["sh", "-c", script] });
@@ -56,7 +34,7 @@ fn module(script: &str, extra: Value) -> Value {
 #[tokio::test]
 async fn unhealthy_module_is_restarted_and_updates_work() {
     let _serial = SERIAL.lock().await;
-    if !docker_ready() {
+    if !verge_testkit::docker::ready() {
         return;
     }
     let suffix = format!(
@@ -147,32 +125,6 @@ async fn unhealthy_module_is_restarted_and_updates_work() {
         .output();
 }
 
-/// Removes a test's containers (by owner label), network and image tag,
-/// also when the test fails half-way.
-struct Cleanup {
-    owner: String,
-    network: String,
-    tag: String,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let filter = format!("label=net.verge.owner={}", self.owner);
-        let ids = Command::new("docker")
-            .args(["ps", "-aq", "--filter", &filter])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        for id in ids.split_whitespace() {
-            let _ = Command::new("docker").args(["rm", "-f", "-v", id]).output();
-        }
-        let _ = Command::new("docker").args(["rmi", &self.tag]).output();
-        let _ = Command::new("docker")
-            .args(["network", "rm", &self.network])
-            .output();
-    }
-}
-
 fn run(args: &[&str]) {
     let out = Command::new("docker").args(args).output().unwrap();
     assert!(
@@ -189,7 +141,7 @@ fn run(args: &[&str]) {
 #[tokio::test]
 async fn restarted_agent_brings_docker_modules_back_in_startup_order() {
     let _serial = SERIAL.lock().await;
-    if !docker_ready() {
+    if !verge_testkit::docker::ready() {
         return;
     }
     let suffix = format!(
@@ -210,10 +162,10 @@ async fn restarted_agent_brings_docker_modules_back_in_startup_order() {
     }));
     // The tier-1 module's own tag, so it can be lost without touching IMAGE.
     let first_image = format!("verge-test/order-{suffix}:1");
-    let _cleanup = Cleanup {
+    let _cleanup = verge_testkit::docker::Leftovers {
         owner: owner.clone(),
         network: network.clone(),
-        tag: first_image.clone(),
+        images: vec![first_image.clone()],
     };
     run(&["tag", IMAGE, &first_image]);
     let first = format!("first{suffix}");

@@ -23,7 +23,7 @@ use verge_runtime::{
     ModuleStatus, RegistryAuth, RuntimeError, RuntimeInfo,
 };
 
-const IMAGE: &str = "verge-test/busybox:1";
+const IMAGE: &str = verge_testkit::docker::TEST_IMAGE;
 const USER: &str = "verge";
 const PASSWORD: &str = "s3cret-pw";
 
@@ -32,30 +32,16 @@ const PASSWORD: &str = "s3cret-pw";
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn docker_ready() -> bool {
-    if std::env::var("VERGE_SKIP_DOCKER_TESTS").as_deref() == Ok("1") {
-        eprintln!("VERGE_SKIP_DOCKER_TESTS=1: skipping Docker test");
+    if !verge_testkit::docker::ready() {
         return false;
     }
-    let ok = |cmd: &str, args: &[&str]| {
-        Command::new(cmd)
-            .args(args)
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
+    let tools = Command::new("sh")
+        .args(["-c", "command -v docker-registry && command -v htpasswd"])
+        .output()
+        .is_ok_and(|o| o.status.success());
     // Missing tools are a failure, not a skip: a silently skipped test proves nothing.
     assert!(
-        ok("docker", &["info"]),
-        "Docker is not reachable (set VERGE_SKIP_DOCKER_TESTS=1 to skip Docker tests)"
-    );
-    assert!(
-        ok("docker", &["image", "inspect", IMAGE]),
-        "{IMAGE} is missing: ./scripts/test.sh builds it (scripts/test-images.sh)"
-    );
-    assert!(
-        ok(
-            "sh",
-            &["-c", "command -v docker-registry && command -v htpasswd"]
-        ),
+        tools,
         "docker-registry or htpasswd missing: scripts/test-images.sh installs them"
     );
     true

@@ -284,55 +284,7 @@ async fn trait_calls_round_trip_through_verged() {
 
 // ---- the agent through verged, against the real Docker engine ---------------
 
-const IMAGE: &str = "verge-test/busybox:1";
-
-/// Docker, and the locally built test image (scripts/test-images.sh), are
-/// required unless VERGE_SKIP_DOCKER_TESTS=1: a silently skipped test proves nothing.
-fn docker_ready() -> bool {
-    if std::env::var("VERGE_SKIP_DOCKER_TESTS").as_deref() == Ok("1") {
-        return false;
-    }
-    let ok = |args: &[&str]| {
-        std::process::Command::new("docker")
-            .args(args)
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    assert!(
-        ok(&["info"]),
-        "Docker is not reachable (set VERGE_SKIP_DOCKER_TESTS=1 to skip Docker tests)"
-    );
-    assert!(
-        ok(&["image", "inspect", IMAGE]),
-        "{IMAGE} is missing: ./scripts/test.sh builds it (scripts/test-images.sh)"
-    );
-    true
-}
-
-/// Removes the test's containers and network, also when it fails.
-struct DockerCleanup {
-    owner: String,
-    network: String,
-}
-
-impl Drop for DockerCleanup {
-    fn drop(&mut self) {
-        let filter = format!("label=net.verge.owner={}", self.owner);
-        let ids = std::process::Command::new("docker")
-            .args(["ps", "-aq", "--filter", &filter])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        for id in ids.split_whitespace() {
-            let _ = std::process::Command::new("docker")
-                .args(["rm", "-f", "-v", id])
-                .output();
-        }
-        let _ = std::process::Command::new("docker")
-            .args(["network", "rm", &self.network])
-            .output();
-    }
-}
+const IMAGE: &str = verge_testkit::docker::TEST_IMAGE;
 
 /// The agent driving Docker through verged (the real layout, #24 item 4):
 /// a module whose healthcheck fails is restarted under `on-unhealthy`, and
@@ -340,15 +292,16 @@ impl Drop for DockerCleanup {
 /// need verged to carry what only Docker knows (health, image digests).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_through_verged_restarts_unhealthy_and_checks_digests() {
-    if !docker_ready() {
+    if !verge_testkit::docker::ready() {
         return;
     }
     let suffix = format!("{}", std::process::id());
     let owner = format!("verge-mgmt-test-{suffix}");
     let network = format!("verge-mgmt-test-{suffix}");
-    let _cleanup = DockerCleanup {
+    let _cleanup = verge_testkit::docker::Leftovers {
         owner: owner.clone(),
         network: network.clone(),
+        images: Vec::new(),
     };
     let backend = Arc::new(verge_runtime::DockerRuntime::new(
         verge_runtime::DockerConfig {
