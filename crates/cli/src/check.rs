@@ -9,6 +9,8 @@ use time::OffsetDateTime;
 use verge_daemon::config::{Config, EdgeCaConfig};
 
 use crate::mgmt::{self, Mgmt};
+
+mod network;
 use crate::ui::{self, Colour};
 
 /// Warn when a certificate has fewer days than this left.
@@ -132,6 +134,11 @@ pub const CATALOGUE: &[(&str, &str, &str)] = &[
         "certificates issued by the edge CA",
     ),
     ("container-engine", CONNECT, "container engine answers"),
+    (
+        "modules-reach-edgehub",
+        CONNECT,
+        "container modules can reach edgeHub",
+    ),
     (
         "upstream-connectivity",
         CONNECT,
@@ -368,6 +375,24 @@ pub async fn run_checks(inputs: &Inputs<'_>) -> Report {
                 vec!["no [moby_runtime] in the config: modules run as processes".to_owned()],
             ),
         }
+        let (result, details) = match (&c.moby_runtime, &target) {
+            (None, _) => (
+                Outcome::Skipped,
+                vec!["modules run as processes: they reach edgeHub on this machine".to_owned()],
+            ),
+            (Some(moby), Some(m)) if info.is_some() => match m.modules().await {
+                Ok(list) => network::verdict(&list, &moby.network, &c.hostname),
+                Err(e) => (Outcome::Error, vec![format!("listing the modules: {e:#}")]),
+            },
+            (Some(_), _) => (Outcome::Skipped, vec!["verged is not reachable".to_owned()]),
+        };
+        b.add(
+            "modules-reach-edgehub",
+            CONNECT,
+            "container modules can reach edgeHub",
+            result,
+            details,
+        );
         let up = Upstream::from_config(c);
         upstream_check(
             &mut b,
@@ -406,6 +431,10 @@ pub async fn run_checks(inputs: &Inputs<'_>) -> Report {
     } else {
         for (id, d) in [
             ("container-engine", "container engine answers"),
+            (
+                "modules-reach-edgehub",
+                "container modules can reach edgeHub",
+            ),
             (
                 "upstream-connectivity",
                 "IoT hub reachable, its TLS certificate verified",
@@ -1159,7 +1188,7 @@ mod tests {
             host: Some(&sock),
         })
         .await;
-        assert!(report.checks.len() >= 12, "{report:?}");
+        assert!(report.checks.len() >= 13, "{report:?}");
         for c in &report.checks {
             assert!(
                 CATALOGUE
