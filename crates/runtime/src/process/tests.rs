@@ -1,7 +1,7 @@
 //! The process backend's unit tests.
 
-use super::*;
 use super::output::{LogSink, format_line, parse_line};
+use super::*;
 use std::collections::BTreeMap;
 
 fn spec(image: &str, opts: serde_json::Value) -> ModuleSpec {
