@@ -190,6 +190,9 @@ async fn route_and_submit(
     body: Bytes,
 ) -> Result<Pending, IngestError> {
     let msg = build_message(client, bag, body)?;
+    state
+        .metrics
+        .received(client, msg.system.output_name.as_deref());
     let mut wake = Wake::default();
     let mut targets: Vec<Target> = Vec::new();
     let mut longest_prefix = 0;
@@ -220,6 +223,9 @@ async fn route_and_submit(
     }
     if targets.is_empty() {
         state.stats.dropped_no_route.fetch_add(1, Ordering::Relaxed);
+        state
+            .metrics
+            .dropped_no_route(client, msg.system.output_name.as_deref());
         tracing::debug!(client = %client, "message matched no route; dropped");
         return Ok(Pending {
             receipt: None,
