@@ -12,6 +12,9 @@ log() { printf '==> %s\n' "$*"; }
 need=()
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+# prometheus: a real server scrapes the hub's and the agent's :9600/metrics
+# (VERGE_SKIP_PROMETHEUS_TESTS=1 skips those tests).
+command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     log "installing ${need[*]}"

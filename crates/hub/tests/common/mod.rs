@@ -99,6 +99,8 @@ leaf1 = "{LEAF_KEY}"
 connect_timeout_secs = 3
 twins_poll_ms = 100
 routes_poll_ms = 100
+[metrics]
+listen = "127.0.0.1:0"
 "#,
         storage = storage.display(),
         routes = routes.display(),

@@ -1,0 +1,407 @@
+//! The hub's Prometheus endpoint: its text (names, types, labels as
+//! edgeHub's) read directly, and the series a real Prometheus server
+//! (Debian's `prometheus`) scrapes and stores, queried through its HTTP API
+//! after messages were routed, delivered, queued and dropped.
+//!
+//! `VERGE_SKIP_PROMETHEUS_TESTS=1` skips the Prometheus test (documented in
+//! `scripts/test.sh`, which installs the package); without it a missing
+//! `prometheus` executable fails the test.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rumqttc::mqttbytes::QoS;
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, SubscribeReasonCode};
+use serde_json::Value;
+use verge_core::SasToken;
+use verge_hub::Hub;
+
+/// Routed to modB's input (route AtoB).
+const ROUTED: usize = 5;
+/// From modA on an output no route takes: dropped.
+const UNROUTED: usize = 2;
+/// From leaf1: routed to `$upstream`, which has no link here, so they wait in its queue.
+const UPSTREAM: usize = 3;
+
+async fn scrape(addr: SocketAddr) -> String {
+    let r = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let ctype = r.headers()["content-type"].to_str().unwrap().to_owned();
+    assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
+    r.text().await.unwrap()
+}
+
+/// Starts a hub, connects modB (subscribed), modA and leaf1, and sends the
+/// test's messages; returns once modB got the routed ones.
+async fn traffic(pki: &Pki, storage: &std::path::Path) -> (Hub, Vec<Raw>) {
+    let hub = Hub::start(config(pki, storage, "127.0.0.1:0", "127.0.0.1:0"))
+        .await
+        .unwrap();
+    let (mut b, _) = connect_module(hub.mqtt_addr, &pki.ca_pem, "modB", true).await;
+    assert_eq!(
+        subscribe1(&mut b, &format!("devices/{DEVICE}/modules/modB/inputs/#")).await,
+        SubscribeReasonCode::Success(QoS::AtLeastOnce)
+    );
+    let (mut a, _) = connect_module(hub.mqtt_addr, &pki.ca_pem, "modA", true).await;
+    let mut pkid = 1;
+    for i in 0..ROUTED {
+        let topic = format!("devices/{DEVICE}/modules/modA/messages/events/%24.on=out1");
+        publish_qos1(&mut a, &topic, i.to_string().as_bytes(), pkid).await;
+        pkid += 1;
+    }
+    // One twin read and one reported patch.
+    assert_eq!(
+        subscribe1(&mut a, "$iothub/twin/res/#").await,
+        SubscribeReasonCode::Success(QoS::AtLeastOnce)
+    );
+    publish_qos1(&mut a, "$iothub/twin/GET/?$rid=1", b"", pkid).await;
+    pkid += 1;
+    publish_qos1(
+        &mut a,
+        "$iothub/twin/PATCH/properties/reported/?$rid=2",
+        br#"{"a":1}"#,
+        pkid,
+    )
+    .await;
+    pkid += 1;
+    for _ in 0..UNROUTED {
+        let topic = format!("devices/{DEVICE}/modules/modA/messages/events/%24.on=nowhere");
+        publish_qos1(&mut a, &topic, b"x", pkid).await;
+        pkid += 1;
+    }
+    let tok = SasToken::sign(
+        &format!("{HUB}/devices/leaf1"),
+        &verge_core::SharedAccessKey::from_base64(LEAF_KEY).unwrap(),
+        now() + 600,
+        None,
+    );
+    let (mut leaf, ack) = Raw::connect(
+        hub.mqtt_addr,
+        &pki.ca_pem,
+        "leaf1",
+        &username("leaf1"),
+        &tok.to_string(),
+        true,
+    )
+    .await;
+    assert_eq!(code(ack).0, ConnectReturnCode::Success);
+    for _ in 0..UPSTREAM {
+        publish_qos1(&mut leaf, "devices/leaf1/messages/events/", b"up", pkid).await;
+        pkid += 1;
+    }
+    for _ in 0..ROUTED {
+        tokio::time::timeout(T, next_pub(&mut b)).await.unwrap();
+    }
+    (hub, vec![a, b, leaf])
+}
+
+/// The value of the one series `text` has for `name` with all of `labels`.
+fn value(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .find(|l| labels.iter().all(|want| l.contains(want)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_has_edgehubs_names_types_and_labels() {
+    let pki = pki();
+    let storage = tempfile::tempdir().unwrap();
+    let (hub, _clients) = traffic(&pki, storage.path()).await;
+    let addr = hub.metrics_addr.expect("metrics enabled by default");
+    // modB's PUBACKs are settled by the pump in the background.
+    let deadline = Instant::now() + T;
+    let text = loop {
+        let text = scrape(addr).await;
+        let sent = value(
+            &text,
+            "edgehub_messages_sent_total",
+            &[r#"to="edge1/modB""#],
+        );
+        if sent == Some(ROUTED as f64) || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for (name, kind) in [
+        ("edgehub_messages_received_total", "counter"),
+        ("edgehub_messages_sent_total", "counter"),
+        ("edgehub_messages_dropped_total", "counter"),
+        ("edgehub_gettwin_total", "counter"),
+        ("edgehub_reported_properties_total", "counter"),
+        ("edgehub_client_connect_success_total", "counter"),
+        ("edgehub_queue_length", "gauge"),
+        ("edgehub_connected_clients", "gauge"),
+        ("verge_store_bytes", "gauge"),
+        ("verge_messages_stored_total", "counter"),
+        ("verge_messages_dead_lettered_total", "counter"),
+        ("verge_messages_refused_total", "counter"),
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {name} {kind}\n")),
+            "{name} {kind} missing:\n{text}"
+        );
+    }
+    // Every series carries the three common labels.
+    for l in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        assert!(
+            l.contains(r#"iothub="testhub.azure-devices.net""#)
+                && l.contains(r#"edge_device="edge1""#)
+                && l.contains("instance_number=\""),
+            "series without the common labels: {l}"
+        );
+    }
+    let n = |v: usize| Some(v as f64);
+    assert_eq!(
+        value(
+            &text,
+            "edgehub_messages_received_total",
+            &[r#"route_output="out1""#, r#"id="edge1/modA""#]
+        ),
+        n(ROUTED)
+    );
+    assert_eq!(
+        value(
+            &text,
+            "edgehub_messages_received_total",
+            &[r#"route_output="""#, r#"id="leaf1""#]
+        ),
+        n(UPSTREAM)
+    );
+    assert_eq!(
+        value(
+            &text,
+            "edgehub_messages_sent_total",
+            &[
+                r#"from="edge1/modA""#,
+                r#"to="edge1/modB""#,
+                r#"from_route_output="out1""#,
+                r#"to_route_input="in1""#,
+                r#"priority=""#,
+            ]
+        ),
+        n(ROUTED),
+        "{text}"
+    );
+    assert_eq!(
+        value(
+            &text,
+            "edgehub_messages_dropped_total",
+            &[
+                r#"reason="no_route""#,
+                r#"from="edge1/modA""#,
+                r#"from_route_output="nowhere""#
+            ]
+        ),
+        n(UNROUTED)
+    );
+    assert_eq!(
+        value(
+            &text,
+            "edgehub_queue_length",
+            &[r#"endpoint="$upstream""#, r#"priority=""#]
+        ),
+        n(UPSTREAM),
+        "{text}"
+    );
+    assert_eq!(value(&text, "edgehub_connected_clients", &[]), n(3));
+    assert_eq!(
+        value(&text, "verge_messages_stored_total", &["iothub="]),
+        n(ROUTED + UPSTREAM)
+    );
+    assert!(value(&text, "verge_store_bytes", &[]).unwrap() > 0.0);
+    assert_eq!(
+        value(
+            &text,
+            "edgehub_gettwin_total",
+            &[r#"source="edge_hub""#, r#"id="edge1/modA""#]
+        ),
+        n(1)
+    );
+    assert_eq!(
+        value(
+            &text,
+            "edgehub_reported_properties_total",
+            &[r#"target="edge_hub""#, r#"id="edge1/modA""#]
+        ),
+        n(1)
+    );
+    hub.shutdown().await;
+}
+
+/// A running Prometheus server scraping `target` every second, with its
+/// own storage; killed when dropped.
+struct Prometheus {
+    _run: verge_testkit::Running,
+    api: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Prometheus {
+    fn start(target: SocketAddr) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n\
+                 scrape_configs:\n  - job_name: edgehub\n    metrics_path: /metrics\n    \
+                 static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .unwrap();
+        let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut cmd = std::process::Command::new("prometheus");
+        cmd.arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={api}"))
+            .arg("--log.level=info");
+        let mut run = verge_testkit::Running::start(&mut cmd);
+        run.wait_for("Server is ready to receive web requests");
+        Self {
+            _run: run,
+            api,
+            _dir: dir,
+        }
+    }
+
+    /// The instant vector for `query`.
+    async fn query(&self, query: &str) -> Vec<Value> {
+        let r: Value = reqwest::Client::new()
+            .get(format!(
+                "http://{}/api/v1/query?query={}",
+                self.api,
+                encode(query)
+            ))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(r["status"], "success", "{r}");
+        r["data"]["result"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Waits (bounded) until `query` yields exactly one series with value
+    /// `want`; returns that series' labels.
+    async fn expect(&self, query: &str, want: f64) -> serde_json::Map<String, Value> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = self.query(query).await;
+            if let [one] = got.as_slice()
+                && one["value"][1].as_str().and_then(|v| v.parse::<f64>().ok()) == Some(want)
+            {
+                return one["metric"].as_object().cloned().unwrap();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{query}: wanted one series = {want}, Prometheus has {got:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_and_stores_the_hubs_series() {
+    if std::env::var("VERGE_SKIP_PROMETHEUS_TESTS").as_deref() == Ok("1") {
+        eprintln!("VERGE_SKIP_PROMETHEUS_TESTS=1: skipped");
+        return;
+    }
+    let pki = pki();
+    let storage = tempfile::tempdir().unwrap();
+    let (hub, _clients) = traffic(&pki, storage.path()).await;
+    let addr = hub.metrics_addr.expect("metrics enabled by default");
+    let prom = tokio::task::spawn_blocking(move || Prometheus::start(addr))
+        .await
+        .unwrap();
+    // The scrape itself succeeded (Prometheus parsed the exposition).
+    prom.expect(r#"up{job="edgehub"}"#, 1.0).await;
+    let labels = prom
+        .expect(
+            r#"edgehub_messages_received_total{id="edge1/modA",route_output="out1"}"#,
+            ROUTED as f64,
+        )
+        .await;
+    assert_eq!(labels["iothub"], "testhub.azure-devices.net");
+    assert_eq!(labels["edge_device"], "edge1");
+    assert_eq!(
+        labels["instance_number"].as_str().unwrap().len(),
+        36,
+        "a GUID: {labels:?}"
+    );
+    prom.expect(
+        r#"edgehub_messages_sent_total{from="edge1/modA",to="edge1/modB",to_route_input="in1"}"#,
+        ROUTED as f64,
+    )
+    .await;
+    prom.expect(
+        r#"edgehub_messages_dropped_total{reason="no_route",from="edge1/modA"}"#,
+        UNROUTED as f64,
+    )
+    .await;
+    prom.expect(
+        r#"edgehub_queue_length{endpoint="$upstream"}"#,
+        UPSTREAM as f64,
+    )
+    .await;
+    prom.expect("edgehub_connected_clients", 3.0).await;
+    prom.expect(
+        r#"sum(edgehub_client_connect_success_total{edge_device="edge1"})"#,
+        3.0,
+    )
+    .await;
+    // Counters grow as Prometheus watches: two more routed messages.
+    let mut clients = _clients;
+    let mut a = clients.remove(0);
+    for i in 0..2u16 {
+        let topic = format!("devices/{DEVICE}/modules/modA/messages/events/%24.on=out1");
+        publish_qos1(&mut a, &topic, b"more", 100 + i).await;
+    }
+    prom.expect(
+        r#"edgehub_messages_received_total{id="edge1/modA",route_output="out1"}"#,
+        (ROUTED + 2) as f64,
+    )
+    .await;
+    // A client leaving shows in the gauge and the disconnect counter.
+    drop(a);
+    prom.expect("edgehub_connected_clients", 2.0).await;
+    prom.expect(r#"edgehub_client_disconnect_total{id="edge1/modA"}"#, 1.0)
+        .await;
+    hub.shutdown().await;
+}
