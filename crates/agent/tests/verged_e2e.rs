@@ -290,6 +290,7 @@ type = "process"
 [agent.config]
 image = "{agent} --runtime verged --manifest {manifest} --storage {storage} --interval-ms 200"
 [agent.env]
+VERGE_AGENT_METRICS_LISTEN = "127.0.0.1:0"
 RuntimeLogLevel = "debug"
 RUST_LOG = "warn"
 

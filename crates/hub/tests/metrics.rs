@@ -3,9 +3,8 @@
 //! (Debian's `prometheus`) scrapes and stores, queried through its HTTP API
 //! after messages were routed, delivered, queued and dropped.
 //!
-//! `VERGE_SKIP_PROMETHEUS_TESTS=1` skips the Prometheus test (documented in
-//! `scripts/test.sh`, which installs the package); without it a missing
-//! `prometheus` executable fails the test.
+//! `VERGE_SKIP_PROMETHEUS_TESTS=1` skips the Prometheus test (see
+//! `verge_testkit::prometheus`; `scripts/test.sh` installs the package).
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod common;
@@ -13,10 +12,11 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use verge_testkit::prometheus::Prometheus;
+
 use common::*;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, SubscribeReasonCode};
-use serde_json::Value;
 use verge_core::SasToken;
 use verge_hub::Hub;
 
@@ -240,124 +240,27 @@ async fn text_has_edgehubs_names_types_and_labels() {
     hub.shutdown().await;
 }
 
-/// A running Prometheus server scraping `target` every second, with its
-/// own storage; killed when dropped.
-struct Prometheus {
-    _run: verge_testkit::Running,
-    api: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-/// Percent-encodes everything but RFC 3986's unreserved characters.
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                char::from(b).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-impl Prometheus {
-    fn start(target: SocketAddr) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n\
-                 scrape_configs:\n  - job_name: edgehub\n    metrics_path: /metrics\n    \
-                 static_configs:\n      - targets: ['{target}']\n"
-            ),
-        )
-        .unwrap();
-        let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut cmd = std::process::Command::new("prometheus");
-        cmd.arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address={api}"))
-            .arg("--log.level=info");
-        let mut run = verge_testkit::Running::start(&mut cmd);
-        run.wait_for("Server is ready to receive web requests");
-        Self {
-            _run: run,
-            api,
-            _dir: dir,
-        }
-    }
-
-    /// The instant vector for `query`.
-    async fn query(&self, query: &str) -> Vec<Value> {
-        let r: Value = reqwest::Client::new()
-            .get(format!(
-                "http://{}/api/v1/query?query={}",
-                self.api,
-                encode(query)
-            ))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(r["status"], "success", "{r}");
-        r["data"]["result"].as_array().cloned().unwrap_or_default()
-    }
-
-    /// Waits (bounded) until `query` yields exactly one series with value
-    /// `want`; returns that series' labels.
-    async fn expect(&self, query: &str, want: f64) -> serde_json::Map<String, Value> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let got = self.query(query).await;
-            if let [one] = got.as_slice()
-                && one["value"][1].as_str().and_then(|v| v.parse::<f64>().ok()) == Some(want)
-            {
-                return one["metric"].as_object().cloned().unwrap();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{query}: wanted one series = {want}, Prometheus has {got:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_and_stores_the_hubs_series() {
-    if std::env::var("VERGE_SKIP_PROMETHEUS_TESTS").as_deref() == Ok("1") {
-        eprintln!("VERGE_SKIP_PROMETHEUS_TESTS=1: skipped");
+    if Prometheus::skip() {
         return;
     }
     let pki = pki();
     let storage = tempfile::tempdir().unwrap();
-    let (hub, _clients) = traffic(&pki, storage.path()).await;
+    let (hub, mut clients) = traffic(&pki, storage.path()).await;
     let addr = hub.metrics_addr.expect("metrics enabled by default");
-    let prom = tokio::task::spawn_blocking(move || Prometheus::start(addr))
+    // The harness blocks (bounded waits): off the runtime's workers.
+    let prom = tokio::task::spawn_blocking(move || Prometheus::start("edgehub", &[addr]))
         .await
         .unwrap();
+    let wait =
+        |q: &str, want: usize| tokio::task::block_in_place(|| prom.wait_value(q, want as f64));
     // The scrape itself succeeded (Prometheus parsed the exposition).
-    prom.expect(r#"up{job="edgehub"}"#, 1.0).await;
-    let labels = prom
-        .expect(
-            r#"edgehub_messages_received_total{id="edge1/modA",route_output="out1"}"#,
-            ROUTED as f64,
-        )
-        .await;
+    wait(r#"up{job="edgehub"}"#, 1);
+    let labels = wait(
+        r#"edgehub_messages_received_total{id="edge1/modA",route_output="out1"}"#,
+        ROUTED,
+    );
     assert_eq!(labels["iothub"], "testhub.azure-devices.net");
     assert_eq!(labels["edge_device"], "edge1");
     assert_eq!(
@@ -365,43 +268,34 @@ async fn prometheus_scrapes_and_stores_the_hubs_series() {
         36,
         "a GUID: {labels:?}"
     );
-    prom.expect(
+    wait(
         r#"edgehub_messages_sent_total{from="edge1/modA",to="edge1/modB",to_route_input="in1"}"#,
-        ROUTED as f64,
-    )
-    .await;
-    prom.expect(
+        ROUTED,
+    );
+    wait(
         r#"edgehub_messages_dropped_total{reason="no_route",from="edge1/modA"}"#,
-        UNROUTED as f64,
-    )
-    .await;
-    prom.expect(
-        r#"edgehub_queue_length{endpoint="$upstream"}"#,
-        UPSTREAM as f64,
-    )
-    .await;
-    prom.expect("edgehub_connected_clients", 3.0).await;
-    prom.expect(
+        UNROUTED,
+    );
+    wait(r#"edgehub_queue_length{endpoint="$upstream"}"#, UPSTREAM);
+    wait("edgehub_connected_clients", 3);
+    wait(
         r#"sum(edgehub_client_connect_success_total{edge_device="edge1"})"#,
-        3.0,
-    )
-    .await;
+        3,
+    );
+    wait(r#"edgehub_gettwin_total{id="edge1/modA"}"#, 1);
     // Counters grow as Prometheus watches: two more routed messages.
-    let mut clients = _clients;
     let mut a = clients.remove(0);
     for i in 0..2u16 {
         let topic = format!("devices/{DEVICE}/modules/modA/messages/events/%24.on=out1");
         publish_qos1(&mut a, &topic, b"more", 100 + i).await;
     }
-    prom.expect(
+    wait(
         r#"edgehub_messages_received_total{id="edge1/modA",route_output="out1"}"#,
-        (ROUTED + 2) as f64,
-    )
-    .await;
+        ROUTED + 2,
+    );
     // A client leaving shows in the gauge and the disconnect counter.
     drop(a);
-    prom.expect("edgehub_connected_clients", 2.0).await;
-    prom.expect(r#"edgehub_client_disconnect_total{id="edge1/modA"}"#, 1.0)
-        .await;
+    wait("edgehub_connected_clients", 2);
+    wait(r#"edgehub_client_disconnect_total{id="edge1/modA"}"#, 1);
     hub.shutdown().await;
 }

@@ -4,6 +4,8 @@
 //! exit. Panics are the point here: a failed step fails the test.
 #![allow(clippy::unwrap_used, clippy::panic)]
 
+pub mod prometheus;
+
 use std::io::{BufRead as _, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
