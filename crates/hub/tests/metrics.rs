@@ -16,8 +16,7 @@ use verge_testkit::prometheus::Prometheus;
 
 use common::*;
 use rumqttc::mqttbytes::QoS;
-use rumqttc::mqttbytes::v4::{ConnectReturnCode, SubscribeReasonCode};
-use verge_core::SasToken;
+use rumqttc::mqttbytes::v4::SubscribeReasonCode;
 use verge_hub::Hub;
 
 /// Routed to modB's input (route AtoB).
@@ -75,22 +74,7 @@ async fn traffic(pki: &Pki, storage: &std::path::Path) -> (Hub, Vec<Raw>) {
         publish_qos1(&mut a, &topic, b"x", pkid).await;
         pkid += 1;
     }
-    let tok = SasToken::sign(
-        &format!("{HUB}/devices/leaf1"),
-        &verge_core::SharedAccessKey::from_base64(LEAF_KEY).unwrap(),
-        now() + 600,
-        None,
-    );
-    let (mut leaf, ack) = Raw::connect(
-        hub.mqtt_addr,
-        &pki.ca_pem,
-        "leaf1",
-        &username("leaf1"),
-        &tok.to_string(),
-        true,
-    )
-    .await;
-    assert_eq!(code(ack).0, ConnectReturnCode::Success);
+    let mut leaf = connect_leaf(hub.mqtt_addr, &pki.ca_pem, true).await;
     for _ in 0..UPSTREAM {
         publish_qos1(&mut leaf, "devices/leaf1/messages/events/", b"up", pkid).await;
         pkid += 1;

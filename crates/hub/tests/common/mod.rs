@@ -268,6 +268,27 @@ pub async fn connect_module(addr: SocketAddr, ca_pem: &str, m: &str, clean: bool
     (raw, present)
 }
 
+/// Connects downstream device `leaf1` (SAS) over TLS; panics unless accepted.
+pub async fn connect_leaf(addr: SocketAddr, ca_pem: &str, clean: bool) -> Raw {
+    let tok = SasToken::sign(
+        &format!("{HUB}/devices/leaf1"),
+        &SharedAccessKey::from_base64(LEAF_KEY).unwrap(),
+        now() + 600,
+        None,
+    );
+    let (raw, ack) = Raw::connect(
+        addr,
+        ca_pem,
+        "leaf1",
+        &username("leaf1"),
+        &tok.to_string(),
+        clean,
+    )
+    .await;
+    assert_eq!(code(ack).0, ConnectReturnCode::Success);
+    raw
+}
+
 /// Publishes QoS 1 and waits for the PUBACK.
 pub async fn publish_qos1<S: AsyncRead + AsyncWrite + Unpin>(
     raw: &mut Raw<S>,
