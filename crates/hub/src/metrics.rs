@@ -14,9 +14,9 @@
 //! from the hub's clients with `source="edge_hub"`, and
 //! `edgehub_reported_properties_total` their reported patches with
 //! `target="edge_hub"` (the hub answers both from its own twin store).
-//! `edgehub_messages_dropped_total{reason="ttl_expiry"}` is the store's TTL
-//! count, which does not know the sender: its `from`/`from_route_output`
-//! are empty.
+//! `edgehub_messages_dropped_total{reason="ttl_expiry"}` counts the store's
+//! TTL drops and the upstream drain's (messages expired while held back),
+//! which do not record the sender: its `from`/`from_route_output` are empty.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -411,8 +411,32 @@ impl HubMetrics {
     /// Brings the scrape-time series up to date and encodes everything.
     pub async fn render(&self, state: &HubState) -> String {
         let registry = self.registry.lock().await;
+        let s = &state.stats;
         match state.store.queues().await {
             Ok(queues) => {
+                // TTL drops: the store's (every queue) plus those of
+                // `$upstream` messages expired while held in memory, which
+                // the upstream count has on top of its queue's.
+                let upstream_in_store: u64 = queues
+                    .iter()
+                    .filter(|q| q.endpoint == crate::upstream::ENDPOINT)
+                    .map(|q| q.expired)
+                    .sum();
+                let held = s
+                    .upstream
+                    .expired
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(upstream_in_store);
+                // The two are read at different moments: never let the
+                // counter go back (Prometheus would take it for a restart).
+                self.dropped
+                    .get_or_create(&Dropped {
+                        reason: "ttl_expiry".to_owned(),
+                        from: String::new(),
+                        from_route_output: String::new(),
+                    })
+                    .inner()
+                    .fetch_max(state.store.expired_count() + held, Ordering::Relaxed);
                 // Queues that went away disappear from the exposition.
                 self.queue_length.clear();
                 for q in queues {
@@ -426,14 +450,6 @@ impl HubMetrics {
             }
             Err(e) => tracing::warn!(error = %e, "metrics: cannot list the store's queues"),
         }
-        self.dropped
-            .get_or_create(&Dropped {
-                reason: "ttl_expiry".to_owned(),
-                from: String::new(),
-                from_route_output: String::new(),
-            })
-            .inner()
-            .store(state.store.expired_count(), Ordering::Relaxed);
         self.connected_clients
             .set(i64::try_from(state.clients.connected_count()).unwrap_or(i64::MAX));
         let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
@@ -442,7 +458,6 @@ impl HubMetrics {
             Some(max) => self.store_max_bytes.set(gauge(max)),
             None => self.store_max_bytes.set(-1),
         };
-        let s = &state.stats;
         let mirror = |c: &Counter, v: &std::sync::atomic::AtomicU64| {
             c.inner()
                 .store(v.load(Ordering::Relaxed), Ordering::Relaxed);
