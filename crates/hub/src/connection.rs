@@ -42,7 +42,19 @@ impl Backend for HubState {
     }
 
     async fn authenticate(&self, creds: &Credentials<'_>) -> Result<ClientId, AuthError> {
-        self.auth.authenticate(creds)
+        let r = self.auth.authenticate(creds);
+        if let Err(e) = &r {
+            let reason = match e {
+                AuthError::BadClientId(_) => "bad_client_id",
+                AuthError::UsernameMismatch { .. } => "username_mismatch",
+                AuthError::NoCredentials => "no_credentials",
+                AuthError::UnknownIdentity(_) => "unknown_identity",
+                AuthError::Token(_) => "bad_token",
+                _ => "not_authorized",
+            };
+            self.metrics.client_connect_failed(creds.client_id, reason);
+        }
+        r
     }
 
     async fn connected(&self, client: &ClientId, _conn: &ConnHandle) -> Result<(), Rejection> {

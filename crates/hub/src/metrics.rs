@@ -112,6 +112,20 @@ pub struct Id {
     pub id: String,
 }
 
+/// Labels `id, reason` (`edgehub_client_connect_failed_total`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdReason {
+    /// The client id it claimed.
+    pub id: String,
+    /// Why it was refused.
+    pub reason: String,
+}
+
+/// Client ids a refused connection may add as labels before the rest are
+/// counted as `id="other"`: refused ids are chosen by whoever connects, and
+/// each would otherwise stay in memory as a series.
+const MAX_FAILED_IDS: usize = 1024;
+
 /// Label `sender` (Verge's per-identity upstream series).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Sender {
@@ -136,7 +150,11 @@ pub struct HubMetrics {
     reported: Family<TargetId, Counter>,
     methods: Family<FromTo, Counter>,
     connect_success: Family<Id, Counter>,
+    connect_failed: Family<IdReason, Counter>,
+    /// Label sets `connect_failed` has made (see [`MAX_FAILED_IDS`]).
+    failed_ids: std::sync::atomic::AtomicUsize,
     disconnect: Family<Id, Counter>,
+    unack: Family<Dropped, Counter>,
     connected_clients: Gauge,
     // Verge's own, mirrored from the hub's and the store's atomics.
     store_bytes: Gauge,
@@ -175,7 +193,10 @@ impl HubMetrics {
             reported: Family::default(),
             methods: Family::default(),
             connect_success: Family::default(),
+            connect_failed: Family::default(),
+            failed_ids: std::sync::atomic::AtomicUsize::new(0),
             disconnect: Family::default(),
+            unack: Family::default(),
             connected_clients: Gauge::default(),
             store_bytes: Gauge::default(),
             store_max_bytes: Gauge::default(),
@@ -229,6 +250,16 @@ impl HubMetrics {
             "edgehub_client_connect_success",
             "Successful client connections",
             m.connect_success.clone(),
+        );
+        r.register(
+            "edgehub_client_connect_failed",
+            "Client connections refused",
+            m.connect_failed.clone(),
+        );
+        r.register(
+            "edgehub_messages_unack",
+            "Messages not acknowledged (storage_failure: the store refused them)",
+            m.unack.clone(),
         );
         r.register(
             "edgehub_client_disconnect",
@@ -398,6 +429,33 @@ impl HubMetrics {
     pub fn client_connected(&self, id: &str) {
         self.connect_success
             .get_or_create(&Id { id: id.to_owned() })
+            .inc();
+    }
+
+    /// Counts a refused connection of (claimed) client `id`.
+    pub fn client_connect_failed(&self, id: &str, reason: &str) {
+        let mut l = IdReason {
+            id: id.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if self.connect_failed.get(&l).is_none() {
+            // A new label set (a race may let a few more in: a bound, not a count).
+            if self.failed_ids.fetch_add(1, Ordering::Relaxed) >= MAX_FAILED_IDS {
+                "other".clone_into(&mut l.id);
+            }
+        }
+        self.connect_failed.get_or_create(&l).inc();
+    }
+
+    /// Counts a message from `client` on `output` the store refused (not
+    /// acknowledged: the client sends it again).
+    pub fn unack_storage_failure(&self, client: &ClientId, output: Option<&str>) {
+        self.unack
+            .get_or_create(&Dropped {
+                reason: "storage_failure".to_owned(),
+                from: client.to_string(),
+                from_route_output: output.unwrap_or("").to_owned(),
+            })
             .inc();
     }
 

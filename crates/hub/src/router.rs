@@ -247,7 +247,15 @@ async fn route_and_submit(
         });
     }
     let n = targets.len();
-    let receipt = state.store.append_submit(&msg, targets).await?;
+    let receipt = match state.store.append_submit(&msg, targets).await {
+        Ok(r) => r,
+        Err(e) => {
+            state
+                .metrics
+                .unack_storage_failure(client, msg.system.output_name.as_deref());
+            return Err(e.into());
+        }
+    };
     Ok(Pending {
         receipt: Some(receipt),
         wake,

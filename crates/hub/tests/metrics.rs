@@ -100,6 +100,20 @@ async fn text_has_edgehubs_names_types_and_labels() {
     let pki = pki();
     let storage = tempfile::tempdir().unwrap();
     let (hub, _clients) = traffic(&pki, storage.path()).await;
+    // A refused connection: counted with the id it claimed and why.
+    let (_refused, ack) = Raw::connect(
+        hub.mqtt_addr,
+        &pki.ca_pem,
+        "edge1/modA",
+        &username("edge1/modA"),
+        "SharedAccessSignature sr=x&sig=y&se=1",
+        true,
+    )
+    .await;
+    assert_ne!(
+        code(ack).0,
+        rumqttc::mqttbytes::v4::ConnectReturnCode::Success
+    );
     let addr = hub.metrics_addr.expect("metrics enabled by default");
     // modB's PUBACKs are settled by the pump in the background.
     let deadline = Instant::now() + T;
@@ -205,6 +219,14 @@ async fn text_has_edgehubs_names_types_and_labels() {
         n(ROUTED + UPSTREAM)
     );
     assert!(value(&text, "verge_store_bytes", &[]).unwrap() > 0.0);
+    let failed = text
+        .lines()
+        .find(|l| l.starts_with("edgehub_client_connect_failed_total{"))
+        .unwrap_or_else(|| panic!("no refused connection counted:\n{text}"));
+    assert!(
+        failed.contains(r#"id="edge1/modA""#) && failed.ends_with(" 1"),
+        "{failed}"
+    );
     assert_eq!(
         value(
             &text,
