@@ -634,3 +634,57 @@ impl verge_metrics::Source for Source {
         self.0.metrics.render(&self.0).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn count(m: &HubMetrics, id: &str, out: &str) -> u64 {
+        m.received
+            .get(&Received {
+                route_output: out.to_owned(),
+                id: id.to_owned(),
+            })
+            .map_or(0, |c| c.get())
+    }
+
+    #[test]
+    fn per_thread_cache_counts_into_its_own_hub() {
+        let a = HubMetrics::new("h", "d");
+        let b = HubMetrics::new("h", "d");
+        let m1: ClientId = "d/m1".parse().unwrap();
+        let m2: ClientId = "d/m2".parse().unwrap();
+        for _ in 0..3 {
+            a.received(&m1, Some("o"));
+        }
+        // Same thread, same labels, another hub: its own counter.
+        b.received(&m1, Some("o"));
+        a.received(&m1, Some("o"));
+        a.received(&m2, None);
+        assert_eq!(count(&a, "d/m1", "o"), 4);
+        assert_eq!(count(&b, "d/m1", "o"), 1);
+        assert_eq!(count(&a, "d/m2", ""), 1);
+        // Another thread shares the family.
+        std::thread::scope(|s| {
+            s.spawn(|| a.received(&m1, Some("o")));
+        });
+        assert_eq!(count(&a, "d/m1", "o"), 5);
+    }
+
+    #[test]
+    fn refused_ids_are_bounded() {
+        let m = HubMetrics::new("h", "d");
+        for i in 0..MAX_FAILED_IDS + 50 {
+            m.client_connect_failed(&format!("x{i}"), "bad_token");
+        }
+        let other = m
+            .connect_failed
+            .get(&IdReason {
+                id: "other".to_owned(),
+                reason: "bad_token".to_owned(),
+            })
+            .map(|c| c.get());
+        assert_eq!(other, Some(50));
+    }
+}
