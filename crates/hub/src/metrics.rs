@@ -4,7 +4,7 @@
 //!
 //! Cost on the data path: a routed or delivered message increments one
 //! atomic counter found through a per-thread cache (no lock, no allocation
-//! once warm; see [`LocalCounters`]). Everything the hub already counts
+//! once warm; see `LocalCounters`). Everything the hub already counts
 //! (store bytes, refused, dead-lettered, upstream senders, queue depths) is
 //! read only when scraped.
 //!
@@ -17,6 +17,14 @@
 //! `edgehub_messages_dropped_total{reason="ttl_expiry"}` counts the store's
 //! TTL drops and the upstream drain's (messages expired while held back),
 //! which do not record the sender: its `from`/`from_route_output` are empty.
+//! `edgehub_messages_unack_total{reason="storage_failure"}` counts messages
+//! the store refused at submission (full, over its size limit).
+//!
+//! Not exposed: edgeHub's summaries (`…_duration_seconds`,
+//! `edgehub_message_size_bytes`: prometheus-client has no summary type),
+//! `edgehub_offline_count_total`/`…_offline_duration_seconds` and
+//! `edgehub_operation_retry_total` (the link does not count them yet), and
+//! the `ms_telemetry` label (Verge sends no runtime quality telemetry).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -278,7 +286,7 @@ impl HubMetrics {
         );
         r.register(
             "verge_store_max_bytes",
-            "The store's byte limit (storeLimits.maxSizeBytes; absent when none)",
+            "The store's byte limit (storeLimits.maxSizeBytes; -1 when none)",
             m.store_max_bytes.clone(),
         );
         r.register(
@@ -548,8 +556,6 @@ impl HubMetrics {
             self.upstream_connected
                 .get_or_create(&label)
                 .set(i64::from(st.status == "connected"));
-            // What the cloud acknowledged per sender; the drain counts each
-            // message in `edgehub_messages_sent_total` too.
         }
         verge_metrics::encode(&registry)
     }
