@@ -16,6 +16,9 @@ python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if [ "${VERGE_SKIP_PACKAGE_TESTS:-0}" != 1 ]; then
   command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
 fi
+# prometheus: a real server scrapes the hub's and the agent's :9600/metrics
+# (VERGE_SKIP_PROMETHEUS_TESTS=1 skips those tests).
+command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     log "installing ${need[*]}"

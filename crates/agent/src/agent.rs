@@ -81,6 +81,7 @@ pub struct Agent {
     info: Option<RuntimeInfo>,
     reported: Value,
     report_sink: Option<tokio::sync::watch::Sender<Option<Value>>>,
+    metrics: crate::metrics::AgentMetrics,
 }
 
 impl std::fmt::Debug for Agent {
@@ -164,6 +165,7 @@ impl Agent {
             info: None,
             reported: Value::Null,
             report_sink: None,
+            metrics: crate::metrics::AgentMetrics::default(),
         };
         if let Ok(text) = tokio::fs::read(agent.storage.join(MANIFEST_FILE)).await {
             match serde_json::from_slice::<PersistedManifest>(&text) {
@@ -191,6 +193,11 @@ impl Agent {
             }
         }
         Ok(agent)
+    }
+
+    /// The agent's Prometheus series (served by the executable).
+    pub fn metrics(&self) -> crate::metrics::AgentMetrics {
+        self.metrics.clone()
     }
 
     /// The settings.
@@ -350,6 +357,18 @@ impl Agent {
                 Vec::new()
             }
         };
+        self.metrics.observe(
+            &wanted
+                .iter()
+                .filter(|m| m.status == DesiredStatus::Running)
+                .map(|m| m.name.clone())
+                .collect(),
+            &after
+                .iter()
+                .filter(|m| m.status == verge_runtime::ModuleStatus::Running)
+                .map(|m| m.spec.name.clone())
+                .collect(),
+        );
         let statuses = self.module_statuses(&wanted, &after, Timestamp::now());
         self.update_status(&wanted, &statuses, &outcome);
         self.persist_restarts().await;
@@ -496,6 +515,54 @@ impl Agent {
     }
 
     /// Runs one step; `Ok(Some(t))` when it started the module at `t`.
+    /// The manifest `version` of module `name` (empty when unknown).
+    fn version_of(&self, name: &str) -> String {
+        let Some(a) = &self.accepted else {
+            return String::new();
+        };
+        let d = &a.desired;
+        let spec = match name {
+            "edgeHub" => Some(&d.system_modules.edge_hub),
+            "edgeAgent" => Some(&d.system_modules.edge_agent),
+            _ => d.modules.get(name),
+        };
+        spec.map(|m| m.version.clone()).unwrap_or_default()
+    }
+
+    /// `runtime.start`, counted and timed for the metrics.
+    async fn rt_start(&self, name: &str) -> Result<(), RuntimeError> {
+        let t = std::time::Instant::now();
+        let r = self.runtime.start(name).await;
+        self.metrics.command("start", t.elapsed());
+        self.metrics.started(name, &self.version_of(name));
+        r
+    }
+
+    /// `runtime.stop`, counted and timed for the metrics.
+    async fn rt_stop(&self, name: &str, timeout: std::time::Duration) -> Result<(), RuntimeError> {
+        let t = std::time::Instant::now();
+        let r = self.runtime.stop(name, timeout).await;
+        self.metrics.command("stop", t.elapsed());
+        self.metrics.stopped(name, &self.version_of(name));
+        r
+    }
+
+    /// `runtime.remove`, timed for the metrics.
+    async fn rt_remove(&self, name: &str) -> Result<(), RuntimeError> {
+        let t = std::time::Instant::now();
+        let r = self.runtime.remove(name).await;
+        self.metrics.command("remove", t.elapsed());
+        r
+    }
+
+    /// `runtime.create`, timed for the metrics.
+    async fn rt_create(&self, spec: &verge_runtime::ModuleSpec) -> Result<(), RuntimeError> {
+        let t = std::time::Instant::now();
+        let r = self.runtime.create(spec).await;
+        self.metrics.command("create", t.elapsed());
+        r
+    }
+
     async fn run_step(&mut self, step: &Step) -> Result<Option<Timestamp>, String> {
         let rt = self.runtime.clone();
         let stop_timeout = self.cfg.stop_timeout;
@@ -508,8 +575,8 @@ impl Agent {
                 tracing::info!(module = %name, "removing (no longer in the deployment)");
                 self.restarts.remove(name);
                 self.blocked.remove(name);
-                ignore_missing(rt.stop(name, stop_timeout).await)
-                    .and(ignore_missing(rt.remove(name).await))
+                ignore_missing(self.rt_stop(name, stop_timeout).await)
+                    .and(ignore_missing(self.rt_remove(name).await))
                     .map_err(|e| format!("{name}: removing failed: {e}"))?;
                 Ok(None)
             }
@@ -554,11 +621,11 @@ impl Agent {
                     }
                 }
                 if update {
-                    ignore_missing(rt.stop(name, stop_timeout).await)
-                        .and(ignore_missing(rt.remove(name).await))
+                    ignore_missing(self.rt_stop(name, stop_timeout).await)
+                        .and(ignore_missing(self.rt_remove(name).await))
                         .map_err(|e| format!("{name}: removing the old module failed: {e}"))?;
                 }
-                match rt.create(&module.spec).await {
+                match self.rt_create(&module.spec).await {
                     Ok(()) => {}
                     Err(RuntimeError::ImageNotFound(_)) => {
                         return Err(self.block(module, missing_image(module)));
@@ -569,7 +636,7 @@ impl Agent {
                 self.restarts.remove(name);
                 if module.status == DesiredStatus::Running {
                     let t = Timestamp::now();
-                    rt.start(name)
+                    self.rt_start(name)
                         .await
                         .map_err(|e| format!("{name}: start failed: {e}"))?;
                     Ok(Some(t))
@@ -581,7 +648,7 @@ impl Agent {
                 tracing::info!(module = %name, "starting");
                 self.restarts.remove(name);
                 let t = Timestamp::now();
-                rt.start(name)
+                self.rt_start(name)
                     .await
                     .map_err(|e| format!("{name}: start failed: {e}"))?;
                 Ok(Some(t))
@@ -596,10 +663,10 @@ impl Agent {
                 rec.stopped_by_agent = false;
                 tracing::info!(module = %name, count = rec.count, "restarting per restart policy");
                 if *was_running {
-                    ignore_missing(rt.stop(name, stop_timeout).await)
+                    ignore_missing(self.rt_stop(name, stop_timeout).await)
                         .map_err(|e| format!("{name}: stop failed: {e}"))?;
                 }
-                rt.start(name)
+                self.rt_start(name)
                     .await
                     .map_err(|e| format!("{name}: restart failed: {e}"))?;
                 Ok(Some(t))
@@ -613,7 +680,7 @@ impl Agent {
                         ..RestartRecord::default()
                     },
                 );
-                ignore_missing(rt.stop(name, stop_timeout).await)
+                ignore_missing(self.rt_stop(name, stop_timeout).await)
                     .map_err(|e| format!("{name}: stop failed: {e}"))?;
                 Ok(None)
             }

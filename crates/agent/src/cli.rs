@@ -91,6 +91,66 @@ struct Args {
     /// workload API's trust bundle and the system roots.
     #[arg(long, env = "VERGE_AGENT_UPSTREAM_CA")]
     upstream_ca: Option<PathBuf>,
+    /// Where edgeAgent's Prometheus metrics are served (`/metrics`);
+    /// `MetricsEnabled` and `Metrics__Listener__Host|Port|Suffix` in the
+    /// environment (as a manifest sets them) override it.
+    #[arg(
+        long,
+        env = "VERGE_AGENT_METRICS_LISTEN",
+        default_value = "0.0.0.0:9600"
+    )]
+    metrics_listen: std::net::SocketAddr,
+    /// Serve no metrics (as `MetricsEnabled=false`).
+    #[arg(long, env = "VERGE_AGENT_NO_METRICS")]
+    no_metrics: bool,
+    /// Seconds between two reads of verged's `/systeminfo/resources` for the
+    /// resource metrics (edgeAgent's `PerformanceMetricsUpdateFrequency`, 5 min).
+    #[arg(
+        long,
+        env = "VERGE_AGENT_RESOURCES_INTERVAL_SECS",
+        default_value_t = 300
+    )]
+    resources_interval_secs: u64,
+}
+
+/// Starts the metrics endpoint and, under verged, the resource sampler, as
+/// tasks of `sd`. A port already taken is logged and the agent runs without
+/// metrics (they are for watching it; modules must run regardless).
+async fn start_metrics(
+    args: &Args,
+    metrics: crate::metrics::AgentMetrics,
+    mgmt: Option<ManagementRuntime>,
+    sd: &verge_shutdown::Shutdown,
+) -> anyhow::Result<()> {
+    let settings = verge_metrics::Settings {
+        enabled: !args.no_metrics,
+        addr: args.metrics_listen,
+        suffix: verge_metrics::DEFAULT_SUFFIX.to_owned(),
+    }
+    .with_env()
+    .context("metrics settings")?;
+    match verge_metrics::bind(&settings).await {
+        Ok(Some(bound)) => {
+            tracing::info!(addr = %bound.local_addr()?, path = %settings.suffix, "serving metrics");
+            sd.spawn_until_cancelled(
+                "metrics listener",
+                verge_metrics::serve(bound, Arc::new(metrics.clone()), sd.clone()),
+            );
+        }
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            tracing::error!(addr = %settings.addr, error = %e, "cannot bind the metrics listener; running without metrics");
+            return Ok(());
+        }
+    }
+    if let Some(mgmt) = mgmt {
+        let every = Duration::from_secs(args.resources_interval_secs.max(1));
+        sd.spawn_until_cancelled(
+            "resource metrics",
+            crate::metrics::sample_resources(metrics, mgmt, every, sd.clone()),
+        );
+    }
+    Ok(())
 }
 
 /// The twin link, when the environment names a hub and it is not turned off.
@@ -214,6 +274,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut agent = Agent::open(runtime, cfg.clone(), &storage)
         .await
         .context("opening the agent storage")?;
+    let sd = verge_shutdown::Shutdown::new();
+    let mgmt = match (backend, &args.management_uri) {
+        (Backend::Verged, Some(uri)) => Some(ManagementRuntime::from_uri(uri)?),
+        _ => None,
+    };
+    start_metrics(&args, agent.metrics(), mgmt, &sd).await?;
     let mut twin = twin_link(&args).await?;
     if let Some(link) = &twin {
         agent.report_to(link.reporter());
@@ -281,6 +347,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(link) = twin {
         // verged allows 10 s between SIGTERM and SIGKILL.
         link.close(Duration::from_secs(3)).await;
+    }
+    let left = sd.finish(Duration::from_secs(2)).await;
+    if !left.is_empty() {
+        tracing::warn!(tasks = ?left, "tasks still running at exit");
     }
     tracing::info!("verge-agent stopped");
     Ok(())

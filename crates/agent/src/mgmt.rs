@@ -498,6 +498,13 @@ impl ManagementRuntime {
     pub async fn system_info(&self) -> Result<SystemInfo, RuntimeError> {
         self.call_json("/systeminfo", Subject::NONE).await
     }
+
+    /// `GET /systeminfo/resources` (verged samples CPU for a quarter second).
+    pub async fn system_resources(
+        &self,
+    ) -> Result<verge_workload::api::SystemResources, RuntimeError> {
+        self.call_json("/systeminfo/resources", Subject::NONE).await
+    }
 }
 
 #[async_trait::async_trait]

@@ -446,6 +446,7 @@ type = "process"
 [agent.config]
 image = "{agent} --runtime verged --storage {storage} --interval-ms 200 --report-interval-ms 300"
 [agent.env]
+VERGE_AGENT_METRICS_LISTEN = "127.0.0.1:0"
 RUST_LOG = "info"
 VERGE_AGENT_UPSTREAM_PORT = "{mqtt_port}"
 

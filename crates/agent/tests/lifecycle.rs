@@ -16,6 +16,7 @@ fn sigterm_and_sigint_run_the_shutdown() {
                 .arg("--storage")
                 .arg(dir.path().join("storage"))
                 .args(["--runtime", "process", "--no-twin", "--interval-ms", "100"])
+                .args(["--metrics-listen", "127.0.0.1:0"])
                 .arg("--state-dir")
                 .arg(dir.path().join("modules"))
                 .env_remove("IOTEDGE_MANAGEMENTURI"),

@@ -81,6 +81,8 @@ struct Harness {
     verged: Option<Child>,
     /// Processes this test started (pid, start time), for the cleanup.
     seen_pids: Vec<(i32, u64)>,
+    /// The agent's metrics endpoint.
+    metrics: std::net::SocketAddr,
 }
 
 impl Drop for Harness {
@@ -189,6 +191,21 @@ async fn wait_until<T>(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -
 
 /// A module running `/bin/sh -c <script>` that records its pid, its runs and
 /// its environment under `out`, then sleeps.
+/// `GET /metrics` from `addr` (HTTP/1.0: the body ends with the connection).
+async fn scrape(addr: std::net::SocketAddr) -> Option<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .ok()?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+        .await
+        .ok()?
+        .ok()?;
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
+}
+
 fn sh(out: &Path, name: &str, greeting: &str) -> Value {
     let d = out.display();
     let script = format!(
@@ -273,6 +290,8 @@ impl Harness {
                 json!({ "modA": sh(&out, "modA", "a1"), "modB": sh(&out, "modB", "b1") }),
             ),
         );
+        let metrics =
+            std::net::SocketAddr::from(([127, 0, 0, 1], verge_testkit::prometheus::free_port()));
         let cfg = dir.path().join("config.toml");
         std::fs::write(
             &cfg,
@@ -290,6 +309,8 @@ type = "process"
 [agent.config]
 image = "{agent} --runtime verged --manifest {manifest} --storage {storage} --interval-ms 200"
 [agent.env]
+VERGE_AGENT_METRICS_LISTEN = "{metrics}"
+VERGE_AGENT_RESOURCES_INTERVAL_SECS = "2"
 RuntimeLogLevel = "debug"
 RUST_LOG = "warn"
 
@@ -319,6 +340,7 @@ auto_generated_edge_ca_expiry_days = 30
             dir,
             verged: Some(verged),
             seen_pids: Vec::new(),
+            metrics,
         }
     }
 
@@ -417,6 +439,47 @@ async fn agent_runs_modules_through_verged() {
         assert!(m["labels"]["net.verge.spec-hash"].is_string(), "{m}");
         assert_eq!(m["status"]["runtimeStatus"]["status"], "running", "{m}");
     }
+
+    // edgeAgent's metrics: resource gauges from verged's /systeminfo/resources
+    // (sampled every 2 s here), labelled with verged's hub and device.
+    let text = wait_until(
+        "the agent's resource metrics",
+        Duration::from_secs(30),
+        async || {
+            let text = scrape(h.metrics).await?;
+            text.lines()
+                .any(|l| {
+                    l.starts_with("edgeAgent_created_pids_total{")
+                        && l.contains(r#"module_name="modA""#)
+                })
+                .then_some(text)
+        },
+    )
+    .await;
+    let sample = |name: &str, label: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} {label}:\n{text}"))
+    };
+    assert!(
+        sample(
+            "edgeAgent_host_uptime_seconds",
+            r#"iothub="hub.example.net",edge_device="dev1""#
+        ) > 0.0
+    );
+    assert!(sample("edgeAgent_iotedged_uptime_seconds", "") >= 0.0);
+    assert!(sample("edgeAgent_total_memory_bytes", r#"module_name="host""#) > 0.0);
+    assert!(sample("edgeAgent_used_memory_bytes", r#"module_name="modA""#) > 0.0);
+    assert!(sample("edgeAgent_created_pids_total", r#"module_name="modA""#) >= 1.0);
+    assert!(sample("edgeAgent_total_disk_space_bytes", "disk_name=") > 0.0);
+    assert!(
+        sample(
+            "edgeAgent_module_start_total",
+            r#"module_name="modA",module_version="1.0""#
+        ) >= 1.0
+    );
 
     // the agent reports 200 once everything runs
     let reported = h.dir.path().join("agent/reported.json");

@@ -105,6 +105,8 @@ async fn run(args: Args) -> Result<(), Failure> {
         salvage_store: args.salvage,
         ..cfg
     };
+    // `MetricsEnabled`/`Metrics__Listener__*` that do not parse are configuration errors too.
+    crate::metrics::settings(&cfg).map_err(|e| Failure::Config(anyhow::anyhow!(e)))?;
     // SIGTERM (docker stop, verged stopping the module; as PID 1 in a
     // container there is no default action) and SIGINT alike run the
     // shutdown. Installed before the start so an early signal is not lost.

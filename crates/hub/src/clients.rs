@@ -92,6 +92,11 @@ impl ClientStatus {
         self.changed.notify_one();
     }
 
+    /// Clients with at least one connection open now.
+    pub fn connected_count(&self) -> usize {
+        lock(&self.clients).values().filter(|c| c.live > 0).count()
+    }
+
     /// Takes the changed clients as a `clients` patch (`None` if none).
     fn take_patch(&self) -> Option<Value> {
         let mut clients = lock(&self.clients);

@@ -39,6 +39,11 @@
 //! min_free_bytes = 67108864        # appends refused below this much free space (0 = no check)…
 //! min_free_percent = 10            # …or below this share of the volume, if less (small volumes)
 //!
+//! [metrics]      # optional: Prometheus text on http://<listen>/<suffix>
+//! enabled = true                   # MetricsEnabled (env) overrides
+//! listen = "0.0.0.0:9600"          # default: the MQTT listener's IP, port 9600; Metrics__Listener__Host/Port override
+//! suffix = "metrics"               # Metrics__Listener__Suffix overrides
+//!
 //! [upstream]     # optional: without it nothing is sent to the cloud
 //! hostname = "myhub.azure-devices.net"   # dialled; also the TLS server name
 //! port = 8883
@@ -131,6 +136,9 @@ pub struct Config {
     /// Timers of the edge-environment mode.
     #[serde(default)]
     pub workload: WorkloadConfig,
+    /// The Prometheus endpoint (`crate::metrics`).
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// The module environment, when the hub runs as verged's `edgeHub`
     /// module and uses it (set by [`Config::with_edge_env`], not from TOML).
     #[serde(skip)]
@@ -253,6 +261,40 @@ impl Default for ListenConfig {
             https: default_https(),
         }
     }
+}
+
+/// `[metrics]`: the Prometheus endpoint (edgeHub's `:9600/metrics`). The
+/// environment (`MetricsEnabled`, `Metrics__Listener__Host|Port|Suffix`)
+/// overrides these.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve metrics (default true, as edgeHub since 1.0.10).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Listen address; default the MQTT listener's IP, port 9600.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// The path (default `metrics`).
+    #[serde(default = "default_metrics_suffix")]
+    pub suffix: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: None,
+            suffix: default_metrics_suffix(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_metrics_suffix() -> String {
+    verge_metrics::DEFAULT_SUFFIX.to_owned()
 }
 
 /// `[store]`: when the message store refuses appends for lack of disk

@@ -42,16 +42,32 @@ impl Backend for HubState {
     }
 
     async fn authenticate(&self, creds: &Credentials<'_>) -> Result<ClientId, AuthError> {
-        self.auth.authenticate(creds)
+        let r = self.auth.authenticate(creds);
+        if let Err(e) = &r {
+            let reason = match e {
+                AuthError::BadClientId(_) => "bad_client_id",
+                AuthError::UsernameMismatch { .. } => "username_mismatch",
+                AuthError::NoCredentials => "no_credentials",
+                AuthError::UnknownIdentity(_) => "unknown_identity",
+                AuthError::Token(_) => "bad_token",
+                _ => "not_authorized",
+            };
+            self.metrics.client_connect_failed(creds.client_id, reason);
+        }
+        r
     }
 
     async fn connected(&self, client: &ClientId, _conn: &ConnHandle) -> Result<(), Rejection> {
-        self.clients.connected(&client.to_string());
+        let id = client.to_string();
+        self.metrics.client_connected(&id);
+        self.clients.connected(&id);
         Ok(())
     }
 
     async fn disconnected(&self, client: &ClientId, (): ()) {
-        self.clients.disconnected(&client.to_string());
+        let id = client.to_string();
+        self.metrics.client_disconnected(&id);
+        self.clients.disconnected(&id);
     }
 
     type Pending = crate::router::Pending;
@@ -76,12 +92,16 @@ impl Backend for HubState {
     }
 
     async fn twin_get(&self, client: &ClientId) -> Result<Value, Rejection> {
-        Ok(self.twins.client_json(&client.to_string()))
+        let id = client.to_string();
+        self.metrics.gettwin(&id);
+        Ok(self.twins.client_json(&id))
     }
 
     async fn twin_patch_reported(&self, client: &ClientId, patch: Value) -> Result<u64, Rejection> {
+        let id = client.to_string();
+        self.metrics.reported_properties(&id);
         self.twins
-            .patch_reported(&client.to_string(), &patch)
+            .patch_reported(&id, &patch)
             .await
             .map_err(|e| match e {
                 crate::twins::PatchError::Refused(e) => Rejection::bad_request(e.to_string()),

@@ -100,6 +100,10 @@ struct InFlight {
     ack: oneshot::Receiver<()>,
     /// False for a dead-lettered message (settled without being sent).
     delivered: bool,
+    /// Sender (device, module) and output, moved out of the message for
+    /// `edgehub_messages_sent_total` once acknowledged.
+    from: (Option<String>, Option<String>),
+    output: Option<String>,
 }
 
 /// How a delivery session to one connection ended.
@@ -116,6 +120,8 @@ struct Pump<'a> {
     state: &'a HubState,
     endpoint: &'a str,
     input: &'a str,
+    /// The receiving client id (`device/module`).
+    to: &'a str,
     prefix: &'a str,
     notify: &'a Notify,
     checkpoints: &'a Checkpoints,
@@ -147,7 +153,14 @@ impl Pump<'_> {
                 }
                 for mut m in batch {
                     let (tx, rx) = oneshot::channel();
+                    // Before the restamp, which clears it.
+                    let output = m.message.system.output_name.take();
                     let topic = topic_for(self.prefix, self.input, &mut m);
+                    // The topic holds them now; only the body is sent.
+                    let from = (
+                        m.message.system.connection_device_id.take(),
+                        m.message.system.connection_module_id.take(),
+                    );
                     if topic.len() > MAX_TOPIC_LEN {
                         // Stored before ingest refused such messages: it can
                         // never be sent (the connection would drop on every
@@ -171,6 +184,8 @@ impl Pump<'_> {
                             offset: m.offset,
                             ack: rx,
                             delivered: false,
+                            from,
+                            output,
                         });
                         continue;
                     }
@@ -187,6 +202,8 @@ impl Pump<'_> {
                         offset: m.offset,
                         ack: rx,
                         delivered: true,
+                        from,
+                        output,
                     });
                 }
             }
@@ -241,6 +258,13 @@ impl Pump<'_> {
                     .stats
                     .delivered
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.state.metrics.sent(
+                    (f.from.0.as_deref(), f.from.1.as_deref()),
+                    f.output.as_deref(),
+                    self.to,
+                    self.input,
+                    f.priority,
+                );
             }
         }
     }
@@ -258,6 +282,7 @@ pub async fn run(state: Arc<HubState>, module: String, input: String) {
         state: &state,
         endpoint: &endpoint,
         input: &input,
+        to: &client_id,
         prefix: &prefix,
         notify: &notify,
         checkpoints: &checkpoints,

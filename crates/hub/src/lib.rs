@@ -56,6 +56,7 @@ pub mod edgehub;
 pub mod identity;
 pub mod identity_scope;
 pub mod methods;
+pub mod metrics;
 pub mod router;
 pub use verge_endpoint::session;
 pub mod tls;
@@ -134,6 +135,8 @@ pub struct HubState {
     pub stats: Stats,
     /// Connection status of clients, for the `$edgeHub` twin.
     pub clients: clients::ClientStatus,
+    /// Prometheus series ([`metrics`]).
+    pub metrics: metrics::HubMetrics,
     endpoint_notify: Mutex<HashMap<String, Arc<Notify>>>,
     pending_methods: Mutex<HashMap<MethodKey, MethodReply>>,
     next_id: AtomicU64,
@@ -236,6 +239,8 @@ pub struct Hub {
     pub https_addr: SocketAddr,
     /// The MQTT and HTTPS listeners' counters.
     listener_stats: [Arc<verge_listen::Stats>; 2],
+    /// Bound metrics address (`None`: disabled, or the port was taken).
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// How long [`Hub::shutdown`] waits for the hub's tasks (verged and Docker
@@ -409,6 +414,7 @@ async fn open_state(cfg: Config) -> anyhow::Result<(Arc<HubState>, Option<Vec<u8
         twins,
         stats: Stats::default(),
         clients: clients::ClientStatus::default(),
+        metrics: metrics::HubMetrics::new(&cfg.iothub_hostname, &cfg.device_id),
         endpoint_notify: Mutex::new(HashMap::new()),
         pending_methods: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(1),
@@ -492,6 +498,7 @@ impl Hub {
                 twins::run_desired_source(state.clone(), path),
             );
         }
+        let metrics_addr = start_metrics(&state).await?;
         let (mqtt_caps, https_caps) = state.cfg.limits.connection_caps();
         // The listeners stop accepting on the hub's shutdown.
         let cancel = sd.token();
@@ -509,6 +516,7 @@ impl Hub {
             mqtt_addr,
             https_addr,
             listener_stats,
+            metrics_addr,
         })
     }
 
@@ -534,6 +542,30 @@ impl Hub {
     /// fatal error); yields its name.
     pub async fn wait(&self) -> String {
         self.state.shutdown.task_ended_early().await
+    }
+}
+
+/// Binds and starts the metrics endpoint. Bad settings are configuration
+/// errors; a port already taken is logged and the hub runs without metrics
+/// (they are for watching the hub, which must route messages regardless).
+async fn start_metrics(state: &Arc<HubState>) -> anyhow::Result<Option<SocketAddr>> {
+    let settings = metrics::settings(&state.cfg).map_err(|e| anyhow::anyhow!(e))?;
+    match verge_metrics::bind(&settings).await {
+        Ok(Some(bound)) => {
+            let addr = bound.local_addr()?;
+            let source = Arc::new(metrics::Source(state.clone()));
+            state.shutdown.spawn_until_cancelled(
+                "metrics listener",
+                verge_metrics::serve(bound, source, state.shutdown.clone()),
+            );
+            tracing::info!(%addr, path = %settings.suffix, "serving metrics");
+            Ok(Some(addr))
+        }
+        Ok(None) => Ok(None),
+        Err(e) => {
+            tracing::error!(addr = %settings.addr, error = %e, "cannot bind the metrics listener; running without metrics");
+            Ok(None)
+        }
     }
 }
 

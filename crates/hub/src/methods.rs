@@ -145,6 +145,7 @@ async fn invoke(state: &HubState, target: String, headers: &HeaderMap, body: &[u
     let payload = req.get("payload").cloned().unwrap_or(Value::Null);
     // Serializing a Value cannot fail.
     let payload = Bytes::from(serde_json::to_vec(&payload).unwrap_or_default());
+    state.metrics.direct_method(caller, &target);
     match relay(state, &target, name, payload, Duration::from_secs(timeout)).await {
         Ok((status, payload)) => {
             let payload: Value = if payload.iter().all(u8::is_ascii_whitespace) {

@@ -190,6 +190,9 @@ async fn route_and_submit(
     body: Bytes,
 ) -> Result<Pending, IngestError> {
     let msg = build_message(client, bag, body)?;
+    state
+        .metrics
+        .received(client, msg.system.output_name.as_deref());
     let mut wake = Wake::default();
     let mut targets: Vec<Target> = Vec::new();
     let mut longest_prefix = 0;
@@ -220,6 +223,9 @@ async fn route_and_submit(
     }
     if targets.is_empty() {
         state.stats.dropped_no_route.fetch_add(1, Ordering::Relaxed);
+        state
+            .metrics
+            .dropped_no_route(client, msg.system.output_name.as_deref());
         tracing::debug!(client = %client, "message matched no route; dropped");
         return Ok(Pending {
             receipt: None,
@@ -241,7 +247,15 @@ async fn route_and_submit(
         });
     }
     let n = targets.len();
-    let receipt = state.store.append_submit(&msg, targets).await?;
+    let receipt = match state.store.append_submit(&msg, targets).await {
+        Ok(r) => r,
+        Err(e) => {
+            state
+                .metrics
+                .unack_storage_failure(client, msg.system.output_name.as_deref());
+            return Err(e.into());
+        }
+    };
     Ok(Pending {
         receipt: Some(receipt),
         wake,

@@ -769,6 +769,37 @@ async fn expired_messages_are_dropped_and_counted() {
     assert_eq!(seqs.get("edge1/modA"), Some(&vec![5, 6, 7]));
     assert_eq!(upstream.sent.load(Ordering::Relaxed), 3);
     assert_eq!(upstream.links().get("edge1/modA"), Some(&true));
+    // The same facts in the Prometheus exposition.
+    let text = reqwest::get(format!("http://{}/metrics", hub.metrics_addr.unwrap()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = |name: &str, labels: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(labels))
+            .and_then(|l| l.rsplit(' ').next())
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        series(
+            "edgehub_messages_sent_total",
+            r#"from="edge1/modA",to="upstream",from_route_output="out1",to_route_input="""#
+        )
+        .as_deref(),
+        Some("3"),
+        "{text}"
+    );
+    assert_eq!(
+        series("edgehub_messages_dropped_total", r#"reason="ttl_expiry""#).as_deref(),
+        Some("5"),
+        "{text}"
+    );
+    assert_eq!(
+        series("verge_upstream_connected", r#"sender="edge1/modA""#).as_deref(),
+        Some("1")
+    );
     hub.shutdown().await;
 }
 

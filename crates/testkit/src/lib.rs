@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::panic)]
 
 pub mod docker;
+pub mod prometheus;
 
 use std::io::{BufRead as _, BufReader};
 use std::process::{Child, Command, Stdio};

@@ -463,6 +463,17 @@ impl Drain {
             Some(Sent::Acked) => {
                 s.sent += 1;
                 state.stats.upstream.sent.fetch_add(1, Ordering::Relaxed);
+                let sys = &f.msg.message.system;
+                state.metrics.sent(
+                    (
+                        sys.connection_device_id.as_deref(),
+                        sys.connection_module_id.as_deref(),
+                    ),
+                    sys.output_name.as_deref(),
+                    "upstream",
+                    "",
+                    f.msg.priority,
+                );
                 self.close(&f.msg);
             }
             Some(Sent::Unsendable) => {

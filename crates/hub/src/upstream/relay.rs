@@ -185,6 +185,7 @@ pub(super) async fn on_publish<W: AsyncWrite + Unpin>(
                 .try_send(answer(429, error_body("too many calls in progress")));
             return Ok(Next::Continue);
         }
+        state.metrics.direct_method("upstream", &name);
         io.relays.spawn(async move {
             let op = match methods::relay(&state, &name, &method, p.payload, METHOD_TIMEOUT).await {
                 Ok((status, payload)) => answer(status, payload),

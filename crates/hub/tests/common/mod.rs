@@ -99,6 +99,8 @@ leaf1 = "{LEAF_KEY}"
 connect_timeout_secs = 3
 twins_poll_ms = 100
 routes_poll_ms = 100
+[metrics]
+listen = "127.0.0.1:0"
 "#,
         storage = storage.display(),
         routes = routes.display(),
@@ -264,6 +266,27 @@ pub async fn connect_module(addr: SocketAddr, ca_pem: &str, m: &str, clean: bool
     let (c, present) = code(ack);
     assert_eq!(c, ConnectReturnCode::Success);
     (raw, present)
+}
+
+/// Connects downstream device `leaf1` (SAS) over TLS; panics unless accepted.
+pub async fn connect_leaf(addr: SocketAddr, ca_pem: &str, clean: bool) -> Raw {
+    let tok = SasToken::sign(
+        &format!("{HUB}/devices/leaf1"),
+        &SharedAccessKey::from_base64(LEAF_KEY).unwrap(),
+        now() + 600,
+        None,
+    );
+    let (raw, ack) = Raw::connect(
+        addr,
+        ca_pem,
+        "leaf1",
+        &username("leaf1"),
+        &tok.to_string(),
+        clean,
+    )
+    .await;
+    assert_eq!(code(ack).0, ConnectReturnCode::Success);
+    raw
 }
 
 /// Publishes QoS 1 and waits for the PUBACK.
