@@ -13,6 +13,7 @@
 //! | `DeviceScopeCacheRefreshRateSecs` | `[upstream] scope_refresh_secs` |
 //! | `HttpSettings__Port` | the HTTPS listener's port (443) |
 //! | `RuntimeLogLevel` | the log level (verge-log) |
+//! | `MetricsEnabled`, `Metrics__Listener__Host/Port/Suffix` | the Prometheus endpoint (`metrics.rs`; also with a config file) |
 //! | `VERGE_HUB_LISTEN_MQTT`, `VERGE_HUB_LISTEN_HTTPS` | listen addresses (default `0.0.0.0:8883`, `0.0.0.0:{HttpSettings__Port}`) |
 //! | `VERGE_HUB_UPSTREAM_PORT`, `VERGE_HUB_UPSTREAM_HTTPS_PORT` | the cloud's ports (8883, 443), for a self-hosted verge-cloud |
 //!
@@ -105,10 +106,6 @@ const NOT_APPLIED: &[(&str, &str)] = &[
         "SendRuntimeQualityTelemetry",
         "Verge sends no runtime quality telemetry",
     ),
-    ("MetricsEnabled", "no metrics endpoint yet"),
-    ("Metrics__Listener__Host", "no metrics endpoint yet"),
-    ("Metrics__Listener__Port", "no metrics endpoint yet"),
-    ("Metrics__Listener__Suffix", "no metrics endpoint yet"),
     ("experimentalFeatures__enabled", "no experimental features"),
     (
         "experimentalFeatures__mqttBrokerEnabled",
@@ -117,13 +114,23 @@ const NOT_APPLIED: &[(&str, &str)] = &[
     ("NestedEdgeEnabled", "nested edges are not supported yet"),
 ];
 
+/// Variables applied whether or not a config file is given (the log level,
+/// and the metrics listener, which the environment overrides; `metrics.rs`).
+const ALWAYS_APPLIED: &[&str] = &[
+    "RuntimeLogLevel",
+    "MetricsEnabled",
+    "Metrics__Listener__MetricsEnabled",
+    "Metrics__Listener__Host",
+    "Metrics__Listener__Port",
+    "Metrics__Listener__Suffix",
+];
+
 /// Variables this module applies (see the module docs).
 const APPLIED: &[&str] = &[
     "storageFolder",
     "MaxUpstreamBatchSize",
     "DeviceScopeCacheRefreshRateSecs",
     "HttpSettings__Port",
-    "RuntimeLogLevel",
     "VERGE_HUB_LISTEN_MQTT",
     "VERGE_HUB_LISTEN_HTTPS",
     "VERGE_HUB_UPSTREAM_PORT",
@@ -184,7 +191,7 @@ impl AzureEnv {
 
     /// The edgeHub variables present: (applied, not applied with why), each
     /// as `name=value`, so the start log says what the manifest's env did.
-    /// With a config `file`, only `RuntimeLogLevel` of [`APPLIED`] applies.
+    /// With a config `file`, only [`ALWAYS_APPLIED`] apply.
     pub fn report(&self, file: Option<&Path>) -> (Vec<String>, Vec<String>) {
         let shown = |name: &str| {
             self.vars
@@ -193,9 +200,9 @@ impl AzureEnv {
         };
         let mut applied = Vec::new();
         let mut ignored = Vec::new();
-        for name in APPLIED {
+        for name in ALWAYS_APPLIED.iter().chain(APPLIED) {
             match (shown(name), file) {
-                (Some(s), Some(f)) if *name != "RuntimeLogLevel" => {
+                (Some(s), Some(f)) if !ALWAYS_APPLIED.contains(name) => {
                     ignored.push(format!(
                         "{s} (the hub's config file {} decides)",
                         f.display()
