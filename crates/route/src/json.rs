@@ -115,6 +115,60 @@ pub(crate) enum Slot {
 
 const MAX_JSON_DEPTH: u32 = 128;
 
+/// Exact powers of ten: every one up to 10^22 is a double.
+const POW10: [f64; 16] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+];
+
+/// Parses `[+-]digits[.digits]` (at least one digit, at most 15 in all), the shape nearly every
+/// telemetry number has, without the general decimal parser. The mantissa (< 10^15 < 2^53) and
+/// the power of ten are both exact doubles, so the one correctly rounded division gives exactly
+/// what `str::parse::<f64>` gives (Clinger's fast path). `None` for anything else: callers fall
+/// back to `str::parse`.
+pub(crate) fn fast_decimal(text: &[u8]) -> Option<f64> {
+    let (neg, digits) = match text {
+        [b'-', rest @ ..] => (true, rest),
+        [b'+', rest @ ..] => (false, rest),
+        rest => (false, rest),
+    };
+    let mut mantissa = 0u64;
+    let mut count = 0usize;
+    let mut point: Option<usize> = None;
+    for &c in digits {
+        match c {
+            b'0'..=b'9' => {
+                count += 1;
+                if count > 15 {
+                    return None;
+                }
+                mantissa = mantissa * 10 + u64::from(c - b'0');
+            }
+            b'.' if point.is_none() => point = Some(count),
+            _ => return None,
+        }
+    }
+    if count == 0 {
+        return None;
+    }
+    let scale = POW10.get(count - point.unwrap_or(count))?;
+    let v = mantissa as f64 / scale;
+    Some(if neg { -v } else { v })
+}
+
+/// High bit set in each byte of `w` (little-endian lanes) that ends a run of plain string
+/// contents: `"`, `\` or a control character. Borrows only travel upwards from a byte that
+/// matched, so the lowest set bit is always exact (higher ones may be spurious).
+#[inline(always)]
+fn string_stops(w: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let zero_byte = |x: u64| x.wrapping_sub(ONES) & !x;
+    let quote = zero_byte(w ^ (ONES * u64::from(b'"')));
+    let backslash = zero_byte(w ^ (ONES * u64::from(b'\\')));
+    let control = w.wrapping_sub(ONES * 0x20) & !w;
+    (quote | backslash | control) & HIGH
+}
+
 struct Scanner<'a> {
     b: &'a [u8],
     i: usize,
@@ -126,6 +180,9 @@ struct Scanner<'a> {
 /// preset to `Missing`). `Err` on malformed JSON.
 /// Works on bytes: strings are not UTF-8-checked here (values are decoded lossily when read,
 /// as .NET's decoder does).
+///
+/// Subtrees no path reaches are only validated (`skip`), strings are searched eight bytes at a
+/// time, and only numbers that land in a slot are converted.
 pub(crate) fn scan(text: &[u8], trie: &Trie, slots: &mut [Slot]) -> Result<(), ()> {
     if text.len() > u32::MAX as usize {
         return Err(());
@@ -136,110 +193,67 @@ pub(crate) fn scan(text: &[u8], trie: &Trie, slots: &mut [Slot]) -> Result<(), (
         trie,
         slots,
     };
-    s.value(Some(0), 0)?;
+    s.value(0, 0)?;
     s.ws();
     if s.i == s.b.len() { Ok(()) } else { Err(()) }
 }
 
-impl Scanner<'_> {
+impl<'a> Scanner<'a> {
+    #[inline(always)]
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    #[inline(always)]
     fn ws(&mut self) {
         while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.b.get(self.i) {
             self.i += 1;
         }
     }
 
-    fn eat(&mut self, c: u8) -> Result<(), ()> {
+    /// The next byte after whitespace, consumed.
+    #[inline(always)]
+    fn token(&mut self) -> Option<u8> {
         self.ws();
-        if self.b.get(self.i) == Some(&c) {
-            self.i += 1;
-            Ok(())
-        } else {
-            Err(())
-        }
+        let c = self.peek()?;
+        self.i += 1;
+        Some(c)
     }
 
-    fn record(&mut self, node: Option<u32>, v: Slot) {
-        if let Some(n) = node
-            && let Some(s) = self.trie.nodes[n as usize].slot
-            && let Some(slot) = self.slots.get_mut(s as usize)
+    fn record(&mut self, slot: Option<u32>, v: Slot) {
+        if let Some(s) = slot
+            && let Some(out) = self.slots.get_mut(s as usize)
         {
-            *slot = v;
+            *out = v;
         }
     }
 
-    /// Children to descend into (None when nobody needs anything below `node`).
-    fn interesting(&self, node: Option<u32>) -> Option<u32> {
-        node.filter(|&n| !self.trie.nodes[n as usize].children.is_empty())
-    }
-
-    fn value(&mut self, node: Option<u32>, depth: u32) -> Result<(), ()> {
+    /// A value at trie node `node`: recorded in its slot, children followed.
+    fn value(&mut self, node: u32, depth: u32) -> Result<(), ()> {
+        let trie = self.trie;
+        let Some(n) = trie.nodes.get(node as usize) else {
+            return self.skip(depth);
+        };
+        if n.children.is_empty() && n.slot.is_none() {
+            return self.skip(depth);
+        }
         if depth > MAX_JSON_DEPTH {
             return Err(());
         }
-        self.ws();
-        match self.b.get(self.i).copied().ok_or(())? {
+        let parent = (!n.children.is_empty()).then_some(n);
+        match self.token().ok_or(())? {
             b'{' => {
-                self.i += 1;
-                self.record(node, Slot::Complex);
-                let parent = self.interesting(node);
-                self.ws();
-                if self.b.get(self.i) == Some(&b'}') {
-                    self.i += 1;
-                    return Ok(());
-                }
-                loop {
-                    self.eat(b'"')?;
-                    let (ks, ke, kesc) = self.string()?;
-                    self.eat(b':')?;
-                    let child = parent.and_then(|p| self.child_by_key(p, ks, ke, kesc));
-                    self.value(child, depth + 1)?;
-                    self.ws();
-                    match self.b.get(self.i) {
-                        Some(b',') => self.i += 1,
-                        Some(b'}') => {
-                            self.i += 1;
-                            return Ok(());
-                        }
-                        _ => return Err(()),
-                    }
-                }
+                self.record(n.slot, Slot::Complex);
+                self.object(depth, parent)
             }
             b'[' => {
-                self.i += 1;
-                self.record(node, Slot::Complex);
-                let parent = self.interesting(node);
-                self.ws();
-                if self.b.get(self.i) == Some(&b']') {
-                    self.i += 1;
-                    return Ok(());
-                }
-                let mut index = 0u32;
-                loop {
-                    let child = parent.and_then(|p| {
-                        self.trie.nodes[p as usize]
-                            .children
-                            .iter()
-                            .find(|(s, _)| *s == Seg::Index(index))
-                            .map(|&(_, c)| c)
-                    });
-                    self.value(child, depth + 1)?;
-                    index = index.saturating_add(1);
-                    self.ws();
-                    match self.b.get(self.i) {
-                        Some(b',') => self.i += 1,
-                        Some(b']') => {
-                            self.i += 1;
-                            return Ok(());
-                        }
-                        _ => return Err(()),
-                    }
-                }
+                self.record(n.slot, Slot::Complex);
+                self.array(depth, parent)
             }
             b'"' => {
-                self.i += 1;
                 let (start, end, escaped) = self.string()?;
                 self.record(
-                    node,
+                    n.slot,
                     Slot::Str {
                         start: start as u32,
                         end: end as u32,
@@ -248,16 +262,22 @@ impl Scanner<'_> {
                 );
                 Ok(())
             }
-            b't' => self.literal(b"true", node, Slot::Bool(true)),
-            b'f' => self.literal(b"false", node, Slot::Bool(false)),
-            b'n' => self.literal(b"null", node, Slot::Null),
-            b'-' | b'0'..=b'9' => {
-                let start = self.i;
-                self.number()?;
-                if node.is_some_and(|n| self.trie.nodes[n as usize].slot.is_some()) {
-                    let text = std::str::from_utf8(&self.b[start..self.i]).map_err(|_| ())?;
-                    let v: f64 = text.parse().map_err(|_| ())?;
-                    self.record(node, Slot::Num(v));
+            b't' => self.literal(b"rue", n.slot, Slot::Bool(true)),
+            b'f' => self.literal(b"alse", n.slot, Slot::Bool(false)),
+            b'n' => self.literal(b"ull", n.slot, Slot::Null),
+            c @ (b'-' | b'0'..=b'9') => {
+                let start = self.i - 1;
+                self.number(c)?;
+                if n.slot.is_some() {
+                    let text = &self.b[start..self.i];
+                    let v = match fast_decimal(text) {
+                        Some(v) => v,
+                        None => std::str::from_utf8(text)
+                            .map_err(|_| ())?
+                            .parse()
+                            .map_err(|_| ())?,
+                    };
+                    self.record(n.slot, Slot::Num(v));
                 }
                 Ok(())
             }
@@ -265,10 +285,83 @@ impl Scanner<'_> {
         }
     }
 
-    fn literal(&mut self, word: &[u8], node: Option<u32>, v: Slot) -> Result<(), ()> {
-        if self.b[self.i..].starts_with(word) {
-            self.i += word.len();
-            self.record(node, v);
+    /// A value nothing reads: validated only.
+    fn skip(&mut self, depth: u32) -> Result<(), ()> {
+        if depth > MAX_JSON_DEPTH {
+            return Err(());
+        }
+        match self.token().ok_or(())? {
+            b'{' => self.object(depth, None),
+            b'[' => self.array(depth, None),
+            b'"' => self.string().map(drop),
+            b't' => self.literal(b"rue", None, Slot::Missing),
+            b'f' => self.literal(b"alse", None, Slot::Missing),
+            b'n' => self.literal(b"ull", None, Slot::Missing),
+            c @ (b'-' | b'0'..=b'9') => self.number(c),
+            _ => Err(()),
+        }
+    }
+
+    /// The members of an object whose `{` was just read; `parent` when some path goes deeper.
+    fn object(&mut self, depth: u32, parent: Option<&'a TrieNode>) -> Result<(), ()> {
+        self.ws();
+        if self.peek() == Some(b'}') {
+            self.i += 1;
+            return Ok(());
+        }
+        loop {
+            if self.token() != Some(b'"') {
+                return Err(());
+            }
+            let (ks, ke, kesc) = self.string()?;
+            if self.token() != Some(b':') {
+                return Err(());
+            }
+            match parent.and_then(|p| self.child_by_key(p, ks, ke, kesc)) {
+                Some(child) => self.value(child, depth + 1)?,
+                None => self.skip(depth + 1)?,
+            }
+            match self.token() {
+                Some(b',') => {}
+                Some(b'}') => return Ok(()),
+                _ => return Err(()),
+            }
+        }
+    }
+
+    /// The elements of an array whose `[` was just read; `parent` when some path goes deeper.
+    fn array(&mut self, depth: u32, parent: Option<&'a TrieNode>) -> Result<(), ()> {
+        self.ws();
+        if self.peek() == Some(b']') {
+            self.i += 1;
+            return Ok(());
+        }
+        let mut index = 0u32;
+        loop {
+            let child = parent.and_then(|p| {
+                p.children.iter().find_map(|(s, c)| match s {
+                    Seg::Index(k) if *k == index => Some(*c),
+                    _ => None,
+                })
+            });
+            match child {
+                Some(child) => self.value(child, depth + 1)?,
+                None => self.skip(depth + 1)?,
+            }
+            index = index.saturating_add(1);
+            match self.token() {
+                Some(b',') => {}
+                Some(b']') => return Ok(()),
+                _ => return Err(()),
+            }
+        }
+    }
+
+    /// The rest of `true`/`false`/`null` after its first letter.
+    fn literal(&mut self, rest: &[u8], slot: Option<u32>, v: Slot) -> Result<(), ()> {
+        if self.b.get(self.i..self.i + rest.len()) == Some(rest) {
+            self.i += rest.len();
+            self.record(slot, v);
             Ok(())
         } else {
             Err(())
@@ -276,34 +369,38 @@ impl Scanner<'_> {
     }
 
     fn digits(&mut self) -> usize {
-        let n = self.b[self.i..]
-            .iter()
-            .take_while(|c| c.is_ascii_digit())
-            .count();
-        self.i += n;
-        n
-    }
-
-    fn number(&mut self) -> Result<(), ()> {
-        if self.b.get(self.i) == Some(&b'-') {
+        let start = self.i;
+        while let Some(b'0'..=b'9') = self.b.get(self.i) {
             self.i += 1;
         }
-        match self.b.get(self.i) {
-            Some(b'0') => self.i += 1,
-            Some(b'1'..=b'9') => {
+        self.i - start
+    }
+
+    /// The rest of a number whose first byte (`-` or a digit) was just read.
+    fn number(&mut self, first: u8) -> Result<(), ()> {
+        let lead = if first == b'-' {
+            let c = self.peek().ok_or(())?;
+            self.i += 1;
+            c
+        } else {
+            first
+        };
+        match lead {
+            b'0' => {}
+            b'1'..=b'9' => {
                 self.digits();
             }
             _ => return Err(()),
         }
-        if self.b.get(self.i) == Some(&b'.') {
+        if self.peek() == Some(b'.') {
             self.i += 1;
             if self.digits() == 0 {
                 return Err(());
             }
         }
-        if let Some(b'e' | b'E') = self.b.get(self.i) {
+        if let Some(b'e' | b'E') = self.peek() {
             self.i += 1;
-            if let Some(b'+' | b'-') = self.b.get(self.i) {
+            if let Some(b'+' | b'-') = self.peek() {
                 self.i += 1;
             }
             if self.digits() == 0 {
@@ -318,12 +415,16 @@ impl Scanner<'_> {
         let start = self.i;
         let mut escaped = false;
         loop {
-            let rel = self.b[self.i..]
-                .iter()
-                .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
-                .ok_or(())?;
-            self.i += rel;
-            match self.b[self.i] {
+            // Plain bytes eight at a time; the last few (fewer than eight) one by one below.
+            while let Some(chunk) = self.b.get(self.i..).and_then(<[u8]>::first_chunk::<8>) {
+                let stops = string_stops(u64::from_le_bytes(*chunk));
+                if stops != 0 {
+                    self.i += (stops.trailing_zeros() / 8) as usize;
+                    break;
+                }
+                self.i += 8;
+            }
+            match self.peek().ok_or(())? {
                 b'"' => {
                     let end = self.i;
                     self.i += 1;
@@ -343,27 +444,36 @@ impl Scanner<'_> {
                         _ => return Err(()),
                     }
                 }
-                _ => return Err(()),
+                c if c < 0x20 => return Err(()),
+                _ => self.i += 1,
             }
         }
     }
 
-    fn child_by_key(&self, parent: u32, start: usize, end: usize, escaped: bool) -> Option<u32> {
-        let raw = &self.b[start..end];
-        let children = &self.trie.nodes[parent as usize].children;
+    fn child_by_key(
+        &self,
+        parent: &TrieNode,
+        start: usize,
+        end: usize,
+        escaped: bool,
+    ) -> Option<u32> {
+        let raw = self.b.get(start..end)?;
         if !escaped {
-            return children.iter().find_map(|(s, c)| match s {
+            return parent.children.iter().find_map(|(s, c)| match s {
                 Seg::Key(k) if k.as_bytes() == raw => Some(*c),
                 _ => None,
             });
         }
         let key = unescape(&String::from_utf8_lossy(raw));
-        children.iter().find_map(|(s, c)| match s {
+        parent.children.iter().find_map(|(s, c)| match s {
             Seg::Key(k) if **k == *key => Some(*c),
             _ => None,
         })
     }
 }
+
+#[cfg(test)]
+mod oracle;
 
 /// Decodes the contents of a (validated) JSON string literal. Allocates.
 pub(crate) fn unescape(raw: &str) -> String {
