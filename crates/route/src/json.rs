@@ -181,8 +181,8 @@ struct Scanner<'a> {
 /// Works on bytes: strings are not UTF-8-checked here (values are decoded lossily when read,
 /// as .NET's decoder does).
 ///
-/// Subtrees no path reaches are only validated (`skip`), strings are searched eight bytes at a
-/// time, and only numbers that land in a slot are converted.
+/// Subtrees no path reaches are only validated ([`skip`]), strings are searched eight bytes at
+/// a time, and only numbers that land in a slot are converted.
 pub(crate) fn scan(text: &[u8], trie: &Trie, slots: &mut [Slot]) -> Result<(), ()> {
     if text.len() > u32::MAX as usize {
         return Err(());
@@ -194,32 +194,209 @@ pub(crate) fn scan(text: &[u8], trie: &Trie, slots: &mut [Slot]) -> Result<(), (
         slots,
     };
     s.value(0, 0)?;
-    s.ws();
-    if s.i == s.b.len() { Ok(()) } else { Err(()) }
+    // Only whitespace may follow.
+    match token(text, &mut s.i) {
+        None => Ok(()),
+        Some(_) => Err(()),
+    }
+}
+
+// The lexical steps below are free functions over (bytes, index) rather than methods so that
+// the index lives in a register through the skip loop.
+
+/// The next byte after whitespace, consumed.
+#[inline(always)]
+fn token(b: &[u8], i: &mut usize) -> Option<u8> {
+    loop {
+        let c = *b.get(*i)?;
+        *i += 1;
+        // One comparison for the usual case: anything above a space is not whitespace.
+        if c > b' ' || !matches!(c, b' ' | b'\t' | b'\n' | b'\r') {
+            return Some(c);
+        }
+    }
+}
+
+/// Like [`token`], but consumes the byte only when it is `c`.
+#[inline(always)]
+fn token_if(b: &[u8], i: &mut usize, c: u8) -> bool {
+    let mut j = *i;
+    if token(b, &mut j) == Some(c) {
+        *i = j;
+        true
+    } else {
+        false
+    }
+}
+
+/// After an opening quote: the raw contents' range and whether escapes occur.
+#[inline(always)]
+fn string(b: &[u8], i: &mut usize) -> Result<(usize, usize, bool), ()> {
+    let start = *i;
+    let mut escaped = false;
+    loop {
+        // Plain bytes eight at a time; the last few (fewer than eight) one by one below.
+        while let Some(chunk) = b.get(*i..).and_then(<[u8]>::first_chunk::<8>) {
+            let stops = string_stops(u64::from_le_bytes(*chunk));
+            if stops != 0 {
+                *i += (stops.trailing_zeros() / 8) as usize;
+                break;
+            }
+            *i += 8;
+        }
+        match *b.get(*i).ok_or(())? {
+            b'"' => {
+                let end = *i;
+                *i += 1;
+                return Ok((start, end, escaped));
+            }
+            b'\\' => {
+                escaped = true;
+                match b.get(*i + 1).ok_or(())? {
+                    b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => *i += 2,
+                    b'u' => {
+                        let hex = b.get(*i + 2..*i + 6).ok_or(())?;
+                        if !hex.iter().all(u8::is_ascii_hexdigit) {
+                            return Err(());
+                        }
+                        *i += 6;
+                    }
+                    _ => return Err(()),
+                }
+            }
+            c if c < 0x20 => return Err(()),
+            _ => *i += 1,
+        }
+    }
+}
+
+#[inline(always)]
+fn digits(b: &[u8], i: &mut usize) -> usize {
+    let start = *i;
+    while let Some(b'0'..=b'9') = b.get(*i) {
+        *i += 1;
+    }
+    *i - start
+}
+
+/// The rest of a number whose first byte (`-` or a digit) was just read.
+#[inline(always)]
+fn number(b: &[u8], i: &mut usize, first: u8) -> Result<(), ()> {
+    let lead = if first == b'-' {
+        let c = *b.get(*i).ok_or(())?;
+        *i += 1;
+        c
+    } else {
+        first
+    };
+    match lead {
+        b'0' => {}
+        b'1'..=b'9' => {
+            digits(b, i);
+        }
+        _ => return Err(()),
+    }
+    if b.get(*i) == Some(&b'.') {
+        *i += 1;
+        if digits(b, i) == 0 {
+            return Err(());
+        }
+    }
+    if let Some(b'e' | b'E') = b.get(*i) {
+        *i += 1;
+        if let Some(b'+' | b'-') = b.get(*i) {
+            *i += 1;
+        }
+        if digits(b, i) == 0 {
+            return Err(());
+        }
+    }
+    Ok(())
+}
+
+/// The rest of `true`/`false`/`null` after its first letter.
+#[inline(always)]
+fn literal(b: &[u8], i: &mut usize, rest: &[u8]) -> Result<(), ()> {
+    if b.get(*i..*i + rest.len()) == Some(rest) {
+        *i += rest.len();
+        Ok(())
+    } else {
+        Err(())
+    }
+}
+
+/// `"key":` of an object member whose key nothing reads.
+#[inline(always)]
+fn key(b: &[u8], i: &mut usize) -> Result<(), ()> {
+    if token(b, i) != Some(b'"') {
+        return Err(());
+    }
+    string(b, i)?;
+    if token(b, i) != Some(b':') {
+        return Err(());
+    }
+    Ok(())
+}
+
+/// Validates one value at `depth` starting at `b[i..]` that nothing reads; returns the index
+/// after it. Iterative, with the open containers kept as bits (set: object), because most of a
+/// body is skipped and a call per value would cost more than the value.
+fn skip(b: &[u8], mut i: usize, depth: u32) -> Result<usize, ()> {
+    // At most MAX_JSON_DEPTH + 1 containers are open (a value is read only at depth ≤ MAX).
+    let mut objects = [0u64; (MAX_JSON_DEPTH as usize + 1).div_ceil(64)];
+    let mut open = 0usize;
+    loop {
+        // A value at depth + open.
+        if depth as usize + open > MAX_JSON_DEPTH as usize {
+            return Err(());
+        }
+        let c = token(b, &mut i).ok_or(())?;
+        let opened = match c {
+            b'{' => !token_if(b, &mut i, b'}'),
+            b'[' => !token_if(b, &mut i, b']'),
+            b'"' => {
+                string(b, &mut i)?;
+                false
+            }
+            b't' => literal(b, &mut i, b"rue").map(|()| false)?,
+            b'f' => literal(b, &mut i, b"alse").map(|()| false)?,
+            b'n' => literal(b, &mut i, b"ull").map(|()| false)?,
+            b'-' | b'0'..=b'9' => number(b, &mut i, c).map(|()| false)?,
+            _ => return Err(()),
+        };
+        if opened {
+            let is_object = c == b'{';
+            let (word, bit) = (open / 64, 1u64 << (open % 64));
+            let w = objects.get_mut(word).ok_or(())?;
+            if is_object {
+                *w |= bit;
+                key(b, &mut i)?;
+            } else {
+                *w &= !bit;
+            }
+            open += 1;
+            continue;
+        }
+        // A value ended: close containers until one continues with a comma.
+        loop {
+            let Some(top) = open.checked_sub(1) else {
+                return Ok(i);
+            };
+            let is_object = objects.get(top / 64).ok_or(())? & (1u64 << (top % 64)) != 0;
+            match (token(b, &mut i), is_object) {
+                (Some(b','), true) => {
+                    key(b, &mut i)?;
+                    break;
+                }
+                (Some(b','), false) => break,
+                (Some(b'}'), true) | (Some(b']'), false) => open = top,
+                _ => return Err(()),
+            }
+        }
+    }
 }
 
 impl<'a> Scanner<'a> {
-    #[inline(always)]
-    fn peek(&self) -> Option<u8> {
-        self.b.get(self.i).copied()
-    }
-
-    #[inline(always)]
-    fn ws(&mut self) {
-        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.b.get(self.i) {
-            self.i += 1;
-        }
-    }
-
-    /// The next byte after whitespace, consumed.
-    #[inline(always)]
-    fn token(&mut self) -> Option<u8> {
-        self.ws();
-        let c = self.peek()?;
-        self.i += 1;
-        Some(c)
-    }
-
     fn record(&mut self, slot: Option<u32>, v: Slot) {
         if let Some(s) = slot
             && let Some(out) = self.slots.get_mut(s as usize)
@@ -231,27 +408,33 @@ impl<'a> Scanner<'a> {
     /// A value at trie node `node`: recorded in its slot, children followed.
     fn value(&mut self, node: u32, depth: u32) -> Result<(), ()> {
         let trie = self.trie;
-        let Some(n) = trie.nodes.get(node as usize) else {
-            return self.skip(depth);
+        let n = match trie.nodes.get(node as usize) {
+            Some(n) if !n.children.is_empty() || n.slot.is_some() => n,
+            _ => {
+                self.i = skip(self.b, self.i, depth)?;
+                return Ok(());
+            }
         };
-        if n.children.is_empty() && n.slot.is_none() {
-            return self.skip(depth);
-        }
         if depth > MAX_JSON_DEPTH {
             return Err(());
         }
-        let parent = (!n.children.is_empty()).then_some(n);
-        match self.token().ok_or(())? {
-            b'{' => {
+        let b = self.b;
+        match token(b, &mut self.i).ok_or(())? {
+            c @ (b'{' | b'[') => {
                 self.record(n.slot, Slot::Complex);
-                self.object(depth, parent)
-            }
-            b'[' => {
-                self.record(n.slot, Slot::Complex);
-                self.array(depth, parent)
+                if n.children.is_empty() {
+                    // Nothing below is read: let `skip` take the container from its bracket.
+                    self.i -= 1;
+                    self.i = skip(b, self.i, depth)?;
+                    Ok(())
+                } else if c == b'{' {
+                    self.object(depth, n)
+                } else {
+                    self.array(depth, n)
+                }
             }
             b'"' => {
-                let (start, end, escaped) = self.string()?;
+                let (start, end, escaped) = string(b, &mut self.i)?;
                 self.record(
                     n.slot,
                     Slot::Str {
@@ -262,14 +445,16 @@ impl<'a> Scanner<'a> {
                 );
                 Ok(())
             }
-            b't' => self.literal(b"rue", n.slot, Slot::Bool(true)),
-            b'f' => self.literal(b"alse", n.slot, Slot::Bool(false)),
-            b'n' => self.literal(b"ull", n.slot, Slot::Null),
+            b't' => literal(b, &mut self.i, b"rue").map(|()| self.record(n.slot, Slot::Bool(true))),
+            b'f' => {
+                literal(b, &mut self.i, b"alse").map(|()| self.record(n.slot, Slot::Bool(false)))
+            }
+            b'n' => literal(b, &mut self.i, b"ull").map(|()| self.record(n.slot, Slot::Null)),
             c @ (b'-' | b'0'..=b'9') => {
                 let start = self.i - 1;
-                self.number(c)?;
+                number(b, &mut self.i, c)?;
                 if n.slot.is_some() {
-                    let text = &self.b[start..self.i];
+                    let text = b.get(start..self.i).ok_or(())?;
                     let v = match fast_decimal(text) {
                         Some(v) => v,
                         None => std::str::from_utf8(text)
@@ -285,43 +470,25 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    /// A value nothing reads: validated only.
-    fn skip(&mut self, depth: u32) -> Result<(), ()> {
-        if depth > MAX_JSON_DEPTH {
-            return Err(());
-        }
-        match self.token().ok_or(())? {
-            b'{' => self.object(depth, None),
-            b'[' => self.array(depth, None),
-            b'"' => self.string().map(drop),
-            b't' => self.literal(b"rue", None, Slot::Missing),
-            b'f' => self.literal(b"alse", None, Slot::Missing),
-            b'n' => self.literal(b"ull", None, Slot::Missing),
-            c @ (b'-' | b'0'..=b'9') => self.number(c),
-            _ => Err(()),
-        }
-    }
-
-    /// The members of an object whose `{` was just read; `parent` when some path goes deeper.
-    fn object(&mut self, depth: u32, parent: Option<&'a TrieNode>) -> Result<(), ()> {
-        self.ws();
-        if self.peek() == Some(b'}') {
-            self.i += 1;
+    /// The members of an object whose `{` was just read, some of which paths below `parent` reach.
+    fn object(&mut self, depth: u32, parent: &'a TrieNode) -> Result<(), ()> {
+        let b = self.b;
+        if token_if(b, &mut self.i, b'}') {
             return Ok(());
         }
         loop {
-            if self.token() != Some(b'"') {
+            if token(b, &mut self.i) != Some(b'"') {
                 return Err(());
             }
-            let (ks, ke, kesc) = self.string()?;
-            if self.token() != Some(b':') {
+            let (ks, ke, kesc) = string(b, &mut self.i)?;
+            if token(b, &mut self.i) != Some(b':') {
                 return Err(());
             }
-            match parent.and_then(|p| self.child_by_key(p, ks, ke, kesc)) {
+            match self.child_by_key(parent, ks, ke, kesc) {
                 Some(child) => self.value(child, depth + 1)?,
-                None => self.skip(depth + 1)?,
+                None => self.i = skip(b, self.i, depth + 1)?,
             }
-            match self.token() {
+            match token(b, &mut self.i) {
                 Some(b',') => {}
                 Some(b'}') => return Ok(()),
                 _ => return Err(()),
@@ -329,123 +496,27 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    /// The elements of an array whose `[` was just read; `parent` when some path goes deeper.
-    fn array(&mut self, depth: u32, parent: Option<&'a TrieNode>) -> Result<(), ()> {
-        self.ws();
-        if self.peek() == Some(b']') {
-            self.i += 1;
+    /// The elements of an array whose `[` was just read, some of which paths below `parent` reach.
+    fn array(&mut self, depth: u32, parent: &'a TrieNode) -> Result<(), ()> {
+        let b = self.b;
+        if token_if(b, &mut self.i, b']') {
             return Ok(());
         }
         let mut index = 0u32;
         loop {
-            let child = parent.and_then(|p| {
-                p.children.iter().find_map(|(s, c)| match s {
-                    Seg::Index(k) if *k == index => Some(*c),
-                    _ => None,
-                })
+            let child = parent.children.iter().find_map(|(s, c)| match s {
+                Seg::Index(k) if *k == index => Some(*c),
+                _ => None,
             });
             match child {
                 Some(child) => self.value(child, depth + 1)?,
-                None => self.skip(depth + 1)?,
+                None => self.i = skip(b, self.i, depth + 1)?,
             }
             index = index.saturating_add(1);
-            match self.token() {
+            match token(b, &mut self.i) {
                 Some(b',') => {}
                 Some(b']') => return Ok(()),
                 _ => return Err(()),
-            }
-        }
-    }
-
-    /// The rest of `true`/`false`/`null` after its first letter.
-    fn literal(&mut self, rest: &[u8], slot: Option<u32>, v: Slot) -> Result<(), ()> {
-        if self.b.get(self.i..self.i + rest.len()) == Some(rest) {
-            self.i += rest.len();
-            self.record(slot, v);
-            Ok(())
-        } else {
-            Err(())
-        }
-    }
-
-    fn digits(&mut self) -> usize {
-        let start = self.i;
-        while let Some(b'0'..=b'9') = self.b.get(self.i) {
-            self.i += 1;
-        }
-        self.i - start
-    }
-
-    /// The rest of a number whose first byte (`-` or a digit) was just read.
-    fn number(&mut self, first: u8) -> Result<(), ()> {
-        let lead = if first == b'-' {
-            let c = self.peek().ok_or(())?;
-            self.i += 1;
-            c
-        } else {
-            first
-        };
-        match lead {
-            b'0' => {}
-            b'1'..=b'9' => {
-                self.digits();
-            }
-            _ => return Err(()),
-        }
-        if self.peek() == Some(b'.') {
-            self.i += 1;
-            if self.digits() == 0 {
-                return Err(());
-            }
-        }
-        if let Some(b'e' | b'E') = self.peek() {
-            self.i += 1;
-            if let Some(b'+' | b'-') = self.peek() {
-                self.i += 1;
-            }
-            if self.digits() == 0 {
-                return Err(());
-            }
-        }
-        Ok(())
-    }
-
-    /// After an opening quote: returns the raw contents' range and whether escapes occur.
-    fn string(&mut self) -> Result<(usize, usize, bool), ()> {
-        let start = self.i;
-        let mut escaped = false;
-        loop {
-            // Plain bytes eight at a time; the last few (fewer than eight) one by one below.
-            while let Some(chunk) = self.b.get(self.i..).and_then(<[u8]>::first_chunk::<8>) {
-                let stops = string_stops(u64::from_le_bytes(*chunk));
-                if stops != 0 {
-                    self.i += (stops.trailing_zeros() / 8) as usize;
-                    break;
-                }
-                self.i += 8;
-            }
-            match self.peek().ok_or(())? {
-                b'"' => {
-                    let end = self.i;
-                    self.i += 1;
-                    return Ok((start, end, escaped));
-                }
-                b'\\' => {
-                    escaped = true;
-                    match self.b.get(self.i + 1).ok_or(())? {
-                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => self.i += 2,
-                        b'u' => {
-                            let hex = self.b.get(self.i + 2..self.i + 6).ok_or(())?;
-                            if !hex.iter().all(u8::is_ascii_hexdigit) {
-                                return Err(());
-                            }
-                            self.i += 6;
-                        }
-                        _ => return Err(()),
-                    }
-                }
-                c if c < 0x20 => return Err(()),
-                _ => self.i += 1,
             }
         }
     }
