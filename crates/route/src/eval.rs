@@ -210,7 +210,10 @@ fn body_encoding(msg: &Message) -> Option<Encoding> {
             None => Some(Encoding::Utf8),
             Some(e) => Encoding::from_name(e),
         },
-        (Some(ct), Some(enc)) if ct.eq_ignore_ascii_case("application/json") => {
+        // The exact spelling first: one length check and compare, before the case-folding one.
+        (Some(ct), Some(enc))
+            if ct == "application/json" || ct.eq_ignore_ascii_case("application/json") =>
+        {
             Encoding::from_name(enc)
         }
         _ => None,
@@ -364,7 +367,7 @@ impl Node {
             },
             Node::And(a, b) => {
                 let l = a.eval(cx);
-                if l == Value::Bool(false) {
+                if matches!(l, Value::Bool(false)) {
                     return l;
                 }
                 match (l, b.eval(cx)) {
@@ -375,7 +378,7 @@ impl Node {
             }
             Node::Or(a, b) => {
                 let l = a.eval(cx);
-                if l == Value::Bool(true) {
+                if matches!(l, Value::Bool(true)) {
                     return l;
                 }
                 match (l, b.eval(cx)) {
@@ -484,7 +487,12 @@ fn num_result(n: f64) -> Value<'static> {
 /// Parses a string as a number for `as_number`: optional surrounding whitespace, decimal
 /// digits with optional sign, fraction and exponent. `inf`/`nan` are not numbers.
 fn parse_number(s: &str) -> Option<f64> {
-    let t = s.trim();
+    // `trim` only when an end may be whitespace: both ends printable ASCII is the usual case.
+    let t = match s.as_bytes() {
+        [first, .., last] if first.is_ascii_graphic() && last.is_ascii_graphic() => s,
+        [only] if only.is_ascii_graphic() => s,
+        _ => s.trim(),
+    };
     // The fast path's shape is a subset of what the checks below accept, with the same result.
     if let Some(v) = json::fast_decimal(t.as_bytes()) {
         return Some(v);

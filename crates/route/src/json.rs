@@ -338,6 +338,25 @@ fn key(b: &[u8], i: &mut usize) -> Result<(), ()> {
     Ok(())
 }
 
+/// [`skip`] with the common case, a string or number, handled in line without the call and
+/// its container stack.
+#[inline(always)]
+fn skip_value(b: &[u8], i: &mut usize, depth: u32) -> Result<(), ()> {
+    if depth > MAX_JSON_DEPTH {
+        return Err(());
+    }
+    let mut j = *i;
+    match token(b, &mut j) {
+        Some(b'"') => {
+            string(b, &mut j)?;
+        }
+        Some(c @ (b'-' | b'0'..=b'9')) => number(b, &mut j, c)?,
+        _ => j = skip(b, *i, depth)?,
+    }
+    *i = j;
+    Ok(())
+}
+
 /// Validates one value at `depth` starting at `b[i..]` that nothing reads; returns the index
 /// after it. Iterative, with the open containers kept as bits (set: object), because most of a
 /// body is skipped and a call per value would cost more than the value.
@@ -486,7 +505,7 @@ impl<'a> Scanner<'a> {
             }
             match self.child_by_key(parent, ks, ke, kesc) {
                 Some(child) => self.value(child, depth + 1)?,
-                None => self.i = skip(b, self.i, depth + 1)?,
+                None => skip_value(b, &mut self.i, depth + 1)?,
             }
             match token(b, &mut self.i) {
                 Some(b',') => {}
@@ -510,7 +529,7 @@ impl<'a> Scanner<'a> {
             });
             match child {
                 Some(child) => self.value(child, depth + 1)?,
-                None => self.i = skip(b, self.i, depth + 1)?,
+                None => skip_value(b, &mut self.i, depth + 1)?,
             }
             index = index.saturating_add(1);
             match token(b, &mut self.i) {
