@@ -138,6 +138,8 @@ pub struct Scratch {
     slots: Vec<Slot>,
     state: BodyState,
     pub(crate) taken: Vec<bool>,
+    /// The message's lower-cased source path (`route::source_path`).
+    pub(crate) path: Vec<u8>,
 }
 
 impl Default for Scratch {
@@ -154,6 +156,7 @@ impl Scratch {
             slots: Vec::new(),
             state: BodyState::NotLoaded,
             taken: Vec::new(),
+            path: Vec::new(),
         }
     }
 
