@@ -330,6 +330,16 @@ fn sys_value(v: SystemValue<'_>) -> Value<'_> {
 }
 
 impl Node {
+    /// [`Node::eval`] with a constant operand (`x < 10`, `m = 'sensor'`) read in line rather
+    /// than through a recursive call.
+    #[inline(always)]
+    fn eval_operand<'a>(&'a self, cx: &Ctx<'a>) -> Value<'a> {
+        match self {
+            Node::Const(c) => c.value(),
+            n => n.eval(cx),
+        }
+    }
+
     pub(crate) fn eval<'a>(&'a self, cx: &Ctx<'a>) -> Value<'a> {
         match self {
             Node::Const(c) => c.value(),
@@ -394,7 +404,7 @@ impl Node {
                 Value::Undefined => b.eval(cx),
                 v => v,
             },
-            Node::Bin(op, a, b) => binary(*op, a.eval(cx), b.eval(cx)),
+            Node::Bin(op, a, b) => binary(*op, a.eval_operand(cx), b.eval_operand(cx)),
             Node::Call(f, args) => call(*f, args, cx),
         }
     }
