@@ -138,6 +138,8 @@ pub struct Scratch {
     slots: Vec<Slot>,
     state: BodyState,
     pub(crate) taken: Vec<bool>,
+    /// The message's lower-cased source path (`route::source_path`).
+    pub(crate) path: Vec<u8>,
 }
 
 impl Default for Scratch {
@@ -154,6 +156,7 @@ impl Scratch {
             slots: Vec::new(),
             state: BodyState::NotLoaded,
             taken: Vec::new(),
+            path: Vec::new(),
         }
     }
 
@@ -210,7 +213,10 @@ fn body_encoding(msg: &Message) -> Option<Encoding> {
             None => Some(Encoding::Utf8),
             Some(e) => Encoding::from_name(e),
         },
-        (Some(ct), Some(enc)) if ct.eq_ignore_ascii_case("application/json") => {
+        // The exact spelling first: one length check and compare, before the case-folding one.
+        (Some(ct), Some(enc))
+            if ct == "application/json" || ct.eq_ignore_ascii_case("application/json") =>
+        {
             Encoding::from_name(enc)
         }
         _ => None,
@@ -324,6 +330,16 @@ fn sys_value(v: SystemValue<'_>) -> Value<'_> {
 }
 
 impl Node {
+    /// [`Node::eval`] with a constant operand (`x < 10`, `m = 'sensor'`) read in line rather
+    /// than through a recursive call.
+    #[inline(always)]
+    fn eval_operand<'a>(&'a self, cx: &Ctx<'a>) -> Value<'a> {
+        match self {
+            Node::Const(c) => c.value(),
+            n => n.eval(cx),
+        }
+    }
+
     pub(crate) fn eval<'a>(&'a self, cx: &Ctx<'a>) -> Value<'a> {
         match self {
             Node::Const(c) => c.value(),
@@ -364,7 +380,7 @@ impl Node {
             },
             Node::And(a, b) => {
                 let l = a.eval(cx);
-                if l == Value::Bool(false) {
+                if matches!(l, Value::Bool(false)) {
                     return l;
                 }
                 match (l, b.eval(cx)) {
@@ -375,7 +391,7 @@ impl Node {
             }
             Node::Or(a, b) => {
                 let l = a.eval(cx);
-                if l == Value::Bool(true) {
+                if matches!(l, Value::Bool(true)) {
                     return l;
                 }
                 match (l, b.eval(cx)) {
@@ -388,7 +404,7 @@ impl Node {
                 Value::Undefined => b.eval(cx),
                 v => v,
             },
-            Node::Bin(op, a, b) => binary(*op, a.eval(cx), b.eval(cx)),
+            Node::Bin(op, a, b) => binary(*op, a.eval_operand(cx), b.eval_operand(cx)),
             Node::Call(f, args) => call(*f, args, cx),
         }
     }
@@ -484,7 +500,16 @@ fn num_result(n: f64) -> Value<'static> {
 /// Parses a string as a number for `as_number`: optional surrounding whitespace, decimal
 /// digits with optional sign, fraction and exponent. `inf`/`nan` are not numbers.
 fn parse_number(s: &str) -> Option<f64> {
-    let t = s.trim();
+    // `trim` only when an end may be whitespace: both ends printable ASCII is the usual case.
+    let t = match s.as_bytes() {
+        [first, .., last] if first.is_ascii_graphic() && last.is_ascii_graphic() => s,
+        [only] if only.is_ascii_graphic() => s,
+        _ => s.trim(),
+    };
+    // The fast path's shape is a subset of what the checks below accept, with the same result.
+    if let Some(v) = json::fast_decimal(t.as_bytes()) {
+        return Some(v);
+    }
     if t.is_empty()
         || !t.bytes().any(|b| b.is_ascii_digit())
         || !t

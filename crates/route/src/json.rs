@@ -115,6 +115,60 @@ pub(crate) enum Slot {
 
 const MAX_JSON_DEPTH: u32 = 128;
 
+/// Exact powers of ten: every one up to 10^22 is a double.
+const POW10: [f64; 16] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+];
+
+/// Parses `[+-]digits[.digits]` (at least one digit, at most 15 in all), the shape nearly every
+/// telemetry number has, without the general decimal parser. The mantissa (< 10^15 < 2^53) and
+/// the power of ten are both exact doubles, so the one correctly rounded division gives exactly
+/// what `str::parse::<f64>` gives (Clinger's fast path). `None` for anything else: callers fall
+/// back to `str::parse`.
+pub(crate) fn fast_decimal(text: &[u8]) -> Option<f64> {
+    let (neg, digits) = match text {
+        [b'-', rest @ ..] => (true, rest),
+        [b'+', rest @ ..] => (false, rest),
+        rest => (false, rest),
+    };
+    let mut mantissa = 0u64;
+    let mut count = 0usize;
+    let mut point: Option<usize> = None;
+    for &c in digits {
+        match c {
+            b'0'..=b'9' => {
+                count += 1;
+                if count > 15 {
+                    return None;
+                }
+                mantissa = mantissa * 10 + u64::from(c - b'0');
+            }
+            b'.' if point.is_none() => point = Some(count),
+            _ => return None,
+        }
+    }
+    if count == 0 {
+        return None;
+    }
+    let scale = POW10.get(count - point.unwrap_or(count))?;
+    let v = mantissa as f64 / scale;
+    Some(if neg { -v } else { v })
+}
+
+/// High bit set in each byte of `w` (little-endian lanes) that ends a run of plain string
+/// contents: `"`, `\` or a control character. Borrows only travel upwards from a byte that
+/// matched, so the lowest set bit is always exact (higher ones may be spurious).
+#[inline(always)]
+fn string_stops(w: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let zero_byte = |x: u64| x.wrapping_sub(ONES) & !x;
+    let quote = zero_byte(w ^ (ONES * u64::from(b'"')));
+    let backslash = zero_byte(w ^ (ONES * u64::from(b'\\')));
+    let control = w.wrapping_sub(ONES * 0x20) & !w;
+    (quote | backslash | control) & HIGH
+}
+
 struct Scanner<'a> {
     b: &'a [u8],
     i: usize,
@@ -126,6 +180,9 @@ struct Scanner<'a> {
 /// preset to `Missing`). `Err` on malformed JSON.
 /// Works on bytes: strings are not UTF-8-checked here (values are decoded lossily when read,
 /// as .NET's decoder does).
+///
+/// Subtrees no path reaches are only validated ([`skip`]), strings are searched eight bytes at
+/// a time, and only numbers that land in a slot are converted.
 pub(crate) fn scan(text: &[u8], trie: &Trie, slots: &mut [Slot]) -> Result<(), ()> {
     if text.len() > u32::MAX as usize {
         return Err(());
@@ -136,110 +193,269 @@ pub(crate) fn scan(text: &[u8], trie: &Trie, slots: &mut [Slot]) -> Result<(), (
         trie,
         slots,
     };
-    s.value(Some(0), 0)?;
-    s.ws();
-    if s.i == s.b.len() { Ok(()) } else { Err(()) }
+    s.value(0, 0)?;
+    // Only whitespace may follow.
+    match token(text, &mut s.i) {
+        None => Ok(()),
+        Some(_) => Err(()),
+    }
 }
 
-impl Scanner<'_> {
-    fn ws(&mut self) {
-        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.b.get(self.i) {
-            self.i += 1;
+// The lexical steps below are free functions over (bytes, index) rather than methods so that
+// the index lives in a register through the skip loop.
+
+/// The next byte after whitespace, consumed.
+#[inline(always)]
+fn token(b: &[u8], i: &mut usize) -> Option<u8> {
+    loop {
+        let c = *b.get(*i)?;
+        *i += 1;
+        // One comparison for the usual case: anything above a space is not whitespace.
+        if c > b' ' || !matches!(c, b' ' | b'\t' | b'\n' | b'\r') {
+            return Some(c);
         }
     }
+}
 
-    fn eat(&mut self, c: u8) -> Result<(), ()> {
-        self.ws();
-        if self.b.get(self.i) == Some(&c) {
-            self.i += 1;
-            Ok(())
-        } else {
-            Err(())
+/// Like [`token`], but consumes the byte only when it is `c`.
+#[inline(always)]
+fn token_if(b: &[u8], i: &mut usize, c: u8) -> bool {
+    let mut j = *i;
+    if token(b, &mut j) == Some(c) {
+        *i = j;
+        true
+    } else {
+        false
+    }
+}
+
+/// After an opening quote: the raw contents' range and whether escapes occur.
+#[inline(always)]
+fn string(b: &[u8], i: &mut usize) -> Result<(usize, usize, bool), ()> {
+    let start = *i;
+    let mut escaped = false;
+    loop {
+        // Plain bytes eight at a time; the last few (fewer than eight) one by one below.
+        while let Some(chunk) = b.get(*i..).and_then(<[u8]>::first_chunk::<8>) {
+            let stops = string_stops(u64::from_le_bytes(*chunk));
+            if stops != 0 {
+                *i += (stops.trailing_zeros() / 8) as usize;
+                break;
+            }
+            *i += 8;
+        }
+        match *b.get(*i).ok_or(())? {
+            b'"' => {
+                let end = *i;
+                *i += 1;
+                return Ok((start, end, escaped));
+            }
+            b'\\' => {
+                escaped = true;
+                match b.get(*i + 1).ok_or(())? {
+                    b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => *i += 2,
+                    b'u' => {
+                        let hex = b.get(*i + 2..*i + 6).ok_or(())?;
+                        if !hex.iter().all(u8::is_ascii_hexdigit) {
+                            return Err(());
+                        }
+                        *i += 6;
+                    }
+                    _ => return Err(()),
+                }
+            }
+            c if c < 0x20 => return Err(()),
+            _ => *i += 1,
         }
     }
+}
 
-    fn record(&mut self, node: Option<u32>, v: Slot) {
-        if let Some(n) = node
-            && let Some(s) = self.trie.nodes[n as usize].slot
-            && let Some(slot) = self.slots.get_mut(s as usize)
+#[inline(always)]
+fn digits(b: &[u8], i: &mut usize) -> usize {
+    let start = *i;
+    while let Some(b'0'..=b'9') = b.get(*i) {
+        *i += 1;
+    }
+    *i - start
+}
+
+/// The rest of a number whose first byte (`-` or a digit) was just read.
+#[inline(always)]
+fn number(b: &[u8], i: &mut usize, first: u8) -> Result<(), ()> {
+    let lead = if first == b'-' {
+        let c = *b.get(*i).ok_or(())?;
+        *i += 1;
+        c
+    } else {
+        first
+    };
+    match lead {
+        b'0' => {}
+        b'1'..=b'9' => {
+            digits(b, i);
+        }
+        _ => return Err(()),
+    }
+    if b.get(*i) == Some(&b'.') {
+        *i += 1;
+        if digits(b, i) == 0 {
+            return Err(());
+        }
+    }
+    if let Some(b'e' | b'E') = b.get(*i) {
+        *i += 1;
+        if let Some(b'+' | b'-') = b.get(*i) {
+            *i += 1;
+        }
+        if digits(b, i) == 0 {
+            return Err(());
+        }
+    }
+    Ok(())
+}
+
+/// The rest of `true`/`false`/`null` after its first letter.
+#[inline(always)]
+fn literal(b: &[u8], i: &mut usize, rest: &[u8]) -> Result<(), ()> {
+    if b.get(*i..*i + rest.len()) == Some(rest) {
+        *i += rest.len();
+        Ok(())
+    } else {
+        Err(())
+    }
+}
+
+/// `"key":` of an object member whose key nothing reads.
+#[inline(always)]
+fn key(b: &[u8], i: &mut usize) -> Result<(), ()> {
+    if token(b, i) != Some(b'"') {
+        return Err(());
+    }
+    string(b, i)?;
+    if token(b, i) != Some(b':') {
+        return Err(());
+    }
+    Ok(())
+}
+
+/// [`skip`] with the common case, a string or number, handled in line without the call and
+/// its container stack.
+#[inline(always)]
+fn skip_value(b: &[u8], i: &mut usize, depth: u32) -> Result<(), ()> {
+    if depth > MAX_JSON_DEPTH {
+        return Err(());
+    }
+    let mut j = *i;
+    match token(b, &mut j) {
+        Some(b'"') => {
+            string(b, &mut j)?;
+        }
+        Some(c @ (b'-' | b'0'..=b'9')) => number(b, &mut j, c)?,
+        _ => j = skip(b, *i, depth)?,
+    }
+    *i = j;
+    Ok(())
+}
+
+/// Validates one value at `depth` starting at `b[i..]` that nothing reads; returns the index
+/// after it. Iterative, with the open containers kept as bits (set: object), because most of a
+/// body is skipped and a call per value would cost more than the value.
+fn skip(b: &[u8], mut i: usize, depth: u32) -> Result<usize, ()> {
+    // At most MAX_JSON_DEPTH + 1 containers are open (a value is read only at depth ≤ MAX).
+    let mut objects = [0u64; (MAX_JSON_DEPTH as usize + 1).div_ceil(64)];
+    let mut open = 0usize;
+    loop {
+        // A value at depth + open.
+        if depth as usize + open > MAX_JSON_DEPTH as usize {
+            return Err(());
+        }
+        let c = token(b, &mut i).ok_or(())?;
+        let opened = match c {
+            b'{' => !token_if(b, &mut i, b'}'),
+            b'[' => !token_if(b, &mut i, b']'),
+            b'"' => {
+                string(b, &mut i)?;
+                false
+            }
+            b't' => literal(b, &mut i, b"rue").map(|()| false)?,
+            b'f' => literal(b, &mut i, b"alse").map(|()| false)?,
+            b'n' => literal(b, &mut i, b"ull").map(|()| false)?,
+            b'-' | b'0'..=b'9' => number(b, &mut i, c).map(|()| false)?,
+            _ => return Err(()),
+        };
+        if opened {
+            let is_object = c == b'{';
+            let (word, bit) = (open / 64, 1u64 << (open % 64));
+            let w = objects.get_mut(word).ok_or(())?;
+            if is_object {
+                *w |= bit;
+                key(b, &mut i)?;
+            } else {
+                *w &= !bit;
+            }
+            open += 1;
+            continue;
+        }
+        // A value ended: close containers until one continues with a comma.
+        loop {
+            let Some(top) = open.checked_sub(1) else {
+                return Ok(i);
+            };
+            let is_object = objects.get(top / 64).ok_or(())? & (1u64 << (top % 64)) != 0;
+            match (token(b, &mut i), is_object) {
+                (Some(b','), true) => {
+                    key(b, &mut i)?;
+                    break;
+                }
+                (Some(b','), false) => break,
+                (Some(b'}'), true) | (Some(b']'), false) => open = top,
+                _ => return Err(()),
+            }
+        }
+    }
+}
+
+impl<'a> Scanner<'a> {
+    fn record(&mut self, slot: Option<u32>, v: Slot) {
+        if let Some(s) = slot
+            && let Some(out) = self.slots.get_mut(s as usize)
         {
-            *slot = v;
+            *out = v;
         }
     }
 
-    /// Children to descend into (None when nobody needs anything below `node`).
-    fn interesting(&self, node: Option<u32>) -> Option<u32> {
-        node.filter(|&n| !self.trie.nodes[n as usize].children.is_empty())
-    }
-
-    fn value(&mut self, node: Option<u32>, depth: u32) -> Result<(), ()> {
+    /// A value at trie node `node`: recorded in its slot, children followed.
+    fn value(&mut self, node: u32, depth: u32) -> Result<(), ()> {
+        let trie = self.trie;
+        let n = match trie.nodes.get(node as usize) {
+            Some(n) if !n.children.is_empty() || n.slot.is_some() => n,
+            _ => {
+                self.i = skip(self.b, self.i, depth)?;
+                return Ok(());
+            }
+        };
         if depth > MAX_JSON_DEPTH {
             return Err(());
         }
-        self.ws();
-        match self.b.get(self.i).copied().ok_or(())? {
-            b'{' => {
-                self.i += 1;
-                self.record(node, Slot::Complex);
-                let parent = self.interesting(node);
-                self.ws();
-                if self.b.get(self.i) == Some(&b'}') {
-                    self.i += 1;
-                    return Ok(());
-                }
-                loop {
-                    self.eat(b'"')?;
-                    let (ks, ke, kesc) = self.string()?;
-                    self.eat(b':')?;
-                    let child = parent.and_then(|p| self.child_by_key(p, ks, ke, kesc));
-                    self.value(child, depth + 1)?;
-                    self.ws();
-                    match self.b.get(self.i) {
-                        Some(b',') => self.i += 1,
-                        Some(b'}') => {
-                            self.i += 1;
-                            return Ok(());
-                        }
-                        _ => return Err(()),
-                    }
-                }
-            }
-            b'[' => {
-                self.i += 1;
-                self.record(node, Slot::Complex);
-                let parent = self.interesting(node);
-                self.ws();
-                if self.b.get(self.i) == Some(&b']') {
-                    self.i += 1;
-                    return Ok(());
-                }
-                let mut index = 0u32;
-                loop {
-                    let child = parent.and_then(|p| {
-                        self.trie.nodes[p as usize]
-                            .children
-                            .iter()
-                            .find(|(s, _)| *s == Seg::Index(index))
-                            .map(|&(_, c)| c)
-                    });
-                    self.value(child, depth + 1)?;
-                    index = index.saturating_add(1);
-                    self.ws();
-                    match self.b.get(self.i) {
-                        Some(b',') => self.i += 1,
-                        Some(b']') => {
-                            self.i += 1;
-                            return Ok(());
-                        }
-                        _ => return Err(()),
-                    }
+        let b = self.b;
+        match token(b, &mut self.i).ok_or(())? {
+            c @ (b'{' | b'[') => {
+                self.record(n.slot, Slot::Complex);
+                if n.children.is_empty() {
+                    // Nothing below is read: let `skip` take the container from its bracket.
+                    self.i -= 1;
+                    self.i = skip(b, self.i, depth)?;
+                    Ok(())
+                } else if c == b'{' {
+                    self.object(depth, n)
+                } else {
+                    self.array(depth, n)
                 }
             }
             b'"' => {
-                self.i += 1;
-                let (start, end, escaped) = self.string()?;
+                let (start, end, escaped) = string(b, &mut self.i)?;
                 self.record(
-                    node,
+                    n.slot,
                     Slot::Str {
                         start: start as u32,
                         end: end as u32,
@@ -248,16 +464,24 @@ impl Scanner<'_> {
                 );
                 Ok(())
             }
-            b't' => self.literal(b"true", node, Slot::Bool(true)),
-            b'f' => self.literal(b"false", node, Slot::Bool(false)),
-            b'n' => self.literal(b"null", node, Slot::Null),
-            b'-' | b'0'..=b'9' => {
-                let start = self.i;
-                self.number()?;
-                if node.is_some_and(|n| self.trie.nodes[n as usize].slot.is_some()) {
-                    let text = std::str::from_utf8(&self.b[start..self.i]).map_err(|_| ())?;
-                    let v: f64 = text.parse().map_err(|_| ())?;
-                    self.record(node, Slot::Num(v));
+            b't' => literal(b, &mut self.i, b"rue").map(|()| self.record(n.slot, Slot::Bool(true))),
+            b'f' => {
+                literal(b, &mut self.i, b"alse").map(|()| self.record(n.slot, Slot::Bool(false)))
+            }
+            b'n' => literal(b, &mut self.i, b"ull").map(|()| self.record(n.slot, Slot::Null)),
+            c @ (b'-' | b'0'..=b'9') => {
+                let start = self.i - 1;
+                number(b, &mut self.i, c)?;
+                if n.slot.is_some() {
+                    let text = b.get(start..self.i).ok_or(())?;
+                    let v = match fast_decimal(text) {
+                        Some(v) => v,
+                        None => std::str::from_utf8(text)
+                            .map_err(|_| ())?
+                            .parse()
+                            .map_err(|_| ())?,
+                    };
+                    self.record(n.slot, Slot::Num(v));
                 }
                 Ok(())
             }
@@ -265,105 +489,81 @@ impl Scanner<'_> {
         }
     }
 
-    fn literal(&mut self, word: &[u8], node: Option<u32>, v: Slot) -> Result<(), ()> {
-        if self.b[self.i..].starts_with(word) {
-            self.i += word.len();
-            self.record(node, v);
-            Ok(())
-        } else {
-            Err(())
+    /// The members of an object whose `{` was just read, some of which paths below `parent` reach.
+    fn object(&mut self, depth: u32, parent: &'a TrieNode) -> Result<(), ()> {
+        let b = self.b;
+        if token_if(b, &mut self.i, b'}') {
+            return Ok(());
         }
-    }
-
-    fn digits(&mut self) -> usize {
-        let n = self.b[self.i..]
-            .iter()
-            .take_while(|c| c.is_ascii_digit())
-            .count();
-        self.i += n;
-        n
-    }
-
-    fn number(&mut self) -> Result<(), ()> {
-        if self.b.get(self.i) == Some(&b'-') {
-            self.i += 1;
-        }
-        match self.b.get(self.i) {
-            Some(b'0') => self.i += 1,
-            Some(b'1'..=b'9') => {
-                self.digits();
-            }
-            _ => return Err(()),
-        }
-        if self.b.get(self.i) == Some(&b'.') {
-            self.i += 1;
-            if self.digits() == 0 {
-                return Err(());
-            }
-        }
-        if let Some(b'e' | b'E') = self.b.get(self.i) {
-            self.i += 1;
-            if let Some(b'+' | b'-') = self.b.get(self.i) {
-                self.i += 1;
-            }
-            if self.digits() == 0 {
-                return Err(());
-            }
-        }
-        Ok(())
-    }
-
-    /// After an opening quote: returns the raw contents' range and whether escapes occur.
-    fn string(&mut self) -> Result<(usize, usize, bool), ()> {
-        let start = self.i;
-        let mut escaped = false;
         loop {
-            let rel = self.b[self.i..]
-                .iter()
-                .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
-                .ok_or(())?;
-            self.i += rel;
-            match self.b[self.i] {
-                b'"' => {
-                    let end = self.i;
-                    self.i += 1;
-                    return Ok((start, end, escaped));
-                }
-                b'\\' => {
-                    escaped = true;
-                    match self.b.get(self.i + 1).ok_or(())? {
-                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => self.i += 2,
-                        b'u' => {
-                            let hex = self.b.get(self.i + 2..self.i + 6).ok_or(())?;
-                            if !hex.iter().all(u8::is_ascii_hexdigit) {
-                                return Err(());
-                            }
-                            self.i += 6;
-                        }
-                        _ => return Err(()),
-                    }
-                }
+            if token(b, &mut self.i) != Some(b'"') {
+                return Err(());
+            }
+            let (ks, ke, kesc) = string(b, &mut self.i)?;
+            if token(b, &mut self.i) != Some(b':') {
+                return Err(());
+            }
+            match self.child_by_key(parent, ks, ke, kesc) {
+                Some(child) => self.value(child, depth + 1)?,
+                None => skip_value(b, &mut self.i, depth + 1)?,
+            }
+            match token(b, &mut self.i) {
+                Some(b',') => {}
+                Some(b'}') => return Ok(()),
                 _ => return Err(()),
             }
         }
     }
 
-    fn child_by_key(&self, parent: u32, start: usize, end: usize, escaped: bool) -> Option<u32> {
-        let raw = &self.b[start..end];
-        let children = &self.trie.nodes[parent as usize].children;
+    /// The elements of an array whose `[` was just read, some of which paths below `parent` reach.
+    fn array(&mut self, depth: u32, parent: &'a TrieNode) -> Result<(), ()> {
+        let b = self.b;
+        if token_if(b, &mut self.i, b']') {
+            return Ok(());
+        }
+        let mut index = 0u32;
+        loop {
+            let child = parent.children.iter().find_map(|(s, c)| match s {
+                Seg::Index(k) if *k == index => Some(*c),
+                _ => None,
+            });
+            match child {
+                Some(child) => self.value(child, depth + 1)?,
+                None => skip_value(b, &mut self.i, depth + 1)?,
+            }
+            index = index.saturating_add(1);
+            match token(b, &mut self.i) {
+                Some(b',') => {}
+                Some(b']') => return Ok(()),
+                _ => return Err(()),
+            }
+        }
+    }
+
+    fn child_by_key(
+        &self,
+        parent: &TrieNode,
+        start: usize,
+        end: usize,
+        escaped: bool,
+    ) -> Option<u32> {
+        let raw = self.b.get(start..end)?;
         if !escaped {
-            return children.iter().find_map(|(s, c)| match s {
+            return parent.children.iter().find_map(|(s, c)| match s {
                 Seg::Key(k) if k.as_bytes() == raw => Some(*c),
                 _ => None,
             });
         }
         let key = unescape(&String::from_utf8_lossy(raw));
-        children.iter().find_map(|(s, c)| match s {
+        parent.children.iter().find_map(|(s, c)| match s {
             Seg::Key(k) if **k == *key => Some(*c),
             _ => None,
         })
     }
 }
+
+#[cfg(test)]
+mod oracle;
 
 /// Decodes the contents of a (validated) JSON string literal. Allocates.
 pub(crate) fn unescape(raw: &str) -> String {

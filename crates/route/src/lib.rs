@@ -100,8 +100,12 @@
 //! The first condition that needs `$body` triggers a single pass over the body. UTF-8 bodies
 //! are scanned in place, and UTF-16/32 bodies are first decoded into a reused buffer. The pass
 //! checks that the body is valid JSON and records the value at every trie path, skipping other
-//! subtrees without allocating. Later body reads, from any route in
-//! the same [`RouteSet::evaluate`] call, are slot lookups.
+//! subtrees without allocating. Subtrees no path reaches are only validated, by a loop that keeps
+//! open containers as bits; strings are searched eight bytes at a time, and only numbers that
+//! land in a slot are converted (plain decimals of up to 15 digits by one exact division).
+//! Later body reads, from any route in the same [`RouteSet::evaluate`] call, are slot lookups.
+//! A route set builds the message's lower-cased source path once per call, so each route's
+//! source is one prefix compare.
 //!
 //! Property reads borrow `&str` from the message. With a warmed-up [`Scratch`], evaluation
 //! allocates only for `||`, `concat`, `lower`, `upper`, JSON strings containing escapes, and

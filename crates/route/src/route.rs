@@ -124,6 +124,34 @@ impl Source {
         };
         done || want.is_empty()
     }
+
+    /// [`Source::matches`] against the path [`source_path`] wrote: one prefix compare, for
+    /// a route set that checks many sources against one message.
+    pub(crate) fn matches_path(&self, lowered_path: &[u8]) -> bool {
+        lowered_path.starts_with(self.prefix.as_bytes())
+    }
+}
+
+/// Writes `msg`'s source path (see the crate docs), ASCII-lower-cased like every
+/// [`Source`] prefix, into `out`.
+pub(crate) fn source_path(msg: &Message, out: &mut Vec<u8>) {
+    out.clear();
+    match msg.kind {
+        MessageKind::TwinChangeNotification => out.extend_from_slice(b"/twinChangeNotifications/"),
+        MessageKind::Telemetry => match nonempty(&msg.system.connection_module_id) {
+            None => out.extend_from_slice(b"/messages/"),
+            Some(m) => {
+                out.extend_from_slice(b"/messages/modules/");
+                out.extend_from_slice(m.as_bytes());
+                if let Some(o) = nonempty(&msg.system.output_name) {
+                    out.extend_from_slice(b"/outputs/");
+                    out.extend_from_slice(o.as_bytes());
+                }
+                out.push(b'/');
+            }
+        },
+    }
+    out.make_ascii_lowercase();
 }
 
 /// A parsed (not compiled) route.
@@ -284,8 +312,14 @@ impl RouteSet {
         scratch.reset();
         scratch.taken.clear();
         scratch.taken.resize(self.endpoints.len(), false);
+        // The message's path is built once; each route's source is then a prefix compare.
+        // Taken out of `scratch` (no allocation) because `load` below borrows it mutably.
+        let mut path = std::mem::take(&mut scratch.path);
+        source_path(msg, &mut path);
         for r in &self.routes {
-            if scratch.taken.get(r.endpoint).copied().unwrap_or(true) || !r.source.matches(msg) {
+            if scratch.taken.get(r.endpoint).copied().unwrap_or(true)
+                || !r.source.matches_path(&path)
+            {
                 continue;
             }
             if let Some(cond) = &r.condition {
@@ -316,6 +350,7 @@ impl RouteSet {
                 });
             }
         }
+        scratch.path = path;
     }
 
     /// Convenience form of [`RouteSet::evaluate`] that allocates its own buffers.

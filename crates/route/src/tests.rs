@@ -455,6 +455,10 @@ fn sources() {
         let s = Source::new(src);
         for (m, w) in all.iter().zip(want) {
             assert_eq!(s.matches(m), *w, "{src} vs {:?}", m.system);
+            // The route set's form: one path per message, a prefix compare per route.
+            let mut path = Vec::new();
+            crate::route::source_path(m, &mut path);
+            assert_eq!(s.matches_path(&path), *w, "{src} vs path {path:?}");
         }
     }
 }
