@@ -26,6 +26,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::methods::{Methods, MethodsConfig, Trust};
 use crate::{Agent, AgentConfig, ManagementRuntime, TwinLink, TwinOptions};
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
@@ -91,8 +92,12 @@ struct Args {
     upstream_ca: Option<PathBuf>,
 }
 
-/// The twin link, when the environment names a hub and it is not turned off.
-async fn twin_link(args: &Args) -> anyhow::Result<Option<TwinLink>> {
+/// The twin link, when the environment names a hub and it is not turned off;
+/// its direct methods act on `runtime`.
+async fn twin_link(
+    args: &Args,
+    runtime: Arc<dyn ModuleRuntime>,
+) -> anyhow::Result<Option<TwinLink>> {
     if args.no_twin {
         return Ok(None);
     }
@@ -111,11 +116,23 @@ async fn twin_link(args: &Args) -> anyhow::Result<Option<TwinLink>> {
         ),
         None => None,
     };
+    let methods = Methods::new(
+        runtime,
+        MethodsConfig {
+            iothub: env.iothub_hostname.clone(),
+            device: env.device_id.clone(),
+            trust: Trust {
+                env: Some(env.clone()),
+                extra_ca_pem: extra_ca_pem.clone(),
+            },
+        },
+    );
     Ok(Some(TwinLink::spawn(TwinOptions {
         env,
         port: args.upstream_port,
         extra_ca_pem,
         min_gap: Duration::from_millis(args.report_interval_ms),
+        methods,
     })))
 }
 
@@ -208,10 +225,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Arc::new(DockerRuntime::new(dc))
         }
     };
-    let mut agent = Agent::open(runtime, cfg.clone(), &args.storage)
+    let mut agent = Agent::open(runtime.clone(), cfg.clone(), &args.storage)
         .await
         .context("opening the agent storage")?;
-    let mut twin = twin_link(&args).await?;
+    let mut twin = twin_link(&args, runtime).await?;
     if let Some(link) = &twin {
         agent.report_to(link.reporter());
     }

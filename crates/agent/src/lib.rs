@@ -108,6 +108,7 @@
 pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod methods;
 pub mod mgmt;
 pub mod plan;
 pub mod report;
