@@ -230,7 +230,11 @@ fn required_string(v: &Value, name: &str) -> Result<String, MethodError> {
 /// string holding an object is accepted too (some callers send text).
 fn payload_object(payload: &Value) -> Result<Value, MethodError> {
     let v = match payload {
+        // An empty body may reach us as an empty string.
         Value::Null => {
+            return Err(MethodError::BadRequest("Request payload not found".into()));
+        }
+        Value::String(s) if s.trim().is_empty() => {
             return Err(MethodError::BadRequest("Request payload not found".into()));
         }
         Value::String(s) => serde_json::from_str(s).map_err(|e| {
