@@ -97,6 +97,7 @@ struct Args {
 async fn twin_link(
     args: &Args,
     runtime: Arc<dyn ModuleRuntime>,
+    own_name: Option<String>,
 ) -> anyhow::Result<Option<TwinLink>> {
     if args.no_twin {
         return Ok(None);
@@ -125,6 +126,7 @@ async fn twin_link(
                 env: Some(env.clone()),
                 extra_ca_pem: extra_ca_pem.clone(),
             },
+            own_name,
         },
     );
     Ok(Some(TwinLink::spawn(TwinOptions {
@@ -176,6 +178,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         Backend::Process
     });
+    let mut own_name = None;
     let runtime: Arc<dyn ModuleRuntime> = match backend {
         Backend::Verged => {
             let uri = args
@@ -200,6 +203,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
             };
             tracing::info!(socket = %rt.socket().display(), kind = %info.kind, "using verged's management API");
+            // verged serves its process agent's logs by name without listing
+            // it as a module; the log methods may select it.
+            own_name = rt.agent_info().await.ok().map(|a| a.name);
             cfg.normalize_image = info.kind != "process";
             for k in INHERITED_ENV {
                 if let Ok(v) = std::env::var(k) {
@@ -228,7 +234,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut agent = Agent::open(runtime.clone(), cfg.clone(), &args.storage)
         .await
         .context("opening the agent storage")?;
-    let mut twin = twin_link(&args, runtime).await?;
+    let mut twin = twin_link(&args, runtime, own_name).await?;
     if let Some(link) = &twin {
         agent.report_to(link.reporter());
     }

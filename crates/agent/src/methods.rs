@@ -106,6 +106,10 @@ pub struct MethodsConfig {
     pub device: String,
     /// What the upload client trusts.
     pub trust: Trust,
+    /// The agent's own name when the runtime serves its logs without
+    /// listing it as a module (verged's process agent): logs requests can
+    /// select it as edgeAgent's can.
+    pub own_name: Option<String>,
 }
 
 /// A background task's status.
@@ -183,6 +187,7 @@ struct Inner {
     iothub: String,
     device: String,
     uploader: Uploader,
+    own_name: Option<String>,
     tasks: Mutex<Tasks>,
     running: Semaphore,
 }
@@ -381,6 +386,7 @@ impl Methods {
                 iothub: cfg.iothub,
                 device: cfg.device,
                 uploader: Uploader::new(cfg.trust),
+                own_name: cfg.own_name,
                 tasks: Mutex::new(Tasks::default()),
                 running: Semaphore::new(MAX_RUNNING_TASKS),
             }),
@@ -448,14 +454,18 @@ impl Methods {
         }
     }
 
-    /// The names of the modules the runtime has.
+    /// The names of the modules whose logs can be read (the runtime's
+    /// modules and the agent itself).
     async fn module_names(&self) -> Result<Vec<String>, MethodError> {
-        self.inner
+        let mut names: Vec<String> = self
+            .inner
             .runtime
             .list()
             .await
             .map(|l| l.into_iter().map(|m| m.spec.name).collect())
-            .map_err(|e| MethodError::Internal(format!("listing the modules: {e}")))
+            .map_err(|e| MethodError::Internal(format!("listing the modules: {e}")))?;
+        names.extend(self.inner.own_name.clone());
+        Ok(names)
     }
 
     async fn get_module_logs(&self, payload: &Value) -> Result<Value, MethodError> {
@@ -676,5 +686,93 @@ impl Methods {
         let id = required_string(&v, "correlationId")?;
         let (status, message) = self.tasks().get(&id);
         Ok(Self::task_answer(&id, status, &message))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn schema_versions_with_major_1_only() {
+        assert_eq!(check_schema(&json!({"schemaVersion": "1.0"})), Ok(()));
+        assert_eq!(check_schema(&json!({"SCHEMAVERSION": "1.2"})), Ok(()));
+        for bad in [
+            json!({"schemaVersion": "2.0"}),
+            json!({"schemaVersion": "x"}),
+            json!({}),
+        ] {
+            assert!(
+                matches!(check_schema(&bad), Err(MethodError::Internal(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn payloads_are_objects_and_fields_any_case() {
+        assert_eq!(
+            payload_object(&Value::Null).unwrap_err().answer(),
+            (400, json!({"message": "Request payload not found"}))
+        );
+        assert_eq!(payload_object(&json!("")).unwrap_err().answer().0, 400);
+        assert_eq!(payload_object(&json!([1])).unwrap_err().answer().0, 400);
+        let v = payload_object(&json!("{\"Id\": \"m\"}")).unwrap();
+        assert_eq!(required_string(&v, "id").unwrap(), "m");
+        assert!(required_string(&json!({"id": 5}), "id").is_err());
+    }
+
+    #[test]
+    fn logs_requests_parse_as_edge_agent_reads_them() {
+        let r = parse_logs_request(&json!({
+            "schemaVersion": "1.0",
+            "items": {"id": "all", "filter": {"tail": 3, "since": "2d", "loglevel": 4, "regex": "x"}},
+            "encoding": "Gzip", "contentType": "JSON"
+        }))
+        .unwrap();
+        assert_eq!(r.items.len(), 1);
+        assert_eq!(r.items[0].filter.tail, Some(3));
+        assert!(r.items[0].filter.since.is_some());
+        assert_eq!(r.items[0].filter.loglevel, Some(4));
+        assert_eq!((r.encoding, r.content), (Encoding::Gzip, ContentType::Json));
+        // defaults: no encoding, text
+        let r = parse_logs_request(&json!({"schemaVersion": "1.0", "items": []})).unwrap();
+        assert_eq!((r.encoding, r.content), (Encoding::None, ContentType::Text));
+        for bad in [
+            json!({"schemaVersion": "1.0"}),
+            json!({"schemaVersion": "1.0", "items": [{"filter": {}}]}),
+            json!({"schemaVersion": "1.0", "items": [{"id": "a", "filter": {"tail": -1}}]}),
+            json!({"schemaVersion": "1.0", "items": [{"id": "a", "filter": {"loglevel": 9}}]}),
+            json!({"schemaVersion": "1.0", "items": [{"id": "a", "filter": {"since": "soon"}}]}),
+            json!({"schemaVersion": "1.0", "items": [], "contentType": "xml"}),
+        ] {
+            assert!(
+                matches!(parse_logs_request(&bad), Err(MethodError::BadRequest(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn blob_times_are_edge_agents() {
+        let t = Timestamp::parse("2026-01-02T03:04:05.678Z").unwrap();
+        assert_eq!(blob_time(t), "2026-01-02--03-04-05");
+    }
+
+    #[test]
+    fn task_statuses_are_bounded_and_keep_running_ones() {
+        let mut t = Tasks::default();
+        t.insert("running".into());
+        t.set("running", RunStatus::Running, String::new());
+        for i in 0..MAX_REMEMBERED_TASKS + 10 {
+            let id = format!("t{i}");
+            t.insert(id.clone());
+            t.set(&id, RunStatus::Completed, String::new());
+        }
+        assert!(t.by_id.len() <= MAX_REMEMBERED_TASKS);
+        assert_eq!(t.get("running").0, RunStatus::Running);
+        assert_eq!(t.get("t0").0, RunStatus::Unknown);
+        assert_eq!(t.pending(), 1);
     }
 }

@@ -491,6 +491,11 @@ impl ManagementRuntime {
     pub async fn system_info(&self) -> Result<SystemInfo, RuntimeError> {
         self.call_json("/systeminfo", Subject::NONE).await
     }
+
+    /// `GET /systeminfo/agent`: the agent verged supervises (this one).
+    pub async fn agent_info(&self) -> Result<verge_workload::api::AgentInfo, RuntimeError> {
+        self.call_json("/systeminfo/agent", Subject::NONE).await
+    }
 }
 
 #[async_trait::async_trait]

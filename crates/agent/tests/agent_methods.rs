@@ -4,7 +4,7 @@
 //! the real verged, process backend) answers through the management API.
 //!
 //! Checked: `ping` (any case); an unknown method is 400 naming all six;
-//! `GetModuleLogs` with `tail`, with `regex` + `loglevel` as gzipped JSON
+//! `GetModuleLogs` with `tail` (also of the agent itself), with `regex` + `loglevel` as gzipped JSON
 //! (decoded here), and 400 over the 127,000-byte cap; malformed payloads
 //! 400, a foreign `schemaVersion` 500; `RestartModule` restarts the module
 //! (a new process) and 500 for an unknown one; `UploadModuleLogs` and
@@ -170,22 +170,30 @@ async fn edge_agent_methods_through_the_service_sdk() {
         .await;
     h.write_verged_config(mqtt_port);
     h.start_verged();
-    h.sdk(json!({"op": "apply", "device": DEVICE, "modules_content": modules_content(
-        &out, json!({ "talker": talker(&out), "chatty": chatty(&out) }))}))
+    h.sdk(
+        json!({"op": "apply", "device": DEVICE, "modules_content": modules_content(
+        &out, json!({ "talker": talker(&out), "chatty": chatty(&out) }))}),
+    )
     .await;
     let talker_pid = h.running_pid("talker", None).await;
     h.running_pid("chatty", None).await;
     h.running_pid("edgeHub", None).await;
-    wait_until("the deployment reported 200", Duration::from_secs(90), async || {
-        let t = h.agent_twin().await;
-        (t["reported"]["lastDesiredStatus"]["code"] == 200).then_some(())
-    })
+    wait_until(
+        "the deployment reported 200",
+        Duration::from_secs(90),
+        async || {
+            let t = h.agent_twin().await;
+            (t["reported"]["lastDesiredStatus"]["code"] == 200).then_some(())
+        },
+    )
     .await;
 
     let call = async |name: &str, payload: Value| -> (i64, Value) {
         let r = h
-            .sdk(json!({"op": "invoke", "device": DEVICE, "module": "$edgeAgent",
-                        "method": name, "payload": payload, "timeout": 60}))
+            .sdk(
+                json!({"op": "invoke", "device": DEVICE, "module": "$edgeAgent",
+                        "method": name, "payload": payload, "timeout": 60}),
+            )
             .await;
         (r["status"].as_i64().unwrap(), r["payload"].clone())
     };
@@ -223,6 +231,16 @@ async fn edge_agent_methods_through_the_service_sdk() {
         "<6> info line 18\n<6> info line 19\n<6> info line 20\n<3> error: disk full\n<4> warning: cpu hot\n"
     );
 
+    // The agent's own log (verged's process agent is no module, as edgeAgent is).
+    let (s, p) = call(
+        "GetModuleLogs",
+        json!({"schemaVersion": "1.0", "items": [{"id": "^edgeagent$", "filter": {"tail": 3}}]}),
+    )
+    .await;
+    assert_eq!(s, 200, "{p}");
+    assert_eq!(p[0]["id"], "edgeAgent", "{p}");
+    assert_eq!(p[0]["payload"].as_str().unwrap().lines().count(), 3, "{p}");
+
     let (s, p) = call(
         "GetModuleLogs",
         json!({"schemaVersion": "1.0",
@@ -244,14 +262,18 @@ async fn edge_agent_methods_through_the_service_sdk() {
     assert!(lines[0]["timestamp"].is_string(), "{lines}");
 
     // Over the cap: 400; with a tail the same module fits.
-    wait_until("chatty's log to be long", Duration::from_secs(30), async || {
-        let (s, p) = call(
-            "GetModuleLogs",
-            json!({"schemaVersion": "1.0", "items": [{"id": "chatty"}], "contentType": "text"}),
-        )
-        .await;
-        (s == 400).then_some(p)
-    })
+    wait_until(
+        "chatty's log to be long",
+        Duration::from_secs(30),
+        async || {
+            let (s, p) = call(
+                "GetModuleLogs",
+                json!({"schemaVersion": "1.0", "items": [{"id": "chatty"}], "contentType": "text"}),
+            )
+            .await;
+            (s == 400).then_some(p)
+        },
+    )
     .await;
     let (s, p) = call(
         "GetModuleLogs",
@@ -270,12 +292,11 @@ async fn edge_agent_methods_through_the_service_sdk() {
 
     // ---- wrong payloads -----------------------------------------------------------
     let (s, p) = call("RestartModule", Value::Null).await;
-    assert_eq!((s, &p["message"]), (400, &json!("Request payload not found")));
-    let (s, p) = call(
-        "GetModuleLogs",
-        json!({"schemaVersion": "1.0", "items": 5}),
-    )
-    .await;
+    assert_eq!(
+        (s, &p["message"]),
+        (400, &json!("Request payload not found"))
+    );
+    let (s, p) = call("GetModuleLogs", json!({"schemaVersion": "1.0", "items": 5})).await;
     assert_eq!(s, 400, "{p}");
     let (s, p) = call(
         "GetModuleLogs",
@@ -289,14 +310,26 @@ async fn edge_agent_methods_through_the_service_sdk() {
     )
     .await;
     assert_eq!(s, 400, "{p}");
-    let (s, p) = call("RestartModule", json!({"schemaVersion": "2.0", "id": "talker"})).await;
+    let (s, p) = call(
+        "RestartModule",
+        json!({"schemaVersion": "2.0", "id": "talker"}),
+    )
+    .await;
     assert_eq!(s, 500, "{p}");
 
     // ---- RestartModule ---------------------------------------------------------------
-    let (s, p) = call("RestartModule", json!({"schemaVersion": "1.0", "id": "nosuch"})).await;
+    let (s, p) = call(
+        "RestartModule",
+        json!({"schemaVersion": "1.0", "id": "nosuch"}),
+    )
+    .await;
     assert_eq!(s, 500, "{p}");
     assert!(p["message"].as_str().unwrap().contains("nosuch"), "{p}");
-    let (s, p) = call("RestartModule", json!({"schemaVersion": "1.0", "id": "talker"})).await;
+    let (s, p) = call(
+        "RestartModule",
+        json!({"schemaVersion": "1.0", "id": "talker"}),
+    )
+    .await;
     assert_eq!((s, &p), (200, &Value::Null));
     // A new process (the harness's cleanup finds it in verged's state).
     wait_until("talker to run again", Duration::from_secs(60), async || {
@@ -320,11 +353,15 @@ async fn edge_agent_methods_through_the_service_sdk() {
         assert_eq!(p["message"], "", "{p}");
         let id = p["correlationId"].as_str().unwrap().to_owned();
         assert!(uuid::Uuid::parse_str(&id).is_ok(), "{p}");
-        wait_until("the task to complete", Duration::from_secs(60), async || {
-            let st = status(&id).await;
-            assert_ne!(st["status"], "Failed", "{st}");
-            (st["status"] == "Completed").then_some(())
-        })
+        wait_until(
+            "the task to complete",
+            Duration::from_secs(60),
+            async || {
+                let st = status(&id).await;
+                assert_ne!(st["status"], "Failed", "{st}");
+                (st["status"] == "Completed").then_some(())
+            },
+        )
         .await;
     };
     let (s, p) = call(
@@ -353,9 +390,7 @@ async fn edge_agent_methods_through_the_service_sdk() {
         })
         .unwrap_or_else(|| panic!("no text log blob: {list:?}"));
     assert_eq!(text["contentType"], "text/plain");
-    let body = blobs
-        .get("edgelogs", text["name"].as_str().unwrap())
-        .await;
+    let body = blobs.get("edgelogs", text["name"].as_str().unwrap()).await;
     let body = String::from_utf8(body).unwrap();
     assert_eq!(body.lines().count(), 3, "{body}");
     assert!(body.ends_with("<4> warning: cpu hot\n"), "{body}");

@@ -59,7 +59,10 @@ async fn sas_url_uploads_block_blobs_to_its_container_only() {
         .await
         .unwrap();
     let url = sas["sasUrl"].as_str().unwrap().to_owned();
-    assert!(url.starts_with(&format!("{base}/verge/blobs/logs?")), "{url}");
+    assert!(
+        url.starts_with(&format!("{base}/verge/blobs/logs?")),
+        "{url}"
+    );
     let (path, query) = url.split_once('?').unwrap();
     let put = |blob: &str, q: &str| {
         http.put(format!("{path}/{blob}?{q}"))

@@ -216,7 +216,10 @@ pub async fn read(
             let cut = if done {
                 pending.len()
             } else {
-                pending.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1)
+                pending
+                    .iter()
+                    .rposition(|b| *b == b'\n')
+                    .map_or(0, |i| i + 1)
             };
             let whole: Vec<u8> = pending.drain(..cut).collect();
             for raw in whole.split_inclusive(|b| *b == b'\n') {
@@ -295,7 +298,10 @@ pub fn response_entry(module: &str, data: Vec<u8>, encoding: Encoding) -> (Value
             let z = gzip(&data);
             let n = z.len();
             let b64 = base64::engine::general_purpose::STANDARD.encode(z);
-            (json!({"id": module, "payloadBytes": b64, "payload": null}), n)
+            (
+                json!({"id": module, "payloadBytes": b64, "payload": null}),
+                n,
+            )
         }
     }
 }
@@ -320,7 +326,9 @@ mod tests {
 
     #[test]
     fn lines_split_into_time_level_and_text() {
-        let l = parse_line("2026-01-02T03:04:05.123456789Z <3> 2026-01-02 03:04:05.123 +00:00 disk full\n");
+        let l = parse_line(
+            "2026-01-02T03:04:05.123456789Z <3> 2026-01-02 03:04:05.123 +00:00 disk full\n",
+        );
         assert_eq!(l.timestamp, Some("2026-01-02T03:04:05.123456789Z"));
         assert_eq!(l.level, 3);
         assert_eq!(l.text, "disk full");
@@ -341,12 +349,8 @@ mod tests {
             Item::new("^edgehub$", f(1)).unwrap(),
             Item::new("ALL", f(2)).unwrap(),
         ];
-        let got = select(
-            vec!["modB".into(), "edgeHub".into(), "modA".into()],
-            &items,
-        );
-        let got: Vec<(String, Option<usize>)> =
-            got.into_iter().map(|(m, f)| (m, f.tail)).collect();
+        let got = select(vec!["modB".into(), "edgeHub".into(), "modA".into()], &items);
+        let got: Vec<(String, Option<usize>)> = got.into_iter().map(|(m, f)| (m, f.tail)).collect();
         assert_eq!(
             got,
             vec![

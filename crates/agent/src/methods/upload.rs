@@ -80,7 +80,9 @@ impl Uploader {
                 let mut pems = Vec::new();
                 if let Some(env) = &self.trust.env {
                     let socket = verge_workload::client::socket_path_from_uri(&env.workload_uri)
-                        .ok_or_else(|| format!("workload URI {:?} is not unix:///path", env.workload_uri))?;
+                        .ok_or_else(|| {
+                            format!("workload URI {:?} is not unix:///path", env.workload_uri)
+                        })?;
                     let wl = verge_workload::client::WorkloadClient::new(
                         socket,
                         &env.module_id,

@@ -159,7 +159,11 @@ pub fn kill_recorded(pids: &[(i32, u64)]) {
     }
 }
 
-pub async fn wait_until<T>(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+pub async fn wait_until<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl AsyncFnMut() -> Option<T>,
+) -> T {
     let start = Instant::now();
     loop {
         if let Some(v) = f().await {
@@ -489,4 +493,3 @@ auto_generated_edge_ca_expiry_days = 30
         pid
     }
 }
-

@@ -56,7 +56,9 @@ pub fn routes() -> Router<ApiState> {
         .route("/verge/blobs/{container}", get(list))
         .route(
             "/verge/blobs/{container}/{*blob}",
-            get(read).put(write).layer(DefaultBodyLimit::max(MAX_BLOB_BYTES)),
+            get(read)
+                .put(write)
+                .layer(DefaultBodyLimit::max(MAX_BLOB_BYTES)),
         )
 }
 
