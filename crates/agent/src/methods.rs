@@ -561,6 +561,33 @@ impl Methods {
         Ok(Self::task_answer(&id, status, &message))
     }
 
+    /// Uploads `data` as blob `{iothub}/{device}/{file}` (edgeAgent's layout).
+    async fn upload(
+        &self,
+        sas_url: &str,
+        file: &str,
+        content_type: &str,
+        content_encoding: Option<&str>,
+        data: Vec<u8>,
+    ) -> Result<(), String> {
+        let name = format!("{}/{}/{file}", self.inner.iothub, self.inner.device);
+        let size = data.len();
+        self.inner
+            .uploader
+            .put(
+                sas_url,
+                Blob {
+                    name: &name,
+                    content_type,
+                    content_encoding,
+                    data,
+                },
+            )
+            .await?;
+        tracing::info!(blob = %name, size, "uploaded");
+        Ok(())
+    }
+
     fn upload_module_logs(&self, payload: &Value) -> Result<Value, MethodError> {
         let v = payload_object(payload)?;
         let req = parse_logs_request(&v)?;
@@ -597,25 +624,9 @@ impl Methods {
                     Encoding::None => (data, "", None),
                     Encoding::Gzip => (logs::gzip(&data), ".gz", Some("gzip")),
                 };
-                let name = format!(
-                    "{}/{}/{module}-{}.{ext}{gz}",
-                    me.inner.iothub,
-                    me.inner.device,
-                    blob_time(Timestamp::now())
-                );
-                me.inner
-                    .uploader
-                    .put(
-                        &sas_url,
-                        Blob {
-                            name: &name,
-                            content_type,
-                            content_encoding: encoding,
-                            data,
-                        },
-                    )
+                let file = format!("{module}-{}.{ext}{gz}", blob_time(Timestamp::now()));
+                me.upload(&sas_url, &file, content_type, encoding, data)
                     .await?;
-                tracing::info!(blob = %name, "module logs uploaded");
             }
             Ok(())
         })
@@ -657,25 +668,9 @@ impl Methods {
         let me = self.clone();
         self.spawn_task("upload support bundle", async move {
             let data = bundle::collect(me.inner.runtime.as_ref(), &me.origin(), &req).await?;
-            let name = format!(
-                "{}/{}/support-bundle-{}.tar.gz",
-                me.inner.iothub,
-                me.inner.device,
-                blob_time(Timestamp::now())
-            );
-            me.inner
-                .uploader
-                .put(
-                    &sas_url,
-                    Blob {
-                        name: &name,
-                        content_type: "application/gzip",
-                        content_encoding: None,
-                        data,
-                    },
-                )
+            let file = format!("support-bundle-{}.tar.gz", blob_time(Timestamp::now()));
+            me.upload(&sas_url, &file, "application/gzip", None, data)
                 .await?;
-            tracing::info!(blob = %name, "support bundle uploaded");
             Ok(())
         })
     }

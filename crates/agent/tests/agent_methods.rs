@@ -17,7 +17,7 @@
 mod support;
 
 use std::io::Read as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -137,39 +137,8 @@ impl Blobs {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edge_agent_methods_through_the_service_sdk() {
-    let python = python();
-    let (verged_bin, cloud_bin) = tokio::task::spawn_blocking(|| {
-        (
-            build("verge-daemon", "verged"),
-            build("verge-cloud", "verge-cloud"),
-        )
-    })
-    .await
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let home = dir.path().join("home");
-    let out = dir.path().join("out");
-    std::fs::create_dir_all(&out).unwrap();
-    let mut h = Harness {
-        mgmt: home.join("mgmt.sock"),
-        cfg: dir.path().join("config.toml"),
-        home,
-        out: out.clone(),
-        dir,
-        python,
-        cloud: None,
-        verged: None,
-        verged_bin,
-        service_cs: String::new(),
-        cloud_ca: PathBuf::new(),
-        seen: Vec::new(),
-    };
-    let mqtt_port = h.start_cloud(&cloud_bin);
-    let second = "BAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQ=";
-    h.sdk(json!({"op": "register_edge", "device": DEVICE, "pk": KEY, "sk": second}))
-        .await;
-    h.write_verged_config(mqtt_port);
-    h.start_verged();
+    let mut h = Harness::start().await;
+    let out = h.out.clone();
     h.sdk(
         json!({"op": "apply", "device": DEVICE, "modules_content": modules_content(
         &out, json!({ "talker": talker(&out), "chatty": chatty(&out) }))}),

@@ -28,7 +28,6 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -38,41 +37,9 @@ use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deployment_from_verge_cloud_reaches_the_agent_and_status_comes_back() {
-    let python = python();
-    let (verged_bin, cloud_bin) = tokio::task::spawn_blocking(|| {
-        (
-            build("verge-daemon", "verged"),
-            build("verge-cloud", "verge-cloud"),
-        )
-    })
-    .await
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let home = dir.path().join("home");
-    let out = dir.path().join("out");
-    std::fs::create_dir_all(&out).unwrap();
-    let mut h = Harness {
-        mgmt: home.join("mgmt.sock"),
-        cfg: dir.path().join("config.toml"),
-        home,
-        out: out.clone(),
-        dir,
-        python,
-        cloud: None,
-        verged: None,
-        verged_bin,
-        service_cs: String::new(),
-        cloud_ca: PathBuf::new(),
-        seen: Vec::new(),
-    };
-
     // ---- the cloud, the device, verged and its agent --------------------------
-    let mqtt_port = h.start_cloud(&cloud_bin);
-    let second = "BAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQ=";
-    h.sdk(json!({"op": "register_edge", "device": DEVICE, "pk": KEY, "sk": second}))
-        .await;
-    h.write_verged_config(mqtt_port);
-    h.start_verged();
+    let mut h = Harness::start().await;
+    let out = h.out.clone();
     let mgmt = h.mgmt.clone();
 
     // Before any deployment, the agent reports "no deployment" (417) upstream:

@@ -287,6 +287,45 @@ impl Drop for Harness {
 }
 
 impl Harness {
+    /// Builds verged and verge-cloud, starts the cloud, registers the edge
+    /// device with the service SDK, and starts verged (with its agent) for it.
+    pub async fn start() -> Self {
+        let python = python();
+        let (verged_bin, cloud_bin) = tokio::task::spawn_blocking(|| {
+            (
+                build("verge-daemon", "verged"),
+                build("verge-cloud", "verge-cloud"),
+            )
+        })
+        .await
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("home");
+        let out = dir.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        let mut h = Harness {
+            mgmt: home.join("mgmt.sock"),
+            cfg: dir.path().join("config.toml"),
+            home,
+            out,
+            dir,
+            python,
+            cloud: None,
+            verged: None,
+            verged_bin,
+            service_cs: String::new(),
+            cloud_ca: PathBuf::new(),
+            seen: Vec::new(),
+        };
+        let mqtt_port = h.start_cloud(&cloud_bin);
+        let second = "BAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQ=";
+        h.sdk(json!({"op": "register_edge", "device": DEVICE, "pk": KEY, "sk": second}))
+            .await;
+        h.write_verged_config(mqtt_port);
+        h.start_verged();
+        h
+    }
+
     /// Kills verged, its agent, the modules and the cloud.
     pub fn stop_everything(&mut self) {
         if let Some(pid) = self
