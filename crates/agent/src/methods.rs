@@ -483,10 +483,11 @@ impl Methods {
         let mut out = Vec::with_capacity(selected.len());
         for (module, filter) in selected {
             // Uncompressed text may be larger than the cap when gzip brings
-            // it under; read a bounded multiple of it then.
+            // it under (log text compresses about tenfold); read a bounded
+            // multiple of it then.
             let limit = match req.encoding {
                 Encoding::None => MAX_LOGS_PAYLOAD - total,
-                Encoding::Gzip => MAX_UPLOAD_LOG,
+                Encoding::Gzip => MAX_LOGS_PAYLOAD * 64,
             };
             let data = match logs::read(
                 self.inner.runtime.as_ref(),

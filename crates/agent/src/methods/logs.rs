@@ -2,6 +2,10 @@
 //! bundle: which modules a request's items select, reading their logs from
 //! the runtime (bounded), edgeAgent's per-line filters (`loglevel`,
 //! `regex`) and its two output shapes (`text`, `json`), optionally gzipped.
+//!
+//! JSON lines say `"stream": "stdout"` for every line: the runtime's log
+//! stream ([`verge_runtime::LogStream`]) does not say which of the module's
+//! streams a line came from.
 
 use std::io::Write as _;
 use std::time::{Duration, SystemTime};
