@@ -26,6 +26,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::methods::{Methods, MethodsConfig, Trust};
 use crate::{Agent, AgentConfig, ManagementRuntime, TwinLink, TwinOptions};
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
@@ -153,8 +154,13 @@ async fn start_metrics(
     Ok(())
 }
 
-/// The twin link, when the environment names a hub and it is not turned off.
-async fn twin_link(args: &Args) -> anyhow::Result<Option<TwinLink>> {
+/// The twin link, when the environment names a hub and it is not turned off;
+/// its direct methods act on `runtime`.
+async fn twin_link(
+    args: &Args,
+    runtime: Arc<dyn ModuleRuntime>,
+    own_name: Option<String>,
+) -> anyhow::Result<Option<TwinLink>> {
     if args.no_twin {
         return Ok(None);
     }
@@ -173,11 +179,24 @@ async fn twin_link(args: &Args) -> anyhow::Result<Option<TwinLink>> {
         ),
         None => None,
     };
+    let methods = Methods::new(
+        runtime,
+        MethodsConfig {
+            iothub: env.iothub_hostname.clone(),
+            device: env.device_id.clone(),
+            trust: Trust {
+                env: Some(env.clone()),
+                extra_ca_pem: extra_ca_pem.clone(),
+            },
+            own_name,
+        },
+    );
     Ok(Some(TwinLink::spawn(TwinOptions {
         env,
         port: args.upstream_port,
         extra_ca_pem,
         min_gap: Duration::from_millis(args.report_interval_ms),
+        methods,
     })))
 }
 
@@ -221,6 +240,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         Backend::Process
     });
+    let mut own_name = None;
     let runtime: Arc<dyn ModuleRuntime> = match backend {
         Backend::Verged => {
             let uri = args
@@ -245,6 +265,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
             };
             tracing::info!(socket = %rt.socket().display(), kind = %info.kind, "using verged's management API");
+            // verged serves its process agent's logs by name without listing
+            // it as a module; the log methods may select it.
+            own_name = rt.agent_info().await.ok().map(|a| a.name);
             cfg.normalize_image = info.kind != "process";
             for k in INHERITED_ENV {
                 if let Ok(v) = std::env::var(k) {
@@ -271,7 +294,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     let storage = storage_dir(args.storage.clone());
-    let mut agent = Agent::open(runtime, cfg.clone(), &storage)
+    let mut agent = Agent::open(runtime.clone(), cfg.clone(), &storage)
         .await
         .context("opening the agent storage")?;
     let sd = verge_shutdown::Shutdown::new();
@@ -280,7 +303,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         _ => None,
     };
     start_metrics(&args, agent.metrics(), mgmt, &sd).await?;
-    let mut twin = twin_link(&args).await?;
+    let mut twin = twin_link(&args, runtime, own_name).await?;
     if let Some(link) = &twin {
         agent.report_to(link.reporter());
     }

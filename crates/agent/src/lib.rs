@@ -93,6 +93,17 @@
 //! the twin then only receives the status. `--no-twin` turns the link off.
 //! The link speaks MQTT whatever `UpstreamProtocol` says.
 //!
+//! # Direct methods
+//!
+//! The twin link answers edgeAgent's built-in methods on `$edgeAgent`
+//! ([`methods`]): `ping`, `RestartModule`, `GetModuleLogs`,
+//! `UploadModuleLogs`, `UploadSupportBundle`, `GetTaskStatus`, with
+//! edgeAgent's names (any case), payloads, answers and status codes. They act
+//! through the same [`verge_runtime::ModuleRuntime`] as the reconcile loop
+//! (verged's management API under verged); uploads go to a blob container's
+//! SAS URL (Azure Storage, or verge-cloud's blob endpoint) as background
+//! tasks.
+//!
 //! # Invariants
 //!
 //! - A refused manifest (400/412/417) changes nothing: the previous accepted
@@ -109,6 +120,7 @@ pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod metrics;
+pub mod methods;
 pub mod mgmt;
 pub mod plan;
 pub mod report;

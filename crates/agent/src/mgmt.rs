@@ -505,6 +505,11 @@ impl ManagementRuntime {
     ) -> Result<verge_workload::api::SystemResources, RuntimeError> {
         self.call_json("/systeminfo/resources", Subject::NONE).await
     }
+
+    /// `GET /systeminfo/agent`: the agent verged supervises (this one).
+    pub async fn agent_info(&self) -> Result<verge_workload::api::AgentInfo, RuntimeError> {
+        self.call_json("/systeminfo/agent", Subject::NONE).await
+    }
 }
 
 #[async_trait::async_trait]

@@ -21,10 +21,8 @@
 //!   While offline nothing is sent; on reconnection the twin is read again and
 //!   the difference from the cloud's reported properties goes out, so the last
 //!   state always arrives and intermediate ones are coalesced.
-//! * **direct methods** to `$edgeAgent` are answered on the same link
-//!   ([`answer_method`]): `ping`, and at once a 400 naming the supported
-//!   methods for any other (as edgeAgent does), so a caller never waits for
-//!   its timeout.
+//! * **direct methods** to `$edgeAgent` are answered on the same link by
+//!   [`crate::methods::Methods`] (edgeAgent's built-in methods).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,6 +34,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use verge_sdk::{ClientOptions, EdgeEnvironment, Incoming, MethodRequest, ModuleClient};
+
+use crate::methods::Methods;
 
 /// Default minimum interval between two reported patches.
 pub const DEFAULT_MIN_GAP: Duration = Duration::from_secs(2);
@@ -67,28 +67,8 @@ struct SdkTransport {
     patches: Option<Incoming<Value>>,
     /// Whether the direct-method handler is installed.
     methods: bool,
-}
-
-/// The direct methods the agent answers (edgeAgent's names; the others it
-/// has are not implemented yet, so they get the 400 below).
-pub const METHODS: &[&str] = &["ping"];
-
-/// The answer (status, JSON payload) to direct method `name` on `$edgeAgent`.
-/// As edgeAgent: names are matched case-insensitively; `ping` is 200 with no
-/// payload; an unknown name is 400 with `{"message"}` naming the supported
-/// methods (edgeAgent's wording).
-pub fn answer_method(name: &str) -> (i32, Value) {
-    if METHODS.iter().any(|m| m.eq_ignore_ascii_case(name)) {
-        // Only `ping` so far: it checks the agent is there and answering.
-        return (200, Value::Null);
-    }
-    (
-        400,
-        serde_json::json!({"message": format!(
-            "Command '{name}' not found. The supported commands are - {}",
-            METHODS.join(", ")
-        )}),
-    )
+    /// The direct-method handler.
+    handler: Methods,
 }
 
 #[async_trait]
@@ -110,8 +90,12 @@ impl TwinTransport for SdkTransport {
     async fn subscribe(&mut self) -> Result<(), String> {
         if !self.methods {
             // The SDK keeps the subscription across reconnections.
+            let handler = self.handler.clone();
             self.client
-                .on_method(|req: MethodRequest| async move { answer_method(&req.name) })
+                .on_method(move |req: MethodRequest| {
+                    let handler = handler.clone();
+                    async move { handler.handle(&req.name, &req.payload).await }
+                })
                 .await
                 .map_err(|e| e.to_string())?;
             self.methods = true;
@@ -158,6 +142,8 @@ pub struct TwinOptions {
     pub extra_ca_pem: Option<String>,
     /// Minimum interval between two reported patches.
     pub min_gap: Duration,
+    /// Answers the direct methods invoked on `$edgeAgent`.
+    pub methods: Methods,
 }
 
 /// Counters, for logs and tests.
@@ -280,6 +266,7 @@ async fn connect(opts: TwinOptions, mut stop: watch::Receiver<bool>) -> Option<S
                     client,
                     patches: None,
                     methods: false,
+                    handler: opts.methods.clone(),
                 });
             }
             Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "cannot set up the twin link"),
@@ -672,18 +659,6 @@ mod tests {
         assert_eq!(
             merge_diff(&json!({"a": 5}), &json!({"a": {"b": 1}})),
             Some(json!({"a": {"b": 1}}))
-        );
-    }
-
-    #[test]
-    fn methods_ping_answers_200_and_others_400_naming_the_supported_ones() {
-        assert_eq!(answer_method("ping"), (200, Value::Null));
-        assert_eq!(answer_method("Ping"), (200, Value::Null));
-        let (status, body) = answer_method("reboot");
-        assert_eq!(status, 400);
-        assert_eq!(
-            body,
-            json!({"message": "Command 'reboot' not found. The supported commands are - ping"})
         );
     }
 

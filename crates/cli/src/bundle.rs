@@ -3,10 +3,11 @@
 //! SAS signature or registry password).
 
 use std::path::Path;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use anyhow::Context as _;
 use verge_core::time::Timestamp;
+pub use verge_diag::bundle::write_tar_gz;
+use verge_diag::bundle::{REDACTED, is_secret_name, redact_modules, safe_name, scrub};
 
 use crate::check::{self, Inputs};
 use crate::mgmt::{Mgmt, enc};
@@ -23,66 +24,6 @@ pub struct Options<'a> {
     pub since: Timestamp,
     /// Logs until (`None`: up to now).
     pub until: Option<Timestamp>,
-}
-
-const REDACTED: &str = "<redacted>";
-
-/// Names whose values are secrets wherever they appear (config keys,
-/// environment variables); compared lowercase, as substrings.
-const SECRET_NAMES: &[&str] = &[
-    "password",
-    "secret",
-    "token",
-    "connectionstring",
-    "connection_string",
-    "sharedaccesskey",
-    "symmetric_key",
-    "device_id_pk",
-    "accesskey",
-    "apikey",
-    "api_key",
-];
-
-fn is_secret_name(name: &str) -> bool {
-    let n = name.to_ascii_lowercase();
-    SECRET_NAMES.iter().any(|s| n.contains(s))
-}
-
-/// Removes the values of `SharedAccessKey=…` (connection strings) and
-/// `sig=…` (SAS tokens) from any text, keeping the rest readable. The key
-/// name goes too, so a search for it in the bundle finds nothing.
-pub fn scrub(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    loop {
-        let lower = rest.to_ascii_lowercase();
-        let hit = ["sharedaccesskey=", "sig="]
-            .iter()
-            .filter_map(|pat| {
-                lower
-                    .match_indices(pat)
-                    // `sig=` only as a query parameter, not inside another word.
-                    .find(|(i, _)| {
-                        *pat != "sig="
-                            || *i == 0
-                            || matches!(lower.as_bytes()[i - 1], b'&' | b'?' | b' ' | b';')
-                    })
-                    .map(|(i, _)| (i, pat.len()))
-            })
-            .min();
-        let Some((at, len)) = hit else {
-            out.push_str(rest);
-            return out;
-        };
-        out.push_str(&rest[..at]);
-        out.push_str(if len == "sig=".len() { "sig=" } else { "" });
-        out.push_str(REDACTED);
-        let value_start = at + len;
-        let value_len = rest[value_start..]
-            .find(|c: char| c == ';' || c == '&' || c == '"' || c == '\'' || c.is_whitespace())
-            .unwrap_or(rest.len() - value_start);
-        rest = &rest[value_start + value_len..];
-    }
 }
 
 fn redact_toml(v: &mut toml::Value) {
@@ -126,23 +67,6 @@ pub fn redact_config(text: &str) -> String {
             e.message()
         ),
     }
-}
-
-/// Module details with secret-looking environment values removed.
-fn redact_modules(mut v: serde_json::Value) -> serde_json::Value {
-    if let Some(mods) = v.get_mut("modules").and_then(|m| m.as_array_mut()) {
-        for m in mods {
-            if let Some(env) = m.pointer_mut("/config/env").and_then(|e| e.as_array_mut()) {
-                for e in env {
-                    let secret = e["key"].as_str().is_some_and(is_secret_name);
-                    if secret {
-                        e["value"] = serde_json::Value::String(REDACTED.to_owned());
-                    }
-                }
-            }
-        }
-    }
-    v
 }
 
 async fn journal(unit: &str, since: Timestamp, until: Option<Timestamp>) -> String {
@@ -335,41 +259,6 @@ pub async fn collect(o: &Options<'_>) -> Vec<(String, Vec<u8>)> {
     files
 }
 
-/// A module name as a file name (no path separators).
-fn safe_name(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
-
-/// Writes the files as a gzip-compressed tar.
-pub fn write_tar_gz(files: &[(String, Vec<u8>)], out: impl std::io::Write) -> anyhow::Result<()> {
-    let gz = flate2::write::GzEncoder::new(out, flate2::Compression::default());
-    let mut tar = tar::Builder::new(gz);
-    let mtime = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    for (name, data) in files {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o600);
-        h.set_mtime(mtime);
-        h.set_entry_type(tar::EntryType::Regular);
-        tar.append_data(&mut h, name, data.as_slice())
-            .with_context(|| format!("adding {name}"))?;
-    }
-    let gz = tar.into_inner().context("finishing the archive")?;
-    let mut out = gz.finish().context("finishing the compression")?;
-    out.flush().context("writing the archive")?;
-    Ok(())
-}
-
 /// Default file name: `support_bundle_<UTC timestamp>.tar.gz`.
 pub fn default_name() -> String {
     let ts = Timestamp::now().to_iso8601();
@@ -430,21 +319,6 @@ mod tests {
     }
 
     #[test]
-    fn scrubs_keys_and_signatures() {
-        let cs = format!("HostName=h;DeviceId=d;SharedAccessKey={KEY}");
-        assert_eq!(scrub(&cs), "HostName=h;DeviceId=d;<redacted>");
-        let cs2 = format!("SharedAccessKey={KEY};HostName=h");
-        assert_eq!(scrub(&cs2), "<redacted>;HostName=h");
-        let tok = "SharedAccessSignature sr=h%2Fdevices%2Fd&sig=abc%3D&se=1";
-        assert_eq!(
-            scrub(tok),
-            "SharedAccessSignature sr=h%2Fdevices%2Fd&sig=<redacted>&se=1"
-        );
-        assert_eq!(scrub("config=1 design=2"), "config=1 design=2");
-        assert_eq!(scrub("sharedaccesskey=x y"), "<redacted> y");
-    }
-
-    #[test]
     fn redacts_the_config() {
         let text = format!(
             r#"hostname = "edge"
@@ -479,19 +353,7 @@ MY_API_TOKEN = "t0k"
     }
 
     #[test]
-    fn redacts_module_env() {
-        let v = serde_json::json!({"modules": [{"config": {"env": [
-            {"key": "IOTEDGE_MODULEID", "value": "m"},
-            {"key": "DB_PASSWORD", "value": "x"},
-        ]}}]});
-        let r = redact_modules(v);
-        assert_eq!(r["modules"][0]["config"]["env"][0]["value"], "m");
-        assert_eq!(r["modules"][0]["config"]["env"][1]["value"], REDACTED);
-    }
-
-    #[test]
-    fn safe_names() {
-        assert_eq!(safe_name("../x/$edgeHub"), ".._x__edgeHub");
+    fn default_names() {
         assert!(default_name().starts_with("support_bundle_2"));
         assert!(default_name().ends_with("Z.tar.gz"));
     }

@@ -15,7 +15,6 @@ mod list;
 mod mgmt;
 mod quickstart;
 mod system;
-mod times;
 mod ui;
 
 use std::path::{Path, PathBuf};
@@ -375,11 +374,11 @@ fn logs_query(
     let now = SystemTime::now();
     let mut q = format!("follow={follow}&tail={tail}&timestamps={timestamps}");
     if let Some(s) = since {
-        let t = times::parse_point(s, now).context("--since")?;
+        let t = verge_diag::times::parse_point(s, now).context("--since")?;
         q.push_str(&format!("&since={}", t.to_iso8601()));
     }
     if let Some(u) = until {
-        let t = times::parse_point(u, now).context("--until")?;
+        let t = verge_diag::times::parse_point(u, now).context("--until")?;
         q.push_str(&format!("&until={}", t.to_iso8601()));
     }
     Ok(q)
@@ -394,9 +393,9 @@ async fn support_bundle(
     until: Option<&str>,
 ) -> anyhow::Result<()> {
     let now = SystemTime::now();
-    let since = times::parse_point(since, now).context("--since")?;
+    let since = verge_diag::times::parse_point(since, now).context("--since")?;
     let until = until
-        .map(|u| times::parse_point(u, now).context("--until"))
+        .map(|u| verge_diag::times::parse_point(u, now).context("--until"))
         .transpose()?;
     if let Some(u) = until
         && u <= since

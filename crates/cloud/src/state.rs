@@ -176,6 +176,8 @@ struct Pending {
 
 struct Inner {
     hostname: String,
+    /// Where the state lives (the blob store is under it).
+    data_dir: std::path::PathBuf,
     db: Db,
     /// Serializes registry and C2D writes. A writer holds it for the whole
     /// write (read, commit, apply), so what it read before its commit is
@@ -326,6 +328,7 @@ impl CloudState {
         let (desired_tx, _) = broadcast::channel(DESIRED_BROADCAST_CAPACITY);
         Ok(Self {
             inner: Arc::new(Inner {
+                data_dir: options.data_dir.clone(),
                 hostname: options.hostname,
                 db,
                 writer: Mutex::new(()),
@@ -349,6 +352,11 @@ impl CloudState {
     /// The hub host name (SAS audience host).
     pub fn hostname(&self) -> &str {
         &self.inner.hostname
+    }
+
+    /// The data directory it was opened on.
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.inner.data_dir
     }
 
     /// Stops the D2C writer (after answering every queued append) and

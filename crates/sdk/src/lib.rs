@@ -87,6 +87,7 @@ pub use edge::EdgeEnvironment;
 pub use engine::{Incoming, InputMessage, MethodRequest};
 pub use methods::MethodResult;
 pub use module::ModuleClient;
+pub use tls::client_config_upstream as upstream_tls_config;
 pub use verge_core::Message;
 
 /// Resolves on SIGTERM or SIGINT: what a module's `main` waits for to stop.

@@ -54,7 +54,7 @@ pub(crate) fn client_config(ca_pem: Option<&str>) -> Result<Arc<rustls::ClientCo
 /// (those best effort: a device without any still trusts `pems`). For links
 /// to the cloud: IoT Hub presents a public chain, a self-hosted hub one from
 /// the trust bundle.
-pub(crate) fn client_config_upstream(pems: &[&str]) -> Result<Arc<rustls::ClientConfig>, Error> {
+pub fn client_config_upstream(pems: &[&str]) -> Result<Arc<rustls::ClientConfig>, Error> {
     let mut roots = RootCertStore::empty();
     for pem in pems {
         add_pem(&mut roots, pem)?;

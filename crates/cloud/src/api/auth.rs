@@ -55,6 +55,12 @@ impl ServiceAuth {
         )
     }
 
+    /// The key blob SAS URLs are signed with (see `blob`): derived from the
+    /// policy key, so a blob signature says nothing about the policy's.
+    pub fn blob_key(&self) -> SharedAccessKey {
+        self.key.derive("verge-blob-sas")
+    }
+
     /// Checks an `Authorization` header value; the error says why (for logs).
     pub fn verify(&self, header: Option<&str>) -> Result<(), String> {
         let header = header.ok_or("no Authorization header")?;

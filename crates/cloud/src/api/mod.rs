@@ -39,6 +39,8 @@
 //!   the edge device's own SAS token (or its `$edgeHub` module's), not by
 //!   the shared access policy, and for its own scope only.
 //!
+//! Blob uploads for edgeAgent's log and support-bundle methods: see [`blob`].
+//!
 //! For edge devices registering their own modules (see [`device_auth`]):
 //! `GET /devices/{d}/modules` and `GET`, `PUT`, `DELETE
 //! /devices/{d}/modules/{m}` also accept the device `{d}`'s own SAS token
@@ -49,6 +51,7 @@
 //! `{"Message": "ErrorCode:<code>;<text>", "ExceptionMessage": ""}`.
 
 pub mod auth;
+pub mod blob;
 pub mod device_auth;
 pub mod scope;
 
@@ -164,6 +167,8 @@ pub fn router(state: ApiState) -> Router {
             "/devices/{id}/modules/{mid}/devicesAndModulesInTargetDeviceScope",
             post(scope::devices_and_modules_in_scope),
         )
+        // Outside the policy check too: uploads carry a blob SAS (see `blob`).
+        .merge(blob::routes())
         .with_state(state)
 }
 

@@ -1,4 +1,4 @@
-//! `--since` / `--until` values as `iotedge logs` takes them: RFC 3339, unix
+//! `since` / `until` values as `iotedge logs` takes them: RFC 3339, unix
 //! seconds, or a duration before now (`10m`, `1h30m`, `2d`, `90 minutes`,
 //! `1 day`).
 
