@@ -12,6 +12,8 @@ log() { printf '==> %s\n' "$*"; }
 need=()
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+# The upstream proxy tests (crates/hub/tests/upstream_proxy.rs) start a real HTTP proxy.
+command -v tinyproxy >/dev/null 2>&1 || need+=(tinyproxy)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     log "installing ${need[*]}"
