@@ -55,7 +55,11 @@ async fn upgrade(
     // An MQTT packet may span frames; nothing larger than the endpoint's
     // largest packet (plus framing slack) is accepted.
     use verge_endpoint::Backend as _;
-    let max = st.backend.limits().max_packet_bytes.saturating_add(64 * 1024);
+    let max = st
+        .backend
+        .limits()
+        .max_packet_bytes
+        .saturating_add(64 * 1024);
     ws.max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {

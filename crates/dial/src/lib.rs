@@ -76,20 +76,25 @@ pub enum DialError {
         /// What was wrong.
         why: String,
     },
-    /// 407: the proxy wants credentials, or refused those given.
+    /// 407 (or 401, which tinyproxy sends): the proxy wants credentials, or
+    /// refused those given.
     #[error("{}", if *sent_credentials {
-        format!("proxy {proxy} refused the credentials in the proxy URL (407 Proxy Authentication Required): check the user and password in https_proxy")
+        format!("proxy {proxy} refused the credentials in the proxy URL ({status}): check the user and password in https_proxy")
     } else {
-        format!("proxy {proxy} requires authentication (407): put user:password in the https_proxy URL")
+        format!("proxy {proxy} requires authentication ({status}): put user:password in the https_proxy URL")
     })]
     ProxyAuth {
         /// The proxy.
         proxy: String,
         /// Whether credentials were sent.
         sent_credentials: bool,
+        /// 407 or 401.
+        status: u16,
     },
     /// 403: the proxy's rules forbid this destination or port.
-    #[error("proxy {proxy} refuses to tunnel to {target} (403 Forbidden): its rules do not allow this host or port")]
+    #[error(
+        "proxy {proxy} refuses to tunnel to {target} (403 Forbidden): its rules do not allow this host or port"
+    )]
     ProxyForbidden {
         /// The proxy.
         proxy: String,
@@ -181,11 +186,7 @@ impl fmt::Debug for Dialer {
 impl Dialer {
     /// TLS to `host:port` (also the TLS server name), trusting what `tls`
     /// trusts; no proxy, no WebSocket until set.
-    pub fn new(
-        host: &str,
-        port: u16,
-        tls: Arc<rustls::ClientConfig>,
-    ) -> Result<Dialer, DialError> {
+    pub fn new(host: &str, port: u16, tls: Arc<rustls::ClientConfig>) -> Result<Dialer, DialError> {
         let server_name =
             ServerName::try_from(host.to_owned()).map_err(|_| DialError::ServerName {
                 host: host.to_owned(),

@@ -154,19 +154,17 @@ impl Proxy {
         timeout: Duration,
     ) -> Result<TcpStream, DialError> {
         let proxy = self.to_string();
-        let mut tcp = tokio::time::timeout(
-            timeout,
-            TcpStream::connect((self.host.as_str(), self.port)),
-        )
-        .await
-        .map_err(|_| DialError::Timeout {
-            step: "connecting to the proxy",
-            target: proxy.clone(),
-        })?
-        .map_err(|source| DialError::ProxyConnect {
-            proxy: proxy.clone(),
-            source,
-        })?;
+        let mut tcp =
+            tokio::time::timeout(timeout, TcpStream::connect((self.host.as_str(), self.port)))
+                .await
+                .map_err(|_| DialError::Timeout {
+                    step: "connecting to the proxy",
+                    target: proxy.clone(),
+                })?
+                .map_err(|source| DialError::ProxyConnect {
+                    proxy: proxy.clone(),
+                    source,
+                })?;
         let _ = tcp.set_nodelay(true);
         tokio::time::timeout(timeout, self.connect_exchange(&mut tcp, host, port))
             .await
@@ -178,7 +176,7 @@ impl Proxy {
     }
 
     /// Sends CONNECT for `host:port` on `io` and reads the proxy's answer.
-    /// Any 2xx opens the tunnel; 407, 403 and 502–504 get errors of their
+    /// Any 2xx opens the tunnel; 407 (401), 403 and 502–504 get errors of their
     /// own, so a wrong password or a proxy rule is told apart from a cloud
     /// that cannot be reached.
     pub async fn connect_exchange<S: AsyncRead + AsyncWrite + Unpin>(
@@ -191,7 +189,8 @@ impl Proxy {
         let target = authority(host, port);
         let mut req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
         if let Some((user, password)) = &self.credentials {
-            let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+            let basic =
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
             req.push_str(&format!("Proxy-Authorization: Basic {basic}\r\n"));
         }
         req.push_str("\r\n");
@@ -228,7 +227,9 @@ impl Proxy {
             let room = (MAX_ANSWER - buf.len()).min(chunk.len());
             let n = io.read(&mut chunk[..room]).await.map_err(io_err)?;
             if n == 0 {
-                return Err(protocol("closed the connection before answering CONNECT".into()));
+                return Err(protocol(
+                    "closed the connection before answering CONNECT".into(),
+                ));
             }
             buf.extend_from_slice(&chunk[..n]);
         };
@@ -241,9 +242,12 @@ impl Proxy {
                 }
                 Ok(())
             }
-            407 => Err(DialError::ProxyAuth {
+            // 401 is not HTTP's proxy status, but tinyproxy answers a bad
+            // BasicAuth with it.
+            401 | 407 => Err(DialError::ProxyAuth {
                 proxy,
                 sent_credentials: self.credentials.is_some(),
+                status,
             }),
             403 => Err(DialError::ProxyForbidden { proxy, target }),
             502..=504 => Err(DialError::ProxyUnreachable {
@@ -328,15 +332,15 @@ mod tests {
     #[test]
     fn parses_urls_with_and_without_scheme_and_credentials() {
         let p = Proxy::parse("http://proxy.local:3128").unwrap();
-        assert_eq!((p.host.as_str(), p.port, p.credentials), ("proxy.local", 3128, None));
+        assert_eq!(
+            (p.host.as_str(), p.port, p.credentials),
+            ("proxy.local", 3128, None)
+        );
         let p = Proxy::parse("proxy.local:8080").unwrap();
         assert_eq!((p.host.as_str(), p.port), ("proxy.local", 8080));
         assert_eq!(Proxy::parse("http://p").unwrap().port, 80);
         let p = Proxy::parse("http://us%40er:p%3Ass@10.0.0.1:3128/").unwrap();
-        assert_eq!(
-            p.credentials,
-            Some(("us@er".to_owned(), "p:ss".to_owned()))
-        );
+        assert_eq!(p.credentials, Some(("us@er".to_owned(), "p:ss".to_owned())));
         assert_eq!(p.to_string(), "http://10.0.0.1:3128");
         let p = Proxy::parse("http://[::1]:3128").unwrap();
         assert_eq!(p.to_string(), "http://[::1]:3128");
@@ -372,19 +376,31 @@ mod tests {
             Proxy::from_vars(vars(&[("http_proxy", "http://a:1")]), host).unwrap(),
             None
         );
-        for np in ["example.net", ".example.net", "*.example.net", "other, HUB.example.net:443", "*"] {
+        for np in [
+            "example.net",
+            ".example.net",
+            "*.example.net",
+            "other, HUB.example.net:443",
+            "*",
+        ] {
             assert_eq!(
-                Proxy::from_vars(vars(&[("HTTPS_PROXY", "http://b:2"), ("NO_PROXY", np)]), host)
-                    .unwrap(),
+                Proxy::from_vars(
+                    vars(&[("HTTPS_PROXY", "http://b:2"), ("NO_PROXY", np)]),
+                    host
+                )
+                .unwrap(),
                 None,
                 "{np}"
             );
         }
         for np in ["ample.net", "other.example.net", "", "net.example"] {
             assert!(
-                Proxy::from_vars(vars(&[("https_proxy", "http://b:2"), ("no_proxy", np)]), host)
-                    .unwrap()
-                    .is_some(),
+                Proxy::from_vars(
+                    vars(&[("https_proxy", "http://b:2"), ("no_proxy", np)]),
+                    host
+                )
+                .unwrap()
+                .is_some(),
                 "{np}"
             );
         }
@@ -420,7 +436,9 @@ mod tests {
             drop(server);
             String::from_utf8(got).unwrap()
         });
-        let r = proxy.connect_exchange(&mut client, "hub.example", 443).await;
+        let r = proxy
+            .connect_exchange(&mut client, "hub.example", 443)
+            .await;
         let sent = srv.await.unwrap();
         (sent, r)
     }
@@ -428,7 +446,11 @@ mod tests {
     #[tokio::test]
     async fn connect_request_and_success() {
         let p = Proxy::parse("http://alice:s%20cret@p:3128").unwrap();
-        let (sent, r) = exchange(&p, b"HTTP/1.1 200 Connection established\r\nProxy-agent: x\r\n\r\n").await;
+        let (sent, r) = exchange(
+            &p,
+            b"HTTP/1.1 200 Connection established\r\nProxy-agent: x\r\n\r\n",
+        )
+        .await;
         r.unwrap();
         // base64("alice:s cret")
         assert_eq!(
@@ -448,16 +470,40 @@ mod tests {
         let without = Proxy::parse("http://p:3128").unwrap();
         let (_, r) = exchange(&with, b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"x\"\r\nContent-Length: 0\r\n\r\n").await;
         let e = r.unwrap_err();
-        assert!(matches!(e, DialError::ProxyAuth { sent_credentials: true, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                DialError::ProxyAuth {
+                    sent_credentials: true,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         assert!(e.to_string().contains("refused the credentials"), "{e}");
-        let (_, r) = exchange(&without, b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n").await;
-        assert!(matches!(r, Err(DialError::ProxyAuth { sent_credentials: false, .. })));
+        let (_, r) = exchange(
+            &without,
+            b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n",
+        )
+        .await;
+        assert!(matches!(
+            r,
+            Err(DialError::ProxyAuth {
+                sent_credentials: false,
+                ..
+            })
+        ));
+        let (_, r) = exchange(&with, b"HTTP/1.1 401 Unauthorized\r\n\r\n").await;
+        assert!(matches!(r, Err(DialError::ProxyAuth { status: 401, .. })));
         let (_, r) = exchange(&without, b"HTTP/1.1 403 Access violation\r\n\r\n").await;
         let e = r.unwrap_err();
         assert!(matches!(e, DialError::ProxyForbidden { .. }), "{e}");
         assert!(e.to_string().contains("hub.example:443"), "{e}");
         let (_, r) = exchange(&without, b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
-        assert!(matches!(r, Err(DialError::ProxyUnreachable { status: 502, .. })));
+        assert!(matches!(
+            r,
+            Err(DialError::ProxyUnreachable { status: 502, .. })
+        ));
         let (_, r) = exchange(&without, b"HTTP/1.1 500 Oops\r\n\r\n").await;
         assert!(matches!(r, Err(DialError::ProxyStatus { status: 500, .. })));
     }

@@ -25,8 +25,8 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
-use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use verge_core::{ClientId, DeviceId, SasToken, SharedAccessKey};
@@ -260,8 +260,8 @@ pub async fn prepare(state: &Arc<HubState>) -> anyhow::Result<Vec<Task>> {
         .with_root_certificates(roots)
         .with_no_client_auth();
     let proxy = verge_dial::Proxy::from_env(&up.hostname)?;
-    let dialer = verge_dial::Dialer::new(&up.hostname, up.https_port, Arc::new(tls))?
-        .with_proxy(proxy);
+    let dialer =
+        verge_dial::Dialer::new(&up.hostname, up.https_port, Arc::new(tls))?.with_proxy(proxy);
     let signer = if cfg.device_key.is_empty() {
         match &cfg.edge {
             Some(env) => Signer::Workload(env.workload()),

@@ -110,8 +110,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 use tokio::sync::{Notify, mpsc, watch};
 use verge_core::message::encode_bag;
 use verge_core::time::Timestamp;
@@ -295,9 +295,8 @@ impl Upstream {
         let tls = rustls::ClientConfig::builder()
             .with_root_certificates(roots)
             .with_no_client_auth();
-        let transport =
-            transport::Transport::resolve(up, Arc::new(tls), |k| std::env::var(k).ok())
-                .with_context(|| format!("upstream.hostname {:?}", up.hostname))?;
+        let transport = transport::Transport::resolve(up, Arc::new(tls), |k| std::env::var(k).ok())
+            .with_context(|| format!("upstream.hostname {:?}", up.hostname))?;
         Ok(Some(Self {
             cfg: up.clone(),
             hub_host: cfg.iothub_hostname.clone(),

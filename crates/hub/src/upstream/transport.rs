@@ -22,8 +22,8 @@ use std::sync::Arc;
 use serde::Deserialize;
 use verge_dial::{Dialer, Proxy};
 
-use crate::config::UpstreamConfig;
 use super::{HANDSHAKE_TIMEOUT, MAX_INBOUND_PACKET, MAX_OUTBOUND_PACKET};
+use crate::config::UpstreamConfig;
 
 /// The environment variable IoT Edge's edgeHub reads.
 pub const PROTOCOL_ENV: &str = "UpstreamProtocol";
@@ -142,7 +142,11 @@ impl Transport {
             );
         }
         let proxy = Proxy::from_vars(&var, &up.hostname)?;
-        let port = if protocol.websocket() { up.https_port } else { up.port };
+        let port = if protocol.websocket() {
+            up.https_port
+        } else {
+            up.port
+        };
         let mut dialer = Dialer::new(&up.hostname, port, tls)?.with_step_timeout(HANDSHAKE_TIMEOUT);
         if protocol.websocket() {
             // A packet may span frames; a frame or message larger than the
@@ -185,8 +189,14 @@ mod tests {
         }
         assert!("mqtt-ws".parse::<UpstreamProtocol>().is_err());
         assert_eq!(UpstreamProtocol::Amqp.effective(), UpstreamProtocol::Mqtt);
-        assert_eq!(UpstreamProtocol::AmqpWs.effective(), UpstreamProtocol::MqttWs);
-        assert_eq!(UpstreamProtocol::MqttWs.effective(), UpstreamProtocol::MqttWs);
+        assert_eq!(
+            UpstreamProtocol::AmqpWs.effective(),
+            UpstreamProtocol::MqttWs
+        );
+        assert_eq!(
+            UpstreamProtocol::MqttWs.effective(),
+            UpstreamProtocol::MqttWs
+        );
         assert!(UpstreamProtocol::AmqpWs.websocket() && !UpstreamProtocol::Mqtt.websocket());
     }
 
@@ -194,7 +204,10 @@ mod tests {
     fn environment_overrides_the_file() {
         let none = |_: &str| None;
         let env = |v: &'static str| move |k: &str| (k == PROTOCOL_ENV).then(|| v.to_owned());
-        assert_eq!(UpstreamProtocol::resolve(None, none).unwrap(), UpstreamProtocol::Mqtt);
+        assert_eq!(
+            UpstreamProtocol::resolve(None, none).unwrap(),
+            UpstreamProtocol::Mqtt
+        );
         assert_eq!(
             UpstreamProtocol::resolve(Some(UpstreamProtocol::MqttWs), none).unwrap(),
             UpstreamProtocol::MqttWs
