@@ -12,6 +12,7 @@
 //! typed [`DialError`] naming the step (a wrong proxy password, a proxy
 //! rule and an unreachable cloud are told apart).
 
+pub mod protocol;
 pub mod proxy;
 pub mod ws;
 
@@ -26,6 +27,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
+pub use protocol::UpstreamProtocol;
 pub use proxy::{Proxy, ProxyError};
 pub use ws::WsIo;
 

@@ -15,104 +15,15 @@
 //! `Mqtt` on 8883 a configured proxy is ignored, with a warning (most
 //! proxies refuse CONNECT to 8883 anyway).
 
-use std::fmt;
-use std::str::FromStr;
 use std::sync::Arc;
 
-use serde::Deserialize;
+pub use verge_dial::protocol::{
+    MQTT_SUBPROTOCOL, PROTOCOL_ENV, UnknownProtocol, UpstreamProtocol, WS_PATH,
+};
 use verge_dial::{Dialer, Proxy};
 
 use super::{HANDSHAKE_TIMEOUT, MAX_INBOUND_PACKET, MAX_OUTBOUND_PACKET};
 use crate::config::UpstreamConfig;
-
-/// The environment variable IoT Edge's edgeHub reads.
-pub const PROTOCOL_ENV: &str = "UpstreamProtocol";
-/// Where IoT Hub serves MQTT and AMQP over WebSocket.
-pub const WS_PATH: &str = "/$iothub/websocket";
-/// The WebSocket subprotocol of MQTT.
-pub const MQTT_SUBPROTOCOL: &str = "mqtt";
-
-/// `UpstreamProtocol`: edgeHub's four names, case-insensitive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(try_from = "String")]
-pub enum UpstreamProtocol {
-    /// AMQP over TLS (5671): not implemented upstream yet, runs as `Mqtt`.
-    Amqp,
-    /// AMQP over WebSocket (443): not implemented upstream yet, runs as `MqttWs`.
-    AmqpWs,
-    /// MQTT over TLS (8883).
-    #[default]
-    Mqtt,
-    /// MQTT over WebSocket (443).
-    MqttWs,
-}
-
-/// A protocol name that is none of the four.
-#[derive(Debug, thiserror::Error)]
-#[error("unknown upstream protocol {0:?}: expected Amqp, AmqpWs, Mqtt or MqttWs")]
-pub struct UnknownProtocol(String);
-
-impl FromStr for UpstreamProtocol {
-    type Err = UnknownProtocol;
-
-    fn from_str(s: &str) -> Result<Self, UnknownProtocol> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "amqp" => Ok(Self::Amqp),
-            "amqpws" => Ok(Self::AmqpWs),
-            "mqtt" => Ok(Self::Mqtt),
-            "mqttws" => Ok(Self::MqttWs),
-            _ => Err(UnknownProtocol(s.to_owned())),
-        }
-    }
-}
-
-impl TryFrom<String> for UpstreamProtocol {
-    type Error = UnknownProtocol;
-
-    fn try_from(s: String) -> Result<Self, UnknownProtocol> {
-        s.parse()
-    }
-}
-
-impl fmt::Display for UpstreamProtocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Amqp => "Amqp",
-            Self::AmqpWs => "AmqpWs",
-            Self::Mqtt => "Mqtt",
-            Self::MqttWs => "MqttWs",
-        })
-    }
-}
-
-impl UpstreamProtocol {
-    /// What actually runs: AMQP falls back to MQTT over the same carrier
-    /// (TLS or WebSocket) until the AMQP upstream exists.
-    pub fn effective(self) -> Self {
-        match self {
-            Self::Amqp => Self::Mqtt,
-            Self::AmqpWs => Self::MqttWs,
-            other => other,
-        }
-    }
-
-    /// Over WebSocket on 443 (and so through a proxy if one is set).
-    pub fn websocket(self) -> bool {
-        matches!(self, Self::AmqpWs | Self::MqttWs)
-    }
-
-    /// The protocol asked for: `UpstreamProtocol` from the environment
-    /// (`var` looks it up) when set and not empty, else the file's.
-    pub fn resolve(
-        file: Option<Self>,
-        var: impl Fn(&str) -> Option<String>,
-    ) -> Result<Self, UnknownProtocol> {
-        match var(PROTOCOL_ENV).filter(|v| !v.trim().is_empty()) {
-            Some(v) => v.parse(),
-            None => Ok(file.unwrap_or_default()),
-        }
-    }
-}
 
 /// The protocol and proxy in force, and the dialer they give.
 pub struct Transport {
@@ -178,48 +89,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_are_case_insensitive_and_amqp_falls_back() {
-        for (s, p) in [
-            ("Amqp", UpstreamProtocol::Amqp),
-            ("AMQPWS", UpstreamProtocol::AmqpWs),
-            ("mqtt", UpstreamProtocol::Mqtt),
-            (" MqttWs ", UpstreamProtocol::MqttWs),
-        ] {
-            assert_eq!(s.parse::<UpstreamProtocol>().unwrap(), p);
-        }
-        assert!("mqtt-ws".parse::<UpstreamProtocol>().is_err());
-        assert_eq!(UpstreamProtocol::Amqp.effective(), UpstreamProtocol::Mqtt);
+    fn config_key_alias_and_bad_names() {
+        let base = r#"
+iothub_hostname = "hub.example"
+device_id = "edge1"
+device_key = "AAAAAAAAAAAAAAAAAAAAAA=="
+storage_dir = "/tmp/x"
+[tls]
+cert = "c.pem"
+key = "k.pem"
+[upstream]
+hostname = "cloud"
+ca_file = "ca.pem"
+"#;
+        let cfg = |extra: &str| crate::config::Config::from_toml(&format!("{base}{extra}"));
+        let up = |extra: &str| cfg(extra).unwrap().upstream.unwrap().protocol;
+        assert_eq!(up(""), None);
         assert_eq!(
-            UpstreamProtocol::AmqpWs.effective(),
-            UpstreamProtocol::MqttWs
+            up("protocol = \"MQTTWS\"\n"),
+            Some(UpstreamProtocol::MqttWs)
         );
         assert_eq!(
-            UpstreamProtocol::MqttWs.effective(),
-            UpstreamProtocol::MqttWs
+            up("upstream_protocol = \"amqp\"\n"),
+            Some(UpstreamProtocol::Amqp)
         );
-        assert!(UpstreamProtocol::AmqpWs.websocket() && !UpstreamProtocol::Mqtt.websocket());
-    }
-
-    #[test]
-    fn environment_overrides_the_file() {
-        let none = |_: &str| None;
-        let env = |v: &'static str| move |k: &str| (k == PROTOCOL_ENV).then(|| v.to_owned());
-        assert_eq!(
-            UpstreamProtocol::resolve(None, none).unwrap(),
-            UpstreamProtocol::Mqtt
-        );
-        assert_eq!(
-            UpstreamProtocol::resolve(Some(UpstreamProtocol::MqttWs), none).unwrap(),
-            UpstreamProtocol::MqttWs
-        );
-        assert_eq!(
-            UpstreamProtocol::resolve(Some(UpstreamProtocol::Mqtt), env("mqttws")).unwrap(),
-            UpstreamProtocol::MqttWs
-        );
-        assert_eq!(
-            UpstreamProtocol::resolve(Some(UpstreamProtocol::MqttWs), env("")).unwrap(),
-            UpstreamProtocol::MqttWs
-        );
-        assert!(UpstreamProtocol::resolve(None, env("Http")).is_err());
+        let e = cfg("protocol = \"Http\"\n").unwrap_err().to_string();
+        assert!(e.contains("unknown upstream protocol"), "{e}");
     }
 }
