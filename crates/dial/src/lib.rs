@@ -151,9 +151,10 @@ pub enum DialError {
     },
 }
 
-/// Any byte stream: what [`Dialer::dial`] returns, boxed.
-pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+/// Any byte stream: what [`Dialer::dial`] returns, boxed. `Sync` because
+/// rumqttc's socket connector (the SDK's) requires it.
+pub trait Io: AsyncRead + AsyncWrite + Send + Sync + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Sync + Unpin> Io for T {}
 
 /// A stream to the cloud, however it was reached.
 pub type CloudStream = Box<dyn Io>;

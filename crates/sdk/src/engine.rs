@@ -210,11 +210,6 @@ pub(crate) fn username(hub: &HubHostname, client: &ClientId, product_info: &str)
     )
 }
 
-fn server_name(host: &str) -> Result<rustls_pki_types::ServerName<'static>, Error> {
-    rustls_pki_types::ServerName::try_from(host.to_owned())
-        .map_err(|e| Error::Tls(format!("{host:?} is not a valid TLS server name: {e}")))
-}
-
 impl Engine {
     /// Builds the session and starts the engine task (it connects in the background).
     pub(crate) async fn start(
