@@ -3,7 +3,9 @@
 //!
 //! # Design
 //!
-//! * **One MQTT 3.1.1/TLS connection per sending identity** (a [`Link`]): the
+//! * **One MQTT 3.1.1/TLS connection per sending identity** (a [`Link`];
+//!   with `UpstreamProtocol=MqttWs`, MQTT over WebSocket on 443, through
+//!   `https_proxy` when set: [`transport`]): the
 //!   edge device itself, each module `{d}/{m}` and each downstream device, so
 //!   the cloud sees every sender as itself (as edgeHub does). Client id = the
 //!   identity, username `{iothub_hostname}/{id}/?api-version=2021-04-12`,
@@ -302,12 +304,6 @@ impl Upstream {
             hub_host: cfg.iothub_hostname.clone(),
             transport,
         }))
-    }
-
-    /// The protocol in use (after the AMQP fallback) and how the cloud is
-    /// reached (URL, proxy), for logs and checks.
-    pub fn describe(&self) -> (transport::UpstreamProtocol, String) {
-        (self.transport.protocol, self.transport.dialer.describe())
     }
 
     /// Runs the upstream (links and drain) until the hub stops.
