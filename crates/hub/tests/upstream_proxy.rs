@@ -262,7 +262,14 @@ struct HubProc {
 }
 
 impl HubProc {
-    async fn start(ns: &Netns, toml: &Path, mqtt: SocketAddr, log: &Path, proxy: &str) -> HubProc {
+    async fn start(
+        ns: &Netns,
+        toml: &Path,
+        mqtt: SocketAddr,
+        log: &Path,
+        proxy: &str,
+        protocol: &str,
+    ) -> HubProc {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -274,7 +281,8 @@ impl HubProc {
             .arg("--config")
             .arg(toml)
             .env("RUST_LOG", "info,verge_hub::upstream=debug")
-            .env("UpstreamProtocol", "mqttws")
+            // Overrides the file's `protocol = "Mqtt"`.
+            .env("UpstreamProtocol", protocol)
             .env("https_proxy", proxy)
             .env_remove("HTTPS_PROXY")
             .env_remove("no_proxy")
@@ -376,8 +384,11 @@ impl World {
         )
     }
 
-    async fn hub(&self, proxy_url: &str) -> HubProc {
-        HubProc::start(&self.ns, &self.toml, self.mqtt, &self.log, proxy_url).await
+    async fn hub(&self, proxy_url: &str, protocol: &str) -> HubProc {
+        HubProc::start(
+            &self.ns, &self.toml, self.mqtt, &self.log, proxy_url, protocol,
+        )
+        .await
     }
 }
 
@@ -411,7 +422,7 @@ async fn mqtt_ws_upstream_through_a_proxy_where_the_direct_route_is_closed() {
 
     let mut proxy = w.proxy(None);
     proxy.wait_listening(w.proxy_addr).await;
-    let hub = w.hub(&format!("http://{}", w.proxy_addr)).await;
+    let hub = w.hub(&format!("http://{}", w.proxy_addr), "mqttws").await;
     wait_for(
         "the edge's link through the proxy",
         Duration::from_secs(20),
@@ -558,14 +569,18 @@ async fn mqtt_ws_upstream_through_a_proxy_where_the_direct_route_is_closed() {
 
 /// A proxy that wants credentials: a wrong password in `https_proxy` is
 /// logged as the proxy refusing the credentials (not as a cloud outage),
-/// nothing reaches the cloud; the right one connects.
+/// nothing reaches the cloud; the right one connects (with `AmqpWs`, which
+/// runs as `MqttWs` until the AMQP upstream exists).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_credentials_wrong_password_is_a_clear_error() {
     let w = World::new().await;
     let proxy = w.proxy(Some(("edge", "right-pass")));
     proxy.wait_listening(w.proxy_addr).await;
     let hub = w
-        .hub(&format!("http://edge:wrong-pass@{}", w.proxy_addr))
+        .hub(
+            &format!("http://edge:wrong-pass@{}", w.proxy_addr),
+            "MqttWs",
+        )
         .await;
     let deadline = Instant::now() + Duration::from_secs(20);
     while !hub
@@ -587,8 +602,12 @@ async fn proxy_credentials_wrong_password_is_a_clear_error() {
     assert!(!w.cloud.connected(DEVICE));
     drop(hub);
 
-    let _hub = w
-        .hub(&format!("http://edge:right-pass@{}", w.proxy_addr))
+    // The right password; AmqpWs (edgeHub's name) runs as MqttWs, saying so.
+    let hub = w
+        .hub(
+            &format!("http://edge:right-pass@{}", w.proxy_addr),
+            "AmqpWs",
+        )
         .await;
     wait_for(
         "the edge's link with the right password",
@@ -596,4 +615,9 @@ async fn proxy_credentials_wrong_password_is_a_clear_error() {
         || w.cloud.connected(DEVICE),
     )
     .await;
+    let log = hub.log();
+    assert!(
+        log.contains("the AMQP upstream is not implemented yet"),
+        "{log}"
+    );
 }
