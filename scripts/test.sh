@@ -19,6 +19,8 @@ fi
 # prometheus: a real server scrapes the hub's and the agent's :9600/metrics
 # (VERGE_SKIP_PROMETHEUS_TESTS=1 skips those tests).
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+# The upstream proxy tests (crates/hub/tests/upstream_proxy.rs) start a real HTTP proxy.
+command -v tinyproxy >/dev/null 2>&1 || need+=(tinyproxy)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     log "installing ${need[*]}"

@@ -85,9 +85,15 @@ struct Args {
     /// Do not connect to the cloud even when the edge environment names a hub.
     #[arg(long, env = "VERGE_AGENT_NO_TWIN")]
     no_twin: bool,
-    /// MQTT/TLS port of the IoT hub (`IOTEDGE_IOTHUBHOSTNAME`).
-    #[arg(long, env = "VERGE_AGENT_UPSTREAM_PORT", default_value_t = 8883)]
-    upstream_port: u16,
+    /// Port of the IoT hub (`IOTEDGE_IOTHUBHOSTNAME`); default by the
+    /// upstream protocol: 8883 (MQTT), 443 (over WebSocket).
+    #[arg(long, env = "VERGE_AGENT_UPSTREAM_PORT")]
+    upstream_port: Option<u16>,
+    /// Azure IoT Edge's `UpstreamProtocol`: Mqtt (default), MqttWs (443,
+    /// through `https_proxy` if set), Amqp/AmqpWs (no AMQP upstream yet:
+    /// run as Mqtt/MqttWs, with a warning).
+    #[arg(long, env = "UpstreamProtocol")]
+    upstream_protocol: Option<String>,
     /// A PEM file of CA certificates to trust for the hub, besides the
     /// workload API's trust bundle and the system roots.
     #[arg(long, env = "VERGE_AGENT_UPSTREAM_CA")]
@@ -191,13 +197,54 @@ async fn twin_link(
             own_name,
         },
     );
+    let (websocket, proxy) = upstream_transport(
+        args.upstream_protocol.as_deref(),
+        &env.gateway_hostname,
+        |k| std::env::var(k).ok(),
+    )?;
+    let port = args.upstream_port.unwrap_or(if websocket {
+        verge_dial::protocol::WS_PORT
+    } else {
+        verge_dial::protocol::MQTT_PORT
+    });
     Ok(Some(TwinLink::spawn(TwinOptions {
         env,
-        port: args.upstream_port,
+        port,
+        websocket,
+        proxy,
         extra_ca_pem,
         min_gap: Duration::from_millis(args.report_interval_ms),
         methods,
     })))
+}
+
+/// The twin link's transport from `UpstreamProtocol` (`protocol`) and
+/// `https_proxy`/`no_proxy` (`var`): over WebSocket or not, and the proxy
+/// (used only over WebSocket, as IoT Edge does).
+fn upstream_transport(
+    protocol: Option<&str>,
+    host: &str,
+    var: impl Fn(&str) -> Option<String>,
+) -> anyhow::Result<(bool, Option<verge_dial::Proxy>)> {
+    use verge_dial::UpstreamProtocol;
+    let requested: UpstreamProtocol = match protocol.filter(|p| !p.trim().is_empty()) {
+        Some(p) => p.parse()?,
+        None => UpstreamProtocol::default(),
+    };
+    let protocol = requested.effective();
+    if protocol != requested {
+        tracing::warn!(requested = %requested, using = %protocol,
+            "the AMQP upstream is not implemented yet: the twin link uses MQTT over the same transport");
+    }
+    let proxy = verge_dial::Proxy::from_vars(&var, host)?;
+    if !protocol.websocket() {
+        if let Some(p) = &proxy {
+            tracing::warn!(proxy = %p, %protocol,
+                "https_proxy is set but UpstreamProtocol is not a WebSocket one: the twin link does not use it");
+        }
+        return Ok((false, None));
+    }
+    Ok((true, proxy))
 }
 
 /// Waits for a new desired document from the cloud; never, without a link.
@@ -395,5 +442,42 @@ fn storage_dir(flag: Option<PathBuf>) -> PathBuf {
                 "neither --storage nor storageFolder is set: the agent keeps its state in the temp directory");
             dir
         }
+    }
+}
+
+#[cfg(test)]
+mod transport_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::upstream_transport;
+
+    #[test]
+    fn protocol_and_proxy_for_the_twin_link() {
+        let proxy = |k: &str| (k == "https_proxy").then(|| "http://u:p@proxy:3128".to_owned());
+        let none = |_: &str| None;
+        // Default and Mqtt: TLS, and a proxy is not used.
+        assert_eq!(
+            upstream_transport(None, "hub", proxy).unwrap(),
+            (false, None)
+        );
+        assert_eq!(
+            upstream_transport(Some("MQTT"), "hub", proxy).unwrap(),
+            (false, None)
+        );
+        // Amqp falls back to Mqtt.
+        assert_eq!(
+            upstream_transport(Some("amqp"), "hub", none).unwrap(),
+            (false, None)
+        );
+        // Over WebSocket, through the proxy (AmqpWs falls back to MqttWs).
+        for p in ["MqttWs", "amqpws"] {
+            let (ws, px) = upstream_transport(Some(p), "hub", proxy).unwrap();
+            assert!(ws);
+            assert_eq!(px.unwrap().to_string(), "http://proxy:3128");
+        }
+        assert_eq!(
+            upstream_transport(Some("mqttws"), "hub", none).unwrap(),
+            (true, None)
+        );
+        assert!(upstream_transport(Some("http"), "hub", none).is_err());
     }
 }

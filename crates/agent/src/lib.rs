@@ -82,7 +82,8 @@
 //! it. Tokens are signed by the workload API; the server is trusted through
 //! the workload API's trust bundle (verged's `trust_bundle_cert` adds a
 //! private hub's CA), `--upstream-ca` and the system roots; the port is
-//! `--upstream-port` (8883). The twin's desired properties are offered to
+//! `--upstream-port` (8883; 443 with `UpstreamProtocol=MqttWs`, which
+//! also honours `https_proxy`: MQTT over WebSocket through verge-dial). The twin's desired properties are offered to
 //! [`Agent::set_desired`] exactly like a file (same validation and codes; a
 //! refused one leaves the modules alone) as soon as they change; the reported
 //! document written to `reported.json` is sent as a reported-properties

@@ -136,8 +136,12 @@ impl TwinTransport for SdkTransport {
 pub struct TwinOptions {
     /// The agent's edge environment ([`EdgeEnvironment::from_env_upstream`]).
     pub env: EdgeEnvironment,
-    /// MQTT/TLS port of the hub (8883; tests move it).
+    /// Port of the hub (8883 MQTT/TLS, 443 WebSocket; tests move it).
     pub port: u16,
+    /// MQTT over WebSocket (`UpstreamProtocol` MqttWs) instead of MQTT/TLS.
+    pub websocket: bool,
+    /// The HTTP proxy the WebSocket tunnels through (`https_proxy`).
+    pub proxy: Option<verge_dial::Proxy>,
     /// A CA to trust besides the workload API's trust bundle and the system roots.
     pub extra_ca_pem: Option<String>,
     /// Minimum interval between two reported patches.
@@ -244,6 +248,8 @@ async fn connect(opts: TwinOptions, mut stop: watch::Receiver<bool>) -> Option<S
         reconnect_max: Duration::from_secs(10),
         operation_timeout: Duration::from_secs(20),
         product_info: "verge-agent".into(),
+        websocket: opts.websocket,
+        proxy: opts.proxy.clone(),
         ..ClientOptions::default()
     };
     let mut delay = Duration::from_secs(1);

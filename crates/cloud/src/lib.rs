@@ -4,7 +4,8 @@
 //! registry, twins, deployments, a durable D2C log, C2D queues with feedback
 //! and direct methods. Two front ends call it: the service REST API in
 //! [`api`] (what IoT Hub's service SDKs speak), and the device endpoint in
-//! [`device`] (IoT Hub's MQTT dialect over TLS, verge-endpoint's code shared
+//! [`device`] (IoT Hub's MQTT dialect over TLS, and over WebSocket on the
+//! service API's port with [`ws`]; verge-endpoint's code shared
 //! with the edge hub) that authenticates clients with
 //! [`CloudState::verify_device_token`], registers them with
 //! [`CloudState::connect`], pushes the [`ConnectionEvent`]s it receives to
@@ -28,6 +29,7 @@ pub mod registry;
 mod state;
 pub mod tls;
 pub(crate) mod twins;
+pub mod ws;
 
 #[cfg(test)]
 mod tests;

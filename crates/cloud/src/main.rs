@@ -168,6 +168,9 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         auth: Arc::new(auth),
     };
     // One token stops both listeners.
+    // The service API and MQTT over WebSocket share the HTTPS port, as on IoT Hub's 443.
+    let app = verge_cloud::api::router(state)
+        .merge(verge_cloud::ws::router(backend.clone(), shutdown.token()));
     shutdown.spawn(
         "device endpoint",
         device::serve(
@@ -179,7 +182,14 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     );
     shutdown.spawn(
         "service API",
-        verge_cloud::api::serve(listener, tls_cfg, state, shutdown.token().cancelled_owned()),
+        verge_cloud::api::serve_app(
+            listener,
+            tls_cfg,
+            app,
+            shutdown.token().cancelled_owned(),
+            verge_cloud::api::listen_limits(),
+            verge_listen::http::Timeouts::default(),
+        ),
     );
     tokio::select! {
         name = shutdown.task_ended_early() => {

@@ -52,6 +52,7 @@
 //! batch_size = 100          # messages read from the store per batch
 //! keep_alive_secs = 30      # MQTT keep-alive; a silent link is down after 1.5×
 //! ack_timeout_secs = 30     # PUBACK wait before the link is dropped and the batch resent
+//! protocol = "Mqtt"         # or MqttWs (443, honours https_proxy); env UpstreamProtocol wins
 //! ```
 //!
 //! Unknown keys are errors that name the key.
@@ -229,6 +230,11 @@ pub struct UpstreamConfig {
     /// `DeviceScopeCacheRefreshRateSecs`).
     #[serde(default = "default_scope_refresh")]
     pub scope_refresh_secs: u64,
+    /// `Mqtt` (default), `MqttWs`, `Amqp`, `AmqpWs` (case-insensitive; also
+    /// read as `upstream_protocol`); the `UpstreamProtocol` environment
+    /// variable overrides it. See [`crate::upstream::transport`].
+    #[serde(default, alias = "upstream_protocol")]
+    pub protocol: Option<crate::upstream::transport::UpstreamProtocol>,
 }
 
 /// TLS server identity.

@@ -25,8 +25,8 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
+use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use verge_core::{ClientId, DeviceId, SasToken, SharedAccessKey};
@@ -124,8 +124,8 @@ struct ScopeSource {
     hub_host: String,
     host: String,
     port: u16,
-    tls: tokio_rustls::TlsConnector,
-    server_name: ServerName<'static>,
+    /// TLS to the service API's port, through `https_proxy` when set.
+    dialer: verge_dial::Dialer,
     signer: Signer,
     cache: std::path::PathBuf,
     auth: Arc<SasAuthenticator>,
@@ -156,14 +156,7 @@ impl ScopeSource {
 
     async fn request(&self) -> anyhow::Result<Value> {
         let token = self.token().await?;
-        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
-            .await
-            .with_context(|| format!("connecting to {}:{}", self.host, self.port))?;
-        let tls = self
-            .tls
-            .connect(self.server_name.clone(), tcp)
-            .await
-            .context("TLS handshake with the cloud")?;
+        let tls = self.dialer.dial().await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
         let conn_task = tokio::spawn(conn);
         let body = serde_json::json!({ "pageSize": 1000, "authChain": self.edge }).to_string();
@@ -266,8 +259,9 @@ pub async fn prepare(state: &Arc<HubState>) -> anyhow::Result<Vec<Task>> {
     let tls = rustls::ClientConfig::builder()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let server_name = ServerName::try_from(up.hostname.clone())
-        .map_err(|e| anyhow::anyhow!("upstream.hostname {:?}: {e}", up.hostname))?;
+    let proxy = verge_dial::Proxy::from_env(&up.hostname)?;
+    let dialer =
+        verge_dial::Dialer::new(&up.hostname, up.https_port, Arc::new(tls))?.with_proxy(proxy);
     let signer = if cfg.device_key.is_empty() {
         match &cfg.edge {
             Some(env) => Signer::Workload(env.workload()),
@@ -284,8 +278,7 @@ pub async fn prepare(state: &Arc<HubState>) -> anyhow::Result<Vec<Task>> {
         hub_host: cfg.iothub_hostname.clone(),
         host: up.hostname.clone(),
         port: up.https_port,
-        tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
-        server_name,
+        dialer,
         signer,
         cache: cfg.storage_dir.join("device-scope.json"),
         auth: state.sas.clone(),

@@ -984,8 +984,7 @@ struct VergeCloud {
 impl VergeCloud {
     async fn new() -> VergeCloud {
         use verge_cloud::device::{self, CloudBackend};
-        use verge_cloud::registry::SymmetricKeys;
-        use verge_cloud::{CloudOptions, CloudState, DeviceSpec, ModuleSpec, tls};
+        use verge_cloud::{CloudOptions, CloudState, tls};
 
         let dir = tempfile::tempdir().unwrap();
         let files = tls::ensure_files(dir.path(), HUB, None, None).unwrap();
@@ -998,32 +997,7 @@ impl VergeCloud {
         let backend = CloudBackend::open(cloud.clone(), dir.path().join("mqtt-sessions.json"))
             .await
             .unwrap();
-        let keys = |k: &SharedAccessKey| SymmetricKeys {
-            primary: k.to_base64(),
-            secondary: SharedAccessKey::from_bytes(vec![9u8; 32]).to_base64(),
-        };
-        let spec = |k: &SharedAccessKey, edge: bool| DeviceSpec {
-            keys: Some(keys(k)),
-            iot_edge: edge,
-            ..DeviceSpec::default()
-        };
-        let edge_key = SharedAccessKey::from_base64(DEVICE_KEY).unwrap();
-        let leaf_key = SharedAccessKey::from_base64(LEAF_KEY).unwrap();
-        cloud
-            .put_device(DEVICE, spec(&edge_key, true), None)
-            .await
-            .unwrap();
-        cloud
-            .put_device("leaf1", spec(&leaf_key, false), None)
-            .await
-            .unwrap();
-        for m in ["modA", "modB"] {
-            let mspec = ModuleSpec {
-                keys: Some(keys(&module_key(m))),
-                ..ModuleSpec::default()
-            };
-            cloud.put_module(DEVICE, m, mspec, None).await.unwrap();
-        }
+        register_test_identities(&cloud).await;
         VergeCloud {
             ca: files.ca.clone().unwrap(),
             _dir: dir,

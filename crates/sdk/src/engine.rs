@@ -210,11 +210,6 @@ pub(crate) fn username(hub: &HubHostname, client: &ClientId, product_info: &str)
     )
 }
 
-fn server_name(host: &str) -> Result<rustls_pki_types::ServerName<'static>, Error> {
-    rustls_pki_types::ServerName::try_from(host.to_owned())
-        .map_err(|e| Error::Tls(format!("{host:?} is not a valid TLS server name: {e}")))
-}
-
 impl Engine {
     /// Builds the session and starts the engine task (it connects in the background).
     pub(crate) async fn start(
@@ -225,7 +220,6 @@ impl Engine {
     ) -> Result<Self, Error> {
         crate::tls::install_provider();
         let (token, expiry) = tokens.token().await?;
-        let name = server_name(&id.dial_host)?;
         let mut mo = MqttOptions::new(id.client.to_string(), (id.dial_host.clone(), opts.port));
         mo.set_keep_alive(u16::try_from(opts.keep_alive.as_secs().clamp(5, 1740)).unwrap_or(60));
         mo.set_clean_session(false);
@@ -233,15 +227,21 @@ impl Engine {
         let max = verge_core::message::MAX_MESSAGE_SIZE + 16 * 1024;
         mo.set_max_packet_size(max, max);
         mo.set_ack_mode(AckMode::Manual);
-        let (host, port) = (id.dial_host.clone(), opts.port);
-        let connector = tokio_rustls::TlsConnector::from(tls.clone());
+        // TLS on `port`, or MQTT over WebSocket there, maybe through a proxy.
+        let mut dialer = verge_dial::Dialer::new(&id.dial_host, opts.port, tls.clone())
+            .map_err(|e| Error::Tls(e.to_string()))?;
+        if opts.websocket {
+            dialer = dialer
+                .with_websocket(
+                    verge_dial::protocol::WS_PATH,
+                    verge_dial::protocol::MQTT_SUBPROTOCOL,
+                    max + 64 * 1024,
+                )
+                .with_proxy(opts.proxy.clone());
+        }
         mo.set_socket_connector(move |_target, _net| {
-            let (host, name, connector) = (host.clone(), name.clone(), connector.clone());
-            async move {
-                let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
-                let _ = tcp.set_nodelay(true);
-                connector.connect(name, tcp).await
-            }
+            let dialer = dialer.clone();
+            async move { dialer.dial().await.map_err(std::io::Error::other) }
         });
         let (mqtt, eventloop) = AsyncClient::builder(mo)
             .capacity(opts.send_queue.saturating_add(64))

@@ -188,6 +188,13 @@ pub struct ClientOptions {
     pub operation_timeout: Duration,
     /// Appended to the `DeviceClientType` user agent.
     pub product_info: String,
+    /// MQTT over WebSocket (`wss://{host}:{port}/$iothub/websocket`,
+    /// subprotocol `mqtt`) instead of MQTT over TLS; `port` is then the
+    /// WebSocket's (IoT Hub: 443). Default false.
+    pub websocket: bool,
+    /// The HTTP proxy a WebSocket connection tunnels through (CONNECT);
+    /// ignored without `websocket`. Default none.
+    pub proxy: Option<verge_dial::Proxy>,
 }
 
 impl Default for ClientOptions {
@@ -203,6 +210,8 @@ impl Default for ClientOptions {
             reconnect_max: Duration::from_secs(30),
             operation_timeout: Duration::from_secs(60),
             product_info: String::new(),
+            websocket: false,
+            proxy: None,
         }
     }
 }

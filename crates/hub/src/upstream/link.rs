@@ -15,7 +15,6 @@ use rumqttc::mqttbytes::v4::{
     SubscribeReasonCode,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -202,23 +201,19 @@ enum ConnectError {
     Failed(String),
 }
 
-/// Dials the cloud and completes CONNECT as `id`.
+/// Dials the cloud (TLS on 8883, or WebSocket on 443, maybe through a
+/// proxy: [`super::transport`]) and completes CONNECT as `id`.
 async fn connect(
     up: &Upstream,
     id: &ClientId,
     key: &SharedAccessKey,
-) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ConnectError> {
-    let tcp = TcpStream::connect((up.cfg.hostname.as_str(), up.cfg.port))
-        .await
-        .map_err(|e| {
-            ConnectError::Failed(format!("connect {}:{}: {e}", up.cfg.hostname, up.cfg.port))
-        })?;
-    let _ = tcp.set_nodelay(true);
+) -> Result<verge_dial::CloudStream, ConnectError> {
     let mut stream = up
-        .tls
-        .connect(up.server_name.clone(), tcp)
+        .transport
+        .dialer
+        .dial()
         .await
-        .map_err(|e| ConnectError::Failed(format!("TLS: {e}")))?;
+        .map_err(|e| ConnectError::Failed(e.to_string()))?;
     let expiry = crate::auth::unix_now() + TOKEN_TTL_SECS;
     let token = SasToken::sign(
         &format!("{}{}", up.hub_host, id.resource()),

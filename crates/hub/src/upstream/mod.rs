@@ -3,7 +3,9 @@
 //!
 //! # Design
 //!
-//! * **One MQTT 3.1.1/TLS connection per sending identity** (a [`Link`]): the
+//! * **One MQTT 3.1.1/TLS connection per sending identity** (a [`Link`];
+//!   with `UpstreamProtocol=MqttWs`, MQTT over WebSocket on 443, through
+//!   `https_proxy` when set: [`transport`]): the
 //!   edge device itself, each module `{d}/{m}` and each downstream device, so
 //!   the cloud sees every sender as itself (as edgeHub does). Client id = the
 //!   identity, username `{iothub_hostname}/{id}/?api-version=2021-04-12`,
@@ -100,7 +102,8 @@
 //! `mod.rs` (this: configuration, stats, what drain and links share),
 //! `drain.rs` (store → links: per-sender order, read-ahead, checkpoints),
 //! `link.rs` (one identity's MQTT connection: connect, session, reconnect),
-//! `relay.rs` (what a link does with the cloud's twin, method and C2D traffic).
+//! `relay.rs` (what a link does with the cloud's twin, method and C2D traffic),
+//! `transport.rs` (`UpstreamProtocol`, the proxy: how a link reaches the cloud).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -109,8 +112,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::Bytes;
+use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::sync::{Notify, mpsc, watch};
 use verge_core::message::encode_bag;
 use verge_core::time::Timestamp;
@@ -123,6 +126,7 @@ use crate::{HubState, lock};
 mod drain;
 mod link;
 mod relay;
+pub mod transport;
 
 /// The store endpoint drained here.
 pub const ENDPOINT: &str = "$upstream";
@@ -265,8 +269,8 @@ impl UpstreamStats {
 pub struct Upstream {
     cfg: UpstreamConfig,
     hub_host: String,
-    tls: tokio_rustls::TlsConnector,
-    server_name: ServerName<'static>,
+    /// TCP or a proxy tunnel, TLS, and WebSocket for `MqttWs`.
+    transport: transport::Transport,
 }
 
 impl Upstream {
@@ -293,13 +297,12 @@ impl Upstream {
         let tls = rustls::ClientConfig::builder()
             .with_root_certificates(roots)
             .with_no_client_auth();
-        let server_name = ServerName::try_from(up.hostname.clone())
-            .map_err(|e| anyhow::anyhow!("upstream.hostname {:?}: {e}", up.hostname))?;
+        let transport = transport::Transport::resolve(up, Arc::new(tls), |k| std::env::var(k).ok())
+            .with_context(|| format!("upstream.hostname {:?}", up.hostname))?;
         Ok(Some(Self {
             cfg: up.clone(),
             hub_host: cfg.iothub_hostname.clone(),
-            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
-            server_name,
+            transport,
         }))
     }
 

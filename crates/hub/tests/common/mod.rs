@@ -420,3 +420,36 @@ pub fn https_client() -> reqwest::ClientBuilder {
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
 }
+
+/// Registers in verge-cloud the identities the test hub holds keys for:
+/// edge1 (an IoT Edge device), its modules modA and modB, and leaf1.
+pub async fn register_test_identities(cloud: &verge_cloud::CloudState) {
+    use verge_cloud::registry::SymmetricKeys;
+    use verge_cloud::{DeviceSpec, ModuleSpec};
+    let keys = |k: &SharedAccessKey| SymmetricKeys {
+        primary: k.to_base64(),
+        secondary: SharedAccessKey::from_bytes(vec![9u8; 32]).to_base64(),
+    };
+    let spec = |k: &SharedAccessKey, edge: bool| DeviceSpec {
+        keys: Some(keys(k)),
+        iot_edge: edge,
+        ..DeviceSpec::default()
+    };
+    let edge_key = SharedAccessKey::from_base64(DEVICE_KEY).unwrap();
+    let leaf_key = SharedAccessKey::from_base64(LEAF_KEY).unwrap();
+    cloud
+        .put_device(DEVICE, spec(&edge_key, true), None)
+        .await
+        .unwrap();
+    cloud
+        .put_device("leaf1", spec(&leaf_key, false), None)
+        .await
+        .unwrap();
+    for m in ["modA", "modB"] {
+        let mspec = ModuleSpec {
+            keys: Some(keys(&module_key(m))),
+            ..ModuleSpec::default()
+        };
+        cloud.put_module(DEVICE, m, mspec, None).await.unwrap();
+    }
+}

@@ -1,0 +1,156 @@
+//! `UpstreamProtocol`: Azure IoT Edge's four upstream protocol names
+//! (`Amqp`, `AmqpWs`, `Mqtt`, `MqttWs`, case-insensitive), shared by the
+//! hub and the agent: parsed from the configuration or the
+//! `UpstreamProtocol` environment variable, and what actually runs while
+//! Verge has no AMQP upstream ([`UpstreamProtocol::effective`]).
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::Deserialize;
+
+/// Where IoT Hub serves MQTT and AMQP over WebSocket.
+pub const WS_PATH: &str = "/$iothub/websocket";
+/// The WebSocket subprotocol of MQTT.
+pub const MQTT_SUBPROTOCOL: &str = "mqtt";
+/// IoT Hub's MQTT over TLS port.
+pub const MQTT_PORT: u16 = 8883;
+/// IoT Hub's HTTPS port, where the WebSocket transports are served.
+pub const WS_PORT: u16 = 443;
+
+/// The environment variable IoT Edge's edgeHub reads.
+pub const PROTOCOL_ENV: &str = "UpstreamProtocol";
+
+/// `UpstreamProtocol`: edgeHub's four names, case-insensitive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(try_from = "String")]
+pub enum UpstreamProtocol {
+    /// AMQP over TLS (5671): not implemented upstream yet, runs as `Mqtt`.
+    Amqp,
+    /// AMQP over WebSocket (443): not implemented upstream yet, runs as `MqttWs`.
+    AmqpWs,
+    /// MQTT over TLS (8883).
+    #[default]
+    Mqtt,
+    /// MQTT over WebSocket (443).
+    MqttWs,
+}
+
+/// A protocol name that is none of the four.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown upstream protocol {0:?}: expected Amqp, AmqpWs, Mqtt or MqttWs")]
+pub struct UnknownProtocol(String);
+
+impl FromStr for UpstreamProtocol {
+    type Err = UnknownProtocol;
+
+    fn from_str(s: &str) -> Result<Self, UnknownProtocol> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "amqp" => Ok(Self::Amqp),
+            "amqpws" => Ok(Self::AmqpWs),
+            "mqtt" => Ok(Self::Mqtt),
+            "mqttws" => Ok(Self::MqttWs),
+            _ => Err(UnknownProtocol(s.to_owned())),
+        }
+    }
+}
+
+impl TryFrom<String> for UpstreamProtocol {
+    type Error = UnknownProtocol;
+
+    fn try_from(s: String) -> Result<Self, UnknownProtocol> {
+        s.parse()
+    }
+}
+
+impl fmt::Display for UpstreamProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Amqp => "Amqp",
+            Self::AmqpWs => "AmqpWs",
+            Self::Mqtt => "Mqtt",
+            Self::MqttWs => "MqttWs",
+        })
+    }
+}
+
+impl UpstreamProtocol {
+    /// What actually runs: AMQP falls back to MQTT over the same carrier
+    /// (TLS or WebSocket) until the AMQP upstream exists.
+    pub fn effective(self) -> Self {
+        match self {
+            Self::Amqp => Self::Mqtt,
+            Self::AmqpWs => Self::MqttWs,
+            other => other,
+        }
+    }
+
+    /// Over WebSocket on 443 (and so through a proxy if one is set).
+    pub fn websocket(self) -> bool {
+        matches!(self, Self::AmqpWs | Self::MqttWs)
+    }
+
+    /// The protocol asked for: `UpstreamProtocol` from the environment
+    /// (`var` looks it up) when set and not empty, else the file's.
+    pub fn resolve(
+        file: Option<Self>,
+        var: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, UnknownProtocol> {
+        match var(PROTOCOL_ENV).filter(|v| !v.trim().is_empty()) {
+            Some(v) => v.parse(),
+            None => Ok(file.unwrap_or_default()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn names_are_case_insensitive_and_amqp_falls_back() {
+        for (s, p) in [
+            ("Amqp", UpstreamProtocol::Amqp),
+            ("AMQPWS", UpstreamProtocol::AmqpWs),
+            ("mqtt", UpstreamProtocol::Mqtt),
+            (" MqttWs ", UpstreamProtocol::MqttWs),
+        ] {
+            assert_eq!(s.parse::<UpstreamProtocol>().unwrap(), p);
+        }
+        assert!("mqtt-ws".parse::<UpstreamProtocol>().is_err());
+        assert_eq!(UpstreamProtocol::Amqp.effective(), UpstreamProtocol::Mqtt);
+        assert_eq!(
+            UpstreamProtocol::AmqpWs.effective(),
+            UpstreamProtocol::MqttWs
+        );
+        assert_eq!(
+            UpstreamProtocol::MqttWs.effective(),
+            UpstreamProtocol::MqttWs
+        );
+        assert!(UpstreamProtocol::AmqpWs.websocket() && !UpstreamProtocol::Mqtt.websocket());
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let none = |_: &str| None;
+        let env = |v: &'static str| move |k: &str| (k == PROTOCOL_ENV).then(|| v.to_owned());
+        assert_eq!(
+            UpstreamProtocol::resolve(None, none).unwrap(),
+            UpstreamProtocol::Mqtt
+        );
+        assert_eq!(
+            UpstreamProtocol::resolve(Some(UpstreamProtocol::MqttWs), none).unwrap(),
+            UpstreamProtocol::MqttWs
+        );
+        assert_eq!(
+            UpstreamProtocol::resolve(Some(UpstreamProtocol::Mqtt), env("mqttws")).unwrap(),
+            UpstreamProtocol::MqttWs
+        );
+        assert_eq!(
+            UpstreamProtocol::resolve(Some(UpstreamProtocol::MqttWs), env("")).unwrap(),
+            UpstreamProtocol::MqttWs
+        );
+        assert!(UpstreamProtocol::resolve(None, env("Http")).is_err());
+    }
+}

@@ -1,0 +1,119 @@
+//! How the upstream reaches the cloud: the protocol (`upstream.protocol` in
+//! the configuration, overridden by Azure IoT Edge's `UpstreamProtocol`
+//! environment variable) and the HTTP proxy (`https_proxy`), turned into
+//! one [`verge_dial::Dialer`] that every link dials.
+//!
+//! * `Mqtt` (default): MQTT over TLS on `upstream.port` (8883).
+//! * `MqttWs`: MQTT over WebSocket (`wss://{hostname}:{https_port}/$iothub/websocket`,
+//!   subprotocol `mqtt`), through the proxy when `https_proxy` is set and
+//!   `no_proxy` does not exempt the host.
+//! * `Amqp` / `AmqpWs`: accepted (they are edgeHub's names and its
+//!   default), but Verge has no AMQP upstream yet: they run as `Mqtt` /
+//!   `MqttWs` with a warning at start.
+//!
+//! A proxy is used only with a WebSocket protocol, as IoT Edge does: with
+//! `Mqtt` on 8883 a configured proxy is ignored, with a warning (most
+//! proxies refuse CONNECT to 8883 anyway).
+
+use std::sync::Arc;
+
+pub use verge_dial::protocol::{
+    MQTT_SUBPROTOCOL, PROTOCOL_ENV, UnknownProtocol, UpstreamProtocol, WS_PATH,
+};
+use verge_dial::{Dialer, Proxy};
+
+use super::{HANDSHAKE_TIMEOUT, MAX_INBOUND_PACKET, MAX_OUTBOUND_PACKET};
+use crate::config::UpstreamConfig;
+
+/// The protocol and proxy in force, and the dialer they give.
+pub struct Transport {
+    /// As configured (before the AMQP fallback).
+    pub requested: UpstreamProtocol,
+    /// What runs.
+    pub protocol: UpstreamProtocol,
+    /// Every link's dialer.
+    pub dialer: Dialer,
+}
+
+impl Transport {
+    /// Resolves the protocol and proxy (`var` looks environment variables
+    /// up) and builds the dialer; logs the AMQP fallback and an ignored proxy.
+    pub fn resolve(
+        up: &UpstreamConfig,
+        tls: Arc<rustls::ClientConfig>,
+        var: impl Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<Transport> {
+        let requested = UpstreamProtocol::resolve(up.protocol, &var)?;
+        let protocol = requested.effective();
+        if protocol != requested {
+            tracing::warn!(
+                requested = %requested,
+                using = %protocol,
+                "the AMQP upstream is not implemented yet: using MQTT over the same transport"
+            );
+        }
+        let proxy = Proxy::from_vars(&var, &up.hostname)?;
+        let port = if protocol.websocket() {
+            up.https_port
+        } else {
+            up.port
+        };
+        let mut dialer = Dialer::new(&up.hostname, port, tls)?.with_step_timeout(HANDSHAKE_TIMEOUT);
+        if protocol.websocket() {
+            // A packet may span frames; a frame or message larger than the
+            // largest packet either way (plus framing slack) is refused.
+            let max = MAX_INBOUND_PACKET.max(MAX_OUTBOUND_PACKET) + 64 * 1024;
+            dialer = dialer
+                .with_websocket(WS_PATH, MQTT_SUBPROTOCOL, max)
+                .with_proxy(proxy);
+        } else if let Some(p) = proxy {
+            tracing::warn!(
+                proxy = %p,
+                protocol = %protocol,
+                "https_proxy is set but the upstream protocol is not a WebSocket one: \
+                 the proxy is not used (set UpstreamProtocol=MqttWs to go through it)"
+            );
+        }
+        tracing::info!(protocol = %protocol, via = %dialer.describe(), "upstream transport");
+        Ok(Transport {
+            requested,
+            protocol,
+            dialer,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn config_key_alias_and_bad_names() {
+        let base = r#"
+iothub_hostname = "hub.example"
+device_id = "edge1"
+device_key = "AAAAAAAAAAAAAAAAAAAAAA=="
+storage_dir = "/tmp/x"
+[tls]
+cert = "c.pem"
+key = "k.pem"
+[upstream]
+hostname = "cloud"
+ca_file = "ca.pem"
+"#;
+        let cfg = |extra: &str| crate::config::Config::from_toml(&format!("{base}{extra}"));
+        let up = |extra: &str| cfg(extra).unwrap().upstream.unwrap().protocol;
+        assert_eq!(up(""), None);
+        assert_eq!(
+            up("protocol = \"MQTTWS\"\n"),
+            Some(UpstreamProtocol::MqttWs)
+        );
+        assert_eq!(
+            up("upstream_protocol = \"amqp\"\n"),
+            Some(UpstreamProtocol::Amqp)
+        );
+        let e = cfg("protocol = \"Http\"\n").unwrap_err().to_string();
+        assert!(e.contains("unknown upstream protocol"), "{e}");
+    }
+}
