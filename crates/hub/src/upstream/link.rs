@@ -80,6 +80,9 @@ pub(super) async fn run_link(
     shared: Arc<Shared>,
     state: Arc<HubState>,
     id: ClientId,
+    // The identity the CONNECT token is signed as: `id`, or the hub's own
+    // when it carries an X.509 leaf on its behalf.
+    signer: ClientId,
     key: SharedAccessKey,
     rx: mpsc::Receiver<Request>,
     link_state: watch::Sender<LinkState>,
@@ -123,7 +126,7 @@ pub(super) async fn run_link(
     loop {
         let started = Instant::now();
         let end =
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, connect(&shared.up, &id, &key)).await {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, connect(&shared.up, &id, &signer, &key)).await {
                 Ok(Ok(stream)) => {
                     if logged != Some("up") {
                         tracing::info!(identity = %name, "upstream link connected");
@@ -206,6 +209,7 @@ enum ConnectError {
 async fn connect(
     up: &Upstream,
     id: &ClientId,
+    signer: &ClientId,
     key: &SharedAccessKey,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ConnectError> {
     let tcp = TcpStream::connect((up.cfg.hostname.as_str(), up.cfg.port))
@@ -221,7 +225,7 @@ async fn connect(
         .map_err(|e| ConnectError::Failed(format!("TLS: {e}")))?;
     let expiry = crate::auth::unix_now() + TOKEN_TTL_SECS;
     let token = SasToken::sign(
-        &format!("{}{}", up.hub_host, id.resource()),
+        &format!("{}{}", up.hub_host, signer.resource()),
         key,
         expiry,
         None,
