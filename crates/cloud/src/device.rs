@@ -116,10 +116,17 @@ impl Backend for CloudBackend {
         if let Some(username) = creds.username {
             check_username(username, creds.client_id)?;
         }
+        // A certificate and no password: X.509 (a password keeps SAS).
+        if creds.wants_x509() {
+            return self
+                .cloud
+                .verify_device_cert(creds.client_id, creds.client_certs)
+                .map_err(|e| AuthError::Refused(e.to_string()));
+        }
         let password = creds.password.ok_or(AuthError::NoCredentials)?;
         let token = std::str::from_utf8(password).map_err(|_| AuthError::NotUtf8)?;
         self.cloud
-            .verify_device_token(creds.client_id, token)
+            .verify_device_client(creds.client_id, token)
             .map_err(|e| AuthError::Refused(e.to_string()))
     }
 
@@ -408,7 +415,14 @@ pub async fn serve_with(
                 let peer = conn.peer().to_string();
                 match conn.handshake(acceptor.accept(tcp)).await {
                     Some(Ok(stream)) => {
-                        verge_endpoint::connection::serve(backend, stream, peer).await;
+                        let certs: Vec<_> = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+                            .unwrap_or_default();
+                        verge_endpoint::connection::serve_with_certs(backend, stream, peer, certs)
+                            .await;
                     }
                     Some(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
                     None => {}

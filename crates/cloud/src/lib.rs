@@ -18,6 +18,7 @@
 
 pub mod api;
 pub mod c2d;
+pub mod certs;
 pub mod config;
 pub mod conn;
 pub mod d2c;
