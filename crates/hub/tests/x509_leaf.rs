@@ -381,6 +381,33 @@ async fn x509_leaves_at_the_hub() {
     // The disabled device's reason holds for its right certificate too.
     assert_eq!(connect_x509(addr, &ca_pem, "off1", &ss).await.0, refused);
 
+    // MQTT over WebSocket on the HTTPS listener (TLS 1.3 here).
+    for (id, want) in [(&ss, ok), (&ss_second, ok), (&cases[0].1, refused)] {
+        let mut roots = rustls::RootCertStore::empty();
+        use rustls_pki_types::pem::PemObject;
+        for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let tls = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                id.chain.clone(),
+                PrivateKeyDer::try_from(id.key_der.clone()).unwrap(),
+            )
+            .unwrap();
+        let raw = common::ws_open_with(
+            hub.https_addr,
+            tokio_rustls::TlsConnector::from(Arc::new(tls)),
+            "/$iothub/websocket",
+            Some("mqtt"),
+        )
+        .await
+        .unwrap();
+        let user = format!("{CLOUD}/ss1/?api-version=2019-10-01");
+        let (_raw, ack) = raw.handshake("ss1", &user, "", true).await;
+        assert_eq!(code(ack).0, want, "over WebSocket");
+    }
+
     // Upstream: the messages reach the cloud as ss1 and ca1.
     let start = Instant::now();
     loop {
