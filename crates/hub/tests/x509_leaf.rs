@@ -1,6 +1,6 @@
 //! X.509 leaf devices at the hub, against a real verge-cloud in-process
 //! (service API for the device scope, device endpoint as the upstream):
-//! self-signed (SHA-256 primary, SHA-1 secondary thumbprints) and CA-signed
+//! self-signed (SHA-256 primary and secondary, or SHA-1 thumbprints) and CA-signed
 //! leaves (CN = id, chained through an intermediate the client sends to the
 //! root in the hub's `trust_bundle`) connect with an empty password and a
 //! client certificate, on MQTT/TLS and over WebSocket; their telemetry
@@ -228,7 +228,7 @@ async fn x509_leaves_at_the_hub() {
     let ss = leaf("ss1", None, false, -1, 10);
     let ss_second = leaf("whatever", None, false, -1, 10);
     let (ss_sha1, ss_sha256) = verge_x509::thumbprints(&ss.chain[0]);
-    let (second_sha1, _) = verge_x509::thumbprints(&ss_second.chain[0]);
+    let (_, second_sha256) = verge_x509::thumbprints(&ss_second.chain[0]);
     let ca_leaf = leaf("ca1", Some(&inter), false, -1, 10);
 
     // The cloud.
@@ -255,7 +255,8 @@ async fn x509_leaves_at_the_hub() {
         .await
         .unwrap();
     let scope = edge.record.device_scope.clone().unwrap();
-    put(&cloud, "ss1", x509(self_signed(&ss_sha256, Some(&second_sha1)), &scope)).await;
+    put(&cloud, "ss1", x509(self_signed(&ss_sha256, Some(&second_sha256)), &scope)).await;
+    put(&cloud, "ss2", x509(self_signed(&ss_sha1, None), &scope)).await;
     put(&cloud, "ca1", x509(X509Auth::CertificateAuthority, &scope)).await;
     let mut off = x509(self_signed(&ss_sha1, None), &scope);
     off.status = Some(DeviceStatus::Disabled);
@@ -339,9 +340,10 @@ async fn x509_leaves_at_the_hub() {
     let ok = ConnectReturnCode::Success;
     let refused = ConnectReturnCode::NotAuthorized;
 
-    // Accepted: either thumbprint (SHA-256 primary, SHA-1 secondary), and
-    // CA-signed through the intermediate the client sent.
+    // Accepted: either thumbprint (SHA-256; SHA-1 for ss2), and CA-signed
+    // through the intermediate the client sent.
     assert_eq!(connect_x509(addr, &ca_pem, "ss1", &ss_second).await.0, ok);
+    assert_eq!(connect_x509(addr, &ca_pem, "ss2", &ss).await.0, ok);
     assert_eq!(connect_x509(addr, &ca_pem, "ca1", &ca_leaf).await.0, ok);
     let (c, mut ss_conn) = connect_x509(addr, &ca_pem, "ss1", &ss).await;
     assert_eq!(c, ok);
