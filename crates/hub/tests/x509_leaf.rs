@@ -216,6 +216,132 @@ async fn send(raw: &mut Raw, client: &str, body: &str) {
     }
 }
 
+/// verge-cloud in-process: its service API (device scope) and its device
+/// endpoint (the hub's upstream), with the edge device registered.
+struct CloudUp {
+    cloud: CloudState,
+    scope: String,
+    api_port: u16,
+    mqtt_port: u16,
+    ca_file: std::path::PathBuf,
+    stop_tx: tokio::sync::oneshot::Sender<()>,
+    api: tokio::task::JoinHandle<()>,
+    endpoint: tokio::task::JoinHandle<()>,
+}
+
+impl CloudUp {
+    async fn start(dir: &Path) -> CloudUp {
+        let cloud_dir = dir.join("cloud");
+        let files = verge_cloud::tls::ensure_files(&cloud_dir, CLOUD, None, None).unwrap();
+        let cloud = CloudState::open(CloudOptions {
+            data_dir: cloud_dir.clone(),
+            hostname: CLOUD.into(),
+        })
+        .unwrap();
+        let (edge, _) = cloud
+            .put_device(
+                DEVICE,
+                DeviceSpec {
+                    keys: Some(SymmetricKeys {
+                        primary: DEVICE_KEY.into(),
+                        secondary: DEVICE_KEY.into(),
+                    }),
+                    iot_edge: true,
+                    ..DeviceSpec::default()
+                },
+                None,
+            )
+            .await
+            .unwrap();
+        let scope = edge.record.device_scope.clone().unwrap();
+        let api_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let api_port = api_listener.local_addr().unwrap().port();
+        let api_tls = verge_cloud::tls::server_config(&files).unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let api = tokio::spawn(verge_cloud::api::serve(
+            api_listener,
+            api_tls.clone(),
+            ApiState {
+                cloud: cloud.clone(),
+                auth: Arc::new(ServiceAuth::new(
+                    CLOUD,
+                    "iothubowner",
+                    SharedAccessKey::from_bytes(vec![3; 32]),
+                )),
+            },
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
+        let backend = verge_cloud::device::CloudBackend::open(
+            cloud.clone(),
+            cloud_dir.join("mqtt-sessions.json"),
+        )
+        .await
+        .unwrap();
+        let mqtt_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mqtt_port = mqtt_listener.local_addr().unwrap().port();
+        let endpoint = tokio::spawn(verge_cloud::device::serve(
+            mqtt_listener,
+            verge_cloud::device::mqtt_tls(&api_tls),
+            backend,
+            std::future::pending::<()>(),
+        ));
+        CloudUp {
+            cloud,
+            scope,
+            api_port,
+            mqtt_port,
+            ca_file: files.ca.clone().unwrap(),
+            stop_tx,
+            api,
+            endpoint,
+        }
+    }
+
+    /// (device id, body) of every D2C message so far.
+    fn d2c(&self) -> Vec<(String, String)> {
+        self.cloud
+            .read_d2c(0, 1000)
+            .unwrap()
+            .into_iter()
+            .map(|e| {
+                (
+                    e.message.system.connection_device_id.clone().unwrap_or_default(),
+                    String::from_utf8_lossy(&e.message.body).into_owned(),
+                )
+            })
+            .collect()
+    }
+
+    /// Waits (30 s at most) until the cloud holds every `(device, body)`.
+    async fn wait_for(&self, want: &[(&str, &str)]) {
+        let start = Instant::now();
+        loop {
+            let got = self.d2c();
+            if want
+                .iter()
+                .all(|(d, b)| got.contains(&((*d).to_owned(), (*b).to_owned())))
+            {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "telemetry not upstream: want {want:?}, got {got:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop_tx.send(());
+        self.api.await.unwrap();
+        self.endpoint.abort();
+        let _ = self.endpoint.await;
+        self.cloud.close();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn x509_leaves_at_the_hub() {
     verge_hub::install_crypto_provider();
@@ -231,30 +357,8 @@ async fn x509_leaves_at_the_hub() {
     let (_, second_sha256) = verge_x509::thumbprints(&ss_second.chain[0]);
     let ca_leaf = leaf("ca1", Some(&inter), false, -1, 10);
 
-    // The cloud.
-    let cloud_dir = dir.path().join("cloud");
-    let files = verge_cloud::tls::ensure_files(&cloud_dir, CLOUD, None, None).unwrap();
-    let cloud = CloudState::open(CloudOptions {
-        data_dir: cloud_dir.clone(),
-        hostname: CLOUD.into(),
-    })
-    .unwrap();
-    let (edge, _) = cloud
-        .put_device(
-            DEVICE,
-            DeviceSpec {
-                keys: Some(SymmetricKeys {
-                    primary: DEVICE_KEY.into(),
-                    secondary: DEVICE_KEY.into(),
-                }),
-                iot_edge: true,
-                ..DeviceSpec::default()
-            },
-            None,
-        )
-        .await
-        .unwrap();
-    let scope = edge.record.device_scope.clone().unwrap();
+    let up = CloudUp::start(dir.path()).await;
+    let (cloud, scope) = (up.cloud.clone(), up.scope.clone());
     put(&cloud, "ss1", x509(self_signed(&ss_sha256, Some(&second_sha256)), &scope)).await;
     put(&cloud, "ss2", x509(self_signed(&ss_sha1, None), &scope)).await;
     put(&cloud, "ca1", x509(X509Auth::CertificateAuthority, &scope)).await;
@@ -284,50 +388,11 @@ async fn x509_leaves_at_the_hub() {
         },
     )
     .await;
-    let api_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api_port = api_listener.local_addr().unwrap().port();
-    let api_tls = verge_cloud::tls::server_config(&files).unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let api = tokio::spawn(verge_cloud::api::serve(
-        api_listener,
-        api_tls.clone(),
-        ApiState {
-            cloud: cloud.clone(),
-            auth: Arc::new(ServiceAuth::new(
-                CLOUD,
-                "iothubowner",
-                SharedAccessKey::from_bytes(vec![3; 32]),
-            )),
-        },
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
-    let backend = verge_cloud::device::CloudBackend::open(
-        cloud.clone(),
-        cloud_dir.join("mqtt-sessions.json"),
-    )
-    .await
-    .unwrap();
-    let mqtt_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mqtt_port = mqtt_listener.local_addr().unwrap().port();
-    let endpoint = tokio::spawn(verge_cloud::device::serve(
-        mqtt_listener,
-        verge_cloud::device::mqtt_tls(&api_tls),
-        backend,
-        std::future::pending::<()>(),
-    ));
 
     // The hub: trusts the root only; the intermediate comes from the client.
     let pki = pki();
     std::fs::write(dir.path().join("trust-bundle.pem"), &trusted_root.pem).unwrap();
-    let cfg = hub_config(
-        &pki,
-        dir.path(),
-        api_port,
-        mqtt_port,
-        files.ca.as_ref().unwrap(),
-    );
+    let cfg = hub_config(&pki, dir.path(), up.api_port, up.mqtt_port, &up.ca_file);
     let hub = Hub::start(cfg.clone()).await.unwrap();
     let start = Instant::now();
     let ss1 = ClientId::parse("ss1").unwrap();
@@ -411,38 +476,11 @@ async fn x509_leaves_at_the_hub() {
     }
 
     // Upstream: the messages reach the cloud as ss1 and ca1.
-    let start = Instant::now();
-    loop {
-        let got: Vec<(String, String)> = cloud
-            .read_d2c(0, 100)
-            .unwrap()
-            .into_iter()
-            .map(|e| {
-                (
-                    e.message.system.connection_device_id.clone().unwrap_or_default(),
-                    String::from_utf8_lossy(&e.message.body).into_owned(),
-                )
-            })
-            .collect();
-        if got.contains(&("ss1".into(), "from-ss1".into()))
-            && got.contains(&("ca1".into(), "from-ca1".into()))
-        {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "telemetry not upstream: {got:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    up.wait_for(&[("ss1", "from-ss1"), ("ca1", "from-ca1")]).await;
     drop((ss_conn, ca_conn));
 
     // Offline: the cloud stops, the hub restarts from its cache.
-    let _ = stop_tx.send(());
-    api.await.unwrap();
-    endpoint.abort();
-    let _ = endpoint.await;
-    cloud.close();
+    up.stop().await;
     hub.shutdown().await;
     let hub = Hub::start(cfg).await.unwrap();
     let addr = hub.mqtt_addr;
