@@ -138,6 +138,17 @@ async fn connect_x509(
 }
 
 fn hub_config(pki: &Pki, dir: &Path, https_port: u16, mqtt_port: u16, cloud_ca: &Path) -> Config {
+    hub_config_on(pki, dir, "127.0.0.1:0", https_port, mqtt_port, cloud_ca)
+}
+
+fn hub_config_on(
+    pki: &Pki,
+    dir: &Path,
+    listen_mqtt: &str,
+    https_port: u16,
+    mqtt_port: u16,
+    cloud_ca: &Path,
+) -> Config {
     let trust = dir.join("trust-bundle.pem");
     let routes = dir.join("routes.json");
     std::fs::write(
@@ -155,7 +166,7 @@ storage_dir = "{storage}"
 routes_file = "{routes}"
 trust_bundle = "{trust}"
 [listen]
-mqtt = "127.0.0.1:0"
+mqtt = "{listen_mqtt}"
 https = "127.0.0.1:0"
 [tls]
 cert = "{cert}"
@@ -491,4 +502,111 @@ async fn x509_leaves_at_the_hub() {
         refused
     );
     hub.shutdown().await;
+}
+
+fn python() -> std::path::PathBuf {
+    let p = std::env::var_os("VERGE_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python")
+        });
+    let ok = std::process::Command::new(&p)
+        .args(["-c", "import azure.iot.device"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "no Python with azure-iot-device at {} (set VERGE_PYTHON)", p.display());
+    p
+}
+
+/// Writes `{name}.pem` (chain) and `{name}.key` under `dir`.
+fn write_id(dir: &Path, name: &str, id: &Id) -> serde_json::Value {
+    // rcgen's key DER is PKCS#8: "PRIVATE KEY".
+    let pem = |tag: &str, der: &[u8]| {
+        let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, der);
+        let body: Vec<String> = b64
+            .as_bytes()
+            .chunks(64)
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect();
+        format!("-----BEGIN {tag}-----\n{}\n-----END {tag}-----\n", body.join("\n"))
+    };
+    let chain: String = id.chain.iter().map(|c| pem("CERTIFICATE", c)).collect();
+    let c = dir.join(format!("{name}.pem"));
+    let k = dir.join(format!("{name}.key"));
+    std::fs::write(&c, chain).unwrap();
+    std::fs::write(&k, pem("PRIVATE KEY", &id.key_der)).unwrap();
+    serde_json::json!([c, k])
+}
+
+/// The official Python device SDK's X.509 client through the hub (MQTT on
+/// 8883, the only port it dials): a self-signed and a CA-signed leaf send
+/// telemetry that reaches verge-cloud; a wrong certificate and a module
+/// with a certificate are refused. Skipped, saying so, only when 8883
+/// cannot be bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_sdk_x509_leaves_through_the_hub() {
+    verge_hub::install_crypto_provider();
+    let python = python();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while std::net::TcpListener::bind(("127.0.0.1", 8883)).is_err() {
+        if Instant::now() > deadline {
+            eprintln!("SKIPPED python_sdk_x509_leaves_through_the_hub: cannot bind 127.0.0.1:8883");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let trusted_root = root("Verge Test Root");
+    let pyss = leaf("pyss", None, false, -1, 10);
+    let pyca = leaf("pyca", Some(&trusted_root), false, -1, 10);
+    let wrong = leaf("pyss", None, false, -1, 10);
+    let up = CloudUp::start(dir.path()).await;
+    let (_, sha256) = verge_x509::thumbprints(&pyss.chain[0]);
+    put(&up.cloud, "pyss", x509(self_signed(&sha256, None), &up.scope)).await;
+    put(&up.cloud, "pyca", x509(X509Auth::CertificateAuthority, &up.scope)).await;
+    let pki = pki();
+    std::fs::write(dir.path().join("trust-bundle.pem"), &trusted_root.pem).unwrap();
+    let cfg = hub_config_on(
+        &pki,
+        dir.path(),
+        "127.0.0.1:8883",
+        up.api_port,
+        up.mqtt_port,
+        &up.ca_file,
+    );
+    let hub = Hub::start(cfg).await.unwrap();
+    let start = Instant::now();
+    while hub.state.sas.x509_devices().len() < 2 {
+        assert!(start.elapsed() < Duration::from_secs(20), "no device scope");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ca = dir.path().join("hub-ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let certs = serde_json::json!({
+        "pyss": write_id(dir.path(), "pyss", &pyss),
+        "pyca": write_id(dir.path(), "pyca", &pyca),
+        "wrong": write_id(dir.path(), "wrong", &wrong),
+    });
+    let params = serde_json::json!({"host": "localhost", "ca": ca, "edge": DEVICE, "certs": certs});
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/x509_leaf.py");
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(python)
+            .arg(script)
+            .arg(params.to_string())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the Python script timed out")
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("ALL PASS"),
+        "x509_leaf.py failed\n--- stdout\n{stdout}\n--- stderr\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    up.wait_for(&[("pyss", "py-pyss"), ("pyca", "py-pyca")]).await;
+    hub.shutdown().await;
+    up.stop().await;
 }
