@@ -216,13 +216,20 @@ impl CaStore {
     }
 
     /// Upload (or replace). Returns the record and whether it was created.
-    pub fn put(&self, name: &str, body: &Value, if_match_hdr: Option<&str>) -> Result<(CaCert, bool)> {
+    pub fn put(
+        &self,
+        name: &str,
+        body: &Value,
+        if_match_hdr: Option<&str>,
+    ) -> Result<(CaCert, bool)> {
         check_name(name)?;
         let props = body.get("properties").unwrap_or(body);
         let text = props
             .get("certificate")
             .and_then(Value::as_str)
-            .ok_or_else(|| CloudError::BadRequest("properties.certificate (PEM) is required".into()))?;
+            .ok_or_else(|| {
+                CloudError::BadRequest("properties.certificate (PEM) is required".into())
+            })?;
         let certs = verge_x509::parse_certs(text).map_err(CloudError::BadRequest)?;
         let [der] = certs.as_slice() else {
             return Err(CloudError::BadRequest(

@@ -214,7 +214,10 @@ fn azure_python_sdks_with_x509_devices() {
         json!({}),
     );
     assert_eq!(s, 200, "{v}");
-    let code = v["properties"]["verificationCode"].as_str().unwrap().to_owned();
+    let code = v["properties"]["verificationCode"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let proof = |ca: &Ca, cn: &str| {
         let key = KeyPair::generate().unwrap();
         params(cn, false, -1, 1)
@@ -241,7 +244,11 @@ fn azure_python_sdks_with_x509_devices() {
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["properties"]["isVerified"], true, "{v}");
     let (s, v) = call(reqwest::Method::GET, "/certificates", Value::Null);
-    assert_eq!((s, v["value"].as_array().map(Vec::len)), (200, Some(1)), "{v}");
+    assert_eq!(
+        (s, v["value"].as_array().map(Vec::len)),
+        (200, Some(1)),
+        "{v}"
+    );
 
     // The SDKs.
     let cs = format!("HostName={https};SharedAccessKeyName=iothubowner;SharedAccessKey={key}");

@@ -73,7 +73,9 @@ pub enum AuthError {
     X509(#[from] verge_x509::X509Error),
     /// A module presented a certificate: only devices authenticate by X.509
     /// here (edgeHub's `UnsupportedClientIdentityType`).
-    #[error("module {0} presented a client certificate; modules cannot authenticate with X.509 (use SAS)")]
+    #[error(
+        "module {0} presented a client certificate; modules cannot authenticate with X.509 (use SAS)"
+    )]
     ModuleCertificate(String),
     /// The identity is registered with SAS keys (or has no certificate rule).
     #[error("{0} presented a client certificate but is not registered for X.509 authentication")]

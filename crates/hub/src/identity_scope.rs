@@ -321,16 +321,20 @@ impl ScopeSource {
             TrustSource::File(path) => tokio::fs::read_to_string(path)
                 .await
                 .with_context(|| format!("trust_bundle: reading {}", path.display())),
-            TrustSource::Workload(client) => tokio::time::timeout(REQUEST_TIMEOUT, client.trust_bundle())
-                .await
-                .context("no answer from verged")
-                .and_then(|r| r.context("verged's trust bundle")),
+            TrustSource::Workload(client) => {
+                tokio::time::timeout(REQUEST_TIMEOUT, client.trust_bundle())
+                    .await
+                    .context("no answer from verged")
+                    .and_then(|r| r.context("verged's trust bundle"))
+            }
         };
         match pem.and_then(|pem| {
             verge_x509::parse_certs(&pem).map_err(|e| anyhow::anyhow!("trust bundle: {e}"))
         }) {
             Ok(certs) => self.auth.set_trust_bundle(certs),
-            Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot load the trust bundle; keeping the last one"),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot load the trust bundle; keeping the last one")
+            }
         }
     }
 

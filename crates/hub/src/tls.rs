@@ -24,7 +24,7 @@ pub fn acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::TlsAcce
     let config = verge_x509::server_config_builder()
         .context("TLS configuration")?
         .with_single_cert(certs, key)
-    .context("TLS certificate and key do not form a valid identity")?;
+        .context("TLS certificate and key do not form a valid identity")?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 

@@ -318,7 +318,11 @@ impl CloudUp {
             .into_iter()
             .map(|e| {
                 (
-                    e.message.system.connection_device_id.clone().unwrap_or_default(),
+                    e.message
+                        .system
+                        .connection_device_id
+                        .clone()
+                        .unwrap_or_default(),
                     String::from_utf8_lossy(&e.message.body).into_owned(),
                 )
             })
@@ -370,7 +374,12 @@ async fn x509_leaves_at_the_hub() {
 
     let up = CloudUp::start(dir.path()).await;
     let (cloud, scope) = (up.cloud.clone(), up.scope.clone());
-    put(&cloud, "ss1", x509(self_signed(&ss_sha256, Some(&second_sha256)), &scope)).await;
+    put(
+        &cloud,
+        "ss1",
+        x509(self_signed(&ss_sha256, Some(&second_sha256)), &scope),
+    )
+    .await;
     put(&cloud, "ss2", x509(self_signed(&ss_sha1, None), &scope)).await;
     put(&cloud, "ca1", x509(X509Auth::CertificateAuthority, &scope)).await;
     let mut off = x509(self_signed(&ss_sha1, None), &scope);
@@ -434,13 +443,33 @@ async fn x509_leaves_at_the_hub() {
         ("ss1", leaf("ss1", None, false, -10, -1), "expired"),
         ("ss1", leaf("ss1", None, false, 1, 10), "not valid before"),
         ("ca1", leaf("ca2", Some(&inter), false, -1, 10), "CN"),
-        ("ca1", leaf("ca1", Some(&other_root), false, -1, 10), "trusted CA"),
-        ("ca1", leaf("ca1", Some(&inter), true, -1, 10), "CA certificate"),
+        (
+            "ca1",
+            leaf("ca1", Some(&other_root), false, -1, 10),
+            "trusted CA",
+        ),
+        (
+            "ca1",
+            leaf("ca1", Some(&inter), true, -1, 10),
+            "CA certificate",
+        ),
         ("ca1", leaf("ca1", Some(&inter), false, -10, -1), "expired"),
         ("off1", leaf("off1", None, false, -1, 10), "disabled"),
-        ("sas1", leaf("sas1", None, false, -1, 10), "not registered for X.509"),
-        ("stranger", leaf("stranger", None, false, -1, 10), "unknown identity"),
-        ("edge1/modA", leaf("edge1/modA", None, false, -1, 10), "modules cannot"),
+        (
+            "sas1",
+            leaf("sas1", None, false, -1, 10),
+            "not registered for X.509",
+        ),
+        (
+            "stranger",
+            leaf("stranger", None, false, -1, 10),
+            "unknown identity",
+        ),
+        (
+            "edge1/modA",
+            leaf("edge1/modA", None, false, -1, 10),
+            "modules cannot",
+        ),
     ];
     for (client, id, why) in &cases {
         assert_eq!(
@@ -487,7 +516,8 @@ async fn x509_leaves_at_the_hub() {
     }
 
     // Upstream: the messages reach the cloud as ss1 and ca1.
-    up.wait_for(&[("ss1", "from-ss1"), ("ca1", "from-ca1")]).await;
+    up.wait_for(&[("ss1", "from-ss1"), ("ca1", "from-ca1")])
+        .await;
     drop((ss_conn, ca_conn));
 
     // Offline: the cloud stops, the hub restarts from its cache.
@@ -498,7 +528,9 @@ async fn x509_leaves_at_the_hub() {
     assert_eq!(connect_x509(addr, &ca_pem, "ss1", &ss).await.0, ok);
     assert_eq!(connect_x509(addr, &ca_pem, "ca1", &ca_leaf).await.0, ok);
     assert_eq!(
-        connect_x509(addr, &ca_pem, "ss1", &leaf("ss1", None, false, -1, 10)).await.0,
+        connect_x509(addr, &ca_pem, "ss1", &leaf("ss1", None, false, -1, 10))
+            .await
+            .0,
         refused
     );
     hub.shutdown().await;
@@ -514,7 +546,11 @@ fn python() -> std::path::PathBuf {
         .args(["-c", "import azure.iot.device"])
         .status()
         .is_ok_and(|s| s.success());
-    assert!(ok, "no Python with azure-iot-device at {} (set VERGE_PYTHON)", p.display());
+    assert!(
+        ok,
+        "no Python with azure-iot-device at {} (set VERGE_PYTHON)",
+        p.display()
+    );
     p
 }
 
@@ -528,7 +564,10 @@ fn write_id(dir: &Path, name: &str, id: &Id) -> serde_json::Value {
             .chunks(64)
             .map(|c| String::from_utf8_lossy(c).into_owned())
             .collect();
-        format!("-----BEGIN {tag}-----\n{}\n-----END {tag}-----\n", body.join("\n"))
+        format!(
+            "-----BEGIN {tag}-----\n{}\n-----END {tag}-----\n",
+            body.join("\n")
+        )
     };
     let chain: String = id.chain.iter().map(|c| pem("CERTIFICATE", c)).collect();
     let c = dir.join(format!("{name}.pem"));
@@ -562,8 +601,18 @@ async fn python_sdk_x509_leaves_through_the_hub() {
     let wrong = leaf("pyss", None, false, -1, 10);
     let up = CloudUp::start(dir.path()).await;
     let (_, sha256) = verge_x509::thumbprints(&pyss.chain[0]);
-    put(&up.cloud, "pyss", x509(self_signed(&sha256, None), &up.scope)).await;
-    put(&up.cloud, "pyca", x509(X509Auth::CertificateAuthority, &up.scope)).await;
+    put(
+        &up.cloud,
+        "pyss",
+        x509(self_signed(&sha256, None), &up.scope),
+    )
+    .await;
+    put(
+        &up.cloud,
+        "pyca",
+        x509(X509Auth::CertificateAuthority, &up.scope),
+    )
+    .await;
     let pki = pki();
     std::fs::write(dir.path().join("trust-bundle.pem"), &trusted_root.pem).unwrap();
     let cfg = hub_config_on(
@@ -588,7 +637,8 @@ async fn python_sdk_x509_leaves_through_the_hub() {
         "wrong": write_id(dir.path(), "wrong", &wrong),
     });
     let params = serde_json::json!({"host": "localhost", "ca": ca, "edge": DEVICE, "certs": certs});
-    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/x509_leaf.py");
+    let script =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/x509_leaf.py");
     let out = tokio::time::timeout(
         Duration::from_secs(120),
         tokio::process::Command::new(python)
@@ -606,7 +656,8 @@ async fn python_sdk_x509_leaves_through_the_hub() {
         "x509_leaf.py failed\n--- stdout\n{stdout}\n--- stderr\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    up.wait_for(&[("pyss", "py-pyss"), ("pyca", "py-pyca")]).await;
+    up.wait_for(&[("pyss", "py-pyss"), ("pyca", "py-pyca")])
+        .await;
     hub.shutdown().await;
     up.stop().await;
 }

@@ -84,7 +84,9 @@ pub enum X509Error {
         device: String,
     },
     /// A CA certificate presented as a device certificate.
-    #[error("the client certificate is a CA certificate (basicConstraints CA=true), not a device certificate")]
+    #[error(
+        "the client certificate is a CA certificate (basicConstraints CA=true), not a device certificate"
+    )]
     LeafIsCa,
     /// The chain does not reach a trusted certificate.
     #[error("the certificate chain does not lead to a trusted CA: {0}")]
@@ -248,7 +250,9 @@ fn verify_chain(
         .filter_map(|c| webpki::anchor_from_trusted_cert(c).ok())
         .collect();
     if anchors.is_empty() {
-        return Err(X509Error::Untrusted("no trusted CA certificate is configured".into()));
+        return Err(X509Error::Untrusted(
+            "no trusted CA certificate is configured".into(),
+        ));
     }
     let ee = webpki::EndEntityCert::try_from(leaf)
         .map_err(|e| X509Error::Malformed(format!("{e:?}")))?;

@@ -67,10 +67,17 @@ fn self_signed_by_either_thumbprint_and_either_hash() {
     let (sha1, sha256) = thumbprints(&c);
     assert_eq!((sha1.len(), sha256.len()), (40, 64));
     for t in [&sha1, &sha256, &sha256.to_ascii_lowercase()] {
-        verify_device(&[c.clone()], "d1", &self_signed(t), &[], now()).unwrap();
+        verify_device(std::slice::from_ref(&c), "d1", &self_signed(t), &[], now()).unwrap();
     }
     // The id does not matter for thumbprints (IoT Hub does not check the CN).
-    verify_device(&[c.clone()], "other", &self_signed(&sha1), &[], now()).unwrap();
+    verify_device(
+        std::slice::from_ref(&c),
+        "other",
+        &self_signed(&sha1),
+        &[],
+        now(),
+    )
+    .unwrap();
     let wrong = leaf("d1", None, false, -1, 1);
     assert!(matches!(
         verify_device(&[wrong], "d1", &self_signed(&sha1), &[], now()),
@@ -81,7 +88,7 @@ fn self_signed_by_either_thumbprint_and_either_hash() {
         secondary: Some(String::new()),
     };
     assert_eq!(
-        verify_device(&[c.clone()], "d1", &none, &[], now()),
+        verify_device(std::slice::from_ref(&c), "d1", &none, &[], now()),
         Err(X509Error::NoThumbprint)
     );
     assert_eq!(
@@ -108,41 +115,78 @@ fn ca_signed_rules() {
     let other = ca("other");
     let auth = X509Auth::CertificateAuthority;
     let good = leaf("d1", Some(&root), false, -1, 1);
-    verify_device(&[good.clone()], "d1", &auth, &[root.der.clone()], now()).unwrap();
+    verify_device(
+        std::slice::from_ref(&good),
+        "d1",
+        &auth,
+        std::slice::from_ref(&root.der),
+        now(),
+    )
+    .unwrap();
     // CN must equal the id, exactly.
     assert!(matches!(
-        verify_device(&[good.clone()], "D1", &auth, &[root.der.clone()], now()),
+        verify_device(
+            std::slice::from_ref(&good),
+            "D1",
+            &auth,
+            std::slice::from_ref(&root.der),
+            now()
+        ),
         Err(X509Error::CommonName { .. })
     ));
     // Issued by a CA the edge does not trust.
     assert!(matches!(
-        verify_device(&[good.clone()], "d1", &auth, &[other.der.clone()], now()),
+        verify_device(
+            std::slice::from_ref(&good),
+            "d1",
+            &auth,
+            std::slice::from_ref(&other.der),
+            now()
+        ),
         Err(X509Error::Untrusted(_))
     ));
     assert!(matches!(
-        verify_device(&[good.clone()], "d1", &auth, &[], now()),
+        verify_device(std::slice::from_ref(&good), "d1", &auth, &[], now()),
         Err(X509Error::Untrusted(_))
     ));
     // A CA certificate (signed by the trusted root) used as a leaf.
     let sub_ca = leaf("d1", Some(&root), true, -1, 1);
     assert_eq!(
-        verify_device(&[sub_ca], "d1", &auth, &[root.der.clone()], now()),
+        verify_device(
+            &[sub_ca],
+            "d1",
+            &auth,
+            std::slice::from_ref(&root.der),
+            now()
+        ),
         Err(X509Error::LeafIsCa)
     );
     // The trusted root itself presented as a leaf.
     assert_eq!(
-        verify_device(&[root.der.clone()], "root", &auth, &[root.der.clone()], now()),
+        verify_device(
+            std::slice::from_ref(&root.der),
+            "root",
+            &auth,
+            std::slice::from_ref(&root.der),
+            now()
+        ),
         Err(X509Error::LeafIsCa)
     );
     let expired = leaf("d1", Some(&root), false, -3, -1);
     assert!(matches!(
-        verify_device(&[expired], "d1", &auth, &[root.der.clone()], now()),
+        verify_device(
+            &[expired],
+            "d1",
+            &auth,
+            std::slice::from_ref(&root.der),
+            now()
+        ),
         Err(X509Error::Expired(_))
     ));
     // A self-signed certificate with the right CN does not pass as CA-signed.
     let own = leaf("d1", None, false, -1, 1);
     assert!(matches!(
-        verify_device(&[own], "d1", &auth, &[root.der.clone()], now()),
+        verify_device(&[own], "d1", &auth, std::slice::from_ref(&root.der), now()),
         Err(X509Error::Untrusted(_))
     ));
 }
@@ -160,14 +204,21 @@ fn intermediates_come_from_the_client() {
     let l = leaf("d1", Some(&inter), false, -1, 1);
     let auth = X509Auth::CertificateAuthority;
     let trusted = [root.der.clone()];
-    verify_device(&[l.clone(), inter.der.clone()], "d1", &auth, &trusted, now()).unwrap();
+    verify_device(
+        &[l.clone(), inter.der.clone()],
+        "d1",
+        &auth,
+        &trusted,
+        now(),
+    )
+    .unwrap();
     // Without its intermediate the chain cannot be built.
     assert!(matches!(
-        verify_device(&[l.clone()], "d1", &auth, &trusted, now()),
+        verify_device(std::slice::from_ref(&l), "d1", &auth, &trusted, now()),
         Err(X509Error::Untrusted(_))
     ));
     // Trusting the intermediate alone is enough.
-    verify_device(&[l], "d1", &auth, &[inter.der.clone()], now()).unwrap();
+    verify_device(&[l], "d1", &auth, std::slice::from_ref(&inter.der), now()).unwrap();
 }
 
 #[test]

@@ -680,6 +680,26 @@ fn sendable(topic: &str, payload: &[u8]) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Who a link signs its CONNECT token as, and with which key: the identity
+/// itself when the hub holds its key; for an X.509 leaf (no key to sign
+/// with) the hub's own identity `edge`, on behalf of the leaf — the cloud
+/// accepts that for a device in the edge's scope (verge-cloud's device
+/// endpoint; edgeHub does the same upstream). `None`: no credentials.
+fn credential(
+    state: &HubState,
+    id: &ClientId,
+    edge: &ClientId,
+) -> Option<(ClientId, verge_core::SharedAccessKey)> {
+    if let Some(key) = state.sas.key_for(id) {
+        return Some((id.clone(), key));
+    }
+    let x509 = state.sas.x509_devices();
+    if id.module.is_none() && x509.get(id).is_some_and(|x| x.enabled) {
+        return Some((edge.clone(), state.sas.key_for(edge)?));
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -713,24 +733,4 @@ mod tests {
         assert!(sendable(&"a".repeat(65_536), b"x").is_err());
         assert!(sendable("t", &vec![0u8; MAX_OUTBOUND_PACKET]).is_err());
     }
-}
-
-/// Who a link signs its CONNECT token as, and with which key: the identity
-/// itself when the hub holds its key; for an X.509 leaf (no key to sign
-/// with) the hub's own identity `edge`, on behalf of the leaf — the cloud
-/// accepts that for a device in the edge's scope (verge-cloud's device
-/// endpoint; edgeHub does the same upstream). `None`: no credentials.
-fn credential(
-    state: &HubState,
-    id: &ClientId,
-    edge: &ClientId,
-) -> Option<(ClientId, verge_core::SharedAccessKey)> {
-    if let Some(key) = state.sas.key_for(id) {
-        return Some((id.clone(), key));
-    }
-    let x509 = state.sas.x509_devices();
-    if id.module.is_none() && x509.get(id).is_some_and(|x| x.enabled) {
-        return Some((edge.clone(), state.sas.key_for(edge)?));
-    }
-    None
 }

@@ -126,7 +126,9 @@ pub(super) async fn run_link(
     loop {
         let started = Instant::now();
         let end =
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, connect(&shared.up, &id, &signer, &key)).await {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, connect(&shared.up, &id, &signer, &key))
+                .await
+            {
                 Ok(Ok(stream)) => {
                     if logged != Some("up") {
                         tracing::info!(identity = %name, "upstream link connected");
