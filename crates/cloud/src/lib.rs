@@ -32,6 +32,8 @@ pub(crate) mod twins;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_x509;
 
 pub use c2d::{C2dDelivery, Feedback, Settlement};
 pub use conn::{Connection, ConnectionEvent, MethodRequest, MethodResponse};

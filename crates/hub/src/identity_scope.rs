@@ -439,4 +439,39 @@ mod tests {
         assert!(t[&ClientId::parse("leaf1").unwrap()].secondary.is_some());
         assert!(children("edge", &serde_json::json!({})).is_err());
     }
+
+    #[test]
+    fn x509_children_are_kept_with_their_status() {
+        let t = "ab".repeat(32);
+        let v = serde_json::json!({"devices": [
+            {"deviceId": "ss", "status": "enabled", "authentication": {"type": "selfSigned",
+                "symmetricKey": {"primaryKey": null}, "x509Thumbprint": {"primaryThumbprint": t, "secondaryThumbprint": null}}},
+            {"deviceId": "ca", "status": "enabled", "authentication": {"type": "certificateAuthority"}},
+            {"deviceId": "off", "status": "disabled", "authentication": {"type": "certificateAuthority"}},
+        ]});
+        let c = children("edge", &v).unwrap();
+        assert_eq!(c.len(), 3);
+        // No SAS entries; the X.509 table holds all three, "off" disabled.
+        assert!(table(&c).is_empty());
+        let x = x509_table(&c);
+        let get = |id: &str| x[&ClientId::parse(id).unwrap()].clone();
+        assert_eq!(
+            get("ss").auth,
+            verge_x509::X509Auth::SelfSigned {
+                primary: Some(t.to_ascii_uppercase()),
+                secondary: None
+            }
+        );
+        assert_eq!(get("ca").auth, verge_x509::X509Auth::CertificateAuthority);
+        assert!(get("ca").enabled && !get("off").enabled);
+        // The cache round-trips, and an old cache (keys only) still loads.
+        let back: Vec<ScopeDevice> =
+            serde_json::from_slice(&serde_json::to_vec(&c).unwrap()).unwrap();
+        assert_eq!(x509_table(&back), x);
+        let old: Vec<ScopeDevice> =
+            serde_json::from_str(r#"[{"deviceId":"l","primaryKey":"AAAAAAAAAAAAAAAAAAAAAA=="}]"#)
+                .unwrap();
+        assert_eq!(table(&old).len(), 1);
+        assert!(x509_table(&old).is_empty());
+    }
 }
