@@ -11,46 +11,13 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use base64::Engine as _;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use serde_json::{Value, json};
 use verge_core::SasToken;
-
-fn python() -> PathBuf {
-    let p = std::env::var_os("VERGE_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python")
-        });
-    let ok = Command::new(&p)
-        .args(["-c", "import azure.iot.device, azure.iot.hub"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "no Python with azure-iot-device and azure-iot-hub at {} (set VERGE_PYTHON)",
-        p.display()
-    );
-    p
-}
-
-fn port_free_within(port: u16, wait: Duration) -> bool {
-    let deadline = Instant::now() + wait;
-    loop {
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
 
 const DAY: i64 = 86_400;
 
@@ -109,8 +76,8 @@ fn leaf(
 
 #[test]
 fn azure_python_sdks_with_x509_devices() {
-    let python = python();
-    if !port_free_within(8883, Duration::from_secs(90)) {
+    let python = verge_testkit::azure_python("azure.iot.device, azure.iot.hub");
+    if !verge_testkit::port_free_within(8883, Duration::from_secs(90)) {
         eprintln!(
             "SKIPPED azure_python_sdks_with_x509_devices: cannot bind 127.0.0.1:8883, the only \
              port the Azure device SDK dials"
@@ -260,29 +227,14 @@ fn azure_python_sdks_with_x509_devices() {
         "thumbprints": {"ss_sha256": ss_sha256, "ss_sha1": ss_sha1, "second_sha256": second_sha256},
     });
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/x509_sdk.py");
-    let mut py = Command::new(&python)
-        .arg(&script)
-        .arg(params.to_string())
-        .env("REQUESTS_CA_BUNDLE", &ca_path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let status = loop {
-        if let Some(s) = py.try_wait().unwrap() {
-            break Some(s);
-        }
-        if Instant::now() > deadline {
-            let _ = py.kill();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let out = py.wait_with_output().unwrap();
+    let (status, stdout, stderr) = verge_testkit::run_bounded(
+        Command::new(&python)
+            .arg(&script)
+            .arg(params.to_string())
+            .env("REQUESTS_CA_BUNDLE", &ca_path),
+        Duration::from_secs(180),
+    );
     cloud.stop("TERM", Duration::from_secs(10));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
     let log = cloud.log().join("\n");
     assert!(
         status.is_some_and(|s| s.success()) && stdout.contains("ALL PASS"),

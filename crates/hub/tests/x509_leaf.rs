@@ -536,24 +536,6 @@ async fn x509_leaves_at_the_hub() {
     hub.shutdown().await;
 }
 
-fn python() -> std::path::PathBuf {
-    let p = std::env::var_os("VERGE_PYTHON")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python")
-        });
-    let ok = std::process::Command::new(&p)
-        .args(["-c", "import azure.iot.device"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "no Python with azure-iot-device at {} (set VERGE_PYTHON)",
-        p.display()
-    );
-    p
-}
-
 /// Writes `{name}.pem` (chain) and `{name}.key` under `dir`.
 fn write_id(dir: &Path, name: &str, id: &Id) -> serde_json::Value {
     // rcgen's key DER is PKCS#8: "PRIVATE KEY".
@@ -585,14 +567,13 @@ fn write_id(dir: &Path, name: &str, id: &Id) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_sdk_x509_leaves_through_the_hub() {
     verge_hub::install_crypto_provider();
-    let python = python();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while std::net::TcpListener::bind(("127.0.0.1", 8883)).is_err() {
-        if Instant::now() > deadline {
-            eprintln!("SKIPPED python_sdk_x509_leaves_through_the_hub: cannot bind 127.0.0.1:8883");
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+    let python = verge_testkit::azure_python("azure.iot.device");
+    let free = tokio::task::spawn_blocking(|| {
+        verge_testkit::port_free_within(8883, Duration::from_secs(90))
+    });
+    if !free.await.unwrap() {
+        eprintln!("SKIPPED python_sdk_x509_leaves_through_the_hub: cannot bind 127.0.0.1:8883");
+        return;
     }
     let dir = tempfile::tempdir().unwrap();
     let trusted_root = root("Verge Test Root");
