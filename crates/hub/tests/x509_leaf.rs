@@ -127,8 +127,19 @@ async fn connect_x509(
     client: &str,
     id: &Id,
 ) -> (ConnectReturnCode, Raw) {
+    connect_with(addr, &connector(ca_pem, id), client).await
+}
+
+/// CONNECT as `client` with an empty password over TLS made by `tls`.
+async fn connect_with(
+    addr: SocketAddr,
+    tls: &tokio_rustls::TlsConnector,
+    client: &str,
+) -> (ConnectReturnCode, Raw) {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let s = connector(ca_pem, id)
+    // As the SDKs do; without it, Nagle adds a delayed-ACK wait per handshake.
+    tcp.set_nodelay(true).unwrap();
+    let s = tls
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
         .unwrap();
@@ -639,6 +650,144 @@ async fn python_sdk_x509_leaves_through_the_hub() {
     );
     up.wait_for(&[("pyss", "py-pyss"), ("pyca", "py-pyca")])
         .await;
+    hub.shutdown().await;
+    up.stop().await;
+}
+
+/// CONNECT handshakes per second, SAS vs X.509 (self-signed and CA-signed),
+/// in one run against one hub: each is a new TCP + TLS 1.2 handshake (the
+/// Python SDK's), CONNECT, CONNACK 0. `cargo test -p verge-hub --test
+/// x509_leaf -- --ignored --nocapture` (numbers are only comparable within a
+/// run; use a release build for absolute ones).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark"]
+async fn bench_connects_x509_vs_sas() {
+    verge_hub::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let trusted_root = root("Verge Test Root");
+    let ss = leaf("bss", None, false, -1, 10);
+    let ca_leaf = leaf("bca", Some(&trusted_root), false, -1, 10);
+    let up = CloudUp::start(dir.path()).await;
+    let (_, sha256) = verge_x509::thumbprints(&ss.chain[0]);
+    put(
+        &up.cloud,
+        "bss",
+        x509(self_signed(&sha256, None), &up.scope),
+    )
+    .await;
+    put(
+        &up.cloud,
+        "bca",
+        x509(X509Auth::CertificateAuthority, &up.scope),
+    )
+    .await;
+    let sas_key = SharedAccessKey::from_bytes(vec![7; 32]);
+    put(
+        &up.cloud,
+        "bsas",
+        DeviceSpec {
+            keys: Some(SymmetricKeys {
+                primary: sas_key.to_base64(),
+                secondary: sas_key.to_base64(),
+            }),
+            parent_scopes: vec![up.scope.clone()],
+            ..DeviceSpec::default()
+        },
+    )
+    .await;
+    let pki = pki();
+    std::fs::write(dir.path().join("trust-bundle.pem"), &trusted_root.pem).unwrap();
+    let cfg = hub_config(&pki, dir.path(), up.api_port, up.mqtt_port, &up.ca_file);
+    let hub = Hub::start(cfg).await.unwrap();
+    let start = Instant::now();
+    while hub.state.sas.x509_devices().len() < 2
+        || hub
+            .state
+            .sas
+            .key_for(&ClientId::parse("bsas").unwrap())
+            .is_none()
+    {
+        assert!(start.elapsed() < Duration::from_secs(20), "no device scope");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let addr = hub.mqtt_addr;
+    let ca_pem = Arc::new(pki.ca_pem.clone());
+    let sas_tls = {
+        let mut roots = rustls::RootCertStore::empty();
+        use rustls_pki_types::pem::PemObject;
+        for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let cfg = rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS12])
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    };
+    const N: usize = 200;
+    // One at a time: parallel CONNECTs of one identity would take each
+    // other's session over.
+    const PAR: usize = 1;
+    let (ss_tls, ca_tls) = (connector(&ca_pem, &ss), connector(&ca_pem, &ca_leaf));
+    let run = |kind: &'static str| {
+        let (sas_tls, sas_key) = (sas_tls.clone(), sas_key.clone());
+        let (ss, ca_leaf) = (ss_tls.clone(), ca_tls.clone());
+        async move {
+            let t = Instant::now();
+            let mut tasks = tokio::task::JoinSet::new();
+            for _ in 0..PAR {
+                let (sas_tls, sas_key) = (sas_tls.clone(), sas_key.clone());
+                let (ss, ca_leaf) = (ss.clone(), ca_leaf.clone());
+                tasks.spawn(async move {
+                    for _ in 0..N / PAR {
+                        let c = match kind {
+                            "sas" => {
+                                let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+                                tcp.set_nodelay(true).unwrap();
+                                let s = sas_tls
+                                    .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                                    .await
+                                    .unwrap();
+                                let token = verge_core::SasToken::sign(
+                                    &format!("{CLOUD}/devices/bsas"),
+                                    &sas_key,
+                                    verge_hub::auth::unix_now() + 600,
+                                    None,
+                                )
+                                .to_string();
+                                let user = format!("{CLOUD}/bsas/?api-version=2019-10-01");
+                                let (_raw, ack) =
+                                    Raw::over(s).handshake("bsas", &user, &token, true).await;
+                                code(ack).0
+                            }
+                            "self-signed" => connect_with(addr, &ss, "bss").await.0,
+                            _ => connect_with(addr, &ca_leaf, "bca").await.0,
+                        };
+                        assert_eq!(c, ConnectReturnCode::Success, "{kind}");
+                    }
+                });
+            }
+            while let Some(r) = tasks.join_next().await {
+                r.unwrap();
+            }
+            N as f64 / t.elapsed().as_secs_f64()
+        }
+    };
+    // Interleaved rounds, so load changes on the machine hit all three alike.
+    let mut rates: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    for _ in 0..3 {
+        for kind in ["sas", "self-signed", "ca-signed"] {
+            let r = run(kind).await;
+            rates.entry(kind).or_default().push(r);
+        }
+    }
+    for (kind, r) in &rates {
+        let mut r = r.clone();
+        r.sort_by(f64::total_cmp);
+        println!(
+            "{kind:12} CONNECTs/s (new TLS 1.2 handshake each, {PAR} at a time): median {:.0} (min {:.0}, max {:.0})",
+            r[1], r[0], r[2]
+        );
+    }
     hub.shutdown().await;
     up.stop().await;
 }
