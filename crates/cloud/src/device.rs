@@ -2,8 +2,12 @@
 //! verge-endpoint (the same connection code as the edge hub) with
 //! [`CloudState`] behind it.
 //!
-//! * CONNECT: [`CloudState::verify_device_token`] (unknown, disabled, bad or
-//!   expired → CONNACK 5), then [`CloudState::connect`]; the registration is
+//! * CONNECT: a SAS token → [`CloudState::verify_device_client`] (the
+//!   identity's own token, or its parent edge's on its behalf); an empty
+//!   password with a TLS client certificate → [`CloudState::verify_device_cert`]
+//!   (`selfSigned` thumbprints or `certificateAuthority` chains to a verified
+//!   CA, [`crate::certs`]). Unknown, disabled, bad or expired → CONNACK 5,
+//!   the reason logged. Then [`CloudState::connect`]; the registration is
 //!   dropped, marking the identity disconnected, when the connection ends.
 //! * Telemetry → [`CloudState::ingest_submit`], several in flight per
 //!   connection in order (PUBACK after the D2C log's fsync of each);

@@ -339,6 +339,8 @@ impl ScopeSource {
     }
 
     async fn run(self, every: Duration, miss_min: Duration) {
+        // Before the first fetch, which fails while the cloud is away.
+        self.reload_trust_bundle().await;
         let mut misses = self.auth.misses();
         let mut backoff = Duration::from_secs(1);
         let mut pacer = MissPacer::new(miss_min);
@@ -413,7 +415,11 @@ pub async fn prepare(state: &Arc<HubState>) -> anyhow::Result<Vec<Task>> {
     };
     src.load_cache().await;
     // Offline starts need it too: CA-signed leaves are checked against it.
-    src.reload_trust_bundle().await;
+    // A file is read now; verged is asked from the task (`run`), so a slow
+    // workload socket cannot hold up the listeners.
+    if matches!(src.trust, TrustSource::File(_)) {
+        src.reload_trust_bundle().await;
+    }
     let every = Duration::from_secs(up.scope_refresh_secs);
     Ok(vec![Box::pin(src.run(every, SCOPE_MISS_MIN))])
 }
