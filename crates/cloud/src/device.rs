@@ -2,8 +2,12 @@
 //! verge-endpoint (the same connection code as the edge hub) with
 //! [`CloudState`] behind it.
 //!
-//! * CONNECT: [`CloudState::verify_device_token`] (unknown, disabled, bad or
-//!   expired → CONNACK 5), then [`CloudState::connect`]; the registration is
+//! * CONNECT: a SAS token → [`CloudState::verify_device_client`] (the
+//!   identity's own token, or its parent edge's on its behalf); an empty
+//!   password with a TLS client certificate → [`CloudState::verify_device_cert`]
+//!   (`selfSigned` thumbprints or `certificateAuthority` chains to a verified
+//!   CA, [`crate::certs`]). Unknown, disabled, bad or expired → CONNACK 5,
+//!   the reason logged. Then [`CloudState::connect`]; the registration is
 //!   dropped, marking the identity disconnected, when the connection ends.
 //! * Telemetry → [`CloudState::ingest_submit`], several in flight per
 //!   connection in order (PUBACK after the D2C log's fsync of each);
@@ -116,10 +120,17 @@ impl Backend for CloudBackend {
         if let Some(username) = creds.username {
             check_username(username, creds.client_id)?;
         }
+        // A certificate and no password: X.509 (a password keeps SAS).
+        if creds.wants_x509() {
+            return self
+                .cloud
+                .verify_device_cert(creds.client_id, creds.client_certs)
+                .map_err(|e| AuthError::Refused(e.to_string()));
+        }
         let password = creds.password.ok_or(AuthError::NoCredentials)?;
         let token = std::str::from_utf8(password).map_err(|_| AuthError::NotUtf8)?;
         self.cloud
-            .verify_device_token(creds.client_id, token)
+            .verify_device_client(creds.client_id, token)
             .map_err(|e| AuthError::Refused(e.to_string()))
     }
 
@@ -408,7 +419,14 @@ pub async fn serve_with(
                 let peer = conn.peer().to_string();
                 match conn.handshake(acceptor.accept(tcp)).await {
                     Some(Ok(stream)) => {
-                        verge_endpoint::connection::serve(backend, stream, peer).await;
+                        let certs: Vec<_> = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+                            .unwrap_or_default();
+                        verge_endpoint::connection::serve_with_certs(backend, stream, peer, certs)
+                            .await;
                     }
                     Some(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
                     None => {}

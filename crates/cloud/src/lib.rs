@@ -19,6 +19,7 @@
 
 pub mod api;
 pub mod c2d;
+pub mod certs;
 pub mod config;
 pub mod conn;
 pub mod d2c;
@@ -33,6 +34,8 @@ pub mod ws;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_x509;
 
 pub use c2d::{C2dDelivery, Feedback, Settlement};
 pub use conn::{Connection, ConnectionEvent, MethodRequest, MethodResponse};

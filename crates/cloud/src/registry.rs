@@ -124,6 +124,10 @@ pub struct DeviceRecord {
     pub device_scope: Option<String>,
     /// The parent edge device's scope (at most one).
     pub parent_scopes: Vec<String>,
+    /// X.509 authentication (`selfSigned` or `certificateAuthority`);
+    /// `None` = SAS (records written before X.509 existed have none).
+    #[serde(default)]
+    pub x509: Option<verge_x509::X509Auth>,
 }
 
 impl DeviceRecord {
@@ -150,7 +154,7 @@ impl DeviceRecord {
             "statusUpdatedTime": iso_or_never(self.status_updated_ms),
             "lastActivityTime": conn.activity_iso(),
             "cloudToDeviceMessageCount": conn.c2d_count,
-            "authentication": auth_json(&self.keys),
+            "authentication": auth_json(&self.keys, self.x509.as_ref()),
             "capabilities": { "iotEdge": self.iot_edge },
             "deviceScope": self.device_scope,
             "parentScopes": self.parent_scopes,
@@ -193,17 +197,31 @@ impl ModuleRecord {
             "connectionStateUpdatedTime": conn.updated_iso(),
             "lastActivityTime": conn.activity_iso(),
             "cloudToDeviceMessageCount": 0,
-            "authentication": auth_json(&self.keys),
+            "authentication": auth_json(&self.keys, None),
         })
     }
 }
 
-fn auth_json(keys: &SymmetricKeys) -> Value {
-    json!({
-        "symmetricKey": { "primaryKey": keys.primary, "secondaryKey": keys.secondary },
-        "x509Thumbprint": { "primaryThumbprint": null, "secondaryThumbprint": null },
-        "type": "sas",
-    })
+fn auth_json(keys: &SymmetricKeys, x509: Option<&verge_x509::X509Auth>) -> Value {
+    use verge_x509::X509Auth;
+    match x509 {
+        None => json!({
+            "symmetricKey": { "primaryKey": keys.primary, "secondaryKey": keys.secondary },
+            "x509Thumbprint": { "primaryThumbprint": null, "secondaryThumbprint": null },
+            "type": "sas",
+        }),
+        // An X.509 identity shows no keys (IoT Hub's shape).
+        Some(X509Auth::SelfSigned { primary, secondary }) => json!({
+            "symmetricKey": { "primaryKey": null, "secondaryKey": null },
+            "x509Thumbprint": { "primaryThumbprint": primary, "secondaryThumbprint": secondary },
+            "type": "selfSigned",
+        }),
+        Some(X509Auth::CertificateAuthority) => json!({
+            "symmetricKey": { "primaryKey": null, "secondaryKey": null },
+            "x509Thumbprint": { "primaryThumbprint": null, "secondaryThumbprint": null },
+            "type": "certificateAuthority",
+        }),
+    }
 }
 
 fn iso_or_never(ms: i64) -> String {
@@ -258,6 +276,11 @@ pub struct DeviceSpec {
     pub device_scope: Option<String>,
     /// `parentScopes` as sent.
     pub parent_scopes: Vec<String>,
+    /// `authentication.type` `selfSigned` / `certificateAuthority`.
+    pub x509: Option<verge_x509::X509Auth>,
+    /// `authentication.type` `sas` was sent explicitly (an update back to
+    /// SAS); with neither, an update keeps the device's authentication.
+    pub sas_given: bool,
 }
 
 impl DeviceSpec {
@@ -308,10 +331,18 @@ impl DeviceSpec {
                 .collect::<Result<_>>()?,
             Some(_) => return Err(bad("parentScopes must be an array of strings")),
         };
+        let (x509, sas_given) = x509_from_auth(o.get("authentication"))?;
+        let keys = if x509.is_some() {
+            None
+        } else {
+            keys_from_auth(o.get("authentication"))?
+        };
         Ok(Self {
+            x509,
+            sas_given,
             status,
             status_reason: opt_string(o.get("statusReason"), "statusReason")?,
-            keys: keys_from_auth(o.get("authentication"))?,
+            keys,
             iot_edge,
             device_scope: opt_string(o.get("deviceScope"), "deviceScope")?
                 .filter(|s| !s.is_empty()),
@@ -363,7 +394,54 @@ fn opt_string(v: Option<&Value>, name: &str) -> Result<Option<String>> {
     }
 }
 
-/// `authentication`: only `sas` (or absent/`none`-less defaults) is supported.
+/// A device's `authentication` when its type is `selfSigned` (thumbprints:
+/// 40 or 64 hex digits, the same length when both are set) or
+/// `certificateAuthority`; and whether `sas` was named explicitly.
+fn x509_from_auth(v: Option<&Value>) -> Result<(Option<verge_x509::X509Auth>, bool)> {
+    let Some(auth) = v.filter(|v| !v.is_null()) else {
+        return Ok((None, false));
+    };
+    let Some(kind) = auth.get("type").and_then(Value::as_str) else {
+        return Ok((None, false));
+    };
+    if kind.eq_ignore_ascii_case("certificateAuthority") {
+        return Ok((Some(verge_x509::X509Auth::CertificateAuthority), false));
+    }
+    if !kind.eq_ignore_ascii_case("selfSigned") {
+        return Ok((None, kind.eq_ignore_ascii_case("sas")));
+    }
+    let thumb = |name: &str| -> Result<Option<String>> {
+        let t = auth.get("x509Thumbprint").and_then(|t| t.get(name));
+        opt_string(t, &format!("authentication.x509Thumbprint.{name}"))?
+            .filter(|t| !t.is_empty())
+            .map(|t| {
+                verge_x509::normalize_thumbprint(&t)
+                    .map_err(|e| bad(format!("authentication.x509Thumbprint.{name}: {e}")))
+            })
+            .transpose()
+    };
+    let (primary, secondary) = (thumb("primaryThumbprint")?, thumb("secondaryThumbprint")?);
+    match (&primary, &secondary) {
+        (None, None) => {
+            return Err(bad(
+                "authentication.type selfSigned needs x509Thumbprint.primaryThumbprint or secondaryThumbprint",
+            ));
+        }
+        (Some(p), Some(s)) if p.len() != s.len() => {
+            return Err(bad(
+                "the primary and secondary thumbprints must both be SHA-1 or both SHA-256",
+            ));
+        }
+        _ => {}
+    }
+    Ok((
+        Some(verge_x509::X509Auth::SelfSigned { primary, secondary }),
+        false,
+    ))
+}
+
+/// `authentication` of SAS identities (absent means SAS); X.509 types are
+/// read by `x509_from_auth` for devices, and refused for modules.
 fn keys_from_auth(v: Option<&Value>) -> Result<Option<SymmetricKeys>> {
     let Some(auth) = v.filter(|v| !v.is_null()) else {
         return Ok(None);
@@ -371,7 +449,7 @@ fn keys_from_auth(v: Option<&Value>) -> Result<Option<SymmetricKeys>> {
     let kind = auth.get("type").and_then(Value::as_str).unwrap_or("sas");
     if !kind.eq_ignore_ascii_case("sas") {
         return Err(bad(format!(
-            "authentication.type {kind:?} is not supported by verge-cloud (only \"sas\")"
+            "authentication.type {kind:?} is not supported here by verge-cloud (\"sas\"; devices may also use \"selfSigned\" or \"certificateAuthority\")"
         )));
     }
     let key = |name: &str| -> Result<Option<String>> {
@@ -446,6 +524,33 @@ mod tests {
         );
         let x509 = json!({"authentication": {"type": "selfSigned"}});
         assert!(DeviceSpec::from_json("d", &x509).is_err());
+        let t1 = "ab".repeat(20);
+        let t256 = "CD".repeat(32);
+        let x509 = json!({"authentication": {"type": "selfSigned",
+            "x509Thumbprint": {"primaryThumbprint": t1, "secondaryThumbprint": null}}});
+        let s = DeviceSpec::from_json("d", &x509).unwrap();
+        assert_eq!(
+            s.x509,
+            Some(verge_x509::X509Auth::SelfSigned {
+                primary: Some(t1.to_ascii_uppercase()),
+                secondary: None
+            })
+        );
+        assert!(s.keys.is_none() && !s.sas_given);
+        let mixed = json!({"authentication": {"type": "selfSigned",
+            "x509Thumbprint": {"primaryThumbprint": t1, "secondaryThumbprint": t256}}});
+        assert!(DeviceSpec::from_json("d", &mixed).is_err());
+        let short = json!({"authentication": {"type": "selfSigned",
+            "x509Thumbprint": {"primaryThumbprint": "ABC"}}});
+        assert!(DeviceSpec::from_json("d", &short).is_err());
+        let ca = json!({"authentication": {"type": "certificateAuthority"}});
+        assert_eq!(
+            DeviceSpec::from_json("d", &ca).unwrap().x509,
+            Some(verge_x509::X509Auth::CertificateAuthority)
+        );
+        let none = json!({"authentication": {"type": "none"}});
+        assert!(DeviceSpec::from_json("d", &none).is_err());
+        assert!(ModuleSpec::from_json("d", "m", &ca).is_err());
         assert!(if_match("\"abc\"", "abc") && if_match("*", "x") && if_match("\"*\"", "x"));
         assert!(!if_match("abd", "abc") && is_wildcard("\"*\"") && !is_wildcard("abc"));
     }

@@ -194,6 +194,8 @@ struct Inner {
     conn_changed: Notify,
     desired_tx: broadcast::Sender<DesiredEvent>,
     d2c: D2cLog,
+    /// CA certificates for `certificateAuthority` devices.
+    certs: crate::certs::CaStore,
     closed: AtomicBool,
     /// Test hook: each registry or C2D commit first sleeps this long.
     #[cfg(test)]
@@ -325,6 +327,7 @@ impl CloudState {
             }
         }
         let d2c = D2cLog::open(&db)?;
+        let certs = crate::certs::CaStore::open(&db.db)?;
         let (desired_tx, _) = broadcast::channel(DESIRED_BROADCAST_CAPACITY);
         Ok(Self {
             inner: Arc::new(Inner {
@@ -340,6 +343,7 @@ impl CloudState {
                 conn_changed: Notify::new(),
                 desired_tx,
                 d2c,
+                certs,
                 closed: AtomicBool::new(false),
                 #[cfg(test)]
                 commit_delay: Mutex::new(Duration::ZERO),
@@ -586,6 +590,116 @@ impl CloudState {
         } else {
             Err(unauthorized("SAS signature does not match".into()))
         }
+    }
+
+    /// The CA certificates `certificateAuthority` devices chain to.
+    pub fn ca_certificates(&self) -> &crate::certs::CaStore {
+        &self.inner.certs
+    }
+
+    /// The device endpoint's SAS check: [`Self::verify_device_token`], or a
+    /// token of an edge device (or its `$edgeHub`) for a leaf device in its
+    /// scope — how an edge hub carries a leaf that has no key the hub holds
+    /// (an X.509 leaf) upstream on its behalf. A device registered for X.509
+    /// is refused its own SAS tokens.
+    pub fn verify_device_client(&self, client_id: &str, sas_token: &str) -> Result<ClientId> {
+        let unauthorized = |why: String| CloudError::Unauthorized(why);
+        let client = ClientId::parse(client_id).map_err(|e| unauthorized(e.to_string()))?;
+        let token = SasToken::parse(sas_token).map_err(|e| unauthorized(e.to_string()))?;
+        let signer = token
+            .resource()
+            .split_once('/')
+            .and_then(|(_, path)| ClientId::parse_resource(path).ok());
+        match signer {
+            Some(signer) if signer != client && client.module.is_none() => {
+                self.check_on_behalf_of(&client, &signer)?;
+                self.verify_device_token(&signer.to_string(), sas_token)?;
+                Ok(client)
+            }
+            _ => {
+                if client.module.is_none() {
+                    let reg = lock(&self.inner.reg);
+                    if let Some(d) = reg.devices.get(client.device.as_str())
+                        && d.rec.x509.is_some()
+                    {
+                        return Err(unauthorized(format!(
+                            "device {} is registered for X.509 authentication; SAS tokens are refused",
+                            d.rec.device_id
+                        )));
+                    }
+                }
+                self.verify_device_token(client_id, sas_token)
+            }
+        }
+    }
+
+    /// `signer` may act for `leaf`: the signer is an edge device (or its
+    /// `$edgeHub` module) and `leaf` an enabled device whose parent it is.
+    fn check_on_behalf_of(&self, leaf: &ClientId, signer: &ClientId) -> Result<()> {
+        let refuse = |why: String| Err(CloudError::Unauthorized(why));
+        if signer
+            .module
+            .as_ref()
+            .is_some_and(|m| m.as_str() != crate::api::scope::HUB_MODULE)
+        {
+            return refuse(format!("{signer} may not act on behalf of {leaf}"));
+        }
+        let reg = lock(&self.inner.reg);
+        let Some(edge) = reg.devices.get(signer.device.as_str()) else {
+            return refuse(format!("{signer} is not registered"));
+        };
+        let Some(d) = reg.devices.get(leaf.device.as_str()) else {
+            return refuse(format!("{leaf} is not registered"));
+        };
+        if d.rec.status == DeviceStatus::Disabled {
+            return refuse(format!("device {leaf} is disabled"));
+        }
+        let parent = edge.rec.iot_edge
+            && edge.rec.device_scope.is_some()
+            && d.rec.parent_scopes.first() == edge.rec.device_scope.as_ref();
+        if !parent {
+            return refuse(format!(
+                "{leaf} is not in the device scope of {signer}, which may not act on its behalf"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Authenticates a device client by the certificate chain it presented
+    /// (leaf first): `selfSigned` thumbprints, or `certificateAuthority`
+    /// against the verified CA certificates. Modules are refused (verge-cloud
+    /// registers modules with SAS only).
+    pub fn verify_device_cert(
+        &self,
+        client_id: &str,
+        chain: &[verge_x509::CertificateDer<'static>],
+    ) -> Result<ClientId> {
+        let unauthorized = |why: String| CloudError::Unauthorized(why);
+        let client = ClientId::parse(client_id).map_err(|e| unauthorized(e.to_string()))?;
+        if client.module.is_some() {
+            return Err(unauthorized(format!(
+                "module {client} presented a client certificate; modules authenticate with SAS here"
+            )));
+        }
+        let auth = {
+            let reg = lock(&self.inner.reg);
+            let d = reg
+                .devices
+                .get(client.device.as_str())
+                .ok_or_else(|| unauthorized(format!("{client_id} is not registered")))?;
+            if d.rec.status == DeviceStatus::Disabled {
+                return Err(unauthorized(format!("device {client_id} is disabled")));
+            }
+            d.rec.x509.clone().ok_or_else(|| {
+                unauthorized(format!(
+                    "device {client_id} presented a client certificate but is registered for SAS"
+                ))
+            })?
+        };
+        let trusted = self.inner.certs.trusted();
+        verge_x509::verify_device(chain, client_id, &auth, &trusted, unix_now())
+            .map_err(|e| unauthorized(format!("X.509: {e}")))?;
+        Ok(client)
     }
 
     // ------------------------------------------------------------------ twins
@@ -1283,6 +1397,12 @@ impl Inner {
             iot_edge: spec.iot_edge,
             device_scope,
             parent_scopes,
+            x509: match (spec.x509, spec.sas_given) {
+                (Some(x), _) => Some(x),
+                (None, true) => None,
+                // `authentication` not given (or without a type): unchanged.
+                (None, false) => existing.as_ref().and_then(|e| e.x509.clone()),
+            },
         };
         let mut batch = self.db.durable_batch();
         batch.insert(&self.db.devices, id.as_bytes(), to_json_bytes(&rec)?);

@@ -115,10 +115,8 @@ pub fn server_config(files: &TlsFiles) -> anyhow::Result<Arc<ServerConfig>> {
     }
     let key = PrivateKeyDer::from_pem_file(&files.key)
         .with_context(|| format!("tls.key {}", files.key.display()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
+    // An optional client certificate: X.509 devices (checked at CONNECT).
+    let mut cfg = verge_x509::server_config_builder()?
         .with_single_cert(certs, key)
         .context("tls.cert and tls.key do not match")?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];

@@ -5,6 +5,8 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+pub use verge_x509::CertificateDer;
+
 /// What a client presented. `Debug` leaves the password out (a SAS token
 /// is a bearer secret).
 #[derive(Clone, Copy)]
@@ -15,6 +17,17 @@ pub struct Credentials<'a> {
     pub username: Option<&'a str>,
     /// The password / Authorization header (a SAS token).
     pub password: Option<&'a [u8]>,
+    /// The certificate chain the client presented in the TLS handshake
+    /// (leaf first); empty without one.
+    pub client_certs: &'a [CertificateDer<'static>],
+}
+
+impl Credentials<'_> {
+    /// X.509 applies when there is a certificate and no password (a
+    /// non-empty password keeps the SAS path, as in edgeHub).
+    pub fn wants_x509(&self) -> bool {
+        self.password.is_none_or(<[u8]>::is_empty) && !self.client_certs.is_empty()
+    }
 }
 
 impl std::fmt::Debug for Credentials<'_> {
@@ -23,6 +36,7 @@ impl std::fmt::Debug for Credentials<'_> {
             .field("client_id", &self.client_id)
             .field("username", &self.username)
             .field("password", &self.password.map(|_| ".."))
+            .field("client_certs", &self.client_certs.len())
             .finish()
     }
 }
@@ -54,6 +68,21 @@ pub enum AuthError {
     /// The password is not UTF-8.
     #[error("password is not UTF-8")]
     NotUtf8,
+    /// The client certificate was refused.
+    #[error("X.509: {0}")]
+    X509(#[from] verge_x509::X509Error),
+    /// A module presented a certificate: only devices authenticate by X.509
+    /// here (edgeHub's `UnsupportedClientIdentityType`).
+    #[error(
+        "module {0} presented a client certificate; modules cannot authenticate with X.509 (use SAS)"
+    )]
+    ModuleCertificate(String),
+    /// The identity is registered with SAS keys (or has no certificate rule).
+    #[error("{0} presented a client certificate but is not registered for X.509 authentication")]
+    NotX509(String),
+    /// The identity is disabled.
+    #[error("{0} is disabled")]
+    Disabled(String),
     /// Refused by the backend for another reason (its own message).
     #[error("{0}")]
     Refused(String),
@@ -103,6 +132,7 @@ mod tests {
             client_id: "d1",
             username: Some("h/d1/?api-version=1"),
             password: Some(b"SharedAccessSignature sr=h&sig=secret"),
+            client_certs: &[],
         };
         let text = format!("{c:?}");
         assert!(text.contains("d1") && !text.contains("secret"), "{text}");

@@ -169,6 +169,21 @@ where
     B: Backend,
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    serve_with_certs(backend, stream, peer, Vec::new()).await;
+}
+
+/// [`serve`] for a client that presented `client_certs` (leaf first) in
+/// its TLS handshake: they reach [`Backend::authenticate`] in
+/// [`Credentials::client_certs`].
+pub async fn serve_with_certs<B, S>(
+    backend: Arc<B>,
+    stream: S,
+    peer: String,
+    client_certs: Vec<crate::auth::CertificateDer<'static>>,
+) where
+    B: Backend,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let limits = backend.limits();
     let (mut reader, writer) = tokio::io::split(stream);
     let max = limits.max_packet_bytes;
@@ -221,6 +236,7 @@ where
         client_id: &connect.client_id,
         username: username.or(Some("")),
         password,
+        client_certs: &client_certs,
     };
     let client = match backend.authenticate(&creds).await {
         Ok(c) => c,

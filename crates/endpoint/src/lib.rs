@@ -8,7 +8,7 @@
 //! | [`connection`] | one MQTT connection: CONNECT, keep-alive, packet loop, bounded inflight (any byte stream) |
 //! | [`session`] | persistent sessions (subscriptions survive reconnects and restarts), takeover, outbound queues |
 //! | [`topic`] | topic classification, filter matching, per-identity authorization |
-//! | [`auth`] | what a client presents ([`auth::Credentials`]) and why it is refused ([`auth::AuthError`]) |
+//! | [`auth`] | what a client presents ([`auth::Credentials`]: ids, SAS password, TLS client certificates) and why it is refused ([`auth::AuthError`]) |
 //! | [`ws`] | a WebSocket as a byte stream, for MQTT over WebSocket |
 //!
 //! A backend pushes to a connected client (method requests, desired

@@ -18,6 +18,15 @@
 //! 3. child devices from the cloud's device scope
 //!    ([`SasAuthenticator::set_scope_devices`], see [`crate::identity_scope`]).
 //!
+//! # X.509 (leaf devices only)
+//!
+//! A CONNECT with an empty password and a client certificate is checked by
+//! verge-x509 against the device's entry in the cached device scope
+//! ([`SasAuthenticator::set_scope_x509`]: `selfSigned` thumbprints or
+//! `certificateAuthority`) and, for CA-signed leaves, the edge's trust
+//! bundle ([`SasAuthenticator::set_trust_bundle`]). Modules are refused, as
+//! edgeHub refuses them; a non-empty password keeps the SAS path.
+//!
 //! A token for an unknown identity, or one whose signature does not match,
 //! bumps [`SasAuthenticator::misses`] so the sources can refresh early (a
 //! module created or rotated since the last fetch is accepted on its retry).
@@ -59,6 +68,18 @@ impl IdentityKeys {
 /// Identity → keys.
 pub type KeyTable = HashMap<ClientId, IdentityKeys>;
 
+/// A leaf device registered for X.509 in the edge's device scope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct X509Identity {
+    /// Thumbprints or CA.
+    pub auth: verge_x509::X509Auth,
+    /// A disabled device is refused (with that reason in the log).
+    pub enabled: bool,
+}
+
+/// Device → its X.509 registration.
+pub type X509Table = HashMap<ClientId, X509Identity>;
+
 /// Checks SAS tokens against the merged key table (see the module docs).
 pub struct SasAuthenticator {
     hosts: Vec<String>,
@@ -70,6 +91,10 @@ pub struct SasAuthenticator {
     table: RwLock<Arc<KeyTable>>,
     /// Counts authentication misses; every source watches it.
     misses: tokio::sync::watch::Sender<u64>,
+    /// X.509 leaf devices from the cloud's device scope.
+    x509: RwLock<Arc<X509Table>>,
+    /// The CA certificates a CA-signed leaf must chain to (the edge's trust bundle).
+    trust_bundle: RwLock<Arc<Vec<verge_x509::CertificateDer<'static>>>>,
 }
 
 impl SasAuthenticator {
@@ -112,7 +137,60 @@ impl SasAuthenticator {
             fixed: keys,
             dynamic: Mutex::new((HashMap::new(), HashMap::new())),
             misses: tokio::sync::watch::Sender::new(0),
+            x509: RwLock::new(Arc::default()),
+            trust_bundle: RwLock::new(Arc::default()),
         })
+    }
+
+    /// Replaces the X.509 leaf devices from the cloud's device scope (whole).
+    pub fn set_scope_x509(&self, devices: X509Table) {
+        *self.x509.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(devices);
+    }
+
+    /// The X.509 leaf devices in force.
+    pub fn x509_devices(&self) -> Arc<X509Table> {
+        self.x509.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the trust bundle CA-signed leaves are checked against.
+    pub fn set_trust_bundle(&self, certs: Vec<verge_x509::CertificateDer<'static>>) {
+        *self.trust_bundle.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(certs);
+    }
+
+    /// Checks a client certificate chain for `client` (see the module docs).
+    pub fn verify_x509(
+        &self,
+        client: &ClientId,
+        chain: &[verge_x509::CertificateDer<'static>],
+    ) -> Result<(), AuthError> {
+        if client.module.is_some() {
+            return Err(AuthError::ModuleCertificate(client.to_string()));
+        }
+        let table = self.x509_devices();
+        let Some(entry) = table.get(client) else {
+            if self.keys().contains_key(client) {
+                return Err(AuthError::NotX509(client.to_string()));
+            }
+            // Perhaps registered since the last scope fetch.
+            self.missed();
+            return Err(AuthError::UnknownIdentity(client.to_string()));
+        };
+        if !entry.enabled {
+            return Err(AuthError::Disabled(client.to_string()));
+        }
+        let trusted = self
+            .trust_bundle
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        verge_x509::verify_device(
+            chain,
+            client.device.as_str(),
+            &entry.auth,
+            &trusted,
+            unix_now(),
+        )?;
+        Ok(())
     }
 
     /// Replaces the module identities from verged (whole).
@@ -191,6 +269,10 @@ impl Authenticator for SasAuthenticator {
             .map_err(|_| AuthError::BadClientId(creds.client_id.to_owned()))?;
         if let Some(username) = creds.username {
             check_username(username, creds.client_id)?;
+        }
+        if creds.wants_x509() {
+            self.verify_x509(&client, creds.client_certs)?;
+            return Ok(client);
         }
         let password = creds.password.ok_or(AuthError::NoCredentials)?;
         let token = std::str::from_utf8(password).map_err(|_| AuthError::NotUtf8)?;

@@ -134,6 +134,11 @@ pub struct Config {
     /// `$upstream` stay in the store.
     #[serde(default)]
     pub upstream: Option<UpstreamConfig>,
+    /// PEM file of the CA certificates X.509 leaf devices may chain to (the
+    /// edge's trust bundle); absent: verged's trust bundle in the edge
+    /// environment, else no CA-signed leaf is accepted.
+    #[serde(default)]
+    pub trust_bundle: Option<PathBuf>,
     /// Timers of the edge-environment mode.
     #[serde(default)]
     pub workload: WorkloadConfig,

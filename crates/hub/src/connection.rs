@@ -25,6 +25,18 @@ where
     verge_endpoint::connection::serve(state, stream, peer).await;
 }
 
+/// [`serve`] for a client that presented a certificate chain in TLS.
+pub async fn serve_with_certs<S>(
+    state: Arc<HubState>,
+    certs: Vec<verge_endpoint::auth::CertificateDer<'static>>,
+    stream: S,
+    peer: String,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    verge_endpoint::connection::serve_with_certs(state, stream, peer, certs).await;
+}
+
 impl Backend for HubState {
     // Nothing beyond the session: the hub's pumps find clients through it.
     type Link = ();

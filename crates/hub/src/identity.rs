@@ -364,7 +364,7 @@ pub async fn prepare(
         };
         let certs = Arc::new(SwappableCert::new(ck));
         tasks.push(Box::pin(src.run(certs.clone(), rec)));
-        Some(crate::tls::acceptor_with(certs))
+        Some(crate::tls::acceptor_with(certs)?)
     } else {
         None
     };

@@ -17,6 +17,14 @@
 //! every [`SCOPE_MISS_MIN`], edgeHub's `DeviceScopeCacheRefreshDelaySecs`, so
 //! clients with bad tokens cannot make the hub hammer the cloud); failures
 //! keep the last list and retry with back-off.
+//!
+//! X.509 leaf devices (`authentication.type` `selfSigned` with their
+//! thumbprints, or `certificateAuthority`) are cached too, disabled ones
+//! included so a refusal names the reason; they go to
+//! [`SasAuthenticator::set_scope_x509`]. With each fetch the hub also
+//! reloads the trust bundle CA-signed leaves must chain to: `trust_bundle`
+//! in the configuration, else verged's `GET /trust-bundle` (edge
+//! environment); without either, CA-signed leaves are refused.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,7 +40,9 @@ use serde_json::Value;
 use verge_core::{ClientId, DeviceId, SasToken, SharedAccessKey};
 
 use crate::HubState;
-use crate::auth::{IdentityKeys, KeyTable, MissPacer, SasAuthenticator, unix_now};
+use crate::auth::{
+    IdentityKeys, KeyTable, MissPacer, SasAuthenticator, X509Identity, X509Table, unix_now,
+};
 use crate::identity::{Task, write_private};
 
 /// API version sent with scope requests (IoT Hub's nested-edge version).
@@ -49,14 +59,44 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 #[serde(rename_all = "camelCase")]
 struct ScopeDevice {
     device_id: String,
+    /// Empty for an X.509 device.
+    #[serde(default)]
     primary_key: String,
     #[serde(default)]
     secondary_key: Option<String>,
+    /// Set for an X.509 device.
+    #[serde(default)]
+    x509: Option<verge_x509::X509Auth>,
+    #[serde(default = "enabled_default")]
+    enabled: bool,
+}
+
+fn enabled_default() -> bool {
+    true
+}
+
+fn x509_table(list: &[ScopeDevice]) -> X509Table {
+    list.iter()
+        .filter_map(|d| {
+            let auth = d.x509.clone()?;
+            let id = DeviceId::new(d.device_id.as_str()).ok()?;
+            Some((
+                ClientId::device(id),
+                X509Identity {
+                    auth,
+                    enabled: d.enabled,
+                },
+            ))
+        })
+        .collect()
 }
 
 fn table(list: &[ScopeDevice]) -> KeyTable {
     let mut t = KeyTable::new();
     for d in list {
+        if d.x509.is_some() || !d.enabled {
+            continue;
+        }
         let (Ok(id), Ok(primary)) = (
             DeviceId::new(d.device_id.as_str()),
             SharedAccessKey::from_base64(&d.primary_key),
@@ -88,7 +128,24 @@ fn children(edge: &str, v: &Value) -> anyhow::Result<Vec<ScopeDevice>> {
             .get("status")
             .and_then(Value::as_str)
             .is_none_or(|s| s.eq_ignore_ascii_case("enabled"));
-        if id == edge || !enabled {
+        if id == edge {
+            continue;
+        }
+        let kind = d
+            .pointer("/authentication/type")
+            .and_then(Value::as_str)
+            .unwrap_or("sas");
+        if let Some(auth) = x509_auth(kind, d) {
+            out.push(ScopeDevice {
+                device_id: id.to_owned(),
+                primary_key: String::new(),
+                secondary_key: None,
+                x509: Some(auth),
+                enabled,
+            });
+            continue;
+        }
+        if !enabled {
             continue;
         }
         let keys = d.pointer("/authentication/symmetricKey");
@@ -106,9 +163,32 @@ fn children(edge: &str, v: &Value) -> anyhow::Result<Vec<ScopeDevice>> {
             device_id: id.to_owned(),
             primary_key,
             secondary_key: key("secondaryKey"),
+            x509: None,
+            enabled: true,
         });
     }
     Ok(out)
+}
+
+/// The X.509 registration of a scope entry, for `selfSigned` and
+/// `certificateAuthority` (case-insensitive, as the service SDKs vary).
+fn x509_auth(kind: &str, d: &Value) -> Option<verge_x509::X509Auth> {
+    if kind.eq_ignore_ascii_case("certificateAuthority") {
+        return Some(verge_x509::X509Auth::CertificateAuthority);
+    }
+    if !kind.eq_ignore_ascii_case("selfSigned") {
+        return None;
+    }
+    let thumb = |name: &str| {
+        d.pointer(&format!("/authentication/x509Thumbprint/{name}"))
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+            .and_then(|t| verge_x509::normalize_thumbprint(t).ok())
+    };
+    Some(verge_x509::X509Auth::SelfSigned {
+        primary: thumb("primaryThumbprint"),
+        secondary: thumb("secondaryThumbprint"),
+    })
 }
 
 /// How the hub proves it is the edge device.
@@ -129,6 +209,14 @@ struct ScopeSource {
     signer: Signer,
     cache: std::path::PathBuf,
     auth: Arc<SasAuthenticator>,
+    trust: TrustSource,
+}
+
+/// Where the trust bundle for CA-signed leaves comes from.
+enum TrustSource {
+    None,
+    File(std::path::PathBuf),
+    Workload(verge_workload::client::WorkloadClient),
 }
 
 impl ScopeSource {
@@ -194,6 +282,8 @@ impl ScopeSource {
             tracing::warn!(file = %self.cache.display(), error = %e, "cannot cache the device scope");
         }
         self.auth.set_scope_devices(table(&list));
+        self.auth.set_scope_x509(x509_table(&list));
+        self.reload_trust_bundle().await;
         Ok(list.len())
     }
 
@@ -202,6 +292,7 @@ impl ScopeSource {
             Ok(bytes) => match serde_json::from_slice::<Vec<ScopeDevice>>(&bytes) {
                 Ok(list) => {
                     self.auth.set_scope_devices(table(&list));
+                    self.auth.set_scope_x509(x509_table(&list));
                     tracing::info!(count = list.len(), "device scope loaded from the cache");
                 }
                 Err(e) => {
@@ -215,7 +306,34 @@ impl ScopeSource {
         }
     }
 
+    /// Reloads the trust bundle (see the module docs); a failure keeps the
+    /// last one.
+    async fn reload_trust_bundle(&self) {
+        let pem = match &self.trust {
+            TrustSource::None => return,
+            TrustSource::File(path) => tokio::fs::read_to_string(path)
+                .await
+                .with_context(|| format!("trust_bundle: reading {}", path.display())),
+            TrustSource::Workload(client) => {
+                tokio::time::timeout(REQUEST_TIMEOUT, client.trust_bundle())
+                    .await
+                    .context("no answer from verged")
+                    .and_then(|r| r.context("verged's trust bundle"))
+            }
+        };
+        match pem.and_then(|pem| {
+            verge_x509::parse_certs(&pem).map_err(|e| anyhow::anyhow!("trust bundle: {e}"))
+        }) {
+            Ok(certs) => self.auth.set_trust_bundle(certs),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot load the trust bundle; keeping the last one")
+            }
+        }
+    }
+
     async fn run(self, every: Duration, miss_min: Duration) {
+        // Before the first fetch, which fails while the cloud is away.
+        self.reload_trust_bundle().await;
         let mut misses = self.auth.misses();
         let mut backoff = Duration::from_secs(1);
         let mut pacer = MissPacer::new(miss_min);
@@ -282,8 +400,19 @@ pub async fn prepare(state: &Arc<HubState>) -> anyhow::Result<Vec<Task>> {
         signer,
         cache: cfg.storage_dir.join("device-scope.json"),
         auth: state.sas.clone(),
+        trust: match (&cfg.trust_bundle, &cfg.edge) {
+            (Some(path), _) => TrustSource::File(path.clone()),
+            (None, Some(env)) => TrustSource::Workload(env.workload()),
+            (None, None) => TrustSource::None,
+        },
     };
     src.load_cache().await;
+    // Offline starts need it too: CA-signed leaves are checked against it.
+    // A file is read now; verged is asked from the task (`run`), so a slow
+    // workload socket cannot hold up the listeners.
+    if matches!(src.trust, TrustSource::File(_)) {
+        src.reload_trust_bundle().await;
+    }
     let every = Duration::from_secs(up.scope_refresh_secs);
     Ok(vec![Box::pin(src.run(every, SCOPE_MISS_MIN))])
 }
@@ -308,5 +437,40 @@ mod tests {
         let t = table(&c);
         assert!(t[&ClientId::parse("leaf1").unwrap()].secondary.is_some());
         assert!(children("edge", &serde_json::json!({})).is_err());
+    }
+
+    #[test]
+    fn x509_children_are_kept_with_their_status() {
+        let t = "ab".repeat(32);
+        let v = serde_json::json!({"devices": [
+            {"deviceId": "ss", "status": "enabled", "authentication": {"type": "selfSigned",
+                "symmetricKey": {"primaryKey": null}, "x509Thumbprint": {"primaryThumbprint": t, "secondaryThumbprint": null}}},
+            {"deviceId": "ca", "status": "enabled", "authentication": {"type": "certificateAuthority"}},
+            {"deviceId": "off", "status": "disabled", "authentication": {"type": "certificateAuthority"}},
+        ]});
+        let c = children("edge", &v).unwrap();
+        assert_eq!(c.len(), 3);
+        // No SAS entries; the X.509 table holds all three, "off" disabled.
+        assert!(table(&c).is_empty());
+        let x = x509_table(&c);
+        let get = |id: &str| x[&ClientId::parse(id).unwrap()].clone();
+        assert_eq!(
+            get("ss").auth,
+            verge_x509::X509Auth::SelfSigned {
+                primary: Some(t.to_ascii_uppercase()),
+                secondary: None
+            }
+        );
+        assert_eq!(get("ca").auth, verge_x509::X509Auth::CertificateAuthority);
+        assert!(get("ca").enabled && !get("off").enabled);
+        // The cache round-trips, and an old cache (keys only) still loads.
+        let back: Vec<ScopeDevice> =
+            serde_json::from_slice(&serde_json::to_vec(&c).unwrap()).unwrap();
+        assert_eq!(x509_table(&back), x);
+        let old: Vec<ScopeDevice> =
+            serde_json::from_str(r#"[{"deviceId":"l","primaryKey":"AAAAAAAAAAAAAAAAAAAAAA=="}]"#)
+                .unwrap();
+        assert_eq!(table(&old).len(), 1);
+        assert!(x509_table(&old).is_empty());
     }
 }

@@ -583,7 +583,7 @@ async fn mqtt_listener(
                     let peer = conn.peer().to_string();
                     match conn.handshake(tls.accept(tcp)).await {
                         Some(Ok(stream)) => tokio::select! {
-                            () = connection::serve(state, stream, peer) => {}
+                            () = connection::serve_with_certs(state, tls::client_certs(&stream), stream, peer) => {}
                             () = conn.cancelled() => {}
                         },
                         Some(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
@@ -617,6 +617,13 @@ async fn https_listener(
                             return;
                         }
                         None => return,
+                    };
+                    let certs = tls::client_certs(&stream);
+                    // A client certificate reaches MQTT over WebSocket (X.509).
+                    let app = if certs.is_empty() {
+                        app
+                    } else {
+                        app.layer(axum::Extension(ws::ClientCerts(Arc::new(certs))))
                     };
                     let svc = hyper_util::service::TowerToHyperService::new(app);
                     // Upgrades are served: MQTT over WebSocket takes the connection over.

@@ -1,4 +1,6 @@
-//! TLS server configuration: TLS 1.3 and 1.2 (the Python SDK only speaks 1.2).
+//! TLS server configuration: TLS 1.3 and 1.2 (the Python SDK only speaks 1.2),
+//! asking for an optional client certificate (X.509 leaf devices; checked at
+//! CONNECT by [`crate::auth`], see verge-x509).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -19,13 +21,10 @@ pub fn acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::TlsAcce
     }
     let key = PrivateKeyDer::from_pem_file(key)
         .with_context(|| format!("reading private key {}", key.display()))?;
-    let config = rustls::ServerConfig::builder_with_protocol_versions(&[
-        &rustls::version::TLS13,
-        &rustls::version::TLS12,
-    ])
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .context("TLS certificate and key do not form a valid identity")?;
+    let config = verge_x509::server_config_builder()
+        .context("TLS configuration")?
+        .with_single_cert(certs, key)
+        .context("TLS certificate and key do not form a valid identity")?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -92,13 +91,22 @@ pub fn certified_key(chain_pem: &str, key_pem: &str) -> anyhow::Result<rustls::s
 
 /// An acceptor (TLS 1.3 and 1.2) that takes its certificate from `certs` at
 /// every handshake.
-pub fn acceptor_with(certs: Arc<SwappableCert>) -> tokio_rustls::TlsAcceptor {
+pub fn acceptor_with(certs: Arc<SwappableCert>) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
     crate::install_crypto_provider();
-    let config = rustls::ServerConfig::builder_with_protocol_versions(&[
-        &rustls::version::TLS13,
-        &rustls::version::TLS12,
-    ])
-    .with_no_client_auth()
-    .with_cert_resolver(certs);
-    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    let config = verge_x509::server_config_builder()
+        .context("TLS configuration")?
+        .with_cert_resolver(certs);
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The certificate chain a client presented in the handshake (leaf first).
+pub fn client_certs<IO>(
+    stream: &tokio_rustls::server::TlsStream<IO>,
+) -> Vec<CertificateDer<'static>> {
+    stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default()
 }

@@ -19,10 +19,16 @@ pub const PATH: &str = "/$iothub/websocket";
 /// The only subprotocol served (edgeHub also tells AMQP apart by it).
 pub const SUBPROTOCOL: &str = "mqtt";
 
+/// The certificate chain the client presented in the HTTPS listener's TLS
+/// handshake (X.509 leaf devices over WebSocket).
+#[derive(Debug, Clone)]
+pub struct ClientCerts(pub Arc<Vec<verge_endpoint::auth::CertificateDer<'static>>>);
+
 /// Upgrades the request and serves MQTT on the WebSocket.
 pub(crate) async fn upgrade(
     State(state): State<Arc<HubState>>,
     peer: Option<axum::Extension<crate::methods::Peer>>,
+    certs: Option<axum::Extension<ClientCerts>>,
     guard: Option<axum::Extension<verge_listen::ConnGuard>>,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -37,6 +43,7 @@ pub(crate) async fn upgrade(
             .into_response();
     }
     let peer = peer.map_or_else(|| "?".to_owned(), |axum::Extension(p)| p.0.to_string());
+    let certs = certs.map_or_else(Vec::new, |axum::Extension(c)| c.0.as_ref().clone());
     // An MQTT packet may span frames; a frame or message larger than the
     // largest packet (plus slack for framing) is refused by the WebSocket layer.
     let max = state.cfg.limits.max_packet_bytes.saturating_add(64 * 1024);
@@ -49,7 +56,7 @@ pub(crate) async fn upgrade(
             // Spawned by the upgrade, outside the listener's JoinSet: stop with the hub.
             let stop = state.clone();
             tokio::select! {
-                () = crate::connection::serve(state, WsStream::new(socket), format!("{peer} (ws)")) => {}
+                () = crate::connection::serve_with_certs(state, certs, WsStream::new(socket), format!("{peer} (ws)")) => {}
                 () = stop.stopped() => {}
             }
         })

@@ -118,3 +118,7 @@ impl Running {
         &self.log
     }
 }
+
+// The official Azure SDKs in Python, for interop tests.
+mod sdk;
+pub use sdk::{azure_python, port_free_within, run_bounded};

@@ -52,6 +52,7 @@
 
 pub mod auth;
 pub mod blob;
+pub mod certificates;
 pub mod device_auth;
 pub mod scope;
 
@@ -159,6 +160,18 @@ pub fn router(state: ApiState) -> Router {
         .route("/verge/devices/{id}/messages/deviceBound", post(c2d_send))
         .route("/verge/feedback", get(feedback))
         .route("/verge/messages", get(d2c_messages))
+        .route("/certificates", get(certificates::list))
+        .route(
+            "/certificates/{name}",
+            get(certificates::get)
+                .put(certificates::put)
+                .delete(certificates::delete),
+        )
+        .route(
+            "/certificates/{name}/generateVerificationCode",
+            post(certificates::generate_code),
+        )
+        .route("/certificates/{name}/verify", post(certificates::verify))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         // Added after the policy check's layer, so outside it: the edge

@@ -133,7 +133,7 @@ impl Drain {
     /// The link of `id`, started on first use; `None` without credentials.
     fn link(&mut self, state: &Arc<HubState>, id: &ClientId) -> Option<&Link> {
         if !self.links.contains_key(id) {
-            let key = state.sas.key_for(id)?;
+            let (signer, key) = credential(state, id, &self.edge)?;
             // Twice the window: a full batch read at the window's edge fits.
             let (tx, rx) = mpsc::channel(self.window * 2);
             let (state_tx, link_state) = watch::channel(LinkState::Down("connecting".into()));
@@ -141,6 +141,7 @@ impl Drain {
                 self.shared.clone(),
                 state.clone(),
                 id.clone(),
+                signer,
                 key,
                 rx,
                 state_tx,
@@ -168,7 +169,15 @@ impl Drain {
         // Every identity the hub holds keys for right now (config, verged's
         // module identities, the cloud's device scope): the table changes
         // while the hub runs, so it is read each time.
-        let ids: Vec<ClientId> = state.sas.keys().keys().cloned().collect();
+        let mut ids: Vec<ClientId> = state.sas.keys().keys().cloned().collect();
+        ids.extend(
+            state
+                .sas
+                .x509_devices()
+                .iter()
+                .filter(|(_, x)| x.enabled)
+                .map(|(id, _)| id.clone()),
+        );
         for id in ids {
             if id == self.edge || self.links.contains_key(&id) {
                 continue;
@@ -680,6 +689,26 @@ fn sendable(topic: &str, payload: &[u8]) -> Result<(), &'static str> {
         return Err("the packet exceeds the largest the upstream sends");
     }
     Ok(())
+}
+
+/// Who a link signs its CONNECT token as, and with which key: the identity
+/// itself when the hub holds its key; for an X.509 leaf (no key to sign
+/// with) the hub's own identity `edge`, on behalf of the leaf — the cloud
+/// accepts that for a device in the edge's scope (verge-cloud's device
+/// endpoint; edgeHub does the same upstream). `None`: no credentials.
+fn credential(
+    state: &HubState,
+    id: &ClientId,
+    edge: &ClientId,
+) -> Option<(ClientId, verge_core::SharedAccessKey)> {
+    if let Some(key) = state.sas.key_for(id) {
+        return Some((id.clone(), key));
+    }
+    let x509 = state.sas.x509_devices();
+    if id.module.is_none() && x509.get(id).is_some_and(|x| x.enabled) {
+        return Some((edge.clone(), state.sas.key_for(edge)?));
+    }
+    None
 }
 
 #[cfg(test)]

@@ -79,6 +79,9 @@ pub(super) async fn run_link(
     shared: Arc<Shared>,
     state: Arc<HubState>,
     id: ClientId,
+    // The identity the CONNECT token is signed as: `id`, or the hub's own
+    // when it carries an X.509 leaf on its behalf.
+    signer: ClientId,
     key: SharedAccessKey,
     rx: mpsc::Receiver<Request>,
     link_state: watch::Sender<LinkState>,
@@ -122,7 +125,9 @@ pub(super) async fn run_link(
     loop {
         let started = Instant::now();
         let end =
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, connect(&shared.up, &id, &key)).await {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, connect(&shared.up, &id, &signer, &key))
+                .await
+            {
                 Ok(Ok(stream)) => {
                     if logged != Some("up") {
                         tracing::info!(identity = %name, "upstream link connected");
@@ -206,6 +211,7 @@ enum ConnectError {
 async fn connect(
     up: &Upstream,
     id: &ClientId,
+    signer: &ClientId,
     key: &SharedAccessKey,
 ) -> Result<verge_dial::CloudStream, ConnectError> {
     let mut stream = up
@@ -216,7 +222,7 @@ async fn connect(
         .map_err(|e| ConnectError::Failed(e.to_string()))?;
     let expiry = crate::auth::unix_now() + TOKEN_TTL_SECS;
     let token = SasToken::sign(
-        &format!("{}{}", up.hub_host, id.resource()),
+        &format!("{}{}", up.hub_host, signer.resource()),
         key,
         expiry,
         None,

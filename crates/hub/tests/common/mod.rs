@@ -354,13 +354,23 @@ pub async fn ws_open(
     path: &str,
     protocol: Option<&str>,
 ) -> Result<Raw<tokio::io::DuplexStream>, u16> {
+    ws_open_with(addr, tls_connector(ca_pem), path, protocol).await
+}
+
+/// [`ws_open`] over TLS made by `connector` (e.g. with a client certificate).
+pub async fn ws_open_with(
+    addr: SocketAddr,
+    connector: tokio_rustls::TlsConnector,
+    path: &str,
+    protocol: Option<&str>,
+) -> Result<Raw<tokio::io::DuplexStream>, u16> {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
     let tcp = TcpStream::connect(addr).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let tls = tls_connector(ca_pem).connect(name, tcp).await.unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
     let mut req = format!("wss://localhost:{}{path}", addr.port())
         .into_client_request()
         .unwrap();
