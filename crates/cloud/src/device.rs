@@ -45,6 +45,8 @@ pub struct CloudBackend {
     cloud: CloudState,
     sessions: Arc<Sessions>,
     limits: Limits,
+    /// The provisioning service sharing this port, once set ([`crate::dps`]).
+    dps: std::sync::OnceLock<Arc<crate::dps::Dps>>,
 }
 
 impl CloudBackend {
@@ -78,7 +80,18 @@ impl CloudBackend {
                 // IoT Hub's 256 KiB message limit plus room for topic and header.
                 max_packet_bytes: 256 * 1024 + 8 * 1024,
             },
+            dps: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Serves DPS's MQTT on this port too (set once; later calls are ignored).
+    pub fn set_dps(&self, dps: Arc<crate::dps::Dps>) {
+        let _ = self.dps.set(dps);
+    }
+
+    /// The provisioning service, if set.
+    pub fn dps(&self) -> Option<Arc<crate::dps::Dps>> {
+        self.dps.get().cloned()
     }
 
     /// The cloud state.
@@ -407,9 +420,7 @@ pub async fn serve_with(
                 let _ = tcp.set_nodelay(true);
                 let peer = conn.peer().to_string();
                 match conn.handshake(acceptor.accept(tcp)).await {
-                    Some(Ok(stream)) => {
-                        verge_endpoint::connection::serve(backend, stream, peer).await;
-                    }
+                    Some(Ok(stream)) => crate::dps::demux::serve(backend, stream, peer).await,
                     Some(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
                     None => {}
                 }

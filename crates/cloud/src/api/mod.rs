@@ -686,8 +686,20 @@ pub async fn serve_with(
     limits: verge_listen::Limits,
     timeouts: verge_listen::http::Timeouts,
 ) {
+    serve_app(listener, tls, router(state), shutdown, limits, timeouts).await;
+}
+
+/// [`serve_with`] for any router (the service API merged with others, e.g.
+/// [`crate::dps::http`]).
+pub async fn serve_app(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    app: Router,
+    shutdown: impl Future<Output = ()>,
+    limits: verge_listen::Limits,
+    timeouts: verge_listen::http::Timeouts,
+) {
     let acceptor = TlsAcceptor::from(tls);
-    let app = router(state);
     let cancel = verge_listen::CancellationToken::new();
     let run = verge_listen::Listener::new("service-api", listener, limits, cancel.clone()).run(
         move |tcp: tokio::net::TcpStream, conn: verge_listen::Conn| {
