@@ -1,0 +1,126 @@
+//! Interop of verge-cloud's DPS with the official Azure IoT device SDK for
+//! Python (azure-iot-device 2.14.0: `ProvisioningDeviceClient` over MQTT,
+//! then `IoTHubDeviceClient` with the assignment) and with the DPS HTTPS
+//! protocol as aziot-identityd speaks it, checked through azure-iot-hub
+//! 2.7.0 and the DPS service API (tests/python/dps_sdk.py). The SDKs only
+//! dial port 8883, so the cloud must own 127.0.0.1:8883; the test waits for
+//! it (other interop tests use it too) and is skipped, saying so, only when
+//! it cannot be bound.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use verge_testkit::Running;
+
+fn python() -> PathBuf {
+    let p = std::env::var_os("VERGE_PYTHON").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python"),
+        PathBuf::from,
+    );
+    let ok = Command::new(&p)
+        .args(["-c", "import azure.iot.device, azure.iot.hub"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "no Python with azure-iot-device and azure-iot-hub at {} (set VERGE_PYTHON)", p.display());
+    p
+}
+
+fn port_free_within(port: u16, wait: Duration) -> bool {
+    let deadline = Instant::now() + wait;
+    while std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    true
+}
+
+#[test]
+fn azure_python_provisioning_client_interop() {
+    let python = python();
+    if !port_free_within(8883, Duration::from_secs(120)) {
+        eprintln!("SKIPPED azure_python_provisioning_client_interop: cannot bind 127.0.0.1:8883");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let key = base64::engine::general_purpose::STANDARD.encode([6u8; 32]);
+    let cfg = dir.path().join("cloud.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:0\"\nmqtt_listen = \"127.0.0.1:8883\"\n\
+             hostname = \"localhost\"\n[service]\npolicy_key = \"{key}\"\n\
+             [dps]\nid_scope = \"0ne00TEST01\"\n",
+            data.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut cloud = Running::start(
+        Command::new(env!("CARGO_BIN_EXE_verge-cloud"))
+            .arg("--config")
+            .arg(&cfg),
+    );
+    cloud.wait_for("listening on https://");
+    let https = cloud
+        .log()
+        .iter()
+        .find_map(|l| l.strip_prefix("listening on https://"))
+        .unwrap()
+        .to_owned();
+    assert!(cloud.logged("dps id scope: 0ne00TEST01"), "{:?}", cloud.log());
+    let port = https.rsplit_once(':').unwrap().1;
+    let ca = data.join("tls/ca.pem");
+    let params = serde_json::json!({
+        "service_connection_string":
+            format!("HostName=localhost:{port};SharedAccessKeyName=iothubowner;SharedAccessKey={key}"),
+        "host": "localhost",
+        "id_scope": "0ne00TEST01",
+        "ca": ca,
+    });
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/dps_sdk.py");
+    let mut py = Command::new(&python)
+        .arg(&script)
+        .arg(params.to_string())
+        .env("REQUESTS_CA_BUNDLE", &ca)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let status = loop {
+        if let Some(s) = py.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = py.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let out = py.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    cloud.stop("TERM", Duration::from_secs(10));
+    let log = cloud.log().join("\n");
+    assert!(
+        status.is_some_and(|s| s.success()) && stdout.contains("ALL PASS"),
+        "DPS script failed (status {status:?})\n--- stdout\n{stdout}\n--- stderr\n{}\n--- verge-cloud log\n{}",
+        tail(&stderr, 60),
+        tail(&log, 80)
+    );
+    // The refusals are logged with their reason.
+    assert!(log.contains("DPS CONNECT refused"), "{}", tail(&log, 80));
+    println!("{stdout}");
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
