@@ -26,7 +26,11 @@ fn python() -> PathBuf {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    assert!(ok, "no Python with azure-iot-device and azure-iot-hub at {} (set VERGE_PYTHON)", p.display());
+    assert!(
+        ok,
+        "no Python with azure-iot-device and azure-iot-hub at {} (set VERGE_PYTHON)",
+        p.display()
+    );
     p
 }
 
@@ -74,7 +78,11 @@ fn azure_python_provisioning_client_interop() {
         .find_map(|l| l.strip_prefix("listening on https://"))
         .unwrap()
         .to_owned();
-    assert!(cloud.logged("dps id scope: 0ne00TEST01"), "{:?}", cloud.log());
+    assert!(
+        cloud.logged("dps id scope: 0ne00TEST01"),
+        "{:?}",
+        cloud.log()
+    );
     let port = https.rsplit_once(':').unwrap().1;
     let ca = data.join("tls/ca.pem");
     let params = serde_json::json!({
