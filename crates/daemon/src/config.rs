@@ -1250,16 +1250,104 @@ management_uri = "unix:///run/verge/mgmt.sock"
         assert!(e.line.is_some(), "{e}");
     }
 
+    fn dps_config(home: &Path, attestation: &str) -> String {
+        base()
+            .replace("homedir = \"/tmp/verge-home\"", &format!("homedir = {:?}", home.display().to_string()))
+            .replace(
+                "source = \"manual\"\nconnection_string = \"HostName=hub.example.net;DeviceId=edge1;SharedAccessKey={KEY}\"".replace("{KEY}", KEY).as_str(),
+                &format!(
+                    "source = \"dps\"\nglobal_endpoint = \"https://dps.example.net:8443/\"\nid_scope = \"0ne00AB\"\nhttps_port = 9443\n[provisioning.attestation]\n{attestation}"
+                ),
+            )
+    }
+
     #[test]
-    fn dps_not_supported() {
-        let text = base().replace(
-            "source = \"manual\"\nconnection_string",
-            "source = \"dps\"\nglobal_endpoint = \"https://x\"\nid_scope = \"0ne\"\n#connection_string",
+    fn dps_settings_and_the_cached_assignment() {
+        let home = tempfile::tempdir().unwrap();
+        let text = dps_config(
+            home.path(),
+            &format!(
+                "method = \"symmetric_key\"\nregistration_id = \"edge-7\"\nsymmetric_key = {{ value = \"{KEY}\" }}"
+            ),
         );
+        // Not registered yet: the identity cannot be resolved, and says why.
         let e = parse(&text).unwrap_err();
-        assert_eq!(e.key.as_deref(), Some("provisioning.source"));
-        assert!(e.message.contains("not supported yet"), "{e}");
-        assert_eq!(e.line, Some(5), "{e}");
+        assert_eq!(e.key.as_deref(), Some("provisioning"), "{e}");
+        assert!(e.message.contains(NOT_PROVISIONED), "{e}");
+        let file = home.path().join("config.toml");
+        std::fs::write(&file, &text).unwrap();
+        let boot = Config::dps_boot(&file).unwrap().unwrap();
+        assert_eq!(
+            boot.settings.global_endpoint,
+            "https://dps.example.net:8443"
+        );
+        assert_eq!(boot.settings.id_scope, "0ne00AB");
+        assert_eq!(boot.settings.registration_id, "edge-7");
+        assert_eq!(boot.homedir, home.path());
+        // A cache for other settings is ignored; one for these resolves it.
+        let mut a = crate::dps::Assignment {
+            assigned_hub: "hub.example.net".into(),
+            device_id: "edge-7".into(),
+            global_endpoint: boot.settings.global_endpoint.clone(),
+            id_scope: "0neOTHER".into(),
+            registration_id: "edge-7".into(),
+        };
+        let cache = home.path().join("dps/assignment.json");
+        std::fs::create_dir_all(cache.parent().unwrap()).unwrap();
+        std::fs::write(&cache, serde_json::to_vec(&a).unwrap()).unwrap();
+        assert!(parse(&text).is_err());
+        a.id_scope = "0ne00AB".into();
+        std::fs::write(&cache, serde_json::to_vec(&a).unwrap()).unwrap();
+        let c = parse(&text).unwrap();
+        assert_eq!(c.provisioning.iothub_hostname.as_str(), "hub.example.net");
+        assert_eq!(c.provisioning.device_id.as_str(), "edge-7");
+        assert_eq!(c.provisioning.device_key.to_base64(), KEY);
+        assert_eq!(c.provisioning.https_port, 9443);
+        crate::dps::forget(home.path()).unwrap();
+        assert!(parse(&text).is_err());
+        // A manual config has no DPS boot.
+        let manual = home.path().join("manual.toml");
+        std::fs::write(&manual, base()).unwrap();
+        assert!(Config::dps_boot(&manual).unwrap().is_none());
+    }
+
+    #[test]
+    fn dps_errors_name_the_key() {
+        let home = Path::new("/nonexistent-verge-home");
+        let cases = [
+            (
+                "method = \"x509\"\nregistration_id = \"e\"",
+                "provisioning.attestation.method",
+            ),
+            (
+                "method = \"symmetric_key\"\nregistration_id = \"E!\"\nsymmetric_key = { value = \"AAAA\" }",
+                "provisioning.attestation.registration_id",
+            ),
+            (
+                "method = \"symmetric_key\"\nregistration_id = \"e\"",
+                "provisioning.attestation.symmetric_key",
+            ),
+            (
+                "method = \"symmetric_key\"\nregistration_id = \"e\"\nsymmetric_key = { value = \"!!\" }",
+                "provisioning.attestation.symmetric_key.value",
+            ),
+        ];
+        for (att, key) in cases {
+            let e = parse(&dps_config(home, att)).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{att}: {e}");
+        }
+        let ok = "method = \"symmetric_key\"\nregistration_id = \"e\"\nsymmetric_key = { value = \"AAAA\" }";
+        let e = parse(&dps_config(home, ok).replace("https://dps.example.net:8443/", "http://x"))
+            .unwrap_err();
+        assert_eq!(
+            e.key.as_deref(),
+            Some("provisioning.global_endpoint"),
+            "{e}"
+        );
+        let e = parse(&dps_config(home, ok).replace("id_scope = \"0ne00AB\"\n", "")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("provisioning.id_scope"), "{e}");
+        let e = parse(&base().replace("[agent]", "id_scope = \"x\"\n[agent]")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("provisioning"), "{e}");
     }
 
     #[test]
