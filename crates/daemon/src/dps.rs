@@ -9,7 +9,8 @@
 //! The assignment (hub and device id) is cached in
 //! `<homedir>/dps/assignment.json` (atomic write): verged registers once,
 //! later starts read the cache and need no network (an offline start works),
-//! and `verge system reprovision` forgets it and registers again. The cache
+//! and `verge system reprovision` registers again (the new assignment
+//! replaces the cached one only once DPS answered). The cache
 //! is used only while the endpoint, scope and registration id it was made
 //! for are still the configured ones. X.509 attestation is not implemented.
 
@@ -226,7 +227,7 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64(0.5 + f64::from(r) / 512.0)
 }
 
-/// Registers (unless an assignment for these settings is cached, or
+/// Registers (unless an assignment for these settings is cached and not
 /// `force`), retrying with back-off until it succeeds or `stop` resolves;
 /// the assignment is cached. `Ok(false)`: stopped first.
 pub async fn ensure(
@@ -235,10 +236,10 @@ pub async fn ensure(
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<bool> {
     let b = Arc::new(boot.clone());
-    if force {
-        let home = b.homedir.clone();
-        tokio::task::spawn_blocking(move || forget(&home)).await??;
-    } else {
+    // Forced (`verge system reprovision`), the cache stays until a new
+    // assignment replaces it: a DPS that cannot be reached meanwhile must
+    // not cost the next start its identity.
+    if !force {
         let b2 = b.clone();
         let cached =
             tokio::task::spawn_blocking(move || read_cache(&b2.homedir, &b2.settings)).await??;
