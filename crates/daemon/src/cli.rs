@@ -144,7 +144,16 @@ where
         println!("configuration OK");
         return ExitCode::SUCCESS;
     }
+    let registered_now = early_log.is_some();
     let log = early_log.unwrap_or_else(|| init_log(&config.homedir));
+    if config.dps.is_some() && !registered_now {
+        // No network needed: an offline start works.
+        tracing::info!(
+            hub = %config.provisioning.iothub_hostname,
+            device = %config.provisioning.device_id,
+            "DPS assignment from the cache"
+        );
+    }
     apply_config_log_level(&config, log.as_ref());
     let control = crate::mgmt::DaemonControl::new(args.config.clone(), log);
     let result: anyhow::Result<()> = rt.block_on(async {
