@@ -15,40 +15,10 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use verge_testkit::Running;
 
-fn python() -> PathBuf {
-    let p = std::env::var_os("VERGE_PYTHON").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python"),
-        PathBuf::from,
-    );
-    let ok = Command::new(&p)
-        .args(["-c", "import azure.iot.device, azure.iot.hub"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "no Python with azure-iot-device and azure-iot-hub at {} (set VERGE_PYTHON)",
-        p.display()
-    );
-    p
-}
-
-fn port_free_within(port: u16, wait: Duration) -> bool {
-    let deadline = Instant::now() + wait;
-    while std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    true
-}
-
 #[test]
 fn azure_python_provisioning_client_interop() {
-    let python = python();
-    if !port_free_within(8883, Duration::from_secs(120)) {
+    let python = verge_testkit::python();
+    if !verge_testkit::port_free_within(8883, Duration::from_secs(120)) {
         eprintln!("SKIPPED azure_python_provisioning_client_interop: cannot bind 127.0.0.1:8883");
         return;
     }

@@ -701,6 +701,25 @@ fn parse_https_port(ctx: &Ctx<'_>, p: &RawProvisioning) -> Result<u16, ConfigErr
     }
 }
 
+/// A key given as `{ value = "<base64>" }` (`{ uri = … }` is refused for now);
+/// `key` is its dotted path, for messages.
+fn key_ref(
+    ctx: &Ctx<'_>,
+    k: &Spanned<RawKeyRef>,
+    key: &str,
+) -> Result<SharedAccessKey, ConfigError> {
+    match (&k.get_ref().value, &k.get_ref().uri) {
+        (Some(v), None) => SharedAccessKey::from_base64(v.get_ref())
+            .map_err(|e| ctx.err(Some(v.span()), &format!("{key}.value"), e.to_string())),
+        (None, Some(u)) => Err(ctx.err(
+            Some(u.span()),
+            &format!("{key}.uri"),
+            "key URIs are not supported yet; give the key inline as value = \"<base64>\"",
+        )),
+        _ => Err(ctx.err(Some(k.span()), key, "give exactly one of value or uri")),
+    }
+}
+
 /// `source = "dps"`: endpoint, scope and symmetric-key attestation.
 fn parse_dps(ctx: &Ctx<'_>, raw: &Spanned<RawProvisioning>) -> Result<DpsSettings, ConfigError> {
     let p = raw.get_ref();
@@ -809,29 +828,7 @@ fn parse_dps(ctx: &Ctx<'_>, raw: &Spanned<RawProvisioning>) -> Result<DpsSetting
             "missing: give symmetric_key = { value = \"<base64 key>\" }",
         )
     })?;
-    let symmetric_key = match (&sk.get_ref().value, &sk.get_ref().uri) {
-        (Some(v), None) => SharedAccessKey::from_base64(v.get_ref()).map_err(|e| {
-            ctx.err(
-                Some(v.span()),
-                "provisioning.attestation.symmetric_key.value",
-                e.to_string(),
-            )
-        })?,
-        (None, Some(u)) => {
-            return Err(ctx.err(
-                Some(u.span()),
-                "provisioning.attestation.symmetric_key.uri",
-                "key URIs are not supported yet; give the key inline as value = \"<base64>\"",
-            ));
-        }
-        _ => {
-            return Err(ctx.err(
-                Some(sk.span()),
-                "provisioning.attestation.symmetric_key",
-                "give exactly one of value or uri",
-            ));
-        }
-    };
+    let symmetric_key = key_ref(ctx, sk, "provisioning.attestation.symmetric_key")?;
     Ok(DpsSettings {
         global_endpoint: format!("https://{host}"),
         id_scope,
@@ -945,29 +942,7 @@ fn parse_manual(
             "missing: give device_id_pk = { value = \"<base64 key>\" }",
         )
     })?;
-    let key = match (&pk.get_ref().value, &pk.get_ref().uri) {
-        (Some(v), None) => SharedAccessKey::from_base64(v.get_ref()).map_err(|e| {
-            ctx.err(
-                Some(v.span()),
-                "provisioning.authentication.device_id_pk.value",
-                e.to_string(),
-            )
-        })?,
-        (None, Some(u)) => {
-            return Err(ctx.err(
-                Some(u.span()),
-                "provisioning.authentication.device_id_pk.uri",
-                "key URIs are not supported yet; give the key inline as value = \"<base64>\"",
-            ));
-        }
-        _ => {
-            return Err(ctx.err(
-                Some(pk.span()),
-                "provisioning.authentication.device_id_pk",
-                "give exactly one of value or uri",
-            ));
-        }
-    };
+    let key = key_ref(ctx, pk, "provisioning.authentication.device_id_pk")?;
     Ok(ProvisioningConfig {
         iothub_hostname,
         device_id,

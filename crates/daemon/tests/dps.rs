@@ -23,33 +23,8 @@ const GROUP_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 const SCOPE: &str = "0ne00E2E";
 const REG: &str = "edge-dps-1";
 
-/// Builds `bin` of `package` into this test's target directory and profile
-/// (verge-cloud is not a dependency of this crate).
 fn build(package: &str, bin: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-    let target_dir = profile_dir.parent().unwrap().to_path_buf();
-    let profile = profile_dir
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
-    let mut cmd = Command::new(env!("CARGO"));
-    cmd.args(["build", "--quiet", "-p", package, "--bin", bin])
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-    match profile.as_str() {
-        "debug" => {}
-        "release" => {
-            cmd.arg("--release");
-        }
-        other => {
-            cmd.args(["--profile", other]);
-        }
-    }
-    assert!(cmd.status().unwrap().success(), "building {bin} failed");
-    profile_dir.join(bin)
+    verge_testkit::build(&[package]).join(bin)
 }
 
 fn free_port() -> u16 {
