@@ -302,7 +302,162 @@ async fn on_publish<S: AsyncRead + AsyncWrite + Unpin>(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+    use rumqttc::mqttbytes::v4::Subscribe;
+    use serde_json::json;
+    use tokio::io::DuplexStream;
+    use verge_core::{SasToken, SharedAccessKey};
+
+    const SCOPE: &str = "0neUNIT";
+    const KEY: &str = "AAECAwQFBgcICQoLDA0ODw==";
+
+    async fn dps(dir: &std::path::Path) -> Arc<Dps> {
+        let cloud = crate::CloudState::open(crate::CloudOptions {
+            data_dir: dir.join("db"),
+            hostname: "hub.local".into(),
+        })
+        .unwrap();
+        let opts = super::super::DpsOptions {
+            dir: dir.join("dps"),
+            id_scope: SCOPE.into(),
+            iothub_hostname: "hub.local".into(),
+        };
+        let dps = Dps::open(opts, cloud).await.unwrap();
+        dps.put_enrollment(
+            false,
+            "dev-1",
+            &json!({"attestation": {"type": "symmetricKey",
+                "symmetricKey": {"primaryKey": KEY, "secondaryKey": KEY}}}),
+            None,
+        )
+        .await
+        .unwrap();
+        dps
+    }
+
+    fn connect(rid: &str, key: &str) -> Packet {
+        let sr = format!("{SCOPE}/registrations/{rid}");
+        let token = SasToken::sign(
+            &sr,
+            &SharedAccessKey::from_base64(key).unwrap(),
+            4_000_000_000,
+            None,
+        );
+        let mut c = Connect::new(rid);
+        c.auth = ConnectAuth::UsernamePassword {
+            username: format!("{SCOPE}/registrations/{rid}/api-version=2019-03-31&ClientVersion=x"),
+            password: token.to_string().into_bytes().into(),
+        };
+        Packet::Connect(c)
+    }
+
+    /// Runs `serve` on one end of a pipe; returns the other, CONNECT sent.
+    async fn start(dps: Arc<Dps>, first: Packet) -> Conn<DuplexStream> {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let Packet::Connect(c) = first else {
+            unreachable!()
+        };
+        tokio::spawn(serve(dps, server, BytesMut::new(), c, "test".into()));
+        Conn {
+            stream: client,
+            buf: BytesMut::new(),
+            out: BytesMut::new(),
+        }
+    }
+
+    async fn answer(conn: &mut Conn<DuplexStream>) -> (String, Value) {
+        loop {
+            let p = tokio::time::timeout(Duration::from_secs(10), conn.read())
+                .await
+                .unwrap()
+                .unwrap();
+            if let Packet::Publish(p) = p {
+                let topic = String::from_utf8(p.topic.to_vec()).unwrap();
+                return (topic, serde_json::from_slice(&p.payload).unwrap());
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn register_poll_and_refusals_over_mqtt() {
+        let dir = tempfile::tempdir().unwrap();
+        let dps = dps(dir.path()).await;
+
+        // Wrong key, unknown registration: CONNACK 5.
+        for (rid, key) in [("dev-1", "AAAAAAAAAAAAAAAAAAAAAA=="), ("nobody", KEY)] {
+            let mut c = start(dps.clone(), connect(rid, key)).await;
+            match c.read().await.unwrap() {
+                Packet::ConnAck(a) => assert_eq!(a.code, ConnectReturnCode::NotAuthorized),
+                other => panic!("{other:?}"),
+            }
+        }
+
+        let mut c = start(dps.clone(), connect("dev-1", KEY)).await;
+        assert!(
+            matches!(c.read().await.unwrap(), Packet::ConnAck(a) if a.code == ConnectReturnCode::Success)
+        );
+        let mut sub = Subscribe::new(RESPONSES, QoS::AtLeastOnce);
+        sub.pkid = 1;
+        c.send(Packet::Subscribe(sub)).await.unwrap();
+        assert!(matches!(c.read().await.unwrap(), Packet::SubAck(_)));
+        // Malformed body: 400, and the connection stays usable.
+        c.send(Packet::Publish(Publish::new(
+            format!("{REGISTER}$rid=1"),
+            QoS::AtMostOnce,
+            "{nope",
+        )))
+        .await
+        .unwrap();
+        let (topic, body) = answer(&mut c).await;
+        assert_eq!(topic, "$dps/registrations/res/400/?$rid=1");
+        assert!(body["errorCode"].as_u64().is_some(), "{body}");
+        // Register: 202 assigning with retry-after, then the poll says assigned.
+        let reg = json!({"registrationId": "dev-1", "payload": null}).to_string();
+        let mut p = Publish::new(format!("{REGISTER}$rid=2"), QoS::AtLeastOnce, reg);
+        p.pkid = 7;
+        c.send(Packet::Publish(p)).await.unwrap();
+        let (topic, body) = answer(&mut c).await;
+        assert_eq!(
+            topic,
+            format!("$dps/registrations/res/202/?$rid=2&retry-after={RETRY_AFTER_SECS}")
+        );
+        assert_eq!(body["status"], "assigning", "{body}");
+        let op = body["operationId"].as_str().unwrap().to_owned();
+        c.send(Packet::Publish(Publish::new(
+            format!("{POLL}$rid=3&operationId={op}"),
+            QoS::AtMostOnce,
+            " ",
+        )))
+        .await
+        .unwrap();
+        let (topic, body) = answer(&mut c).await;
+        assert_eq!(topic, "$dps/registrations/res/200/?$rid=3");
+        assert_eq!(body["status"], "assigned", "{body}");
+        assert_eq!(
+            body["registrationState"]["assignedHub"], "hub.local",
+            "{body}"
+        );
+        assert_eq!(body["registrationState"]["deviceId"], "dev-1", "{body}");
+        // An unknown operation: 404.
+        c.send(Packet::Publish(Publish::new(
+            format!("{POLL}$rid=4&operationId=5.x"),
+            QoS::AtMostOnce,
+            " ",
+        )))
+        .await
+        .unwrap();
+        assert_eq!(answer(&mut c).await.0, "$dps/registrations/res/404/?$rid=4");
+        // A publish outside DPS's topics closes the connection.
+        c.send(Packet::Publish(Publish::new(
+            "devices/dev-1/messages/events/",
+            QoS::AtMostOnce,
+            "x",
+        )))
+        .await
+        .unwrap();
+        assert!(matches!(c.read().await, Err(Close::Eof | Close::Io(_))));
+    }
 
     #[test]
     fn dps_usernames_are_told_apart_from_hub_ones() {
