@@ -9,8 +9,8 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use base64::Engine as _;
 use verge_testkit::Running;
@@ -63,28 +63,13 @@ fn azure_python_provisioning_client_interop() {
         "ca": ca,
     });
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/dps_sdk.py");
-    let mut py = Command::new(&python)
-        .arg(&script)
-        .arg(params.to_string())
-        .env("REQUESTS_CA_BUNDLE", &ca)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(240);
-    let status = loop {
-        if let Some(s) = py.try_wait().unwrap() {
-            break Some(s);
-        }
-        if Instant::now() > deadline {
-            let _ = py.kill();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let out = py.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (status, stdout, stderr) = verge_testkit::output_within(
+        Command::new(&python)
+            .arg(&script)
+            .arg(params.to_string())
+            .env("REQUESTS_CA_BUNDLE", &ca),
+        Duration::from_secs(240),
+    );
     cloud.stop("TERM", Duration::from_secs(10));
     let log = cloud.log().join("\n");
     assert!(

@@ -6,7 +6,7 @@
 //! device SDKs dial. Panics are the point here: a failed step fails the test.
 #![allow(clippy::unwrap_used, clippy::panic)]
 
-use std::io::{BufRead as _, BufReader};
+use std::io::{BufRead as _, BufReader, Read as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -223,4 +223,40 @@ pub fn port_free_within(port: u16, wait: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(500));
     }
     true
+}
+
+/// Runs `cmd` to its end, or kills it after `limit`: its exit status (`None`
+/// when killed at the limit), stdout and stderr. Both streams are drained
+/// while it runs, so a chatty child cannot stall on a full pipe.
+pub fn output_within(
+    cmd: &mut Command,
+    limit: Duration,
+) -> (Option<std::process::ExitStatus>, String, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let drain = |r: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = BufReader::new(r).read_to_string(&mut s);
+            s
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    (status, out.join().unwrap(), err.join().unwrap())
 }
