@@ -15,7 +15,9 @@
 //!   `reprovisionPolicy`: `migrateDeviceData = false` deletes and re-creates
 //!   the device (twin reset to the enrollment's `initialTwin`).
 //! * Enrollments and registration states: the service API ([`http`]) and
-//!   `verge cloud dps …`; kept in `{data_dir}/dps/state.json` (atomic writes).
+//!   `verge cloud dps …`; enrollments kept in `{data_dir}/dps/state.json`,
+//!   registration states one file each in `{data_dir}/dps/registrations/`
+//!   (atomic writes).
 
 pub mod demux;
 pub mod enrollment;
@@ -90,6 +92,8 @@ pub fn load_or_create_id_scope(dir: &std::path::Path) -> std::io::Result<String>
 /// `DeviceRegistrationState` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RegistrationRecord {
+    /// The registration id (file names are hashes of it).
+    pub registration_id: String,
     /// The device created for it.
     pub device_id: String,
     /// The hub it was assigned to.
@@ -113,7 +117,6 @@ pub struct RegistrationRecord {
 struct Stored {
     individual: BTreeMap<String, Enrollment>,
     groups: BTreeMap<String, Enrollment>,
-    registrations: BTreeMap<String, RegistrationRecord>,
 }
 
 /// A register or poll answer: HTTP status and JSON body.
@@ -155,6 +158,9 @@ pub struct Dps {
     /// Serialises changes (a change is written to disk before it is seen).
     write: tokio::sync::Mutex<()>,
     state: Mutex<Stored>,
+    /// One file each under `{dir}/registrations/` (a fleet's worth would
+    /// make one file's rewrite per registration grow with the fleet).
+    registrations: Mutex<BTreeMap<String, RegistrationRecord>>,
     operations: Mutex<(HashMap<String, Operation>, VecDeque<String>)>,
 }
 
@@ -176,9 +182,22 @@ impl Dps {
     /// Loads the enrollments from `opts.dir` (created private if missing).
     pub async fn open(opts: DpsOptions, cloud: CloudState) -> anyhow::Result<Arc<Self>> {
         let dir = opts.dir.clone();
-        let stored = tokio::task::spawn_blocking(move || -> std::io::Result<Stored> {
+        let (stored, registrations) = tokio::task::spawn_blocking(move || {
             verge_files::create_private_dir(&dir)?;
-            Ok(verge_files::load_json(&dir.join("state.json"))?.unwrap_or_default())
+            let stored: Stored =
+                verge_files::load_json(&dir.join("state.json"))?.unwrap_or_default();
+            let regs_dir = dir.join("registrations");
+            verge_files::create_private_dir(&regs_dir)?;
+            let mut regs = BTreeMap::new();
+            for entry in std::fs::read_dir(&regs_dir)? {
+                let path = entry?.path();
+                if path.extension().is_some_and(|e| e == "json")
+                    && let Some(r) = verge_files::load_json::<RegistrationRecord>(&path)?
+                {
+                    regs.insert(r.registration_id.clone(), r);
+                }
+            }
+            Ok::<_, std::io::Error>((stored, regs))
         })
         .await??;
         Ok(Arc::new(Self {
@@ -186,6 +205,7 @@ impl Dps {
             cloud,
             write: tokio::sync::Mutex::new(()),
             state: Mutex::new(stored),
+            registrations: Mutex::new(registrations),
             operations: Mutex::new((HashMap::new(), VecDeque::new())),
         }))
     }
@@ -296,8 +316,7 @@ impl Dps {
 
     /// A registration's state (`GET /registrations/{id}`).
     pub fn get_registration(&self, id: &str) -> Result<Value, CloudError> {
-        let s = lock(&self.state);
-        s.registrations
+        lock(&self.registrations)
             .get(id)
             .map(|r| registration_state(id, r, None))
             .ok_or_else(|| CloudError::NotFound(format!("no registration {id:?}")))
@@ -305,14 +324,21 @@ impl Dps {
 
     /// Forgets a registration's state (the device stays).
     pub async fn delete_registration(&self, id: &str) -> Result<(), CloudError> {
-        let id = id.to_owned();
-        self.update(|s| {
-            s.registrations
-                .remove(&id)
-                .map(|_| ())
-                .ok_or_else(|| CloudError::NotFound(format!("no registration {id:?}")))
-        })
-        .await
+        if !lock(&self.registrations).contains_key(id) {
+            return Err(CloudError::NotFound(format!("no registration {id:?}")));
+        }
+        verge_files::remove_durable_async(self.registration_path(id))
+            .await
+            .map_err(|e| CloudError::Storage(format!("dps registration: {e}")))?;
+        lock(&self.registrations).remove(id);
+        Ok(())
+    }
+
+    fn registration_path(&self, id: &str) -> PathBuf {
+        self.opts
+            .dir
+            .join("registrations")
+            .join(verge_files::keyed_file_name(id, "json"))
     }
 
     // ----------------------------------------------------------- attestation
@@ -490,10 +516,7 @@ impl Dps {
             .iot_hub_host_name
             .clone()
             .unwrap_or_else(|| self.opts.iothub_hostname.clone());
-        let previous = lock(&self.state)
-            .registrations
-            .get(registration_id)
-            .cloned();
+        let previous = lock(&self.registrations).get(registration_id).cloned();
         let exists = self.cloud.get_device(&device_id).is_ok();
         let spec = DeviceSpec {
             keys: Some(m.keys.clone()),
@@ -533,6 +556,7 @@ impl Dps {
         };
         let now = Timestamp::now().as_millis();
         let rec = RegistrationRecord {
+            registration_id: registration_id.to_owned(),
             device_id,
             assigned_hub: hub,
             enrollment_group_id: m.group.clone(),
@@ -542,13 +566,11 @@ impl Dps {
             substatus: substatus.to_owned(),
             version: previous.as_ref().map_or(1, |p| p.version + 1),
         };
-        let id = registration_id.to_owned();
-        let stored = rec.clone();
-        self.update(move |s| {
-            s.registrations.insert(id, stored);
-            Ok(())
-        })
-        .await?;
+        let bytes = serde_json::to_vec(&rec).map_err(|e| CloudError::Storage(e.to_string()))?;
+        verge_files::write_atomic_async(self.registration_path(registration_id), bytes)
+            .await
+            .map_err(|e| CloudError::Storage(format!("dps registration: {e}")))?;
+        lock(&self.registrations).insert(registration_id.to_owned(), rec.clone());
         tracing::info!(registration = registration_id, device = %rec.device_id, hub = %rec.assigned_hub, substatus, "DPS assigned");
         Ok(registration_state(
             registration_id,
