@@ -723,18 +723,28 @@ fn key_ref(
 /// `source = "dps"`: endpoint, scope and symmetric-key attestation.
 fn parse_dps(ctx: &Ctx<'_>, raw: &Spanned<RawProvisioning>) -> Result<DpsSettings, ConfigError> {
     let p = raw.get_ref();
-    for (set, key) in [
+    let stray = [
         (
-            p.connection_string.is_some(),
+            p.connection_string.as_ref().map(Spanned::span),
             "provisioning.connection_string",
         ),
-        (p.iothub_hostname.is_some(), "provisioning.iothub_hostname"),
-        (p.device_id.is_some(), "provisioning.device_id"),
-        (p.authentication.is_some(), "provisioning.authentication"),
-    ] {
-        if set {
+        (
+            p.iothub_hostname.as_ref().map(Spanned::span),
+            "provisioning.iothub_hostname",
+        ),
+        (
+            p.device_id.as_ref().map(Spanned::span),
+            "provisioning.device_id",
+        ),
+        (
+            p.authentication.as_ref().map(Spanned::span),
+            "provisioning.authentication",
+        ),
+    ];
+    for (span, key) in stray {
+        if let Some(span) = span {
             return Err(ctx.err(
-                Some(raw.span()),
+                Some(span),
                 key,
                 "not used with source = \"dps\" (DPS assigns the hub and the device id)",
             ));
