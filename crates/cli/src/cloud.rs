@@ -65,6 +65,9 @@ enum CloudCommand {
     /// Cloud-to-device messages.
     #[command(subcommand)]
     C2d(C2dCommand),
+    /// The Device Provisioning Service: enrollments and registrations.
+    #[command(subcommand)]
+    Dps(crate::dps::DpsCommand),
 }
 
 #[derive(Subcommand)]
@@ -562,6 +565,7 @@ pub async fn run(args: CloudArgs) -> anyhow::Result<()> {
     let client = CloudClient::new(&cs, args.ca.as_deref())?;
     match args.command {
         CloudCommand::Devices(c) => devices(&client, c).await,
+        CloudCommand::Dps(c) => crate::dps::run(&client, c).await,
         CloudCommand::Modules(ModulesCommand::List { device, output }) => {
             let list = client
                 .get(&format!("/devices/{}/modules", enc(&device)))

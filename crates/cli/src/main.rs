@@ -9,6 +9,7 @@
 mod bundle;
 mod check;
 mod cloud;
+mod dps;
 mod images;
 mod import;
 mod list;

@@ -336,6 +336,7 @@ pub async fn reprovision(
     // read another file than this one).
     if let Err(e) = Config::load(config_path)
         && !e.message.starts_with("cannot read")
+        && e.message != verge_daemon::config::NOT_PROVISIONED
     {
         return Err(anyhow!("cannot reprovision: {e}"));
     }

@@ -633,3 +633,77 @@ fn check_verifies_the_upstream_over_tls() {
     let parent = find(&check(&cfg), "parent-connectivity");
     assert_eq!(parent["result"], "ok", "{parent}");
 }
+
+/// `verge cloud dps …` against verge-cloud's DPS service API: enrollments
+/// and groups created, listed, shown and deleted; derived keys; errors.
+#[test]
+fn dps_enrollments_through_the_cli() {
+    let cloud = Cloud::start();
+    let key = "AAECAwQFBgcICQoLDA0ODw==";
+    let out = cloud.ok(&[
+        "dps",
+        "enrollment",
+        "create",
+        "dev-1",
+        "--primary-key",
+        key,
+        "--reset-on-reprovision",
+        "--initial-twin",
+        r#"{"tags":{"site":"lab"}}"#,
+        "-o",
+        "json",
+    ]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["registrationId"], "dev-1", "{v}");
+    assert_eq!(v["attestation"]["symmetricKey"]["primaryKey"], key, "{v}");
+    assert_eq!(v["reprovisionPolicy"]["migrateDeviceData"], false, "{v}");
+    assert_eq!(v["initialTwin"]["tags"]["site"], "lab", "{v}");
+    // The secondary key was generated.
+    assert!(
+        v["attestation"]["symmetricKey"]["secondaryKey"]
+            .as_str()
+            .is_some_and(|k| k.len() >= 40),
+        "{v}"
+    );
+    cloud.ok(&[
+        "dps",
+        "group",
+        "create",
+        "line-1",
+        "--edge",
+        "--primary-key",
+        key,
+    ]);
+    let list = cloud.ok(&["dps", "group", "list"]);
+    let row = line_with(&list, "line-1");
+    assert!(
+        row.contains("enabled") && row.contains("true") && row.contains("keep"),
+        "{list}"
+    );
+    let list = cloud.ok(&["dps", "enrollment", "list"]);
+    assert!(line_with(&list, "dev-1").contains("reset"), "{list}");
+    let shown: Value =
+        serde_json::from_str(&cloud.ok(&["dps", "group", "show", "line-1"])).unwrap();
+    assert_eq!(shown["capabilities"]["iotEdge"], true, "{shown}");
+    // The device key of a group member (python's hmac gives the same).
+    let derived = cloud.ok(&["dps", "derive-key", key, "dev-1"]);
+    assert_eq!(
+        derived.trim(),
+        "I6wj/zJDkG6Ta/Wc6A5aw/nV0gAkdMKN32/YWUcI028="
+    );
+    // Errors come back with the service's reason.
+    let e = cloud.fails(&["dps", "enrollment", "create", "Bad_Upper"]);
+    assert!(e.contains("registration id"), "{e}");
+    let e = cloud.fails(&["dps", "registration", "dev-1"]);
+    assert!(
+        e.contains("404")
+            || e.to_lowercase().contains("not found")
+            || e.contains("no registration"),
+        "{e}"
+    );
+    cloud.ok(&["dps", "enrollment", "delete", "dev-1"]);
+    let e = cloud.fails(&["dps", "enrollment", "show", "dev-1"]);
+    assert!(e.contains("dev-1"), "{e}");
+    cloud.ok(&["dps", "group", "delete", "line-1"]);
+    assert!(!cloud.ok(&["dps", "group", "list"]).contains("line-1"));
+}

@@ -1062,7 +1062,7 @@ fn system_set_log_level_reprovision_and_stop() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("dev2"), "{}", stdout(&o));
     agent_lines("device=dev2");
-    // DPS is refused, and verged keeps running.
+    // An incomplete DPS section is refused, naming the key, and verged keeps running.
     let now = std::fs::read_to_string(&v.cfg).unwrap();
     std::fs::write(
         &v.cfg,
@@ -1075,8 +1075,11 @@ fn system_set_log_level_reprovision_and_stop() {
     .unwrap();
     let o = verge(&["--config", &cfg, "system", "reprovision"]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("DPS"), "{}", stderr(&o));
-    assert!(stderr(&o).contains("not supported"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("`provisioning.attestation`: missing"),
+        "{}",
+        stderr(&o)
+    );
     let o = verge(&["-H", &host, "list"]);
     assert!(o.status.success(), "{}", stderr(&o));
     std::fs::write(&v.cfg, &now).unwrap();

@@ -10,6 +10,11 @@
 //! policy_name = "iothubowner"         # default
 //! policy_key = "<base64>"             # default: generated once into data_dir/service-policy.key
 //!
+//! [dps]                               # the provisioning service (crate::dps)
+//! enabled = true                      # default
+//! id_scope = "0ne0001A2B3"            # default: generated once into data_dir/dps/id_scope
+//! iothub_hostname = "hub.example.net" # assigned hub; default: hostname without its port
+//!
 //! [tls]                               # both or neither; default: generated CA in data_dir/tls
 //! cert = "/etc/verge-cloud/server.pem"
 //! key = "/etc/verge-cloud/server.key"
@@ -68,6 +73,21 @@ pub struct FileConfig {
     /// `[tls]`.
     #[serde(default)]
     pub tls: TlsSection,
+    /// `[dps]`.
+    #[serde(default)]
+    pub dps: DpsSection,
+}
+
+/// `[dps]`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpsSection {
+    /// Serve DPS (default true).
+    pub enabled: Option<bool>,
+    /// The ID scope.
+    pub id_scope: Option<String>,
+    /// The hub host name devices are assigned to.
+    pub iothub_hostname: Option<String>,
 }
 
 /// `[service]`.
@@ -122,6 +142,8 @@ pub struct Config {
     pub tls_cert: Option<PathBuf>,
     /// TLS key file.
     pub tls_key: Option<PathBuf>,
+    /// `[dps]` as written (validated).
+    pub dps: DpsSection,
 }
 
 /// Default listen address.
@@ -209,7 +231,24 @@ impl Config {
                 message: "tls.cert and tls.key must be given together".into(),
             });
         }
+        if let Some(scope) = &file.dps.id_scope
+            && !crate::dps::valid_id_scope(scope)
+        {
+            return Err(ConfigError::Invalid {
+                key: "dps.id_scope",
+                message: format!("{scope:?} must be 1-64 ASCII letters or digits"),
+            });
+        }
+        if let Some(h) = &file.dps.iothub_hostname
+            && (h.is_empty() || h.contains('/') || h.chars().any(char::is_whitespace))
+        {
+            return Err(ConfigError::Invalid {
+                key: "dps.iothub_hostname",
+                message: format!("{h:?} is not a host name"),
+            });
+        }
         Ok(Self {
+            dps: file.dps,
             data_dir,
             listen,
             mqtt_listen,

@@ -49,6 +49,8 @@ pub struct CloudBackend {
     cloud: CloudState,
     sessions: Arc<Sessions>,
     limits: Limits,
+    /// The provisioning service sharing this port, once set ([`crate::dps`]).
+    dps: std::sync::OnceLock<Arc<crate::dps::Dps>>,
 }
 
 impl CloudBackend {
@@ -82,7 +84,18 @@ impl CloudBackend {
                 // IoT Hub's 256 KiB message limit plus room for topic and header.
                 max_packet_bytes: 256 * 1024 + 8 * 1024,
             },
+            dps: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Serves DPS's MQTT on this port too (set once; later calls are ignored).
+    pub fn set_dps(&self, dps: Arc<crate::dps::Dps>) {
+        let _ = self.dps.set(dps);
+    }
+
+    /// The provisioning service, if set.
+    pub fn dps(&self) -> Option<Arc<crate::dps::Dps>> {
+        self.dps.get().cloned()
     }
 
     /// The cloud state.
@@ -419,14 +432,15 @@ pub async fn serve_with(
                 let peer = conn.peer().to_string();
                 match conn.handshake(acceptor.accept(tcp)).await {
                     Some(Ok(stream)) => {
+                        // X.509 devices: the chain goes to CONNECT.
                         let certs: Vec<_> = stream
                             .get_ref()
                             .1
                             .peer_certificates()
                             .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
                             .unwrap_or_default();
-                        verge_endpoint::connection::serve_with_certs(backend, stream, peer, certs)
-                            .await;
+                        // DPS or IoT Hub, by the CONNECT's username.
+                        crate::dps::demux::serve(backend, stream, peer, certs).await;
                     }
                     Some(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
                     None => {}

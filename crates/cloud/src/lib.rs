@@ -25,6 +25,7 @@ pub mod conn;
 pub mod d2c;
 pub(crate) mod db;
 pub mod device;
+pub mod dps;
 pub mod error;
 pub mod registry;
 mod state;

@@ -101,6 +101,47 @@ fn write_secret(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The provisioning service, unless `[dps] enabled = false`. Prints its ID
+/// scope (scripts and tests read it).
+async fn start_dps(
+    cfg: &Config,
+    hostname: &str,
+    cloud: &CloudState,
+) -> anyhow::Result<Option<Arc<verge_cloud::dps::Dps>>> {
+    if cfg.dps.enabled == Some(false) {
+        return Ok(None);
+    }
+    let dir = cfg.data_dir.join("dps");
+    let id_scope = match &cfg.dps.id_scope {
+        Some(s) => s.clone(),
+        None => {
+            let d = dir.clone();
+            tokio::task::spawn_blocking(move || verge_cloud::dps::load_or_create_id_scope(&d))
+                .await
+                .context("reading the DPS ID scope")?
+                .context("dps id_scope")?
+        }
+    };
+    let iothub_hostname = cfg.dps.iothub_hostname.clone().unwrap_or_else(|| {
+        // The assigned hub is what devices dial (on 8883), so no port.
+        hostname
+            .rsplit_once(':')
+            .filter(|(h, p)| !h.contains(':') && p.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(hostname, |(h, _)| h)
+            .to_owned()
+    });
+    let opts = verge_cloud::dps::DpsOptions {
+        dir,
+        id_scope: id_scope.clone(),
+        iothub_hostname,
+    };
+    let dps = verge_cloud::dps::Dps::open(opts, cloud.clone())
+        .await
+        .context("opening the DPS state")?;
+    println!("dps id scope: {id_scope}");
+    Ok(Some(dps))
+}
+
 /// How long the shutdown waits for the listeners and the sessions' persister.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -159,6 +200,10 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             .await
             .context("opening the MQTT sessions")?;
     let mqtt_tls = device::mqtt_tls(&tls_cfg);
+    let dps = start_dps(&cfg, &hostname, &cloud).await?;
+    if let Some(dps) = &dps {
+        backend.set_dps(dps.clone());
+    }
     tracing::info!(%addr, %mqtt_addr, %hostname, ca = ?files.ca, "verge-cloud serving");
     // The test harness and scripts read these lines for the bound ports.
     println!("listening on mqtts://{mqtt_addr}");
@@ -169,7 +214,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     // One token stops both listeners.
     // The service API and MQTT over WebSocket share the HTTPS port, as on IoT Hub's 443.
-    let app = verge_cloud::api::router(state)
+    let mut app = verge_cloud::api::router(state.clone())
         .merge(verge_cloud::ws::router(backend.clone(), shutdown.token()));
     shutdown.spawn(
         "device endpoint",
@@ -180,6 +225,15 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             shutdown.token().cancelled_owned(),
         ),
     );
+    // DPS over HTTPS on the same port (as aziot dials it).
+    if let Some(dps) = dps {
+        app = app.merge(verge_cloud::dps::http::router(
+            verge_cloud::dps::http::DpsApi {
+                dps,
+                auth: state.auth.clone(),
+            },
+        ));
+    }
     shutdown.spawn(
         "service API",
         verge_cloud::api::serve_app(

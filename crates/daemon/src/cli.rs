@@ -95,6 +95,43 @@ where
     T: Into<std::ffi::OsString> + Clone,
 {
     let args = Args::parse_from(args);
+    let boot = match Config::dps_boot(&args.config) {
+        Ok(b) => b,
+        Err(e) => {
+            verge_log::init(verge_log::Stream::Stderr);
+            eprintln!("verged: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("verged: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // A DPS device registers before its identity (and so the rest of the
+    // configuration) can be resolved; later starts use the cached assignment.
+    let mut early_log = None;
+    if let Some(b) = &boot
+        && !args.check
+        && !matches!(crate::dps::read_cache(&b.homedir, &b.settings), Ok(Some(_)))
+    {
+        let log = init_log(&b.homedir);
+        let provisioned = rt.block_on(async {
+            let mut signals = verge_shutdown::Signals::install().ok();
+            crate::dps::ensure(b, false, shutdown_signal(signals.as_mut())).await
+        });
+        match provisioned {
+            Ok(true) => {}
+            Ok(false) => return ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("verged: DPS provisioning: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+        early_log = Some(log);
+    }
     let config = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
@@ -107,31 +144,18 @@ where
         println!("configuration OK");
         return ExitCode::SUCCESS;
     }
-    // Without a journal behind stderr, verged's log would be wherever its
-    // stderr went: keep a copy where `verge system logs` and the support
-    // bundle find it.
-    let tee = if stderr_is_journal() {
-        None
-    } else {
-        let path = crate::daemon::verged_log_path(&config.homedir);
-        match verge_log::LogFile::open(path.clone(), 4 * 1024 * 1024, 3) {
-            Ok(f) => Some(f),
-            Err(e) => {
-                eprintln!("verged: cannot write its log to {}: {e}", path.display());
-                None
-            }
-        }
-    };
-    let log = verge_log::init_with(verge_log::Stream::Stderr, tee);
+    let registered_now = early_log.is_some();
+    let log = early_log.unwrap_or_else(|| init_log(&config.homedir));
+    if config.dps.is_some() && !registered_now {
+        // No network needed: an offline start works.
+        tracing::info!(
+            hub = %config.provisioning.iothub_hostname,
+            device = %config.provisioning.device_id,
+            "DPS assignment from the cache"
+        );
+    }
     apply_config_log_level(&config, log.as_ref());
     let control = crate::mgmt::DaemonControl::new(args.config.clone(), log);
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("verged: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let result: anyhow::Result<()> = rt.block_on(async {
         // Installed first, so a stop request during start-up is not lost.
         let mut signals = match verge_shutdown::Signals::install() {
@@ -147,10 +171,10 @@ where
         let mut config = config;
         loop {
             let c = control.clone();
-            let signals = signals.as_mut();
+            let sig = signals.as_mut();
             let shutdown = async move {
                 tokio::select! {
-                    () = shutdown_signal(signals) => {}
+                    () = shutdown_signal(sig) => {}
                     () = c.wait() => {}
                 }
             };
@@ -159,7 +183,14 @@ where
             if !control.take_reprovision() {
                 return Ok(());
             }
-            // `verge system reprovision`: the identity from the file as it is now.
+            // `verge system reprovision`: the identity from the file as it is
+            // now; a DPS device registers again.
+            if let Some(b) = Config::dps_boot(&args.config)
+                .map_err(|e| anyhow::anyhow!("reprovisioning: {e}"))?
+                && !crate::dps::ensure(&b, true, shutdown_signal(signals.as_mut())).await?
+            {
+                return Ok(());
+            }
             config =
                 Config::load(&args.config).map_err(|e| anyhow::anyhow!("reprovisioning: {e}"))?;
             tracing::info!(
@@ -176,6 +207,27 @@ where
             ExitCode::FAILURE
         }
     }
+}
+
+/// verged's log: stderr, and a copy under `homedir` unless stderr is the
+/// journal.
+fn init_log(homedir: &std::path::Path) -> Option<verge_log::Handle> {
+    // Without a journal behind stderr, verged's log would be wherever its
+    // stderr went: keep a copy where `verge system logs` and the support
+    // bundle find it.
+    let tee = if stderr_is_journal() {
+        None
+    } else {
+        let path = crate::daemon::verged_log_path(homedir);
+        match verge_log::LogFile::open(path.clone(), 4 * 1024 * 1024, 3) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!("verged: cannot write its log to {}: {e}", path.display());
+                None
+            }
+        }
+    };
+    verge_log::init_with(verge_log::Stream::Stderr, tee)
 }
 
 /// The config's `log_level` (`verge system set-log-level` keeps it there),

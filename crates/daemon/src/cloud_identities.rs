@@ -70,7 +70,7 @@ pub struct CloudIdentities {
     store: IdentityStore,
 }
 
-fn tls_config(extra_pem: &str) -> anyhow::Result<rustls::ClientConfig> {
+pub(crate) fn tls_config(extra_pem: &str) -> anyhow::Result<rustls::ClientConfig> {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject as _;
     let mut roots = rustls::RootCertStore::empty();

@@ -15,6 +15,13 @@
 //! #                     identities; a self-hosted verge-cloud may use another)
 //! # or: iothub_hostname = "…", device_id = "…",
 //! # [provisioning.authentication] method = "sas", device_id_pk = { value = "<base64>" }
+//! # or, through a Device Provisioning Service (verge-cloud's or Azure's):
+//! # source = "dps", global_endpoint = "https://global.azure-devices-provisioning.net/",
+//! # id_scope = "0ne…", https_port = 443,
+//! # [provisioning.attestation] method = "symmetric_key", registration_id = "edge1",
+//! #   symmetric_key = { value = "<base64>" }   (for a group enrollment: the derived key)
+//! # verged registers at its first start and keeps the assignment in
+//! # <homedir>/dps/assignment.json (see crate::dps).
 //!
 //! [agent]
 //! name = "edgeAgent"
@@ -105,8 +112,10 @@ pub struct Config {
     pub trust_bundle_cert: Option<PathBuf>,
     /// Storage directory (keys, identities, CA, sockets).
     pub homedir: PathBuf,
-    /// The device's cloud identity.
+    /// The device's cloud identity (for DPS: the cached assignment).
     pub provisioning: ProvisioningConfig,
+    /// `source = "dps"`: where and as whom verged registers.
+    pub dps: Option<DpsSettings>,
     /// The agent verged starts and watches.
     pub agent: AgentConfig,
     /// Where the edge CA comes from.
@@ -141,6 +150,36 @@ pub struct ProvisioningConfig {
     /// registers module identities there (see [`crate::cloud_identities`]).
     pub https_port: u16,
 }
+
+/// `[provisioning] source = "dps"` with symmetric-key attestation.
+#[derive(Debug, Clone)]
+pub struct DpsSettings {
+    /// `https://host[:port]`, no trailing slash.
+    pub global_endpoint: String,
+    /// The ID scope.
+    pub id_scope: String,
+    /// The registration id.
+    pub registration_id: String,
+    /// The key the device signs with (for a group enrollment, the derived key).
+    pub symmetric_key: SharedAccessKey,
+}
+
+/// What [`Config::dps_boot`] returns: enough to provision before the rest of
+/// the configuration can be resolved.
+#[derive(Debug, Clone)]
+pub struct DpsBoot {
+    /// The DPS settings.
+    pub settings: DpsSettings,
+    /// `homedir`, where the assignment is cached.
+    pub homedir: PathBuf,
+    /// `trust_bundle_cert`, trusted (with the system roots) for the DPS's TLS.
+    pub trust_bundle_cert: Option<PathBuf>,
+}
+
+/// The message of the error [`Config::load`] gives for a DPS device that
+/// has not registered yet.
+pub const NOT_PROVISIONED: &str =
+    "not provisioned through DPS yet: verged registers when it starts";
 
 /// How the agent is run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,10 +292,20 @@ struct RawProvisioning {
     device_id: Option<Spanned<String>>,
     authentication: Option<Spanned<RawAuthentication>>,
     https_port: Option<Spanned<i64>>,
-    // dps: recognised, refused later
-    global_endpoint: Option<String>,
-    id_scope: Option<String>,
-    attestation: Option<toml::Value>,
+    global_endpoint: Option<Spanned<String>>,
+    id_scope: Option<Spanned<String>>,
+    attestation: Option<Spanned<RawAttestation>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAttestation {
+    method: Spanned<String>,
+    registration_id: Option<Spanned<String>>,
+    symmetric_key: Option<Spanned<RawKeyRef>>,
+    // x509: recognised, refused later
+    identity_cert: Option<toml::Value>,
+    identity_pk: Option<toml::Value>,
 }
 
 #[derive(Deserialize)]
@@ -419,7 +468,56 @@ fn unix_path(ctx: &Ctx<'_>, key: &str, v: &Spanned<String>) -> Result<PathBuf, C
     }
 }
 
+/// The file's TOML into the raw shape, errors naming the key and line.
+fn raw_config(ctx: &Ctx<'_>) -> Result<RawConfig, ConfigError> {
+    let (text, path) = (ctx.text, ctx.path);
+    toml::from_str(text).map_err(|e| {
+        let message = e.message().trim().to_owned();
+        // serde names unknown/missing keys in the message itself, but
+        // not the key of a value of the wrong type: find it from the span.
+        let key = e
+            .span()
+            .filter(|_| message.starts_with("invalid type") || message.starts_with("invalid value"))
+            .and_then(|s| key_at(text, s.start));
+        let message = match &key {
+            Some(_) => plain_type_names(&message),
+            None => message,
+        };
+        ConfigError {
+            path: path.to_path_buf(),
+            line: e.span().map(|s| ctx.line(&s)),
+            key,
+            message,
+        }
+    })
+}
+
 impl Config {
+    /// For `source = "dps"`: the settings verged needs to register before
+    /// [`Config::load`] can resolve the identity; `None` for other sources.
+    pub fn dps_boot(path: &Path) -> Result<Option<DpsBoot>, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: path.to_path_buf(),
+            line: None,
+            key: None,
+            message: format!("cannot read the config file: {e}"),
+        })?;
+        let ctx = Ctx { path, text: &text };
+        let raw = raw_config(&ctx)?;
+        if raw.provisioning.get_ref().source.get_ref() != "dps" {
+            return Ok(None);
+        }
+        Ok(Some(DpsBoot {
+            settings: parse_dps(&ctx, &raw.provisioning)?,
+            homedir: ctx.resolve(
+                raw.homedir
+                    .as_deref()
+                    .unwrap_or_else(|| Path::new(DEFAULT_HOMEDIR)),
+            ),
+            trust_bundle_cert: raw.trust_bundle_cert.map(|p| ctx.resolve(&p)),
+        }))
+    }
+
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
@@ -460,27 +558,7 @@ impl Config {
     /// Validates config text (`path` is used for messages and relative paths).
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let ctx = Ctx { path, text };
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let message = e.message().trim().to_owned();
-            // serde names unknown/missing keys in the message itself, but
-            // not the key of a value of the wrong type: find it from the span.
-            let key = e
-                .span()
-                .filter(|_| {
-                    message.starts_with("invalid type") || message.starts_with("invalid value")
-                })
-                .and_then(|s| key_at(text, s.start));
-            let message = match &key {
-                Some(_) => plain_type_names(&message),
-                None => message,
-            };
-            ConfigError {
-                path: path.to_path_buf(),
-                line: e.span().map(|s| ctx.line(&s)),
-                key,
-                message,
-            }
-        })?;
+        let raw = raw_config(&ctx)?;
 
         let hostname = raw.hostname.get_ref().trim().to_owned();
         if hostname.is_empty() {
@@ -492,7 +570,7 @@ impl Config {
                 .unwrap_or_else(|| Path::new(DEFAULT_HOMEDIR)),
         );
 
-        let provisioning = parse_provisioning(&ctx, &raw.provisioning)?;
+        let (provisioning, dps) = parse_provisioning(&ctx, &raw.provisioning, &homedir)?;
         let agent = parse_agent(&ctx, &raw.agent)?;
         let edge_ca = parse_edge_ca(&ctx, raw.edge_ca.as_ref())?;
 
@@ -561,6 +639,7 @@ impl Config {
             trust_bundle_cert: raw.trust_bundle_cert.map(|p| ctx.resolve(&p)),
             homedir,
             provisioning,
+            dps,
             agent,
             edge_ca,
             moby_runtime,
@@ -589,28 +668,47 @@ impl Config {
 fn parse_provisioning(
     ctx: &Ctx<'_>,
     raw: &Spanned<RawProvisioning>,
-) -> Result<ProvisioningConfig, ConfigError> {
+    homedir: &Path,
+) -> Result<(ProvisioningConfig, Option<DpsSettings>), ConfigError> {
     let p = raw.get_ref();
     match p.source.get_ref().as_str() {
-        "manual" => {}
+        "manual" => parse_manual(ctx, raw).map(|m| (m, None)),
         "dps" => {
-            let _ = (&p.global_endpoint, &p.id_scope, &p.attestation);
-            return Err(ctx.err(
-                Some(p.source.span()),
-                "provisioning.source",
-                "DPS provisioning (\"dps\") is not supported yet; use source = \"manual\"",
-            ));
+            let settings = parse_dps(ctx, raw)?;
+            let https_port = parse_https_port(ctx, p)?;
+            let cached = crate::dps::read_cache(homedir, &settings)
+                .map_err(|e| ctx.err(Some(p.source.span()), "provisioning", e.to_string()))?;
+            let Some(a) = cached else {
+                return Err(ctx.err(Some(p.source.span()), "provisioning", NOT_PROVISIONED));
+            };
+            let bad_cache = |e: String| {
+                ctx.err(
+                    Some(p.source.span()),
+                    "provisioning",
+                    format!("the cached DPS assignment is unusable ({e}); run `verge system reprovision`"),
+                )
+            };
+            let prov = ProvisioningConfig {
+                iothub_hostname: HubHostname::new(a.assigned_hub.as_str())
+                    .map_err(|e| bad_cache(e.to_string()))?,
+                device_id: DeviceId::new(a.device_id.as_str())
+                    .map_err(|e| bad_cache(e.to_string()))?,
+                device_key: settings.symmetric_key.clone(),
+                https_port,
+            };
+            Ok((prov, Some(settings)))
         }
-        other => {
-            return Err(ctx.err(
-                Some(p.source.span()),
-                "provisioning.source",
-                format!("unknown provisioning source {other:?}; expected \"manual\" (\"dps\" is not supported yet)"),
-            ));
-        }
+        other => Err(ctx.err(
+            Some(p.source.span()),
+            "provisioning.source",
+            format!("unknown provisioning source {other:?}; expected \"manual\" or \"dps\""),
+        )),
     }
-    let https_port = match &p.https_port {
-        None => DEFAULT_HTTPS_PORT,
+}
+
+fn parse_https_port(ctx: &Ctx<'_>, p: &RawProvisioning) -> Result<u16, ConfigError> {
+    match &p.https_port {
+        None => Ok(DEFAULT_HTTPS_PORT),
         Some(v) => u16::try_from(*v.get_ref())
             .ok()
             .filter(|p| *p != 0)
@@ -620,8 +718,169 @@ fn parse_provisioning(
                     "provisioning.https_port",
                     "must be a port number between 1 and 65535",
                 )
-            })?,
-    };
+            }),
+    }
+}
+
+/// A key given as `{ value = "<base64>" }` (`{ uri = … }` is refused for now);
+/// `key` is its dotted path, for messages.
+fn key_ref(
+    ctx: &Ctx<'_>,
+    k: &Spanned<RawKeyRef>,
+    key: &str,
+) -> Result<SharedAccessKey, ConfigError> {
+    match (&k.get_ref().value, &k.get_ref().uri) {
+        (Some(v), None) => SharedAccessKey::from_base64(v.get_ref())
+            .map_err(|e| ctx.err(Some(v.span()), &format!("{key}.value"), e.to_string())),
+        (None, Some(u)) => Err(ctx.err(
+            Some(u.span()),
+            &format!("{key}.uri"),
+            "key URIs are not supported yet; give the key inline as value = \"<base64>\"",
+        )),
+        _ => Err(ctx.err(Some(k.span()), key, "give exactly one of value or uri")),
+    }
+}
+
+/// `source = "dps"`: endpoint, scope and symmetric-key attestation.
+fn parse_dps(ctx: &Ctx<'_>, raw: &Spanned<RawProvisioning>) -> Result<DpsSettings, ConfigError> {
+    let p = raw.get_ref();
+    let stray = [
+        (
+            p.connection_string.as_ref().map(Spanned::span),
+            "provisioning.connection_string",
+        ),
+        (
+            p.iothub_hostname.as_ref().map(Spanned::span),
+            "provisioning.iothub_hostname",
+        ),
+        (
+            p.device_id.as_ref().map(Spanned::span),
+            "provisioning.device_id",
+        ),
+        (
+            p.authentication.as_ref().map(Spanned::span),
+            "provisioning.authentication",
+        ),
+    ];
+    for (span, key) in stray {
+        if let Some(span) = span {
+            return Err(ctx.err(
+                Some(span),
+                key,
+                "not used with source = \"dps\" (DPS assigns the hub and the device id)",
+            ));
+        }
+    }
+    let missing =
+        |key: &str, what: &str| ctx.err(Some(raw.span()), key, format!("missing: {what}"));
+    let ep = p.global_endpoint.as_ref().ok_or_else(|| {
+        missing(
+            "provisioning.global_endpoint",
+            "the DPS URL, e.g. \"https://global.azure-devices-provisioning.net/\"",
+        )
+    })?;
+    let host = ep
+        .get_ref()
+        .trim()
+        .strip_prefix("https://")
+        .map(|h| h.trim_end_matches('/'))
+        .filter(|h| !h.is_empty() && !h.contains(['/', '?', '#', '@']) && !h.chars().any(char::is_whitespace))
+        .ok_or_else(|| {
+            ctx.err(
+                Some(ep.span()),
+                "provisioning.global_endpoint",
+                "must be an https:// URL of a host (and port), e.g. \"https://global.azure-devices-provisioning.net/\"",
+            )
+        })?;
+    let scope = p
+        .id_scope
+        .as_ref()
+        .ok_or_else(|| missing("provisioning.id_scope", "the DPS ID scope"))?;
+    let id_scope = scope.get_ref().trim().to_owned();
+    if id_scope.is_empty() || !id_scope.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(ctx.err(
+            Some(scope.span()),
+            "provisioning.id_scope",
+            "must be ASCII letters and digits",
+        ));
+    }
+    let att = p.attestation.as_ref().ok_or_else(|| {
+        missing(
+            "provisioning.attestation",
+            "[provisioning.attestation] method = \"symmetric_key\"",
+        )
+    })?;
+    let a = att.get_ref();
+    match a.method.get_ref().as_str() {
+        "symmetric_key" => {}
+        "x509" | "tpm" => {
+            let _ = (&a.identity_cert, &a.identity_pk);
+            return Err(ctx.err(
+                Some(a.method.span()),
+                "provisioning.attestation.method",
+                format!(
+                    "{:?} attestation is not supported yet; use method = \"symmetric_key\"",
+                    a.method.get_ref()
+                ),
+            ));
+        }
+        other => {
+            return Err(ctx.err(
+                Some(a.method.span()),
+                "provisioning.attestation.method",
+                format!("unknown method {other:?}; expected \"symmetric_key\""),
+            ));
+        }
+    }
+    let rid = a.registration_id.as_ref().ok_or_else(|| {
+        ctx.err(
+            Some(att.span()),
+            "provisioning.attestation.registration_id",
+            "missing",
+        )
+    })?;
+    let registration_id = rid.get_ref().trim().to_owned();
+    let rid_ok = !registration_id.is_empty()
+        && registration_id.len() <= 128
+        && registration_id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._:".contains(&b));
+    if !rid_ok {
+        return Err(ctx.err(
+            Some(rid.span()),
+            "provisioning.attestation.registration_id",
+            "must be 1-128 lowercase letters, digits or -._:",
+        ));
+    }
+    let sk = a.symmetric_key.as_ref().ok_or_else(|| {
+        ctx.err(
+            Some(att.span()),
+            "provisioning.attestation.symmetric_key",
+            "missing: give symmetric_key = { value = \"<base64 key>\" }",
+        )
+    })?;
+    let symmetric_key = key_ref(ctx, sk, "provisioning.attestation.symmetric_key")?;
+    Ok(DpsSettings {
+        global_endpoint: format!("https://{host}"),
+        id_scope,
+        registration_id,
+        symmetric_key,
+    })
+}
+
+fn parse_manual(
+    ctx: &Ctx<'_>,
+    raw: &Spanned<RawProvisioning>,
+) -> Result<ProvisioningConfig, ConfigError> {
+    let p = raw.get_ref();
+    if p.global_endpoint.is_some() || p.id_scope.is_some() || p.attestation.is_some() {
+        return Err(ctx.err(
+            Some(raw.span()),
+            "provisioning",
+            "global_endpoint, id_scope and attestation need source = \"dps\"",
+        ));
+    }
+    let https_port = parse_https_port(ctx, p)?;
     if let Some(cs) = &p.connection_string {
         if p.iothub_hostname.is_some() || p.device_id.is_some() || p.authentication.is_some() {
             return Err(ctx.err(
@@ -714,29 +973,7 @@ fn parse_provisioning(
             "missing: give device_id_pk = { value = \"<base64 key>\" }",
         )
     })?;
-    let key = match (&pk.get_ref().value, &pk.get_ref().uri) {
-        (Some(v), None) => SharedAccessKey::from_base64(v.get_ref()).map_err(|e| {
-            ctx.err(
-                Some(v.span()),
-                "provisioning.authentication.device_id_pk.value",
-                e.to_string(),
-            )
-        })?,
-        (None, Some(u)) => {
-            return Err(ctx.err(
-                Some(u.span()),
-                "provisioning.authentication.device_id_pk.uri",
-                "key URIs are not supported yet; give the key inline as value = \"<base64>\"",
-            ));
-        }
-        _ => {
-            return Err(ctx.err(
-                Some(pk.span()),
-                "provisioning.authentication.device_id_pk",
-                "give exactly one of value or uri",
-            ));
-        }
-    };
+    let key = key_ref(ctx, pk, "provisioning.authentication.device_id_pk")?;
     Ok(ProvisioningConfig {
         iothub_hostname,
         device_id,
@@ -1044,16 +1281,104 @@ management_uri = "unix:///run/verge/mgmt.sock"
         assert!(e.line.is_some(), "{e}");
     }
 
+    fn dps_config(home: &Path, attestation: &str) -> String {
+        base()
+            .replace("homedir = \"/tmp/verge-home\"", &format!("homedir = {:?}", home.display().to_string()))
+            .replace(
+                "source = \"manual\"\nconnection_string = \"HostName=hub.example.net;DeviceId=edge1;SharedAccessKey={KEY}\"".replace("{KEY}", KEY).as_str(),
+                &format!(
+                    "source = \"dps\"\nglobal_endpoint = \"https://dps.example.net:8443/\"\nid_scope = \"0ne00AB\"\nhttps_port = 9443\n[provisioning.attestation]\n{attestation}"
+                ),
+            )
+    }
+
     #[test]
-    fn dps_not_supported() {
-        let text = base().replace(
-            "source = \"manual\"\nconnection_string",
-            "source = \"dps\"\nglobal_endpoint = \"https://x\"\nid_scope = \"0ne\"\n#connection_string",
+    fn dps_settings_and_the_cached_assignment() {
+        let home = tempfile::tempdir().unwrap();
+        let text = dps_config(
+            home.path(),
+            &format!(
+                "method = \"symmetric_key\"\nregistration_id = \"edge-7\"\nsymmetric_key = {{ value = \"{KEY}\" }}"
+            ),
         );
+        // Not registered yet: the identity cannot be resolved, and says why.
         let e = parse(&text).unwrap_err();
-        assert_eq!(e.key.as_deref(), Some("provisioning.source"));
-        assert!(e.message.contains("not supported yet"), "{e}");
-        assert_eq!(e.line, Some(5), "{e}");
+        assert_eq!(e.key.as_deref(), Some("provisioning"), "{e}");
+        assert!(e.message.contains(NOT_PROVISIONED), "{e}");
+        let file = home.path().join("config.toml");
+        std::fs::write(&file, &text).unwrap();
+        let boot = Config::dps_boot(&file).unwrap().unwrap();
+        assert_eq!(
+            boot.settings.global_endpoint,
+            "https://dps.example.net:8443"
+        );
+        assert_eq!(boot.settings.id_scope, "0ne00AB");
+        assert_eq!(boot.settings.registration_id, "edge-7");
+        assert_eq!(boot.homedir, home.path());
+        // A cache for other settings is ignored; one for these resolves it.
+        let mut a = crate::dps::Assignment {
+            assigned_hub: "hub.example.net".into(),
+            device_id: "edge-7".into(),
+            global_endpoint: boot.settings.global_endpoint.clone(),
+            id_scope: "0neOTHER".into(),
+            registration_id: "edge-7".into(),
+        };
+        let cache = home.path().join("dps/assignment.json");
+        std::fs::create_dir_all(cache.parent().unwrap()).unwrap();
+        std::fs::write(&cache, serde_json::to_vec(&a).unwrap()).unwrap();
+        assert!(parse(&text).is_err());
+        a.id_scope = "0ne00AB".into();
+        std::fs::write(&cache, serde_json::to_vec(&a).unwrap()).unwrap();
+        let c = parse(&text).unwrap();
+        assert_eq!(c.provisioning.iothub_hostname.as_str(), "hub.example.net");
+        assert_eq!(c.provisioning.device_id.as_str(), "edge-7");
+        assert_eq!(c.provisioning.device_key.to_base64(), KEY);
+        assert_eq!(c.provisioning.https_port, 9443);
+        crate::dps::forget(home.path()).unwrap();
+        assert!(parse(&text).is_err());
+        // A manual config has no DPS boot.
+        let manual = home.path().join("manual.toml");
+        std::fs::write(&manual, base()).unwrap();
+        assert!(Config::dps_boot(&manual).unwrap().is_none());
+    }
+
+    #[test]
+    fn dps_errors_name_the_key() {
+        let home = Path::new("/nonexistent-verge-home");
+        let cases = [
+            (
+                "method = \"x509\"\nregistration_id = \"e\"",
+                "provisioning.attestation.method",
+            ),
+            (
+                "method = \"symmetric_key\"\nregistration_id = \"E!\"\nsymmetric_key = { value = \"AAAA\" }",
+                "provisioning.attestation.registration_id",
+            ),
+            (
+                "method = \"symmetric_key\"\nregistration_id = \"e\"",
+                "provisioning.attestation.symmetric_key",
+            ),
+            (
+                "method = \"symmetric_key\"\nregistration_id = \"e\"\nsymmetric_key = { value = \"!!\" }",
+                "provisioning.attestation.symmetric_key.value",
+            ),
+        ];
+        for (att, key) in cases {
+            let e = parse(&dps_config(home, att)).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{att}: {e}");
+        }
+        let ok = "method = \"symmetric_key\"\nregistration_id = \"e\"\nsymmetric_key = { value = \"AAAA\" }";
+        let e = parse(&dps_config(home, ok).replace("https://dps.example.net:8443/", "http://x"))
+            .unwrap_err();
+        assert_eq!(
+            e.key.as_deref(),
+            Some("provisioning.global_endpoint"),
+            "{e}"
+        );
+        let e = parse(&dps_config(home, ok).replace("id_scope = \"0ne00AB\"\n", "")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("provisioning.id_scope"), "{e}");
+        let e = parse(&base().replace("[agent]", "id_scope = \"x\"\n[agent]")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("provisioning"), "{e}");
     }
 
     #[test]

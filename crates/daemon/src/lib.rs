@@ -32,6 +32,7 @@ pub mod cloud_identities;
 pub mod config;
 pub mod crypto;
 pub mod daemon;
+pub mod dps;
 pub mod env;
 pub mod http;
 pub mod keys;

@@ -38,8 +38,8 @@
 //!
 //! * `POST /system/stop` — 202 `{"message"}`; verged stops (its agent with it).
 //! * `POST /system/reprovision` — verged re-reads its config file; 400 with
-//!   the reason when it could not start with it (DPS is refused there), else
-//!   202 `{"message"}` and verged restarts in-process with that identity.
+//!   the reason when it could not start with it, else 202 `{"message"}` and
+//!   verged restarts in-process with that identity (DPS: registers again).
 //! * `PUT /system/loglevel` `{"level":"debug"}` — verged's filter now, and a
 //!   process agent restarted with `RuntimeLogLevel`; 200 `{"message"}`.
 
@@ -930,12 +930,18 @@ async fn system_reprovision(State(full): State<Full>) -> Result<Response, ApiErr
     Ok(json_response(
         StatusCode::ACCEPTED,
         &MessageJson {
-            message: format!(
-                "reprovisioning: verged restarts as device {} on {} (manual provisioning, from {})",
-                config.provisioning.device_id,
-                config.provisioning.iothub_hostname,
-                c.config_path.display()
-            ),
+            message: match &config.dps {
+                Some(d) => format!(
+                    "reprovisioning: verged registers again with DPS {} (scope {}, registration {}) and restarts with its assignment",
+                    d.global_endpoint, d.id_scope, d.registration_id
+                ),
+                None => format!(
+                    "reprovisioning: verged restarts as device {} on {} (manual provisioning, from {})",
+                    config.provisioning.device_id,
+                    config.provisioning.iothub_hostname,
+                    c.config_path.display()
+                ),
+            },
         },
     ))
 }

@@ -378,8 +378,8 @@ fn bad_config_exits_2_naming_key_and_line() {
         ),
         (
             text.replace("source = \"manual\"", "source = \"dps\""),
-            "not supported yet",
-            ":5:",
+            "`provisioning.connection_string`: not used with source = \"dps\"",
+            ":6:",
         ),
     ];
     for (body, needle, line) in cases {

@@ -1,13 +1,16 @@
 //! Test support shared by Verge's integration tests (dev-dependency only):
 //! a daemon executable started for real, with its log lines collected, a
 //! bounded wait for a line, and a stop by signal with a bounded wait for the
-//! exit. Panics are the point here: a failed step fails the test.
+//! exit; sibling binaries built with the test's own cargo, target directory
+//! and profile; the Python with the official Azure SDKs, and the port the
+//! device SDKs dial. Panics are the point here: a failed step fails the test.
 #![allow(clippy::unwrap_used, clippy::panic)]
 
 pub mod docker;
 pub mod prometheus;
 
 use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -122,3 +125,75 @@ impl Running {
 // The official Azure SDKs in Python, for interop tests.
 mod sdk;
 pub use sdk::{azure_python, port_free_within, run_bounded};
+
+/// `<target>/<profile>` of this test binary (it runs from `<target>/<profile>/deps/`).
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
+}
+
+/// Builds `packages` (`-p` each) and returns the profile directory holding
+/// their binaries.
+pub fn build(packages: &[&str]) -> PathBuf {
+    let profile_dir = profile_dir();
+    let target_dir = profile_dir.parent().unwrap().to_path_buf();
+    let profile = profile_dir
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let mut cmd = Command::new(env!("CARGO"));
+    // Without what `cargo test` set for this test (CARGO_PKG_*, OUT_DIR, …):
+    // build scripts that watch them (ring's) would run again, and all that
+    // depends on them would be compiled again, on every test run and again
+    // by the next `cargo build` from a shell.
+    for (k, _) in std::env::vars_os() {
+        let name = k.to_string_lossy();
+        if [
+            "CARGO_MANIFEST_DIR",
+            "CARGO_MANIFEST_PATH",
+            "CARGO_CRATE_NAME",
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_TARGET_TMPDIR",
+            "OUT_DIR",
+        ]
+        .contains(&name.as_ref())
+            || name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_BIN_")
+        {
+            cmd.env_remove(&k);
+        }
+    }
+    cmd.args(["build", "--quiet"]);
+    for p in packages {
+        cmd.args(["-p", p]);
+    }
+    cmd.arg("--target-dir")
+        .arg(&target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    match profile.as_str() {
+        "debug" => {}
+        "release" => {
+            cmd.arg("--release");
+        }
+        other => {
+            cmd.args(["--profile", other]);
+        }
+    }
+    let mut child = cmd.spawn().unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(1200) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("building {packages:?} took more than 20 minutes");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "building {packages:?} failed: {status}");
+    profile_dir
+}
+

@@ -708,8 +708,8 @@ pub async fn serve_with(
 }
 
 /// [`serve_with`] for any router: the service API merged with more routes
-/// (the device WebSocket, [`crate::ws::router`], shares this listener as
-/// it shares IoT Hub's port 443).
+/// (the device WebSocket, [`crate::ws::router`], shares this listener as it
+/// shares IoT Hub's port 443; DPS over HTTPS, [`crate::dps::http`]).
 pub async fn serve_app(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,

@@ -1,0 +1,225 @@
+//! End to end with the real `verge-cloud` and `verged` binaries: verged
+//! with `[provisioning] source = "dps"` (symmetric key, group enrollment,
+//! derived key) registers with verge-cloud's DPS over HTTPS, gets its hub
+//! and device id, and works as that device (its module identities are
+//! registered in the cloud with the device's key); the assignment is
+//! cached, so verged starts again with the cloud down; `POST
+//! /system/reprovision` registers again once the cloud is back.
+//!
+//! Everything binds 127.0.0.1 and temp-dir sockets; both processes are
+//! killed on drop and every wait is bounded.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use verge_core::sas::{SasToken, SharedAccessKey};
+use verge_testkit::Running;
+
+const POLICY_KEY: &str = "CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=";
+const GROUP_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+const SCOPE: &str = "0ne00E2E";
+const REG: &str = "edge-dps-1";
+
+fn build(package: &str, bin: &str) -> PathBuf {
+    verge_testkit::build(&[package]).join(bin)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Cloud {
+    http: reqwest::Client,
+    port: u16,
+}
+
+impl Cloud {
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let host = format!("127.0.0.1:{}", self.port);
+        let token = SasToken::sign(
+            &host,
+            &SharedAccessKey::from_base64(POLICY_KEY).unwrap(),
+            4_000_000_000,
+            Some("iothubowner"),
+        )
+        .to_string();
+        let mut r = self
+            .http
+            .request(
+                method,
+                format!("https://{host}{path}?api-version=2021-10-01"),
+            )
+            .header("Authorization", token);
+        if let Some(b) = body {
+            r = r
+                .header("Content-Type", "application/json")
+                .body(b.to_string());
+        }
+        let r = r.send().await.unwrap();
+        let status = r.status().as_u16();
+        let bytes = r.bytes().await.unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+}
+
+fn start_cloud(bin: &Path, dir: &Path, port: u16) -> Running {
+    let cfg = dir.join("cloud.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\nmqtt_listen = \"127.0.0.1:0\"\n\
+             hostname = \"127.0.0.1\"\n[service]\npolicy_key = \"{POLICY_KEY}\"\n[dps]\nid_scope = \"{SCOPE}\"\n",
+            dir.join("cloud").display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut cloud = Running::start(Command::new(bin).arg("--config").arg(&cfg));
+    cloud.wait_for("listening on https://");
+    cloud
+}
+
+#[test]
+fn verged_provisioned_by_dps_then_offline_from_the_cache() {
+    let cloud_bin = build("verge-cloud", "verge-cloud");
+    let verged_bin = build("verge-daemon", "verged");
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut cloud = start_cloud(&cloud_bin, dir.path(), port);
+    let ca_path = dir.path().join("cloud/tls/ca.pem");
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let api = Cloud {
+        http: reqwest::Client::builder()
+            .tls_certs_only([
+                reqwest::Certificate::from_pem(&std::fs::read(&ca_path).unwrap()).unwrap(),
+            ])
+            .build()
+            .unwrap(),
+        port,
+    };
+    let (s, v) = rt.block_on(api.call(
+        reqwest::Method::PUT,
+        "/enrollmentGroups/edges",
+        Some(json!({
+            "enrollmentGroupId": "edges",
+            "attestation": {"type": "symmetricKey",
+                "symmetricKey": {"primaryKey": GROUP_KEY, "secondaryKey": GROUP_KEY}},
+            "capabilities": {"iotEdge": true},
+        })),
+    ));
+    assert_eq!(s, 200, "{v}");
+
+    // The device key for a group enrollment is derived, as aziot expects it.
+    let key = SharedAccessKey::from_base64(GROUP_KEY)
+        .unwrap()
+        .derive(REG)
+        .to_base64();
+    let home = dir.path().join("home");
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"hostname = "edge1.local"
+homedir = "{home}"
+trust_bundle_cert = "{ca}"
+
+[provisioning]
+source = "dps"
+global_endpoint = "https://127.0.0.1:{port}/"
+id_scope = "{SCOPE}"
+https_port = {port}
+[provisioning.attestation]
+method = "symmetric_key"
+registration_id = "{REG}"
+symmetric_key = {{ value = "{key}" }}
+
+[agent]
+name = "edgeAgent"
+type = "process"
+[agent.config]
+image = "/bin/sleep 3600"
+
+[edge_ca]
+auto_generated_edge_ca_expiry_days = 30
+"#,
+            home = home.display(),
+            ca = ca_path.display(),
+        ),
+    )
+    .unwrap();
+
+    // First start: registers, then runs as the assigned device.
+    let mut verged = Running::start(Command::new(&verged_bin).arg("--config").arg(&cfg));
+    verged.wait_for("provisioned by DPS");
+    verged.wait_for("module identities are registered in the cloud (online)");
+    let cache: Value =
+        serde_json::from_slice(&std::fs::read(home.join("dps/assignment.json")).unwrap()).unwrap();
+    assert_eq!(cache["assigned_hub"], "127.0.0.1", "{cache}");
+    assert_eq!(cache["device_id"], REG, "{cache}");
+    let (s, dev) = rt.block_on(api.call(reqwest::Method::GET, &format!("/devices/{REG}"), None));
+    assert_eq!(s, 200, "{dev}");
+    assert_eq!(dev["capabilities"]["iotEdge"], true, "{dev}");
+    assert_eq!(
+        dev["authentication"]["symmetricKey"]["primaryKey"],
+        key.as_str(),
+        "{dev}"
+    );
+    // verged registered its agent's identity as the device: the key works.
+    let (s, m) = rt.block_on(api.call(
+        reqwest::Method::GET,
+        &format!("/devices/{REG}/modules/$edgeAgent"),
+        None,
+    ));
+    assert_eq!(s, 200, "{m}");
+    let (s, reg) =
+        rt.block_on(api.call(reqwest::Method::GET, &format!("/registrations/{REG}"), None));
+    assert_eq!(
+        (s, reg["enrollmentGroupId"].as_str()),
+        (200, Some("edges")),
+        "{reg}"
+    );
+    assert_eq!(verged.stop("TERM", Duration::from_secs(30)), Some(0));
+
+    // Cloud down: verged starts from the cached assignment.
+    assert_eq!(cloud.stop("TERM", Duration::from_secs(15)), Some(0));
+    let started = Instant::now();
+    let mut verged = Running::start(Command::new(&verged_bin).arg("--config").arg(&cfg));
+    verged.wait_for("DPS assignment from the cache");
+    verged.wait_for("management API up");
+    assert!(!verged.logged("registering with DPS"), "{:?}", verged.log());
+    eprintln!("offline start took {:?}", started.elapsed());
+
+    // Reprovision on demand, with the cloud back: registers again.
+    let mut cloud = start_cloud(&cloud_bin, dir.path(), port);
+    let mgmt = home.join("mgmt.sock");
+    let r = rt
+        .block_on(verge_daemon::client::request(
+            &mgmt,
+            "POST",
+            "/system/reprovision?api-version=2022-08-03",
+            Some(b"{}".to_vec()),
+            Duration::from_secs(10),
+        ))
+        .unwrap();
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    assert!(String::from_utf8_lossy(&r.body).contains("registers again with DPS"));
+    verged.wait_for("registering with DPS");
+    verged.wait_for("provisioned by DPS");
+    verged.wait_for("management API up");
+    let (s, reg) =
+        rt.block_on(api.call(reqwest::Method::GET, &format!("/registrations/{REG}"), None));
+    assert_eq!(s, 200, "{reg}");
+    assert_eq!(reg["substatus"], "deviceDataMigrated", "{reg}");
+    assert_eq!(verged.stop("TERM", Duration::from_secs(30)), Some(0));
+    assert_eq!(cloud.stop("TERM", Duration::from_secs(15)), Some(0));
+}
