@@ -27,12 +27,12 @@ use fe2o3_amqp::types::performatives::Attach;
 use fe2o3_amqp::types::primitives::{Symbol, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Mutex, Notify, mpsc};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use verge_core::ClientId;
 use verge_endpoint::Backend;
 use verge_endpoint::auth::{Credentials, unix_now};
 use verge_endpoint::session::{ConnHandle, Outbound};
+use verge_shutdown::CancellationToken;
+use verge_shutdown::TaskTracker;
 
 use crate::Config;
 use crate::address::{self, Kind};
