@@ -17,11 +17,11 @@ use std::sync::Arc;
 
 use fe2o3_amqp::acceptor::{
     ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerConnectionHandle,
-    ListenerSessionHandle, SessionAcceptor,
+    ListenerSessionHandle, SessionAcceptor, SupportedReceiverSettleModes,
 };
 use fe2o3_amqp::link::delivery::DeliveryInfo;
 use fe2o3_amqp::link::{Receiver, Sender};
-use fe2o3_amqp::types::definitions::{self, AmqpError, ErrorCondition, Role};
+use fe2o3_amqp::types::definitions::{self, AmqpError, ErrorCondition, ReceiverSettleMode, Role};
 use fe2o3_amqp::types::messaging::{Body, Message, Outcome, TargetArchetype};
 use fe2o3_amqp::types::performatives::Attach;
 use fe2o3_amqp::types::primitives::{Symbol, Value};
@@ -293,8 +293,14 @@ impl<B: Backend> Shared<B> {
 
     /// Serves one session's links.
     async fn session(self: Arc<Self>, mut session: ListenerSessionHandle) {
+        // Receiver-settle-mode `first` on every link, whatever the client
+        // asks: uamqp asks for `second` on its sender links but only
+        // completes a send on a settled disposition (edgeHub answers `first`
+        // too, the receiver's attach being authoritative).
         let link_acceptor = LinkAcceptor::builder()
             .max_message_size(self.cfg.max_message_size)
+            .supported_receiver_settle_modes(SupportedReceiverSettleModes::First)
+            .fallback_receiver_settle_mode(ReceiverSettleMode::First)
             .build();
         let cbs_reply: Arc<std::sync::Mutex<Option<mpsc::Sender<Message<Body<Value>>>>>> =
             Arc::default();
