@@ -186,11 +186,13 @@ pub fn response(
     description: &str,
 ) -> Message<Body<Value>> {
     let req = request.properties.as_ref();
-    let mut props = Properties::default();
-    props.correlation_id = req
-        .and_then(|p| p.message_id.clone())
-        .or_else(|| req.and_then(|p| p.correlation_id.clone()));
-    props.to = req.and_then(|p| p.reply_to.clone());
+    let props = Properties {
+        correlation_id: req
+            .and_then(|p| p.message_id.clone())
+            .or_else(|| req.and_then(|p| p.correlation_id.clone())),
+        to: req.and_then(|p| p.reply_to.clone()),
+        ..Properties::default()
+    };
     let app = ApplicationProperties::builder()
         .insert("status-code".to_owned(), SimpleValue::Int(status))
         .insert(
@@ -213,8 +215,10 @@ mod tests {
     use fe2o3_amqp::types::messaging::{AmqpValue, MessageId};
 
     fn request(token: &str) -> Message<Body<Value>> {
-        let mut props = Properties::default();
-        props.message_id = Some(MessageId::Ulong(7));
+        let props = Properties {
+            message_id: Some(MessageId::Ulong(7)),
+            ..Properties::default()
+        };
         Message::builder()
             .properties(props)
             .application_properties(

@@ -78,6 +78,9 @@ fn rejection_error(r: &verge_endpoint::Rejection) -> definitions::Error {
     error(cond, r.message.clone())
 }
 
+/// A session's `$cbs` reply link, once the client opened it.
+type CbsReply = Arc<std::sync::Mutex<Option<mpsc::Sender<Message<Body<Value>>>>>>;
+
 /// Where an identity's deliveries go, per link kind.
 #[derive(Default)]
 struct Routes {
@@ -250,7 +253,7 @@ impl<B: Backend> Shared<B> {
                     }
                 }
                 incoming = conn.next_incoming_session() => {
-                    let Some(incoming) = incoming else { return None };
+                    let incoming = incoming?;
                     match session_acceptor.accept_incoming_session(incoming, conn).await {
                         Ok(session) => {
                             let this = self.clone();
@@ -302,8 +305,7 @@ impl<B: Backend> Shared<B> {
             .supported_receiver_settle_modes(SupportedReceiverSettleModes::First)
             .fallback_receiver_settle_mode(ReceiverSettleMode::First)
             .build();
-        let cbs_reply: Arc<std::sync::Mutex<Option<mpsc::Sender<Message<Body<Value>>>>>> =
-            Arc::default();
+        let cbs_reply: CbsReply = Arc::default();
         loop {
             let attach = tokio::select! {
                 () = self.cancel.cancelled() => break,
@@ -480,11 +482,7 @@ impl<B: Backend> Shared<B> {
 
     /// The `$cbs` request link: put-token requests, answered on the
     /// session's reply link.
-    async fn cbs_requests(
-        self: Arc<Self>,
-        mut receiver: Receiver,
-        reply: Arc<std::sync::Mutex<Option<mpsc::Sender<Message<Body<Value>>>>>>,
-    ) {
+    async fn cbs_requests(self: Arc<Self>, mut receiver: Receiver, reply: CbsReply) {
         loop {
             let delivery = tokio::select! {
                 () = self.cancel.cancelled() => break,

@@ -155,19 +155,21 @@ pub fn from_bag(bag: &str, input: Option<&str>, payload: Bytes) -> Message<Body<
     // The bag was encoded by the backend itself; a part it cannot decode is
     // left out rather than failing the delivery.
     let (sys, app) = decode_bag(bag).unwrap_or_default();
-    let mut props = Properties::default();
-    props.message_id = sys.message_id.clone().map(MessageId::String);
-    props.correlation_id = sys.correlation_id.clone().map(MessageId::String);
-    props.user_id = sys
-        .user_id
-        .as_ref()
-        .map(|u| Binary::from(u.as_bytes().to_vec()));
-    props.to = sys.to.clone();
-    props.content_type = sys.content_type.as_deref().map(Symbol::from);
-    props.content_encoding = sys.content_encoding.as_deref().map(Symbol::from);
-    props.absolute_expiry_time = sys
-        .absolute_expiry
-        .map(|t| AmqpTimestamp::from_milliseconds(t.as_millis()));
+    let props = Properties {
+        message_id: sys.message_id.clone().map(MessageId::String),
+        correlation_id: sys.correlation_id.clone().map(MessageId::String),
+        user_id: sys
+            .user_id
+            .as_ref()
+            .map(|u| Binary::from(u.as_bytes().to_vec())),
+        to: sys.to.clone(),
+        content_type: sys.content_type.as_deref().map(Symbol::from),
+        content_encoding: sys.content_encoding.as_deref().map(Symbol::from),
+        absolute_expiry_time: sys
+            .absolute_expiry
+            .map(|t| AmqpTimestamp::from_milliseconds(t.as_millis())),
+        ..Properties::default()
+    };
     let mut ap = ApplicationProperties::builder();
     for (k, v) in app.iter() {
         ap = ap.insert(k.to_owned(), SimpleValue::String(v.to_owned()));
