@@ -91,8 +91,8 @@ mod tests {
     fn forms() {
         let a = parse("amqps://h.example:5671/devices/d1/modules/m1/messages/events").expect("a");
         assert_eq!((a.client, a.kind), (c("d1/m1"), Kind::Events));
-        let a = parse("/devices/d%201/messages/deviceBound").expect("a");
-        assert_eq!((a.client, a.kind), (c("d 1"), Kind::DeviceBound));
+        let a = parse("/devices/d%2D1/messages/deviceBound").expect("a");
+        assert_eq!((a.client, a.kind), (c("d-1"), Kind::DeviceBound));
         let a = parse("amqps://h/Devices/d1/Twin").expect("a");
         assert_eq!((a.client, a.kind), (c("d1"), Kind::Twin));
         let a = parse("devices/d1/modules/m1/methods/devicebound").expect("a");
