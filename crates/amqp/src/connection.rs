@@ -31,6 +31,7 @@ use verge_core::ClientId;
 use verge_endpoint::Backend;
 use verge_endpoint::auth::{Credentials, unix_now};
 use verge_endpoint::session::{ConnHandle, Outbound};
+
 use verge_shutdown::CancellationToken;
 use verge_shutdown::TaskTracker;
 
@@ -83,8 +84,38 @@ type CbsReply = Arc<std::sync::Mutex<Option<mpsc::Sender<Message<Body<Value>>>>>
 
 /// Where an identity's deliveries go, per link kind.
 #[derive(Default)]
-struct Routes {
-    inputs: Option<mpsc::Sender<Outbound>>,
+pub(crate) struct Routes {
+    pub(crate) inputs: Option<mpsc::Sender<Push>>,
+    pub(crate) twin: Option<mpsc::Sender<Push>>,
+    pub(crate) methods: Option<mpsc::Sender<Push>>,
+    /// Method requests in flight: the uuid correlation id sent (what the C
+    /// SDK requires) → the backend's request id.
+    pub(crate) method_rids: HashMap<uuid::Uuid, String>,
+}
+
+/// A message for one of an identity's sender links; `ack` fires when the
+/// client accepts it.
+pub(crate) struct Push {
+    pub(crate) msg: Message<Body<Value>>,
+    pub(crate) ack: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// Which of an identity's sender links.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum PushKind {
+    Inputs,
+    Twin,
+    Methods,
+}
+
+impl Routes {
+    pub(crate) fn slot(&mut self, kind: PushKind) -> &mut Option<mpsc::Sender<Push>> {
+        match kind {
+            PushKind::Inputs => &mut self.inputs,
+            PushKind::Twin => &mut self.twin,
+            PushKind::Methods => &mut self.methods,
+        }
+    }
 }
 
 /// An identity attached to the backend from this connection.
@@ -106,7 +137,7 @@ struct Shared<B: Backend> {
     tasks: TaskTracker,
 }
 
-fn lock_routes(r: &std::sync::Mutex<Routes>) -> std::sync::MutexGuard<'_, Routes> {
+pub(crate) fn lock_routes(r: &std::sync::Mutex<Routes>) -> std::sync::MutexGuard<'_, Routes> {
     r.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -382,7 +413,31 @@ impl<B: Backend> Shared<B> {
                 }
                 (Kind::Events, LinkEndpoint::Sender(s)) if target.client.is_module() => {
                     self.tasks.spawn(async move {
-                        this.inputs(target.client, s, ident_cancel, routes).await
+                        this.push_link(target.client, s, ident_cancel, routes, PushKind::Inputs)
+                            .await
+                    });
+                }
+                (Kind::Twin, LinkEndpoint::Sender(s)) => {
+                    self.tasks.spawn(async move {
+                        this.push_link(target.client, s, ident_cancel, routes, PushKind::Twin)
+                            .await
+                    });
+                }
+                (Kind::Methods, LinkEndpoint::Sender(s)) => {
+                    self.tasks.spawn(async move {
+                        this.push_link(target.client, s, ident_cancel, routes, PushKind::Methods)
+                            .await
+                    });
+                }
+                (Kind::Twin, LinkEndpoint::Receiver(r)) => {
+                    self.tasks.spawn(async move {
+                        this.twin_requests(target.client, r, ident_cancel, routes).await
+                    });
+                }
+                (Kind::Methods, LinkEndpoint::Receiver(r)) => {
+                    self.tasks.spawn(async move {
+                        this.method_responses(target.client, r, ident_cancel, routes)
+                            .await
                     });
                 }
                 (_, link) => {
@@ -444,7 +499,7 @@ impl<B: Backend> Shared<B> {
         // Routes the backend's deliveries to the identity's links; a
         // delivery with no link open is dropped unacknowledged (the backend
         // redelivers it).
-        let (c, r, who) = (cancel.clone(), routes.clone(), client_id);
+        let (c, r, who, who_id) = (cancel.clone(), routes.clone(), client_id, client.clone());
         self.tasks.spawn(async move {
             loop {
                 let out = tokio::select! {
@@ -456,13 +511,8 @@ impl<B: Backend> Shared<B> {
                     }
                     o = rx.recv() => match o { Some(o) => o, None => break },
                 };
-                let route = if out.topic.contains("/inputs/") {
-                    lock_routes(&r).inputs.clone()
-                } else {
-                    None
-                };
-                if let Some(route) = route {
-                    let _ = route.send(out).await;
+                if let Some((route, push)) = crate::links::dispatch(&who_id, &r, out) {
+                    let _ = route.send(push).await;
                 }
             }
         });
@@ -582,45 +632,39 @@ impl<B: Backend> Shared<B> {
         finish_receiver(receiver, end).await;
     }
 
-    /// A module's input link: the backend's deliveries for its inputs,
-    /// acknowledged to the backend when the module accepts them.
-    async fn inputs(
+    /// One of an identity's sender links (module inputs, twin responses and
+    /// desired patches, method requests): sends what is routed to it and
+    /// acknowledges to the backend what the client accepts.
+    async fn push_link(
         self: Arc<Self>,
         client: ClientId,
         mut sender: Sender,
         ident: CancellationToken,
         routes: Arc<std::sync::Mutex<Routes>>,
+        kind: PushKind,
     ) {
-        let (tx, mut rx) = mpsc::channel::<Outbound>(OUTBOUND_QUEUE);
-        lock_routes(&routes).inputs = Some(tx);
+        let (tx, mut rx) = mpsc::channel::<Push>(OUTBOUND_QUEUE);
+        // A new link of the same kind replaces the previous one (as edgeHub).
+        *lock_routes(&routes).slot(kind) = Some(tx.clone());
         let client_id = client.to_string();
-        let filter = format!("{}inputs/#", verge_endpoint::topic::own_prefix(&client));
+        let filter = crate::links::filter(&client, kind);
         let sessions = self.backend.sessions();
-        sessions.subscribe(&client_id, std::slice::from_ref(&filter));
-        let prefix = verge_endpoint::topic::own_prefix(&client);
+        if let Some(f) = &filter {
+            sessions.subscribe(&client_id, std::slice::from_ref(f));
+        }
         let end = loop {
-            let out = tokio::select! {
+            let push = tokio::select! {
                 () = ident.cancelled() => break None,
                 () = self.tokens.expired(&client) => break Some(error(AmqpError::UnauthorizedAccess, "token expired")),
-                o = rx.recv() => match o { Some(o) => o, None => break None },
+                p = rx.recv() => match p { Some(p) => p, None => break None },
             };
-            // `devices/{d}/modules/{m}/inputs/{input}/{bag}`
-            let Some((input, bag)) = out
-                .topic
-                .strip_prefix(&prefix)
-                .and_then(|t| t.strip_prefix("inputs/"))
-                .and_then(|t| t.split_once('/'))
-            else {
-                continue;
-            };
-            let msg = convert::from_bag(bag, Some(input), out.payload.clone());
             let outcome = tokio::select! {
                 () = ident.cancelled() => break None,
-                o = sender.send(msg) => o,
+                o = sender.send(push.msg) => o,
             };
             match outcome {
                 Ok(Outcome::Accepted(_)) => {
-                    if let Some(ack) = out.ack {
+                    if let Some(ack) = push.ack {
                         let _ = ack.send(());
                     }
                 }
@@ -628,13 +672,21 @@ impl<B: Backend> Shared<B> {
                 // backend's redelivery.
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::info!(%client, error = %e, "AMQP input link ended");
+                    tracing::info!(%client, ?kind, error = %e, "AMQP sender link ended");
                     break None;
                 }
             }
         };
-        lock_routes(&routes).inputs = None;
-        sessions.unsubscribe(&client_id, &[filter]);
+        {
+            let mut r = lock_routes(&routes);
+            let slot = r.slot(kind);
+            if slot.as_ref().is_some_and(|s| s.same_channel(&tx)) {
+                *slot = None;
+            }
+        }
+        if let Some(f) = filter {
+            sessions.unsubscribe(&client_id, &[f]);
+        }
         let fut = async {
             match end {
                 Some(e) => sender.close_with_error(e).await,
@@ -642,6 +694,61 @@ impl<B: Backend> Shared<B> {
             }
         };
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, fut).await;
+    }
+
+    /// The twin request link: GET, PATCH reported, PUT/DELETE desired
+    /// notifications; answered on the identity's twin sender link.
+    async fn twin_requests(
+        self: Arc<Self>,
+        client: ClientId,
+        mut receiver: Receiver,
+        ident: CancellationToken,
+        routes: Arc<std::sync::Mutex<Routes>>,
+    ) {
+        let end = loop {
+            let d = tokio::select! {
+                () = ident.cancelled() => break None,
+                () = self.tokens.expired(&client) => break Some(error(AmqpError::UnauthorizedAccess, "token expired")),
+                d = receiver.recv::<Body<Value>>() => match d { Ok(d) => d, Err(_) => break None },
+            };
+            if receiver.accept(&d).await.is_err() {
+                break None;
+            }
+            let reply = crate::links::twin_request(&*self.backend, &client, d.message()).await;
+            let route = lock_routes(&routes).twin.clone();
+            // No twin receiver link, no answer (the request was settled).
+            if let Some(route) = route {
+                let _ = route.send(Push { msg: reply, ack: None }).await;
+            }
+        };
+        finish_receiver(receiver, end).await;
+    }
+
+    /// The method response link: the client's answers to method requests.
+    async fn method_responses(
+        self: Arc<Self>,
+        client: ClientId,
+        mut receiver: Receiver,
+        ident: CancellationToken,
+        routes: Arc<std::sync::Mutex<Routes>>,
+    ) {
+        let end = loop {
+            let d = tokio::select! {
+                () = ident.cancelled() => break None,
+                () = self.tokens.expired(&client) => break Some(error(AmqpError::UnauthorizedAccess, "token expired")),
+                d = receiver.recv::<Body<Value>>() => match d { Ok(d) => d, Err(_) => break None },
+            };
+            if receiver.accept(&d).await.is_err() {
+                break None;
+            }
+            match crate::links::method_response(d.message(), &routes) {
+                Ok((rid, status, payload)) => {
+                    self.backend.method_response(&client, &rid, status, payload).await;
+                }
+                Err(why) => tracing::info!(%client, why, "AMQP method response ignored"),
+            }
+        };
+        finish_receiver(receiver, end).await;
     }
 }
 

@@ -11,6 +11,7 @@
 //! | [`cbs`] | the `$cbs` node: put-token per identity, typed replies |
 //! | [`address`] | IoT Hub link addresses → identity and link kind |
 //! | [`convert`] | AMQP message ↔ IoT Hub property bag |
+//! | `links` | what the backend's deliveries become on which link; twin and method messages |
 //!
 //! Authorization is per link: every link names its identity in its address
 //! and is only opened when that identity holds a valid token on this
@@ -21,6 +22,7 @@ pub mod address;
 pub mod cbs;
 pub mod connection;
 pub mod convert;
+mod links;
 pub mod sasl;
 mod stream;
 
