@@ -431,7 +431,8 @@ impl<B: Backend> Shared<B> {
                 }
                 (Kind::Twin, LinkEndpoint::Receiver(r)) => {
                     self.tasks.spawn(async move {
-                        this.twin_requests(target.client, r, ident_cancel, routes).await
+                        this.twin_requests(target.client, r, ident_cancel, routes)
+                            .await
                     });
                 }
                 (Kind::Methods, LinkEndpoint::Receiver(r)) => {
@@ -718,7 +719,12 @@ impl<B: Backend> Shared<B> {
             let route = lock_routes(&routes).twin.clone();
             // No twin receiver link, no answer (the request was settled).
             if let Some(route) = route {
-                let _ = route.send(Push { msg: reply, ack: None }).await;
+                let _ = route
+                    .send(Push {
+                        msg: reply,
+                        ack: None,
+                    })
+                    .await;
             }
         };
         finish_receiver(receiver, end).await;
@@ -743,7 +749,9 @@ impl<B: Backend> Shared<B> {
             }
             match crate::links::method_response(d.message(), &routes) {
                 Ok((rid, status, payload)) => {
-                    self.backend.method_response(&client, &rid, status, payload).await;
+                    self.backend
+                        .method_response(&client, &rid, status, payload)
+                        .await;
                 }
                 Err(why) => tracing::info!(%client, why, "AMQP method response ignored"),
             }

@@ -137,7 +137,9 @@ fn twin_response(
 }
 
 fn error_body(message: &str) -> Vec<u8> {
-    serde_json::json!({ "message": message }).to_string().into_bytes()
+    serde_json::json!({ "message": message })
+        .to_string()
+        .into_bytes()
 }
 
 /// Serves one twin request of `client`; returns the response.
@@ -160,7 +162,12 @@ pub(crate) async fn twin_request<B: Backend>(
                 .ok()
                 .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
             let Some(patch) = patch.filter(serde_json::Value::is_object) else {
-                return twin_response(request, 400, None, &error_body("patch must be a JSON object"));
+                return twin_response(
+                    request,
+                    400,
+                    None,
+                    &error_body("patch must be a JSON object"),
+                );
             };
             match backend.twin_patch_reported(client, patch).await {
                 Ok(v) => twin_response(request, 204, i64::try_from(v).ok(), b""),
@@ -185,7 +192,9 @@ pub(crate) async fn twin_request<B: Backend>(
             request,
             400,
             None,
-            &error_body(&format!("unsupported twin operation {op:?} on {resource:?}")),
+            &error_body(&format!(
+                "unsupported twin operation {op:?} on {resource:?}"
+            )),
         ),
     }
 }
@@ -196,9 +205,15 @@ pub(crate) fn method_response(
     msg: &Message<Body<Value>>,
     routes: &Mutex<Routes>,
 ) -> Result<(String, i64, Bytes), &'static str> {
-    let id = match msg.properties.as_ref().and_then(|p| p.correlation_id.as_ref()) {
+    let id = match msg
+        .properties
+        .as_ref()
+        .and_then(|p| p.correlation_id.as_ref())
+    {
         Some(MessageId::Uuid(u)) => uuid::Uuid::from_bytes(*u.as_inner()),
-        Some(MessageId::String(s)) => uuid::Uuid::parse_str(s).map_err(|_| "correlation id is not a uuid")?,
+        Some(MessageId::String(s)) => {
+            uuid::Uuid::parse_str(s).map_err(|_| "correlation id is not a uuid")?
+        }
         _ => return Err("no uuid correlation id"),
     };
     let rid = lock_routes(routes)

@@ -85,7 +85,8 @@ fn tail(s: &str, n: usize) -> String {
 fn run(python: &Path, script: &str, mqtt: &str) {
     let pki = pki();
     let storage = tempfile::tempdir().unwrap();
-    let _ = config(&pki, storage.path(), mqtt, "127.0.0.1:0");
+    let https = free_port();
+    let _ = config(&pki, storage.path(), mqtt, &format!("127.0.0.1:{https}"));
     let amqps = free_port();
     let toml = pki.dir.path().join("hub.toml");
     let text = std::fs::read_to_string(&toml).unwrap().replacen(
@@ -121,6 +122,8 @@ fn run(python: &Path, script: &str, mqtt: &str) {
         "device": DEVICE,
         "ca": ca,
         "amqps_port": amqps,
+        "https_port": https,
+        "twins_file": pki.dir.path().join("twins.json"),
         "keys": {
             "modA": module_key("modA").to_base64(),
             "modB": module_key("modB").to_base64(),

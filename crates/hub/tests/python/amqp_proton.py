@@ -13,8 +13,11 @@ import base64
 import hashlib
 import hmac
 import json
+import ssl as pyssl
 import sys
+import threading
 import time
+import urllib.request
 import urllib.parse
 import uuid
 
@@ -182,6 +185,82 @@ def main():
     b.send(telemetry(2, output="none"), timeout=T)
     conn.close()
     print("PASS proton_token_expiry_and_renewal", flush=True)
+
+    # 6. Twin over AMQP: GET, PATCH reported, desired notifications.
+    conn = connect(allowed_mechs="ANONYMOUS")
+    cbs = Cbs(conn)
+    check(cbs.put("modA", token("modA"))[0] == 200, "put-token")
+    twin_addr = f"/devices/{dev}/modules/modA/twin"
+    twin_rx = conn.create_receiver(twin_addr, credit=10, name="twin-rcv")
+    twin_tx = conn.create_sender(twin_addr, name="twin-snd")
+
+    def twin_call(op, resource=None, body=None):
+        ann = {symbol("operation"): op}
+        if resource:
+            ann[symbol("resource")] = resource
+        cid = f"{op}{uuid.uuid4()}"
+        twin_tx.send(Message(correlation_id=cid, annotations=ann, inferred=True,
+                             body=json.dumps(body).encode() if body is not None else b" "), timeout=T)
+        reply = twin_rx.receive(timeout=T)
+        twin_rx.accept()
+        check(reply.correlation_id == cid, f"twin correlation {reply.correlation_id!r}")
+        status = reply.annotations.get(symbol("status"))
+        check(isinstance(status, int), f"twin status {reply.annotations}")
+        raw = bytes(reply.body) if reply.body is not None else b""
+        return status, (json.loads(raw) if raw.strip() else None), reply
+
+    status, twin, _ = twin_call("GET")
+    check(status == 200 and "desired" in twin and "reported" in twin, f"GET {status} {twin}")
+    status, _, reply = twin_call("PATCH", "/properties/reported", {"fw": "2.0"})
+    check(status == 204, f"PATCH {status}")
+    check(isinstance(reply.annotations.get(symbol("version")), int), f"version {reply.annotations}")
+    status, twin, _ = twin_call("GET")
+    check(twin["reported"].get("fw") == "2.0", f"reported {twin}")
+    status, _, _ = twin_call("PUT", "/notifications/twin/properties/desired")
+    check(status == 200, f"PUT {status}")
+    with open(p["twins_file"], "w") as f:
+        json.dump({f"{dev}/modA": {"rate": 9}}, f)
+    patch = twin_rx.receive(timeout=T)
+    twin_rx.accept()
+    check(patch.correlation_id is None, f"desired patch correlation {patch.correlation_id!r}")
+    desired = json.loads(bytes(patch.body))
+    check(desired.get("rate") == 9 and "$version" in desired, f"desired patch {desired}")
+    print("PASS proton_twin", flush=True)
+
+    # 7. A direct method (HTTPS API, called as modA) to an AMQP module modB.
+    check(cbs.put("modB", token("modB"))[0] == 200, "put-token modB")
+    m_addr = f"/devices/{dev}/modules/modB/methods/devicebound"
+    m_rx = conn.create_receiver(m_addr, credit=10, name="methods-rcv")
+    m_tx = conn.create_sender(m_addr, name="methods-snd")
+    result = {}
+
+    def invoke():
+        ctx = pyssl.create_default_context(cafile=p["ca"])
+        req = urllib.request.Request(
+            f"https://localhost:{p['https_port']}/twins/{dev}/modules/modB/methods",
+            data=json.dumps({"methodName": "reset", "payload": {"x": 1},
+                             "responseTimeoutInSeconds": 10}).encode(),
+            headers={"Content-Type": "application/json", "x-ms-edge-moduleId": f"{dev}/modA",
+                     "Authorization": token("modA")}, method="POST")
+        try:
+            with urllib.request.urlopen(req, context=ctx, timeout=T) as r:
+                result["body"] = json.loads(r.read())
+        except Exception as e:  # noqa: BLE001 - reported below
+            result["error"] = e
+
+    t = threading.Thread(target=invoke, daemon=True)
+    t.start()
+    req = m_rx.receive(timeout=T)
+    m_rx.accept()
+    check(isinstance(req.correlation_id, uuid.UUID), f"method correlation {req.correlation_id!r}")
+    check(req.properties.get("IoThub-methodname") == "reset", f"method props {req.properties}")
+    check(json.loads(bytes(req.body)) == {"x": 1}, f"method payload {req.body!r}")
+    m_tx.send(Message(correlation_id=req.correlation_id, properties={"IoThub-status": 201},
+                      body=json.dumps({"done": True}).encode(), inferred=True), timeout=T)
+    t.join(T)
+    check(result.get("body") == {"status": 201, "payload": {"done": True}}, f"invoke {result}")
+    conn.close()
+    print("PASS proton_method", flush=True)
 
     print("ALL PASS", flush=True)
 
