@@ -18,6 +18,8 @@ pub use verge_endpoint::ws::WsStream;
 pub const PATH: &str = "/$iothub/websocket";
 /// The only subprotocol served (edgeHub also tells AMQP apart by it).
 pub const SUBPROTOCOL: &str = "mqtt";
+/// The path uamqp (and azure-eventhub) open for AMQP over WebSocket.
+pub const SERVICEBUS_PATH: &str = "/$servicebus/websocket";
 /// AMQP over WebSocket; edgeHub picks the protocol by subprotocol alone.
 pub const AMQP_SUBPROTOCOL: &str = "AMQPWSB10";
 

@@ -160,6 +160,29 @@ def main():
         check(True, str(e))
     print("PASS uamqp_wrong_key_refused", flush=True)
 
+    # 4. AMQP over WebSocket (AMQPWSB10) on the HTTPS listener: uamqp module A
+    # output -> route -> MQTT module B input.
+    b = mqtt_module("modB")
+    timed(b.connect)
+    inbox = queue.Queue()
+    b.on_message_received = lambda msg: inbox.put(msg)
+    resource = f"{hub}/devices/{dev}/modules/modA"
+    tok, exp = sas(resource, p["keys"]["modA"])
+    ws_auth = authentication.SASTokenAuth(
+        audience=resource, uri=f"amqps://localhost/devices/{dev}/modules/modA", token=tok,
+        expires_at=exp, port=p["https_port"], verify=ca,
+        transport_type=uamqp.TransportType.AmqpOverWebsocket,
+        token_type=b"servicebus.windows.net:sastoken")
+    ws = uamqp.SendClient(f"amqps://localhost/devices/{dev}/modules/modA/messages/events",
+                          auth=ws_auth)
+    ws.queue_message(uamqp.Message(b"\x00over-ws\xff", application_properties={"iothub-outputname": "out1"}))
+    states = timed(ws.send_all_messages)
+    check(all(s == uamqp.constants.MessageState.SendComplete for s in states), f"ws send {states}")
+    m = timed(inbox.get, timeout=T)
+    check(m.data == b"\x00over-ws\xff" and m.input_name == "in1", f"ws message {m.data!r} {m.input_name}")
+    timed(b.shutdown)
+    print("PASS uamqp_websocket", flush=True)
+
     sender.close()
     print("ALL PASS", flush=True)
 
