@@ -166,7 +166,11 @@ pub async fn serve<B, S>(
         }
     }
     let mechanisms = Mechanisms::default();
-    let io = Rewind::new(header, stream);
+    // Tripped when serve returns: the socket is released even if the
+    // client never answers our CLOSE.
+    let kill = CancellationToken::new();
+    let _kill_on_return = kill.clone().drop_guard();
+    let io = Rewind::new(header, stream, kill);
     let opened = match header {
         SASL_HEADER => {
             let acceptor = acceptor(&cfg)

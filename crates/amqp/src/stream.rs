@@ -1,25 +1,43 @@
 //! A byte stream with the protocol header we already read put back in
-//! front, so the AMQP library sees the connection from its first byte.
+//! front, so the AMQP library sees the connection from its first byte, and
+//! a kill switch: once tripped, reads and writes fail, so the library's
+//! connection engine (its own task) lets go of the socket even when the
+//! client never answers our CLOSE.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use std::future::Future;
 
-/// `inner`, after `prefix` has been read again.
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+/// `inner`, after `prefix` has been read again, until `kill` is cancelled.
 pub(crate) struct Rewind<S> {
     prefix: [u8; 8],
     pos: usize,
     inner: S,
+    killed: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
 impl<S> Rewind<S> {
-    pub(crate) fn new(prefix: [u8; 8], inner: S) -> Self {
+    pub(crate) fn new(prefix: [u8; 8], inner: S, kill: CancellationToken) -> Self {
         Self {
             prefix,
             pos: 0,
             inner,
+            killed: Box::pin(kill.cancelled_owned()),
+        }
+    }
+
+    fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        match self.killed.as_mut().poll(cx) {
+            Poll::Ready(()) => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "connection closed by the endpoint",
+            )),
+            Poll::Pending => Ok(()),
         }
     }
 }
@@ -36,6 +54,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        self.check(cx)?;
         if self.pos < self.prefix.len() {
             let n = (self.prefix.len() - self.pos).min(buf.remaining());
             let start = self.pos;
@@ -53,6 +72,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.check(cx)?;
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 

@@ -33,10 +33,7 @@ pub fn router(state: Arc<HubState>) -> Router {
         .route(crate::ws::PATH, get(crate::ws::upgrade))
         // uamqp's fixed WebSocket path (edgeHub ignores the path).
         .route(crate::ws::SERVICEBUS_PATH, get(crate::ws::upgrade))
-        .route(
-            "/$servicebus/websocket/",
-            get(crate::ws::upgrade),
-        )
+        .route("/$servicebus/websocket/", get(crate::ws::upgrade))
         .with_state(state)
 }
 
