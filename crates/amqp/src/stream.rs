@@ -91,14 +91,19 @@ mod tests {
     use tokio::io::AsyncReadExt;
 
     #[tokio::test]
-    async fn prefix_then_inner() {
+    async fn prefix_then_inner_until_killed() {
         let inner: &[u8] = b"rest";
+        let kill = CancellationToken::new();
         let mut s = Rewind::new(
             *b"AMQP\x03\x01\x00\x00",
             tokio::io::join(inner, tokio::io::sink()),
+            kill.clone(),
         );
         let mut out = Vec::new();
         s.read_to_end(&mut out).await.expect("read");
         assert_eq!(out, b"AMQP\x03\x01\x00\x00rest");
+        kill.cancel();
+        let mut one = [0u8; 1];
+        assert!(s.read(&mut one).await.is_err(), "reads fail once killed");
     }
 }
