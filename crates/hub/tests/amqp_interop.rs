@@ -12,19 +12,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use verge_testkit::Running;
 
 fn skipped(test: &str) -> bool {
     if std::env::var_os("VERGE_SKIP_AMQP_INTEROP").is_some_and(|v| v == "1") {
@@ -95,26 +87,12 @@ fn run(python: &Path, script: &str, mqtt: &str) {
         1,
     );
     std::fs::write(&toml, text).unwrap();
-    let log_path = pki.dir.path().join("hub.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let hub = KillOnDrop(
+    let mut hub = Running::start(
         Command::new(env!("CARGO_BIN_EXE_verge-hub"))
             .arg("--config")
-            .arg(&toml)
-            .env("RUST_LOG", "info")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
+            .arg(&toml),
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", amqps)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "hub did not start listening on AMQPS"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    hub.wait_for("AMQPS listening");
     let ca = pki.dir.path().join("ca.pem");
     std::fs::write(&ca, &pki.ca_pem).unwrap();
     let params = serde_json::json!({
@@ -155,10 +133,10 @@ fn run(python: &Path, script: &str, mqtt: &str) {
         std::thread::sleep(Duration::from_millis(200));
     };
     let out = child.wait_with_output().unwrap();
-    drop(hub);
+    hub.stop("TERM", Duration::from_secs(20));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let hub_log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let hub_log = hub.log().join("\n");
     assert!(
         status.is_some_and(|s| s.success()) && stdout.contains("ALL PASS"),
         "{script:?} failed (status {status:?})\n--- stdout\n{stdout}\n--- stderr\n{}\n--- hub log (tail)\n{}",
@@ -166,7 +144,7 @@ fn run(python: &Path, script: &str, mqtt: &str) {
         tail(&hub_log, 60)
     );
     assert!(
-        hub_log.contains("client connected (AMQP)"),
+        hub.logged("client connected (AMQP)"),
         "no AMQP client in the hub log:\n{}",
         tail(&hub_log, 30)
     );
