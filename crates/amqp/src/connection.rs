@@ -433,15 +433,9 @@ impl<B: Backend> Shared<B> {
                             .await
                     });
                 }
-                (Kind::Twin, LinkEndpoint::Receiver(r)) => {
+                (kind @ (Kind::Twin | Kind::Methods), LinkEndpoint::Receiver(r)) => {
                     self.tasks.spawn(async move {
-                        this.twin_requests(target.client, r, ident_cancel, routes)
-                            .await
-                    });
-                }
-                (Kind::Methods, LinkEndpoint::Receiver(r)) => {
-                    self.tasks.spawn(async move {
-                        this.method_responses(target.client, r, ident_cancel, routes)
+                        this.request_link(target.client, r, ident_cancel, routes, kind)
                             .await
                     });
                 }
@@ -701,14 +695,16 @@ impl<B: Backend> Shared<B> {
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, fut).await;
     }
 
-    /// The twin request link: GET, PATCH reported, PUT/DELETE desired
-    /// notifications; answered on the identity's twin sender link.
-    async fn twin_requests(
+    /// A settled request link: twin requests (GET, PATCH reported,
+    /// PUT/DELETE desired notifications; answered on the identity's twin
+    /// sender link) or method responses (handed to the backend).
+    async fn request_link(
         self: Arc<Self>,
         client: ClientId,
         mut receiver: Receiver,
         ident: CancellationToken,
         routes: Arc<std::sync::Mutex<Routes>>,
+        kind: Kind,
     ) {
         let end = loop {
             let d = tokio::select! {
@@ -719,37 +715,19 @@ impl<B: Backend> Shared<B> {
             if receiver.accept(&d).await.is_err() {
                 break None;
             }
-            let reply = crate::links::twin_request(&*self.backend, &client, d.message()).await;
-            let route = lock_routes(&routes).twin.clone();
-            // No twin receiver link, no answer (the request was settled).
-            if let Some(route) = route {
-                let _ = route
-                    .send(Push {
-                        msg: reply,
-                        ack: None,
-                    })
-                    .await;
-            }
-        };
-        finish_receiver(receiver, end).await;
-    }
-
-    /// The method response link: the client's answers to method requests.
-    async fn method_responses(
-        self: Arc<Self>,
-        client: ClientId,
-        mut receiver: Receiver,
-        ident: CancellationToken,
-        routes: Arc<std::sync::Mutex<Routes>>,
-    ) {
-        let end = loop {
-            let d = tokio::select! {
-                () = ident.cancelled() => break None,
-                () = self.tokens.expired(&client) => break Some(error(AmqpError::UnauthorizedAccess, "token expired")),
-                d = receiver.recv::<Body<Value>>() => match d { Ok(d) => d, Err(_) => break None },
-            };
-            if receiver.accept(&d).await.is_err() {
-                break None;
+            if kind == Kind::Twin {
+                let reply = crate::links::twin_request(&*self.backend, &client, d.message()).await;
+                let route = lock_routes(&routes).twin.clone();
+                // No twin receiver link, no answer (the request was settled).
+                if let Some(route) = route {
+                    let _ = route
+                        .send(Push {
+                            msg: reply,
+                            ack: None,
+                        })
+                        .await;
+                }
+                continue;
             }
             match crate::links::method_response(d.message(), &routes) {
                 Ok((rid, status, payload)) => {
