@@ -21,6 +21,7 @@ import urllib.request
 import urllib.parse
 import uuid
 
+import proton
 from proton import Message, SSLDomain, symbol
 from proton.utils import BlockingConnection, LinkDetached, SendException
 
@@ -122,6 +123,17 @@ def main():
         check(m.properties.get("n") == str(i), f"app props {m.properties}")
         check(m.id == f"p-{i}", f"id {m.id!r}")
         check(m.content_type == "application/octet-stream", f"content type {m.content_type!r}")
+    # Above IoT Hub's 256 KB: that transfer is rejected, the link lives on.
+    try:
+        out.send(Message(body=b"x" * (300 * 1024), inferred=True,
+                         properties={"iothub-outputname": "out1"}), timeout=T)
+        raise AssertionError("a 300 KB message was accepted")
+    except SendException as e:
+        check(e.state == proton.Delivery.REJECTED, f"oversize message: {e.state}")
+    out.send(telemetry(3), timeout=T)
+    m = inputs.receive(timeout=T)
+    inputs.accept()
+    check(m.id == "p-3", f"after the oversize message: {m.id!r}")
     leaf = conn.create_sender(events("leaf1"))
     leaf.send(Message(body=b"leaf", inferred=True), timeout=T)
     print("PASS proton_anonymous_cbs_three_identities", flush=True)
