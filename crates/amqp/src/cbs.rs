@@ -60,6 +60,11 @@ impl Tokens {
         self.lock().is_empty()
     }
 
+    /// True when `client` holds a token (valid or not).
+    pub fn contains(&self, client: &ClientId) -> bool {
+        self.lock().contains_key(client)
+    }
+
     /// True when `client` holds a token valid at `now`.
     pub fn valid(&self, client: &ClientId, now: u64) -> bool {
         self.lock().get(client).is_some_and(|e| *e > now)

@@ -50,6 +50,18 @@ const INBOUND_WINDOW: usize = 64;
 const OUTBOUND_QUEUE: usize = 128;
 /// CBS replies queued for a session's reply link.
 const CBS_QUEUE: usize = 16;
+/// Sessions one connection may open: the C# SDK's pool puts one session per
+/// identity on a connection (`amqp-iothub.md` §5), so room for many.
+const MAX_CHANNEL: u16 = 1023;
+/// Links one session may hold: an identity needs at most eight (telemetry,
+/// inputs, C2D, twin and methods both ways, CBS pair), so an attach storm
+/// ends the connection instead of growing it.
+const MAX_HANDLE: u32 = 63;
+/// Identities one connection may hold tokens for (the Java SDK's multiplexing
+/// limit is 1000 per AMQPS connection); edgeHub refuses more CBS tokens too.
+const MAX_IDENTITIES: usize = 1000;
+/// How long a CBS answer waits for the session's reply link to attach.
+const CBS_REPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Time to send CLOSE/DETACH on the way out.
 const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -80,7 +92,7 @@ fn rejection_error(r: &verge_endpoint::Rejection) -> definitions::Error {
 }
 
 /// A session's `$cbs` reply link, once the client opened it.
-type CbsReply = Arc<std::sync::Mutex<Option<mpsc::Sender<Message<Body<Value>>>>>>;
+type CbsReply = Arc<tokio::sync::watch::Sender<Option<mpsc::Sender<Message<Body<Value>>>>>>;
 
 /// Where an identity's deliveries go, per link kind.
 #[derive(Default)]
@@ -254,6 +266,7 @@ fn acceptor(cfg: &Config) -> ConnectionAcceptor<(), ()> {
     ConnectionAcceptor::builder()
         .container_id(format!("verge-{}", uuid::Uuid::new_v4().simple()))
         .max_frame_size(cfg.max_frame_size)
+        .channel_max(MAX_CHANNEL)
         .idle_time_out(u32::try_from(cfg.idle_timeout.as_millis()).unwrap_or(u32::MAX))
         .build()
 }
@@ -275,7 +288,7 @@ impl<B: Backend> Shared<B> {
         self: Arc<Self>,
         conn: &mut ListenerConnectionHandle,
     ) -> Option<definitions::Error> {
-        let session_acceptor = SessionAcceptor::new();
+        let session_acceptor = SessionAcceptor::builder().handle_max(MAX_HANDLE).build();
         let mut auth_check = tokio::time::interval(self.cfg.auth_timeout);
         auth_check.tick().await;
         loop {
@@ -340,7 +353,7 @@ impl<B: Backend> Shared<B> {
             .supported_receiver_settle_modes(SupportedReceiverSettleModes::First)
             .fallback_receiver_settle_mode(ReceiverSettleMode::First)
             .build();
-        let cbs_reply: CbsReply = Arc::default();
+        let cbs_reply: CbsReply = Arc::new(tokio::sync::watch::Sender::new(None));
         loop {
             let attach = tokio::select! {
                 () = self.cancel.cancelled() => break,
@@ -372,9 +385,7 @@ impl<B: Backend> Shared<B> {
                     }
                     LinkEndpoint::Sender(s) => {
                         let (tx, rx) = mpsc::channel(CBS_QUEUE);
-                        *cbs_reply
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tx);
+                        cbs_reply.send_replace(Some(tx));
                         let cancel = self.cancel.clone();
                         self.tasks.spawn(cbs_replies(s, rx, cancel));
                     }
@@ -544,6 +555,15 @@ impl<B: Backend> Shared<B> {
             let request = delivery.message();
             let (status, description) = match cbs::parse_request(request) {
                 Err(e) => (e.status, e.description),
+                Ok(put)
+                    if self.tokens.len() >= MAX_IDENTITIES
+                        && !self.tokens.contains(&put.client) =>
+                {
+                    (
+                        403,
+                        format!("more than {MAX_IDENTITIES} identities on one connection"),
+                    )
+                }
                 Ok(put) => match self.authenticate(&put.client, &put.token).await {
                     Ok(expiry) => {
                         let renewed = self.tokens.valid(&put.client, unix_now());
@@ -557,11 +577,13 @@ impl<B: Backend> Shared<B> {
                     }
                 },
             };
-            let tx = reply
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clone();
-            // No reply link, no reply (as edgeHub).
+            // The reply link may still be attaching (a client can send as
+            // soon as it saw our ATTACH); no reply link, no reply (as edgeHub).
+            let mut slot = reply.subscribe();
+            let tx = tokio::time::timeout(CBS_REPLY_WAIT, slot.wait_for(Option::is_some))
+                .await
+                .ok()
+                .and_then(|r| r.ok().and_then(|s| s.clone()));
             if let Some(tx) = tx {
                 let _ = tx.send(cbs::response(request, status, &description)).await;
             }
