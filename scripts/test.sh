@@ -21,6 +21,8 @@ fi
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 # The upstream proxy tests (crates/hub/tests/upstream_proxy.rs) start a real HTTP proxy.
 command -v tinyproxy >/dev/null 2>&1 || need+=(tinyproxy)
+# Apache Qpid Proton (for /usr/bin/python3): an AMQP 1.0 client for the hub's AMQP endpoint.
+/usr/bin/python3 -c 'import proton' >/dev/null 2>&1 || need+=(python3-qpid-proton)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     log "installing ${need[*]}"
@@ -40,6 +42,9 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import azure.iot.device, 
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check azure-iot-device==2.14.0 azure-iot-hub==2.7.0 six
 fi
+# Microsoft's uamqp (CBS over SASL MSSBCBS) for the hub's AMQP endpoint tests.
+.venv/bin/python -c 'import uamqp' >/dev/null 2>&1 \
+  || .venv/bin/pip install -q --disable-pip-version-check uamqp==1.6.11
 export VERGE_PYTHON="$PWD/.venv/bin/python"
 
 # Test images: nothing can be pulled, so Docker tests run images built here.

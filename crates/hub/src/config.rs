@@ -263,6 +263,10 @@ pub struct ListenConfig {
     /// `/$iothub/websocket`), default `0.0.0.0:443`.
     #[serde(default = "default_https")]
     pub https: SocketAddr,
+    /// AMQP over TLS (IoT Hub's port is 5671); off when absent. AMQP over
+    /// WebSocket (`AMQPWSB10`) is served on the HTTPS listener either way.
+    #[serde(default)]
+    pub amqps: Option<SocketAddr>,
 }
 
 impl Default for ListenConfig {
@@ -270,6 +274,7 @@ impl Default for ListenConfig {
         Self {
             mqtt: default_mqtt(),
             https: default_https(),
+            amqps: None,
         }
     }
 }
@@ -397,6 +402,17 @@ impl Limits {
             l
         };
         (cap(mqtt), cap(https))
+    }
+
+    /// The AMQP endpoint's deadlines and sizes.
+    pub fn amqp(&self) -> verge_amqp::Config {
+        let open = std::time::Duration::from_secs(self.connect_timeout_secs);
+        verge_amqp::Config {
+            open_timeout: open,
+            // A client puts its first token right after OPEN.
+            auth_timeout: open.max(std::time::Duration::from_secs(10)),
+            ..verge_amqp::Config::default()
+        }
     }
 
     /// The HTTPS listener's deadlines.

@@ -45,6 +45,7 @@
 //!    (configured by `[upstream]`), one connection per sender, checkpointed
 //!    after the cloud's PUBACK.
 
+mod amqp;
 pub mod auth;
 pub mod azure_env;
 pub mod cli;
@@ -468,6 +469,14 @@ impl Hub {
         let https = TcpListener::bind(state.cfg.listen.https)
             .await
             .with_context(|| format!("binding HTTPS {}", state.cfg.listen.https))?;
+        let amqps = match state.cfg.listen.amqps {
+            Some(a) => Some(
+                TcpListener::bind(a)
+                    .await
+                    .with_context(|| format!("binding AMQPS {a}"))?,
+            ),
+            None => None,
+        };
         let mqtt_addr = mqtt.local_addr()?;
         let https_addr = https.local_addr()?;
 
@@ -503,6 +512,15 @@ impl Hub {
         // The listeners stop accepting on the hub's shutdown.
         let cancel = sd.token();
         let mqtt = verge_listen::Listener::new("mqtt", mqtt, mqtt_caps, cancel.clone());
+        if let Some(amqps) = amqps {
+            tracing::info!(amqps_addr = %amqps.local_addr()?, "AMQPS listening");
+            // AMQP clients are devices and modules like MQTT's: the same caps.
+            let amqps = verge_listen::Listener::new("amqps", amqps, mqtt_caps, cancel.clone());
+            sd.spawn_until_cancelled(
+                "AMQPS listener",
+                amqp::listener(state.clone(), amqps, tls.clone()),
+            );
+        }
         let https = verge_listen::Listener::new("https", https, https_caps, cancel);
         let listener_stats = [mqtt.stats(), https.stats()];
         sd.spawn_until_cancelled(

@@ -31,6 +31,9 @@ pub fn router(state: Arc<HubState>) -> Router {
         )
         .route("/edgehub/desired", put(put_edgehub_desired))
         .route(crate::ws::PATH, get(crate::ws::upgrade))
+        // uamqp's fixed WebSocket path (edgeHub ignores the path).
+        .route(crate::ws::SERVICEBUS_PATH, get(crate::ws::upgrade))
+        .route("/$servicebus/websocket/", get(crate::ws::upgrade))
         .with_state(state)
 }
 

@@ -18,6 +18,10 @@ pub use verge_endpoint::ws::WsStream;
 pub const PATH: &str = "/$iothub/websocket";
 /// The only subprotocol served (edgeHub also tells AMQP apart by it).
 pub const SUBPROTOCOL: &str = "mqtt";
+/// The path uamqp (and azure-eventhub) open for AMQP over WebSocket.
+pub const SERVICEBUS_PATH: &str = "/$servicebus/websocket";
+/// AMQP over WebSocket; edgeHub picks the protocol by subprotocol alone.
+pub const AMQP_SUBPROTOCOL: &str = "AMQPWSB10";
 
 /// The certificate chain the client presented in the HTTPS listener's TLS
 /// handshake (X.509 leaf devices over WebSocket).
@@ -32,7 +36,13 @@ pub(crate) async fn upgrade(
     guard: Option<axum::Extension<verge_listen::ConnGuard>>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let ws = ws.protocols([SUBPROTOCOL]);
+    let ws = ws.protocols([SUBPROTOCOL, AMQP_SUBPROTOCOL]);
+    if ws
+        .selected_protocol()
+        .is_some_and(|p| p.as_bytes() == AMQP_SUBPROTOCOL.as_bytes())
+    {
+        return amqp_upgrade(state, peer, guard, ws);
+    }
     if ws.selected_protocol().is_none() {
         return (
             StatusCode::BAD_REQUEST,
@@ -59,5 +69,35 @@ pub(crate) async fn upgrade(
                 () = crate::connection::serve_with_certs(state, certs, WsStream::new(socket), format!("{peer} (ws)")) => {}
                 () = stop.stopped() => {}
             }
+        })
+}
+
+/// Serves AMQP on an upgraded WebSocket (`AMQPWSB10`).
+fn amqp_upgrade(
+    state: Arc<HubState>,
+    peer: Option<axum::Extension<crate::methods::Peer>>,
+    guard: Option<axum::Extension<verge_listen::ConnGuard>>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let peer = peer.map_or_else(|| "?".to_owned(), |axum::Extension(p)| p.0.to_string());
+    let cfg = state.cfg.limits.amqp();
+    // AMQP frames may span WebSocket messages; one larger than a frame plus
+    // slack is refused by the WebSocket layer.
+    let max = (cfg.max_frame_size as usize).saturating_add(64 * 1024);
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| async move {
+            tracing::debug!(%peer, "AMQP over WebSocket");
+            let _guard = guard;
+            // Spawned by the upgrade, outside the listener's JoinSet: stop with the hub.
+            let stop = state.shutdown.token();
+            verge_amqp::serve(
+                state,
+                WsStream::new(socket),
+                format!("{peer} (amqp-ws)"),
+                cfg,
+                stop,
+            )
+            .await;
         })
 }

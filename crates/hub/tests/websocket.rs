@@ -84,7 +84,8 @@ async fn mqtt_over_websocket_shares_the_mqtt_handler() {
         .unwrap();
     junk.send_bytes(&[0xf0, 0x00, 0xff, 0xff]).await;
     assert!(junk.recv().await.is_none());
-    // No subprotocol, or another one (AMQP), is refused before the upgrade.
+    // No subprotocol, or an unknown one, is refused before the upgrade
+    // (AMQPWSB10 is served: AMQP over WebSocket, tested in amqp_interop).
     assert_eq!(
         ws_open(hub.https_addr, &pki.ca_pem, WS_PATH, None)
             .await
@@ -92,7 +93,7 @@ async fn mqtt_over_websocket_shares_the_mqtt_handler() {
         Some(400)
     );
     assert_eq!(
-        ws_open(hub.https_addr, &pki.ca_pem, WS_PATH, Some("AMQPWSB10"))
+        ws_open(hub.https_addr, &pki.ca_pem, WS_PATH, Some("stomp"))
             .await
             .err(),
         Some(400)
