@@ -120,8 +120,8 @@
 pub mod agent;
 pub mod cli;
 pub mod config;
-pub mod metrics;
 pub mod methods;
+pub mod metrics;
 pub mod mgmt;
 pub mod plan;
 pub mod report;

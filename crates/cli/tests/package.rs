@@ -74,8 +74,11 @@ fn deb_installs_configures_runs_and_purges() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/package/check-install.sh");
     // A mount namespace of its own: /proc and /dev mounted into the copy go
     // away with it, whatever happens.
+    // A network namespace too: the agent verged starts serves its metrics
+    // on 0.0.0.0:9600, which must not reach this machine's network.
     let out = Command::new("unshare")
         .arg("--mount")
+        .arg("--net")
         .arg("--propagation")
         .arg("private")
         .arg(&script)

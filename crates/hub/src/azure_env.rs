@@ -12,9 +12,11 @@
 //! | `MaxUpstreamBatchSize` | `[upstream] batch_size` |
 //! | `DeviceScopeCacheRefreshRateSecs` | `[upstream] scope_refresh_secs` |
 //! | `HttpSettings__Port` | the HTTPS listener's port (443) |
+//! | `AmqpSettings__Enabled`, `AmqpSettings__Port` | the AMQPS listener (on, 5671), as edgeHub's |
+//! | `UpstreamProtocol`, `https_proxy` | the upstream link (`upstream/transport.rs`; also with a config file) |
 //! | `RuntimeLogLevel` | the log level (verge-log) |
 //! | `MetricsEnabled`, `Metrics__Listener__Host/Port/Suffix` | the Prometheus endpoint (`metrics.rs`; also with a config file) |
-//! | `VERGE_HUB_LISTEN_MQTT`, `VERGE_HUB_LISTEN_HTTPS` | listen addresses (default `0.0.0.0:8883`, `0.0.0.0:{HttpSettings__Port}`) |
+//! | `VERGE_HUB_LISTEN_MQTT`, `VERGE_HUB_LISTEN_HTTPS`, `VERGE_HUB_LISTEN_AMQPS` | listen addresses (default `0.0.0.0:8883`, `0.0.0.0:{HttpSettings__Port}`, `0.0.0.0:{AmqpSettings__Port}`) |
 //! | `VERGE_HUB_UPSTREAM_PORT`, `VERGE_HUB_UPSTREAM_HTTPS_PORT` | the cloud's ports (8883, 443), for a self-hosted verge-cloud |
 //!
 //! The upstream is the IoT hub of `IOTEDGE_IOTHUBHOSTNAME`, trusted through
@@ -96,10 +98,7 @@ const NOT_APPLIED: &[(&str, &str)] = &[
         "twins are stored in files only the hub's user can read",
     ),
     ("SslProtocols", "TLS 1.2 and 1.3 always"),
-    ("UpstreamProtocol", "the upstream speaks MQTT on 8883"),
     ("UpstreamFanOutFactor", "one upstream link per sender"),
-    ("AmqpSettings__Enabled", "no AMQP listener yet"),
-    ("AmqpSettings__Port", "no AMQP listener yet"),
     ("MqttSettings__Enabled", "MQTT is always served"),
     ("HttpSettings__Enabled", "HTTPS is always served"),
     (
@@ -118,6 +117,8 @@ const NOT_APPLIED: &[(&str, &str)] = &[
 /// and the metrics listener, which the environment overrides; `metrics.rs`).
 const ALWAYS_APPLIED: &[&str] = &[
     "RuntimeLogLevel",
+    "UpstreamProtocol",
+    "https_proxy",
     "MetricsEnabled",
     "Metrics__Listener__MetricsEnabled",
     "Metrics__Listener__Host",
@@ -283,6 +284,19 @@ pub fn config_without_file(edge: EdgeEnv, env: &AzureEnv) -> Result<Config, Stri
     let mut listen = toml::Table::new();
     listen.insert("mqtt".into(), mqtt.into());
     listen.insert("https".into(), https.into());
+    let amqp_on = match env.get("AmqpSettings__Enabled") {
+        None => true,
+        Some(v) => v
+            .parse::<bool>()
+            .map_err(|_| format!("AmqpSettings__Enabled={v:?}: expected true or false"))?,
+    };
+    if amqp_on {
+        let amqp_port: u16 = env.parse("AmqpSettings__Port")?.unwrap_or(5671);
+        let amqps = env
+            .get("VERGE_HUB_LISTEN_AMQPS")
+            .map_or_else(|| format!("0.0.0.0:{amqp_port}"), str::to_owned);
+        listen.insert("amqps".into(), amqps.into());
+    }
     let mut table = toml::Table::new();
     table.insert(
         "storage_dir".into(),
@@ -370,6 +384,10 @@ mod tests {
         assert_eq!(c.storage_dir, Path::new("/iotedge/storage/edgeHub"));
         assert_eq!(c.listen.mqtt.to_string(), "0.0.0.0:8883");
         assert_eq!(c.listen.https.to_string(), "0.0.0.0:8443");
+        assert_eq!(
+            c.listen.amqps.map(|a| a.to_string()).as_deref(),
+            Some("0.0.0.0:5671")
+        );
         let up = c.upstream.as_ref().unwrap();
         assert_eq!(up.hostname, "hub.example.net");
         assert_eq!((up.port, up.https_port, up.batch_size), (8883, 443, 20));
@@ -417,5 +435,12 @@ mod tests {
         let c = config_without_file(edge(), &AzureEnv::default()).unwrap();
         assert_eq!(c.storage_dir, std::env::temp_dir().join("edgeHub"));
         assert_eq!(c.listen.https.to_string(), "0.0.0.0:443");
+        let off = AzureEnv::from_pairs([("amqpSettings__enabled", "false")]);
+        assert_eq!(
+            config_without_file(edge(), &off).unwrap().listen.amqps,
+            None
+        );
+        let bad = AzureEnv::from_pairs([("AmqpSettings__Enabled", "nope")]);
+        assert!(config_without_file(edge(), &bad).is_err());
     }
 }

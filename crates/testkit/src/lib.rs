@@ -196,4 +196,3 @@ pub fn build(packages: &[&str]) -> PathBuf {
     assert!(status.success(), "building {packages:?} failed: {status}");
     profile_dir
 }
-

@@ -6,8 +6,9 @@ use serde_json::{Value, json};
 use verge_core::SharedAccessKey;
 
 use super::{
-    AGENT, CloudInfo, FILTER, FILTER_IMAGE, FILTER_MODULE, HUB_IMAGE, HUB_MQTT_PORT,
-    MICROSOFT_HUB_IMAGE, Quickstart, SENSOR, SENSOR_IMAGE, SENSOR_MODULE, write_file,
+    AGENT, AGENT_METRICS_PORT, CloudInfo, FILTER, FILTER_IMAGE, FILTER_MODULE, HUB_AMQP_PORT,
+    HUB_IMAGE, HUB_METRICS_PORT, HUB_MQTT_PORT, MICROSOFT_HUB_IMAGE, Quickstart, SENSOR,
+    SENSOR_IMAGE, SENSOR_MODULE, write_file,
 };
 use crate::cloud::CloudClient;
 use crate::images;
@@ -49,7 +50,8 @@ impl Quickstart {
         // MQTT port, trusting its CA) and reports the deployment's status there.
         let agent_env = format!(
             "VERGE_AGENT_UPSTREAM_PORT = \"{}\"\nVERGE_AGENT_UPSTREAM_CA = '{}'\n\
-             VERGE_AGENT_REPORT_INTERVAL_MS = \"1000\"\n",
+             VERGE_AGENT_REPORT_INTERVAL_MS = \"1000\"\n\
+             VERGE_AGENT_METRICS_LISTEN = \"127.0.0.1:{AGENT_METRICS_PORT}\"\n",
             cloud.mqtt_port,
             cloud.ca.display()
         );
@@ -125,6 +127,9 @@ impl Quickstart {
             "storageFolder": {"value": storage.display().to_string()},
             "VERGE_HUB_LISTEN_MQTT": {"value": format!("127.0.0.1:{HUB_MQTT_PORT}")},
             "VERGE_HUB_LISTEN_HTTPS": {"value": "127.0.0.1:0"},
+            "VERGE_HUB_LISTEN_AMQPS": {"value": format!("127.0.0.1:{HUB_AMQP_PORT}")},
+            "Metrics__Listener__Host": {"value": "127.0.0.1"},
+            "Metrics__Listener__Port": {"value": HUB_METRICS_PORT.to_string()},
             "VERGE_HUB_UPSTREAM_PORT": {"value": cloud.mqtt_port.to_string()},
             "VERGE_HUB_UPSTREAM_HTTPS_PORT": {"value": cloud.https_port.to_string()},
         })

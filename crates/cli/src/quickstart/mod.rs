@@ -100,6 +100,12 @@ const FILTER_IMAGE: &str = "verge-quickstart/filter";
 /// The hub's MQTT port: modules dial 8883 on the gateway host, as the Azure
 /// SDKs do (they cannot dial another port).
 const HUB_MQTT_PORT: u16 = 8883;
+/// The hub's AMQPS port (as IoT Edge's), on loopback.
+const HUB_AMQP_PORT: u16 = 5671;
+/// Prometheus metrics on loopback: the hub's on 9600 (as edgeHub's), the
+/// agent's beside it (both run on this host, not in their own containers).
+const HUB_METRICS_PORT: u16 = 9600;
+const AGENT_METRICS_PORT: u16 = 9601;
 /// Written into the working directory: only a directory holding it is
 /// ever wiped by a later run.
 const MARKER: &str = ".verge-quickstart";
@@ -438,6 +444,22 @@ impl Quickstart {
                  modules dial port 8883. Is another quickstart, verge-hub, verge-cloud or MQTT \
                  broker running? Find it with: ss -ltnp 'sport = :{HUB_MQTT_PORT}'"
             );
+        }
+        // …and 5671 (AMQPS; AMQP modules dial it), the metrics ports too.
+        for (port, what) in [
+            (HUB_AMQP_PORT, "AMQP modules dial port 5671"),
+            (HUB_METRICS_PORT, "its Prometheus metrics are served there"),
+            (
+                AGENT_METRICS_PORT,
+                "the agent's Prometheus metrics are served there",
+            ),
+        ] {
+            if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+                bail!(
+                    "127.0.0.1:{port} is not free ({e}): the quickstart needs it ({what}). \
+                     Find who holds it with: ss -ltnp 'sport = :{port}'"
+                );
+            }
         }
         Ok(())
     }
