@@ -23,25 +23,9 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// The Python with the official SDK (`VERGE_PYTHON`, else the repository's .venv).
 fn python() -> PathBuf {
-    let p = std::env::var_os("VERGE_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python")
-        });
-    let ok = Command::new(&p)
-        .args(["-c", "import azure.iot.device, azure.iot.hub"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "no Python with azure-iot-device and azure-iot-hub at {} (set VERGE_PYTHON, or run \
-         `/work/main/.venv/bin/pip install azure-iot-device==2.14.0 azure-iot-hub==2.7.0 six`)",
-        p.display()
-    );
-    p
+    verge_testkit::azure_python("azure.iot.device, azure.iot.hub")
 }
 
 /// True once 127.0.0.1:`port` can be bound (waiting up to `wait`).

@@ -610,9 +610,16 @@ async fn image_digests(
         .map(|i| i.trim())
         .filter(|i| !i.is_empty())
         .ok_or_else(|| ApiError::bad_request("the query parameter image is missing"))?;
+    // The image that runs: Verge's own in place of Microsoft's system images.
+    let docker = runtime_kind(&state).await == "docker";
+    let runs = match state.system_images.resolve(image, docker) {
+        Ok(Some(verge)) => verge,
+        Ok(None) => image.to_owned(),
+        Err(e) => return Err(ApiError::bad_request(e)),
+    };
     let digests = state
         .runtime
-        .image_digests(image)
+        .image_digests(&runs)
         .await
         .map_err(runtime_err)?;
     Ok(json_response(

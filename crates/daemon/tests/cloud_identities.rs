@@ -38,32 +38,7 @@ const MV: &str = "api-version=2022-08-03";
 
 /// Builds `bin` of `package` into this test's target directory and profile.
 fn build(package: &str, bin: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // <target>/<profile>/deps/<test>
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-    let target_dir = profile_dir.parent().unwrap().to_path_buf();
-    let profile = profile_dir
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
-    let mut cmd = Command::new(env!("CARGO"));
-    cmd.args(["build", "--quiet", "-p", package, "--bin", bin])
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-    match profile.as_str() {
-        "debug" => {}
-        "release" => {
-            cmd.arg("--release");
-        }
-        other => {
-            cmd.args(["--profile", other]);
-        }
-    }
-    let status = cmd.status().unwrap();
-    assert!(status.success(), "building {bin} failed: {status}");
-    let path = profile_dir.join(bin);
+    let path = verge_testkit::build(&[package]).join(bin);
     assert!(path.exists(), "{} missing after the build", path.display());
     path
 }

@@ -20,67 +20,14 @@ pub const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 pub const MV: &str = "api-version=2022-08-03";
 pub const DEVICE: &str = "edge1";
 
+/// The Python with the official service SDK (azure-iot-hub).
 pub fn python() -> PathBuf {
-    let p = std::env::var_os("VERGE_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python")
-        });
-    let ok = Command::new(&p)
-        .args(["-c", "import azure.iot.hub"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "no Python with azure-iot-hub at {} (set VERGE_PYTHON, or run \
-         `/work/main/.venv/bin/pip install azure-iot-hub==2.7.0 six`)",
-        p.display()
-    );
-    p
+    verge_testkit::azure_python("azure.iot.hub")
 }
 
 /// Builds `bin` of `package` into this test's target directory and profile.
 pub fn build(package: &str, bin: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // <target>/<profile>/deps/<test>
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-    let target_dir = profile_dir.parent().unwrap().to_path_buf();
-    let profile = profile_dir
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
-    let mut cmd = Command::new(env!("CARGO"));
-    cmd.args(["build", "--quiet", "-p", package, "--bin", bin])
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-    match profile.as_str() {
-        "debug" => {}
-        "release" => {
-            cmd.arg("--release");
-        }
-        other => {
-            cmd.args(["--profile", other]);
-        }
-    }
-    let mut child = cmd.spawn().unwrap();
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > Duration::from_secs(900) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("building {bin} took more than 15 minutes");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(status.success(), "building {bin} failed: {status}");
-    let path = profile_dir.join(bin);
+    let path = verge_testkit::build(&[package]).join(bin);
     assert!(path.exists(), "{} missing after the build", path.display());
     path
 }
