@@ -2,7 +2,10 @@
 //! front, so the AMQP library sees the connection from its first byte, and
 //! a kill switch: once tripped, reads and writes fail, so the library's
 //! connection engine (its own task) lets go of the socket even when the
-//! client never answers our CLOSE.
+//! client never answers our CLOSE. Frame headers are checked on the way in
+//! ([`FrameScan`]): the library's frame decoder assumes every frame holds at
+//! least its 8-byte header and panics on a shorter one, so such a frame ends
+//! the connection here, as an error, before the library sees it.
 
 use std::io;
 use std::pin::Pin;
@@ -19,6 +22,73 @@ pub(crate) struct Rewind<S> {
     pos: usize,
     inner: S,
     killed: Pin<Box<WaitForCancellationFutureOwned>>,
+    scan: FrameScan,
+}
+
+/// Where the inbound byte stream is: inside a protocol header or a frame
+/// header (collecting its 8 bytes), or inside a frame's body (skipping).
+#[derive(Debug, Default)]
+pub(crate) struct FrameScan {
+    header: [u8; 8],
+    have: usize,
+    skip: u64,
+}
+
+fn malformed(size: u32, doff: Option<u32>) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("malformed AMQP frame header: size {size}, data offset {doff:?}"),
+    )
+}
+
+impl FrameScan {
+    /// Checks the next bytes of the stream: every frame's size covers its
+    /// 8-byte header and its data offset (`doff`, in 4-byte words, at least
+    /// 2) lies inside it. Protocol headers (`AMQP…`, before SASL and before
+    /// AMQP) pass as they are.
+    pub(crate) fn feed(&mut self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            if self.skip > 0 {
+                let n = data
+                    .len()
+                    .min(usize::try_from(self.skip).unwrap_or(usize::MAX));
+                self.skip -= n as u64;
+                data = &data[n..];
+                continue;
+            }
+            let n = (8 - self.have).min(data.len());
+            self.header[self.have..self.have + n].copy_from_slice(&data[..n]);
+            self.have += n;
+            data = &data[n..];
+            // The library frames by the size field alone (it decodes a frame
+            // once its size's worth of bytes is in), so the size is judged as
+            // soon as its 4 bytes are, and the data offset with its byte.
+            let protocol = &self.header[..4] == b"AMQP";
+            let size = u32::from_be_bytes([
+                self.header[0],
+                self.header[1],
+                self.header[2],
+                self.header[3],
+            ]);
+            if self.have >= 4 && !protocol && size < 8 {
+                return Err(malformed(size, None));
+            }
+            if self.have >= 5 && !protocol {
+                let doff = u32::from(self.header[4]);
+                if doff < 2 || doff * 4 > size {
+                    return Err(malformed(size, Some(doff)));
+                }
+            }
+            if self.have < 8 {
+                break;
+            }
+            self.have = 0;
+            if !protocol {
+                self.skip = u64::from(size - 8);
+            }
+        }
+        Ok(())
+    }
 }
 
 impl<S> Rewind<S> {
@@ -28,6 +98,7 @@ impl<S> Rewind<S> {
             pos: 0,
             inner,
             killed: Box::pin(kill.cancelled_owned()),
+            scan: FrameScan::default(),
         }
     }
 
@@ -55,14 +126,22 @@ impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         self.check(cx)?;
+        let before = buf.filled().len();
         if self.pos < self.prefix.len() {
             let n = (self.prefix.len() - self.pos).min(buf.remaining());
             let start = self.pos;
             buf.put_slice(&self.prefix[start..start + n]);
             self.pos += n;
-            return Poll::Ready(Ok(()));
+        } else {
+            let this = &mut *self;
+            match Pin::new(&mut this.inner).poll_read(cx, buf) {
+                Poll::Ready(Ok(())) => {}
+                other => return other,
+            }
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let this = &mut *self;
+        this.scan.feed(&buf.filled()[before..])?;
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -88,6 +167,23 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frames_shorter_than_their_header_are_refused() {
+        // A bare AMQP header, then a frame whose size (5) cannot hold its own
+        // header: the input the fuzzer found panicking the frame decoder.
+        let mut scan = FrameScan::default();
+        assert!(scan.feed(b"AMQP\x00\x01\x00\x00").is_ok());
+        assert!(scan.feed(&[0, 0, 0]).is_ok(), "size not complete yet");
+        assert!(scan.feed(&[5, 10, 46]).is_err());
+        // A valid empty frame (8 bytes, doff 2) split anywhere, then a data
+        // offset past the frame.
+        let mut scan = FrameScan::default();
+        assert!(scan.feed(b"AMQP\x03\x01\x00\x00\x00\x00").is_ok());
+        assert!(scan.feed(&[0, 8, 2, 0, 0, 0]).is_ok());
+        assert!(scan.feed(&[0, 0, 0, 12, 2, 0, 0, 0, 1, 2, 3, 4]).is_ok());
+        assert!(scan.feed(&[0, 0, 0, 12, 4, 0, 0, 0]).is_err());
+    }
     use tokio::io::AsyncReadExt;
 
     #[tokio::test]
