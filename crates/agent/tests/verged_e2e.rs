@@ -13,6 +13,8 @@
 //! even when it fails, and bounds every wait.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -21,7 +23,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::{Pid, getpgid};
 use serde_json::{Value, json};
-use verge_daemon::client::request;
+use support::{
+    alive, children_named, get_json, module_pids_from_state, read_pid, runs, start_time,
+};
 
 const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 const MV: &str = "api-version=2022-08-03";
@@ -77,68 +81,6 @@ impl Drop for Harness {
         }
         let _ = &self.dir;
     }
-}
-
-/// Pid and start time (`proc_start`) of the modules the process backend ran.
-fn module_pids_from_state(home: &Path) -> Vec<(i32, u64)> {
-    let mut out = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(home.join("modules/modules")) {
-        for e in entries.flatten() {
-            let state = std::fs::read(e.path().join("state.json")).unwrap_or_default();
-            if let Ok(v) = serde_json::from_slice::<Value>(&state)
-                && let Some(pid) = v["pid"].as_i64().and_then(|p| i32::try_from(p).ok())
-                && let Some(started) = v["proc_start"].as_u64()
-            {
-                out.push((pid, started));
-            }
-        }
-    }
-    out
-}
-
-/// Start time of a process (field 22 of `/proc/<pid>/stat`).
-fn start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(") ")?;
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// Alive and not a zombie.
-fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .and_then(|(_, rest)| rest.chars().next())
-            .is_some_and(|state| state != 'Z' && state != 'X'),
-        Err(_) => false,
-    }
-}
-
-/// Pids whose parent is `ppid` and whose `comm` is `name`.
-fn children_named(ppid: i32, name: &str) -> Vec<i32> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some((head, rest)) = stat.rsplit_once(") ") else {
-            continue;
-        };
-        let comm = head.split_once(" (").map_or("", |(_, c)| c);
-        let mut fields = rest.split_whitespace();
-        let state = fields.next().unwrap_or("Z");
-        let parent = fields.next().and_then(|p| p.parse::<i32>().ok());
-        if parent == Some(ppid) && comm == name && state != "Z" {
-            out.push(pid);
-        }
-    }
-    out
 }
 
 async fn wait_until<T>(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
@@ -214,28 +156,6 @@ fn read_env(out: &Path, name: &str) -> Option<BTreeMap<String, String>> {
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect(),
     )
-}
-
-fn read_pid(out: &Path, name: &str) -> Option<i32> {
-    std::fs::read_to_string(out.join(format!("{name}.pid")))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
-fn runs(out: &Path, name: &str) -> usize {
-    std::fs::read_to_string(out.join(format!("{name}.runs")))
-        .map(|s| s.lines().count())
-        .unwrap_or(0)
-}
-
-async fn get_json(sock: &Path, pq: &str) -> Option<(u16, Value)> {
-    let r = request(sock, "GET", pq, None, Duration::from_secs(10))
-        .await
-        .ok()?;
-    let v = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
-    Some((r.status, v))
 }
 
 impl Harness {
