@@ -388,16 +388,24 @@ async fn prepare_spec(state: &MgmtState, spec: &ModuleSpecJson) -> Result<Module
 /// system-module images (see [`crate::system_images`]), else its own.
 async fn resolved_image(state: &MgmtState, spec: &ModuleSpecJson) -> Result<String, ApiError> {
     let image = &spec.config.settings.image;
-    let docker = runtime_kind(state).await == "docker";
-    match state.system_images.resolve(image, docker) {
-        Ok(None) => Ok(image.clone()),
-        Ok(Some(verge)) => {
-            tracing::info!(module = %spec.name, image = %image, runs = %verge,
-                "Microsoft's system-module image: Verge's own runs in its place");
-            Ok(verge)
-        }
-        Err(e) => Err(ApiError::bad_request(format!("module {}: {e}", spec.name))),
+    let runs = image_that_runs(state, image)
+        .await
+        .map_err(|e| ApiError::bad_request(format!("module {}: {e}", spec.name)))?;
+    if runs != *image {
+        tracing::info!(module = %spec.name, image = %image, runs = %runs,
+            "Microsoft's system-module image: Verge's own runs in its place");
     }
+    Ok(runs)
+}
+
+/// `image`, or Verge's own in its place when it is one of Microsoft's
+/// system images (the error says what to configure).
+async fn image_that_runs(state: &MgmtState, image: &str) -> Result<String, String> {
+    let docker = runtime_kind(state).await == "docker";
+    Ok(state
+        .system_images
+        .resolve(image, docker)?
+        .unwrap_or_else(|| image.to_owned()))
 }
 
 /// Pulls `image` (the one that will run) as `spec`'s pull policy says.
@@ -610,13 +618,10 @@ async fn image_digests(
         .map(|i| i.trim())
         .filter(|i| !i.is_empty())
         .ok_or_else(|| ApiError::bad_request("the query parameter image is missing"))?;
-    // The image that runs: Verge's own in place of Microsoft's system images.
-    let docker = runtime_kind(&state).await == "docker";
-    let runs = match state.system_images.resolve(image, docker) {
-        Ok(Some(verge)) => verge,
-        Ok(None) => image.to_owned(),
-        Err(e) => return Err(ApiError::bad_request(e)),
-    };
+    // The digests of the image that runs, not of the name in the manifest.
+    let runs = image_that_runs(&state, image)
+        .await
+        .map_err(ApiError::bad_request)?;
     let digests = state
         .runtime
         .image_digests(&runs)
