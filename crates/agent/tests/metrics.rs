@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use verge_testkit::Running;
-use verge_testkit::prometheus::{Prometheus, free_port, value};
+use verge_testkit::net::free_port;
+use verge_testkit::prometheus::{Prometheus, value};
 
 /// A module running `sh -c <script>` (process backend).
 fn sh(script: &str, version: &str, policy: &str) -> Value {

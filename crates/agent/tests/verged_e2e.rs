@@ -173,8 +173,7 @@ impl Harness {
                 json!({ "modA": sh(&out, "modA", "a1"), "modB": sh(&out, "modB", "b1") }),
             ),
         );
-        let metrics =
-            std::net::SocketAddr::from(([127, 0, 0, 1], verge_testkit::prometheus::free_port()));
+        let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], verge_testkit::net::free_port()));
         let cfg = dir.path().join("config.toml");
         std::fs::write(
             &cfg,

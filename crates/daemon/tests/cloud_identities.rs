@@ -43,14 +43,6 @@ fn build(package: &str, bin: &str) -> PathBuf {
     path
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn wait_until<T>(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
@@ -494,8 +486,8 @@ async fn module_identities_reach_the_cloud_with_derived_keys_also_after_an_outag
         verged_bin: PathBuf::from(env!("CARGO_BIN_EXE_verged")),
         cloud: None,
         verged: None,
-        https_port: free_port(),
-        mqtt_port: free_port(),
+        https_port: verge_testkit::net::free_port(),
+        mqtt_port: verge_testkit::net::free_port(),
         http: None,
     };
 

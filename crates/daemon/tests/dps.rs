@@ -27,14 +27,6 @@ fn build(package: &str, bin: &str) -> PathBuf {
     verge_testkit::build(&[package]).join(bin)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Cloud {
     http: reqwest::Client,
     port: u16,
@@ -93,7 +85,7 @@ fn verged_provisioned_by_dps_then_offline_from_the_cache() {
     let cloud_bin = build("verge-cloud", "verge-cloud");
     let verged_bin = build("verge-daemon", "verged");
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = verge_testkit::net::free_port();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut cloud = start_cloud(&cloud_bin, dir.path(), port);
     let ca_path = dir.path().join("cloud/tls/ca.pem");

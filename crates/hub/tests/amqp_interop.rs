@@ -51,14 +51,6 @@ fn venv_python() -> PathBuf {
     )
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn wait_port_free(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(90);
     while std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
@@ -77,9 +69,9 @@ fn tail(s: &str, n: usize) -> String {
 fn run(python: &Path, script: &str, mqtt: &str) {
     let pki = pki();
     let storage = tempfile::tempdir().unwrap();
-    let https = free_port();
+    let https = verge_testkit::net::free_port();
     let _ = config(&pki, storage.path(), mqtt, &format!("127.0.0.1:{https}"));
-    let amqps = free_port();
+    let amqps = verge_testkit::net::free_port();
     let toml = pki.dir.path().join("hub.toml");
     let text = std::fs::read_to_string(&toml).unwrap().replacen(
         "[listen]\n",

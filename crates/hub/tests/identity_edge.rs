@@ -46,14 +46,6 @@ impl Drop for HubProc {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn mgmt(sock: &Path, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
     let r = request(
         sock,
@@ -264,7 +256,10 @@ async fn hub_runs_on_identities_and_certificates_from_verged() {
     let dir = tempfile::tempdir().unwrap();
     let mut verged = start_verged(dir.path()).await;
 
-    let (mqtt, https) = (free_port(), free_port());
+    let (mqtt, https) = (
+        verge_testkit::net::free_port(),
+        verge_testkit::net::free_port(),
+    );
     let hub_cfg = dir.path().join("hub.toml");
     std::fs::write(
         &hub_cfg,

@@ -5,23 +5,18 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
 use tokio::net::TcpStream;
-
-fn free_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
+use verge_testkit::net::free_addr;
 
 #[tokio::test]
 async fn https_flood_does_not_starve_mqtt_under_a_low_fd_limit() {
     let pki = pki();
     let storage = tempfile::tempdir().unwrap();
-    let (mqtt, https) = (free_port(), free_port());
+    let (mqtt, https) = (free_addr(), free_addr());
     config(&pki, storage.path(), &mqtt.to_string(), &https.to_string());
     // Handshakes may take long: the flood holds whatever it is given.
     let path = pki.dir.path().join("hub.toml");

@@ -24,6 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use verge_core::{ClientId, SasToken, SharedAccessKey};
+use verge_testkit::net::free_addr;
 
 const ROUTES_UP: &str = r#"{
   "schemaVersion": "1.1",
@@ -232,11 +233,6 @@ async fn serve_cloud<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, log: Arc<Cloud
             _ => {}
         }
     }
-}
-
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
 }
 
 /// A hub config (written to `{pki.dir}/hub.toml`) with an `[upstream]` table

@@ -317,14 +317,6 @@ impl Drop for HubProc {
 }
 
 /// A free port on `ip` (bound once and released).
-fn free_port(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct World {
     ns: Netns,
     cloud: VergeCloud,
@@ -358,9 +350,13 @@ impl World {
             cloud.ca.display()
         ));
         std::fs::write(&toml, &text).unwrap();
-        let proxy_addr: SocketAddr = format!("{}:{}", ns.outer, free_port(&ns.outer))
-            .parse()
-            .unwrap();
+        let proxy_addr: SocketAddr = format!(
+            "{}:{}",
+            ns.outer,
+            verge_testkit::net::free_port_on(ns.outer.parse().unwrap())
+        )
+        .parse()
+        .unwrap();
         let log = storage.path().join("hub.log");
         World {
             ns,

@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::panic)]
 
 pub mod docker;
+pub mod net;
 pub mod prometheus;
 
 use std::io::{BufRead as _, BufReader};

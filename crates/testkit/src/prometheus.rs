@@ -52,7 +52,7 @@ impl Prometheus {
             ),
         )
         .unwrap();
-        let api = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let api = SocketAddr::from(([127, 0, 0, 1], crate::net::free_port()));
         let mut run = Running::start(
             Command::new("prometheus")
                 .arg(format!("--config.file={}", config.display()))
@@ -121,15 +121,6 @@ impl Prometheus {
 /// A series' sample value.
 pub fn value(series: &Value) -> Option<f64> {
     series["value"][1].as_str()?.parse().ok()
-}
-
-/// A port free on 127.0.0.1 a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Percent-encodes all but RFC 3986's unreserved characters.
