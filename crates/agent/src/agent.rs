@@ -19,6 +19,9 @@ use crate::plan::{Blocked, DesiredModule, PlanInput, Step, desired_modules, need
 use crate::report::{Reporter, desired_fields};
 use crate::restart::{Decision, Observed, RestartRecord, RuntimeStatus, decide};
 
+mod download;
+pub use download::DOWNLOADING;
+
 /// File (under the storage dir) holding the last accepted `$edgeAgent` desired properties.
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// File holding the restart records.
@@ -586,7 +589,7 @@ impl Agent {
                 let image = &module.spec.image;
                 tracing::info!(module = %name, update, image = %image, "creating");
                 if module.pull
-                    && let Err(e) = rt.pull(image, module.auth.as_ref()).await
+                    && let Err(e) = self.pull_reporting(module).await
                 {
                     return Err(self.block(module, format!("image pull failed: {e}")));
                 }

@@ -16,6 +16,8 @@
 //! | `logs` | `GET /modules/{name}/logs?follow&tail&since&until&timestamps`, streamed |
 //! | `info` | `GET /systeminfo` (`server_version` is `"<kind> <version>"`) |
 //! | `pull` | `POST /modules/{placeholder}/prepareupdate` with `imagePullPolicy: on-create` |
+//! | `pull_for` | the same for the named module |
+//! | `pulls` / `pull_status` | `GET /images/pulls` |
 //!
 //! plus [`ManagementRuntime::update`] (`PUT /modules/{name}?start=…`) and
 //! [`ManagementRuntime::prepare_update`] for callers that know the module.
@@ -28,9 +30,11 @@
 //! `prepareupdate` (verged pulls and nothing else), then `stop`, `DELETE`, and
 //! `POST /modules` with `imagePullPolicy: never` (the image is there already;
 //! a module whose policy is `never` is not pulled at all, as the manifest
-//! says). The trait's `pull` carries no module name, so `prepareupdate` is sent
-//! for the placeholder module [`PULL_PLACEHOLDER`]; verged only checks that
-//! the body names the same module as the path.
+//! says). The agent pulls with `pull_for`, naming the module, so verged's
+//! `GET /images/pulls` says whose pull it is (the agent reports the module
+//! as `downloading` from it, `verge list` shows it); the trait's bare `pull`
+//! sends `prepareupdate` for the placeholder module [`PULL_PLACEHOLDER`];
+//! verged only checks that the body names the same module as the path.
 //!
 //! # What verged keeps
 //!
@@ -65,11 +69,11 @@ use verge_core::sas::url_encode;
 use verge_core::time::Timestamp;
 use verge_runtime::{
     Health, LogOptions, LogStream, ModuleRuntime, ModuleSpec, ModuleState, ModuleStatus,
-    RegistryAuth, RuntimeError, RuntimeInfo,
+    PullStatus, RegistryAuth, RuntimeError, RuntimeInfo,
 };
 use verge_workload::api::{
-    ErrorResponse, ImageDigests, MANAGEMENT_API_VERSION, ModuleConfig, ModuleDetails, ModuleList,
-    ModuleSettings, ModuleSpecJson, RegistryAuthJson, SystemInfo,
+    ErrorResponse, ImageDigests, ImagePulls, MANAGEMENT_API_VERSION, ModuleConfig, ModuleDetails,
+    ModuleList, ModuleSettings, ModuleSpecJson, RegistryAuthJson, SystemInfo,
 };
 
 /// Module name used in the `prepareupdate` path for [`ModuleRuntime::pull`],
@@ -533,8 +537,17 @@ impl ModuleRuntime for ManagementRuntime {
     }
 
     async fn pull(&self, image: &str, auth: Option<&RegistryAuth>) -> Result<(), RuntimeError> {
+        self.pull_for(PULL_PLACEHOLDER, image, auth).await
+    }
+
+    async fn pull_for(
+        &self,
+        module: &str,
+        image: &str,
+        auth: Option<&RegistryAuth>,
+    ) -> Result<(), RuntimeError> {
         let spec = ModuleSpec {
-            name: PULL_PLACEHOLDER.to_owned(),
+            name: module.to_owned(),
             image: image.to_owned(),
             create_options: serde_json::json!({}),
             env: BTreeMap::new(),
@@ -545,7 +558,7 @@ impl ModuleRuntime for ManagementRuntime {
         let body = body_with_auth(&spec_json(&spec, "on-create"), auth)?;
         self.call(
             "POST",
-            &Self::module_path(PULL_PLACEHOLDER, "/prepareupdate"),
+            &Self::module_path(module, "/prepareupdate"),
             "",
             Some(body),
             Subject::image(None, image),
@@ -553,6 +566,27 @@ impl ModuleRuntime for ManagementRuntime {
         )
         .await
         .map(drop)
+    }
+
+    async fn pulls(&self) -> Result<Vec<PullStatus>, RuntimeError> {
+        let answer: ImagePulls = self.call_json("/images/pulls", Subject::NONE).await?;
+        Ok(answer.pulls.into_iter().map(|p| p.progress).collect())
+    }
+
+    async fn pull_status(
+        &self,
+        module: &str,
+        image: &str,
+    ) -> Result<Option<PullStatus>, RuntimeError> {
+        // verged lists the image that runs, which for Microsoft's system
+        // images is not the one named; the module name finds it either way.
+        let answer: ImagePulls = self.call_json("/images/pulls", Subject::NONE).await?;
+        let pulls = answer.pulls;
+        let by_module = pulls
+            .iter()
+            .position(|p| p.modules.iter().any(|m| m == module));
+        let i = by_module.or_else(|| pulls.iter().position(|p| p.progress.image == image));
+        Ok(i.and_then(|i| pulls.into_iter().nth(i)).map(|p| p.progress))
     }
 
     async fn create(&self, spec: &ModuleSpec) -> Result<(), RuntimeError> {

@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,10 +22,9 @@ use verge_runtime::{
     DockerConfig, DockerRuntime, LogOptions, LogStream, ModuleRuntime, ModuleSpec, ModuleState,
     ModuleStatus, RegistryAuth, RuntimeError, RuntimeInfo,
 };
+use verge_testkit::registry::{PASSWORD, Registry, USER};
 
 const IMAGE: &str = verge_testkit::docker::TEST_IMAGE;
-const USER: &str = "verge";
-const PASSWORD: &str = "s3cret-pw";
 
 /// Every manifest has an `edgeHub`, and Docker container names are global:
 /// the tests of this file take turns.
@@ -47,167 +46,12 @@ fn docker_ready() -> bool {
     true
 }
 
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn suffix() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .subsec_nanos();
     format!("{}{nanos:x}", std::process::id())
-}
-
-/// A private registry on 127.0.0.1; killed, and every local image of it
-/// untagged, on drop.
-struct Registry {
-    dir: tempfile::TempDir,
-    child: Child,
-    address: String,
-}
-
-impl Registry {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let htpasswd = run(Command::new("htpasswd").args(["-Bbn", USER, PASSWORD]));
-        std::fs::write(dir.path().join("htpasswd"), htpasswd).unwrap();
-        // A free port: bind, read, release. Another process may take it in
-        // between; then the registry exits and we try the next one.
-        for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let config = dir.path().join("config.yml");
-            std::fs::write(
-                &config,
-                format!(
-                    "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
-                     http:\n  addr: 127.0.0.1:{port}\nauth:\n  htpasswd:\n    realm: verge-test\n    path: {}\n",
-                    dir.path().join("data").display(),
-                    dir.path().join("htpasswd").display()
-                ),
-            )
-            .unwrap();
-            let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
-            let mut child = Command::new("docker-registry")
-                .arg("serve")
-                .arg(&config)
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap();
-            let end = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < end {
-                if child.try_wait().unwrap().is_some() {
-                    break;
-                }
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Self {
-                        dir,
-                        child,
-                        address: format!("127.0.0.1:{port}"),
-                    };
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!(
-            "docker-registry did not start: {}",
-            std::fs::read_to_string(dir.path().join("registry.log")).unwrap_or_default()
-        );
-    }
-
-    fn docker(&self) -> Command {
-        // A private client config, so the login touches nothing of the machine's.
-        let mut c = Command::new("docker");
-        c.arg("--config").arg(self.dir.path().join("docker"));
-        c
-    }
-
-    /// Pushes `verge-test/busybox:1` as `<registry>/verge/busy:1`, removes the
-    /// local tag, and returns (tagged reference, manifest digest).
-    fn push(&self) -> (String, String) {
-        let reference = format!("{}/verge/busy:1", self.address);
-        run(Command::new("docker").args(["tag", IMAGE, &reference]));
-        let mut login = self
-            .docker()
-            .args(["login", "-u", USER, "--password-stdin", &self.address])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        login
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(PASSWORD.as_bytes())
-            .unwrap();
-        assert!(login.wait().unwrap().success(), "docker login failed");
-        let out = run(self.docker().args(["push", &reference]));
-        let digest = out
-            .split_whitespace()
-            .find(|w| w.starts_with("sha256:") && w.len() == 71)
-            .unwrap_or_else(|| panic!("no digest in push output: {out}"))
-            .to_owned();
-        self.untag_all();
-        (reference, digest)
-    }
-
-    /// Removes every local reference to this registry (the image itself stays
-    /// as `verge-test/busybox:1`).
-    fn untag_all(&self) {
-        let refs = run(Command::new("docker").args([
-            "images",
-            "--digests",
-            "--format",
-            "{{.Repository}} {{.Tag}} {{.Digest}}",
-        ]));
-        for line in refs.lines() {
-            let mut parts = line.split(' ');
-            let (Some(repo), Some(tag), Some(digest)) = (parts.next(), parts.next(), parts.next())
-            else {
-                continue;
-            };
-            if !repo.starts_with(&format!("{}/", self.address)) {
-                continue;
-            }
-            if tag != "<none>" {
-                let _ = Command::new("docker")
-                    .args(["rmi", &format!("{repo}:{tag}")])
-                    .output();
-            }
-            if digest != "<none>" {
-                let _ = Command::new("docker")
-                    .args(["rmi", &format!("{repo}@{digest}")])
-                    .output();
-            }
-        }
-    }
-
-    fn credentials(&self, password: &str) -> Value {
-        json!({ "private": { "address": self.address, "username": USER, "password": password } })
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.untag_all();
-    }
 }
 
 /// One pull the agent asked for.
@@ -446,7 +290,7 @@ async fn private_registry_credentials_backoff_and_pull_policies() {
             .finish(),
     );
     let reg = Registry::start();
-    let (reference, digest) = reg.push();
+    let (reference, digest) = reg.push(IMAGE, "verge/busy:1");
     assert!(
         !Command::new("docker")
             .args(["image", "inspect", &reference])
@@ -585,7 +429,7 @@ async fn pinned_digests_are_enforced() {
         return;
     }
     let reg = Registry::start();
-    let (reference, digest) = reg.push();
+    let (reference, digest) = reg.push(IMAGE, "verge/busy:1");
     let repo = reference.trim_end_matches(":1").to_owned();
     let wrong_digest = format!("sha256:{}", "0".repeat(64));
     let fx = Fixture::new();

@@ -86,6 +86,7 @@ fn harness_with<B: ModuleRuntime + 'static>(
             },
             allowed_uid: nix::unistd::getuid().as_raw(),
             system_images: verge_daemon::system_images::SystemImages::default(),
+            pulls: Default::default(),
         }),
     );
     let rt = ManagementRuntime::from_uri(&format!("unix://{}", sock.display())).unwrap();
@@ -427,5 +428,195 @@ async fn agent_through_verged_restarts_unhealthy_and_checks_digests() {
             Err(RuntimeError::NotFound(_))
         ),
         "a refused module is not created"
+    );
+}
+
+/// Forwards 127.0.0.1:(returned port) to `upstream`, sending the answers
+/// back at most `bytes_per_sec`: a slow link in front of a registry, so a
+/// pull lasts long enough to be watched.
+async fn throttled_forwarder(upstream: String, bytes_per_sec: u64) -> u16 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let up = tokio::spawn(async move { tokio::io::copy(&mut cr, &mut sw).await });
+                let mut buf = vec![0u8; 16 * 1024];
+                let started = tokio::time::Instant::now();
+                let mut sent = 0u64;
+                while let Ok(n) = sr.read(&mut buf).await {
+                    if n == 0 || cw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    sent += n as u64;
+                    let due = started + Duration::from_secs_f64(sent as f64 / bytes_per_sec as f64);
+                    tokio::time::sleep_until(due).await;
+                }
+                up.abort();
+            });
+        }
+    });
+    port
+}
+
+/// The agent pulling through verged over a slow link (#24 item 4): while the
+/// image downloads, verged's `GET /images/pulls` names the module with its
+/// growing progress, and the agent reports the module as `downloading` with
+/// layers and megabytes; once pulled, it runs and the pull is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_progress_is_reported_while_an_image_downloads_through_verged() {
+    if !verge_testkit::docker::ready() {
+        return;
+    }
+    let suffix = format!("{}", std::process::id());
+    let owner = format!("verge-pull-test-{suffix}");
+    let network = format!("verge-pull-test-{suffix}");
+    let local = format!("verge-test/big:{suffix}");
+    // An image with three incompressible 12 MB layers over the test image.
+    let ctx = tempfile::tempdir().unwrap();
+    let mut dockerfile = format!("FROM {IMAGE}\n");
+    for layer in ["a", "b", "c"] {
+        let mut data = vec![0u8; 12_000_000];
+        let mut urandom = std::fs::File::open("/dev/urandom").unwrap();
+        std::io::Read::read_exact(&mut urandom, &mut data).unwrap();
+        std::fs::write(ctx.path().join(layer), &data).unwrap();
+        dockerfile.push_str(&format!("COPY {layer} /{layer}\n"));
+    }
+    std::fs::write(ctx.path().join("Dockerfile"), dockerfile).unwrap();
+    verge_testkit::stdout_of(
+        std::process::Command::new("docker")
+            .args(["build", "-q", "-t", &local])
+            .arg(ctx.path()),
+    );
+    let reg = verge_testkit::registry::Registry::start();
+    reg.push(&local, "verge/big:1");
+    // Only the registry has the three layers now.
+    verge_testkit::stdout_of(std::process::Command::new("docker").args(["rmi", &local]));
+    let slow = throttled_forwarder(reg.address.clone(), 6_000_000).await;
+    let image = format!("127.0.0.1:{slow}/verge/big:1");
+    let _cleanup = verge_testkit::docker::Leftovers {
+        owner: owner.clone(),
+        network: network.clone(),
+        images: vec![image.clone(), local.clone()],
+    };
+    let backend = Arc::new(verge_runtime::DockerRuntime::new(
+        verge_runtime::DockerConfig {
+            network,
+            owner,
+            stop_timeout: Duration::from_secs(1),
+            ..verge_runtime::DockerConfig::default()
+        },
+    ));
+    let h = harness_with(
+        tempfile::tempdir().unwrap(),
+        backend,
+        WorkloadUriStyle::Fixed("unix:///var/run/iotedge/workload.sock".into()),
+    );
+    let desired = json!({
+        "schemaVersion": "1.1",
+        "runtime": { "type": "docker", "settings": { "registryCredentials": {
+            "slow": { "address": format!("127.0.0.1:{slow}"),
+                      "username": verge_testkit::registry::USER,
+                      "password": verge_testkit::registry::PASSWORD } } } },
+        "systemModules": {
+            "edgeAgent": { "type": "docker", "settings": { "image": "verge-agent" } },
+            "edgeHub": { "type": "docker", "status": "stopped", "imagePullPolicy": "never",
+                         "settings": { "image": IMAGE } }
+        },
+        "modules": {
+            "big": { "version": "1.0", "type": "docker", "status": "running",
+                     "restartPolicy": "always", "imagePullPolicy": "on-create",
+                     "settings": { "image": image.clone(),
+                                   "createOptions": json!({"Cmd": ["sh", "-c", "sleep 300"]}).to_string() } }
+        }
+    });
+    let cfg = verge_agent::AgentConfig {
+        report_interval: Duration::ZERO,
+        tier_timeout: Duration::from_secs(10),
+        stop_timeout: Duration::from_secs(1),
+        extra_env: BTreeMap::new(),
+        ..verge_agent::AgentConfig::default()
+    };
+    let mut agent = verge_agent::Agent::open(Arc::new(h.rt.clone()), cfg, &h.home.join("agent"))
+        .await
+        .unwrap();
+    let (tx, mut reports) = tokio::sync::watch::channel(None);
+    agent.report_to(tx);
+    agent.set_desired(&desired).await.unwrap();
+
+    // Watch verged's list of pulls and the agent's reports while it reconciles.
+    let rt = h.rt.clone();
+    let watched_image = image.clone();
+    let watch = tokio::spawn(async move {
+        let mut seen_pulls = Vec::new();
+        let mut seen_reports = Vec::new();
+        loop {
+            tokio::select! {
+                changed = reports.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let doc = reports.borrow_and_update().clone().unwrap_or_default();
+                    let m = &doc["modules"]["big"];
+                    if m["runtimeStatus"] == "downloading" {
+                        seen_reports.push(m["statusDescription"].as_str().unwrap_or("").to_owned());
+                    }
+                }
+                () = tokio::time::sleep(Duration::from_millis(200)) => {
+                    if let Ok(Some(p)) = rt.pull_status("big", &watched_image).await {
+                        seen_pulls.push(p);
+                    }
+                }
+            }
+        }
+        (seen_pulls, seen_reports)
+    });
+    let end = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        agent.reconcile().await;
+        if agent.reported()["modules"]["big"]["runtimeStatus"] == "running" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "big never ran: {:#}",
+            agent.reported()["modules"]["big"]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        h.rt.pulls().await.unwrap().is_empty(),
+        "a finished pull is no longer listed"
+    );
+    drop(agent);
+    let (pulls, reports) = watch.await.unwrap();
+
+    // verged named the module's pull, with progress that grew.
+    assert!(pulls.len() >= 3, "pulls seen: {pulls:?}");
+    assert!(pulls.iter().all(|p| p.image == image), "{pulls:?}");
+    let last = pulls.last().unwrap();
+    assert!(last.layers >= 4, "the base layer and three more: {last:?}");
+    assert!(last.total_bytes >= 24_000_000, "{last:?}");
+    assert!(
+        pulls
+            .windows(2)
+            .any(|w| w[1].downloaded_bytes > w[0].downloaded_bytes),
+        "downloaded bytes never grew: {pulls:?}"
+    );
+    // The agent reported it as downloading, with how far it had got.
+    let with_bytes = reports
+        .iter()
+        .find(|r| r.contains(" MB"))
+        .unwrap_or_else(|| panic!("no report with megabytes: {reports:?}"));
+    assert!(
+        with_bytes.starts_with(&format!("downloading image {image}: "))
+            && with_bytes.contains(" layers"),
+        "{with_bytes}"
     );
 }

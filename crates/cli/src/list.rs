@@ -3,10 +3,7 @@
 use std::time::{Duration, SystemTime};
 
 use verge_core::time::Timestamp;
-use verge_daemon::api::{
-    AgentInfo, ExitStatus, ModuleConfig, ModuleDetails, ModuleSettings, ModuleStatusJson,
-    RuntimeStatus,
-};
+use verge_daemon::api::{AgentInfo, ExitStatus, ImagePulls, ModuleDetails};
 
 use crate::mgmt::Mgmt;
 use crate::ui;
@@ -48,8 +45,40 @@ pub fn describe(m: &ModuleDetails, now: SystemTime) -> String {
                 None => format!("{word}{code}"),
             }
         }
+        DOWNLOADING => match st.runtime_status.description.as_deref() {
+            Some(d) => format!("Downloading image ({d})"),
+            None => "Downloading image".to_owned(),
+        },
         _ => "Unknown".to_owned(),
     }
+}
+
+/// The status of a module whose image verged is still pulling (the
+/// agent reports the same word).
+const DOWNLOADING: &str = "downloading";
+
+/// A row for each module whose image is being pulled and that has no
+/// container yet; a hint for each that has one (an update, whose old
+/// container runs until the new image is there).
+pub fn with_pulls(modules: &mut Vec<ModuleDetails>, pulls: &ImagePulls) -> Vec<String> {
+    let mut hints = Vec::new();
+    for p in &pulls.pulls {
+        for name in &p.modules {
+            if modules.iter().any(|m| &m.name == name) {
+                hints.push(format!(
+                    "hint: {name}: downloading image {} ({})",
+                    p.progress.image,
+                    p.progress.describe()
+                ));
+                continue;
+            }
+            let mut row = ModuleDetails::bare(name, "", &p.progress.image, DOWNLOADING);
+            row.status.runtime_status.description = Some(p.progress.describe());
+            modules.push(row);
+        }
+    }
+    modules.sort_by(|a, b| a.name.cmp(&b.name));
+    hints
 }
 
 /// The JSON form of one row (`--output json`).
@@ -110,36 +139,18 @@ pub fn agent_row(a: &AgentInfo) -> ModuleDetails {
         "stopped" => "stopped",
         _ => "unknown",
     };
-    ModuleDetails {
-        id: a.pid.map(|p| p.to_string()).unwrap_or_default(),
-        name: a.name.clone(),
-        kind: a.kind.clone(),
-        config: ModuleConfig {
-            settings: ModuleSettings {
-                image: a.image.clone(),
-                create_options: serde_json::json!({}),
-            },
-            env: Vec::new(),
-            auth: None,
+    let mut row = ModuleDetails::bare(&a.name, &a.kind, &a.image, status);
+    row.id = a.pid.map(|p| p.to_string()).unwrap_or_default();
+    row.status.start_time = a.start_time.clone();
+    row.status.exit_status = a.last_exit.as_ref().map(|e| ExitStatus {
+        exit_time: e.time.clone(),
+        status_code: match (e.code, e.signal) {
+            (Some(c), _) => c.to_string(),
+            (None, Some(s)) => format!("signal {s}"),
+            (None, None) => "unknown".to_owned(),
         },
-        status: ModuleStatusJson {
-            start_time: a.start_time.clone(),
-            exit_status: a.last_exit.as_ref().map(|e| ExitStatus {
-                exit_time: e.time.clone(),
-                status_code: match (e.code, e.signal) {
-                    (Some(c), _) => c.to_string(),
-                    (None, Some(s)) => format!("signal {s}"),
-                    (None, None) => "unknown".to_owned(),
-                },
-            }),
-            runtime_status: RuntimeStatus {
-                status: status.to_owned(),
-                description: None,
-                health: None,
-            },
-        },
-        labels: Default::default(),
-    }
+    });
+    row
 }
 
 /// The modules plus the agent verged supervises, when the runtime does not
@@ -158,14 +169,19 @@ pub async fn modules_and_agent(mgmt: &Mgmt) -> anyhow::Result<Vec<ModuleDetails>
 
 /// `verge list [--output json]`.
 pub async fn run(mgmt: &Mgmt, json: bool) -> anyhow::Result<()> {
-    let modules = modules_and_agent(mgmt).await?;
+    let mut modules = modules_and_agent(mgmt).await?;
+    // Best effort, as for the agent: an older verged lists no pulls.
+    let pull_hints = match mgmt.pulls().await {
+        Ok(Some(pulls)) => with_pulls(&mut modules, &pulls),
+        _ => Vec::new(),
+    };
     let now = SystemTime::now();
     if json {
         let rows: Vec<_> = modules.iter().map(|m| json_row(m, now)).collect();
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         print!("{}", render(&modules, now, ui::colour_enabled()));
-        for line in hints(&modules) {
+        for line in hints(&modules).into_iter().chain(pull_hints) {
             println!("{line}");
         }
     }
@@ -177,6 +193,7 @@ pub async fn run(mgmt: &Mgmt, json: bool) -> anyhow::Result<()> {
 fn hints(modules: &[ModuleDetails]) -> Vec<String> {
     modules
         .iter()
+        .filter(|m| m.status.runtime_status.status != DOWNLOADING)
         .filter_map(|m| {
             let d = m.status.runtime_status.description.as_deref()?;
             Some(format!("hint: {}: {d}", m.name))
@@ -230,32 +247,51 @@ mod tests {
     }
 
     fn module(status: &str, start: Option<&str>, exit: Option<(&str, &str)>) -> ModuleDetails {
-        ModuleDetails {
-            id: "1".into(),
-            name: "m".into(),
-            kind: "process".into(),
-            config: ModuleConfig {
-                settings: ModuleSettings {
-                    image: "/bin/true".into(),
-                    create_options: serde_json::json!({}),
+        let mut m = ModuleDetails::bare("m", "process", "/bin/true", status);
+        m.id = "1".into();
+        m.status.start_time = start.map(str::to_owned);
+        m.status.exit_status = exit.map(|(t, c)| ExitStatus {
+            exit_time: t.into(),
+            status_code: c.into(),
+        });
+        m
+    }
+
+    #[test]
+    fn pulls_show_as_rows_or_hints() {
+        use verge_core::pull::PullStatus;
+        use verge_daemon::api::ImagePull;
+        let mut modules = vec![module("running", None, None)];
+        let pulls = ImagePulls {
+            pulls: vec![ImagePull {
+                progress: PullStatus {
+                    image: "reg:5000/big:2".into(),
+                    layers: 4,
+                    layers_done: 1,
+                    downloaded_bytes: 3_000_000,
+                    total_bytes: 12_000_000,
                 },
-                env: vec![],
-                auth: None,
-            },
-            status: ModuleStatusJson {
-                start_time: start.map(str::to_owned),
-                exit_status: exit.map(|(t, c)| ExitStatus {
-                    exit_time: t.into(),
-                    status_code: c.into(),
-                }),
-                runtime_status: RuntimeStatus {
-                    status: status.into(),
-                    description: None,
-                    health: None,
-                },
-            },
-            labels: Default::default(),
-        }
+                modules: vec!["m".into(), "new".into()],
+            }],
+        };
+        let lines = with_pulls(&mut modules, &pulls);
+        assert_eq!(
+            lines,
+            ["hint: m: downloading image reg:5000/big:2 (1 of 4 layers, 3.0 of 12.0 MB)"]
+        );
+        assert_eq!(modules.len(), 2);
+        let row = &modules[1];
+        assert_eq!(
+            (row.name.as_str(), row.status.runtime_status.status.as_str()),
+            ("new", "downloading")
+        );
+        assert_eq!(row.config.settings.image, "reg:5000/big:2");
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_714_564_800);
+        assert_eq!(
+            describe(row, now),
+            "Downloading image (1 of 4 layers, 3.0 of 12.0 MB)"
+        );
+        assert!(hints(&modules).is_empty(), "no second line for the row");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
 use hyper_util::rt::TokioIo;
 use verge_daemon::api::{
-    AgentInfo, CertificateList, ErrorResponse, ModuleDetails, ModuleList, SystemInfo,
+    AgentInfo, CertificateList, ErrorResponse, ImagePulls, ModuleDetails, ModuleList, SystemInfo,
 };
 use verge_daemon::client::{ClientError, request, socket_path_from_uri};
 
@@ -187,6 +187,11 @@ impl Mgmt {
     /// supervises none, or predates the endpoint).
     pub async fn agent(&self) -> anyhow::Result<Option<AgentInfo>> {
         self.get_json_opt("/systeminfo/agent").await
+    }
+
+    /// `GET /images/pulls` (`None`: verged predates the endpoint).
+    pub async fn pulls(&self) -> anyhow::Result<Option<ImagePulls>> {
+        self.get_json_opt("/images/pulls").await
     }
 
     /// `GET /certificates` (`None`: verged predates the endpoint).

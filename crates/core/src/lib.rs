@@ -12,6 +12,7 @@ pub mod id;
 pub mod manifest;
 pub mod message;
 pub mod method;
+pub mod pull;
 pub mod sas;
 pub mod time;
 pub mod twin;

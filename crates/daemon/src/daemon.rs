@@ -166,6 +166,7 @@ pub async fn run_with(
                 env: env_ctx.clone(),
                 allowed_uid: nix::unistd::getuid().as_raw(),
                 system_images: config.system_images.clone(),
+                pulls: Default::default(),
             },
             MgmtExtras {
                 agent: Some(monitor.clone()),

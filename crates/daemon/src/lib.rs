@@ -37,6 +37,7 @@ pub mod env;
 pub mod http;
 pub mod keys;
 pub mod mgmt;
+pub mod pulls;
 pub mod resources;
 pub mod supervision;
 pub mod system_images;

@@ -11,8 +11,12 @@
 //! `/modules/{name}/restart` (the watchdog restarts it), as a docker agent's
 //! does through the runtime.
 //!
-//! Besides aziot's paths, verged serves three read-only Verge extensions
-//! (same `api-version`), for `verge system status`, `list` and `check`:
+//! Besides aziot's paths, verged serves read-only Verge extensions (same
+//! `api-version`), for the agent, `verge system status`, `list` and `check`:
+//!
+//! * `GET /images/digests?image=…` — see [`ImageDigests`].
+//! * `GET /images/pulls` — the pulls modules are waiting for, with progress
+//!   (see [`crate::pulls`]).
 //!
 //! * `GET /systeminfo/agent` — the agent verged supervises, kept up to date by
 //!   its watchdog (a separate path rather than a `/systeminfo` field, so
@@ -96,6 +100,8 @@ pub struct MgmtState {
     pub allowed_uid: u32,
     /// What runs for Microsoft's system-module images.
     pub system_images: crate::system_images::SystemImages,
+    /// The pulls modules are waiting for (`GET /images/pulls`).
+    pub pulls: crate::pulls::PullRequests,
 }
 
 /// What the CLI asks of verged itself (Verge extensions, mutating, so root
@@ -192,6 +198,7 @@ pub fn router_with(state: MgmtState, extras: MgmtExtras) -> Router {
         .route("/modules/{name}/restart", post(restart_module))
         .route("/modules/{name}/logs", get(module_logs))
         .route("/images/digests", get(image_digests))
+        .route("/images/pulls", get(crate::pulls::image_pulls))
         .route("/identities", get(list_identities).post(create_identity))
         .route("/identities/", get(list_identities).post(create_identity))
         .route(
@@ -228,7 +235,7 @@ async fn check_caller(State(state): State<MgmtState>, req: Request, next: Next) 
     next.run(req).await
 }
 
-fn runtime_err(e: RuntimeError) -> ApiError {
+pub(crate) fn runtime_err(e: RuntimeError) -> ApiError {
     let status = match &e {
         RuntimeError::NotFound(_) | RuntimeError::ImageNotFound(_) => StatusCode::NOT_FOUND,
         RuntimeError::AlreadyExists(_) => StatusCode::CONFLICT,
@@ -423,6 +430,7 @@ async fn pull_if_wanted(
                 username: a.username.clone(),
                 password: a.password.clone(),
             });
+            let _listed = state.pulls.begin(&spec.name, image);
             state
                 .runtime
                 .pull(image, auth.as_ref())

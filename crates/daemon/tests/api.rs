@@ -172,6 +172,7 @@ async fn harness_with(limits: Option<SocketLimits>) -> Harness {
             },
             allowed_uid: nix::unistd::getuid().as_raw(),
             system_images: verge_daemon::system_images::SystemImages::default(),
+            pulls: Default::default(),
         }),
     );
     Harness {

@@ -40,9 +40,10 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use verge_core::time::Timestamp;
 
+use crate::pull::{LayerProgress, Pulls};
 use crate::{
     Health, LogOptions, LogStream, ModuleRuntime, ModuleSpec, ModuleState, ModuleStatus,
-    RegistryAuth, RuntimeError, RuntimeInfo,
+    PullStatus, RegistryAuth, RuntimeError, RuntimeInfo,
 };
 
 /// Label carrying the owner of a container; `list` returns only containers
@@ -98,6 +99,7 @@ pub struct DockerRuntime {
     config: DockerConfig,
     client: tokio::sync::Mutex<Option<Docker>>,
     network_ready: AtomicBool,
+    pulls: Pulls,
 }
 
 /// Whether a bollard error means the engine could not be reached.
@@ -315,6 +317,7 @@ impl DockerRuntime {
             config,
             client: tokio::sync::Mutex::new(None),
             network_ready: AtomicBool::new(false),
+            pulls: Pulls::default(),
         }
     }
 
@@ -564,14 +567,24 @@ impl ModuleRuntime for DockerRuntime {
             ..Default::default()
         };
         tracing::info!(image = %reference, "pulling image");
+        let listed = self.pulls.begin(image);
         let pull = async {
             let mut stream = docker.create_image(Some(options), None, credentials);
-            let mut progress = PullProgress::default();
+            let mut log = PullLog::default();
+            let mut layers = LayerProgress::default();
             while let Some(item) = stream.next().await {
                 let info = item.map_err(|e| pull_error(image, e))?;
-                if let Some(line) = progress.line(&info) {
+                if let Some(line) = log.line(&info) {
                     tracing::info!(image = %reference, "pull: {line}");
                 }
+                let detail = info.progress_detail.as_ref();
+                layers.update(
+                    info.id.as_deref().unwrap_or(""),
+                    info.status.as_deref().unwrap_or(""),
+                    detail.and_then(|p| p.current),
+                    detail.and_then(|p| p.total),
+                );
+                listed.update(&layers);
                 tracing::debug!(
                     image = %reference,
                     layer = info.id.as_deref().unwrap_or(""),
@@ -802,6 +815,10 @@ impl ModuleRuntime for DockerRuntime {
         Ok(Some(digests))
     }
 
+    async fn pulls(&self) -> Result<Vec<PullStatus>, RuntimeError> {
+        Ok(self.pulls.list())
+    }
+
     async fn info(&self) -> Result<RuntimeInfo, RuntimeError> {
         let docker = self.client().await?;
         let info = docker.info().await.map_err(general_error)?;
@@ -824,11 +841,11 @@ impl ModuleRuntime for DockerRuntime {
 /// `Status: …`). Byte counts repeat the same status many times a second and
 /// are left to debug logging.
 #[derive(Debug, Default)]
-struct PullProgress {
+struct PullLog {
     layers: HashMap<String, String>,
 }
 
-impl PullProgress {
+impl PullLog {
     fn line(&mut self, info: &CreateImageInfo) -> Option<String> {
         let status = info.status.as_deref().filter(|s| !s.is_empty())?;
         match info.id.as_deref().filter(|id| !id.is_empty()) {

@@ -6,9 +6,11 @@
 pub mod docker;
 pub mod images;
 pub mod process;
+pub mod pull;
 
 pub use docker::{DockerConfig, DockerRuntime};
 pub use process::{ProcessConfig, ProcessRuntime};
+pub use pull::PullStatus;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -178,6 +180,33 @@ pub enum RuntimeError {
 pub trait ModuleRuntime: Send + Sync {
     /// Pulls an image (Docker); a no-op that checks the executable exists (process).
     async fn pull(&self, image: &str, auth: Option<&RegistryAuth>) -> Result<(), RuntimeError>;
+    /// [`pull`](Self::pull) on behalf of module `module`, so a runtime
+    /// reached through verged can show whose pull it is (the default
+    /// ignores the name).
+    async fn pull_for(
+        &self,
+        module: &str,
+        image: &str,
+        auth: Option<&RegistryAuth>,
+    ) -> Result<(), RuntimeError> {
+        let _ = module;
+        self.pull(image, auth).await
+    }
+    /// The pulls in flight and how far each has got (the default: none
+    /// known, e.g. the process backend, which pulls nothing).
+    async fn pulls(&self) -> Result<Vec<PullStatus>, RuntimeError> {
+        Ok(Vec::new())
+    }
+    /// How far the pull of `image` for `module` has got, if one is in
+    /// flight (the default looks `image` up in [`pulls`](Self::pulls)).
+    async fn pull_status(
+        &self,
+        module: &str,
+        image: &str,
+    ) -> Result<Option<PullStatus>, RuntimeError> {
+        let _ = module;
+        Ok(self.pulls().await?.into_iter().find(|p| p.image == image))
+    }
     /// Creates a module without starting it.
     async fn create(&self, spec: &ModuleSpec) -> Result<(), RuntimeError>;
     /// Starts a created or stopped module.

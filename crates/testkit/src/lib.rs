@@ -9,6 +9,7 @@
 pub mod docker;
 pub mod net;
 pub mod prometheus;
+pub mod registry;
 
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
@@ -196,4 +197,16 @@ pub fn build(packages: &[&str]) -> PathBuf {
     };
     assert!(status.success(), "building {packages:?} failed: {status}");
     profile_dir
+}
+
+/// Runs `cmd` and returns its stdout; panics with its output when it fails.
+pub fn stdout_of(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

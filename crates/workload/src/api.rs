@@ -275,6 +275,37 @@ pub struct ModuleDetails {
     pub labels: BTreeMap<String, String>,
 }
 
+impl ModuleDetails {
+    /// A module of `kind` running `image` in `status`, with nothing else
+    /// known (no id, times, environment or createOptions): for rows made
+    /// from something other than the runtime's answer.
+    pub fn bare(name: &str, kind: &str, image: &str, status: &str) -> Self {
+        Self {
+            id: String::new(),
+            name: name.to_owned(),
+            kind: kind.to_owned(),
+            config: ModuleConfig {
+                settings: ModuleSettings {
+                    image: image.to_owned(),
+                    create_options: serde_json::json!({}),
+                },
+                env: Vec::new(),
+                auth: None,
+            },
+            status: ModuleStatusJson {
+                start_time: None,
+                exit_status: None,
+                runtime_status: RuntimeStatus {
+                    status: status.to_owned(),
+                    description: None,
+                    health: None,
+                },
+            },
+            labels: BTreeMap::new(),
+        }
+    }
+}
+
 /// `GET /modules`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModuleList {
@@ -508,4 +539,26 @@ pub struct ImageDigests {
     /// The image id and its registry digests; `null` when the backend has
     /// no image digests (the process backend).
     pub digests: Option<Vec<String>>,
+}
+
+/// `GET /images/pulls` (Verge extension): the image pulls verged has in
+/// flight, so the agent reports a module as `downloading` and `verge list`
+/// shows it before its container exists.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImagePulls {
+    /// One entry per image being pulled, by image.
+    pub pulls: Vec<ImagePull>,
+}
+
+/// One pull in flight (see [`ImagePulls`]): `{"image", "layers",
+/// "layersDone", "downloadedBytes", "totalBytes", "modules"}`, where
+/// `image` is the image that will run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImagePull {
+    /// How far it has got.
+    #[serde(flatten)]
+    pub progress: verge_core::pull::PullStatus,
+    /// The modules whose create or `prepareupdate` asked for it.
+    #[serde(default)]
+    pub modules: Vec<String>,
 }

@@ -159,32 +159,11 @@ pub(super) fn verdict(
 mod tests {
     use super::*;
     use serde_json::json;
-    use verge_daemon::api::{ModuleConfig, ModuleSettings, ModuleStatusJson, RuntimeStatus};
 
     fn module(name: &str, opts: Value) -> ModuleDetails {
-        ModuleDetails {
-            id: String::new(),
-            name: name.into(),
-            kind: "docker".into(),
-            config: ModuleConfig {
-                settings: ModuleSettings {
-                    image: "x".into(),
-                    create_options: opts,
-                },
-                env: Vec::new(),
-                auth: None,
-            },
-            status: ModuleStatusJson {
-                start_time: None,
-                exit_status: None,
-                runtime_status: RuntimeStatus {
-                    status: "running".into(),
-                    description: None,
-                    health: None,
-                },
-            },
-            labels: Default::default(),
-        }
+        let mut m = ModuleDetails::bare(name, "docker", "x", "running");
+        m.config.settings.create_options = opts;
+        m
     }
 
     const NET: &str = "azure-iot-edge";

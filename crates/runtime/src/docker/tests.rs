@@ -160,7 +160,7 @@ fn pull_progress_logs_status_changes_only() {
         }),
         ..Default::default()
     };
-    let mut p = PullProgress::default();
+    let mut p = PullLog::default();
     let lines: Vec<Option<String>> = [
         info("1", "Pulling from verge/busy", 0),
         info("a1", "Pulling fs layer", 0),
