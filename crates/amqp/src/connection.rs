@@ -100,6 +100,8 @@ pub(crate) struct Routes {
     pub(crate) inputs: Option<mpsc::Sender<Push>>,
     pub(crate) twin: Option<mpsc::Sender<Push>>,
     pub(crate) methods: Option<mpsc::Sender<Push>>,
+    /// A device's cloud-to-device messages.
+    pub(crate) c2d: Option<mpsc::Sender<Push>>,
     /// Method requests in flight: the uuid correlation id sent (what the C
     /// SDK requires) → the backend's request id.
     pub(crate) method_rids: HashMap<uuid::Uuid, String>,
@@ -118,6 +120,8 @@ pub(crate) enum PushKind {
     Inputs,
     Twin,
     Methods,
+    /// Cloud-to-device messages of a (leaf) device.
+    C2d,
 }
 
 impl Routes {
@@ -126,6 +130,7 @@ impl Routes {
             PushKind::Inputs => &mut self.inputs,
             PushKind::Twin => &mut self.twin,
             PushKind::Methods => &mut self.methods,
+            PushKind::C2d => &mut self.c2d,
         }
     }
 }
@@ -434,6 +439,12 @@ impl<B: Backend> Shared<B> {
                             .await
                     });
                 }
+                (Kind::DeviceBound, LinkEndpoint::Sender(s)) => {
+                    self.tasks.spawn(async move {
+                        this.push_link(target.client, s, ident_cancel, routes, PushKind::C2d)
+                            .await
+                    });
+                }
                 (Kind::Twin, LinkEndpoint::Sender(s)) => {
                     self.tasks.spawn(async move {
                         this.push_link(target.client, s, ident_cancel, routes, PushKind::Twin)
@@ -656,8 +667,15 @@ impl<B: Backend> Shared<B> {
     }
 
     /// One of an identity's sender links (module inputs, twin responses and
-    /// desired patches, method requests): sends what is routed to it and
-    /// acknowledges to the backend what the client accepts.
+    /// desired patches, method requests, C2D): sends what is routed to it
+    /// and acknowledges to the backend what the client accepts.
+    ///
+    /// C2D settles as IoT Hub's AMQP does: accepted = complete, rejected =
+    /// reject (never redelivered), released or modified = abandon (the
+    /// backend redelivers). The backend's acknowledgement has only two
+    /// answers, so a reject is acknowledged like a completion (the hub's
+    /// MQTT upstream has no reject either: it completes the message, which
+    /// the cloud then does not redeliver, and the hub logs the reject).
     async fn push_link(
         self: Arc<Self>,
         client: ClientId,
@@ -681,9 +699,12 @@ impl<B: Backend> Shared<B> {
                 () = self.tokens.expired(&client) => break Some(error(AmqpError::UnauthorizedAccess, "token expired")),
                 p = rx.recv() => match p { Some(p) => p, None => break None },
             };
+            // Biased to the outcome: when the client settled and its
+            // connection's end is seen in the same poll, the settlement counts.
             let outcome = tokio::select! {
-                () = ident.cancelled() => break None,
+                biased;
                 o = sender.send(push.msg) => o,
+                () = ident.cancelled() => break None,
             };
             match outcome {
                 Ok(Outcome::Accepted(_)) => {
@@ -691,9 +712,17 @@ impl<B: Backend> Shared<B> {
                         let _ = ack.send(());
                     }
                 }
+                Ok(Outcome::Rejected(r)) if matches!(kind, PushKind::C2d) => {
+                    tracing::info!(%client, error = ?r.error, "C2D message rejected by the device; not redelivered");
+                    if let Some(ack) = push.ack {
+                        let _ = ack.send(());
+                    }
+                }
                 // Not accepted: dropping the ack leaves the message to the
                 // backend's redelivery.
-                Ok(_) => {}
+                Ok(o) => {
+                    tracing::debug!(%client, ?kind, outcome = ?o, "AMQP delivery not accepted")
+                }
                 Err(e) => {
                     tracing::info!(%client, ?kind, error = %e, "AMQP sender link ended");
                     break None;

@@ -30,8 +30,15 @@ pub(crate) fn filter(client: &ClientId, kind: PushKind) -> Option<String> {
     match kind {
         PushKind::Inputs => Some(format!("{}inputs/#", own_prefix(client))),
         PushKind::Methods => Some(format!("{METHOD_PREFIX}#")),
+        PushKind::C2d => Some(format!("{}#", c2d_prefix(client))),
         PushKind::Twin => None,
     }
+}
+
+/// The backend's C2D topic prefix for a device (a device client prints as
+/// its device id).
+fn c2d_prefix(client: &ClientId) -> String {
+    format!("devices/{client}/messages/devicebound/")
 }
 
 fn data(payload: &[u8]) -> Body<Value> {
@@ -85,6 +92,13 @@ pub(crate) fn dispatch(
             .application_properties(app)
             .body(data(&out.payload))
             .build();
+        return Some((route, Push { msg, ack: out.ack }));
+    }
+    if !client.is_module()
+        && let Some(bag) = out.topic.strip_prefix(&c2d_prefix(client))
+    {
+        let route = r.c2d.clone()?;
+        let msg = crate::convert::from_bag(bag, None, out.payload.clone());
         return Some((route, Push { msg, ack: out.ack }));
     }
     let rest = out.topic.strip_prefix(&own_prefix(client))?;

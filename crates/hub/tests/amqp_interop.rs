@@ -26,31 +26,6 @@ fn skipped(test: &str) -> bool {
     false
 }
 
-/// `python` if it can import `module`, else a failure naming the fix.
-fn python_with(python: PathBuf, module: &str, fix: &str) -> PathBuf {
-    let ok = Command::new(&python)
-        .args(["-c", &format!("import {module}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "{} cannot import {module}: {fix}", python.display());
-    python
-}
-
-fn venv_python() -> PathBuf {
-    let p = std::env::var_os("VERGE_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python")
-        });
-    python_with(
-        p,
-        "uamqp, azure.iot.device",
-        "run scripts/test.sh (pip install uamqp==1.6.11 azure-iot-device==2.14.0 into .venv), or set VERGE_PYTHON",
-    )
-}
-
 fn wait_port_free(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(90);
     while std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
@@ -151,7 +126,7 @@ fn uamqp_module_routes_both_ways_with_an_mqtt_module() {
     if skipped("uamqp_module_routes_both_ways_with_an_mqtt_module") {
         return;
     }
-    let python = venv_python();
+    let python = verge_testkit::azure_python("uamqp, azure.iot.device");
     wait_port_free(8883);
     run(&python, "amqp_uamqp.py", "127.0.0.1:8883");
 }
@@ -164,11 +139,6 @@ fn proton_sasl_variants_cbs_and_token_expiry() {
     if skipped("proton_sasl_variants_cbs_and_token_expiry") {
         return;
     }
-    let python = python_with(
-        std::env::var_os("VERGE_PROTON_PYTHON")
-            .map_or_else(|| PathBuf::from("/usr/bin/python3"), PathBuf::from),
-        "proton",
-        "apt-get install python3-qpid-proton (scripts/test.sh does), or set VERGE_PROTON_PYTHON",
-    );
+    let python = verge_testkit::proton_python();
     run(&python, "amqp_proton.py", "127.0.0.1:0");
 }

@@ -121,11 +121,21 @@ impl Drop for VergeCloud {
     }
 }
 
-/// A hub config with an `[upstream]` table pointing at `cloud`.
-fn hub_config(pki: &Pki, storage: &Path, mqtt: SocketAddr, cloud: &VergeCloud) -> PathBuf {
+/// A hub config with an `[upstream]` table pointing at `cloud`, and AMQPS
+/// on `amqps`.
+fn hub_config(
+    pki: &Pki,
+    storage: &Path,
+    (mqtt, amqps): (SocketAddr, SocketAddr),
+    cloud: &VergeCloud,
+) -> PathBuf {
     config(pki, storage, &mqtt.to_string(), &free_addr().to_string());
     let path = pki.dir.path().join("hub.toml");
-    let mut text = std::fs::read_to_string(&path).unwrap();
+    let mut text = std::fs::read_to_string(&path).unwrap().replacen(
+        "[listen]\n",
+        &format!("[listen]\namqps = \"{amqps}\"\n"),
+        1,
+    );
     text.push_str(&format!(
         "[upstream]\nhostname = \"localhost\"\nport = {}\nca_file = \"{}\"\nreconnect_ms = 200\nbatch_size = 10\nkeep_alive_secs = 10\nack_timeout_secs = 5\n",
         cloud.addr.port(),
@@ -151,7 +161,8 @@ impl HubProc {
             .arg("--config")
             .arg(toml)
             .env("RUST_LOG", "info,verge_hub::upstream=debug")
-            .stdout(Stdio::null())
+            // The hub logs on stdout, as a module does.
+            .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
             .unwrap();
@@ -189,6 +200,7 @@ struct World {
     storage: tempfile::TempDir,
     toml: PathBuf,
     mqtt: SocketAddr,
+    amqps: SocketAddr,
     log: PathBuf,
 }
 
@@ -197,8 +209,8 @@ impl World {
         let cloud = VergeCloud::new().await;
         let pki = pki();
         let storage = tempfile::tempdir().unwrap();
-        let mqtt = free_addr();
-        let toml = hub_config(&pki, storage.path(), mqtt, &cloud);
+        let (mqtt, amqps) = (free_addr(), free_addr());
+        let toml = hub_config(&pki, storage.path(), (mqtt, amqps), &cloud);
         let log = storage.path().join("hub.log");
         World {
             cloud,
@@ -206,6 +218,7 @@ impl World {
             storage,
             toml,
             mqtt,
+            amqps,
             log,
         }
     }
@@ -525,6 +538,153 @@ async fn c2d_to_a_leaf_device_completes_on_its_puback() {
     assert_eq!(f[0].status_code, "Success");
     assert_eq!(f[0].original_message_id, "c2d-1");
     assert_eq!(f[0].device_id, "leaf1");
+}
+
+/// Lines a child process prints, read on a thread.
+struct Lines {
+    rx: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Lines {
+    fn of(child: &mut Child) -> Lines {
+        use std::io::BufRead as _;
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Lines {
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (at most `limit`) for a line starting with `prefix`.
+    async fn wait(&mut self, prefix: &str, limit: Duration, hub_log: impl Fn() -> String) {
+        let deadline = Instant::now() + limit;
+        loop {
+            while let Ok(line) = self.rx.try_recv() {
+                let found = line.starts_with(prefix);
+                self.seen.push(line);
+                if found {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no line {prefix:?} from the leaf; it printed {:?}\n--- hub log\n{}",
+                self.seen,
+                hub_log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// C2D to a leaf device connected over AMQP (Apache Qpid Proton, SASL
+/// PLAIN): accepted = completed in the cloud (feedback `Success`); rejected
+/// = never delivered again (the MQTT upstream has no reject, so the hub
+/// completes it); released = abandoned: not completed, and delivered again
+/// once the hub's link to the cloud comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c2d_to_an_amqp_leaf_settles_by_its_outcome() {
+    let python = verge_testkit::proton_python();
+    let mut w = World::new().await;
+    w.cloud.start().await;
+    let _hub = w.hub().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(w.amqps).await.is_err() {
+        assert!(Instant::now() < deadline, "no AMQPS listener");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ca = w.pki.dir.path().join("ca.pem");
+    std::fs::write(&ca, &w.pki.ca_pem).unwrap();
+    let params = w.pki.dir.path().join("c2d-params.json");
+    let p = json!({"hub": HUB, "ca": ca, "amqps_port": w.amqps.port(), "key": LEAF_KEY});
+    std::fs::write(&params, p.to_string()).unwrap();
+    let mut leaf = Command::new(python)
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/amqp_c2d_leaf.py"))
+        .arg(&params)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _kill = KillOnDrop(leaf.id());
+    let mut lines = Lines::of(&mut leaf);
+    let limit = Duration::from_secs(30);
+    lines.wait("READY", limit, || w.hub_log()).await;
+    wait_for("leaf1's link", Duration::from_secs(10), || {
+        w.cloud.connected("leaf1")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    for id in ["c2d-1", "c2d-2", "c2d-3"] {
+        let mut msg = verge_core::message::Message::new(format!("body of {id}"));
+        msg.system.message_id = Some(id.into());
+        msg.properties.insert("k", "v");
+        w.cloud.state.c2d_send("leaf1", msg, 0).await.unwrap();
+    }
+    lines.wait("SETTLED", limit, || w.hub_log()).await;
+    for id in ["c2d-1", "c2d-2", "c2d-3"] {
+        let got = format!("GOT {id} v body of {id}");
+        assert!(lines.seen.contains(&got), "{got:?} not in {:?}", lines.seen);
+    }
+    wait_for("two settlements", Duration::from_secs(5), || {
+        w.cloud.state.c2d_feedback(0, 10).unwrap().len() >= 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut done: Vec<String> = w
+        .cloud
+        .state
+        .c2d_feedback(0, 10)
+        .unwrap()
+        .into_iter()
+        .map(|f| f.original_message_id)
+        .collect();
+    done.sort();
+    assert_eq!(done, ["c2d-1", "c2d-2"], "the released one is not settled");
+    assert!(
+        w.hub_log().contains("C2D message rejected by the device"),
+        "{}",
+        w.hub_log()
+    );
+
+    // The hub's link comes back; the cloud hands the abandoned one out again.
+    w.cloud.stop().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    w.cloud.start().await;
+    lines
+        .wait("REDELIVERED c2d-3", Duration::from_secs(30), || w.hub_log())
+        .await;
+    lines.wait("ALL PASS", limit, || w.hub_log()).await;
+    wait_for(
+        "the redelivered one's completion",
+        Duration::from_secs(10),
+        || w.cloud.state.c2d_feedback(0, 10).unwrap().len() == 3,
+    )
+    .await;
+    let f = w.cloud.state.c2d_feedback(0, 10).unwrap();
+    assert!(
+        f.iter()
+            .all(|f| f.status_code == "Success" && f.device_id == "leaf1"),
+        "{f:?}"
+    );
+}
+
+/// Kills a child process by id when dropped (a failed assertion leaves no
+/// client behind).
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.0.to_string()).status();
+    }
 }
 
 /// The hub's own configuration comes from its `$edgeHub` module twin in the

@@ -126,7 +126,7 @@ impl Running {
 
 // The official Azure SDKs in Python, for interop tests.
 mod sdk;
-pub use sdk::{azure_python, port_free_within, run_bounded};
+pub use sdk::{azure_python, port_free_within, proton_python, run_bounded};
 
 /// `<target>/<profile>` of this test binary (it runs from `<target>/<profile>/deps/`).
 pub fn profile_dir() -> PathBuf {

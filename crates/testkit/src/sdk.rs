@@ -15,7 +15,25 @@ pub fn azure_python(modules: &str) -> PathBuf {
         .unwrap_or_else(|| {
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python")
         });
-    let ok = Command::new(&p)
+    python_that_imports(p, modules, "set VERGE_PYTHON, or run scripts/test.sh")
+}
+
+/// The Python with Apache Qpid Proton (Debian's `python3-qpid-proton`):
+/// `VERGE_PROTON_PYTHON`, else `/usr/bin/python3`; panics unless it can
+/// import `proton`.
+pub fn proton_python() -> PathBuf {
+    let p = std::env::var_os("VERGE_PROTON_PYTHON")
+        .map_or_else(|| PathBuf::from("/usr/bin/python3"), PathBuf::from);
+    python_that_imports(
+        p,
+        "proton",
+        "apt-get install python3-qpid-proton (scripts/test.sh does), or set VERGE_PROTON_PYTHON",
+    )
+}
+
+/// `python` if it can `import {modules}`, else a failure naming `fix`.
+fn python_that_imports(python: PathBuf, modules: &str, fix: &str) -> PathBuf {
+    let ok = Command::new(&python)
         .args(["-c", &format!("import {modules}")])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -23,10 +41,10 @@ pub fn azure_python(modules: &str) -> PathBuf {
         .is_ok_and(|s| s.success());
     assert!(
         ok,
-        "no Python with {modules} at {} (set VERGE_PYTHON, or run scripts/test.sh)",
-        p.display()
+        "no Python with {modules} at {}: {fix}",
+        python.display()
     );
-    p
+    python
 }
 
 /// True once 127.0.0.1:`port` can be bound, waiting up to `wait` (for

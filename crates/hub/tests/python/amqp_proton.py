@@ -9,19 +9,16 @@ Prints "PASS <scenario>" per scenario and "ALL PASS" at the end; exits
 non-zero on the first failure. Every blocking call has a timeout.
 """
 
-import base64
-import hashlib
-import hmac
 import json
 import ssl as pyssl
 import sys
 import threading
 import time
 import urllib.request
-import urllib.parse
 import uuid
 
 import proton
+from iothub_sas import sas
 from proton import Message, SSLDomain, symbol
 from proton.utils import BlockingConnection, LinkDetached, SendException
 
@@ -31,14 +28,6 @@ T = 15
 def check(cond, what):
     if not cond:
         raise AssertionError(what)
-
-
-def sas(resource, key_b64, ttl=3600):
-    expiry = int(time.time()) + ttl
-    sr = urllib.parse.quote(resource, safe="")
-    sig = base64.b64encode(hmac.new(base64.b64decode(key_b64),
-                                    f"{sr}\n{expiry}".encode(), hashlib.sha256).digest()).decode()
-    return f"SharedAccessSignature sr={sr}&sig={urllib.parse.quote(sig, safe='')}&se={expiry}"
 
 
 def main():
