@@ -579,9 +579,13 @@ async fn start_metrics(state: &Arc<HubState>) -> anyhow::Result<Option<SocketAdd
             tracing::info!(%addr, path = %settings.suffix, "serving metrics");
             Ok(Some(addr))
         }
-        Ok(None) => Ok(None),
+        Ok(None) => {
+            state.metrics.stop_per_message();
+            Ok(None)
+        }
         Err(e) => {
             tracing::error!(addr = %settings.addr, error = %e, "cannot bind the metrics listener; running without metrics");
+            state.metrics.stop_per_message();
             Ok(None)
         }
     }

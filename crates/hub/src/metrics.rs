@@ -179,6 +179,11 @@ pub struct HubMetrics {
     registry: tokio::sync::Mutex<Registry>,
     /// Tells the per-thread caches which hub their handles belong to.
     instance: u64,
+    /// Whether the per-message series (received, sent, dropped without a
+    /// route) are counted: not when nothing can read them (metrics
+    /// disabled, or their port taken), so a hub without metrics pays
+    /// nothing per message.
+    per_message: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for HubMetrics {
@@ -217,6 +222,7 @@ impl HubMetrics {
             upstream_dropped: Family::default(),
             registry: tokio::sync::Mutex::new(Registry::default()),
             instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
+            per_message: std::sync::atomic::AtomicBool::new(true),
         };
         // `_total` is added to counters by the encoder.
         r.register(
@@ -328,8 +334,20 @@ impl HubMetrics {
         m
     }
 
+    /// Stops counting the per-message series (nothing serves them).
+    pub fn stop_per_message(&self) {
+        self.per_message.store(false, Ordering::Relaxed);
+    }
+
+    fn per_message(&self) -> bool {
+        self.per_message.load(Ordering::Relaxed)
+    }
+
     /// Counts a message received from `client` on `output`.
     pub fn received(&self, client: &ClientId, output: Option<&str>) {
+        if !self.per_message() {
+            return;
+        }
         RECEIVED.with_borrow_mut(|c| {
             c.get(
                 self.instance,
@@ -348,6 +366,9 @@ impl HubMetrics {
 
     /// Counts a message from `client` on `output` that matched no route.
     pub fn dropped_no_route(&self, client: &ClientId, output: Option<&str>) {
+        if !self.per_message() {
+            return;
+        }
         DROPPED.with_borrow_mut(|c| {
             c.get(
                 self.instance,
@@ -375,6 +396,9 @@ impl HubMetrics {
         input: &str,
         priority: u32,
     ) {
+        if !self.per_message() {
+            return;
+        }
         let (d, m) = (from.0.unwrap_or(""), from.1);
         SENT.with_borrow_mut(|c| {
             c.get(
@@ -676,6 +700,28 @@ mod tests {
             s.spawn(|| a.received(&m1, Some("o")));
         });
         assert_eq!(count(&a, "d/m1", "o"), 5);
+    }
+
+    #[test]
+    fn nothing_is_counted_per_message_once_stopped() {
+        let m = HubMetrics::new("h", "d");
+        let c: ClientId = "d/m1".parse().unwrap();
+        m.received(&c, Some("o"));
+        m.stop_per_message();
+        m.received(&c, Some("o"));
+        m.dropped_no_route(&c, Some("o"));
+        m.sent((Some("d"), Some("m1")), Some("o"), "d/m2", "in", 0);
+        assert_eq!(count(&m, "d/m1", "o"), 1);
+        assert_eq!(
+            m.dropped
+                .get(&Dropped {
+                    reason: "no_route".into(),
+                    from: "d/m1".into(),
+                    from_route_output: "o".into(),
+                })
+                .map_or(0, |c| c.get()),
+            0
+        );
     }
 
     #[test]
