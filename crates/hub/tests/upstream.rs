@@ -11,7 +11,7 @@ mod common;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,7 +21,7 @@ use common::*;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet, PubAck, Publish};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use verge_core::{ClientId, SasToken, SharedAccessKey};
 use verge_testkit::net::free_addr;
@@ -261,62 +261,6 @@ fn hub_config(
     std::fs::write(&path, &text).unwrap();
     let cfg = verge_hub::config::Config::from_toml(&text).unwrap();
     (path, cfg)
-}
-
-/// The `verge-hub` binary as a child process (killed when dropped).
-struct HubProc {
-    child: Child,
-}
-
-impl HubProc {
-    async fn start(toml: &Path, mqtt: SocketAddr, log: &Path) -> HubProc {
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_verge-hub"))
-            .arg("--config")
-            .arg(toml)
-            .env("RUST_LOG", "info,verge_hub::upstream=debug")
-            .stdout(Stdio::null())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(mqtt).await.is_err() {
-            assert!(Instant::now() < deadline, "verge-hub did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        HubProc { child }
-    }
-
-    /// SIGINT, as an operator's stop would (graceful shutdown).
-    fn stop(mut self) {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-INT", &pid]).status().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(
-                Instant::now() < deadline,
-                "verge-hub did not stop on SIGINT"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGKILL.
-    fn kill9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for HubProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A connected sender: a module of the edge device, or a leaf device.

@@ -145,54 +145,6 @@ fn hub_config(
     path
 }
 
-/// The `verge-hub` binary (killed when dropped).
-struct HubProc {
-    child: Child,
-}
-
-impl HubProc {
-    async fn start(toml: &Path, mqtt: SocketAddr, log: &Path) -> HubProc {
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_verge-hub"))
-            .arg("--config")
-            .arg(toml)
-            .env("RUST_LOG", "info,verge_hub::upstream=debug")
-            // The hub logs on stdout, as a module does.
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(mqtt).await.is_err() {
-            assert!(Instant::now() < deadline, "verge-hub did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        HubProc { child }
-    }
-
-    /// SIGINT (graceful stop), waited for.
-    fn stop(mut self) {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-INT", &pid]).status().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "verge-hub did not stop");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for HubProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// One test's world: verge-cloud, the hub binary between, a storage dir.
 struct World {
     cloud: VergeCloud,

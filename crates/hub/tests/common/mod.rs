@@ -4,8 +4,9 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use rumqttc::mqttbytes::QoS;
@@ -461,5 +462,63 @@ pub async fn register_test_identities(cloud: &verge_cloud::CloudState) {
             ..ModuleSpec::default()
         };
         cloud.put_module(DEVICE, m, mspec, None).await.unwrap();
+    }
+}
+
+/// The `verge-hub` binary as a child process, its output appended to a
+/// log file (killed when dropped).
+pub struct HubProc {
+    child: Child,
+}
+
+impl HubProc {
+    pub async fn start(toml: &Path, mqtt: SocketAddr, log: &Path) -> HubProc {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_verge-hub"))
+            .arg("--config")
+            .arg(toml)
+            .env("RUST_LOG", "info,verge_hub::upstream=debug")
+            // The hub logs on stdout, as a module does.
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(mqtt).await.is_err() {
+            assert!(Instant::now() < deadline, "verge-hub did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        HubProc { child }
+    }
+
+    /// SIGINT, as an operator's stop would (graceful shutdown).
+    pub fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-INT", &pid]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "verge-hub did not stop on SIGINT"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL.
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for HubProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
