@@ -255,68 +255,31 @@ impl Drop for VergeCloud {
     }
 }
 
-/// The hub binary inside the namespace (killed when dropped).
-struct HubProc {
-    child: Child,
-    log: PathBuf,
+/// The hub binary inside the namespace (`ip netns exec` execs the hub, so
+/// the child is the hub itself).
+async fn start_hub(
+    ns: &Netns,
+    toml: &Path,
+    mqtt: SocketAddr,
+    log: &Path,
+    proxy: &str,
+    protocol: &str,
+) -> HubProc {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name])
+        .arg(env!("CARGO_BIN_EXE_verge-hub"))
+        .arg("--config")
+        .arg(toml)
+        // Overrides the file's `protocol = "Mqtt"`.
+        .env("UpstreamProtocol", protocol)
+        .env("https_proxy", proxy)
+        .env_remove("HTTPS_PROXY")
+        .env_remove("no_proxy")
+        .env_remove("NO_PROXY");
+    HubProc::spawn(&mut cmd, mqtt, log).await
 }
 
-impl HubProc {
-    async fn start(
-        ns: &Netns,
-        toml: &Path,
-        mqtt: SocketAddr,
-        log: &Path,
-        proxy: &str,
-        protocol: &str,
-    ) -> HubProc {
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name])
-            .arg(env!("CARGO_BIN_EXE_verge-hub"))
-            .arg("--config")
-            .arg(toml)
-            .env("RUST_LOG", "info,verge_hub::upstream=debug")
-            // Overrides the file's `protocol = "Mqtt"`.
-            .env("UpstreamProtocol", protocol)
-            .env("https_proxy", proxy)
-            .env_remove("HTTPS_PROXY")
-            .env_remove("no_proxy")
-            .env_remove("NO_PROXY")
-            // The hub logs to stdout.
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(mqtt).await.is_err() {
-            assert!(Instant::now() < deadline, "verge-hub did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        HubProc {
-            child,
-            log: log.to_owned(),
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for HubProc {
-    fn drop(&mut self) {
-        // `ip netns exec` execs the hub: this is its pid.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A free port on `ip` (bound once and released).
+/// One test: the namespace, verge-cloud, the proxy, the hub.
 struct World {
     ns: Netns,
     cloud: VergeCloud,
@@ -381,7 +344,7 @@ impl World {
     }
 
     async fn hub(&self, proxy_url: &str, protocol: &str) -> HubProc {
-        HubProc::start(
+        start_hub(
             &self.ns, &self.toml, self.mqtt, &self.log, proxy_url, protocol,
         )
         .await

@@ -469,18 +469,26 @@ pub async fn register_test_identities(cloud: &verge_cloud::CloudState) {
 /// log file (killed when dropped).
 pub struct HubProc {
     child: Child,
+    log: PathBuf,
 }
 
 impl HubProc {
+    /// `verge-hub --config {toml}`, waited for until `mqtt` accepts.
     pub async fn start(toml: &Path, mqtt: SocketAddr, log: &Path) -> HubProc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_verge-hub"));
+        cmd.arg("--config").arg(toml);
+        Self::spawn(&mut cmd, mqtt, log).await
+    }
+
+    /// Starts `cmd` (the hub, or what execs it) with upstream debug logs,
+    /// its output appended to `log`; waits until `mqtt` accepts.
+    pub async fn spawn(cmd: &mut Command, mqtt: SocketAddr, log: &Path) -> HubProc {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_verge-hub"))
-            .arg("--config")
-            .arg(toml)
+        let child = cmd
             .env("RUST_LOG", "info,verge_hub::upstream=debug")
             // The hub logs on stdout, as a module does.
             .stdout(out.try_clone().unwrap())
@@ -492,7 +500,15 @@ impl HubProc {
             assert!(Instant::now() < deadline, "verge-hub did not start");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        HubProc { child }
+        HubProc {
+            child,
+            log: log.to_owned(),
+        }
+    }
+
+    /// What the hub logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// SIGINT, as an operator's stop would (graceful shutdown).
