@@ -19,7 +19,7 @@ use fe2o3_amqp::acceptor::{
     ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerConnectionHandle,
     ListenerSessionHandle, SessionAcceptor, SupportedReceiverSettleModes,
 };
-use fe2o3_amqp::link::delivery::DeliveryInfo;
+use fe2o3_amqp::link::delivery::{Delivery, DeliveryInfo};
 use fe2o3_amqp::link::{Receiver, Sender};
 use fe2o3_amqp::types::definitions::{self, AmqpError, ErrorCondition, ReceiverSettleMode, Role};
 use fe2o3_amqp::types::messaging::{Body, Message, Outcome, TargetArchetype};
@@ -605,7 +605,9 @@ impl<B: Backend> Shared<B> {
     }
 
     /// A telemetry / module-output link: each transfer is settled
-    /// `Accepted` only once the backend made it durable.
+    /// `Accepted` only once the backend made it durable; a batch (several
+    /// messages in one transfer) once all of them are, or `Rejected` if
+    /// any was refused (the client then sends the whole batch again).
     async fn telemetry(
         self: Arc<Self>,
         client: ClientId,
@@ -613,7 +615,11 @@ impl<B: Backend> Shared<B> {
         ident: CancellationToken,
     ) {
         let backend = &*self.backend;
-        let mut pending: VecDeque<(DeliveryInfo, B::Pending)> = VecDeque::new();
+        // One entry per message submitted; a transfer's settlement rides on
+        // the entry of its last message.
+        let mut pending: VecDeque<(Option<Settle>, B::Pending)> = VecDeque::new();
+        // The first refusal among the messages of the transfer at the front.
+        let mut refused_part: Option<definitions::Error> = None;
         let end = loop {
             tokio::select! {
                 () = ident.cancelled() => break None,
@@ -622,13 +628,15 @@ impl<B: Backend> Shared<B> {
                     break Some(error(AmqpError::UnauthorizedAccess, "token expired"));
                 }
                 r = oldest(backend, &mut pending), if !pending.is_empty() => {
-                    let Some((info, _)) = pending.pop_front() else { continue };
-                    let sent = match r {
-                        Ok(()) => receiver.accept(info).await,
-                        Err(e) => {
-                            tracing::warn!(%client, reason = %e, "AMQP message not stored");
-                            receiver.reject(info, rejection_error(&e)).await
-                        }
+                    let Some((settle, _)) = pending.pop_front() else { continue };
+                    if let Err(e) = r {
+                        tracing::warn!(%client, reason = %e, "AMQP message not stored");
+                        refused_part.get_or_insert_with(|| rejection_error(&e));
+                    }
+                    let Some(Settle { info, refuse }) = settle else { continue };
+                    let sent = match refuse.or(refused_part.take()) {
+                        None => receiver.accept(info).await,
+                        Some(e) => receiver.reject(info, e).await,
                     };
                     if sent.is_err() {
                         break None;
@@ -636,29 +644,45 @@ impl<B: Backend> Shared<B> {
                 }
                 d = receiver.recv::<Body<Value>>(), if pending.len() < INBOUND_WINDOW => {
                     let Ok(d) = d else { break None };
-                    if d.message_format().is_some_and(|f| f != 0) {
-                        let e = error(AmqpError::NotImplemented, "batched messages are not supported");
-                        if receiver.reject(&d, e).await.is_err() { break None }
-                        continue;
-                    }
-                    let refused = match convert::to_bag(d.message()) {
-                        Err(e) => Err(error(AmqpError::DecodeError, e.to_string())),
-                        Ok((bag, payload)) if payload.len() + bag.len() > verge_core::message::MAX_MESSAGE_SIZE => {
-                            Err(error(AmqpError::ResourceLimitExceeded, "message exceeds 256 KB"))
-                        }
-                        Ok((bag, payload)) => backend
-                            .telemetry_submit(&client, &bag, payload)
-                            .await
-                            .map_err(|e| rejection_error(&e)),
-                    };
-                    match refused {
-                        Ok(p) => pending.push_back((DeliveryInfo::from(d), p)),
+                    let parts = match parts_of(&d) {
+                        Ok(parts) => parts,
                         Err(e) => {
                             tracing::info!(%client, reason = ?e.description, "AMQP message rejected");
                             if receiver.reject(&d, e).await.is_err() {
                                 break None;
                             }
+                            continue;
                         }
+                    };
+                    let mut submitted = 0;
+                    let mut refuse = None;
+                    for (bag, payload) in parts {
+                        match backend.telemetry_submit(&client, &bag, payload).await {
+                            Ok(p) => {
+                                pending.push_back((None, p));
+                                submitted += 1;
+                            }
+                            Err(e) => {
+                                tracing::info!(%client, reason = %e, "AMQP message rejected");
+                                refuse = Some(rejection_error(&e));
+                                break;
+                            }
+                        }
+                    }
+                    let info = DeliveryInfo::from(d);
+                    if submitted > 0 {
+                        if let Some(last) = pending.back_mut() {
+                            last.0 = Some(Settle { info, refuse });
+                        }
+                        continue;
+                    }
+                    // Nothing queued: settle now (an empty batch is accepted).
+                    let sent = match refuse {
+                        None => receiver.accept(info).await,
+                        Some(e) => receiver.reject(info, e).await,
+                    };
+                    if sent.is_err() {
+                        break None;
                     }
                 }
             }
@@ -796,9 +820,51 @@ impl<B: Backend> Shared<B> {
 }
 
 /// Waits for the oldest pending submission to be durable.
+/// How a telemetry transfer settles once its last message is durable.
+struct Settle {
+    info: DeliveryInfo,
+    /// A refusal already known (a message of the batch the backend refused).
+    refuse: Option<definitions::Error>,
+}
+
+/// The messages of one telemetry transfer as property bags and payloads:
+/// one, or each of a batch's (`convert::BATCH_FORMAT`); what cannot be
+/// taken is the transfer's rejection.
+fn parts_of(d: &Delivery<Body<Value>>) -> Result<Vec<(String, bytes::Bytes)>, definitions::Error> {
+    let limit = verge_core::message::MAX_MESSAGE_SIZE;
+    let one = |m: &Message<Body<Value>>| match convert::to_bag(m) {
+        Err(e) => Err(error(AmqpError::DecodeError, e.to_string())),
+        Ok((bag, payload)) if payload.len() + bag.len() > limit => Err(error(
+            AmqpError::ResourceLimitExceeded,
+            "message exceeds 256 KB",
+        )),
+        Ok(part) => Ok(part),
+    };
+    match d.message_format() {
+        None | Some(0) => Ok(vec![one(d.message())?]),
+        Some(convert::BATCH_FORMAT) => {
+            let messages = convert::batch_messages(&d.message().body)
+                .map_err(|e| error(AmqpError::DecodeError, e.to_string()))?;
+            let parts = messages.iter().map(one).collect::<Result<Vec<_>, _>>()?;
+            // IoT Hub's limit holds for a batch as a whole.
+            if parts.iter().map(|(b, p)| b.len() + p.len()).sum::<usize>() > limit {
+                return Err(error(
+                    AmqpError::ResourceLimitExceeded,
+                    "batch exceeds 256 KB",
+                ));
+            }
+            Ok(parts)
+        }
+        Some(f) => Err(error(
+            AmqpError::NotImplemented,
+            format!("message format {f:#x} is not supported"),
+        )),
+    }
+}
+
 async fn oldest<B: Backend>(
     backend: &B,
-    pending: &mut VecDeque<(DeliveryInfo, B::Pending)>,
+    pending: &mut VecDeque<(Option<Settle>, B::Pending)>,
 ) -> Result<(), verge_endpoint::Rejection> {
     match pending.front_mut() {
         Some((_, p)) => backend.telemetry_wait(p).await,

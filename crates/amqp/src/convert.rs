@@ -97,6 +97,30 @@ pub fn body_bytes(body: &Body<Value>) -> Result<Bytes, ConvertError> {
     }
 }
 
+/// The message format of a batch (`amqp-iothub.md`: the C# SDK's
+/// `SendEventBatchAsync`, uamqp's `BatchMessage`): each data section of
+/// the body holds one encoded AMQP message.
+pub const BATCH_FORMAT: u32 = 0x8001_3700;
+
+/// The messages inside a batch's body.
+pub fn batch_messages(body: &Body<Value>) -> Result<Vec<Message<Body<Value>>>, ConvertError> {
+    use fe2o3_amqp::types::messaging::message::DecodeIntoMessage;
+    let Body::Data(sections) = body else {
+        return Err(ConvertError::Body(
+            "a batch whose body is not data sections",
+        ));
+    };
+    sections
+        .iter()
+        .map(|d| {
+            <Body<Value> as DecodeIntoMessage>::decode_message_from_reader(
+                serde_amqp::read::SliceReader::new(&d.0),
+            )
+            .map_err(|_| ConvertError::Body("a batch section that is not an AMQP message"))
+        })
+        .collect()
+}
+
 /// A client's telemetry / module-output message as a property bag and
 /// payload. `connection*` stamps are left to the backend (it stamps them
 /// from the link's identity, never from the message).
@@ -222,4 +246,29 @@ pub fn from_bag(bag: &str, input: Option<&str>, payload: Bytes) -> Message<Body<
             vec![Data(Binary::from(payload.to_vec()))].into(),
         ))
         .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data_body(sections: &[&[u8]]) -> Body<Value> {
+        Body::Data(
+            sections
+                .iter()
+                .map(|s| Data(Binary::from(s.to_vec())))
+                .collect::<Vec<_>>()
+                .into(),
+        )
+    }
+
+    #[test]
+    fn a_batch_section_that_is_not_a_message_is_an_error() {
+        assert!(
+            batch_messages(&data_body(&[b"\x00\x53\x75\xa0\x01x"])).is_ok_and(|m| m.len() == 1)
+        );
+        assert!(batch_messages(&data_body(&[b"\x00\x53\x75\xa0\x01x", b"garbage"])).is_err());
+        assert!(batch_messages(&Body::Empty).is_err());
+        assert!(batch_messages(&data_body(&[])).is_ok_and(|m| m.is_empty()));
+    }
 }

@@ -98,6 +98,24 @@ def main():
         check(m.custom_properties.get("k") == f"v {i}", f"props {m.custom_properties}")
     print("PASS uamqp_module_output_to_mqtt_input", flush=True)
 
+    # 1b. A batch (message format 0x80013700, as the C# SDK's
+    # SendEventBatchAsync sends): three messages in one transfer, each
+    # routed on its own with its own properties.
+    items = [uamqp.Message(bytes([9, i]), properties=MessageProperties(message_id=f"batch-{i}"),
+                           application_properties={"iothub-outputname": "out1", "k": f"b {i}"})
+             for i in range(3)]
+    sender.queue_message(uamqp.message.BatchMessage(data=items))
+    results = timed(sender.send_all_messages, close_on_done=False)
+    check(all(r == uamqp.constants.MessageState.SendComplete for r in results), f"batch send {results}")
+    got = sorted((timed(inbox.get, timeout=T) for _ in items), key=lambda m: m.message_id)
+    for i, m in enumerate(got):
+        check(m.data == bytes([9, i]), f"batch body {i}: {m.data!r}")
+        check(m.message_id == f"batch-{i}", f"batch message id {m.message_id!r}")
+        check(m.input_name == "in1", f"batch input name {m.input_name!r}")
+        check(m.custom_properties.get("k") == f"b {i}", f"batch props {m.custom_properties}")
+    check(inbox.empty(), "one message per batch item")
+    print("PASS uamqp_batch_to_mqtt_input", flush=True)
+
     # 2. MQTT module A output out1 -> route AtoB -> uamqp module B input in1.
     timed(b.shutdown)
     a = mqtt_module("modA")
