@@ -231,20 +231,17 @@ fn upstream_transport(
         Some(p) => p.parse()?,
         None => UpstreamProtocol::default(),
     };
-    let protocol = requested.effective();
-    if protocol != requested {
+    let route = verge_dial::Route::new(requested, host, var)?;
+    let protocol = route.protocol;
+    if route.falls_back() {
         tracing::warn!(requested = %requested, using = %protocol,
             "the AMQP upstream is not implemented yet: the twin link uses MQTT over the same transport");
     }
-    let proxy = verge_dial::Proxy::from_vars(&var, host)?;
-    if !protocol.websocket() {
-        if let Some(p) = &proxy {
-            tracing::warn!(proxy = %p, %protocol,
-                "https_proxy is set but UpstreamProtocol is not a WebSocket one: the twin link does not use it");
-        }
-        return Ok((false, None));
+    if let Some(p) = &route.unused_proxy {
+        tracing::warn!(proxy = %p, %protocol,
+            "https_proxy is set but UpstreamProtocol is not a WebSocket one: the twin link does not use it");
     }
-    Ok((true, proxy))
+    Ok((protocol.websocket(), route.proxy))
 }
 
 /// Waits for a new desired document from the cloud; never, without a link.

@@ -87,7 +87,27 @@ struct Builder {
     checks: Vec<Check>,
 }
 
+/// Two connectivity checks that need the upstream settings: id, description.
+const CLOCK_SKEW: (&str, &str) = ("clock-skew", "system clock agrees with the IoT hub's");
+const PARENT_CONNECTIVITY: (&str, &str) = (
+    "parent-connectivity",
+    "parent edge device reachable, its TLS certificate verified",
+);
+
 impl Builder {
+    /// Connectivity checks that cannot run, with why.
+    fn skip(&mut self, checks: &[(&'static str, &'static str)], why: &str) {
+        for (id, description) in checks {
+            self.add(
+                id,
+                CONNECT,
+                description,
+                Outcome::Skipped,
+                vec![why.to_owned()],
+            );
+        }
+    }
+
     fn add(
         &mut self,
         id: &'static str,
@@ -393,66 +413,72 @@ pub async fn run_checks(inputs: &Inputs<'_>) -> Report {
             result,
             details,
         );
-        let up = Upstream::from_config(c);
-        upstream_check(
-            &mut b,
-            "upstream-connectivity",
-            "IoT hub reachable, its TLS certificate verified",
-            &up.hub,
-            up.port,
-            &format!("IoT hub ({})", up.protocol),
-            &up.trust,
-        )
-        .await;
-        clock_skew_check(&mut b, &up).await;
-        match &c.parent_hostname {
-            // A nested edge talks to its parent's edge hub, whose edge CA
-            // the trust bundle holds.
-            Some(parent) => {
+        match Upstream::from_config(c) {
+            Err(e) => {
+                b.add(
+                    "upstream-connectivity",
+                    CONNECT,
+                    "IoT hub reachable, its TLS certificate verified",
+                    Outcome::Error,
+                    vec![e],
+                );
+                b.skip(
+                    &[CLOCK_SKEW, PARENT_CONNECTIVITY],
+                    "the upstream settings are invalid",
+                );
+            }
+            Ok(up) => {
                 upstream_check(
                     &mut b,
-                    "parent-connectivity",
-                    "parent edge device reachable, its TLS certificate verified",
-                    parent,
-                    up.port,
-                    &format!("parent edge device ({})", up.protocol),
-                    &up.trust,
+                    "upstream-connectivity",
+                    "IoT hub reachable, its TLS certificate verified",
+                    &up.hub,
+                    &up,
+                    &format!("IoT hub ({})", up.protocol()),
                 )
-                .await
+                .await;
+                clock_skew_check(&mut b, &up).await;
+                match &c.parent_hostname {
+                    // A nested edge talks to its parent's edge hub, whose edge CA
+                    // the trust bundle holds.
+                    Some(parent) => {
+                        upstream_check(
+                            &mut b,
+                            "parent-connectivity",
+                            "parent edge device reachable, its TLS certificate verified",
+                            parent,
+                            &up,
+                            &format!("parent edge device ({})", up.protocol()),
+                        )
+                        .await
+                    }
+                    None => b.add(
+                        "parent-connectivity",
+                        CONNECT,
+                        "parent edge device reachable, its TLS certificate verified",
+                        Outcome::Skipped,
+                        vec!["not a nested edge (no parent_hostname)".to_owned()],
+                    ),
+                }
             }
-            None => b.add(
-                "parent-connectivity",
-                CONNECT,
-                "parent edge device reachable, its TLS certificate verified",
-                Outcome::Skipped,
-                vec!["not a nested edge (no parent_hostname)".to_owned()],
-            ),
         }
     } else {
-        for (id, d) in [
-            ("container-engine", "container engine answers"),
-            (
-                "modules-reach-edgehub",
-                "container modules can reach edgeHub",
-            ),
-            (
-                "upstream-connectivity",
-                "IoT hub reachable, its TLS certificate verified",
-            ),
-            ("clock-skew", "system clock agrees with the IoT hub's"),
-            (
-                "parent-connectivity",
-                "parent edge device reachable, its TLS certificate verified",
-            ),
-        ] {
-            b.add(
-                id,
-                CONNECT,
-                d,
-                Outcome::Skipped,
-                vec!["needs a valid config file".to_owned()],
-            );
-        }
+        b.skip(
+            &[
+                ("container-engine", "container engine answers"),
+                (
+                    "modules-reach-edgehub",
+                    "container modules can reach edgeHub",
+                ),
+                (
+                    "upstream-connectivity",
+                    "IoT hub reachable, its TLS certificate verified",
+                ),
+                CLOCK_SKEW,
+                PARENT_CONNECTIVITY,
+            ],
+            "needs a valid config file",
+        );
     }
 
     let mut summary = Summary::default();
@@ -809,16 +835,18 @@ async fn docker_check(b: &mut Builder, uri: &str, server_version: Option<&str>) 
 
 /// Where the edge device's upstream traffic goes and how it is trusted,
 /// from the config (and `[agent.env]`, where the deployment's
-/// `UpstreamProtocol` and the agent's upstream settings live).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `UpstreamProtocol`, `https_proxy` and the agent's upstream settings live).
+#[derive(Debug, Clone)]
 pub struct Upstream {
     /// The IoT hub's host name (`[provisioning]`).
     pub hub: String,
     /// The port the hub and the agent dial: `VERGE_AGENT_UPSTREAM_PORT`, else
-    /// by `UpstreamProtocol` (8883 MQTT, 5671 AMQP, 443 over WebSocket).
+    /// by the protocol that runs (8883 MQTT, 443 over WebSocket; AMQP runs
+    /// as MQTT over the same carrier until the AMQP upstream exists).
     pub port: u16,
-    /// The protocol, for messages.
-    pub protocol: &'static str,
+    /// The protocol asked for and run, and the proxy (WebSocket only), as
+    /// the hub and the agent work them out.
+    pub route: verge_dial::Route,
     /// The hub's HTTPS port (`[provisioning] https_port`).
     pub https_port: u16,
     /// PEM files trusted besides the system roots: `trust_bundle_cert` and
@@ -828,36 +856,52 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// From a validated config.
-    pub fn from_config(c: &Config) -> Self {
-        let protocol = c
-            .agent
-            .env
-            .get("UpstreamProtocol")
-            .map(|p| p.trim().to_ascii_lowercase());
-        let (default_port, protocol) = match protocol.as_deref() {
-            Some("mqttws") => (443, "MQTT over WebSocket"),
-            Some("amqpws") => (443, "AMQP over WebSocket"),
-            Some("amqp") => (5671, "AMQP"),
-            _ => (UPSTREAM_PORT, "MQTT"),
-        };
-        let port = c
-            .agent
-            .env
-            .get("VERGE_AGENT_UPSTREAM_PORT")
+    /// From a validated config; an unknown `UpstreamProtocol` or a bad
+    /// `https_proxy` is the error the hub would stop with.
+    pub fn from_config(c: &Config) -> Result<Self, String> {
+        let env = |k: &str| c.agent.env.get(k).cloned();
+        let hub = c.provisioning.iothub_hostname.to_string();
+        let requested = verge_dial::UpstreamProtocol::resolve(None, env)
+            .map_err(|e| format!("[agent.env] UpstreamProtocol: {e}"))?;
+        let route = verge_dial::Route::new(requested, &hub, env)
+            .map_err(|e| format!("[agent.env] https_proxy: {e}"))?;
+        let port = env("VERGE_AGENT_UPSTREAM_PORT")
             .and_then(|p| p.trim().parse::<u16>().ok())
-            .unwrap_or(default_port);
+            .unwrap_or_else(|| route.port(UPSTREAM_PORT, verge_dial::protocol::WS_PORT));
         let mut trust: Vec<PathBuf> = c.trust_bundle_cert.iter().cloned().collect();
         if let Some(ca) = c.agent.env.get("VERGE_AGENT_UPSTREAM_CA") {
             trust.push(PathBuf::from(ca));
         }
-        Upstream {
-            hub: c.provisioning.iothub_hostname.to_string(),
+        Ok(Upstream {
+            hub,
             port,
-            protocol,
+            route,
             https_port: c.provisioning.https_port,
             trust,
+        })
+    }
+
+    /// The protocol for messages: `MqttWs`, or `Mqtt (asked: Amqp)`.
+    pub fn protocol(&self) -> String {
+        if self.route.falls_back() {
+            format!("{} (asked: {})", self.route.protocol, self.route.requested)
+        } else {
+            self.route.protocol.to_string()
         }
+    }
+
+    /// The dialer the hub would use to reach `host`.
+    fn dialer(&self, host: &str, tls: rustls::ClientConfig) -> Result<verge_dial::Dialer, String> {
+        use verge_dial::protocol::{MQTT_SUBPROTOCOL, WS_PATH};
+        let d = verge_dial::Dialer::new(host, self.port, std::sync::Arc::new(tls))
+            .map_err(|e| e.to_string())?
+            .with_step_timeout(UPSTREAM_TIMEOUT);
+        Ok(if self.route.protocol.websocket() {
+            d.with_websocket(WS_PATH, MQTT_SUBPROTOCOL, 1 << 20)
+                .with_proxy(self.route.proxy.clone())
+        } else {
+            d
+        })
     }
 }
 
@@ -890,69 +934,31 @@ enum ProbeError {
     Tls(String),
 }
 
-/// DNS, TCP and a TLS handshake that verifies the server's certificate for
-/// `host` (blocking; run off the async workers).
-fn tls_probe(
-    host: &str,
-    port: u16,
-    config: rustls::ClientConfig,
-) -> Result<std::net::SocketAddr, ProbeError> {
-    use std::net::ToSocketAddrs as _;
-    let addrs: Vec<_> = (host, port)
-        .to_socket_addrs()
-        .map_err(|e| ProbeError::Unreachable(format!("cannot resolve {host}: {e}")))?
-        .collect();
-    let mut last = format!("{host} resolved to no address");
-    let mut tcp = None;
-    for a in addrs {
-        match std::net::TcpStream::connect_timeout(&a, UPSTREAM_TIMEOUT) {
-            Ok(s) => {
-                tcp = Some((s, a));
-                break;
-            }
-            Err(e) => last = format!("{a}: {e}"),
-        }
-    }
-    let (mut tcp, addr) = tcp.ok_or(ProbeError::Unreachable(last))?;
-    let _ = tcp.set_read_timeout(Some(UPSTREAM_TIMEOUT));
-    let _ = tcp.set_write_timeout(Some(UPSTREAM_TIMEOUT));
-    let name = rustls_pki_types::ServerName::try_from(host.to_owned())
-        .map_err(|e| ProbeError::Tls(format!("{host} is not a valid TLS server name: {e}")))?;
-    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name)
-        .map_err(|e| ProbeError::Tls(e.to_string()))?;
-    while conn.is_handshaking() {
-        if let Err(e) = conn.complete_io(&mut tcp) {
-            return Err(
-                match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-                    Some(tls) => ProbeError::Tls(tls.to_string()),
-                    None if e.kind() == std::io::ErrorKind::InvalidData => {
-                        ProbeError::Tls(e.to_string())
-                    }
-                    None => ProbeError::Unreachable(format!("{addr}: TLS handshake: {e}")),
-                },
-            );
-        }
-    }
-    Ok(addr)
-}
-
 async fn upstream_check(
     b: &mut Builder,
     id: &'static str,
     description: &'static str,
     host: &str,
-    port: u16,
+    up: &Upstream,
     what: &str,
-    trust: &[PathBuf],
 ) {
-    let addr = format!("{host}:{port}");
-    let result = match tls_config(trust) {
-        Err(e) => Err(ProbeError::Tls(e)),
-        Ok(config) => {
-            let h = host.to_owned();
-            tokio::task::spawn_blocking(move || tls_probe(&h, port, config))
-                .await
-                .unwrap_or_else(|e| Err(ProbeError::Unreachable(e.to_string())))
+    let trust = &up.trust;
+    let port = up.port;
+    // What the hub dials (a proxy and WebSocket included), up to the
+    // WebSocket upgrade: TLS is verified as the hub verifies it.
+    let (addr, result) = match tls_config(trust).and_then(|tls| up.dialer(host, tls)) {
+        Err(e) => (format!("{host}:{port}"), Err(ProbeError::Tls(e))),
+        Ok(dialer) => {
+            let r = match tokio::time::timeout(UPSTREAM_TIMEOUT * 3, dialer.dial()).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(
+                    e @ (verge_dial::DialError::Tls { .. }
+                    | verge_dial::DialError::WebSocket { .. }),
+                )) => Err(ProbeError::Tls(e.to_string())),
+                Ok(Err(e)) => Err(ProbeError::Unreachable(e.to_string())),
+                Err(_) => Err(ProbeError::Unreachable("timed out".to_owned())),
+            };
+            (dialer.describe(), r)
         }
     };
     let trusted = if trust.is_empty() {
@@ -968,13 +974,13 @@ async fn upstream_check(
         )
     };
     match result {
-        Ok(a) => b.add(
+        Ok(()) => b.add(
             id,
             CONNECT,
             description,
             Outcome::Ok,
             vec![format!(
-                "{what} {addr} ({a}): its certificate is valid for {host} and trusted ({trusted})"
+                "{what} {addr}: its certificate is valid for {host} and trusted ({trusted})"
             )],
         ),
         Err(ProbeError::Unreachable(e)) => b.add(
@@ -1152,6 +1158,7 @@ mod tests {
             Upstream::from_config(
                 &Config::parse(&text(env), Path::new("/etc/verge/c.toml")).unwrap(),
             )
+            .unwrap()
         };
         let u = up("");
         assert_eq!(
@@ -1160,7 +1167,22 @@ mod tests {
         );
         assert_eq!(u.trust, vec![PathBuf::from("/tb.pem")]);
         assert_eq!(up("UpstreamProtocol = \"MqttWs\"").port, 443);
-        assert_eq!(up("UpstreamProtocol = \"Amqp\"").port, 5671);
+        // AMQP runs as MQTT over the same carrier: what the hub dials.
+        let u = up("UpstreamProtocol = \"Amqp\"");
+        assert_eq!(
+            (u.port, u.protocol().as_str()),
+            (8883, "Mqtt (asked: Amqp)")
+        );
+        assert_eq!(up("UpstreamProtocol = \"AmqpWs\"").port, 443);
+        // The proxy goes with the WebSocket transports only, as in the hub.
+        let u = up("UpstreamProtocol = \"MqttWs\"\nhttps_proxy = \"http://proxy:3128\"");
+        assert!(u.route.proxy.is_some());
+        assert!(
+            up("https_proxy = \"http://proxy:3128\"")
+                .route
+                .proxy
+                .is_none()
+        );
         let u = up("VERGE_AGENT_UPSTREAM_PORT = \"18883\"\nVERGE_AGENT_UPSTREAM_CA = \"/ca.pem\"");
         assert_eq!(u.port, 18883);
         assert_eq!(u.trust.len(), 2);

@@ -541,7 +541,7 @@ fn check_reports_ok_and_warns_about_the_unreachable_hub() {
         "{text}"
     );
     assert!(
-        text.contains("    cannot connect to the IoT hub (MQTT) at hub.invalid:8883"),
+        text.contains("    cannot connect to the IoT hub (Mqtt) at tls://hub.invalid:8883"),
         "{text}"
     );
     // A nearly full disk on the test machine is a second, legitimate warning.

@@ -27,7 +27,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-pub use protocol::UpstreamProtocol;
+pub use protocol::{Route, UpstreamProtocol};
 pub use proxy::{Proxy, ProxyError};
 pub use ws::WsIo;
 

@@ -103,6 +103,60 @@ impl UpstreamProtocol {
     }
 }
 
+/// How a link reaches the cloud for an `UpstreamProtocol`: what runs, and
+/// the proxy, which only the WebSocket transports use (as IoT Edge does).
+/// The hub's links, the agent's twin link and `verge check` all go this way.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// What was asked for.
+    pub requested: UpstreamProtocol,
+    /// What runs ([`UpstreamProtocol::effective`]).
+    pub protocol: UpstreamProtocol,
+    /// The proxy to tunnel through (WebSocket transports only).
+    pub proxy: Option<crate::Proxy>,
+    /// A proxy that is set but not used, because the protocol is not a
+    /// WebSocket one (worth a warning).
+    pub unused_proxy: Option<crate::Proxy>,
+}
+
+impl Route {
+    /// The route to `host` for `requested`, with `https_proxy`/`no_proxy`
+    /// looked up by `var`.
+    pub fn new(
+        requested: UpstreamProtocol,
+        host: &str,
+        var: impl Fn(&str) -> Option<String>,
+    ) -> Result<Route, crate::ProxyError> {
+        let protocol = requested.effective();
+        let proxy = crate::Proxy::from_vars(var, host)?;
+        let (proxy, unused_proxy) = if protocol.websocket() {
+            (proxy, None)
+        } else {
+            (None, proxy)
+        };
+        Ok(Route {
+            requested,
+            protocol,
+            proxy,
+            unused_proxy,
+        })
+    }
+
+    /// Whether AMQP was asked for and MQTT runs in its place.
+    pub fn falls_back(&self) -> bool {
+        self.protocol != self.requested
+    }
+
+    /// The port to dial: `https_port` over WebSocket, else `mqtt_port`.
+    pub fn port(&self, mqtt_port: u16, https_port: u16) -> u16 {
+        if self.protocol.websocket() {
+            https_port
+        } else {
+            mqtt_port
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -152,5 +206,19 @@ mod tests {
             UpstreamProtocol::MqttWs
         );
         assert!(UpstreamProtocol::resolve(None, env("Http")).is_err());
+    }
+
+    #[test]
+    fn routes_use_the_proxy_only_over_websocket() {
+        let env = |k: &str| (k == "https_proxy").then(|| "http://p:3128".to_owned());
+        let r = Route::new(UpstreamProtocol::Amqp, "hub", env).unwrap();
+        assert!(r.falls_back() && r.proxy.is_none() && r.unused_proxy.is_some());
+        assert_eq!(r.port(8883, 443), 8883);
+        let r = Route::new(UpstreamProtocol::AmqpWs, "hub", env).unwrap();
+        assert_eq!(r.protocol, UpstreamProtocol::MqttWs);
+        assert!(r.proxy.is_some() && r.unused_proxy.is_none());
+        assert_eq!(r.port(8883, 443), 443);
+        let r = Route::new(UpstreamProtocol::Mqtt, "hub", |_: &str| None).unwrap();
+        assert!(!r.falls_back() && r.proxy.is_none() && r.unused_proxy.is_none());
     }
 }

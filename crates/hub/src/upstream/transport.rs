@@ -20,7 +20,7 @@ use std::sync::Arc;
 pub use verge_dial::protocol::{
     MQTT_SUBPROTOCOL, PROTOCOL_ENV, UnknownProtocol, UpstreamProtocol, WS_PATH,
 };
-use verge_dial::{Dialer, Proxy};
+use verge_dial::{Dialer, Route};
 
 use super::{HANDSHAKE_TIMEOUT, MAX_INBOUND_PACKET, MAX_OUTBOUND_PACKET};
 use crate::config::UpstreamConfig;
@@ -44,20 +44,24 @@ impl Transport {
         var: impl Fn(&str) -> Option<String>,
     ) -> anyhow::Result<Transport> {
         let requested = UpstreamProtocol::resolve(up.protocol, &var)?;
-        let protocol = requested.effective();
-        if protocol != requested {
+        let route = Route::new(requested, &up.hostname, &var)?;
+        let protocol = route.protocol;
+        if route.falls_back() {
             tracing::warn!(
                 requested = %requested,
                 using = %protocol,
                 "the AMQP upstream is not implemented yet: using MQTT over the same transport"
             );
         }
-        let proxy = Proxy::from_vars(&var, &up.hostname)?;
-        let port = if protocol.websocket() {
-            up.https_port
-        } else {
-            up.port
-        };
+        if let Some(p) = &route.unused_proxy {
+            tracing::warn!(
+                proxy = %p,
+                protocol = %protocol,
+                "https_proxy is set but the upstream protocol is not a WebSocket one: \
+                 the proxy is not used (set UpstreamProtocol=MqttWs to go through it)"
+            );
+        }
+        let port = route.port(up.port, up.https_port);
         let mut dialer = Dialer::new(&up.hostname, port, tls)?.with_step_timeout(HANDSHAKE_TIMEOUT);
         if protocol.websocket() {
             // A packet may span frames; a frame or message larger than the
@@ -65,14 +69,7 @@ impl Transport {
             let max = MAX_INBOUND_PACKET.max(MAX_OUTBOUND_PACKET) + 64 * 1024;
             dialer = dialer
                 .with_websocket(WS_PATH, MQTT_SUBPROTOCOL, max)
-                .with_proxy(proxy);
-        } else if let Some(p) = proxy {
-            tracing::warn!(
-                proxy = %p,
-                protocol = %protocol,
-                "https_proxy is set but the upstream protocol is not a WebSocket one: \
-                 the proxy is not used (set UpstreamProtocol=MqttWs to go through it)"
-            );
+                .with_proxy(route.proxy);
         }
         tracing::info!(protocol = %protocol, via = %dialer.describe(), "upstream transport");
         Ok(Transport {
