@@ -1,0 +1,325 @@
+//! `[provisioning]`: manual (a connection string, or aziot's shape) or DPS
+//! with a symmetric key, and the hub's HTTPS port; X.509 and TPM are
+//! refused with an error that says so.
+
+use super::*;
+
+pub(super) fn parse_provisioning(
+    ctx: &Ctx<'_>,
+    raw: &Spanned<RawProvisioning>,
+    homedir: &Path,
+) -> Result<(ProvisioningConfig, Option<DpsSettings>), ConfigError> {
+    let p = raw.get_ref();
+    match p.source.get_ref().as_str() {
+        "manual" => parse_manual(ctx, raw).map(|m| (m, None)),
+        "dps" => {
+            let settings = parse_dps(ctx, raw)?;
+            let https_port = parse_https_port(ctx, p)?;
+            let cached = crate::dps::read_cache(homedir, &settings)
+                .map_err(|e| ctx.err(Some(p.source.span()), "provisioning", e.to_string()))?;
+            let Some(a) = cached else {
+                return Err(ctx.err(Some(p.source.span()), "provisioning", NOT_PROVISIONED));
+            };
+            let bad_cache = |e: String| {
+                ctx.err(
+                    Some(p.source.span()),
+                    "provisioning",
+                    format!("the cached DPS assignment is unusable ({e}); run `verge system reprovision`"),
+                )
+            };
+            let prov = ProvisioningConfig {
+                iothub_hostname: HubHostname::new(a.assigned_hub.as_str())
+                    .map_err(|e| bad_cache(e.to_string()))?,
+                device_id: DeviceId::new(a.device_id.as_str())
+                    .map_err(|e| bad_cache(e.to_string()))?,
+                device_key: settings.symmetric_key.clone(),
+                https_port,
+            };
+            Ok((prov, Some(settings)))
+        }
+        other => Err(ctx.err(
+            Some(p.source.span()),
+            "provisioning.source",
+            format!("unknown provisioning source {other:?}; expected \"manual\" or \"dps\""),
+        )),
+    }
+}
+
+fn parse_https_port(ctx: &Ctx<'_>, p: &RawProvisioning) -> Result<u16, ConfigError> {
+    match &p.https_port {
+        None => Ok(DEFAULT_HTTPS_PORT),
+        Some(v) => u16::try_from(*v.get_ref())
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| {
+                ctx.err(
+                    Some(v.span()),
+                    "provisioning.https_port",
+                    "must be a port number between 1 and 65535",
+                )
+            }),
+    }
+}
+
+/// A key given as `{ value = "<base64>" }` (`{ uri = … }` is refused for now);
+/// `key` is its dotted path, for messages.
+fn key_ref(
+    ctx: &Ctx<'_>,
+    k: &Spanned<RawKeyRef>,
+    key: &str,
+) -> Result<SharedAccessKey, ConfigError> {
+    match (&k.get_ref().value, &k.get_ref().uri) {
+        (Some(v), None) => SharedAccessKey::from_base64(v.get_ref())
+            .map_err(|e| ctx.err(Some(v.span()), &format!("{key}.value"), e.to_string())),
+        (None, Some(u)) => Err(ctx.err(
+            Some(u.span()),
+            &format!("{key}.uri"),
+            "key URIs are not supported yet; give the key inline as value = \"<base64>\"",
+        )),
+        _ => Err(ctx.err(Some(k.span()), key, "give exactly one of value or uri")),
+    }
+}
+
+/// `source = "dps"`: endpoint, scope and symmetric-key attestation.
+pub(super) fn parse_dps(
+    ctx: &Ctx<'_>,
+    raw: &Spanned<RawProvisioning>,
+) -> Result<DpsSettings, ConfigError> {
+    let p = raw.get_ref();
+    let stray = [
+        (
+            p.connection_string.as_ref().map(Spanned::span),
+            "provisioning.connection_string",
+        ),
+        (
+            p.iothub_hostname.as_ref().map(Spanned::span),
+            "provisioning.iothub_hostname",
+        ),
+        (
+            p.device_id.as_ref().map(Spanned::span),
+            "provisioning.device_id",
+        ),
+        (
+            p.authentication.as_ref().map(Spanned::span),
+            "provisioning.authentication",
+        ),
+    ];
+    for (span, key) in stray {
+        if let Some(span) = span {
+            return Err(ctx.err(
+                Some(span),
+                key,
+                "not used with source = \"dps\" (DPS assigns the hub and the device id)",
+            ));
+        }
+    }
+    let missing =
+        |key: &str, what: &str| ctx.err(Some(raw.span()), key, format!("missing: {what}"));
+    let ep = p.global_endpoint.as_ref().ok_or_else(|| {
+        missing(
+            "provisioning.global_endpoint",
+            "the DPS URL, e.g. \"https://global.azure-devices-provisioning.net/\"",
+        )
+    })?;
+    let host = ep
+        .get_ref()
+        .trim()
+        .strip_prefix("https://")
+        .map(|h| h.trim_end_matches('/'))
+        .filter(|h| !h.is_empty() && !h.contains(['/', '?', '#', '@']) && !h.chars().any(char::is_whitespace))
+        .ok_or_else(|| {
+            ctx.err(
+                Some(ep.span()),
+                "provisioning.global_endpoint",
+                "must be an https:// URL of a host (and port), e.g. \"https://global.azure-devices-provisioning.net/\"",
+            )
+        })?;
+    let scope = p
+        .id_scope
+        .as_ref()
+        .ok_or_else(|| missing("provisioning.id_scope", "the DPS ID scope"))?;
+    let id_scope = scope.get_ref().trim().to_owned();
+    if id_scope.is_empty() || !id_scope.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(ctx.err(
+            Some(scope.span()),
+            "provisioning.id_scope",
+            "must be ASCII letters and digits",
+        ));
+    }
+    let att = p.attestation.as_ref().ok_or_else(|| {
+        missing(
+            "provisioning.attestation",
+            "[provisioning.attestation] method = \"symmetric_key\"",
+        )
+    })?;
+    let a = att.get_ref();
+    match a.method.get_ref().as_str() {
+        "symmetric_key" => {}
+        "x509" | "tpm" => {
+            let _ = (&a.identity_cert, &a.identity_pk);
+            return Err(ctx.err(
+                Some(a.method.span()),
+                "provisioning.attestation.method",
+                format!(
+                    "{:?} attestation is not supported yet; use method = \"symmetric_key\"",
+                    a.method.get_ref()
+                ),
+            ));
+        }
+        other => {
+            return Err(ctx.err(
+                Some(a.method.span()),
+                "provisioning.attestation.method",
+                format!("unknown method {other:?}; expected \"symmetric_key\""),
+            ));
+        }
+    }
+    let rid = a.registration_id.as_ref().ok_or_else(|| {
+        ctx.err(
+            Some(att.span()),
+            "provisioning.attestation.registration_id",
+            "missing",
+        )
+    })?;
+    let registration_id = rid.get_ref().trim().to_owned();
+    let rid_ok = !registration_id.is_empty()
+        && registration_id.len() <= 128
+        && registration_id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._:".contains(&b));
+    if !rid_ok {
+        return Err(ctx.err(
+            Some(rid.span()),
+            "provisioning.attestation.registration_id",
+            "must be 1-128 lowercase letters, digits or -._:",
+        ));
+    }
+    let sk = a.symmetric_key.as_ref().ok_or_else(|| {
+        ctx.err(
+            Some(att.span()),
+            "provisioning.attestation.symmetric_key",
+            "missing: give symmetric_key = { value = \"<base64 key>\" }",
+        )
+    })?;
+    let symmetric_key = key_ref(ctx, sk, "provisioning.attestation.symmetric_key")?;
+    Ok(DpsSettings {
+        global_endpoint: format!("https://{host}"),
+        id_scope,
+        registration_id,
+        symmetric_key,
+    })
+}
+
+fn parse_manual(
+    ctx: &Ctx<'_>,
+    raw: &Spanned<RawProvisioning>,
+) -> Result<ProvisioningConfig, ConfigError> {
+    let p = raw.get_ref();
+    if p.global_endpoint.is_some() || p.id_scope.is_some() || p.attestation.is_some() {
+        return Err(ctx.err(
+            Some(raw.span()),
+            "provisioning",
+            "global_endpoint, id_scope and attestation need source = \"dps\"",
+        ));
+    }
+    let https_port = parse_https_port(ctx, p)?;
+    if let Some(cs) = &p.connection_string {
+        if p.iothub_hostname.is_some() || p.device_id.is_some() || p.authentication.is_some() {
+            return Err(ctx.err(
+                Some(cs.span()),
+                "provisioning.connection_string",
+                "give either connection_string or iothub_hostname + device_id + [provisioning.authentication], not both",
+            ));
+        }
+        let parsed = ConnectionString::parse(cs.get_ref()).map_err(|e| {
+            ctx.err(
+                Some(cs.span()),
+                "provisioning.connection_string",
+                e.to_string(),
+            )
+        })?;
+        if parsed.module_id.is_some() {
+            return Err(ctx.err(
+                Some(cs.span()),
+                "provisioning.connection_string",
+                "this is a module connection string; a device connection string is needed",
+            ));
+        }
+        let Some(key) = parsed.shared_access_key else {
+            return Err(ctx.err(
+                Some(cs.span()),
+                "provisioning.connection_string",
+                "SharedAccessKey is missing (x509 devices are not supported yet)",
+            ));
+        };
+        return Ok(ProvisioningConfig {
+            iothub_hostname: parsed.host_name,
+            device_id: parsed.device_id,
+            device_key: key,
+            https_port,
+        });
+    }
+    let missing = |key: &str| {
+        ctx.err(
+            Some(raw.span()),
+            key,
+            "missing: give connection_string, or iothub_hostname + device_id + [provisioning.authentication]",
+        )
+    };
+    let hub = p
+        .iothub_hostname
+        .as_ref()
+        .ok_or_else(|| missing("provisioning.iothub_hostname"))?;
+    let iothub_hostname = HubHostname::new(hub.get_ref().as_str()).map_err(|e| {
+        ctx.err(
+            Some(hub.span()),
+            "provisioning.iothub_hostname",
+            e.to_string(),
+        )
+    })?;
+    let dev = p
+        .device_id
+        .as_ref()
+        .ok_or_else(|| missing("provisioning.device_id"))?;
+    let device_id = DeviceId::new(dev.get_ref().as_str())
+        .map_err(|e| ctx.err(Some(dev.span()), "provisioning.device_id", e.to_string()))?;
+    let auth = p
+        .authentication
+        .as_ref()
+        .ok_or_else(|| missing("provisioning.authentication"))?;
+    let a = auth.get_ref();
+    match a.method.get_ref().as_str() {
+        "sas" => {}
+        "x509" => {
+            let _ = (&a.identity_cert, &a.identity_pk);
+            return Err(ctx.err(
+                Some(a.method.span()),
+                "provisioning.authentication.method",
+                "x509 device authentication is not supported yet; use method = \"sas\"",
+            ));
+        }
+        other => {
+            return Err(ctx.err(
+                Some(a.method.span()),
+                "provisioning.authentication.method",
+                format!(
+                    "unknown method {other:?}; expected \"sas\" (\"x509\" is not supported yet)"
+                ),
+            ));
+        }
+    }
+    let pk = a.device_id_pk.as_ref().ok_or_else(|| {
+        ctx.err(
+            Some(auth.span()),
+            "provisioning.authentication.device_id_pk",
+            "missing: give device_id_pk = { value = \"<base64 key>\" }",
+        )
+    })?;
+    let key = key_ref(ctx, pk, "provisioning.authentication.device_id_pk")?;
+    Ok(ProvisioningConfig {
+        iothub_hostname,
+        device_id,
+        device_key: key,
+        https_port,
+    })
+}
