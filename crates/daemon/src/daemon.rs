@@ -219,7 +219,7 @@ pub async fn run_with(
         AgentKind::Process => format!("unix://{}", mgmt_path.display()),
         AgentKind::Docker => config.connect.management_uri.clone(),
     };
-    let env = agent_env(
+    let mut env = agent_env(
         &agent_workload_env,
         &agent_identity,
         &agent_socket,
@@ -228,6 +228,9 @@ pub async fn run_with(
         &config.listen.workload_dir,
         config.moby_runtime.as_ref().map(|m| m.network.as_str()),
     );
+    if config.agent.kind == AgentKind::Process {
+        crate::env::process_agent_metrics(&mut env);
+    }
     match config.agent.kind {
         AgentKind::Process => tasks.spawn(
             "agent watchdog",

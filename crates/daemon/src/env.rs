@@ -96,9 +96,43 @@ pub fn agent_env(
     env
 }
 
+/// Where a process agent serves its metrics unless its environment says:
+/// it shares the host's network with the edge hub, which keeps edgeHub's
+/// 9600 (in Docker each has its own network, and both use 9600 as in IoT
+/// Edge).
+pub const PROCESS_AGENT_METRICS_LISTEN: &str = "0.0.0.0:9601";
+
+/// Gives a process agent its own metrics port (see
+/// [`PROCESS_AGENT_METRICS_LISTEN`]) unless its environment sets one.
+pub fn process_agent_metrics(env: &mut BTreeMap<String, String>) {
+    if !env.contains_key("VERGE_AGENT_METRICS_LISTEN")
+        && !env.contains_key("Metrics__Listener__Port")
+    {
+        env.insert(
+            "VERGE_AGENT_METRICS_LISTEN".into(),
+            PROCESS_AGENT_METRICS_LISTEN.into(),
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_process_agent_leaves_9600_to_the_hub_unless_told() {
+        let mut env = BTreeMap::new();
+        process_agent_metrics(&mut env);
+        assert_eq!(env["VERGE_AGENT_METRICS_LISTEN"], "0.0.0.0:9601");
+        for (k, v) in [
+            ("VERGE_AGENT_METRICS_LISTEN", "127.0.0.1:9700"),
+            ("Metrics__Listener__Port", "9800"),
+        ] {
+            let mut env = BTreeMap::from([(k.to_owned(), v.to_owned())]);
+            process_agent_metrics(&mut env);
+            assert_eq!(env.len(), 1, "{env:?}");
+        }
+    }
 
     fn ctx(parent: Option<&str>) -> EnvContext {
         EnvContext {
