@@ -11,7 +11,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -492,52 +492,6 @@ async fn c2d_to_a_leaf_device_completes_on_its_puback() {
     assert_eq!(f[0].device_id, "leaf1");
 }
 
-/// Lines a child process prints, read on a thread.
-struct Lines {
-    rx: std::sync::mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Lines {
-    fn of(child: &mut Child) -> Lines {
-        use std::io::BufRead as _;
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Lines {
-            rx,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits (at most `limit`) for a line starting with `prefix`.
-    async fn wait(&mut self, prefix: &str, limit: Duration, hub_log: impl Fn() -> String) {
-        let deadline = Instant::now() + limit;
-        loop {
-            while let Ok(line) = self.rx.try_recv() {
-                let found = line.starts_with(prefix);
-                self.seen.push(line);
-                if found {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no line {prefix:?} from the leaf; it printed {:?}\n--- hub log\n{}",
-                self.seen,
-                hub_log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
 /// C2D to a leaf device connected over AMQP (Apache Qpid Proton, SASL
 /// PLAIN): accepted = completed in the cloud (feedback `Success`); rejected
 /// = never delivered again (the MQTT upstream has no reject, so the hub
@@ -559,16 +513,20 @@ async fn c2d_to_an_amqp_leaf_settles_by_its_outcome() {
     let params = w.pki.dir.path().join("c2d-params.json");
     let p = json!({"hub": HUB, "ca": ca, "amqps_port": w.amqps.port(), "key": LEAF_KEY});
     std::fs::write(&params, p.to_string()).unwrap();
-    let mut leaf = Command::new(python)
-        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/amqp_c2d_leaf.py"))
-        .arg(&params)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let _kill = KillOnDrop(leaf.id());
-    let mut lines = Lines::of(&mut leaf);
-    let limit = Duration::from_secs(30);
-    lines.wait("READY", limit, || w.hub_log()).await;
+    // Killed when dropped; its output lines are collected.
+    let mut leaf = verge_testkit::Running::start(
+        Command::new(python)
+            .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/amqp_c2d_leaf.py"))
+            .arg(&params),
+    );
+    // The leaf's lines arrive on a blocking channel; the cloud runs on the
+    // other worker meanwhile.
+    fn wait(leaf: &mut verge_testkit::Running, w: &World, text: &str) {
+        tokio::task::block_in_place(|| {
+            leaf.wait_for_with(text, || format!("--- hub log\n{}", w.hub_log()))
+        });
+    }
+    wait(&mut leaf, &w, "READY");
     wait_for("leaf1's link", Duration::from_secs(10), || {
         w.cloud.connected("leaf1")
     })
@@ -581,10 +539,10 @@ async fn c2d_to_an_amqp_leaf_settles_by_its_outcome() {
         msg.properties.insert("k", "v");
         w.cloud.state.c2d_send("leaf1", msg, 0).await.unwrap();
     }
-    lines.wait("SETTLED", limit, || w.hub_log()).await;
+    wait(&mut leaf, &w, "SETTLED");
     for id in ["c2d-1", "c2d-2", "c2d-3"] {
         let got = format!("GOT {id} v body of {id}");
-        assert!(lines.seen.contains(&got), "{got:?} not in {:?}", lines.seen);
+        assert!(leaf.log().contains(&got), "{got:?} not in {:?}", leaf.log());
     }
     wait_for("two settlements", Duration::from_secs(5), || {
         w.cloud.state.c2d_feedback(0, 10).unwrap().len() >= 2
@@ -611,10 +569,8 @@ async fn c2d_to_an_amqp_leaf_settles_by_its_outcome() {
     w.cloud.stop().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     w.cloud.start().await;
-    lines
-        .wait("REDELIVERED c2d-3", Duration::from_secs(30), || w.hub_log())
-        .await;
-    lines.wait("ALL PASS", limit, || w.hub_log()).await;
+    wait(&mut leaf, &w, "REDELIVERED c2d-3");
+    wait(&mut leaf, &w, "ALL PASS");
     wait_for(
         "the redelivered one's completion",
         Duration::from_secs(10),
@@ -627,16 +583,6 @@ async fn c2d_to_an_amqp_leaf_settles_by_its_outcome() {
             .all(|f| f.status_code == "Success" && f.device_id == "leaf1"),
         "{f:?}"
     );
-}
-
-/// Kills a child process by id when dropped (a failed assertion leaves no
-/// client behind).
-struct KillOnDrop(u32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").arg(self.0.to_string()).status();
-    }
 }
 
 /// The hub's own configuration comes from its `$edgeHub` module twin in the

@@ -70,6 +70,12 @@ impl Running {
 
     /// Waits (at most 30 s) for a log line containing `text`.
     pub fn wait_for(&mut self, text: &str) {
+        self.wait_for_with(text, String::new);
+    }
+
+    /// [`wait_for`](Self::wait_for), adding `context()` (e.g. another
+    /// process's log) to the failure.
+    pub fn wait_for_with(&mut self, text: &str, context: impl FnOnce() -> String) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match self.lines.recv_timeout(left) {
@@ -83,7 +89,11 @@ impl Running {
                 Err(_) => break,
             }
         }
-        panic!("no log line with {text:?}; log:\n{}", self.log.join("\n"));
+        panic!(
+            "no log line with {text:?}; log:\n{}\n{}",
+            self.log.join("\n"),
+            context()
+        );
     }
 
     /// Sends `signal` (`TERM`, `INT`) and waits up to `limit` for the exit;
