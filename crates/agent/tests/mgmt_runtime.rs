@@ -287,6 +287,38 @@ async fn trait_calls_round_trip_through_verged() {
 
 const IMAGE: &str = verge_testkit::docker::TEST_IMAGE;
 
+/// verged's management API over the real Docker engine, with an owner label
+/// and a module network of this test's own (`verge-{tag}-test-{pid}`);
+/// its containers, network and `images` are removed when the guard drops.
+fn docker_harness(
+    tag: &str,
+    images: Vec<String>,
+) -> (
+    verge_testkit::docker::Leftovers,
+    Harness<verge_runtime::DockerRuntime>,
+) {
+    let name = format!("verge-{tag}-test-{}", std::process::id());
+    let cleanup = verge_testkit::docker::Leftovers {
+        owner: name.clone(),
+        network: name.clone(),
+        images,
+    };
+    let backend = Arc::new(verge_runtime::DockerRuntime::new(
+        verge_runtime::DockerConfig {
+            network: name.clone(),
+            owner: name,
+            stop_timeout: Duration::from_secs(1),
+            ..verge_runtime::DockerConfig::default()
+        },
+    ));
+    let h = harness_with(
+        tempfile::tempdir().unwrap(),
+        backend,
+        WorkloadUriStyle::Fixed("unix:///var/run/iotedge/workload.sock".into()),
+    );
+    (cleanup, h)
+}
+
 /// The agent driving Docker through verged (the real layout, #24 item 4):
 /// a module whose healthcheck fails is restarted under `on-unhealthy`, and
 /// `settings.digest` is checked against the local image's digests — both
@@ -297,26 +329,7 @@ async fn agent_through_verged_restarts_unhealthy_and_checks_digests() {
         return;
     }
     let suffix = format!("{}", std::process::id());
-    let owner = format!("verge-mgmt-test-{suffix}");
-    let network = format!("verge-mgmt-test-{suffix}");
-    let _cleanup = verge_testkit::docker::Leftovers {
-        owner: owner.clone(),
-        network: network.clone(),
-        images: Vec::new(),
-    };
-    let backend = Arc::new(verge_runtime::DockerRuntime::new(
-        verge_runtime::DockerConfig {
-            network: network.clone(),
-            owner: owner.clone(),
-            stop_timeout: Duration::from_secs(1),
-            ..verge_runtime::DockerConfig::default()
-        },
-    ));
-    let h = harness_with(
-        tempfile::tempdir().unwrap(),
-        backend.clone(),
-        WorkloadUriStyle::Fixed("unix:///var/run/iotedge/workload.sock".into()),
-    );
+    let (_cleanup, h) = docker_harness("mgmt", Vec::new());
     let image_id = String::from_utf8(
         std::process::Command::new("docker")
             .args(["image", "inspect", "-f", "{{.Id}}", IMAGE])
@@ -424,7 +437,7 @@ async fn agent_through_verged_restarts_unhealthy_and_checks_digests() {
     );
     assert!(
         matches!(
-            backend.get(&wrong_pin).await,
+            h.backend.get(&wrong_pin).await,
             Err(RuntimeError::NotFound(_))
         ),
         "a refused module is not created"
@@ -474,10 +487,7 @@ async fn pull_progress_is_reported_while_an_image_downloads_through_verged() {
     if !verge_testkit::docker::ready() {
         return;
     }
-    let suffix = format!("{}", std::process::id());
-    let owner = format!("verge-pull-test-{suffix}");
-    let network = format!("verge-pull-test-{suffix}");
-    let local = format!("verge-test/big:{suffix}");
+    let local = format!("verge-test/big:{}", std::process::id());
     // An image with three incompressible 12 MB layers over the test image.
     let ctx = tempfile::tempdir().unwrap();
     let mut dockerfile = format!("FROM {IMAGE}\n");
@@ -500,24 +510,7 @@ async fn pull_progress_is_reported_while_an_image_downloads_through_verged() {
     verge_testkit::stdout_of(std::process::Command::new("docker").args(["rmi", &local]));
     let slow = throttled_forwarder(reg.address.clone(), 6_000_000).await;
     let image = format!("127.0.0.1:{slow}/verge/big:1");
-    let _cleanup = verge_testkit::docker::Leftovers {
-        owner: owner.clone(),
-        network: network.clone(),
-        images: vec![image.clone(), local.clone()],
-    };
-    let backend = Arc::new(verge_runtime::DockerRuntime::new(
-        verge_runtime::DockerConfig {
-            network,
-            owner,
-            stop_timeout: Duration::from_secs(1),
-            ..verge_runtime::DockerConfig::default()
-        },
-    ));
-    let h = harness_with(
-        tempfile::tempdir().unwrap(),
-        backend,
-        WorkloadUriStyle::Fixed("unix:///var/run/iotedge/workload.sock".into()),
-    );
+    let (_cleanup, h) = docker_harness("pull", vec![image.clone(), local.clone()]);
     let desired = json!({
         "schemaVersion": "1.1",
         "runtime": { "type": "docker", "settings": { "registryCredentials": {
