@@ -20,7 +20,7 @@ use crate::report::{Reporter, desired_fields};
 use crate::restart::{Decision, Observed, RestartRecord, RuntimeStatus, decide};
 
 mod download;
-pub use download::DOWNLOADING;
+use download::{Downloads, PullState};
 
 /// File (under the storage dir) holding the last accepted `$edgeAgent` desired properties.
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -61,8 +61,18 @@ pub struct ReconcileOutcome {
     pub steps: Vec<String>,
     /// Step failures.
     pub errors: Vec<String>,
-    /// Steps held back by startupOrder.
+    /// Steps held back by startupOrder or by their image's download.
     pub waiting: Vec<String>,
+}
+
+/// What one step did.
+enum Ran {
+    /// Started the module at this time.
+    Started(Timestamp),
+    /// Done, nothing started.
+    Done,
+    /// Waiting for the module's image to download.
+    Downloading,
 }
 
 /// The edge agent. One instance owns the lifecycle of the modules it labels.
@@ -85,6 +95,7 @@ pub struct Agent {
     reported: Value,
     report_sink: Option<tokio::sync::watch::Sender<Option<Value>>>,
     metrics: crate::metrics::AgentMetrics,
+    downloads: Downloads,
 }
 
 impl std::fmt::Debug for Agent {
@@ -169,6 +180,7 @@ impl Agent {
             reported: Value::Null,
             report_sink: None,
             metrics: crate::metrics::AgentMetrics::default(),
+            downloads: Downloads::default(),
         };
         if let Ok(text) = tokio::fs::read(agent.storage.join(MANIFEST_FILE)).await {
             match serde_json::from_slice::<PersistedManifest>(&text) {
@@ -196,6 +208,13 @@ impl Agent {
             }
         }
         Ok(agent)
+    }
+
+    /// Resolves when an image pull has ended since it last resolved: the
+    /// loop reconciles then, so the module is created without waiting for
+    /// the next tick.
+    pub fn pull_ended(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.downloads.ended()
     }
 
     /// The agent's Prometheus series (served by the executable).
@@ -351,7 +370,9 @@ impl Agent {
             cfg: &self.cfg,
         });
         let wanted = desired_modules(&accepted.desired, &self.cfg);
+        self.downloads.retain(&wanted);
         self.execute(p.steps, &wanted, &mut outcome).await;
+        let downloading = self.downloads.describe(&*self.runtime).await;
 
         let after = match self.runtime.list().await {
             Ok(c) => c,
@@ -372,7 +393,7 @@ impl Agent {
                 .map(|m| m.spec.name.clone())
                 .collect(),
         );
-        let statuses = self.module_statuses(&wanted, &after, Timestamp::now());
+        let statuses = self.module_statuses(&wanted, &after, &downloading, Timestamp::now());
         self.update_status(&wanted, &statuses, &outcome);
         self.persist_restarts().await;
         self.publish(Some(&accepted.desired), &after, &statuses)
@@ -431,11 +452,19 @@ impl Agent {
                     outcome.waiting.push(format!("{}: {g}", s.describe()));
                     continue;
                 }
-                outcome.steps.push(s.describe());
                 match self.run_step(&s).await {
-                    Ok(Some(since)) => started.push((s.name().to_owned(), since)),
-                    Ok(None) => {}
-                    Err(e) => outcome.errors.push(e),
+                    Ok(Ran::Started(since)) => {
+                        outcome.steps.push(s.describe());
+                        started.push((s.name().to_owned(), since));
+                    }
+                    Ok(Ran::Done) => outcome.steps.push(s.describe()),
+                    Ok(Ran::Downloading) => outcome
+                        .waiting
+                        .push(format!("{}: downloading its image", s.describe())),
+                    Err(e) => {
+                        outcome.steps.push(s.describe());
+                        outcome.errors.push(e);
+                    }
                 }
             }
             self.wait_started(&started).await;
@@ -517,7 +546,6 @@ impl Agent {
         format!("{}: {what}", m.name)
     }
 
-    /// Runs one step; `Ok(Some(t))` when it started the module at `t`.
     /// The manifest `version` of module `name` (empty when unknown).
     fn version_of(&self, name: &str) -> String {
         let Some(a) = &self.accepted else {
@@ -566,7 +594,8 @@ impl Agent {
         r
     }
 
-    async fn run_step(&mut self, step: &Step) -> Result<Option<Timestamp>, String> {
+    /// Runs one step; a failure is described for the deployment status.
+    async fn run_step(&mut self, step: &Step) -> Result<Ran, String> {
         let rt = self.runtime.clone();
         let stop_timeout = self.cfg.stop_timeout;
         let ignore_missing = |r: Result<(), RuntimeError>| match r {
@@ -581,18 +610,22 @@ impl Agent {
                 ignore_missing(self.rt_stop(name, stop_timeout).await)
                     .and(ignore_missing(self.rt_remove(name).await))
                     .map_err(|e| format!("{name}: removing failed: {e}"))?;
-                Ok(None)
+                Ok(Ran::Done)
             }
             Step::Create { module } | Step::Update { module } => {
                 let update = matches!(step, Step::Update { .. });
                 let name = &module.name;
                 let image = &module.spec.image;
-                tracing::info!(module = %name, update, image = %image, "creating");
-                if module.pull
-                    && let Err(e) = self.pull_reporting(module).await
-                {
-                    return Err(self.block(module, format!("image pull failed: {e}")));
+                if module.pull {
+                    match self.downloads.poll(&rt, module).await {
+                        PullState::Pulled => {}
+                        PullState::Downloading => return Ok(Ran::Downloading),
+                        PullState::Failed(e) => {
+                            return Err(self.block(module, format!("image pull failed: {e}")));
+                        }
+                    }
                 }
+                tracing::info!(module = %name, update, image = %image, "creating");
                 // Checked before the old module is touched, so a missing or
                 // wrong image leaves it running.
                 if !module.pull || module.pinned_digest.is_some() {
@@ -642,9 +675,9 @@ impl Agent {
                     self.rt_start(name)
                         .await
                         .map_err(|e| format!("{name}: start failed: {e}"))?;
-                    Ok(Some(t))
+                    Ok(Ran::Started(t))
                 } else {
-                    Ok(None)
+                    Ok(Ran::Done)
                 }
             }
             Step::Start { name, .. } => {
@@ -654,7 +687,7 @@ impl Agent {
                 self.rt_start(name)
                     .await
                     .map_err(|e| format!("{name}: start failed: {e}"))?;
-                Ok(Some(t))
+                Ok(Ran::Started(t))
             }
             Step::Restart {
                 name, was_running, ..
@@ -672,7 +705,7 @@ impl Agent {
                 self.rt_start(name)
                     .await
                     .map_err(|e| format!("{name}: restart failed: {e}"))?;
-                Ok(Some(t))
+                Ok(Ran::Started(t))
             }
             Step::Stop { name } => {
                 tracing::info!(module = %name, "stopping (desired status stopped)");
@@ -685,11 +718,11 @@ impl Agent {
                 );
                 ignore_missing(self.rt_stop(name, stop_timeout).await)
                     .map_err(|e| format!("{name}: stop failed: {e}"))?;
-                Ok(None)
+                Ok(Ran::Done)
             }
             Step::ResetRestarts { name } => {
                 self.restarts.remove(name);
-                Ok(None)
+                Ok(Ran::Done)
             }
         }
     }
@@ -698,6 +731,7 @@ impl Agent {
         &self,
         wanted: &[DesiredModule],
         current: &[ModuleState],
+        downloading: &BTreeMap<String, String>,
         now: Timestamp,
     ) -> BTreeMap<String, (RuntimeStatus, String)> {
         let by_name: BTreeMap<&str, &ModuleState> =
@@ -706,7 +740,12 @@ impl Agent {
         let mut out = BTreeMap::new();
         for m in wanted {
             let blocked = self.blocked.get(&m.name).filter(|b| b.hash == m.hash);
+            let pulling = downloading.get(&m.name);
             let entry = match (by_name.get(m.name.as_str()), blocked) {
+                (None, _) if pulling.is_some() => (
+                    RuntimeStatus::Downloading,
+                    pulling.cloned().unwrap_or_default(),
+                ),
                 (None, Some(b)) if b.given_up(&self.cfg) => {
                     (RuntimeStatus::Failed, b.error.clone())
                 }
@@ -730,7 +769,11 @@ impl Agent {
                             ModuleStatus::Unknown => RuntimeStatus::Unknown,
                         };
                     }
-                    let desc = if let Some(b) = blocked {
+                    let desc = if let Some(text) = pulling {
+                        // An update: the old module keeps its state until
+                        // the new image is here.
+                        text.clone()
+                    } else if let Some(b) = blocked {
                         b.error.clone()
                     } else if d == Decision::GiveUp {
                         format!(

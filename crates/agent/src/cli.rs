@@ -357,10 +357,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut last_text: Option<String> = None;
     let mut last_twin: Option<Value> = None;
     loop {
-        // A new deployment from the cloud is applied at once, not at the next tick.
+        // A new deployment from the cloud, or an image that finished
+        // downloading, is acted on at once, not at the next tick.
         tokio::select! {
             _ = ticker.tick() => {}
             () = twin_changed(&mut twin) => {}
+            () = agent.pull_ended() => {}
             signal = signals.recv() => {
                 tracing::info!(signal = %signal?, "shutting down");
                 break;

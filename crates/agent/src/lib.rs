@@ -28,7 +28,10 @@
 //! `never` it must be present, and a digest pinned in `settings.image`
 //! (`name@sha256:…`) or `settings.digest` must be among the local image's
 //! digests ([`verge_runtime::ModuleRuntime::image_digests`]). A failed pull or
-//! check leaves the old module running. `edgeHub` is planned like a
+//! check leaves the old module running. A pull that does not end within a
+//! second goes on in the background (`agent/download.rs`): the module is
+//! reported `downloading` with its progress, the pass goes on with the
+//! other modules, and the loop is woken when the pull ends. `edgeHub` is planned like a
 //! module; `edgeAgent` is never (re)created by the agent itself. After a tier,
 //! the executor waits (up to `tier_timeout`) for the modules it started and
 //! starts nothing of a later tier until every module of the tier desired

@@ -50,6 +50,8 @@ pub enum RuntimeStatus {
     Failed,
     /// Dead (Docker).
     Dead,
+    /// Not created yet: its image is downloading.
+    Downloading,
     /// Unknown.
     Unknown,
 }
@@ -64,6 +66,7 @@ impl RuntimeStatus {
             Self::Stopped => "stopped",
             Self::Failed => "failed",
             Self::Dead => "dead",
+            Self::Downloading => "downloading",
             Self::Unknown => "unknown",
         }
     }

@@ -478,6 +478,59 @@ async fn throttled_forwarder(upstream: String, bytes_per_sec: u64) -> u16 {
     port
 }
 
+/// An image of `layers` incompressible 12 MB layers over the test image,
+/// only in a private registry, and reachable through a forwarder that sends
+/// at most `bytes_per_sec`: a pull long enough to be watched.
+struct SlowImage {
+    _registry: verge_testkit::registry::Registry,
+    /// Its reference through the slow link.
+    image: String,
+    /// The local tag it was built as (removed once pushed).
+    local: String,
+    /// The slow link's `127.0.0.1:<port>`.
+    address: String,
+}
+
+impl SlowImage {
+    async fn build(name: &str, layers: usize, bytes_per_sec: u64) -> Self {
+        let local = format!("verge-test/{name}:{}", std::process::id());
+        let ctx = tempfile::tempdir().unwrap();
+        let mut dockerfile = format!("FROM {IMAGE}\n");
+        for layer in 0..layers {
+            let mut data = vec![0u8; 12_000_000];
+            let mut urandom = std::fs::File::open("/dev/urandom").unwrap();
+            std::io::Read::read_exact(&mut urandom, &mut data).unwrap();
+            std::fs::write(ctx.path().join(layer.to_string()), &data).unwrap();
+            dockerfile.push_str(&format!("COPY {layer} /{layer}\n"));
+        }
+        std::fs::write(ctx.path().join("Dockerfile"), dockerfile).unwrap();
+        verge_testkit::stdout_of(
+            std::process::Command::new("docker")
+                .args(["build", "-q", "-t", &local])
+                .arg(ctx.path()),
+        );
+        let registry = verge_testkit::registry::Registry::start();
+        registry.push(&local, &format!("verge/{name}:1"));
+        // Only the registry has the layers now.
+        verge_testkit::stdout_of(std::process::Command::new("docker").args(["rmi", &local]));
+        let port = throttled_forwarder(registry.address.clone(), bytes_per_sec).await;
+        let address = format!("127.0.0.1:{port}");
+        Self {
+            _registry: registry,
+            image: format!("{address}/verge/{name}:1"),
+            local,
+            address,
+        }
+    }
+
+    /// The manifest's `registryCredentials` for the slow link.
+    fn credentials(&self) -> serde_json::Value {
+        json!({ "slow": { "address": self.address,
+                          "username": verge_testkit::registry::USER,
+                          "password": verge_testkit::registry::PASSWORD } })
+    }
+}
+
 /// The agent pulling through verged over a slow link (#24 item 4): while the
 /// image downloads, verged's `GET /images/pulls` names the module with its
 /// growing progress, and the agent reports the module as `downloading` with
@@ -487,36 +540,12 @@ async fn pull_progress_is_reported_while_an_image_downloads_through_verged() {
     if !verge_testkit::docker::ready() {
         return;
     }
-    let local = format!("verge-test/big:{}", std::process::id());
-    // An image with three incompressible 12 MB layers over the test image.
-    let ctx = tempfile::tempdir().unwrap();
-    let mut dockerfile = format!("FROM {IMAGE}\n");
-    for layer in ["a", "b", "c"] {
-        let mut data = vec![0u8; 12_000_000];
-        let mut urandom = std::fs::File::open("/dev/urandom").unwrap();
-        std::io::Read::read_exact(&mut urandom, &mut data).unwrap();
-        std::fs::write(ctx.path().join(layer), &data).unwrap();
-        dockerfile.push_str(&format!("COPY {layer} /{layer}\n"));
-    }
-    std::fs::write(ctx.path().join("Dockerfile"), dockerfile).unwrap();
-    verge_testkit::stdout_of(
-        std::process::Command::new("docker")
-            .args(["build", "-q", "-t", &local])
-            .arg(ctx.path()),
-    );
-    let reg = verge_testkit::registry::Registry::start();
-    reg.push(&local, "verge/big:1");
-    // Only the registry has the three layers now.
-    verge_testkit::stdout_of(std::process::Command::new("docker").args(["rmi", &local]));
-    let slow = throttled_forwarder(reg.address.clone(), 6_000_000).await;
-    let image = format!("127.0.0.1:{slow}/verge/big:1");
-    let (_cleanup, h) = docker_harness("pull", vec![image.clone(), local.clone()]);
+    let slow = SlowImage::build("big", 3, 6_000_000).await;
+    let image = slow.image.clone();
+    let (_cleanup, h) = docker_harness("pull", vec![image.clone(), slow.local.clone()]);
     let desired = json!({
         "schemaVersion": "1.1",
-        "runtime": { "type": "docker", "settings": { "registryCredentials": {
-            "slow": { "address": format!("127.0.0.1:{slow}"),
-                      "username": verge_testkit::registry::USER,
-                      "password": verge_testkit::registry::PASSWORD } } } },
+        "runtime": { "type": "docker", "settings": { "registryCredentials": slow.credentials() } },
         "systemModules": {
             "edgeAgent": { "type": "docker", "settings": { "image": "verge-agent" } },
             "edgeHub": { "type": "docker", "status": "stopped", "imagePullPolicy": "never",
@@ -612,4 +641,86 @@ async fn pull_progress_is_reported_while_an_image_downloads_through_verged() {
             && with_bytes.contains(" layers"),
         "{with_bytes}"
     );
+}
+
+/// A long pull holds back only its own module (iotedge #7259): while one
+/// module's image downloads over a slow link, the agent keeps restarting a
+/// crashing module on schedule, reports the first as `downloading`, and
+/// creates it once its image is here. Before, the pull ran inside the
+/// reconcile pass and no other module was looked at until it ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_pull_does_not_hold_back_other_modules_restarts() {
+    if !verge_testkit::docker::ready() {
+        return;
+    }
+    // Two 12 MB layers at 1.5 MB/s: about 16 s of download.
+    let slow = SlowImage::build("slow", 2, 1_500_000).await;
+    let (_cleanup, h) = docker_harness("longpull", vec![slow.image.clone(), slow.local.clone()]);
+    let suffix = std::process::id();
+    let (late, crashy) = (format!("late{suffix}"), format!("crashy{suffix}"));
+    let module = |image: &str, pull: &str, script: &str| {
+        json!({ "version": "1.0", "type": "docker", "status": "running",
+                "restartPolicy": "always", "imagePullPolicy": pull,
+                "settings": { "image": image,
+                              "createOptions": json!({"Cmd": ["sh", "-c", script]}).to_string() } })
+    };
+    let desired = json!({
+        "schemaVersion": "1.1",
+        "runtime": { "type": "docker", "settings": { "registryCredentials": slow.credentials() } },
+        "systemModules": {
+            "edgeAgent": { "type": "docker", "settings": { "image": "verge-agent" } },
+            "edgeHub": { "type": "docker", "status": "stopped", "imagePullPolicy": "never",
+                         "settings": { "image": IMAGE } }
+        },
+        "modules": {
+            (late.clone()): module(&slow.image, "on-create", "sleep 300"),
+            (crashy.clone()): module(IMAGE, "never", "sleep 0.2; exit 3"),
+        }
+    });
+    let cfg = verge_agent::AgentConfig {
+        backoff_base: Duration::from_millis(100),
+        backoff_cap: Duration::from_millis(500),
+        max_restarts: 1_000,
+        report_interval: Duration::ZERO,
+        tier_timeout: Duration::from_secs(10),
+        stop_timeout: Duration::from_secs(1),
+        extra_env: BTreeMap::new(),
+        ..verge_agent::AgentConfig::default()
+    };
+    let mut agent = verge_agent::Agent::open(Arc::new(h.rt.clone()), cfg, &h.home.join("agent"))
+        .await
+        .unwrap();
+    agent.set_desired(&desired).await.unwrap();
+    let end = tokio::time::Instant::now() + Duration::from_secs(120);
+    let (mut restarts_while_pulling, mut reported_downloading) = (0, false);
+    loop {
+        agent.reconcile().await;
+        let pulling = !h.rt.pulls().await.unwrap().is_empty();
+        let m = &agent.reported()["modules"][&late];
+        if m["runtimeStatus"] == "running" {
+            break;
+        }
+        if pulling {
+            restarts_while_pulling = agent.restart_record(&crashy).map_or(0, |r| r.count);
+            reported_downloading |= m["runtimeStatus"] == "downloading"
+                && m["statusDescription"]
+                    .as_str()
+                    .is_some_and(|d| d.starts_with(&format!("downloading image {}", slow.image)));
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "{late} never ran: {:#}",
+            agent.reported()["modules"]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        restarts_while_pulling >= 3,
+        "{crashy} was restarted {restarts_while_pulling} times while {late}'s image downloaded"
+    );
+    assert!(
+        reported_downloading,
+        "{late} was never reported downloading"
+    );
+    assert!(h.rt.pulls().await.unwrap().is_empty());
 }
