@@ -3,13 +3,14 @@
 //!
 //! Reads IoT Edge 1.1's `/etc/iotedge/config.yaml` or aziot's (1.2+)
 //! `/etc/aziot/config.toml` and carries over what Verge has an equivalent
-//! for: manual provisioning (a connection string, or hub + device id +
-//! symmetric key), `hostname`, `parent_hostname`, the edge CA and trust
-//! bundle, the agent and the Moby runtime. Settings Verge has no use for
-//! (socket activation URIs, IoT Edge's homedir, retry knobs) are left out
-//! with a note. Anything else, and anything Verge cannot do yet (DPS, X.509,
-//! TPM, key URIs, EST), refuses the whole import with the list, so nothing
-//! is silently lost.
+//! for: manual provisioning (a connection string, or hub + device id + a
+//! symmetric key or an X.509 certificate file), DPS with a symmetric key
+//! (aziot), `hostname`, `parent_hostname`, the edge CA and trust bundle,
+//! the agent and the Moby runtime. Settings Verge has no use for (socket
+//! activation URIs, IoT Edge's homedir, retry knobs) are left out with a
+//! note. Anything else, and anything Verge cannot do yet (DPS with X.509
+//! or TPM, key URIs, EST), refuses the whole import with the list, so
+//! nothing is silently lost.
 
 use std::path::Path;
 
@@ -251,9 +252,25 @@ fn from_yaml(out: &mut Out, y: &Value) {
                                 "empty: give the device's connection string",
                             ),
                         },
+                        // 1.1's manual X.509: hub, device and files in one mapping.
+                        "authentication"
+                            if pv.get("method").and_then(string).as_deref() == Some("x509") =>
+                        {
+                            out.set(&["provisioning", "source"], "manual".into());
+                            for id in ["iothub_hostname", "device_id"] {
+                                match pv.get(id).and_then(string) {
+                                    Some(s) => out.set(&["provisioning", id], s.into()),
+                                    None => out.refuse(
+                                        &format!("provisioning.authentication.{id}"),
+                                        "missing",
+                                    ),
+                                }
+                            }
+                            x509_files(out, pv, &["provisioning", "authentication"]);
+                        }
                         "authentication" => out.refuse(
-                            "provisioning.authentication",
-                            "X.509 device authentication is not supported yet",
+                            "provisioning.authentication.method",
+                            "only x509 (or a device_connection_string) is supported",
                         ),
                         "dynamic_reprovisioning" if pv.as_bool() != Some(true) => {}
                         "dynamic_reprovisioning" => out.note(
@@ -362,15 +379,18 @@ fn from_aziot(out: &mut Out, t: &Value) {
 
 fn aziot_provisioning(out: &mut Out, p: &Value) {
     match p.get("source").and_then(string).as_deref() {
-        Some("manual") => {}
-        other => {
-            out.refuse(
-                "provisioning.source",
-                &format!("{other:?} is not supported yet (only manual provisioning)"),
-            );
-            return;
-        }
+        Some("manual") => aziot_manual(out, p),
+        Some("dps") => aziot_dps(out, p),
+        other => out.refuse(
+            "provisioning.source",
+            &format!("{other:?} is not supported (manual or dps)"),
+        ),
     }
+}
+
+/// aziot's manual provisioning: a connection string, or hub + device id with
+/// a symmetric key or an X.509 certificate.
+fn aziot_manual(out: &mut Out, p: &Value) {
     out.set(&["provisioning", "source"], "manual".into());
     for (k, v) in p.as_object().into_iter().flatten() {
         match k.as_str() {
@@ -380,40 +400,122 @@ fn aziot_provisioning(out: &mut Out, p: &Value) {
                     out.set(&["provisioning", k], s.into());
                 }
             }
-            "authentication" => {
-                match v.get("method").and_then(string).as_deref() {
-                    Some("sas") => {}
-                    other => {
-                        out.refuse(
-                            "provisioning.authentication.method",
-                            &format!("{other:?} is not supported yet (only sas)"),
-                        );
-                        continue;
-                    }
-                }
-                let pk = v.get("device_id_pk").unwrap_or(&Value::Null);
-                match (
-                    pk.get("value").and_then(string),
-                    pk.get("uri").and_then(string),
-                ) {
-                    (Some(key), None) => {
-                        out.set(&["provisioning", "authentication", "method"], "sas".into());
+            "authentication" => match v.get("method").and_then(string).as_deref() {
+                Some("sas") => {
+                    out.set(&["provisioning", "authentication", "method"], "sas".into());
+                    if let Some(key) = inline_key(
+                        out,
+                        v.get("device_id_pk"),
+                        "provisioning.authentication.device_id_pk",
+                    ) {
                         out.set(
                             &["provisioning", "authentication", "device_id_pk", "value"],
                             key.into(),
                         );
                     }
-                    (None, Some(uri)) => out.refuse(
-                        "provisioning.authentication.device_id_pk.uri",
-                        &format!("key URIs ({uri}) are not supported yet: give the key as value"),
-                    ),
-                    _ => out.refuse(
-                        "provisioning.authentication.device_id_pk",
-                        "give the key as value = \"<base64>\"",
-                    ),
+                }
+                Some("x509") => x509_files(out, v, &["provisioning", "authentication"]),
+                other => out.refuse(
+                    "provisioning.authentication.method",
+                    &format!("{other:?} is not supported (sas or x509)"),
+                ),
+            },
+            other => out.refuse(&format!("provisioning.{other}"), "unknown setting"),
+        }
+    }
+}
+
+/// aziot's DPS provisioning with a symmetric key (verged registers at its
+/// first start and caches the assignment).
+fn aziot_dps(out: &mut Out, p: &Value) {
+    out.set(&["provisioning", "source"], "dps".into());
+    for (k, v) in p.as_object().into_iter().flatten() {
+        match k.as_str() {
+            "source" => {}
+            "global_endpoint" | "id_scope" => {
+                if let Some(s) = string(v) {
+                    out.set(&["provisioning", k], s.into());
                 }
             }
-            other => out.refuse(&format!("provisioning.{other}"), "unknown setting"),
+            "attestation" => match v.get("method").and_then(string).as_deref() {
+                Some("symmetric_key") => {
+                    let key = "provisioning.attestation";
+                    out.set(
+                        &["provisioning", "attestation", "method"],
+                        "symmetric_key".into(),
+                    );
+                    match v.get("registration_id").and_then(string) {
+                        Some(id) => out.set(
+                            &["provisioning", "attestation", "registration_id"],
+                            id.into(),
+                        ),
+                        None => out.refuse(&format!("{key}.registration_id"), "missing"),
+                    }
+                    if let Some(sk) =
+                        inline_key(out, v.get("symmetric_key"), &format!("{key}.symmetric_key"))
+                    {
+                        out.set(
+                            &["provisioning", "attestation", "symmetric_key", "value"],
+                            sk.into(),
+                        );
+                    }
+                }
+                other => out.refuse(
+                    "provisioning.attestation.method",
+                    &format!("{other:?} is not supported yet with DPS (symmetric_key)"),
+                ),
+            },
+            other => out.refuse(&format!("provisioning.{other}"), "not supported by Verge"),
+        }
+    }
+}
+
+/// A key given inline (`{ value = "<base64>" }`); key URIs are refused.
+fn inline_key(out: &mut Out, v: Option<&Value>, key: &str) -> Option<String> {
+    let v = v.unwrap_or(&Value::Null);
+    match (
+        v.get("value").and_then(string),
+        v.get("uri").and_then(string),
+    ) {
+        (Some(k), None) => Some(k),
+        (None, Some(uri)) => {
+            out.refuse(
+                &format!("{key}.uri"),
+                &format!("key URIs ({uri}) are not supported yet: give the key as value"),
+            );
+            None
+        }
+        _ => {
+            out.refuse(key, "give the key as value = \"<base64>\"");
+            None
+        }
+    }
+}
+
+/// `method = "x509"` with `identity_cert` and `identity_pk` files (URIs
+/// carried over as they are; verged reads `file://` URIs and paths), set
+/// under `at`.
+fn x509_files(out: &mut Out, v: &Value, at: &[&str]) {
+    let mut path = at.to_vec();
+    path.push("method");
+    out.set(&path, "x509".into());
+    for file in ["identity_cert", "identity_pk"] {
+        let key = format!("{}.{file}", at.join("."));
+        match v.get(file) {
+            Some(Value::String(s)) if s.starts_with("file://") || s.starts_with('/') => {
+                let mut path = at.to_vec();
+                path.push(file);
+                out.set(&path, s.clone().into());
+            }
+            Some(Value::String(s)) => out.refuse(
+                &key,
+                &format!("{s:?}: only files are supported (file:///… or a path)"),
+            ),
+            Some(_) => out.refuse(
+                &key,
+                "certificate issuance (EST, local CA) is not supported: give a file",
+            ),
+            None => out.refuse(&key, "missing"),
         }
     }
 }
@@ -440,10 +542,7 @@ pub fn convert(text: &str, source: &Path, hostname: &str) -> anyhow::Result<Impo
     if !out.doc.contains_key("provisioning")
         && !out.refused.iter().any(|r| r.starts_with("provisioning"))
     {
-        out.refuse(
-            "provisioning",
-            "missing: no manual provisioning to carry over",
-        );
+        out.refuse("provisioning", "missing: no provisioning to carry over");
     }
     if !out.refused.is_empty() {
         bail!(
@@ -606,7 +705,7 @@ network = "azure-iot-edge"
         let got = convert(&toml, Path::new("/etc/aziot/config.toml"), "m").unwrap();
         let c = parse(&got.text);
         assert_eq!(c.provisioning.device_id.as_str(), "edge2");
-        assert_eq!(c.provisioning.device_key.to_base64(), KEY);
+        assert_eq!(c.provisioning.device_key().unwrap().to_base64(), KEY);
         assert_eq!(c.trust_bundle_cert, Some("/etc/aziot/trust.pem".into()));
         assert_eq!(c.edge_ca, EdgeCaConfig::AutoGenerated { expiry_days: 30 });
         assert_eq!(c.agent.env["RuntimeLogLevel"], "debug");
@@ -626,6 +725,8 @@ network = "azure-iot-edge"
 source = "dps"
 global_endpoint = "https://global.azure-devices-provisioning.net"
 id_scope = "0ab"
+[provisioning.attestation]
+method = "tpm"
 [tpm]
 tcti = "device"
 [agent]
@@ -642,7 +743,7 @@ password = "p"
             .unwrap_err()
             .to_string();
         for want in [
-            "provisioning.source",
+            "provisioning.attestation.method",
             "tpm",
             "agent.config.auth",
             "nothing was written",
@@ -654,5 +755,93 @@ password = "p"
             .to_string();
         assert!(e.contains("bogus: unknown setting"), "{e}");
         assert!(e.contains("provisioning"), "{e}");
+    }
+
+    /// Manual X.509 (aziot and IoT Edge 1.1) and DPS with a symmetric key
+    /// carry over; what verged cannot read is refused by name.
+    #[test]
+    fn x509_and_dps_provisioning() {
+        let aziot = r#"hostname = "e"
+[provisioning]
+source = "manual"
+iothub_hostname = "hub.example.net"
+device_id = "edge1"
+[provisioning.authentication]
+method = "x509"
+identity_cert = "file:///var/secrets/edge1.pem"
+identity_pk = "file:///var/secrets/edge1.key.pem"
+"#;
+        let got = convert(aziot, Path::new("/etc/aziot/config.toml"), "m").unwrap();
+        let c = parse(&got.text);
+        assert!(c.provisioning.device_key().is_none());
+        let verge_daemon::config::DeviceCredential::X509 { cert, key } = &c.provisioning.credential
+        else {
+            panic!("{:?}", c.provisioning.credential);
+        };
+        assert_eq!(cert, Path::new("/var/secrets/edge1.pem"));
+        assert_eq!(key, Path::new("/var/secrets/edge1.key.pem"));
+
+        let yaml = "provisioning:\n  source: manual\n  authentication:\n    method: x509\n    \
+                    iothub_hostname: hub.example.net\n    device_id: edge1\n    \
+                    identity_cert: file:///c.pem\n    identity_pk: file:///k.pem\n";
+        let c = parse(&convert(yaml, Path::new("config.yaml"), "m").unwrap().text);
+        assert_eq!(c.provisioning.device_id.as_str(), "edge1");
+        assert!(c.provisioning.device_key().is_none());
+
+        let dps = format!(
+            r#"hostname = "e"
+[provisioning]
+source = "dps"
+global_endpoint = "https://global.azure-devices-provisioning.net/"
+id_scope = "0ne00AB"
+[provisioning.attestation]
+method = "symmetric_key"
+registration_id = "edge1"
+symmetric_key = {{ value = "{KEY}" }}
+"#
+        );
+        let got = convert(&dps, Path::new("/etc/aziot/config.toml"), "m").unwrap();
+        let t: toml::Table = got.text.parse().unwrap();
+        let p = &t["provisioning"];
+        assert_eq!(p["source"].as_str(), Some("dps"));
+        assert_eq!(p["id_scope"].as_str(), Some("0ne00AB"));
+        assert_eq!(p["attestation"]["registration_id"].as_str(), Some("edge1"));
+        assert_eq!(
+            p["attestation"]["symmetric_key"]["value"].as_str(),
+            Some(KEY)
+        );
+        // verged reads it: not provisioned yet is the only complaint.
+        let e = Config::parse(&got.text, Path::new("/etc/verge/config.toml")).unwrap_err();
+        assert!(
+            e.message.contains(verge_daemon::config::NOT_PROVISIONED),
+            "{e}"
+        );
+
+        for (bad, says) in [
+            (
+                aziot.replace("file:///var/secrets/edge1.key.pem", "pkcs11:object=k"),
+                "identity_pk",
+            ),
+            (
+                aziot.replace("identity_cert = \"file:///var/secrets/edge1.pem\"\n", ""),
+                "identity_cert: missing",
+            ),
+            (
+                dps.replace("symmetric_key\"\n", "x509\"\n"),
+                "provisioning.attestation.method",
+            ),
+            (
+                dps.replace(
+                    &format!("{{ value = \"{KEY}\" }}"),
+                    "{ uri = \"file:///k\" }",
+                ),
+                "symmetric_key.uri",
+            ),
+        ] {
+            let e = convert(&bad, Path::new("/etc/aziot/config.toml"), "m")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "{says}: {e}");
+        }
     }
 }

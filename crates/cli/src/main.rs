@@ -539,7 +539,7 @@ fn config_import(input: Option<&Path>, out: &Path, force: bool) -> anyhow::Resul
     let hostname = machine_hostname().unwrap_or_else(|_| "localhost".to_owned());
     let imported = import::convert(&text, &input, &hostname)?;
     // Never write a file verged would refuse.
-    verge_daemon::config::Config::parse(&imported.text, out)
+    checked(verge_daemon::config::Config::parse(&imported.text, out))
         .map_err(|e| anyhow::anyhow!("the converted configuration is not valid: {e}"))?;
     write_atomically(out, &imported.text)?;
     for n in &imported.notes {
@@ -554,9 +554,20 @@ fn config_import(input: Option<&Path>, out: &Path, force: bool) -> anyhow::Resul
     Ok(())
 }
 
+/// A configuration as verged takes it: one provisioned through DPS that has
+/// not registered yet is valid (`None`: verged registers at its start).
+fn checked(
+    r: Result<verge_daemon::config::Config, verge_daemon::config::ConfigError>,
+) -> anyhow::Result<Option<verge_daemon::config::Config>> {
+    match r {
+        Ok(c) => Ok(Some(c)),
+        Err(e) if e.message == verge_daemon::config::NOT_PROVISIONED => Ok(None),
+        Err(e) => Err(anyhow::anyhow!("{e}")),
+    }
+}
+
 fn config_apply(config_file: &Path, target: &Path) -> anyhow::Result<()> {
-    let config =
-        verge_daemon::config::Config::load(config_file).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let config = checked(verge_daemon::config::Config::load(config_file))?;
     let same = match (
         std::fs::canonicalize(config_file),
         std::fs::canonicalize(target),
@@ -569,12 +580,18 @@ fn config_apply(config_file: &Path, target: &Path) -> anyhow::Result<()> {
             .with_context(|| format!("reading {}", config_file.display()))?;
         write_atomically(target, &text)?;
     }
-    println!(
-        "Configuration for device {} on {} is valid and installed at {}.",
-        config.provisioning.device_id,
-        config.provisioning.iothub_hostname,
-        target.display()
-    );
+    match config {
+        Some(c) => println!(
+            "Configuration for device {} on {} is valid and installed at {}.",
+            c.provisioning.device_id,
+            c.provisioning.iothub_hostname,
+            target.display()
+        ),
+        None => println!(
+            "Configuration is valid and installed at {}; the device registers through DPS when verged starts.",
+            target.display()
+        ),
+    }
     // Installed from the package: verged is a systemd service.
     if Path::new("/lib/systemd/system/verged.service").exists()
         && target == Path::new(DEFAULT_CONFIG)

@@ -210,6 +210,47 @@ fn import_converts_an_iot_edge_1_1_config_and_refuses_unknown_settings() {
     assert!(!out2.exists());
 }
 
+/// An aziot config provisioned through DPS with a symmetric key imports and
+/// applies (verged registers at its first start); before, import refused
+/// DPS and apply refused any DPS config not registered yet.
+#[test]
+fn an_aziot_dps_config_imports_and_applies() {
+    let dir = tempfile::tempdir().unwrap();
+    let aziot = dir.path().join("config.toml");
+    std::fs::write(
+        &aziot,
+        "hostname = \"edge1.local\"\n[provisioning]\nsource = \"dps\"\n\
+         global_endpoint = \"https://global.azure-devices-provisioning.net/\"\n\
+         id_scope = \"0ne00AB\"\n[provisioning.attestation]\nmethod = \"symmetric_key\"\n\
+         registration_id = \"edge1\"\nsymmetric_key = { value = \"AAECAwQFBgcICQoLDA0ODw==\" }\n",
+    )
+    .unwrap();
+    let out = dir.path().join("verge.toml");
+    let (ok, _, err) = verge(&[
+        "config",
+        "import",
+        "-i",
+        aziot.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(text.contains("source = \"dps\""), "{text}");
+    let target = dir.path().join("etc/verge/config.toml");
+    let (ok, stdout, err) = verge(&[
+        "config",
+        "apply",
+        "-c",
+        out.to_str().unwrap(),
+        "--target",
+        target.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("registers through DPS"), "{stdout}");
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), text);
+}
+
 /// `verge … | head`: a reader closing the pipe early ends the CLI quietly
 /// (exit 141, as after SIGPIPE), not with a panic and a backtrace.
 #[test]

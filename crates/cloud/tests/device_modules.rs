@@ -270,3 +270,185 @@ async fn edge_device_registers_its_own_modules_only() {
     let _ = stop_tx.send(());
     server.await.unwrap();
 }
+
+/// A self-signed certificate with CN `cn`: (DER, PEM, key PEM).
+fn self_signed(cn: &str) -> (Vec<u8>, String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    let cert = params.self_signed(&key).unwrap();
+    (cert.der().to_vec(), cert.pem(), key.serialize_pem())
+}
+
+/// An X.509 edge device (what verged does with `method = "x509"`): no
+/// token, its client certificate authenticates it on its own module
+/// registry; a certificate the registry does not know (or a device
+/// registered for SAS) is a 401, a leaf's good certificate a 403, and the
+/// certificate opens nothing else of the service API.
+#[tokio::test]
+async fn x509_edge_device_registers_its_modules_by_its_certificate() {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let host = listener.local_addr().unwrap().to_string();
+    let files = tls::ensure_files(dir.path(), &host, None, None).unwrap();
+    let cfg = tls::server_config(&files).unwrap();
+    let cloud = CloudState::open(CloudOptions {
+        data_dir: dir.path().to_owned(),
+        hostname: host.clone(),
+    })
+    .unwrap();
+    let state = ApiState {
+        cloud: cloud.clone(),
+        auth: Arc::new(ServiceAuth::new(
+            host.clone(),
+            "iothubowner",
+            SharedAccessKey::from_bytes(vec![3u8; 32]),
+        )),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(verge_cloud::api::serve(listener, cfg, state, async {
+        let _ = stop_rx.await;
+    }));
+    let edge = self_signed("xedge");
+    let leaf = self_signed("xleaf");
+    let stranger = self_signed("xedge");
+    let by_thumbprint = |der: &[u8], edge: bool| DeviceSpec {
+        x509: Some(verge_x509::X509Auth::SelfSigned {
+            primary: Some(verge_x509::thumbprints(der).1),
+            secondary: None,
+        }),
+        iot_edge: edge,
+        ..DeviceSpec::default()
+    };
+    cloud
+        .put_device("xedge", by_thumbprint(&edge.0, true), None)
+        .await
+        .unwrap();
+    cloud
+        .put_device("xleaf", by_thumbprint(&leaf.0, false), None)
+        .await
+        .unwrap();
+    let sas = DeviceSpec {
+        keys: Some(SymmetricKeys {
+            primary: key(1),
+            secondary: key(1),
+        }),
+        iot_edge: true,
+        ..DeviceSpec::default()
+    };
+    cloud.put_device("sasedge", sas, None).await.unwrap();
+
+    let ca = std::fs::read(files.ca.unwrap()).unwrap();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    // A client presenting `cert` (verged's TLS set-up for an X.509 device).
+    let client = |cert: &(Vec<u8>, String, String)| {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(&ca) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let chain = vec![CertificateDer::from(cert.0.clone())];
+        let pk = PrivateKeyDer::from_pem_slice(cert.2.as_bytes()).unwrap();
+        let tls = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, pk)
+            .unwrap();
+        reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .build()
+            .unwrap()
+    };
+    let call = |http: reqwest::Client, method: reqwest::Method, path: &str, body: Option<Value>| {
+        let mut r = http.request(
+            method,
+            format!("https://{host}{path}?api-version=2021-04-12"),
+        );
+        if let Some(b) = body {
+            r = r.header("If-Match", "\"*\"").json(&b);
+        }
+        async move {
+            let r = r.send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let module = |device: &str| {
+        json!({"moduleId": "modA", "deviceId": device, "managedBy": "iotedge",
+            "authentication": {"type": "sas",
+                "symmetricKey": {"primaryKey": key(10), "secondaryKey": key(10)}}})
+    };
+    use reqwest::Method;
+
+    let (edge_http, leaf_http, stranger_http) = (client(&edge), client(&leaf), client(&stranger));
+    let (s, v) = call(
+        edge_http.clone(),
+        Method::PUT,
+        "/devices/xedge/modules/modA",
+        Some(module("xedge")),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(
+        cloud
+            .get_module("xedge", "modA")
+            .unwrap()
+            .record
+            .keys
+            .primary,
+        key(10)
+    );
+    let (s, v) = call(
+        edge_http.clone(),
+        Method::GET,
+        "/devices/xedge/modules",
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v.as_array().unwrap().len(), 3, "{v}");
+
+    // A certificate with the right CN but another thumbprint: 401.
+    let (s, v) = call(stranger_http, Method::GET, "/devices/xedge/modules", None).await;
+    assert_eq!(s, 401, "{v}");
+    // The edge's certificate on a device registered for SAS: 401.
+    let (s, v) = call(
+        edge_http.clone(),
+        Method::GET,
+        "/devices/sasedge/modules",
+        None,
+    )
+    .await;
+    assert_eq!(s, 401, "{v}");
+    // A leaf's good certificate: it has no modules to register (403).
+    let (s, v) = call(
+        leaf_http,
+        Method::PUT,
+        "/devices/xleaf/modules/modA",
+        Some(module("xleaf")),
+    )
+    .await;
+    assert_eq!(s, 403, "{v}");
+    // The certificate opens nothing else of the service API.
+    for (m, p) in [
+        (Method::GET, "/devices/xedge"),
+        (Method::GET, "/twins/xedge/modules/modA"),
+        (Method::GET, "/devices"),
+    ] {
+        let (s, _) = call(edge_http.clone(), m.clone(), p, None).await;
+        assert_eq!(s, 401, "{m} {p}");
+    }
+    let (s, _) = call(
+        edge_http,
+        Method::DELETE,
+        "/devices/xedge/modules/modA",
+        None,
+    )
+    .await;
+    assert_eq!(s, 204);
+
+    let _ = stop_tx.send(());
+    server.await.unwrap();
+}

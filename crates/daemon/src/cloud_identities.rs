@@ -4,7 +4,8 @@
 //! are also valid in the cloud.
 //!
 //! It speaks IoT Hub's module registry as the device itself (a SAS token of
-//! `{hub}/devices/{d}` signed with the device key): `GET
+//! `{hub}/devices/{d}` signed with the device key, or, for an X.509 device,
+//! its client certificate in the TLS handshake and no token): `GET
 //! /devices/{d}/modules`, then `PUT /devices/{d}/modules/{m}` (`If-Match:
 //! "*"`, create or update) for every local identity whose keys or
 //! `managedBy` differ there, with `authentication: {type: sas,
@@ -38,6 +39,7 @@ use serde_json::{Value, json};
 use verge_core::id::{DeviceId, HubHostname};
 use verge_core::sas::{SasToken, url_encode};
 
+use crate::config::DeviceCredential;
 use crate::keys::{IdentityStore, Tombstone};
 
 /// First retry delay after a failed pass.
@@ -60,6 +62,8 @@ pub struct CloudTarget {
     pub device_id: DeviceId,
     /// CA certificates to trust besides the system roots (PEM).
     pub trust_pem: String,
+    /// How the device authenticates.
+    pub credential: DeviceCredential,
 }
 
 /// The registration task's client.
@@ -70,7 +74,36 @@ pub struct CloudIdentities {
     store: IdentityStore,
 }
 
-pub(crate) fn tls_config(extra_pem: &str) -> anyhow::Result<rustls::ClientConfig> {
+/// The TLS client config: [`tls_config`], presenting the device's
+/// certificate when it is an X.509 device. Read at every start, so a
+/// renewed certificate file is used after a restart.
+fn client_tls(target: &CloudTarget) -> anyhow::Result<rustls::ClientConfig> {
+    use anyhow::Context as _;
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let DeviceCredential::X509 { cert, key } = &target.credential else {
+        return tls_config(&target.trust_pem, None);
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("identity_cert {}", cert.display()))?;
+    anyhow::ensure!(
+        !chain.is_empty(),
+        "identity_cert {} holds no certificate",
+        cert.display()
+    );
+    let pk = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("identity_pk {}", key.display()))?;
+    tls_config(&target.trust_pem, Some((chain, pk)))
+}
+
+pub(crate) fn tls_config(
+    extra_pem: &str,
+    client_cert: Option<(
+        Vec<rustls_pki_types::CertificateDer<'static>>,
+        rustls_pki_types::PrivateKeyDer<'static>,
+    )>,
+) -> anyhow::Result<rustls::ClientConfig> {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject as _;
     let mut roots = rustls::RootCertStore::empty();
@@ -90,10 +123,15 @@ pub(crate) fn tls_config(extra_pem: &str) -> anyhow::Result<rustls::ClientConfig
         let _ = roots.add(cert);
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+        .with_root_certificates(roots);
+    Ok(match client_cert {
+        None => builder.with_no_client_auth(),
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| anyhow::anyhow!("identity_cert and identity_pk do not match: {e}"))?,
+    })
 }
 
 /// What one pass did.
@@ -109,7 +147,7 @@ impl CloudIdentities {
     /// A client for `target`, reading and updating `store`.
     pub fn new(target: CloudTarget, store: IdentityStore) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls_config(&target.trust_pem)?)
+            .tls_backend_preconfigured(client_tls(&target)?)
             .user_agent(format!("verged/{}", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(30))
@@ -127,17 +165,23 @@ impl CloudIdentities {
         })
     }
 
-    fn token(&self) -> String {
+    /// The device's SAS token; none for an X.509 device (its certificate
+    /// authenticates it).
+    fn token(&self) -> Option<String> {
+        let DeviceCredential::SharedKey(key) = &self.target.credential else {
+            return None;
+        };
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         SasToken::sign(
             &format!("{}/devices/{}", self.target.hub, self.target.device_id),
-            self.store.device_key(),
+            key,
             now + TOKEN_TTL_SECS,
             None,
         )
         .to_string()
+        .into()
     }
 
     fn url(&self, module: Option<&str>) -> String {
@@ -161,10 +205,10 @@ impl CloudIdentities {
         module: Option<&str>,
         body: Option<&Value>,
     ) -> anyhow::Result<(u16, Vec<u8>)> {
-        let mut req = self
-            .http
-            .request(method.clone(), self.url(module))
-            .header("Authorization", self.token());
+        let mut req = self.http.request(method.clone(), self.url(module));
+        if let Some(token) = self.token() {
+            req = req.header("Authorization", token);
+        }
         if let Some(b) = body {
             req = req
                 .header("If-Match", "\"*\"")

@@ -15,6 +15,9 @@
 //! #                     identities; a self-hosted verge-cloud may use another)
 //! # or: iothub_hostname = "…", device_id = "…",
 //! # [provisioning.authentication] method = "sas", device_id_pk = { value = "<base64>" }
+//! #   or method = "x509", identity_cert = "file:///…/edge1.pem",
+//! #   identity_pk = "file:///…/edge1.key.pem"   (verged registers module
+//! #   identities with the certificate; modules keep SAS, as in aziot)
 //! # or, through a Device Provisioning Service (verge-cloud's or Azure's):
 //! # source = "dps", global_endpoint = "https://global.azure-devices-provisioning.net/",
 //! # id_scope = "0ne…", https_port = 443,
@@ -140,18 +143,44 @@ pub struct Config {
     pub server_cert_lifetime_secs: Option<u64>,
 }
 
-/// Manual provisioning result: hub, device and device key.
+/// Manual provisioning result: hub, device and how the device authenticates.
 #[derive(Debug, Clone)]
 pub struct ProvisioningConfig {
     /// IoT hub hostname.
     pub iothub_hostname: HubHostname,
     /// Device id.
     pub device_id: DeviceId,
-    /// Device symmetric key.
-    pub device_key: SharedAccessKey,
+    /// The device's credential in the cloud.
+    pub credential: DeviceCredential,
     /// The hub's HTTPS port (`[provisioning] https_port`, default 443): verged
     /// registers module identities there (see [`crate::cloud_identities`]).
     pub https_port: u16,
+}
+
+/// How the edge device authenticates to its hub.
+#[derive(Debug, Clone)]
+pub enum DeviceCredential {
+    /// A symmetric key (SAS): module keys are derived from it too.
+    SharedKey(SharedAccessKey),
+    /// A client certificate (`identity_cert`, PEM, leaf first, and its
+    /// key `identity_pk`). Modules keep SAS, as in aziot: their keys derive
+    /// from a key verged generates and keeps (`keys/device.key`).
+    X509 {
+        /// The certificate chain file.
+        cert: PathBuf,
+        /// The private key file.
+        key: PathBuf,
+    },
+}
+
+impl ProvisioningConfig {
+    /// The device's symmetric key, when it has one.
+    pub fn device_key(&self) -> Option<&SharedAccessKey> {
+        match &self.credential {
+            DeviceCredential::SharedKey(k) => Some(k),
+            DeviceCredential::X509 { .. } => None,
+        }
+    }
 }
 
 /// `[provisioning] source = "dps"` with symmetric-key attestation.
@@ -316,9 +345,9 @@ struct RawAttestation {
 struct RawAuthentication {
     method: Spanned<String>,
     device_id_pk: Option<Spanned<RawKeyRef>>,
-    // x509: recognised, refused later
-    identity_cert: Option<toml::Value>,
-    identity_pk: Option<toml::Value>,
+    // x509: a `file://` URI or a path (aziot's other forms are refused)
+    identity_cert: Option<Spanned<toml::Value>>,
+    identity_pk: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -544,6 +573,10 @@ impl Config {
         if let EdgeCaConfig::Files { cert, pk } = &self.edge_ca {
             files.push(("edge_ca.cert", cert));
             files.push(("edge_ca.pk", pk));
+        }
+        if let DeviceCredential::X509 { cert, key } = &self.provisioning.credential {
+            files.push(("provisioning.authentication.identity_cert", cert));
+            files.push(("provisioning.authentication.identity_pk", key));
         }
         for (key, file) in files {
             if let Err(e) = std::fs::metadata(file) {

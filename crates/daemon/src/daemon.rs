@@ -16,7 +16,9 @@ use crate::cloud_identities::{CloudIdentities, CloudTarget};
 use crate::config::{AgentKind, Config};
 use crate::env::{EnvContext, WorkloadUriStyle, agent_env};
 use crate::http::{ServedSocket, bind_unix};
-use crate::keys::{IdentityStore, canonical_module_id, store_device_key};
+use crate::keys::{
+    IdentityStore, canonical_module_id, load_or_create_device_key, store_device_key,
+};
 use crate::mgmt::{DaemonControl, MgmtExtras, MgmtState, router_with as mgmt_router_with};
 use crate::supervision::AgentMonitor;
 use crate::workload::{CallerCheck, DaemonState, WorkloadSockets};
@@ -59,8 +61,14 @@ pub async fn run_with(
     let (identities, ca) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         std::fs::create_dir_all(&cfg.homedir)
             .with_context(|| format!("creating homedir {}", cfg.homedir.display()))?;
-        store_device_key(&cfg.homedir, &cfg.provisioning.device_key)?;
-        let identities = IdentityStore::open(&cfg.homedir, cfg.provisioning.device_key.clone())?;
+        let device_key = match cfg.provisioning.device_key() {
+            Some(k) => {
+                store_device_key(&cfg.homedir, k)?;
+                k.clone()
+            }
+            None => load_or_create_device_key(&cfg.homedir)?,
+        };
+        let identities = IdentityStore::open(&cfg.homedir, device_key)?;
         let ca = EdgeCa::load_or_create(
             &cfg.edge_ca,
             &cfg.homedir,
@@ -191,6 +199,7 @@ pub async fn run_with(
             https_port: config.provisioning.https_port,
             device_id: config.provisioning.device_id.clone(),
             trust_pem: ca.trust_bundle(),
+            credential: config.provisioning.credential.clone(),
         },
         identities.clone(),
     ) {

@@ -91,7 +91,7 @@ fn client(boot: &DpsBoot) -> anyhow::Result<reqwest::Client> {
         None => String::new(),
     };
     Ok(reqwest::Client::builder()
-        .tls_backend_preconfigured(crate::cloud_identities::tls_config(&pem)?)
+        .tls_backend_preconfigured(crate::cloud_identities::tls_config(&pem, None)?)
         .user_agent(format!("verged/{}", env!("CARGO_PKG_VERSION")))
         .connect_timeout(Duration::from_secs(10))
         .timeout(Duration::from_secs(30))

@@ -94,6 +94,30 @@ pub fn store_device_key(homedir: &Path, key: &SharedAccessKey) -> Result<PathBuf
     Ok(path)
 }
 
+/// The key module keys derive from on a device without a symmetric key of
+/// its own (X.509): the one kept at `<homedir>/keys/device.key` (so module
+/// keys survive restarts, and a device moved from SAS to X.509 keeps its
+/// modules' keys), else 32 random bytes stored there (0600).
+pub fn load_or_create_device_key(homedir: &Path) -> Result<SharedAccessKey, StoreError> {
+    let path = homedir.join("keys").join("device.key");
+    match read_device_key(&path) {
+        Ok(k) => return Ok(k),
+        Err(StoreError::Io { ref source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+        }
+        Err(e) => return Err(e),
+    }
+    let mut bytes = vec![0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).map_err(|_| {
+        StoreError::Corrupt {
+            path: path.clone(),
+            reason: "no randomness for a new key".into(),
+        }
+    })?;
+    let key = SharedAccessKey::from_bytes(bytes);
+    store_device_key(homedir, &key)?;
+    Ok(key)
+}
+
 /// Reads a device key file written by [`store_device_key`].
 pub fn read_device_key(path: &Path) -> Result<SharedAccessKey, StoreError> {
     let text = std::fs::read_to_string(path).map_err(io_err("reading", path))?;

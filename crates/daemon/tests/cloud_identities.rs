@@ -216,6 +216,17 @@ impl Harness {
         path: &str,
         body: Option<Value>,
     ) -> (u16, Value) {
+        self.service_if_match(method, path, body, None).await
+    }
+
+    /// [`Self::service`] with an `If-Match` header (an update).
+    async fn service_if_match(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        if_match: Option<&str>,
+    ) -> (u16, Value) {
         let host = format!("127.0.0.1:{}", self.https_port);
         let token = SasToken::sign(
             &host,
@@ -233,6 +244,9 @@ impl Harness {
                 format!("https://{host}{path}?api-version=2021-04-12"),
             )
             .header("Authorization", token);
+        if let Some(m) = if_match {
+            r = r.header("If-Match", m);
+        }
         if let Some(b) = body {
             r = r
                 .header("Content-Type", "application/json")
@@ -267,6 +281,14 @@ impl Harness {
     }
 
     fn start_verged(&mut self) {
+        self.start_verged_with(&format!(
+            "connection_string = \"HostName=127.0.0.1;DeviceId={DEVICE};SharedAccessKey={KEY}\""
+        ));
+    }
+
+    /// verged with `provisioning` (the device's hub, id and credential) in
+    /// its `[provisioning]` section.
+    fn start_verged_with(&mut self, provisioning: &str) {
         let cfg = self.dir.path().join("config.toml");
         std::fs::write(
             &cfg,
@@ -277,8 +299,8 @@ trust_bundle_cert = "{ca}"
 
 [provisioning]
 source = "manual"
-connection_string = "HostName=127.0.0.1;DeviceId={DEVICE};SharedAccessKey={KEY}"
 https_port = {port}
+{provisioning}
 
 [agent]
 name = "edgeAgent"
@@ -352,12 +374,17 @@ auto_generated_edge_ca_expiry_days = 30
 
     /// Waits until the cloud holds `module` with the key verged derives for it.
     async fn await_registered(&self, module: &str) -> String {
+        self.await_registered_from(module, KEY).await
+    }
+
+    /// [`Self::await_registered`] with module keys derived from `device_key`.
+    async fn await_registered_from(&self, module: &str, device_key: &str) -> String {
         wait_until(
             &format!("{module} registered in the cloud with the derived key"),
             Duration::from_secs(90),
             async || {
                 let generation = self.generation(module).await?;
-                let derived = SharedAccessKey::from_base64(KEY)
+                let derived = SharedAccessKey::from_base64(device_key)
                     .unwrap()
                     .derive_module_key(&ModuleId::new(module).unwrap(), &generation)
                     .to_base64();
@@ -474,14 +501,13 @@ async fn module_token(dir: &Path, module: &str) -> String {
     SasToken::from_signature(&resource, digest, expiry, None).to_string()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn module_identities_reach_the_cloud_with_derived_keys_also_after_an_outage() {
+/// A harness with the cloud's binary built and free ports.
+async fn harness() -> Harness {
     let cloud_bin = tokio::task::spawn_blocking(|| build("verge-cloud", "verge-cloud"))
         .await
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let mut h = Harness {
-        dir,
+    Harness {
+        dir: tempfile::tempdir().unwrap(),
         cloud_bin,
         verged_bin: PathBuf::from(env!("CARGO_BIN_EXE_verged")),
         cloud: None,
@@ -489,7 +515,12 @@ async fn module_identities_reach_the_cloud_with_derived_keys_also_after_an_outag
         https_port: verge_testkit::net::free_port(),
         mqtt_port: verge_testkit::net::free_port(),
         http: None,
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn module_identities_reach_the_cloud_with_derived_keys_also_after_an_outage() {
+    let mut h = harness().await;
 
     // ---- the cloud knows the edge device (with random system-module keys)
     h.start_cloud();
@@ -643,4 +674,116 @@ async fn module_identities_reach_the_cloud_with_derived_keys_also_after_an_outag
 
     let status = terminate(h.verged.take().unwrap());
     assert!(status.success(), "verged exited with {status}");
+}
+
+/// A self-signed device certificate for `DEVICE` (CN = the device id) and
+/// its key, as PEM, and the certificate's SHA-256 thumbprint (hex).
+fn device_cert() -> (String, String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, DEVICE);
+    let cert = params.self_signed(&key).unwrap();
+    let thumbprint = ring::digest::digest(&ring::digest::SHA256, cert.der())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect();
+    (cert.pem(), key.serialize_pem(), thumbprint)
+}
+
+/// An X.509 edge device (#23 item 4, aziot's manual X.509 shape): verged
+/// registers its module identities presenting the device's certificate (no
+/// SAS token: the device has no key), with module keys derived from a key
+/// of its own, so a module's workload-signed token opens the cloud. A
+/// certificate the cloud does not know is refused (401) and nothing is
+/// registered; once the device's thumbprint is this certificate's, the
+/// registration goes through on verged's next retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_x509_edge_device_registers_its_modules_with_its_certificate() {
+    let mut h = harness().await;
+    let (cert, key, thumbprint) = device_cert();
+    let (_, _, other_thumbprint) = device_cert();
+    let secrets = h.dir.path().join("secrets");
+    std::fs::create_dir_all(&secrets).unwrap();
+    std::fs::write(secrets.join("edge1.pem"), &cert).unwrap();
+    std::fs::write(secrets.join("edge1.key.pem"), &key).unwrap();
+    let device = |thumb: &str| {
+        json!({"deviceId": DEVICE, "capabilities": {"iotEdge": true},
+            "authentication": {"type": "selfSigned",
+                "x509Thumbprint": {"primaryThumbprint": thumb, "secondaryThumbprint": thumb}}})
+    };
+
+    // ---- the cloud knows the device by another certificate's thumbprint
+    h.start_cloud();
+    let (s, v) = h
+        .service(
+            reqwest::Method::PUT,
+            &format!("/devices/{DEVICE}"),
+            Some(device(&other_thumbprint)),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let random_agent_key = h.cloud_keys("$edgeAgent").await.unwrap();
+    let x509 = format!(
+        "iothub_hostname = \"127.0.0.1\"\ndevice_id = \"{DEVICE}\"\n\
+         [provisioning.authentication]\nmethod = \"x509\"\n\
+         identity_cert = \"file://{}\"\nidentity_pk = \"file://{}\"",
+        secrets.join("edge1.pem").display(),
+        secrets.join("edge1.key.pem").display()
+    );
+    h.start_verged_with(&x509);
+    let log = h.verged_log();
+    wait_until(
+        "verged to be refused by the cloud",
+        Duration::from_secs(30),
+        async || (count(&log, "answered 401") >= 1).then_some(()),
+    )
+    .await;
+    assert_eq!(h.cloud_keys("$edgeAgent").await.unwrap(), random_agent_key);
+
+    // ---- the device's thumbprint is now this certificate's
+    let (s, v) = h
+        .service_if_match(
+            reqwest::Method::PUT,
+            &format!("/devices/{DEVICE}"),
+            Some(device(&thumbprint)),
+            Some("\"*\""),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    // Module keys derive from the key verged made for this device.
+    let device_key = std::fs::read_to_string(h.home().join("keys/device.key")).unwrap();
+    h.await_registered_from("$edgeAgent", device_key.trim())
+        .await;
+    let agent_token = module_token(&h.sign_dir("$edgeAgent"), "$edgeAgent").await;
+    let rc = mqtt_connect(
+        h.mqtt_port,
+        &h.cloud_ca(),
+        &format!("{DEVICE}/$edgeAgent"),
+        &agent_token,
+    )
+    .await;
+    assert_eq!(rc, 0, "CONNACK for $edgeAgent's workload-signed token");
+
+    // ---- a restart keeps the module keys (the generated key is kept)
+    let status = terminate(h.verged.take().unwrap());
+    assert!(status.success(), "verged exited with {status}");
+    h.start_verged_with(&x509);
+    wait_until(
+        "the restarted verged to serve",
+        Duration::from_secs(30),
+        async || h.generation("$edgeAgent").await,
+    )
+    .await;
+    let (s, v) = h
+        .mgmt_call(
+            "POST",
+            "/identities",
+            Some(json!({"moduleId": "modX", "managedBy": "iotedge"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    h.await_registered_from("modX", device_key.trim()).await;
 }

@@ -10,7 +10,11 @@
 //! cloud accept the tokens. A device may manage its own modules only: a valid
 //! token of another device (or of a module) is a 403, an invalid token a 401.
 //! Only edge devices have modules to register this way: a leaf device's own
-//! valid token is a 403 too.
+//! valid token is a 403 too. An X.509 edge device sends no token: the
+//! client certificate of its TLS connection authenticates it, checked as at
+//! the device endpoint (thumbprint or CA chain, validity, enabled).
+
+use std::sync::Arc;
 
 use axum::http::Method;
 use verge_core::{ClientId, SasToken};
@@ -40,17 +44,38 @@ pub fn module_registry_target(method: &Method, path: &str) -> Option<String> {
         .filter(|d| !d.is_empty())
 }
 
+/// The certificate chain a client presented in its TLS handshake (leaf
+/// first), put in the request's extensions by the listener.
+#[derive(Clone, Debug)]
+pub struct PeerCertificates(pub Arc<Vec<verge_x509::CertificateDer<'static>>>);
+
+/// An authenticated `device` may manage its modules if it is an edge device.
+fn edge_only(cloud: &CloudState, device: &str) -> Result<(), DeviceAuthError> {
+    match cloud.get_device(device) {
+        Ok(d) if d.record.iot_edge => Ok(()),
+        _ => Err(DeviceAuthError::Forbidden(format!(
+            "{device:?} is not an edge device; only edge devices register their modules"
+        ))),
+    }
+}
+
+/// Checks that `chain` authenticates edge device `device` (registered for
+/// X.509: `selfSigned` thumbprints or `certificateAuthority`).
+pub fn verify_device_cert(
+    cloud: &CloudState,
+    device: &str,
+    chain: &PeerCertificates,
+) -> Result<(), DeviceAuthError> {
+    cloud
+        .verify_device_cert(device, &chain.0)
+        .map_err(DeviceAuthError::Unauthorized)?;
+    edge_only(cloud, device)
+}
+
 /// Checks that `token` is edge device `device`'s own valid SAS token.
 pub fn verify_device(cloud: &CloudState, device: &str, token: &str) -> Result<(), DeviceAuthError> {
     let own = match cloud.verify_device_token(device, token) {
-        Ok(_) => {
-            return match cloud.get_device(device) {
-                Ok(d) if d.record.iot_edge => Ok(()),
-                _ => Err(DeviceAuthError::Forbidden(format!(
-                    "{device:?} is not an edge device; only edge devices register their modules"
-                ))),
-            };
-        }
+        Ok(_) => return edge_only(cloud, device),
         Err(e) => e,
     };
     // A good token of someone else is a 403: the caller is known, the

@@ -194,28 +194,32 @@ async fn authorize(State(st): State<ApiState>, req: Request, next: Next) -> Resp
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    match st.auth.verify(token) {
-        Ok(()) => next.run(req).await,
-        // The edge device on its own module registry: same handlers.
-        Err(_)
-            if let (Some(device), Some(token)) = (
-                device_auth::module_registry_target(req.method(), req.uri().path()),
-                token,
-            ) =>
-        {
-            match device_auth::verify_device(&st.cloud, &device, token) {
-                Ok(()) => next.run(req).await,
-                Err(device_auth::DeviceAuthError::Forbidden(why)) => scope::forbidden(why),
-                Err(device_auth::DeviceAuthError::Unauthorized(e)) => {
-                    tracing::info!(path = %req.uri().path(), %device, error = %e,
-                        "module registry request not authenticated");
-                    ApiError(e).into_response()
-                }
-            }
-        }
-        Err(why) => {
+    let chain = req
+        .extensions()
+        .get::<device_auth::PeerCertificates>()
+        .cloned();
+    let why = match st.auth.verify(token) {
+        Ok(()) => return next.run(req).await,
+        Err(why) => why,
+    };
+    // The edge device on its own module registry: same handlers, by its
+    // SAS token or, with none, its client certificate.
+    let device = device_auth::module_registry_target(req.method(), req.uri().path());
+    let verdict = match (&device, token, &chain) {
+        (Some(d), Some(token), _) => device_auth::verify_device(&st.cloud, d, token),
+        (Some(d), None, Some(chain)) => device_auth::verify_device_cert(&st.cloud, d, chain),
+        _ => {
             tracing::info!(path = %req.uri().path(), %why, "service request refused");
-            ApiError(CloudError::Unauthorized(why)).into_response()
+            return ApiError(CloudError::Unauthorized(why)).into_response();
+        }
+    };
+    match verdict {
+        Ok(()) => next.run(req).await,
+        Err(device_auth::DeviceAuthError::Forbidden(why)) => scope::forbidden(why),
+        Err(device_auth::DeviceAuthError::Unauthorized(e)) => {
+            tracing::info!(path = %req.uri().path(), device = ?device, error = %e,
+                "module registry request not authenticated");
+            ApiError(e).into_response()
         }
     }
 }
@@ -731,6 +735,15 @@ pub async fn serve_app(
                         return;
                     }
                     None => return,
+                };
+                // A client certificate reaches the handlers (an X.509 edge
+                // device on its module registry, see `device_auth`).
+                let chain = tls.get_ref().1.peer_certificates().map(|c| c.to_vec());
+                let app = match chain {
+                    Some(c) if !c.is_empty() => {
+                        app.layer(axum::Extension(device_auth::PeerCertificates(Arc::new(c))))
+                    }
+                    _ => app,
                 };
                 let svc = hyper_util::service::TowerToHyperService::new(app);
                 verge_listen::http::serve(tls, svc, (), timeouts, &conn).await;

@@ -1,6 +1,7 @@
-//! `[provisioning]`: manual (a connection string, or aziot's shape) or DPS
-//! with a symmetric key, and the hub's HTTPS port; X.509 and TPM are
-//! refused with an error that says so.
+//! `[provisioning]`: manual (a connection string, or aziot's shape with a
+//! symmetric key or an X.509 certificate) or DPS with a symmetric key, and
+//! the hub's HTTPS port; DPS X.509 and TPM attestation are refused with an
+//! error that says so.
 
 use super::*;
 
@@ -32,7 +33,7 @@ pub(super) fn parse_provisioning(
                     .map_err(|e| bad_cache(e.to_string()))?,
                 device_id: DeviceId::new(a.device_id.as_str())
                     .map_err(|e| bad_cache(e.to_string()))?,
-                device_key: settings.symmetric_key.clone(),
+                credential: DeviceCredential::SharedKey(settings.symmetric_key.clone()),
                 https_port,
             };
             Ok((prov, Some(settings)))
@@ -255,7 +256,7 @@ fn parse_manual(
         return Ok(ProvisioningConfig {
             iothub_hostname: parsed.host_name,
             device_id: parsed.device_id,
-            device_key: key,
+            credential: DeviceCredential::SharedKey(key),
             https_port,
         });
     }
@@ -289,22 +290,58 @@ fn parse_manual(
         .ok_or_else(|| missing("provisioning.authentication"))?;
     let a = auth.get_ref();
     match a.method.get_ref().as_str() {
-        "sas" => {}
+        "sas" => {
+            for (v, key) in [
+                (
+                    &a.identity_cert,
+                    "provisioning.authentication.identity_cert",
+                ),
+                (&a.identity_pk, "provisioning.authentication.identity_pk"),
+            ] {
+                if let Some(v) = v {
+                    return Err(ctx.err(Some(v.span()), key, "only with method = \"x509\""));
+                }
+            }
+        }
         "x509" => {
-            let _ = (&a.identity_cert, &a.identity_pk);
-            return Err(ctx.err(
-                Some(a.method.span()),
-                "provisioning.authentication.method",
-                "x509 device authentication is not supported yet; use method = \"sas\"",
-            ));
+            if let Some(pk) = &a.device_id_pk {
+                return Err(ctx.err(
+                    Some(pk.span()),
+                    "provisioning.authentication.device_id_pk",
+                    "only with method = \"sas\"",
+                ));
+            }
+            let file = |v: &Option<Spanned<toml::Value>>, key: &str, what: &str| match v {
+                Some(v) => file_uri(ctx, v, key),
+                None => Err(ctx.err(
+                    Some(auth.span()),
+                    key,
+                    format!("missing: give {what} = \"file:///path/to/{what}.pem\""),
+                )),
+            };
+            return Ok(ProvisioningConfig {
+                iothub_hostname,
+                device_id,
+                credential: DeviceCredential::X509 {
+                    cert: file(
+                        &a.identity_cert,
+                        "provisioning.authentication.identity_cert",
+                        "identity_cert",
+                    )?,
+                    key: file(
+                        &a.identity_pk,
+                        "provisioning.authentication.identity_pk",
+                        "identity_pk",
+                    )?,
+                },
+                https_port,
+            });
         }
         other => {
             return Err(ctx.err(
                 Some(a.method.span()),
                 "provisioning.authentication.method",
-                format!(
-                    "unknown method {other:?}; expected \"sas\" (\"x509\" is not supported yet)"
-                ),
+                format!("unknown method {other:?}; expected \"sas\" or \"x509\""),
             ));
         }
     }
@@ -319,7 +356,42 @@ fn parse_manual(
     Ok(ProvisioningConfig {
         iothub_hostname,
         device_id,
-        device_key: key,
+        credential: DeviceCredential::SharedKey(key),
         https_port,
     })
+}
+
+/// A file named as aziot names it (`"file:///abs/path"`) or by a plain
+/// path (relative to the config file); aziot's other forms (`pkcs11:` keys,
+/// certificates issued by EST or a local CA) are refused by name.
+fn file_uri(ctx: &Ctx<'_>, v: &Spanned<toml::Value>, key: &str) -> Result<PathBuf, ConfigError> {
+    let refuse = |why: String| Err(ctx.err(Some(v.span()), key, why));
+    let Some(text) = v.get_ref().as_str() else {
+        return refuse(
+            "certificate issuance (a table: method = \"est\" or \"local_ca\") is not supported; \
+             give a file: \"file:///path/to/file.pem\""
+                .into(),
+        );
+    };
+    let path = match text.split_once("://") {
+        None if text.starts_with("pkcs11:") => {
+            return refuse("keys in a PKCS#11 token are not supported; give a file URI".into());
+        }
+        None => text,
+        Some(("file", path)) if path.starts_with('/') => path,
+        Some(("file", _)) => {
+            return refuse(format!(
+                "{text:?}: a file URI needs an absolute path (file:///…)"
+            ));
+        }
+        Some((scheme, _)) => {
+            return refuse(format!(
+                "{scheme}: URIs are not supported; give a file: URI or a path"
+            ));
+        }
+    };
+    if path.is_empty() {
+        return refuse("empty path".into());
+    }
+    Ok(ctx.resolve(Path::new(path)))
 }

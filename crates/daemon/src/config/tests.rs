@@ -115,7 +115,7 @@ management_uri = "unix:///run/verge/mgmt.sock"
     );
     let c = parse(&text).unwrap();
     assert_eq!(c.provisioning.device_id.as_str(), "edge2");
-    assert_eq!(c.provisioning.device_key.to_base64(), KEY);
+    assert_eq!(c.provisioning.device_key().unwrap().to_base64(), KEY);
     assert_eq!(c.homedir, PathBuf::from("/etc/verge/state"));
     assert_eq!(
         c.trust_bundle_cert,
@@ -226,7 +226,7 @@ fn dps_settings_and_the_cached_assignment() {
     let c = parse(&text).unwrap();
     assert_eq!(c.provisioning.iothub_hostname.as_str(), "hub.example.net");
     assert_eq!(c.provisioning.device_id.as_str(), "edge-7");
-    assert_eq!(c.provisioning.device_key.to_base64(), KEY);
+    assert_eq!(c.provisioning.device_key().unwrap().to_base64(), KEY);
     assert_eq!(c.provisioning.https_port, 9443);
     crate::dps::forget(home.path()).unwrap();
     assert!(parse(&text).is_err());
@@ -276,16 +276,72 @@ fn dps_errors_name_the_key() {
     assert_eq!(e.key.as_deref(), Some("provisioning"), "{e}");
 }
 
+/// aziot's manual X.509 shape: the certificate and key by `file://` URI
+/// or path (relative to the config file); the forms verged cannot use are
+/// refused by name, at the line that has them.
 #[test]
-fn x509_not_supported() {
-    let text = base().replace(
-        &format!("connection_string = \"HostName=hub.example.net;DeviceId=edge1;SharedAccessKey={KEY}\""),
-        "iothub_hostname = \"hub\"\ndevice_id = \"d\"\n[provisioning.authentication]\nmethod = \"x509\"\nidentity_cert = \"file:///c.pem\"\nidentity_pk = \"file:///k.pem\"",
-    );
-    let e = parse(&text).unwrap_err();
-    assert_eq!(e.key.as_deref(), Some("provisioning.authentication.method"));
-    assert!(e.message.contains("not supported yet"), "{e}");
-    assert_eq!(e.line, Some(9), "{e}");
+fn manual_x509() {
+    let with = |auth: &str| {
+        base().replace(
+            &format!("connection_string = \"HostName=hub.example.net;DeviceId=edge1;SharedAccessKey={KEY}\""),
+            &format!("iothub_hostname = \"hub\"\ndevice_id = \"d\"\n[provisioning.authentication]\n{auth}"),
+        )
+    };
+    let c = parse(&with(
+        "method = \"x509\"\nidentity_cert = \"file:///c.pem\"\nidentity_pk = \"keys/k.pem\"",
+    ))
+    .unwrap();
+    assert!(c.provisioning.device_key().is_none());
+    match &c.provisioning.credential {
+        DeviceCredential::X509 { cert, key } => {
+            assert_eq!(cert, Path::new("/c.pem"));
+            assert_eq!(key, Path::new("/etc/verge/keys/k.pem"));
+        }
+        other => panic!("{other:?}"),
+    }
+    let refused = [
+        (
+            "method = \"x509\"\nidentity_pk = \"file:///k.pem\"",
+            "provisioning.authentication.identity_cert",
+            "missing",
+        ),
+        (
+            "method = \"x509\"\nidentity_cert = \"file:///c.pem\"\nidentity_pk = \"pkcs11:object=k\"",
+            "provisioning.authentication.identity_pk",
+            "PKCS#11",
+        ),
+        (
+            "method = \"x509\"\nidentity_cert = \"https://est/c\"\nidentity_pk = \"file:///k.pem\"",
+            "provisioning.authentication.identity_cert",
+            "https",
+        ),
+        (
+            "method = \"x509\"\nidentity_cert = { method = \"est\" }\nidentity_pk = \"file:///k.pem\"",
+            "provisioning.authentication.identity_cert",
+            "not supported",
+        ),
+        (
+            "method = \"x509\"\nidentity_cert = \"file://c.pem\"\nidentity_pk = \"file:///k.pem\"",
+            "provisioning.authentication.identity_cert",
+            "absolute",
+        ),
+        (
+            "method = \"sas\"\ndevice_id_pk = { value = \"AAAA\" }\nidentity_cert = \"file:///c.pem\"",
+            "provisioning.authentication.identity_cert",
+            "only with",
+        ),
+        (
+            "method = \"tpm\"",
+            "provisioning.authentication.method",
+            "expected \"sas\" or \"x509\"",
+        ),
+    ];
+    for (auth, key, says) in refused {
+        let e = parse(&with(auth)).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some(key), "{auth}: {e}");
+        assert!(e.message.contains(says), "{auth}: {e}");
+        assert!(e.line.is_some(), "{auth}: {e}");
+    }
 }
 
 #[test]
