@@ -1,6 +1,8 @@
 //! `verge cloud dps …`: verge-cloud's Device Provisioning Service, through
 //! DPS's service REST API on verge-cloud's service port (enrollments,
-//! enrollment groups, registration states). Symmetric-key attestation only.
+//! enrollment groups, registration states). Symmetric-key or X.509
+//! attestation (`--certificate`: a device's own certificate for an
+//! enrollment, the CA certificate that signs the devices for a group).
 
 use anyhow::Context as _;
 use base64::Engine as _;
@@ -46,6 +48,11 @@ pub struct EnrollmentSpec {
     /// Secondary key (base64) [default: generated].
     #[arg(long)]
     secondary_key: Option<String>,
+    /// X.509 attestation instead of keys: a PEM file with the device's
+    /// certificate (enrollment) or the CA certificate that signs the
+    /// devices (group); a second `--certificate` is the secondary.
+    #[arg(long, value_name = "PEM_FILE", conflicts_with_all = ["primary_key", "secondary_key"])]
+    certificate: Vec<std::path::PathBuf>,
     /// Devices are IoT Edge devices.
     #[arg(long)]
     edge: bool,
@@ -135,16 +142,36 @@ fn body(
     device_id: Option<&str>,
     s: &EnrollmentSpec,
 ) -> anyhow::Result<Value> {
-    let mut sk = serde_json::Map::new();
-    if let Some(k) = &s.primary_key {
-        sk.insert("primaryKey".into(), json!(k));
-    }
-    if let Some(k) = &s.secondary_key {
-        sk.insert("secondaryKey".into(), json!(k));
-    }
+    let attestation = if s.certificate.is_empty() {
+        let mut sk = serde_json::Map::new();
+        if let Some(k) = &s.primary_key {
+            sk.insert("primaryKey".into(), json!(k));
+        }
+        if let Some(k) = &s.secondary_key {
+            sk.insert("secondaryKey".into(), json!(k));
+        }
+        json!({"type": "symmetricKey", "symmetricKey": sk})
+    } else {
+        anyhow::ensure!(
+            s.certificate.len() <= 2,
+            "at most two --certificate (primary, secondary)"
+        );
+        let mut slots = serde_json::Map::new();
+        for (slot, path) in ["primary", "secondary"].iter().zip(&s.certificate) {
+            let pem = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            slots.insert((*slot).into(), json!({ "certificate": pem }));
+        }
+        let field = if id_field == "enrollmentGroupId" {
+            "signingCertificates"
+        } else {
+            "clientCertificates"
+        };
+        json!({"type": "x509", "x509": { field: slots }})
+    };
     let mut v = json!({
         id_field: id,
-        "attestation": {"type": "symmetricKey", "symmetricKey": sk},
+        "attestation": attestation,
         "capabilities": {"iotEdge": s.edge},
         "provisioningStatus": if s.disabled { "disabled" } else { "enabled" },
         "reprovisionPolicy": {"updateHubAssignment": true, "migrateDeviceData": !s.reset_on_reprovision},
@@ -188,6 +215,22 @@ fn show(v: &Value, id_field: &str, output: Output) -> anyhow::Result<()> {
             .and_then(Value::as_bool)
             .unwrap_or(false)
     );
+    if s("/attestation/type") == "x509" {
+        let certs = v
+            .pointer("/attestation/x509")
+            .and_then(Value::as_object)
+            .and_then(|x| x.values().next())
+            .and_then(Value::as_object);
+        for (slot, c) in certs.into_iter().flatten() {
+            let info = |k: &str| c.pointer(&format!("/info/{k}")).and_then(Value::as_str);
+            println!(
+                "{slot} certificate: {} (SHA-256 {})",
+                info("subjectName").unwrap_or("?"),
+                info("sha256Thumbprint").unwrap_or("?")
+            );
+        }
+        return Ok(());
+    }
     println!("primary key: {}", s("/attestation/symmetricKey/primaryKey"));
     println!(
         "secondary key: {}",

@@ -4,12 +4,12 @@
 //! Reads IoT Edge 1.1's `/etc/iotedge/config.yaml` or aziot's (1.2+)
 //! `/etc/aziot/config.toml` and carries over what Verge has an equivalent
 //! for: manual provisioning (a connection string, or hub + device id + a
-//! symmetric key or an X.509 certificate file), DPS with a symmetric key
-//! (aziot), `hostname`, `parent_hostname`, the edge CA and trust bundle,
+//! symmetric key or an X.509 certificate file), DPS with a symmetric key or
+//! an X.509 certificate file (aziot), `hostname`, `parent_hostname`, the edge CA and trust bundle,
 //! the agent and the Moby runtime. Settings Verge has no use for (socket
 //! activation URIs, IoT Edge's homedir, retry knobs) are left out with a
-//! note. Anything else, and anything Verge cannot do yet (DPS with X.509
-//! or TPM, key URIs, EST), refuses the whole import with the list, so
+//! note. Anything else, and anything Verge cannot do yet (TPM, key URIs,
+//! EST), refuses the whole import with the list, so
 //! nothing is silently lost.
 
 use std::path::Path;
@@ -425,8 +425,8 @@ fn aziot_manual(out: &mut Out, p: &Value) {
     }
 }
 
-/// aziot's DPS provisioning with a symmetric key (verged registers at its
-/// first start and caches the assignment).
+/// aziot's DPS provisioning with a symmetric key or an X.509 certificate
+/// (verged registers at its first start and caches the assignment).
 fn aziot_dps(out: &mut Out, p: &Value) {
     out.set(&["provisioning", "source"], "dps".into());
     for (k, v) in p.as_object().into_iter().flatten() {
@@ -460,9 +460,19 @@ fn aziot_dps(out: &mut Out, p: &Value) {
                         );
                     }
                 }
+                Some("x509") => {
+                    // The registration id defaults to the certificate's CN.
+                    if let Some(id) = v.get("registration_id").and_then(string) {
+                        out.set(
+                            &["provisioning", "attestation", "registration_id"],
+                            id.into(),
+                        );
+                    }
+                    x509_files(out, v, &["provisioning", "attestation"]);
+                }
                 other => out.refuse(
                     "provisioning.attestation.method",
-                    &format!("{other:?} is not supported yet with DPS (symmetric_key)"),
+                    &format!("{other:?} is not supported (symmetric_key or x509)"),
                 ),
             },
             other => out.refuse(&format!("provisioning.{other}"), "not supported by Verge"),
@@ -827,8 +837,12 @@ symmetric_key = {{ value = "{KEY}" }}
                 "identity_cert: missing",
             ),
             (
-                dps.replace("symmetric_key\"\n", "x509\"\n"),
+                dps.replace("symmetric_key\"\n", "tpm\"\n"),
                 "provisioning.attestation.method",
+            ),
+            (
+                dps.replace("symmetric_key\"\n", "x509\"\n"),
+                "provisioning.attestation.identity_cert: missing",
             ),
             (
                 dps.replace(

@@ -725,6 +725,63 @@ fn dps_enrollments_through_the_cli() {
             || e.contains("no registration"),
         "{e}"
     );
+    // X.509 attestation: a device's certificate, a group's CA certificate.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = verge_testkit::x509::root("Line CA");
+    std::fs::write(dir.path().join("ca.pem"), &ca.pem).unwrap();
+    let device = verge_testkit::x509::leaf("dev-x", Some(&ca), false, (-1, 30));
+    let [device_pem, _] = device.write(dir.path(), "dev-x");
+    let out = cloud.ok(&[
+        "dps",
+        "enrollment",
+        "create",
+        "dev-x",
+        "--certificate",
+        device_pem.to_str().unwrap(),
+    ]);
+    assert!(
+        out.contains("primary certificate: CN=dev-x (SHA-256 ")
+            && out.contains(&verge_x509::thumbprints(&device.der).1),
+        "{out}"
+    );
+    let ca_pem = dir.path().join("ca.pem");
+    let shown = cloud.ok(&[
+        "dps",
+        "group",
+        "create",
+        "line-x",
+        "--certificate",
+        ca_pem.to_str().unwrap(),
+        "-o",
+        "json",
+    ]);
+    let v: Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(
+        v["attestation"]["x509"]["signingCertificates"]["primary"]["info"]["subjectName"],
+        "CN=Line CA",
+        "{v}"
+    );
+    // A device's certificate cannot sign a group's devices.
+    let e = cloud.fails(&[
+        "dps",
+        "group",
+        "create",
+        "line-y",
+        "--certificate",
+        device_pem.to_str().unwrap(),
+    ]);
+    assert!(e.contains("not a CA certificate"), "{e}");
+    let e = cloud.fails(&[
+        "dps",
+        "enrollment",
+        "create",
+        "dev-y",
+        "--certificate",
+        device_pem.to_str().unwrap(),
+        "--primary-key",
+        key,
+    ]);
+    assert!(e.contains("cannot be used with"), "{e}");
     cloud.ok(&["dps", "enrollment", "delete", "dev-1"]);
     let e = cloud.fails(&["dps", "enrollment", "show", "dev-1"]);
     assert!(e.contains("dev-1"), "{e}");

@@ -174,6 +174,18 @@ fn quickstart_bounded_then_interrupted() {
         "{env}"
     );
 
+    // ---- provisioned through the cloud's DPS (#23 item 5) ----------------------
+    let (_, stderr) = bounded_run(&bin_dir, &dir, &["--dps"]);
+    assert!(
+        stderr.contains("enrolling the edge device in verge-cloud's DPS"),
+        "{stderr}"
+    );
+    wait_no_leftovers(&dir);
+    let verged_log = std::fs::read_to_string(dir.join("logs/verged.log")).unwrap();
+    assert!(verged_log.contains("provisioned by DPS"), "{verged_log}");
+    let config = std::fs::read_to_string(dir.join("edge/config.toml")).unwrap_or_default();
+    assert!(config.contains("source = \"dps\""), "{config}");
+
     // ---- interactive, stopped with Ctrl-C --------------------------------------
     let (lines, stderr, stopped_in) = interrupted_run(&bin_dir, &dir, &[], 1);
     assert!(lines[0].contains("quickstart-edge/filter"), "{lines:?}");

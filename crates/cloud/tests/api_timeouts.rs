@@ -3,15 +3,15 @@
 //! (slowloris), a body that stops arriving.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::ApiServer;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use verge_cloud::api::{ApiState, ServiceAuth};
-use verge_cloud::{CloudOptions, CloudState, tls};
-use verge_core::{SasToken, SharedAccessKey};
 
 async fn closed_within(s: &mut (impl AsyncRead + Unpin), limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
@@ -27,31 +27,8 @@ async fn closed_within(s: &mut (impl AsyncRead + Unpin), limit: Duration) -> boo
 
 #[tokio::test]
 async fn silent_slowloris_and_stalled_body_connections_are_closed() {
-    let dir = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let host = addr.to_string();
-    let files = tls::ensure_files(dir.path(), &host, None, None).unwrap();
-    let cfg = tls::server_config(&files).unwrap();
-    let cloud = CloudState::open(CloudOptions {
-        data_dir: dir.path().to_owned(),
-        hostname: host.clone(),
-    })
-    .unwrap();
-    let key = SharedAccessKey::from_bytes(vec![3u8; 32]);
-    let state = ApiState {
-        cloud: cloud.clone(),
-        auth: Arc::new(ServiceAuth::new(host.clone(), "iothubowner", key.clone())),
-    };
     let second = Duration::from_secs(1);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(verge_cloud::api::serve_with(
-        listener,
-        cfg,
-        state,
-        async {
-            let _ = stop_rx.await;
-        },
+    let api = ApiServer::start_with(
         verge_listen::Limits {
             max_connections: 20,
             max_per_peer: 20,
@@ -63,12 +40,12 @@ async fn silent_slowloris_and_stalled_body_connections_are_closed() {
             write: second * 2,
             grace: second,
         },
-    ));
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    )
+    .await;
+    let addr = api.addr;
     let mut roots = rustls::RootCertStore::empty();
-    let ca = std::fs::read(files.ca.unwrap()).unwrap();
     use rustls_pki_types::pem::PemObject;
-    for c in rustls_pki_types::CertificateDer::pem_slice_iter(&ca) {
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(&api.ca) {
         roots.add(c.unwrap()).unwrap();
     }
     let connector = tokio_rustls::TlsConnector::from(Arc::new(
@@ -81,7 +58,7 @@ async fn silent_slowloris_and_stalled_body_connections_are_closed() {
         let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
         connector.connect(name, tcp).await.unwrap()
     };
-    let token = SasToken::sign(&host, &key, 4_000_000_000, Some("iothubowner")).to_string();
+    let token = api.policy_token();
 
     let mut silent = open().await;
     let (mut slow_r, mut slow_w) = tokio::io::split(open().await);
@@ -139,6 +116,5 @@ async fn silent_slowloris_and_stalled_body_connections_are_closed() {
         String::from_utf8_lossy(&resp)
     );
 
-    let _ = stop_tx.send(());
-    server.await.unwrap();
+    api.stop().await;
 }

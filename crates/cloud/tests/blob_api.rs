@@ -4,43 +4,21 @@
 //! back with its content type and encoding.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::sync::Arc;
+mod common;
 
+use common::ApiServer;
 use serde_json::Value;
-use verge_cloud::api::{ApiState, ServiceAuth};
-use verge_cloud::{CloudOptions, CloudState, tls};
-use verge_core::{SasToken, SharedAccessKey};
 
 #[tokio::test]
 async fn sas_url_uploads_block_blobs_to_its_container_only() {
-    let dir = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let host = listener.local_addr().unwrap().to_string();
-    let files = tls::ensure_files(dir.path(), &host, None, None).unwrap();
-    let cfg = tls::server_config(&files).unwrap();
-    let cloud = CloudState::open(CloudOptions {
-        data_dir: dir.path().to_owned(),
-        hostname: host.clone(),
-    })
-    .unwrap();
-    let key = SharedAccessKey::from_bytes(vec![3u8; 32]);
-    let state = ApiState {
-        cloud,
-        auth: Arc::new(ServiceAuth::new(host.clone(), "iothubowner", key.clone())),
-    };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(verge_cloud::api::serve(listener, cfg, state, async {
-        let _ = stop_rx.await;
-    }));
-    let ca = std::fs::read(files.ca.unwrap()).unwrap();
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let http = reqwest::Client::builder()
-        .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
+    let api = ApiServer::start().await;
+    let http = api
+        .https()
         .timeout(std::time::Duration::from_secs(20))
         .build()
         .unwrap();
-    let token = SasToken::sign(&host, &key, 4_000_000_000, Some("iothubowner")).to_string();
-    let base = format!("https://{host}");
+    let token = api.policy_token();
+    let base = format!("https://{}", api.host);
 
     // Issuing needs the policy.
     let r = http
@@ -136,6 +114,5 @@ async fn sas_url_uploads_block_blobs_to_its_container_only() {
         .unwrap();
     assert_eq!(r.status(), 401);
 
-    let _ = stop_tx.send(());
-    server.await.unwrap();
+    api.stop().await;
 }

@@ -5,12 +5,12 @@
 //! shapes as with the service policy.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::sync::Arc;
+mod common;
 
+use common::ApiServer;
 use serde_json::{Value, json};
-use verge_cloud::api::{ApiState, ServiceAuth};
+use verge_cloud::DeviceSpec;
 use verge_cloud::registry::SymmetricKeys;
-use verge_cloud::{CloudOptions, CloudState, DeviceSpec, tls};
 use verge_core::{SasToken, SharedAccessKey};
 
 fn key(b: u8) -> String {
@@ -29,29 +29,8 @@ fn token(resource: &str, b: u8) -> String {
 
 #[tokio::test]
 async fn edge_device_registers_its_own_modules_only() {
-    let dir = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let host = listener.local_addr().unwrap().to_string();
-    let files = tls::ensure_files(dir.path(), &host, None, None).unwrap();
-    let cfg = tls::server_config(&files).unwrap();
-    let cloud = CloudState::open(CloudOptions {
-        data_dir: dir.path().to_owned(),
-        hostname: host.clone(),
-    })
-    .unwrap();
-    let policy = SharedAccessKey::from_bytes(vec![3u8; 32]);
-    let state = ApiState {
-        cloud: cloud.clone(),
-        auth: Arc::new(ServiceAuth::new(
-            host.clone(),
-            "iothubowner",
-            policy.clone(),
-        )),
-    };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(verge_cloud::api::serve(listener, cfg, state, async {
-        let _ = stop_rx.await;
-    }));
+    let api = ApiServer::start().await;
+    let (host, cloud) = (&api.host, &api.cloud);
     for (id, b) in [("edge1", 1u8), ("edge2", 2)] {
         let spec = DeviceSpec {
             keys: Some(SymmetricKeys {
@@ -72,13 +51,7 @@ async fn edge_device_registers_its_own_modules_only() {
         ..DeviceSpec::default()
     };
     cloud.put_device("leaf", leaf, None).await.unwrap();
-    let ca = std::fs::read(files.ca.unwrap()).unwrap();
-    // reqwest has no crypto provider of its own: ring, as verge-cloud.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let http = reqwest::Client::builder()
-        .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
-        .build()
-        .unwrap();
+    let http = api.client();
     let call = |method: reqwest::Method, path: &str, auth: Option<&str>, body: Option<Value>| {
         let mut r = http.request(
             method,
@@ -237,8 +210,7 @@ async fn edge_device_registers_its_own_modules_only() {
         assert_eq!(s, 401, "{m} {p}");
     }
     // The service policy still works on the same paths.
-    let policy_token =
-        SasToken::sign(&host, &policy, 4_000_000_000, Some("iothubowner")).to_string();
+    let policy_token = api.policy_token();
     let (s, _) = call(
         Method::GET,
         "/devices/edge1/modules/modA",
@@ -267,19 +239,7 @@ async fn edge_device_registers_its_own_modules_only() {
     assert_eq!(s, 404);
     assert!(cloud.verify_device_token("edge1/modA", &mod_token).is_err());
 
-    let _ = stop_tx.send(());
-    server.await.unwrap();
-}
-
-/// A self-signed certificate with CN `cn`: (DER, PEM, key PEM).
-fn self_signed(cn: &str) -> (Vec<u8>, String, String) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, cn);
-    let cert = params.self_signed(&key).unwrap();
-    (cert.der().to_vec(), cert.pem(), key.serialize_pem())
+    api.stop().await;
 }
 
 /// An X.509 edge device (what verged does with `method = "x509"`): no
@@ -291,28 +251,9 @@ fn self_signed(cn: &str) -> (Vec<u8>, String, String) {
 async fn x509_edge_device_registers_its_modules_by_its_certificate() {
     use rustls_pki_types::pem::PemObject as _;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let dir = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let host = listener.local_addr().unwrap().to_string();
-    let files = tls::ensure_files(dir.path(), &host, None, None).unwrap();
-    let cfg = tls::server_config(&files).unwrap();
-    let cloud = CloudState::open(CloudOptions {
-        data_dir: dir.path().to_owned(),
-        hostname: host.clone(),
-    })
-    .unwrap();
-    let state = ApiState {
-        cloud: cloud.clone(),
-        auth: Arc::new(ServiceAuth::new(
-            host.clone(),
-            "iothubowner",
-            SharedAccessKey::from_bytes(vec![3u8; 32]),
-        )),
-    };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(verge_cloud::api::serve(listener, cfg, state, async {
-        let _ = stop_rx.await;
-    }));
+    let api = ApiServer::start().await;
+    let (host, cloud) = (&api.host, &api.cloud);
+    let self_signed = |cn| verge_testkit::x509::leaf(cn, None, false, (-1, 30));
     let edge = self_signed("xedge");
     let leaf = self_signed("xleaf");
     let stranger = self_signed("xedge");
@@ -325,11 +266,11 @@ async fn x509_edge_device_registers_its_modules_by_its_certificate() {
         ..DeviceSpec::default()
     };
     cloud
-        .put_device("xedge", by_thumbprint(&edge.0, true), None)
+        .put_device("xedge", by_thumbprint(&edge.der, true), None)
         .await
         .unwrap();
     cloud
-        .put_device("xleaf", by_thumbprint(&leaf.0, false), None)
+        .put_device("xleaf", by_thumbprint(&leaf.der, false), None)
         .await
         .unwrap();
     let sas = DeviceSpec {
@@ -342,16 +283,14 @@ async fn x509_edge_device_registers_its_modules_by_its_certificate() {
     };
     cloud.put_device("sasedge", sas, None).await.unwrap();
 
-    let ca = std::fs::read(files.ca.unwrap()).unwrap();
-    let _ = rustls::crypto::ring::default_provider().install_default();
     // A client presenting `cert` (verged's TLS set-up for an X.509 device).
-    let client = |cert: &(Vec<u8>, String, String)| {
+    let client = |cert: &verge_testkit::x509::Leaf| {
         let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(&ca) {
+        for c in CertificateDer::pem_slice_iter(&api.ca) {
             roots.add(c.unwrap()).unwrap();
         }
-        let chain = vec![CertificateDer::from(cert.0.clone())];
-        let pk = PrivateKeyDer::from_pem_slice(cert.2.as_bytes()).unwrap();
+        let chain = vec![CertificateDer::from(cert.der.clone())];
+        let pk = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
         let tls = rustls::ClientConfig::builder()
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, pk)
@@ -449,6 +388,5 @@ async fn x509_edge_device_registers_its_modules_by_its_certificate() {
     .await;
     assert_eq!(s, 204);
 
-    let _ = stop_tx.send(());
-    server.await.unwrap();
+    api.stop().await;
 }

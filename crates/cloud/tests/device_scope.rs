@@ -3,12 +3,12 @@
 //! children with their keys; every other caller or target is refused.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::sync::Arc;
+mod common;
 
+use common::ApiServer;
 use serde_json::{Value, json};
-use verge_cloud::api::{ApiState, ServiceAuth};
+use verge_cloud::DeviceSpec;
 use verge_cloud::registry::SymmetricKeys;
-use verge_cloud::{CloudOptions, CloudState, DeviceSpec, tls};
 use verge_core::{SasToken, SharedAccessKey};
 
 fn keys(b: u8) -> SymmetricKeys {
@@ -31,30 +31,8 @@ fn token(resource: &str, b: u8) -> String {
 
 #[tokio::test]
 async fn edge_gets_its_own_scope_only() {
-    let dir = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let host = addr.to_string();
-    let files = tls::ensure_files(dir.path(), &host, None, None).unwrap();
-    let cfg = tls::server_config(&files).unwrap();
-    let cloud = CloudState::open(CloudOptions {
-        data_dir: dir.path().to_owned(),
-        hostname: host.clone(),
-    })
-    .unwrap();
-    let policy = SharedAccessKey::from_bytes(vec![3u8; 32]);
-    let state = ApiState {
-        cloud: cloud.clone(),
-        auth: Arc::new(ServiceAuth::new(
-            host.clone(),
-            "iothubowner",
-            policy.clone(),
-        )),
-    };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(verge_cloud::api::serve(listener, cfg, state, async {
-        let _ = stop_rx.await;
-    }));
+    let api = ApiServer::start().await;
+    let (host, cloud) = (&api.host, &api.cloud);
 
     let edge_spec = |b| DeviceSpec {
         keys: Some(keys(b)),
@@ -85,13 +63,7 @@ async fn edge_gets_its_own_scope_only() {
     let hub_module = cloud.get_module("edge1", "$edgeHub").unwrap();
     let hub_key = SharedAccessKey::from_base64(&hub_module.record.keys.primary).unwrap();
 
-    let ca = std::fs::read(files.ca.unwrap()).unwrap();
-    // reqwest has no crypto provider of its own: ring, as verge-cloud.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let http = reqwest::Client::builder()
-        .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
-        .build()
-        .unwrap();
+    let http = api.client();
     let post = |device: &str, module: &str, auth: Option<String>, body: Value| {
         let mut r = http
             .post(format!(
@@ -157,8 +129,7 @@ async fn edge_gets_its_own_scope_only() {
         status(post("edge1", "$edgeHub", None, body.clone()).await.unwrap()),
         401
     );
-    let policy_token =
-        SasToken::sign(&host, &policy, 4_000_000_000, Some("iothubowner")).to_string();
+    let policy_token = api.policy_token();
     assert_eq!(
         status(
             post("edge1", "$edgeHub", Some(policy_token), body.clone())
@@ -228,6 +199,5 @@ async fn edge_gets_its_own_scope_only() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["devices"], json!([]));
 
-    let _ = stop_tx.send(());
-    server.await.unwrap();
+    api.stop().await;
 }

@@ -3,44 +3,21 @@
 //! cover.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
-use verge_cloud::api::{ApiState, ServiceAuth};
-use verge_cloud::{CloudOptions, CloudState, DeviceSpec, Settlement, tls};
-use verge_core::{ClientId, DeviceId, Message, SasToken, SharedAccessKey};
+use common::ApiServer;
+use verge_cloud::{DeviceSpec, Settlement};
+use verge_core::{ClientId, DeviceId, Message};
 
 #[tokio::test]
 async fn d2c_follow_and_c2d_over_https() {
-    let dir = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let host = addr.to_string();
-    let files = tls::ensure_files(dir.path(), &host, None, None).unwrap();
-    let cfg = tls::server_config(&files).unwrap();
-    let cloud = CloudState::open(CloudOptions {
-        data_dir: dir.path().to_owned(),
-        hostname: host.clone(),
-    })
-    .unwrap();
-    let key = SharedAccessKey::from_bytes(vec![3u8; 32]);
-    let state = ApiState {
-        cloud: cloud.clone(),
-        auth: Arc::new(ServiceAuth::new(host.clone(), "iothubowner", key.clone())),
-    };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(verge_cloud::api::serve(listener, cfg, state, async {
-        let _ = stop_rx.await;
-    }));
-    let ca = std::fs::read(files.ca.unwrap()).unwrap();
-    // reqwest has no crypto provider of its own: ring, as verge-cloud.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let http = reqwest::Client::builder()
-        .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
-        .build()
-        .unwrap();
-    let token = SasToken::sign(&host, &key, 4_000_000_000, Some("iothubowner")).to_string();
-    let base = format!("https://{host}");
+    let api = ApiServer::start().await;
+    let cloud = &api.cloud;
+    let http = api.client();
+    let token = api.policy_token();
+    let base = format!("https://{}", api.host);
 
     // No token: 401 in IoT Hub's error shape.
     let r = http.get(format!("{base}/devices")).send().await.unwrap();
@@ -172,10 +149,7 @@ async fn d2c_follow_and_c2d_over_https() {
         .unwrap();
     assert_eq!(r.status(), 400);
 
-    let _ = stop_tx.send(());
-    tokio::time::timeout(Duration::from_secs(10), server)
+    tokio::time::timeout(Duration::from_secs(10), api.stop())
         .await
-        .unwrap()
         .unwrap();
-    cloud.close();
 }

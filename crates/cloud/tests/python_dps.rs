@@ -2,7 +2,8 @@
 //! Python (azure-iot-device 2.14.0: `ProvisioningDeviceClient` over MQTT,
 //! then `IoTHubDeviceClient` with the assignment) and with the DPS HTTPS
 //! protocol as aziot-identityd speaks it, checked through azure-iot-hub
-//! 2.7.0 and the DPS service API (tests/python/dps_sdk.py). The SDKs only
+//! 2.7.0 and the DPS service API (tests/python/dps_sdk.py); symmetric keys
+//! and X.509 (`create_from_x509_certificate`, certificates made here). The SDKs only
 //! dial port 8883, so the cloud must own 127.0.0.1:8883; the test waits for
 //! it (other interop tests use it too) and is skipped, saying so, only when
 //! it cannot be bound.
@@ -13,7 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use base64::Engine as _;
-use verge_testkit::Running;
+use verge_testkit::{Running, x509};
 
 #[test]
 fn azure_python_provisioning_client_interop() {
@@ -55,12 +56,27 @@ fn azure_python_provisioning_client_interop() {
     );
     let port = https.rsplit_once(':').unwrap().1;
     let ca = data.join("tls/ca.pem");
+    // X.509 attestation: a device's own certificate (individual), another
+    // with the same CN (refused), and a device signed by a group's CA.
+    let certs = dir.path().join("certs");
+    std::fs::create_dir(&certs).unwrap();
+    let ind = x509::leaf("x509-ind", None, false, (-1, 30));
+    let stranger = x509::leaf("x509-ind", None, false, (-1, 30));
+    let group_ca = x509::root("Verge DPS Test Group CA");
+    let member = x509::leaf("x509-member", Some(&group_ca), false, (-1, 30));
     let params = serde_json::json!({
         "service_connection_string":
             format!("HostName=localhost:{port};SharedAccessKeyName=iothubowner;SharedAccessKey={key}"),
         "host": "localhost",
         "id_scope": "0ne00TEST01",
         "ca": ca,
+        "x509": {
+            "ind": ind.write(&certs, "ind"),
+            "ind_pem": ind.pem,
+            "stranger": stranger.write(&certs, "stranger"),
+            "group_ca_pem": group_ca.pem,
+            "member": member.write(&certs, "member"),
+        },
     });
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/dps_sdk.py");
     let (status, stdout, stderr) = verge_testkit::run_bounded(

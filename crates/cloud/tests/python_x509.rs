@@ -5,74 +5,20 @@
 //! `create_device_with_x509` / `create_device_with_certificate_authority`,
 //! and azure-iot-device 2.14's `create_from_x509_certificate` sending
 //! telemetry straight to verge-cloud; the refusals (CONNACK 5) are logged
-//! with their reasons. Certificates are made here with rcgen, in a temporary
+//! with their reasons. Certificates are made here (verge_testkit::x509), in a temporary
 //! directory. The device SDK dials port 8883 only: the test waits for it and
 //! is skipped, saying so, only when it cannot be bound.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use base64::Engine as _;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rcgen::KeyPair;
 use serde_json::{Value, json};
 use verge_core::SasToken;
-
-const DAY: i64 = 86_400;
-
-fn params(cn: &str, ca: bool, from_days: i64, to_days: i64) -> CertificateParams {
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name.push(DnType::CommonName, cn);
-    if ca {
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    let t = time::OffsetDateTime::from_unix_timestamp(now).unwrap();
-    p.not_before = t + time::Duration::seconds(from_days * DAY);
-    p.not_after = t + time::Duration::seconds(to_days * DAY);
-    p
-}
-
-struct Ca {
-    pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-fn root(cn: &str) -> Ca {
-    let key = KeyPair::generate().unwrap();
-    let p = params(cn, true, -1, 30);
-    let pem = p.self_signed(&key).unwrap().pem();
-    Ca {
-        pem,
-        issuer: Issuer::new(p, key),
-    }
-}
-
-/// Writes `{name}.pem` and `{name}.key` and returns (paths, DER).
-fn leaf(
-    dir: &Path,
-    name: &str,
-    cn: &str,
-    ca: Option<&Ca>,
-    is_ca: bool,
-    days: (i64, i64),
-) -> ([PathBuf; 2], Vec<u8>) {
-    let key = KeyPair::generate().unwrap();
-    let p = params(cn, is_ca, days.0, days.1);
-    let cert = match ca {
-        Some(ca) => p.signed_by(&key, &ca.issuer).unwrap(),
-        None => p.self_signed(&key).unwrap(),
-    };
-    let c = dir.join(format!("{name}.pem"));
-    let k = dir.join(format!("{name}.key"));
-    std::fs::write(&c, cert.pem()).unwrap();
-    std::fs::write(&k, key.serialize_pem()).unwrap();
-    ([c, k], cert.der().to_vec())
-}
+use verge_testkit::x509::{Ca, leaf, params, root};
 
 #[test]
 fn azure_python_sdks_with_x509_devices() {
@@ -118,7 +64,8 @@ fn azure_python_sdks_with_x509_devices() {
     let untrusted = root("Someone Else's Root");
     let mut files = serde_json::Map::new();
     let mut add = |name: &str, cn: &str, ca: Option<&Ca>, is_ca: bool, days| {
-        let (paths, der) = leaf(&certs, name, cn, ca, is_ca, days);
+        let l = leaf(cn, ca, is_ca, days);
+        let (paths, der) = (l.write(&certs, name), l.der);
         files.insert(name.to_owned(), json!(paths));
         der
     };

@@ -393,6 +393,16 @@ impl<'de> Deserialize<'de> for HubHostname {
     }
 }
 
+/// A DPS registration id: 1-128 lowercase letters, digits or `-._:` (what
+/// DPS accepts; the device and the service check it alike).
+pub fn is_registration_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._:".contains(&b))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

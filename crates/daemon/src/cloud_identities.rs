@@ -74,15 +74,19 @@ pub struct CloudIdentities {
     store: IdentityStore,
 }
 
-/// The TLS client config: [`tls_config`], presenting the device's
-/// certificate when it is an X.509 device. Read at every start, so a
-/// renewed certificate file is used after a restart.
-fn client_tls(target: &CloudTarget) -> anyhow::Result<rustls::ClientConfig> {
+/// The TLS client config: [`tls_config`] trusting `trust_pem`, presenting
+/// the device's certificate when `credential` is X.509 (DPS and the module
+/// registry). Read at every start, so a renewed certificate file is used
+/// after a restart.
+pub(crate) fn client_tls(
+    trust_pem: &str,
+    credential: &DeviceCredential,
+) -> anyhow::Result<rustls::ClientConfig> {
     use anyhow::Context as _;
     use rustls_pki_types::pem::PemObject as _;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let DeviceCredential::X509 { cert, key } = &target.credential else {
-        return tls_config(&target.trust_pem, None);
+    let DeviceCredential::X509 { cert, key } = credential else {
+        return tls_config(trust_pem, None);
     };
     let chain = CertificateDer::pem_file_iter(cert)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
@@ -94,7 +98,7 @@ fn client_tls(target: &CloudTarget) -> anyhow::Result<rustls::ClientConfig> {
     );
     let pk = PrivateKeyDer::from_pem_file(key)
         .with_context(|| format!("identity_pk {}", key.display()))?;
-    tls_config(&target.trust_pem, Some((chain, pk)))
+    tls_config(trust_pem, Some((chain, pk)))
 }
 
 pub(crate) fn tls_config(
@@ -147,7 +151,7 @@ impl CloudIdentities {
     /// A client for `target`, reading and updating `store`.
     pub fn new(target: CloudTarget, store: IdentityStore) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(client_tls(&target)?)
+            .tls_backend_preconfigured(client_tls(&target.trust_pem, &target.credential)?)
             .user_agent(format!("verged/{}", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(30))

@@ -23,6 +23,8 @@
 //! # id_scope = "0ne…", https_port = 443,
 //! # [provisioning.attestation] method = "symmetric_key", registration_id = "edge1",
 //! #   symmetric_key = { value = "<base64>" }   (for a group enrollment: the derived key)
+//! #   or method = "x509", identity_cert = "file:///…", identity_pk = "file:///…"
+//! #   (registration_id defaults to the certificate's CN)
 //! # verged registers at its first start and keeps the assignment in
 //! # <homedir>/dps/assignment.json (see crate::dps).
 //!
@@ -183,7 +185,7 @@ impl ProvisioningConfig {
     }
 }
 
-/// `[provisioning] source = "dps"` with symmetric-key attestation.
+/// `[provisioning] source = "dps"` with symmetric-key or X.509 attestation.
 #[derive(Debug, Clone)]
 pub struct DpsSettings {
     /// `https://host[:port]`, no trailing slash.
@@ -192,8 +194,10 @@ pub struct DpsSettings {
     pub id_scope: String,
     /// The registration id.
     pub registration_id: String,
-    /// The key the device signs with (for a group enrollment, the derived key).
-    pub symmetric_key: SharedAccessKey,
+    /// The attestation: the key the device signs with (for a group
+    /// enrollment, the derived key), or its certificate. The device keeps it
+    /// as its credential at the assigned hub.
+    pub attestation: DeviceCredential,
 }
 
 /// What [`Config::dps_boot`] returns: enough to provision before the rest of
@@ -335,9 +339,9 @@ struct RawAttestation {
     method: Spanned<String>,
     registration_id: Option<Spanned<String>>,
     symmetric_key: Option<Spanned<RawKeyRef>>,
-    // x509: recognised, refused later
-    identity_cert: Option<toml::Value>,
-    identity_pk: Option<toml::Value>,
+    // x509: a `file://` URI or a path
+    identity_cert: Option<Spanned<toml::Value>>,
+    identity_pk: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -575,8 +579,19 @@ impl Config {
             files.push(("edge_ca.pk", pk));
         }
         if let DeviceCredential::X509 { cert, key } = &self.provisioning.credential {
-            files.push(("provisioning.authentication.identity_cert", cert));
-            files.push(("provisioning.authentication.identity_pk", key));
+            let (c, k) = if self.dps.is_some() {
+                (
+                    "provisioning.attestation.identity_cert",
+                    "provisioning.attestation.identity_pk",
+                )
+            } else {
+                (
+                    "provisioning.authentication.identity_cert",
+                    "provisioning.authentication.identity_pk",
+                )
+            };
+            files.push((c, cert));
+            files.push((k, key));
         }
         for (key, file) in files {
             if let Err(e) = std::fs::metadata(file) {

@@ -4,7 +4,9 @@
 //! (202 with an `operationId`), then `GET …/operations/{operationId}` until
 //! `assigned` or `failed`, authenticated by a SAS token over
 //! `{idScope}/registrations/{registrationId}` signed with the attestation's
-//! symmetric key.
+//! symmetric key, or (X.509 attestation) by the device's certificate in the
+//! TLS handshake and no token; the device then uses the same credential at
+//! its hub.
 //!
 //! The assignment (hub and device id) is cached in
 //! `<homedir>/dps/assignment.json` (atomic write): verged registers once,
@@ -12,7 +14,7 @@
 //! and `verge system reprovision` registers again (the new assignment
 //! replaces the cached one only once DPS answered). The cache
 //! is used only while the endpoint, scope and registration id it was made
-//! for are still the configured ones. X.509 attestation is not implemented.
+//! for are still the configured ones.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use verge_core::sas::{SasToken, url_encode};
 
-use crate::config::{DpsBoot, DpsSettings};
+use crate::config::{DeviceCredential, DpsBoot, DpsSettings};
 
 /// DPS's device API version (what aziot-identityd sends).
 const API_VERSION: &str = "2021-06-01";
@@ -91,26 +93,36 @@ fn client(boot: &DpsBoot) -> anyhow::Result<reqwest::Client> {
         None => String::new(),
     };
     Ok(reqwest::Client::builder()
-        .tls_backend_preconfigured(crate::cloud_identities::tls_config(&pem, None)?)
+        .tls_backend_preconfigured(crate::cloud_identities::client_tls(
+            &pem,
+            &boot.settings.attestation,
+        )?)
         .user_agent(format!("verged/{}", env!("CARGO_PKG_VERSION")))
         .connect_timeout(Duration::from_secs(10))
         .timeout(Duration::from_secs(30))
         .build()?)
 }
 
-fn token(s: &DpsSettings) -> String {
+/// The SAS token of a symmetric-key attestation; none for X.509.
+fn token(s: &DpsSettings) -> Option<String> {
+    let DeviceCredential::SharedKey(key) = &s.attestation else {
+        return None;
+    };
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     // aziot lowercases the audience; DPS compares it case-insensitively.
     let sr = format!("{}/registrations/{}", s.id_scope, s.registration_id).to_lowercase();
-    let t = SasToken::sign(
-        &sr,
-        &s.symmetric_key,
-        now + TOKEN_TTL_SECS,
-        Some("registration"),
-    );
-    t.to_string()
+    let t = SasToken::sign(&sr, key, now + TOKEN_TTL_SECS, Some("registration"));
+    Some(t.to_string())
+}
+
+/// `r` with the registration's `Authorization`, if it has a token.
+fn authorized(r: reqwest::RequestBuilder, s: &DpsSettings) -> reqwest::RequestBuilder {
+    match token(s) {
+        Some(t) => r.header("Authorization", t),
+        None => r,
+    }
 }
 
 fn retry_after(r: &reqwest::Response) -> Duration {
@@ -132,15 +144,16 @@ pub async fn register(boot: &DpsBoot) -> anyhow::Result<Assignment> {
         url_encode(&s.id_scope),
         url_encode(&s.registration_id)
     );
-    let r = http
-        .put(format!("{base}/register?api-version={API_VERSION}"))
-        .header("Authorization", token(s))
-        .header("Content-Type", "application/json; charset=utf-8")
-        .header("Accept", "application/json")
-        .body(json!({"registrationId": s.registration_id}).to_string())
-        .send()
-        .await
-        .with_context(|| format!("DPS {}", s.global_endpoint))?;
+    let r = authorized(
+        http.put(format!("{base}/register?api-version={API_VERSION}")),
+        s,
+    )
+    .header("Content-Type", "application/json; charset=utf-8")
+    .header("Accept", "application/json")
+    .body(json!({"registrationId": s.registration_id}).to_string())
+    .send()
+    .await
+    .with_context(|| format!("DPS {}", s.global_endpoint))?;
     let status = r.status();
     let mut wait = retry_after(&r);
     let body = json_of(r).await.context("DPS register answer")?;
@@ -166,16 +179,17 @@ pub async fn register(boot: &DpsBoot) -> anyhow::Result<Assignment> {
             .context("DPS answer without operationId")?
             .to_owned();
         tokio::time::sleep(wait).await;
-        let r = http
-            .get(format!(
+        let r = authorized(
+            http.get(format!(
                 "{base}/operations/{}?api-version={API_VERSION}",
                 url_encode(&op)
-            ))
-            .header("Authorization", token(s))
-            .header("Accept", "application/json")
-            .send()
-            .await
-            .context("DPS operation status")?;
+            )),
+            s,
+        )
+        .header("Accept", "application/json")
+        .send()
+        .await
+        .context("DPS operation status")?;
         let status = r.status();
         wait = retry_after(&r);
         let body = json_of(r).await.context("DPS operation status answer")?;

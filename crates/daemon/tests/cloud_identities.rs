@@ -676,23 +676,6 @@ async fn module_identities_reach_the_cloud_with_derived_keys_also_after_an_outag
     assert!(status.success(), "verged exited with {status}");
 }
 
-/// A self-signed device certificate for `DEVICE` (CN = the device id) and
-/// its key, as PEM, and the certificate's SHA-256 thumbprint (hex).
-fn device_cert() -> (String, String, String) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, DEVICE);
-    let cert = params.self_signed(&key).unwrap();
-    let thumbprint = ring::digest::digest(&ring::digest::SHA256, cert.der())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02X}"))
-        .collect();
-    (cert.pem(), key.serialize_pem(), thumbprint)
-}
-
 /// An X.509 edge device (#23 item 4, aziot's manual X.509 shape): verged
 /// registers its module identities presenting the device's certificate (no
 /// SAS token: the device has no key), with module keys derived from a key
@@ -703,12 +686,16 @@ fn device_cert() -> (String, String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_x509_edge_device_registers_its_modules_with_its_certificate() {
     let mut h = harness().await;
-    let (cert, key, thumbprint) = device_cert();
-    let (_, _, other_thumbprint) = device_cert();
+    // A self-signed device certificate (CN = the device id), and another.
+    let device_cert = || verge_testkit::x509::leaf(DEVICE, None, false, (-1, 30));
+    let (mine, other) = (device_cert(), device_cert());
+    let thumbprint = |c: &verge_testkit::x509::Leaf| verge_x509::thumbprints(&c.der).1;
+    let (cert, key) = (&mine.pem, &mine.key_pem);
+    let (thumbprint, other_thumbprint) = (thumbprint(&mine), thumbprint(&other));
     let secrets = h.dir.path().join("secrets");
     std::fs::create_dir_all(&secrets).unwrap();
-    std::fs::write(secrets.join("edge1.pem"), &cert).unwrap();
-    std::fs::write(secrets.join("edge1.key.pem"), &key).unwrap();
+    std::fs::write(secrets.join("edge1.pem"), cert).unwrap();
+    std::fs::write(secrets.join("edge1.key.pem"), key).unwrap();
     let device = |thumb: &str| {
         json!({"deviceId": DEVICE, "capabilities": {"iotEdge": true},
             "authentication": {"type": "selfSigned",

@@ -1,6 +1,6 @@
 //! End to end with the real `verge-cloud` and `verged` binaries: verged
 //! with `[provisioning] source = "dps"` (symmetric key, group enrollment,
-//! derived key) registers with verge-cloud's DPS over HTTPS, gets its hub
+//! derived key; and X.509, a certificate signed by a group's CA) registers with verge-cloud's DPS over HTTPS, gets its hub
 //! and device id, and works as that device (its module identities are
 //! registered in the cloud with the device's key); the assignment is
 //! cached, so verged starts again with the cloud down; `POST
@@ -64,6 +64,57 @@ impl Cloud {
     }
 }
 
+/// The service API client of the cloud in `dir` (its generated CA trusted).
+fn api(dir: &Path, port: u16) -> Cloud {
+    let ca_path = dir.join("cloud/tls/ca.pem");
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    Cloud {
+        http: reqwest::Client::builder()
+            .tls_certs_only([
+                reqwest::Certificate::from_pem(&std::fs::read(&ca_path).unwrap()).unwrap(),
+            ])
+            .build()
+            .unwrap(),
+        port,
+    }
+}
+
+/// verged's config in `dir`, provisioned by the cloud's DPS on `port` with
+/// `attestation` (the `[provisioning.attestation]` lines).
+fn verged_config(dir: &Path, port: u16, attestation: &str) -> PathBuf {
+    let cfg = dir.join("config.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"hostname = "edge1.local"
+homedir = "{home}"
+trust_bundle_cert = "{ca}"
+
+[provisioning]
+source = "dps"
+global_endpoint = "https://127.0.0.1:{port}/"
+id_scope = "{SCOPE}"
+https_port = {port}
+[provisioning.attestation]
+{attestation}
+
+[agent]
+name = "edgeAgent"
+type = "process"
+[agent.config]
+image = "/bin/sleep 3600"
+
+[edge_ca]
+auto_generated_edge_ca_expiry_days = 30
+"#,
+            home = dir.join("home").display(),
+            ca = dir.join("cloud/tls/ca.pem").display(),
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
 fn start_cloud(bin: &Path, dir: &Path, port: u16) -> Running {
     let cfg = dir.join("cloud.toml");
     std::fs::write(
@@ -88,17 +139,7 @@ fn verged_provisioned_by_dps_then_offline_from_the_cache() {
     let port = verge_testkit::net::free_port();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut cloud = start_cloud(&cloud_bin, dir.path(), port);
-    let ca_path = dir.path().join("cloud/tls/ca.pem");
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let api = Cloud {
-        http: reqwest::Client::builder()
-            .tls_certs_only([
-                reqwest::Certificate::from_pem(&std::fs::read(&ca_path).unwrap()).unwrap(),
-            ])
-            .build()
-            .unwrap(),
-        port,
-    };
+    let api = api(dir.path(), port);
     let (s, v) = rt.block_on(api.call(
         reqwest::Method::PUT,
         "/enrollmentGroups/edges",
@@ -117,38 +158,13 @@ fn verged_provisioned_by_dps_then_offline_from_the_cache() {
         .derive(REG)
         .to_base64();
     let home = dir.path().join("home");
-    let cfg = dir.path().join("config.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"hostname = "edge1.local"
-homedir = "{home}"
-trust_bundle_cert = "{ca}"
-
-[provisioning]
-source = "dps"
-global_endpoint = "https://127.0.0.1:{port}/"
-id_scope = "{SCOPE}"
-https_port = {port}
-[provisioning.attestation]
-method = "symmetric_key"
-registration_id = "{REG}"
-symmetric_key = {{ value = "{key}" }}
-
-[agent]
-name = "edgeAgent"
-type = "process"
-[agent.config]
-image = "/bin/sleep 3600"
-
-[edge_ca]
-auto_generated_edge_ca_expiry_days = 30
-"#,
-            home = home.display(),
-            ca = ca_path.display(),
+    let cfg = verged_config(
+        dir.path(),
+        port,
+        &format!(
+            "method = \"symmetric_key\"\nregistration_id = \"{REG}\"\nsymmetric_key = {{ value = \"{key}\" }}"
         ),
-    )
-    .unwrap();
+    );
 
     // First start: registers, then runs as the assigned device.
     let mut verged = Running::start(Command::new(&verged_bin).arg("--config").arg(&cfg));
@@ -212,6 +228,65 @@ auto_generated_edge_ca_expiry_days = 30
         rt.block_on(api.call(reqwest::Method::GET, &format!("/registrations/{REG}"), None));
     assert_eq!(s, 200, "{reg}");
     assert_eq!(reg["substatus"], "deviceDataMigrated", "{reg}");
+    assert_eq!(verged.stop("TERM", Duration::from_secs(30)), Some(0));
+    assert_eq!(cloud.stop("TERM", Duration::from_secs(15)), Some(0));
+}
+
+/// verged with `attestation.method = "x509"` (#23 item 4): a device
+/// certificate signed by an X.509 enrollment group's CA, no registration id
+/// (aziot's default: the certificate's CN). verged registers with the
+/// certificate, the device is created in the cloud for that certificate,
+/// and verged registers its module identities presenting it.
+#[test]
+fn verged_provisioned_by_dps_with_an_x509_certificate() {
+    let cloud_bin = build("verge-cloud", "verge-cloud");
+    let verged_bin = build("verge-daemon", "verged");
+    let dir = tempfile::tempdir().unwrap();
+    let port = verge_testkit::net::free_port();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut cloud = start_cloud(&cloud_bin, dir.path(), port);
+    let api = api(dir.path(), port);
+    let ca = verge_testkit::x509::root("Verge Edge Fleet CA");
+    let (s, v) = rt.block_on(api.call(
+        reqwest::Method::PUT,
+        "/enrollmentGroups/x509-edges",
+        Some(json!({
+            "enrollmentGroupId": "x509-edges",
+            "attestation": {"type": "x509",
+                "x509": {"signingCertificates": {"primary": {"certificate": ca.pem}}}},
+            "capabilities": {"iotEdge": true},
+        })),
+    ));
+    assert_eq!(s, 200, "{v}");
+    let device = verge_testkit::x509::leaf("edge-x509-1", Some(&ca), false, (-1, 30));
+    let [cert, key] = device.write(dir.path(), "edge-x509-1");
+    let cfg = verged_config(
+        dir.path(),
+        port,
+        &format!(
+            "method = \"x509\"\nidentity_cert = \"file://{}\"\nidentity_pk = \"file://{}\"",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let mut verged = Running::start(Command::new(&verged_bin).arg("--config").arg(&cfg));
+    verged.wait_for("provisioned by DPS");
+    verged.wait_for("module identities are registered in the cloud (online)");
+    let (s, dev) = rt.block_on(api.call(reqwest::Method::GET, "/devices/edge-x509-1", None));
+    assert_eq!(s, 200, "{dev}");
+    assert_eq!(dev["capabilities"]["iotEdge"], true, "{dev}");
+    assert_eq!(dev["authentication"]["type"], "selfSigned", "{dev}");
+    assert_eq!(
+        dev["authentication"]["x509Thumbprint"]["primaryThumbprint"],
+        verge_x509::thumbprints(&device.der).1.as_str(),
+        "{dev}"
+    );
+    let (s, m) = rt.block_on(api.call(
+        reqwest::Method::GET,
+        "/devices/edge-x509-1/modules/$edgeAgent",
+        None,
+    ));
+    assert_eq!(s, 200, "{m}");
     assert_eq!(verged.stop("TERM", Duration::from_secs(30)), Some(0));
     assert_eq!(cloud.stop("TERM", Duration::from_secs(15)), Some(0));
 }

@@ -10,6 +10,7 @@ pub mod docker;
 pub mod net;
 pub mod prometheus;
 pub mod registry;
+pub mod x509;
 
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};

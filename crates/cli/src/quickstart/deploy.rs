@@ -13,7 +13,51 @@ use super::{
 use crate::cloud::CloudClient;
 use crate::images;
 
+/// How verged gets the edge device's identity.
+pub(super) enum Identity {
+    /// Registered in the cloud directly: its connection string's key.
+    Registered(SharedAccessKey),
+    /// Enrolled in the cloud's DPS: verged registers with this key.
+    Enrolled {
+        /// The DPS's ID scope.
+        id_scope: String,
+        /// The enrollment's key.
+        key: SharedAccessKey,
+    },
+}
+
 impl Quickstart {
+    /// Creates an individual DPS enrollment for the edge device (symmetric
+    /// key, an IoT Edge device) and returns what verged registers with.
+    pub(super) async fn enroll_device(&self, client: &CloudClient) -> anyhow::Result<Identity> {
+        let id = &self.args.device_id;
+        let scope_file = self.lay.cloud_data.join("dps").join("id_scope");
+        let id_scope = std::fs::read_to_string(&scope_file)
+            .with_context(|| format!("reading the DPS's ID scope ({})", scope_file.display()))?
+            .trim()
+            .to_owned();
+        let body = json!({
+            "registrationId": id,
+            "attestation": {"type": "symmetricKey", "symmetricKey": {}},
+            "capabilities": {"iotEdge": true},
+        });
+        let e = client
+            .call(
+                reqwest::Method::PUT,
+                &format!("/enrollments/{}", verge_core::sas::url_encode(id)),
+                Some(&body),
+            )
+            .await
+            .context("enrolling the edge device in the DPS")?;
+        let key = e
+            .pointer("/attestation/symmetricKey/primaryKey")
+            .and_then(Value::as_str)
+            .ok_or_else(|| anyhow!("the DPS gave the enrollment no key"))?;
+        let key = SharedAccessKey::from_base64(key)
+            .map_err(|e| anyhow!("the enrollment key: {}", e.reason))?;
+        Ok(Identity::Enrolled { id_scope, key })
+    }
+
     pub(super) async fn register_device(
         &self,
         client: &CloudClient,
@@ -42,7 +86,7 @@ impl Quickstart {
 
     pub(super) fn write_verged_config(
         &self,
-        device_key: &SharedAccessKey,
+        identity: &Identity,
         cloud: &CloudInfo,
     ) -> anyhow::Result<()> {
         let l = &self.lay;
@@ -55,11 +99,28 @@ impl Quickstart {
             cloud.mqtt_port,
             cloud.ca.display()
         );
-        let cs = format!(
-            "HostName=localhost;DeviceId={};SharedAccessKey={}",
-            self.args.device_id,
-            device_key.to_base64()
-        );
+        let provisioning = match identity {
+            Identity::Registered(key) => format!(
+                "source = \"manual\"\n\
+                 connection_string = \"HostName=localhost;DeviceId={};SharedAccessKey={}\"",
+                self.args.device_id,
+                key.to_base64()
+            ),
+            // DPS on the cloud's HTTPS port (as aziot dials it), assigning
+            // the device to the cloud itself.
+            Identity::Enrolled { id_scope, key } => format!(
+                "source = \"dps\"\n\
+                 global_endpoint = \"https://localhost:{}/\"\n\
+                 id_scope = \"{id_scope}\"\n\
+                 [provisioning.attestation]\n\
+                 method = \"symmetric_key\"\n\
+                 registration_id = \"{}\"\n\
+                 symmetric_key = {{ value = \"{}\" }}",
+                cloud.https_port,
+                self.args.device_id,
+                key.to_base64()
+            ),
+        };
         let agent = format!(
             "{} --storage {} --interval-ms 1000",
             self.daemon(AGENT).display(),
@@ -74,9 +135,8 @@ impl Quickstart {
              # the cloud's CA joins the trust bundle.\n\
              trust_bundle_cert = '{cloud_ca}'\n\n\
              [provisioning]\n\
-             source = \"manual\"\n\
-             connection_string = \"{cs}\"\n\
-             https_port = {https_port}\n\n\
+             https_port = {https_port}\n\
+             {provisioning}\n\n\
              [agent]\n\
              name = \"edgeAgent\"\n\
              type = \"process\"\n\n\
@@ -110,8 +170,14 @@ impl Quickstart {
             workload = l.workload_dir().display(),
             mgmt = l.mgmt_socket().display(),
         );
-        verge_daemon::config::Config::parse(&text, &l.config)
-            .map_err(|e| anyhow!("the generated verged config is invalid: {e}"))?;
+        match verge_daemon::config::Config::parse(&text, &l.config) {
+            Ok(_) => {}
+            // Enrolled: verged registers when it starts.
+            Err(e)
+                if matches!(identity, Identity::Enrolled { .. })
+                    && e.message == verge_daemon::config::NOT_PROVISIONED => {}
+            Err(e) => return Err(anyhow!("the generated verged config is invalid: {e}")),
+        }
         write_file(&l.config, text.as_bytes(), 0o600)
     }
 

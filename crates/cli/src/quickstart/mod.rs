@@ -8,9 +8,12 @@
 //! `./verge-quickstart`):
 //!
 //! 1. starts a local `verge-cloud` on loopback ports (its generated CA),
-//! 2. registers an edge device in it,
+//! 2. registers an edge device in it (with `--dps`: enrolls it in the
+//!    cloud's Device Provisioning Service instead),
 //! 3. writes verged's config (manual provisioning with that device's
-//!    connection string, process module runtime, auto-generated edge CA, the
+//!    connection string, or with `--dps` DPS provisioning with the
+//!    enrollment's key, so verged registers when it starts; process module
+//!    runtime, auto-generated edge CA, the
 //!    `verge-agent` binary as agent) and starts `verged`; verged, the agent
 //!    and the hub all run from the multi-call `verge-edge` executable,
 //!    through links named after them in `<dir>/bin`,
@@ -137,10 +140,16 @@ pub struct QuickstartArgs {
     /// cloud) and idle memory (verged + agent + hub), print them and exit.
     #[arg(long)]
     measure: bool,
+    /// Provision the edge device through verge-cloud's Device Provisioning
+    /// Service (an individual enrollment with a symmetric key; verged
+    /// registers when it starts), as a fleet would, instead of registering
+    /// it in the cloud directly.
+    #[arg(long)]
+    dps: bool,
     /// Remove what `--docker` leaves for the next run (the module images
     /// built here and the Docker network `azure-iot-edge` verged made), then
     /// exit.
-    #[arg(long, conflicts_with_all = ["docker", "measure", "until_messages"])]
+    #[arg(long, conflicts_with_all = ["docker", "measure", "until_messages", "dps"])]
     clean: bool,
 }
 
@@ -573,12 +582,21 @@ impl Quickstart {
             .step("starting verge-cloud, the local cloud peer");
         let cloud = self.start_cloud().await?;
 
-        self.progress.step("registering the edge device");
-        let device_key = self.register_device(&cloud.client).await?;
+        let identity = if self.args.dps {
+            self.progress
+                .step("enrolling the edge device in verge-cloud's DPS");
+            self.enroll_device(&cloud.client).await?
+        } else {
+            self.progress.step("registering the edge device");
+            deploy::Identity::Registered(self.register_device(&cloud.client).await?)
+        };
 
-        self.progress
-            .step("writing verged's config and starting verged");
-        self.write_verged_config(&device_key, &cloud)?;
+        self.progress.step(if self.args.dps {
+            "writing verged's config and starting verged (it registers through DPS)"
+        } else {
+            "writing verged's config and starting verged"
+        });
+        self.write_verged_config(&identity, &cloud)?;
         self.start_verged().await?;
 
         self.progress

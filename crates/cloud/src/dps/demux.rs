@@ -97,7 +97,7 @@ pub async fn serve<S>(
             if matches!(&c.auth, ConnectAuth::Username { username } | ConnectAuth::UsernamePassword { username, .. }
                 if super::mqtt::is_dps_username(username).is_some()) =>
         {
-            super::mqtt::serve(dps, stream, rest, c, peer).await;
+            super::mqtt::serve(dps, stream, rest, c, peer, certs).await;
         }
         Ok(_) => {
             let stream = Prefixed {

@@ -23,6 +23,14 @@ pub enum Attestation {
         /// The two keys, base64.
         keys: SymmetricKeys,
     },
+    /// X.509: an individual enrollment's device certificates (primary,
+    /// secondary), matched by thumbprint; or a group's signing certificates
+    /// (a root or intermediate CA), which a device's chain must reach. Kept
+    /// as given (PEM, or base64 DER as DPS's API carries them).
+    X509 {
+        /// One or two certificates.
+        certificates: Vec<String>,
+    },
 }
 
 /// What DPS does when a device registers again.
@@ -75,12 +83,7 @@ pub struct Enrollment {
 
 /// Registration ids: DPS allows lowercase alphanumerics and `-._:`, up to 128.
 pub fn check_registration_id(id: &str) -> Result<(), CloudError> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._:".contains(&b));
-    if ok {
+    if verge_core::id::is_registration_id(id) {
         Ok(())
     } else {
         Err(CloudError::BadRequest(format!(
@@ -126,7 +129,95 @@ fn key_field(sk: &serde_json::Map<String, Value>, name: &str) -> Result<String, 
     }
 }
 
+/// Where an enrollment's X.509 certificates are: a device's own
+/// (individual) or the CA certificates that sign devices (group).
+fn x509_field(group: bool) -> &'static str {
+    if group {
+        "signingCertificates"
+    } else {
+        "clientCertificates"
+    }
+}
+
+/// `attestation.x509`: `clientCertificates` (individual) or
+/// `signingCertificates` (group), each `{primary, secondary}` with a
+/// `certificate` (PEM or base64 DER) checked to be one.
+fn x509_attestation(
+    att: &serde_json::Map<String, Value>,
+    group: bool,
+) -> Result<Attestation, CloudError> {
+    let x = att
+        .get("x509")
+        .and_then(Value::as_object)
+        .ok_or_else(|| bad("attestation.x509 must be an object"))?;
+    let (field, wrong) = (x509_field(group), x509_field(!group));
+    if x.get(wrong).is_some_and(|v| !v.is_null()) {
+        return Err(bad(format!(
+            "attestation.x509.{wrong} is for {}; this is {}",
+            if group {
+                "individual enrollments"
+            } else {
+                "enrollment groups"
+            },
+            if group {
+                "a group"
+            } else {
+                "an individual enrollment"
+            },
+        )));
+    }
+    if x.get("caReferences").is_some_and(|v| !v.is_null()) {
+        return Err(bad(format!(
+            "attestation.x509.caReferences is not supported; give {field} with the CA certificate"
+        )));
+    }
+    let slots = x.get(field).and_then(Value::as_object);
+    let mut certificates = Vec::new();
+    for slot in ["primary", "secondary"] {
+        let Some(c) = slots.and_then(|s| s.get(slot)).filter(|v| !v.is_null()) else {
+            continue;
+        };
+        let text = c
+            .get("certificate")
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                bad(format!(
+                    "attestation.x509.{field}.{slot}.certificate is required"
+                ))
+            })?;
+        let der = verge_x509::parse_certs(text)
+            .map_err(|e| bad(format!("attestation.x509.{field}.{slot}.certificate: {e}")))?;
+        if group
+            && !der
+                .first()
+                .is_some_and(|d| verge_x509::is_ca(d).unwrap_or(false))
+        {
+            return Err(bad(format!(
+                "attestation.x509.{field}.{slot}.certificate is not a CA certificate"
+            )));
+        }
+        certificates.push(text.to_owned());
+    }
+    if certificates.is_empty() {
+        return Err(bad(format!(
+            "attestation.x509.{field}.primary.certificate is required"
+        )));
+    }
+    Ok(Attestation::X509 { certificates })
+}
+
 impl Enrollment {
+    /// The DER certificates of an X.509 enrollment (none for symmetric keys).
+    pub fn x509_certificates(&self) -> Vec<verge_x509::CertificateDer<'static>> {
+        match &self.attestation {
+            Attestation::SymmetricKey { .. } => Vec::new(),
+            Attestation::X509 { certificates } => certificates
+                .iter()
+                .filter_map(|c| verge_x509::parse_certs(c).ok()?.into_iter().next())
+                .collect(),
+        }
+    }
+
     /// Reads a PUT body. `id_field` is `registrationId` or
     /// `enrollmentGroupId`, which must match `path_id` when present;
     /// `group` refuses `deviceId`. `previous` keeps the creation time.
@@ -167,14 +258,15 @@ impl Enrollment {
                     },
                 }
             }
-            Some(t @ ("x509" | "tpm")) => {
-                return Err(bad(format!(
-                    "attestation type {t:?} is not supported by this service (symmetricKey only)"
-                )));
+            Some("x509") => x509_attestation(att, group)?,
+            Some("tpm") => {
+                return Err(bad(
+                    "attestation type \"tpm\" is not supported by this service (symmetricKey or x509)",
+                ));
             }
             other => {
                 return Err(bad(format!(
-                    "attestation.type must be \"symmetricKey\", got {other:?}"
+                    "attestation.type must be \"symmetricKey\" or \"x509\", got {other:?}"
                 )));
             }
         };
@@ -268,6 +360,23 @@ impl Enrollment {
                 "type": "symmetricKey",
                 "symmetricKey": {"primaryKey": keys.primary, "secondaryKey": keys.secondary},
             }),
+            Attestation::X509 { certificates } => {
+                // As DPS answers: what the certificates are, not the certificates.
+                let mut slots = serde_json::Map::new();
+                for (slot, text) in ["primary", "secondary"].iter().zip(certificates) {
+                    let der = verge_x509::parse_certs(text)
+                        .ok()
+                        .and_then(|c| c.into_iter().next());
+                    let info = der.map_or(json!({}), |d| {
+                        let (sha1, sha256) = verge_x509::thumbprints(&d);
+                        json!({"subjectName": verge_x509::common_name(&d).map(|cn| format!("CN={cn}")),
+                               "sha1Thumbprint": sha1, "sha256Thumbprint": sha256})
+                    });
+                    slots.insert((*slot).to_owned(), json!({ "info": info }));
+                }
+                let field = x509_field(id_field == "enrollmentGroupId");
+                json!({"type": "x509", "x509": { field: slots }})
+            }
         };
         let iso = |ms| verge_core::time::Timestamp::from_millis(ms).to_iso8601();
         let mut v = json!({
@@ -305,7 +414,9 @@ impl Enrollment {
     /// enrollment's own (individual), or derived from the group's keys as
     /// HMAC-SHA256(group key, registration id) (group).
     pub fn device_keys(&self, registration_id: &str, group: bool) -> Option<SymmetricKeys> {
-        let Attestation::SymmetricKey { keys } = &self.attestation;
+        let Attestation::SymmetricKey { keys } = &self.attestation else {
+            return None;
+        };
         if !group {
             return Some(keys.clone());
         }
@@ -353,7 +464,16 @@ mod tests {
         };
         assert!(e(json!([])).contains("JSON object"));
         assert!(e(json!({})).contains("attestation"));
-        assert!(e(json!({"attestation": {"type": "x509"}})).contains("not supported"));
+        assert!(e(json!({"attestation": {"type": "tpm"}})).contains("not supported"));
+        assert!(e(json!({"attestation": {"type": "x509"}})).contains("attestation.x509"));
+        assert!(
+            e(json!({"attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": "nope"}}}}}))
+                .contains("clientCertificates.primary.certificate")
+        );
+        assert!(
+            e(json!({"attestation": {"type": "x509", "x509": {"signingCertificates": {}}}}))
+                .contains("enrollment groups")
+        );
         assert!(
             e(json!({"registrationId": "x", "attestation": {"type": "symmetricKey"}}))
                 .contains("does not match")

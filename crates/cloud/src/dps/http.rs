@@ -20,17 +20,18 @@
 
 use std::sync::Arc;
 
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
+use axum::{Extension, Router};
 use serde_json::Value;
 
 use super::{Answer, Dps, RETRY_AFTER_SECS};
 use crate::CloudError;
 use crate::api::ServiceAuth;
+use crate::api::device_auth::PeerCertificates;
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -93,10 +94,13 @@ fn json_body(body: &Bytes) -> Result<Value, CloudError> {
         .map_err(|e| CloudError::BadRequest(format!("the body is not JSON: {e}")))
 }
 
-/// Authenticates a device request: the path's scope must be ours (else 404).
+/// Authenticates a device request: the path's scope must be ours (else
+/// 404); a SAS token in `Authorization`, else the client certificate of the
+/// connection (X.509 attestation).
 fn device_auth(
     dps: &Dps,
     headers: &HeaderMap,
+    chain: Option<&PeerCertificates>,
     scope: &str,
     rid: &str,
 ) -> Result<super::Match, CloudError> {
@@ -105,18 +109,25 @@ fn device_auth(
     }
     let token = headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| CloudError::Unauthorized("no Authorization header".into()))?;
-    dps.authenticate(rid, token)
+        .and_then(|v| v.to_str().ok());
+    match (token, chain) {
+        (Some(token), _) => dps.authenticate(rid, token),
+        (None, Some(chain)) => dps.authenticate_cert(rid, &chain.0),
+        (None, None) => Err(CloudError::Unauthorized(
+            "no Authorization header and no client certificate".into(),
+        )),
+    }
 }
 
 async fn device_register(
     State(api): State<DpsApi>,
     Path((scope, rid)): Path<(String, String)>,
+    chain: Option<Extension<PeerCertificates>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let m = match device_auth(&api.dps, &headers, &scope, &rid) {
+    let chain = chain.map(|Extension(c)| c);
+    let m = match device_auth(&api.dps, &headers, chain.as_ref(), &scope, &rid) {
         Ok(m) => m,
         Err(e) => {
             tracing::info!(registration = %rid, error = %e, "DPS register refused");
@@ -132,9 +143,11 @@ async fn device_register(
 async fn device_poll(
     State(api): State<DpsApi>,
     Path((scope, rid, op)): Path<(String, String, String)>,
+    chain: Option<Extension<PeerCertificates>>,
     headers: HeaderMap,
 ) -> Response {
-    match device_auth(&api.dps, &headers, &scope, &rid) {
+    let chain = chain.map(|Extension(c)| c);
+    match device_auth(&api.dps, &headers, chain.as_ref(), &scope, &rid) {
         Ok(_) => answer(api.dps.poll(&rid, &op)),
         Err(e) => error(&e),
     }

@@ -6,8 +6,13 @@
 //!   service API's port), both answering as DPS does: 202 `assigning` with an
 //!   `operationId`, then 200 `assigned` when polled.
 //! * Attestation: symmetric keys, individual enrollments (the enrollment's
-//!   keys) and groups (device key = HMAC-SHA256(group key, registration id)).
-//!   X.509 is not implemented yet; [`enrollment::Attestation`] is where it goes.
+//!   keys) and groups (device key = HMAC-SHA256(group key, registration id));
+//!   X.509, the device's client certificate in the TLS handshake (CN = the
+//!   registration id): an individual enrollment's certificate by thumbprint,
+//!   a group's by its chain reaching the group's signing certificate. An
+//!   X.509 device is created `selfSigned` with its leaf's thumbprint (DPS
+//!   creates a group's devices `certificateAuthority`; the thumbprint needs no
+//!   CA uploaded to this hub, and a renewed certificate re-provisions).
 //! * Assignment: to this verge-cloud under `iothub_hostname` (or the
 //!   enrollment's `iotHubHostName`); the device is created in the registry
 //!   with the attestation keys, so it connects to the hub with the same key it
@@ -376,8 +381,11 @@ impl Dps {
                 Some(k) if signed_by(&k) => Ok(Match {
                     group: None,
                     enrollment: e.clone(),
-                    keys: k,
+                    credential: Credential::Keys(k),
                 }),
+                None => Err(unauthorized(format!(
+                    "the enrollment of {registration_id:?} is X.509: present its certificate"
+                ))),
                 _ => Err(unauthorized(format!(
                     "SAS signature for {registration_id:?} does not match its enrollment"
                 ))),
@@ -395,12 +403,89 @@ impl Dps {
                 return Ok(Match {
                     group: Some(gid.clone()),
                     enrollment: g.clone(),
-                    keys: k,
+                    credential: Credential::Keys(k),
                 });
             }
         }
         Err(unauthorized(format!(
             "SAS signature for {registration_id:?} matches no enrollment"
+        )))
+    }
+
+    /// Checks a device's certificate chain (leaf first, as its TLS
+    /// handshake presented it) for `registration_id`: the leaf's CN is the
+    /// registration id and it is within its validity; an individual
+    /// enrollment's certificate by thumbprint, else a group whose signing
+    /// certificate the chain reaches. Unknown registration → 404; anything
+    /// else → 401.
+    pub fn authenticate_cert(
+        &self,
+        registration_id: &str,
+        chain: &[verge_x509::CertificateDer<'static>],
+    ) -> Result<Match, CloudError> {
+        check_registration_id(registration_id)?;
+        let unauthorized = |m: String| CloudError::Unauthorized(m);
+        let leaf = chain
+            .first()
+            .ok_or_else(|| unauthorized("no client certificate".into()))?;
+        let cn = verge_x509::common_name(leaf).unwrap_or_default();
+        if cn != registration_id {
+            return Err(unauthorized(format!(
+                "the certificate's CN {cn:?} is not the registration id {registration_id:?}"
+            )));
+        }
+        let thumbprint = verge_x509::thumbprints(leaf).1;
+        let s = lock(&self.state);
+        if let Some(e) = s.individual.get(registration_id) {
+            let certs = e.x509_certificates();
+            if certs.is_empty() {
+                return Err(unauthorized(format!(
+                    "the enrollment of {registration_id:?} uses symmetric keys: sign a SAS token"
+                )));
+            }
+            let mut thumbs = certs.iter().map(|c| verge_x509::thumbprints(c).1);
+            let auth = verge_x509::X509Auth::SelfSigned {
+                primary: thumbs.next(),
+                secondary: thumbs.next(),
+            };
+            verge_x509::verify_device(chain, registration_id, &auth, &[], unix_now())
+                .map_err(|e| unauthorized(format!("X.509: {e}")))?;
+            return Ok(Match {
+                group: None,
+                enrollment: e.clone(),
+                credential: Credential::Thumbprint(thumbprint),
+            });
+        }
+        if s.groups.is_empty() {
+            return Err(CloudError::NotFound(format!(
+                "no enrollment for registration {registration_id:?}"
+            )));
+        }
+        let mut why = String::from("no X.509 enrollment group");
+        for (gid, g) in &s.groups {
+            let signers = g.x509_certificates();
+            if signers.is_empty() {
+                continue;
+            }
+            match verge_x509::verify_device(
+                chain,
+                registration_id,
+                &verge_x509::X509Auth::CertificateAuthority,
+                &signers,
+                unix_now(),
+            ) {
+                Ok(()) => {
+                    return Ok(Match {
+                        group: Some(gid.clone()),
+                        enrollment: g.clone(),
+                        credential: Credential::Thumbprint(thumbprint),
+                    });
+                }
+                Err(e) => why = format!("group {gid:?}: {e}"),
+            }
+        }
+        Err(unauthorized(format!(
+            "the certificate of {registration_id:?} matches no enrollment ({why})"
         )))
     }
 
@@ -518,10 +603,20 @@ impl Dps {
             .unwrap_or_else(|| self.opts.iothub_hostname.clone());
         let previous = lock(&self.registrations).get(registration_id).cloned();
         let exists = self.cloud.get_device(&device_id).is_ok();
-        let spec = DeviceSpec {
-            keys: Some(m.keys.clone()),
-            iot_edge: e.iot_edge,
-            ..DeviceSpec::default()
+        let spec = match &m.credential {
+            Credential::Keys(k) => DeviceSpec {
+                keys: Some(k.clone()),
+                iot_edge: e.iot_edge,
+                ..DeviceSpec::default()
+            },
+            Credential::Thumbprint(t) => DeviceSpec {
+                x509: Some(verge_x509::X509Auth::SelfSigned {
+                    primary: Some(t.clone()),
+                    secondary: None,
+                }),
+                iot_edge: e.iot_edge,
+                ..DeviceSpec::default()
+            },
         };
         let substatus = match (&previous, exists) {
             (None, false) | (Some(_), false) => {
@@ -603,8 +698,17 @@ pub struct Match {
     pub group: Option<String>,
     /// The enrollment (a copy).
     pub enrollment: Enrollment,
+    /// How the device will authenticate to the hub.
+    pub credential: Credential,
+}
+
+/// The credential a registration proved, which its device is created with.
+#[derive(Debug, Clone)]
+pub enum Credential {
     /// The keys the device signs with (derived for a group).
-    pub keys: SymmetricKeys,
+    Keys(SymmetricKeys),
+    /// The SHA-256 thumbprint of the device's certificate.
+    Thumbprint(String),
 }
 
 fn id_field(group: bool) -> &'static str {

@@ -1,7 +1,8 @@
 //! DPS over MQTT, as `ProvisioningDeviceClient` of the Azure IoT device SDKs
 //! speaks it: CONNECT with username
 //! `{idScope}/registrations/{registrationId}/api-version=…` and a SAS
-//! password, subscribe `$dps/registrations/res/#`, publish
+//! password (or, for X.509 attestation, no password and the device's
+//! certificate in the TLS handshake), subscribe `$dps/registrations/res/#`, publish
 //! `$dps/registrations/PUT/iotdps-register/?$rid={rid}` and
 //! `$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={op}`;
 //! answers arrive on `$dps/registrations/res/{status}/?$rid={rid}[&retry-after={s}]`.
@@ -29,6 +30,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{Answer, Dps, RETRY_AFTER_SECS};
 use crate::CloudError;
+use verge_x509::CertificateDer;
 
 /// Largest packet a DPS client may send (register bodies are small).
 pub const MAX_PACKET: usize = 64 * 1024;
@@ -107,10 +109,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 }
 
+/// How a DPS client proved who it is, checked again at every request (the
+/// enrollment may have changed since CONNECT).
+enum Proof {
+    /// A SAS token (symmetric-key attestation).
+    Token(String),
+    /// The client certificate chain of its TLS connection (X.509).
+    Chain(Vec<CertificateDer<'static>>),
+}
+
+impl Proof {
+    fn check(&self, dps: &Dps, rid: &str) -> Result<super::Match, CloudError> {
+        match self {
+            Self::Token(t) => dps.authenticate(rid, t),
+            Self::Chain(c) => dps.authenticate_cert(rid, c),
+        }
+    }
+}
+
 /// Serves one DPS client whose CONNECT (`connect`) was already read from
-/// `stream`; `buf` holds any bytes read after it.
-pub async fn serve<S>(dps: Arc<Dps>, stream: S, buf: BytesMut, connect: Connect, peer: String)
-where
+/// `stream`; `buf` holds any bytes read after it; `certs` is the client
+/// certificate chain of its TLS connection, if it sent one.
+pub async fn serve<S>(
+    dps: Arc<Dps>,
+    stream: S,
+    buf: BytesMut,
+    connect: Connect,
+    peer: String,
+    certs: Vec<CertificateDer<'static>>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let mut conn = Conn {
@@ -118,7 +145,7 @@ where
         buf,
         out: BytesMut::with_capacity(1024),
     };
-    let (rid, token) = match authenticate(&dps, &connect) {
+    let (rid, proof) = match authenticate(&dps, &connect, certs) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(%peer, client = %connect.client_id, reason = %e, "DPS CONNECT refused");
@@ -181,7 +208,7 @@ where
                 if requests > MAX_REQUESTS {
                     break Close::Protocol(format!("more than {MAX_REQUESTS} requests"));
                 }
-                on_publish(&dps, &mut conn, &rid, &token, p).await
+                on_publish(&dps, &mut conn, &rid, &proof, p).await
             }
             Packet::PingReq => conn.send(Packet::PingResp).await,
             Packet::PubAck(_) => Ok(()),
@@ -202,13 +229,23 @@ where
     let _ = tokio::time::timeout(WRITE_TIMEOUT, conn.stream.shutdown()).await;
 }
 
-/// The registration id and the token it authenticated with.
-fn authenticate(dps: &Dps, connect: &Connect) -> Result<(String, String), CloudError> {
+/// The registration id and what it authenticated with: a SAS token as
+/// password, or (no password) its client certificate.
+fn authenticate(
+    dps: &Dps,
+    connect: &Connect,
+    certs: Vec<CertificateDer<'static>>,
+) -> Result<(String, Proof), CloudError> {
     let (username, password) = match &connect.auth {
-        ConnectAuth::UsernamePassword { username, password } => (username, password),
-        _ => {
+        ConnectAuth::UsernamePassword { username, password } if !password.is_empty() => {
+            (username, Some(password))
+        }
+        ConnectAuth::UsernamePassword { username, .. } | ConnectAuth::Username { username } => {
+            (username, None)
+        }
+        ConnectAuth::None => {
             return Err(CloudError::Unauthorized(
-                "a SAS token password is required (X.509 attestation is not supported)".into(),
+                "a DPS username is required".into(),
             ));
         }
     };
@@ -223,10 +260,21 @@ fn authenticate(dps: &Dps, connect: &Connect) -> Result<(String, String), CloudE
             connect.client_id
         )));
     }
-    let token = std::str::from_utf8(password)
-        .map_err(|_| CloudError::Unauthorized("password is not UTF-8".into()))?;
-    dps.authenticate(rid, token)?;
-    Ok((rid.to_owned(), token.to_owned()))
+    let proof = match password {
+        Some(p) => Proof::Token(
+            std::str::from_utf8(p)
+                .map_err(|_| CloudError::Unauthorized("password is not UTF-8".into()))?
+                .to_owned(),
+        ),
+        None if certs.is_empty() => {
+            return Err(CloudError::Unauthorized(
+                "neither a SAS token password nor a client certificate".into(),
+            ));
+        }
+        None => Proof::Chain(certs),
+    };
+    proof.check(dps, rid)?;
+    Ok((rid.to_owned(), proof))
 }
 
 /// `key=value` pairs after the `?` of a request topic.
@@ -250,7 +298,7 @@ async fn on_publish<S: AsyncRead + AsyncWrite + Unpin>(
     dps: &Dps,
     conn: &mut Conn<S>,
     rid: &str,
-    token: &str,
+    proof: &Proof,
     p: Publish,
 ) -> Result<(), Close> {
     if p.qos == QoS::AtLeastOnce {
@@ -277,7 +325,7 @@ async fn on_publish<S: AsyncRead + AsyncWrite + Unpin>(
     let answer = if register {
         match serde_json::from_slice::<Value>(&p.payload) {
             // Re-checked per request: the enrollment may have changed since CONNECT.
-            Ok(body) => match dps.authenticate(rid, token) {
+            Ok(body) => match proof.check(dps, rid) {
                 Ok(m) => dps.register(rid, m, &body).await,
                 Err(e) => Answer::error(&e),
             },
@@ -358,7 +406,14 @@ mod tests {
         let Packet::Connect(c) = first else {
             unreachable!()
         };
-        tokio::spawn(serve(dps, server, BytesMut::new(), c, "test".into()));
+        tokio::spawn(serve(
+            dps,
+            server,
+            BytesMut::new(),
+            c,
+            "test".into(),
+            Vec::new(),
+        ));
         Conn {
             stream: client,
             buf: BytesMut::new(),

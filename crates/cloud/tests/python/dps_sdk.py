@@ -5,7 +5,9 @@ checks the effects through the official service SDK (azure-iot-hub 2.7.0)
 and the DPS service REST API. Exits non-zero on the first mismatch; prints
 ALL PASS at the end.
 
-argv[1]: JSON {"service_connection_string", "host", "id_scope", "ca"}.
+argv[1]: JSON {"service_connection_string", "host", "id_scope", "ca", "x509": {"ind": [cert, key],
+"ind_pem", "stranger": [cert, key] (same CN as ind, another key), "group_ca_pem",
+"member": [cert, key] (signed by the group CA)}}; certificates are made by the Rust test.
 The SDKs always dial port 8883 of `host`, where verge-cloud serves both
 IoT Hub's and DPS's MQTT. REQUESTS_CA_BUNDLE must point at verge-cloud's CA.
 """
@@ -17,7 +19,7 @@ import sys
 import time
 import urllib.parse
 
-from azure.iot.device import IoTHubDeviceClient, Message, ProvisioningDeviceClient
+from azure.iot.device import IoTHubDeviceClient, Message, ProvisioningDeviceClient, X509
 from azure.iot.hub import IoTHubRegistryManager
 from azure.iot.hub.sastoken import SasToken
 import requests
@@ -125,8 +127,10 @@ assert "errorCode" in r.json(), r.text
 
 step("enrollment service API: malformed bodies -> 400, no policy token -> 401")
 assert put("/enrollments/dev-ind", "{not json").status_code == 400
-r = put("/enrollments/dev-ind", {"attestation": {"type": "x509"}})
+r = put("/enrollments/dev-ind", {"attestation": {"type": "tpm"}})
 assert r.status_code == 400 and "not supported" in r.text, r.text
+r = put("/enrollments/dev-ind", {"attestation": {"type": "x509"}})
+assert r.status_code == 400 and "attestation.x509" in r.text, r.text
 assert put("/enrollments/Dev-Upper", {"attestation": {"type": "symmetricKey"}}).status_code == 400
 assert put("/enrollments/dev-ind", {"registrationId": "other",
                                     "attestation": {"type": "symmetricKey"}}).status_code == 400
@@ -260,6 +264,80 @@ except AssertionError:
     raise
 except Exception as e:
     print("   refused:", type(e).__name__, flush=True)
+
+X = params["x509"]
+
+
+def x509_register(files, registration_id):
+    c = ProvisioningDeviceClient.create_from_x509_certificate(
+        provisioning_host=HOST, registration_id=registration_id, id_scope=SCOPE,
+        x509=X509(cert_file=files[0], key_file=files[1]), server_verification_cert=CA)
+    return c.register()
+
+
+def x509_send_and_check(result, files, text):
+    st = result.registration_state
+    dev = IoTHubDeviceClient.create_from_x509_certificate(
+        x509=X509(cert_file=files[0], key_file=files[1]), hostname=st.assigned_hub,
+        device_id=st.device_id, server_verification_cert=CA, connection_retry=False)
+    dev.connect()
+    start = len(d2c_from(0))
+    dev.send_message(Message(text))
+    deadline = time.time() + T
+    while not [m for m in d2c_from(start) if m["deviceId"] == st.device_id
+               and base64.b64decode(m["body"]).decode() == text]:
+        assert time.time() < deadline, "telemetry %r from %s not in the D2C log" % (text, st.device_id)
+        time.sleep(0.1)
+    dev.shutdown()
+
+
+step("X.509 individual enrollment: the device's own certificate")
+r = put("/enrollments/x509-ind", {
+    "registrationId": "x509-ind",
+    "attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": X["ind_pem"]}}}},
+})
+assert r.status_code == 200, r.text
+info = r.json()["attestation"]["x509"]["clientCertificates"]["primary"]["info"]
+assert info["subjectName"] == "CN=x509-ind" and len(info["sha256Thumbprint"]) == 64, info
+res = x509_register(X["ind"], "x509-ind")
+assert res.status == "assigned" and res.registration_state.device_id == "x509-ind", str(res)
+x509_send_and_check(res, X["ind"], "from-x509-ind")
+assert rm.get_device("x509-ind").authentication.type == "selfSigned"
+
+step("X.509: another certificate with the same CN is refused")
+try:
+    x509_register(X["stranger"], "x509-ind")
+    raise AssertionError("a certificate not in the enrollment was assigned")
+except AssertionError:
+    raise
+except Exception as e:
+    print("   refused:", type(e).__name__, flush=True)
+
+step("X.509 enrollment group: a device signed by the group's CA")
+r = put("/enrollmentGroups/x509-line", {
+    "enrollmentGroupId": "x509-line",
+    "attestation": {"type": "x509", "x509": {"signingCertificates": {"primary": {"certificate": X["group_ca_pem"]}}}},
+})
+assert r.status_code == 200, r.text
+r = put("/enrollmentGroups/bad-line", {
+    "attestation": {"type": "x509", "x509": {"signingCertificates": {"primary": {"certificate": X["ind_pem"]}}}},
+})
+assert r.status_code == 400 and "not a CA" in r.text, r.text
+res = x509_register(X["member"], "x509-member")
+assert res.status == "assigned" and res.registration_state.device_id == "x509-member", str(res)
+x509_send_and_check(res, X["member"], "from-x509-member")
+reg = requests.get(base + "/registrations/x509-member", headers=svc_headers()).json()
+assert reg.get("enrollmentGroupId") == "x509-line", reg
+
+step("X.509 over HTTPS: no token and no certificate -> 401")
+r = requests.put("%s/%s/registrations/x509-member/register?api-version=2021-06-01" % (base, SCOPE),
+                 data=json.dumps({"registrationId": "x509-member"}),
+                 headers={"Content-Type": "application/json"})
+assert r.status_code == 401, (r.status_code, r.text)
+r = requests.put("%s/%s/registrations/x509-member/register?api-version=2021-06-01" % (base, SCOPE),
+                 data=json.dumps({"registrationId": "x509-member"}),
+                 headers={"Content-Type": "application/json"}, cert=tuple(X["member"]))
+assert r.status_code == 202, (r.status_code, r.text)
 
 step("delete an enrollment")
 r = requests.delete(base + "/enrollmentGroups/line-1", headers=svc_headers())

@@ -1,6 +1,6 @@
 //! `[provisioning]`: manual (a connection string, or aziot's shape with a
-//! symmetric key or an X.509 certificate) or DPS with a symmetric key, and
-//! the hub's HTTPS port; DPS X.509 and TPM attestation are refused with an
+//! symmetric key or an X.509 certificate) or DPS with symmetric-key or
+//! X.509 attestation, and the hub's HTTPS port; TPM is refused with an
 //! error that says so.
 
 use super::*;
@@ -33,7 +33,7 @@ pub(super) fn parse_provisioning(
                     .map_err(|e| bad_cache(e.to_string()))?,
                 device_id: DeviceId::new(a.device_id.as_str())
                     .map_err(|e| bad_cache(e.to_string()))?,
-                credential: DeviceCredential::SharedKey(settings.symmetric_key.clone()),
+                credential: settings.attestation.clone(),
                 https_port,
             };
             Ok((prov, Some(settings)))
@@ -154,61 +154,130 @@ pub(super) fn parse_dps(
         )
     })?;
     let a = att.get_ref();
-    match a.method.get_ref().as_str() {
-        "symmetric_key" => {}
-        "x509" | "tpm" => {
-            let _ = (&a.identity_cert, &a.identity_pk);
+    let x509 = match a.method.get_ref().as_str() {
+        "symmetric_key" => false,
+        "x509" => true,
+        "tpm" => {
             return Err(ctx.err(
                 Some(a.method.span()),
                 "provisioning.attestation.method",
-                format!(
-                    "{:?} attestation is not supported yet; use method = \"symmetric_key\"",
-                    a.method.get_ref()
-                ),
+                "\"tpm\" attestation is not supported; use \"symmetric_key\" or \"x509\"",
             ));
         }
         other => {
             return Err(ctx.err(
                 Some(a.method.span()),
                 "provisioning.attestation.method",
-                format!("unknown method {other:?}; expected \"symmetric_key\""),
+                format!("unknown method {other:?}; expected \"symmetric_key\" or \"x509\""),
             ));
         }
-    }
-    let rid = a.registration_id.as_ref().ok_or_else(|| {
-        ctx.err(
-            Some(att.span()),
-            "provisioning.attestation.registration_id",
-            "missing",
-        )
-    })?;
-    let registration_id = rid.get_ref().trim().to_owned();
-    let rid_ok = !registration_id.is_empty()
-        && registration_id.len() <= 128
-        && registration_id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._:".contains(&b));
-    if !rid_ok {
-        return Err(ctx.err(
-            Some(rid.span()),
-            "provisioning.attestation.registration_id",
-            "must be 1-128 lowercase letters, digits or -._:",
-        ));
-    }
-    let sk = a.symmetric_key.as_ref().ok_or_else(|| {
-        ctx.err(
-            Some(att.span()),
-            "provisioning.attestation.symmetric_key",
-            "missing: give symmetric_key = { value = \"<base64 key>\" }",
-        )
-    })?;
-    let symmetric_key = key_ref(ctx, sk, "provisioning.attestation.symmetric_key")?;
+    };
+    let attestation = if x509 {
+        if let Some(sk) = &a.symmetric_key {
+            return Err(ctx.err(
+                Some(sk.span()),
+                "provisioning.attestation.symmetric_key",
+                "only with method = \"symmetric_key\"",
+            ));
+        }
+        let file = |v: &Option<Spanned<toml::Value>>, what: &str| {
+            let key = format!("provisioning.attestation.{what}");
+            match v {
+                Some(v) => file_uri(ctx, v, &key),
+                None => Err(ctx.err(
+                    Some(att.span()),
+                    &key,
+                    format!("missing: give {what} = \"file:///path/to/{what}.pem\""),
+                )),
+            }
+        };
+        DeviceCredential::X509 {
+            cert: file(&a.identity_cert, "identity_cert")?,
+            key: file(&a.identity_pk, "identity_pk")?,
+        }
+    } else {
+        for (v, what) in [
+            (&a.identity_cert, "identity_cert"),
+            (&a.identity_pk, "identity_pk"),
+        ] {
+            if let Some(v) = v {
+                return Err(ctx.err(
+                    Some(v.span()),
+                    &format!("provisioning.attestation.{what}"),
+                    "only with method = \"x509\"",
+                ));
+            }
+        }
+        let sk = a.symmetric_key.as_ref().ok_or_else(|| {
+            ctx.err(
+                Some(att.span()),
+                "provisioning.attestation.symmetric_key",
+                "missing: give symmetric_key = { value = \"<base64 key>\" }",
+            )
+        })?;
+        DeviceCredential::SharedKey(key_ref(ctx, sk, "provisioning.attestation.symmetric_key")?)
+    };
+    let registration_id = match (&a.registration_id, &attestation) {
+        (Some(rid), _) => {
+            let id = rid.get_ref().trim().to_owned();
+            check_registration_id(ctx, Some(rid.span()), &id)?;
+            id
+        }
+        // aziot's default for X.509: the certificate's CN.
+        (None, DeviceCredential::X509 { cert, .. }) => {
+            let cn = std::fs::read_to_string(cert)
+                .map_err(|e| e.to_string())
+                .and_then(|pem| verge_x509::parse_certs(&pem))
+                .and_then(|certs| {
+                    certs
+                        .first()
+                        .and_then(|c| verge_x509::common_name(c))
+                        .ok_or_else(|| "its certificate has no CN".to_owned())
+                })
+                .map_err(|e| {
+                    ctx.err(
+                        Some(att.span()),
+                        "provisioning.attestation.registration_id",
+                        format!(
+                            "missing, and it cannot be taken from the CN of {} ({e}); give registration_id",
+                            cert.display()
+                        ),
+                    )
+                })?;
+            check_registration_id(ctx, Some(att.span()), &cn)?;
+            cn
+        }
+        (None, DeviceCredential::SharedKey(_)) => {
+            return Err(ctx.err(
+                Some(att.span()),
+                "provisioning.attestation.registration_id",
+                "missing",
+            ));
+        }
+    };
     Ok(DpsSettings {
         global_endpoint: format!("https://{host}"),
         id_scope,
         registration_id,
-        symmetric_key,
+        attestation,
     })
+}
+
+/// DPS's registration ids: 1-128 lowercase letters, digits or `-._:`.
+fn check_registration_id(
+    ctx: &Ctx<'_>,
+    span: Option<Range<usize>>,
+    id: &str,
+) -> Result<(), ConfigError> {
+    if verge_core::id::is_registration_id(id) {
+        Ok(())
+    } else {
+        Err(ctx.err(
+            span,
+            "provisioning.attestation.registration_id",
+            format!("{id:?} must be 1-128 lowercase letters, digits or -._:"),
+        ))
+    }
 }
 
 fn parse_manual(

@@ -236,13 +236,78 @@ fn dps_settings_and_the_cached_assignment() {
     assert!(Config::dps_boot(&manual).unwrap().is_none());
 }
 
+/// DPS with X.509 attestation: the certificate files by URI, the
+/// registration id by default the certificate's CN (as aziot), and the
+/// device keeps the certificate as its credential at the assigned hub.
+#[test]
+fn dps_x509_attestation() {
+    let home = tempfile::tempdir().unwrap();
+    let leaf = verge_testkit::x509::leaf("edge-x", None, false, (-1, 30));
+    let [cert, key] = leaf.write(home.path(), "edge-x");
+    let text = dps_config(
+        home.path(),
+        &format!(
+            "method = \"x509\"\nidentity_cert = \"file://{}\"\nidentity_pk = \"file://{}\"",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let file = home.path().join("config.toml");
+    std::fs::write(&file, &text).unwrap();
+    let boot = Config::dps_boot(&file).unwrap().unwrap();
+    assert_eq!(boot.settings.registration_id, "edge-x", "the CN");
+    let a = crate::dps::Assignment {
+        assigned_hub: "hub.example.net".into(),
+        device_id: "edge-x".into(),
+        global_endpoint: boot.settings.global_endpoint.clone(),
+        id_scope: "0ne00AB".into(),
+        registration_id: "edge-x".into(),
+    };
+    let cache = home.path().join("dps/assignment.json");
+    std::fs::create_dir_all(cache.parent().unwrap()).unwrap();
+    std::fs::write(&cache, serde_json::to_vec(&a).unwrap()).unwrap();
+    let c = Config::load(&file).unwrap();
+    assert!(c.provisioning.device_key().is_none());
+    match &c.provisioning.credential {
+        DeviceCredential::X509 { cert: c2, key: k2 } => assert_eq!((c2, k2), (&cert, &key)),
+        other => panic!("{other:?}"),
+    }
+    // An explicit registration id wins over the CN.
+    let named = text.replace(
+        "method = \"x509\"",
+        "method = \"x509\"\nregistration_id = \"other\"",
+    );
+    std::fs::write(&file, &named).unwrap();
+    assert_eq!(
+        Config::dps_boot(&file)
+            .unwrap()
+            .unwrap()
+            .settings
+            .registration_id,
+        "other"
+    );
+}
+
 #[test]
 fn dps_errors_name_the_key() {
     let home = Path::new("/nonexistent-verge-home");
     let cases = [
         (
-            "method = \"x509\"\nregistration_id = \"e\"",
+            "method = \"tpm\"\nregistration_id = \"e\"",
             "provisioning.attestation.method",
+        ),
+        (
+            "method = \"x509\"\nregistration_id = \"e\"\nidentity_pk = \"file:///k.pem\"",
+            "provisioning.attestation.identity_cert",
+        ),
+        (
+            // No registration id, and no certificate to take its CN from.
+            "method = \"x509\"\nidentity_cert = \"file:///nonexistent/c.pem\"\nidentity_pk = \"file:///k.pem\"",
+            "provisioning.attestation.registration_id",
+        ),
+        (
+            "method = \"symmetric_key\"\nregistration_id = \"e\"\nsymmetric_key = { value = \"AAAA\" }\nidentity_cert = \"file:///c.pem\"",
+            "provisioning.attestation.identity_cert",
         ),
         (
             "method = \"symmetric_key\"\nregistration_id = \"E!\"\nsymmetric_key = { value = \"AAAA\" }",
