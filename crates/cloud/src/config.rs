@@ -4,6 +4,8 @@
 //! data_dir = "/var/lib/verge-cloud"   # required (or --data-dir)
 //! listen = "0.0.0.0:8443"             # service API (HTTPS); default 127.0.0.1:8443
 //! mqtt_listen = "0.0.0.0:8883"        # device endpoint (MQTT/TLS); default 0.0.0.0:8883
+//! amqps_listen = "0.0.0.0:5671"       # device endpoint over AMQP/TLS; default: none (AMQP
+//!                                     # over WebSocket is always on the HTTPS listener)
 //! hostname = "cloud.example.net"      # SAS audience host; default: the listen address
 //!
 //! [service]
@@ -65,6 +67,8 @@ pub struct FileConfig {
     pub listen: Option<String>,
     /// Device endpoint (MQTT) listen address.
     pub mqtt_listen: Option<String>,
+    /// Device endpoint over AMQPS listen address.
+    pub amqps_listen: Option<String>,
     /// Hub host name.
     pub hostname: Option<String>,
     /// `[service]`.
@@ -119,6 +123,8 @@ pub struct Overrides {
     pub listen: Option<String>,
     /// `--mqtt-listen`.
     pub mqtt_listen: Option<String>,
+    /// `--amqps-listen`.
+    pub amqps_listen: Option<String>,
     /// `--hostname`.
     pub hostname: Option<String>,
 }
@@ -132,6 +138,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Device endpoint (MQTT over TLS) listen address.
     pub mqtt_listen: SocketAddr,
+    /// Device endpoint over AMQPS, if served (IoT Hub's 5671).
+    pub amqps_listen: Option<SocketAddr>,
     /// Hub host name; `None` means "the bound address" (known after bind).
     pub hostname: Option<String>,
     /// Policy name.
@@ -196,6 +204,13 @@ impl Config {
             key: "mqtt_listen",
             message: format!("{mqtt_text:?} is not an IP:port address ({e})"),
         })?;
+        let amqps_listen = match over.amqps_listen.or(file.amqps_listen) {
+            None => None,
+            Some(t) => Some(t.parse().map_err(|e| ConfigError::Invalid {
+                key: "amqps_listen",
+                message: format!("{t:?} is not an IP:port address ({e})"),
+            })?),
+        };
         let hostname = over.hostname.or(file.hostname);
         if let Some(h) = &hostname
             && (h.is_empty() || h.contains('/') || h.chars().any(char::is_whitespace))
@@ -252,6 +267,7 @@ impl Config {
             data_dir,
             listen,
             mqtt_listen,
+            amqps_listen,
             hostname,
             policy_name,
             policy_key,

@@ -422,9 +422,14 @@ pub async fn serve_with(
     limits: verge_listen::Limits,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let cancel = verge_listen::CancellationToken::new();
     let be = backend.clone();
-    let run = verge_listen::Listener::new("device-mqtt", listener, limits, cancel.clone()).run(
+    verge_listen::Listener::new(
+        "device-mqtt",
+        listener,
+        limits,
+        verge_listen::CancellationToken::new(),
+    )
+    .run_until(
         move |tcp: tokio::net::TcpStream, conn: verge_listen::Conn| {
             let (backend, acceptor) = (be.clone(), acceptor.clone());
             async move {
@@ -447,18 +452,59 @@ pub async fn serve_with(
                 }
             }
         },
-    );
-    tokio::pin!(run);
-    tokio::select! {
-        () = &mut run => {}
-        () = shutdown => {
-            cancel.cancel();
-            run.await;
-        }
-    }
+        shutdown,
+    )
+    .await;
     if let Err(e) = backend.sessions.flush().await {
         tracing::warn!(error = %e, "cannot save MQTT sessions");
     }
+}
+
+/// Serves IoT Hub's AMQP device side (AMQPS, IoT Hub's port 5671) on
+/// `listener` until `shutdown`: TLS through `verge-listen` (permits,
+/// handshake deadline), then verge-amqp's endpoint over the same backend as
+/// MQTT, so an AMQP device's telemetry, twin, methods and C2D are the
+/// cloud's as an MQTT device's are.
+pub async fn serve_amqps(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    backend: Arc<CloudBackend>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let limits = listen_limits(backend.limits.connect_timeout);
+    verge_listen::Listener::new(
+        "device-amqps",
+        listener,
+        limits,
+        verge_listen::CancellationToken::new(),
+    )
+    .run_until(
+        move |tcp: tokio::net::TcpStream, conn: verge_listen::Conn| {
+            let (backend, acceptor) = (backend.clone(), acceptor.clone());
+            async move {
+                let _ = tcp.set_nodelay(true);
+                let peer = conn.peer().to_string();
+                match conn.handshake(acceptor.accept(tcp)).await {
+                    Some(Ok(stream)) => {
+                        let stop = conn.cancel_token().clone();
+                        verge_amqp::serve(
+                            backend,
+                            stream,
+                            peer,
+                            verge_amqp::Config::default(),
+                            stop,
+                        )
+                        .await;
+                    }
+                    Some(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
+                    None => {}
+                }
+            }
+        },
+        shutdown,
+    )
+    .await;
 }
 
 /// The TLS configuration of the MQTT port: the service API's identity

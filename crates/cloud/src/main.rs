@@ -32,6 +32,11 @@ struct Args {
     /// port 0 picks one).
     #[arg(long)]
     mqtt_listen: Option<String>,
+    /// Device endpoint over AMQPS, IP:PORT (overrides `amqps_listen`; IoT
+    /// Hub's port is 5671; port 0 picks one). AMQP over WebSocket is served
+    /// on the HTTPS listener either way.
+    #[arg(long)]
+    amqps_listen: Option<String>,
     /// Hub host name used as SAS audience (overrides `hostname`).
     #[arg(long)]
     hostname: Option<String>,
@@ -46,6 +51,7 @@ fn main() -> ExitCode {
             data_dir: args.data_dir,
             listen: args.listen,
             mqtt_listen: args.mqtt_listen,
+            amqps_listen: args.amqps_listen,
             hostname: args.hostname,
         },
     ) {
@@ -161,6 +167,14 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("mqtt_listen {}", cfg.mqtt_listen))?;
     let mqtt_addr = mqtt_listener.local_addr()?;
+    let amqps_listener = match cfg.amqps_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("amqps_listen {a}"))?,
+        ),
+        None => None,
+    };
     let hostname = cfg.hostname.clone().unwrap_or_else(|| addr.to_string());
     let (key, generated) = policy_key(&cfg)?;
     let auth = ServiceAuth::new(hostname.clone(), cfg.policy_name.clone(), key);
@@ -207,6 +221,18 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(%addr, %mqtt_addr, %hostname, ca = ?files.ca, "verge-cloud serving");
     // The test harness and scripts read these lines for the bound ports.
     println!("listening on mqtts://{mqtt_addr}");
+    if let Some(l) = amqps_listener {
+        println!("listening on amqps://{}", l.local_addr()?);
+        shutdown.spawn(
+            "device endpoint (AMQPS)",
+            device::serve_amqps(
+                l,
+                mqtt_tls.clone(),
+                backend.clone(),
+                shutdown.token().cancelled_owned(),
+            ),
+        );
+    }
     println!("listening on https://{addr}");
     let state = ApiState {
         cloud: cloud.clone(),

@@ -1,9 +1,10 @@
-//! MQTT over WebSocket on the service API's HTTPS listener, as IoT Hub
-//! serves it on 443: `GET /$iothub/websocket` with subprotocol `mqtt`.
-//! Binary frames carry the MQTT byte stream; verge-endpoint's `WsStream`
-//! turns the socket into a byte stream, so the device endpoint's own
-//! connection code ([`verge_endpoint::connection::serve`] with
-//! [`CloudBackend`]) serves it exactly as a TLS connection on 8883.
+//! MQTT and AMQP over WebSocket on the service API's HTTPS listener, as IoT
+//! Hub serves them on 443: `GET /$iothub/websocket` with subprotocol `mqtt`
+//! or `AMQPWSB10` (uamqp also opens `/$servicebus/websocket`). Binary frames
+//! carry the byte stream; verge-endpoint's `WsStream` turns the socket into
+//! a byte stream, so the device endpoint's own connection code
+//! ([`verge_endpoint::connection::serve`], or [`verge_amqp::serve`], with
+//! [`CloudBackend`]) serves it exactly as a TLS connection on 8883 or 5671.
 
 use std::sync::Arc;
 
@@ -20,8 +21,12 @@ use crate::device::CloudBackend;
 
 /// The path clients open.
 pub const PATH: &str = "/$iothub/websocket";
-/// The subprotocol served.
+/// The MQTT subprotocol.
 pub const SUBPROTOCOL: &str = "mqtt";
+/// AMQP over WebSocket, told apart by its subprotocol alone (as IoT Hub).
+pub const AMQP_SUBPROTOCOL: &str = "AMQPWSB10";
+/// The path uamqp (and azure-eventhub) open for AMQP over WebSocket.
+pub const SERVICEBUS_PATH: &str = "/$servicebus/websocket";
 
 #[derive(Clone)]
 struct WsState {
@@ -36,6 +41,9 @@ struct WsState {
 pub fn router(backend: Arc<CloudBackend>, stop: CancellationToken) -> Router {
     Router::new()
         .route(PATH, get(upgrade))
+        // uamqp's fixed WebSocket path, which it sends with a trailing slash.
+        .route(SERVICEBUS_PATH, get(upgrade))
+        .route("/$servicebus/websocket/", get(upgrade))
         .with_state(WsState { backend, stop })
 }
 
@@ -44,7 +52,30 @@ async fn upgrade(
     guard: Option<axum::Extension<verge_listen::ConnGuard>>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let ws = ws.protocols([SUBPROTOCOL]);
+    let ws = ws.protocols([SUBPROTOCOL, AMQP_SUBPROTOCOL]);
+    if ws
+        .selected_protocol()
+        .is_some_and(|p| p.as_bytes() == AMQP_SUBPROTOCOL.as_bytes())
+    {
+        let cfg = verge_amqp::Config::default();
+        // AMQP frames may span WebSocket messages; one larger than a frame
+        // plus slack is refused by the WebSocket layer.
+        let max = (cfg.max_frame_size as usize).saturating_add(64 * 1024);
+        return ws
+            .max_message_size(max)
+            .max_frame_size(max)
+            .on_upgrade(move |socket| async move {
+                let _guard = guard;
+                verge_amqp::serve(
+                    st.backend,
+                    WsStream::new(socket),
+                    "(amqp-ws)".to_owned(),
+                    cfg,
+                    st.stop,
+                )
+                .await;
+            });
+    }
     if ws.selected_protocol().is_none() {
         return (
             StatusCode::BAD_REQUEST,

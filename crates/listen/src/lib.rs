@@ -326,6 +326,27 @@ impl<L: Incoming> Listener<L> {
         self.stats.clone()
     }
 
+    /// [`run`](Self::run) until `shutdown` resolves (or the token given to
+    /// [`new`](Self::new) fires), then stops accepting and returns once the
+    /// loop has wound down: for servers stopped by a future rather than a
+    /// token of their own.
+    pub async fn run_until<F, Fut>(self, handler: F, shutdown: impl Future<Output = ()>)
+    where
+        F: Fn(L::Io, Conn) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let cancel = self.cancel.clone();
+        let run = self.run(handler);
+        tokio::pin!(run);
+        tokio::select! {
+            () = &mut run => {}
+            () = shutdown => {
+                cancel.cancel();
+                run.await;
+            }
+        }
+    }
+
     /// Accepts until cancelled, running `handler` for each connection in its
     /// own task. Without a tracker, open connections are aborted on return.
     pub async fn run<F, Fut>(self, handler: F)

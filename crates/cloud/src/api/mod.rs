@@ -723,8 +723,13 @@ pub async fn serve_app(
     timeouts: verge_listen::http::Timeouts,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let cancel = verge_listen::CancellationToken::new();
-    let run = verge_listen::Listener::new("service-api", listener, limits, cancel.clone()).run(
+    verge_listen::Listener::new(
+        "service-api",
+        listener,
+        limits,
+        verge_listen::CancellationToken::new(),
+    )
+    .run_until(
         move |tcp: tokio::net::TcpStream, conn: verge_listen::Conn| {
             let (acceptor, app) = (acceptor.clone(), app.clone());
             async move {
@@ -749,13 +754,7 @@ pub async fn serve_app(
                 verge_listen::http::serve(tls, svc, (), timeouts, &conn).await;
             }
         },
-    );
-    tokio::pin!(run);
-    tokio::select! {
-        () = &mut run => {}
-        () = shutdown => {
-            cancel.cancel();
-            run.await;
-        }
-    }
+        shutdown,
+    )
+    .await;
 }

@@ -1,0 +1,227 @@
+//! Devices on verge-cloud over AMQP (#22 item 3), with clients nobody here
+//! wrote (script: `python/amqp_device.py`): Apache Qpid Proton on AMQPS
+//! (`amqps_listen`) sends telemetry that lands in the D2C log with its
+//! properties and takes a C2D message whose acceptance the cloud's feedback
+//! reports as completed; Microsoft's uamqp sends telemetry over AMQP on the
+//! HTTPS port's WebSocket. Both reach the same backend as MQTT devices.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+use verge_core::{SasToken, SharedAccessKey};
+use verge_testkit::Running;
+
+const DEVICE: &str = "amqp-dev";
+
+struct Cloud {
+    proc: Running,
+    dir: tempfile::TempDir,
+    https: u16,
+    amqps: u16,
+    policy: SharedAccessKey,
+    http: reqwest::Client,
+}
+
+impl Cloud {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = SharedAccessKey::from_bytes(vec![7u8; 32]);
+        let cfg = dir.path().join("cloud.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "data_dir = {:?}\nlisten = \"127.0.0.1:0\"\nmqtt_listen = \"127.0.0.1:0\"\n\
+                 amqps_listen = \"127.0.0.1:0\"\nhostname = \"localhost\"\n\
+                 [service]\npolicy_key = \"{}\"\n[dps]\nenabled = false\n",
+                dir.path().join("data").display().to_string(),
+                policy.to_base64()
+            ),
+        )
+        .unwrap();
+        let mut proc = Running::start(
+            Command::new(env!("CARGO_BIN_EXE_verge-cloud"))
+                .arg("--config")
+                .arg(&cfg),
+        );
+        proc.wait_for("listening on https://");
+        let port = |scheme: &str| -> u16 {
+            proc.log()
+                .iter()
+                .find_map(|l| l.strip_prefix(&format!("listening on {scheme}://")))
+                .and_then(|a| a.trim().rsplit_once(':'))
+                .and_then(|(_, p)| p.parse().ok())
+                .unwrap_or_else(|| panic!("no {scheme} address: {:?}", proc.log()))
+        };
+        let (https, amqps) = (port("https"), port("amqps"));
+        let ca = std::fs::read(dir.path().join("data/tls/ca.pem")).unwrap();
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
+            .build()
+            .unwrap();
+        Self {
+            proc,
+            dir,
+            https,
+            amqps,
+            policy,
+            http,
+        }
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> (u16, Value) {
+        let token = SasToken::sign(
+            "localhost",
+            &self.policy,
+            4_000_000_000,
+            Some("iothubowner"),
+        );
+        let mut r = self
+            .http
+            .request(method, format!("https://localhost:{}{path}", self.https))
+            .header("Authorization", token.to_string());
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        if let Some(b) = body {
+            r = r.body(b);
+        }
+        let r = r.send().await.unwrap();
+        let status = r.status().as_u16();
+        let bytes = r.bytes().await.unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    /// Runs `amqp_device.py <mode>` with `python`; asserts ALL PASS.
+    fn script(&self, python: &std::path::Path, mode: &str, key: &str) -> String {
+        let params = json!({
+            "host": "localhost",
+            "device": DEVICE,
+            "key": key,
+            "ca": self.dir.path().join("data/tls/ca.pem"),
+            "amqps_port": self.amqps,
+            "https_port": self.https,
+            // The SAS signer the hub's interop scripts use.
+            "sas_dir": PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../hub/tests/python"),
+        });
+        let path = self.dir.path().join(format!("{mode}.json"));
+        std::fs::write(&path, params.to_string()).unwrap();
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/amqp_device.py");
+        let (status, stdout, stderr) = verge_testkit::run_bounded(
+            Command::new(python).arg(&script).arg(&path).arg(mode),
+            Duration::from_secs(120),
+        );
+        assert!(
+            status.is_some_and(|s| s.success()) && stdout.contains("ALL PASS"),
+            "{mode} failed (status {status:?})\n--- stdout\n{stdout}\n--- stderr\n{stderr}\n--- cloud log\n{}",
+            self.proc.log().join("\n")
+        );
+        stdout
+    }
+
+    /// The D2C log's entries from `DEVICE`.
+    async fn d2c(&self) -> Vec<Value> {
+        let token = SasToken::sign(
+            "localhost",
+            &self.policy,
+            4_000_000_000,
+            Some("iothubowner"),
+        );
+        let r = self
+            .http
+            .get(format!(
+                "https://localhost:{}/verge/messages?from=0",
+                self.https
+            ))
+            .header("Authorization", token.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        r.text()
+            .await
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|m| m["deviceId"] == DEVICE)
+            .collect()
+    }
+}
+
+fn body_of(m: &Value) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD
+        .decode(m["body"].as_str().unwrap_or(""))
+        .unwrap_or_default()
+}
+
+#[test]
+fn amqp_devices_send_telemetry_and_take_c2d() {
+    let proton = verge_testkit::proton_python();
+    let uamqp = verge_testkit::azure_python("uamqp");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cloud = Cloud::start();
+    let key = SharedAccessKey::from_bytes(vec![9u8; 32]).to_base64();
+    let device = json!({"deviceId": DEVICE, "authentication": {"type": "sas",
+        "symmetricKey": {"primaryKey": key, "secondaryKey": key}}});
+    let (s, v) = rt.block_on(cloud.call(
+        reqwest::Method::PUT,
+        &format!("/devices/{DEVICE}?api-version=2021-04-12"),
+        &[("Content-Type", "application/json")],
+        Some(device.to_string().into_bytes()),
+    ));
+    assert_eq!(s, 200, "{v}");
+    // A C2D message waiting for the device, with full feedback.
+    let (s, v) = rt.block_on(cloud.call(
+        reqwest::Method::POST,
+        &format!("/verge/devices/{DEVICE}/messages/deviceBound"),
+        &[
+            ("iothub-messageid", "c2d-1"),
+            ("iothub-ack", "full"),
+            ("verge-app-properties", "kind=greeting"),
+        ],
+        Some(b"to-the-device".to_vec()),
+    ));
+    assert!((200..300).contains(&s), "{s} {v}");
+
+    println!("{}", cloud.script(&proton, "proton", &key));
+    println!("{}", cloud.script(&uamqp, "uamqp-ws", &key));
+    let d2c = rt.block_on(cloud.d2c());
+    let amqps = d2c
+        .iter()
+        .find(|m| body_of(m) == b"over-amqps")
+        .unwrap_or_else(|| panic!("AMQPS telemetry not in the D2C log: {d2c:?}"));
+    assert_eq!(amqps["properties"]["site"], "lab", "{amqps}");
+    let ws = d2c
+        .iter()
+        .find(|m| body_of(m) == b"\x00over-ws\xff")
+        .unwrap_or_else(|| panic!("AMQP/WebSocket telemetry not in the D2C log: {d2c:?}"));
+    assert_eq!(ws["properties"]["site"], "ws", "{ws}");
+    // The accepted C2D message is completed: its feedback says so.
+    let mut feedback = String::new();
+    for _ in 0..50 {
+        let (_, f) =
+            rt.block_on(cloud.call(reqwest::Method::GET, "/verge/feedback?from=0", &[], None));
+        feedback = f.to_string();
+        if feedback.contains("c2d-1") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        feedback.contains("c2d-1") && feedback.contains("Success"),
+        "{feedback}"
+    );
+}
