@@ -29,7 +29,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Mutex, Notify, mpsc};
 use verge_core::ClientId;
 use verge_endpoint::Backend;
-use verge_endpoint::auth::{Credentials, unix_now};
+use verge_endpoint::auth::{CertificateDer, Credentials, unix_now};
 use verge_endpoint::session::{ConnHandle, Outbound};
 
 use verge_shutdown::CancellationToken;
@@ -149,6 +149,9 @@ struct Shared<B: Backend> {
     cfg: Config,
     peer: String,
     tokens: Tokens,
+    /// The client certificate chain of the TLS handshake (leaf first), if
+    /// any: an identity without a token is authenticated by it (X.509).
+    certs: Vec<CertificateDer<'static>>,
     identities: Mutex<HashMap<ClientId, Identity<B::Link>>>,
     cancel: CancellationToken,
     tasks: TaskTracker,
@@ -162,10 +165,28 @@ pub(crate) fn lock_routes(r: &std::sync::Mutex<Routes>) -> std::sync::MutexGuard
 /// end, or until `shutdown`.
 pub async fn serve<B, S>(
     backend: Arc<B>,
+    stream: S,
+    peer: String,
+    cfg: Config,
+    shutdown: CancellationToken,
+) where
+    B: Backend,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    serve_with_certs(backend, stream, peer, cfg, shutdown, Vec::new()).await;
+}
+
+/// [`serve`] for a client that presented `certs` (leaf first) in its TLS
+/// handshake: a link whose identity holds no token is opened if the
+/// backend authenticates that identity by the certificate (X.509 devices,
+/// as over MQTT; no `$cbs` needed).
+pub async fn serve_with_certs<B, S>(
+    backend: Arc<B>,
     mut stream: S,
     peer: String,
     cfg: Config,
     shutdown: CancellationToken,
+    certs: Vec<CertificateDer<'static>>,
 ) where
     B: Backend,
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -224,6 +245,7 @@ pub async fn serve<B, S>(
         cfg,
         peer,
         tokens: Tokens::default(),
+        certs,
         identities: Mutex::new(HashMap::new()),
         cancel: shutdown.child_token(),
         tasks: TaskTracker::new(),
@@ -333,7 +355,7 @@ impl<B: Backend> Shared<B> {
             client_id: &id,
             username: None,
             password: Some(token.as_bytes()),
-            // CBS and PLAIN carry SAS tokens: X.509 over AMQP is not served.
+            // A SAS token: the certificate path is `authenticate_cert`.
             client_certs: &[],
         };
         match self.backend.authenticate(&creds).await {
@@ -346,6 +368,38 @@ impl<B: Backend> Shared<B> {
                 status: 401,
                 description: e.to_string(),
             }),
+        }
+    }
+
+    /// With a client certificate and no token for `client`: whether the
+    /// backend authenticates `client` by the certificate; if so the identity
+    /// is held for the connection's life (the TLS handshake checked the key,
+    /// the backend the certificate's validity).
+    async fn authenticate_cert(&self, client: &ClientId) -> bool {
+        if self.certs.is_empty() {
+            return false;
+        }
+        let id = client.to_string();
+        let creds = Credentials {
+            client_id: &id,
+            username: None,
+            password: None,
+            client_certs: &self.certs,
+        };
+        match self.backend.authenticate(&creds).await {
+            Ok(who) if &who == client => {
+                tracing::info!(peer = %self.peer, %client, "AMQP identity authenticated by its X.509 certificate");
+                self.tokens.put(client.clone(), u64::MAX);
+                true
+            }
+            Ok(who) => {
+                tracing::warn!(peer = %self.peer, %client, %who, "AMQP certificate is another identity's");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(peer = %self.peer, %client, reason = %e, "AMQP X.509 authentication refused");
+                false
+            }
         }
     }
 
@@ -408,7 +462,9 @@ impl<B: Backend> Shared<B> {
                 .await;
                 continue;
             };
-            if !self.tokens.valid(&target.client, unix_now()) {
+            if !self.tokens.valid(&target.client, unix_now())
+                && !self.authenticate_cert(&target.client).await
+            {
                 tracing::warn!(peer = %self.peer, client = %target.client, address = %addr, "AMQP link refused: no valid token for its identity");
                 refuse(
                     link,

@@ -15,8 +15,10 @@
 //!
 //! Authorization is per link: every link names its identity in its address
 //! and is only opened when that identity holds a valid token on this
-//! connection (from `$cbs` or SASL PLAIN); a token that expires closes that
-//! identity's links with `amqp:unauthorized-access`.
+//! connection (from `$cbs` or SASL PLAIN), or, with no token, when the
+//! backend authenticates that identity by the client certificate of the TLS
+//! handshake ([`serve_with_certs`]: X.509 devices, as over MQTT); a token
+//! that expires closes that identity's links with `amqp:unauthorized-access`.
 
 pub mod address;
 pub mod cbs;
@@ -28,7 +30,7 @@ mod stream;
 
 use std::time::Duration;
 
-pub use connection::serve;
+pub use connection::{serve, serve_with_certs};
 
 /// Limits and deadlines of the AMQP endpoint.
 #[derive(Debug, Clone, Copy)]

@@ -438,12 +438,7 @@ pub async fn serve_with(
                 match conn.handshake(acceptor.accept(tcp)).await {
                     Some(Ok(stream)) => {
                         // X.509 devices: the chain goes to CONNECT.
-                        let certs: Vec<_> = stream
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
-                            .unwrap_or_default();
+                        let certs = verge_x509::client_chain(stream.get_ref().1);
                         // DPS or IoT Hub, by the CONNECT's username.
                         crate::dps::demux::serve(backend, stream, peer, certs).await;
                     }
@@ -488,12 +483,15 @@ pub async fn serve_amqps(
                 match conn.handshake(acceptor.accept(tcp)).await {
                     Some(Ok(stream)) => {
                         let stop = conn.cancel_token().clone();
-                        verge_amqp::serve(
+                        // X.509 devices authenticate by this chain.
+                        let certs = verge_x509::client_chain(stream.get_ref().1);
+                        verge_amqp::serve_with_certs(
                             backend,
                             stream,
                             peer,
                             verge_amqp::Config::default(),
                             stop,
+                            certs,
                         )
                         .await;
                     }

@@ -50,8 +50,11 @@ pub fn router(backend: Arc<CloudBackend>, stop: CancellationToken) -> Router {
 async fn upgrade(
     State(st): State<WsState>,
     guard: Option<axum::Extension<verge_listen::ConnGuard>>,
+    chain: Option<axum::Extension<crate::api::device_auth::PeerCertificates>>,
     ws: WebSocketUpgrade,
 ) -> Response {
+    // X.509 devices authenticate by the HTTPS connection's certificate.
+    let certs = chain.map_or_else(Vec::new, |axum::Extension(c)| c.0.as_ref().clone());
     let ws = ws.protocols([SUBPROTOCOL, AMQP_SUBPROTOCOL]);
     if ws
         .selected_protocol()
@@ -66,12 +69,13 @@ async fn upgrade(
             .max_frame_size(max)
             .on_upgrade(move |socket| async move {
                 let _guard = guard;
-                verge_amqp::serve(
+                verge_amqp::serve_with_certs(
                     st.backend,
                     WsStream::new(socket),
                     "(amqp-ws)".to_owned(),
                     cfg,
                     st.stop,
+                    certs,
                 )
                 .await;
             });
@@ -97,7 +101,7 @@ async fn upgrade(
             // The listener's permit stays taken while the socket lives.
             let _guard = guard;
             tokio::select! {
-                () = verge_endpoint::connection::serve(st.backend, WsStream::new(socket), "(ws)".to_owned()) => {}
+                () = verge_endpoint::connection::serve_with_certs(st.backend, WsStream::new(socket), "(ws)".to_owned(), certs) => {}
                 () = st.stop.cancelled() => {}
             }
         })

@@ -3,7 +3,9 @@
 //! (`amqps_listen`) sends telemetry that lands in the D2C log with its
 //! properties and takes a C2D message whose acceptance the cloud's feedback
 //! reports as completed; Microsoft's uamqp sends telemetry over AMQP on the
-//! HTTPS port's WebSocket. Both reach the same backend as MQTT devices.
+//! HTTPS port's WebSocket; an X.509 device sends over AMQPS with only its
+//! certificate (no token), and a certificate the cloud does not know is
+//! refused. All reach the same backend as MQTT devices.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::path::PathBuf;
@@ -106,8 +108,8 @@ impl Cloud {
     }
 
     /// Runs `amqp_device.py <mode>` with `python`; asserts ALL PASS.
-    fn script(&self, python: &std::path::Path, mode: &str, key: &str) -> String {
-        let params = json!({
+    fn script(&self, python: &std::path::Path, mode: &str, key: &str, extra: Value) -> String {
+        let mut params = json!({
             "host": "localhost",
             "device": DEVICE,
             "key": key,
@@ -117,6 +119,9 @@ impl Cloud {
             // The SAS signer the hub's interop scripts use.
             "sas_dir": PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../hub/tests/python"),
         });
+        if let (Some(p), Some(e)) = (params.as_object_mut(), extra.as_object()) {
+            p.extend(e.clone());
+        }
         let path = self.dir.path().join(format!("{mode}.json"));
         std::fs::write(&path, params.to_string()).unwrap();
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/amqp_device.py");
@@ -134,6 +139,11 @@ impl Cloud {
 
     /// The D2C log's entries from `DEVICE`.
     async fn d2c(&self) -> Vec<Value> {
+        self.d2c_of(DEVICE).await
+    }
+
+    /// The D2C log's entries from `device`.
+    async fn d2c_of(&self, device: &str) -> Vec<Value> {
         let token = SasToken::sign(
             "localhost",
             &self.policy,
@@ -156,7 +166,7 @@ impl Cloud {
             .unwrap()
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|m| m["deviceId"] == DEVICE)
+            .filter(|m| m["deviceId"] == device)
             .collect()
     }
 }
@@ -196,8 +206,29 @@ fn amqp_devices_send_telemetry_and_take_c2d() {
     ));
     assert!((200..300).contains(&s), "{s} {v}");
 
-    println!("{}", cloud.script(&proton, "proton", &key));
-    println!("{}", cloud.script(&uamqp, "uamqp-ws", &key));
+    println!("{}", cloud.script(&proton, "proton", &key, json!({})));
+    println!("{}", cloud.script(&uamqp, "uamqp-ws", &key, json!({})));
+    // An X.509 device: its certificate authenticates it, no token.
+    let certs = cloud.dir.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let mine = verge_testkit::x509::leaf("amqp-x509", None, false, (-1, 30));
+    let stranger = verge_testkit::x509::leaf("amqp-x509", None, false, (-1, 30));
+    let thumb = verge_x509::thumbprints(&mine.der).1;
+    let device = json!({"deviceId": "amqp-x509", "authentication": {"type": "selfSigned",
+        "x509Thumbprint": {"primaryThumbprint": thumb, "secondaryThumbprint": thumb}}});
+    let (s, v) = rt.block_on(cloud.call(
+        reqwest::Method::PUT,
+        "/devices/amqp-x509?api-version=2021-04-12",
+        &[("Content-Type", "application/json")],
+        Some(device.to_string().into_bytes()),
+    ));
+    assert_eq!(s, 200, "{v}");
+    let extra = json!({
+        "x509_device": "amqp-x509",
+        "x509": mine.write(&certs, "mine"),
+        "stranger": stranger.write(&certs, "stranger"),
+    });
+    println!("{}", cloud.script(&proton, "proton-x509", &key, extra));
     let d2c = rt.block_on(cloud.d2c());
     let amqps = d2c
         .iter()
@@ -209,6 +240,16 @@ fn amqp_devices_send_telemetry_and_take_c2d() {
         .find(|m| body_of(m) == b"\x00over-ws\xff")
         .unwrap_or_else(|| panic!("AMQP/WebSocket telemetry not in the D2C log: {d2c:?}"));
     assert_eq!(ws["properties"]["site"], "ws", "{ws}");
+    let all = rt.block_on(cloud.d2c_of("amqp-x509"));
+    let x509 = all
+        .iter()
+        .find(|m| body_of(m) == b"over-amqps-x509")
+        .unwrap_or_else(|| panic!("X.509 telemetry not in the D2C log: {all:?}"));
+    assert_eq!(x509["properties"]["auth"], "x509", "{x509}");
+    assert!(
+        !all.iter().any(|m| body_of(m) == b"must-not-arrive"),
+        "a refused certificate's message arrived: {all:?}"
+    );
     // The accepted C2D message is completed: its feedback says so.
     let mut feedback = String::new();
     for _ in 0..50 {

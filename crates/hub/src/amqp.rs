@@ -25,7 +25,10 @@ pub(crate) async fn listener(
                     match conn.handshake(tls.accept(tcp)).await {
                         Some(Ok(stream)) => {
                             let stop = conn.cancel_token().clone();
-                            verge_amqp::serve(state, stream, peer, cfg, stop).await;
+                            // X.509 leaf devices authenticate by this chain.
+                            let certs = crate::tls::client_certs(&stream);
+                            verge_amqp::serve_with_certs(state, stream, peer, cfg, stop, certs)
+                                .await;
                         }
                         Some(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
                         None => {}

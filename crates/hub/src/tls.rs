@@ -103,10 +103,5 @@ pub fn acceptor_with(certs: Arc<SwappableCert>) -> anyhow::Result<tokio_rustls::
 pub fn client_certs<IO>(
     stream: &tokio_rustls::server::TlsStream<IO>,
 ) -> Vec<CertificateDer<'static>> {
-    stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
-        .unwrap_or_default()
+    verge_x509::client_chain(stream.get_ref().1)
 }

@@ -41,7 +41,7 @@ pub(crate) async fn upgrade(
         .selected_protocol()
         .is_some_and(|p| p.as_bytes() == AMQP_SUBPROTOCOL.as_bytes())
     {
-        return amqp_upgrade(state, peer, guard, ws);
+        return amqp_upgrade(state, peer, certs, guard, ws);
     }
     if ws.selected_protocol().is_none() {
         return (
@@ -76,10 +76,12 @@ pub(crate) async fn upgrade(
 fn amqp_upgrade(
     state: Arc<HubState>,
     peer: Option<axum::Extension<crate::methods::Peer>>,
+    certs: Option<axum::Extension<ClientCerts>>,
     guard: Option<axum::Extension<verge_listen::ConnGuard>>,
     ws: WebSocketUpgrade,
 ) -> Response {
     let peer = peer.map_or_else(|| "?".to_owned(), |axum::Extension(p)| p.0.to_string());
+    let certs = certs.map_or_else(Vec::new, |axum::Extension(c)| c.0.as_ref().clone());
     let cfg = state.cfg.limits.amqp();
     // AMQP frames may span WebSocket messages; one larger than a frame plus
     // slack is refused by the WebSocket layer.
@@ -91,12 +93,13 @@ fn amqp_upgrade(
             let _guard = guard;
             // Spawned by the upgrade, outside the listener's JoinSet: stop with the hub.
             let stop = state.shutdown.token();
-            verge_amqp::serve(
+            verge_amqp::serve_with_certs(
                 state,
                 WsStream::new(socket),
                 format!("{peer} (amqp-ws)"),
                 cfg,
                 stop,
+                certs,
             )
             .await;
         })

@@ -631,11 +631,20 @@ async fn python_sdk_x509_leaves_through_the_hub() {
     let params = serde_json::json!({"host": "localhost", "ca": ca, "edge": DEVICE, "certs": certs});
     let script =
         std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/x509_leaf.py");
+    run_script(&python, &script, &[&params.to_string()]).await;
+    up.wait_for(&[("pyss", "py-pyss"), ("pyca", "py-pyca")])
+        .await;
+    hub.shutdown().await;
+    up.stop().await;
+}
+
+/// Runs `script` with `python` and `args` (bounded); asserts it printed ALL PASS.
+async fn run_script(python: &Path, script: &Path, args: &[&str]) {
     let out = tokio::time::timeout(
         Duration::from_secs(120),
         tokio::process::Command::new(python)
             .arg(script)
-            .arg(params.to_string())
+            .args(args)
             .kill_on_drop(true)
             .output(),
     )
@@ -645,11 +654,60 @@ async fn python_sdk_x509_leaves_through_the_hub() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && stdout.contains("ALL PASS"),
-        "x509_leaf.py failed\n--- stdout\n{stdout}\n--- stderr\n{}",
+        "{} failed\n--- stdout\n{stdout}\n--- stderr\n{}",
+        script.display(),
         String::from_utf8_lossy(&out.stderr)
     );
-    up.wait_for(&[("pyss", "py-pyss"), ("pyca", "py-pyca")])
-        .await;
+}
+
+/// An X.509 leaf over AMQPS (#22, #23 item 1): Qpid Proton presents the
+/// leaf's certificate and no token (SASL ANONYMOUS, no `$cbs`), its
+/// telemetry is carried upstream to verge-cloud; a certificate with the same
+/// CN the hub does not know is refused `amqp:unauthorized-access`. The same
+/// script checks verge-cloud's AMQP endpoint (cloud/tests/amqp_devices.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x509_leaf_over_amqp() {
+    verge_hub::install_crypto_provider();
+    let python = verge_testkit::proton_python();
+    let dir = tempfile::tempdir().unwrap();
+    let ss = leaf("amqpss", None, false, -1, 10);
+    let stranger = leaf("amqpss", None, false, -1, 10);
+    let up = CloudUp::start(dir.path()).await;
+    let (_, sha256) = verge_x509::thumbprints(&ss.chain[0]);
+    put(
+        &up.cloud,
+        "amqpss",
+        x509(self_signed(&sha256, None), &up.scope),
+    )
+    .await;
+    let pki = pki();
+    std::fs::write(dir.path().join("trust-bundle.pem"), &pki.ca_pem).unwrap();
+    let mut cfg = hub_config(&pki, dir.path(), up.api_port, up.mqtt_port, &up.ca_file);
+    let amqps = verge_testkit::net::free_port();
+    cfg.listen.amqps = Some(SocketAddr::from(([127, 0, 0, 1], amqps)));
+    let hub = Hub::start(cfg).await.unwrap();
+    let start = Instant::now();
+    while hub.state.sas.x509_devices().is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(20), "no device scope");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ca = dir.path().join("hub-ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let params = serde_json::json!({
+        "host": CLOUD, "device": "amqpss", "key": "", "ca": ca, "amqps_port": amqps,
+        "https_port": 0,
+        "sas_dir": std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python"),
+        "x509_device": "amqpss",
+        "x509": write_id(dir.path(), "amqpss", &ss),
+        "stranger": write_id(dir.path(), "stranger", &stranger),
+    });
+    let params_path = dir.path().join("amqp.json");
+    std::fs::write(&params_path, params.to_string()).unwrap();
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../cloud/tests/python/amqp_device.py");
+    let params_arg = params_path.display().to_string();
+    run_script(&python, &script, &[&params_arg, "proton-x509"]).await;
+    up.wait_for(&[("amqpss", "over-amqps-x509")]).await;
     hub.shutdown().await;
     up.stop().await;
 }

@@ -20,7 +20,7 @@
 mod verifier;
 
 pub use rustls_pki_types::CertificateDer;
-pub use verifier::{AnyClientCert, server_config_builder};
+pub use verifier::{AnyClientCert, client_chain, server_config_builder};
 
 use std::time::Duration;
 

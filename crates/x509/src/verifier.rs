@@ -90,3 +90,14 @@ pub fn server_config_builder() -> Result<
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_client_cert_verifier(Arc::new(AnyClientCert::new())))
 }
+
+/// The certificate chain a TLS client presented in `conn`'s handshake (leaf
+/// first); empty without one. What the device endpoints (MQTT, AMQP, HTTPS)
+/// hand to X.509 authentication.
+pub fn client_chain(
+    conn: &rustls::ServerConnection,
+) -> Vec<rustls_pki_types::CertificateDer<'static>> {
+    conn.peer_certificates()
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default()
+}

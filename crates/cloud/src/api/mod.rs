@@ -743,9 +743,9 @@ pub async fn serve_app(
                 };
                 // A client certificate reaches the handlers (an X.509 edge
                 // device on its module registry, see `device_auth`).
-                let chain = tls.get_ref().1.peer_certificates().map(|c| c.to_vec());
+                let chain = verge_x509::client_chain(tls.get_ref().1);
                 let app = match chain {
-                    Some(c) if !c.is_empty() => {
+                    c if !c.is_empty() => {
                         app.layer(axum::Extension(device_auth::PeerCertificates(Arc::new(c))))
                     }
                     _ => app,

@@ -3,9 +3,11 @@ Apache Qpid Proton on AMQPS (SASL PLAIN with a SAS token) sends telemetry
 and takes a C2D message (accepted = completed); Microsoft's uamqp sends
 telemetry over AMQP on the HTTPS port's WebSocket (AMQPWSB10).
 
-Usage: amqp_device.py <params.json> proton|uamqp-ws
+Usage: amqp_device.py <params.json> proton|uamqp-ws|proton-x509
 params: host (SAS audience), device, key, ca (PEM path), amqps_port,
-https_port, sas_dir (where iothub_sas.py is).
+https_port, sas_dir (where iothub_sas.py is); for proton-x509: x509_device,
+x509 [cert, key] (its certificate), stranger [cert, key] (a certificate with
+the same CN the cloud does not know).
 Prints "PASS <what>" per step and "ALL PASS" at the end; exits non-zero on
 the first failure. Every blocking call has a timeout.
 """
@@ -78,5 +80,38 @@ def uamqp_ws():
     print("PASS telemetry over AMQP/WebSocket", flush=True)
 
 
-{"proton": proton, "uamqp-ws": uamqp_ws}[sys.argv[2]]()
+def proton_x509():
+    """No token: the TLS client certificate authenticates the device."""
+    from proton import Message, SSLDomain
+    from proton.utils import BlockingConnection, LinkDetached, SendException
+
+    dev = p["x509_device"]
+
+    def connect(files):
+        ssl = SSLDomain(SSLDomain.MODE_CLIENT)
+        ssl.set_trusted_ca_db(p["ca"])
+        ssl.set_peer_authentication(SSLDomain.VERIFY_PEER_NAME)
+        ssl.set_credentials(files[0], files[1], None)
+        return BlockingConnection(f"amqps://localhost:{p['amqps_port']}", timeout=T,
+                                  ssl_domain=ssl, allowed_mechs="ANONYMOUS")
+
+    conn = connect(p["x509"])
+    snd = conn.create_sender(f"/devices/{dev}/messages/events")
+    snd.send(Message(body=b"over-amqps-x509", properties={"auth": "x509"}), timeout=T)
+    conn.close()
+    print("PASS telemetry over AMQPS with an X.509 certificate", flush=True)
+    conn = connect(p["stranger"])
+    try:
+        # The attach is answered, then detached with the refusal.
+        snd = conn.create_sender(f"/devices/{dev}/messages/events")
+        snd.send(Message(body=b"must-not-arrive"), timeout=T)
+        raise AssertionError("a message with an unknown certificate was accepted")
+    except (LinkDetached, SendException) as e:
+        text = str(e) + " " + repr(getattr(getattr(e, "link", None), "remote_condition", None))
+        check("unauthorized-access" in text, f"refusal {text}")
+    conn.close()
+    print("PASS unknown certificate refused", flush=True)
+
+
+{"proton": proton, "uamqp-ws": uamqp_ws, "proton-x509": proton_x509}[sys.argv[2]]()
 print("ALL PASS", flush=True)
