@@ -1,11 +1,13 @@
-//! Devices on verge-cloud over AMQP (#22 item 3), with clients nobody here
-//! wrote (script: `python/amqp_device.py`): Apache Qpid Proton on AMQPS
+//! Devices on verge-cloud over AMQP (#22 item 3) and MQTT over WebSocket,
+//! with clients nobody here wrote (scripts: `python/amqp_device.py`,
+//! `python/mqtt_ws_x509.py`): Apache Qpid Proton on AMQPS
 //! (`amqps_listen`) sends telemetry that lands in the D2C log with its
 //! properties and takes a C2D message whose acceptance the cloud's feedback
 //! reports as completed; Microsoft's uamqp sends telemetry over AMQP on the
 //! HTTPS port's WebSocket; an X.509 device sends over AMQPS with only its
 //! certificate (no token), and a certificate the cloud does not know is
-//! refused. All reach the same backend as MQTT devices.
+//! refused; the same X.509 device connects over MQTT over WebSocket (paho)
+//! with only its certificate. All reach the same backend as MQTT devices.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::path::PathBuf;
@@ -107,8 +109,16 @@ impl Cloud {
         )
     }
 
-    /// Runs `amqp_device.py <mode>` with `python`; asserts ALL PASS.
-    fn script(&self, python: &std::path::Path, mode: &str, key: &str, extra: Value) -> String {
+    /// Runs `script` (under tests/python) with `python`, its params and
+    /// `mode`; asserts ALL PASS.
+    fn run(
+        &self,
+        python: &std::path::Path,
+        script: &str,
+        mode: &str,
+        key: &str,
+        extra: Value,
+    ) -> String {
         let mut params = json!({
             "host": "localhost",
             "device": DEVICE,
@@ -124,7 +134,9 @@ impl Cloud {
         }
         let path = self.dir.path().join(format!("{mode}.json"));
         std::fs::write(&path, params.to_string()).unwrap();
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/amqp_device.py");
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/python")
+            .join(script);
         let (status, stdout, stderr) = verge_testkit::run_bounded(
             Command::new(python).arg(&script).arg(&path).arg(mode),
             Duration::from_secs(120),
@@ -135,6 +147,11 @@ impl Cloud {
             self.proc.log().join("\n")
         );
         stdout
+    }
+
+    /// `amqp_device.py <mode>`.
+    fn script(&self, python: &std::path::Path, mode: &str, key: &str, extra: Value) -> String {
+        self.run(python, "amqp_device.py", mode, key, extra)
     }
 
     /// The D2C log's entries from `DEVICE`.
@@ -228,7 +245,14 @@ fn amqp_devices_send_telemetry_and_take_c2d() {
         "x509": mine.write(&certs, "mine"),
         "stranger": stranger.write(&certs, "stranger"),
     });
-    println!("{}", cloud.script(&proton, "proton-x509", &key, extra));
+    println!(
+        "{}",
+        cloud.script(&proton, "proton-x509", &key, extra.clone())
+    );
+    // The same device over MQTT over WebSocket: the HTTPS connection's
+    // certificate authenticates it (before, the chain never reached CONNECT).
+    let paho = verge_testkit::azure_python("paho.mqtt.client");
+    println!("{}", cloud.run(&paho, "mqtt_ws_x509.py", "", &key, extra));
     let d2c = rt.block_on(cloud.d2c());
     let amqps = d2c
         .iter()
@@ -246,6 +270,11 @@ fn amqp_devices_send_telemetry_and_take_c2d() {
         .find(|m| body_of(m) == b"over-amqps-x509")
         .unwrap_or_else(|| panic!("X.509 telemetry not in the D2C log: {all:?}"));
     assert_eq!(x509["properties"]["auth"], "x509", "{x509}");
+    let ws = all
+        .iter()
+        .find(|m| body_of(m) == b"over-mqtt-ws-x509")
+        .unwrap_or_else(|| panic!("X.509 MQTT/WebSocket telemetry not in the D2C log: {all:?}"));
+    assert_eq!(ws["properties"]["auth"], "x509-ws", "{ws}");
     assert!(
         !all.iter().any(|m| body_of(m) == b"must-not-arrive"),
         "a refused certificate's message arrived: {all:?}"
