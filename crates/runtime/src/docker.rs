@@ -25,7 +25,6 @@ use std::time::Duration;
 
 use bollard::Docker;
 use bollard::auth::DockerCredentials;
-use bollard::container::LogOutput;
 use bollard::errors::Error as BollardError;
 use bollard::models::{
     ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, CreateImageInfo,
@@ -45,6 +44,9 @@ use crate::{
     Health, LogOptions, LogStream, ModuleRuntime, ModuleSpec, ModuleState, ModuleStatus,
     PullStatus, RegistryAuth, RuntimeError, RuntimeInfo,
 };
+
+mod logs;
+use logs::frame_lines;
 
 /// Label carrying the owner of a container; `list` returns only containers
 /// whose value equals [`DockerConfig::owner`].
@@ -859,57 +861,6 @@ impl PullLog {
             None => Some(status.to_owned()),
         }
     }
-}
-
-/// Turns one log frame (`<RFC 3339 nano timestamp> <text>`) into output lines,
-/// applying the exact since/until window.
-fn frame_lines(
-    chunk: LogOutput,
-    since: Option<Timestamp>,
-    until: Option<Timestamp>,
-    timestamps: bool,
-) -> Vec<Bytes> {
-    let data = chunk.into_bytes();
-    let mut out = Vec::new();
-    let mut current: Option<(&[u8], Option<Timestamp>)> = None;
-    for raw in data.split(|b| *b == b'\n') {
-        // A frame normally holds one line; a line without its own timestamp
-        // shares the one of the line before.
-        let (ts_text, ts, msg) = match split_timestamp(raw) {
-            Some((text, ts, msg)) => {
-                current = Some((text, Some(ts)));
-                (text, Some(ts), msg)
-            }
-            None => match current {
-                Some((text, ts)) => (text, ts, raw),
-                None => (&b""[..], None, raw),
-            },
-        };
-        if raw.is_empty() {
-            continue;
-        }
-        if let Some(ts) = ts
-            && (since.is_some_and(|s| ts < s) || until.is_some_and(|u| ts >= u))
-        {
-            continue;
-        }
-        let mut line = Vec::with_capacity(msg.len() + ts_text.len() + 2);
-        if timestamps && !ts_text.is_empty() {
-            line.extend_from_slice(ts_text);
-            line.push(b' ');
-        }
-        line.extend_from_slice(msg);
-        line.push(b'\n');
-        out.push(Bytes::from(line));
-    }
-    out
-}
-
-fn split_timestamp(raw: &[u8]) -> Option<(&[u8], Timestamp, &[u8])> {
-    let sp = raw.iter().position(|b| *b == b' ').unwrap_or(raw.len());
-    let text = &raw[..sp];
-    let ts = Timestamp::parse(std::str::from_utf8(text).ok()?).ok()?;
-    Some((text, ts, raw.get(sp + 1..).unwrap_or_default()))
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The Docker backend's unit tests (container bodies, names, images; no engine).
 
 use super::*;
+use bollard::container::LogOutput;
 
 fn spec() -> ModuleSpec {
     ModuleSpec {
