@@ -215,14 +215,18 @@ async fn crashing_module_backs_off_then_gives_up() {
         .await
         .unwrap();
     let c = cfg();
-    let mut restarts: Vec<(u32, Instant)> = Vec::new();
+    // The agent's own restart times: a clock read after `reconcile` returns
+    // would add that pass's varying tail to each gap.
+    let mut restarts: Vec<(u32, i64)> = Vec::new();
     let end = Instant::now() + Duration::from_secs(8);
     let mut seen_backoff = false;
     while Instant::now() < end {
         agent.reconcile().await;
-        let count = agent.restart_record("crash").map_or(0, |r| r.count);
+        let rec = agent.restart_record("crash");
+        let count = rec.map_or(0, |r| r.count);
         if count > restarts.last().map_or(0, |r| r.0) {
-            restarts.push((count, Instant::now()));
+            let at = rec.and_then(|r| r.last_restart).unwrap().as_millis();
+            restarts.push((count, at));
         }
         let rs = agent.reported()["modules"]["crash"]["runtimeStatus"].clone();
         seen_backoff |= rs == "backoff";
@@ -239,7 +243,7 @@ async fn crashing_module_backs_off_then_gives_up() {
     );
     // Gap between restart k and k+1 ≥ cool_off(k) (the exit follows the start).
     for w in restarts.windows(2) {
-        let gap = w[1].1 - w[0].1;
+        let gap = Duration::from_millis(u64::try_from(w[1].1 - w[0].1).unwrap());
         let want = cool_off(w[0].0, c.backoff_base, c.backoff_cap);
         assert!(
             gap >= want,
