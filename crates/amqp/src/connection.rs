@@ -30,7 +30,7 @@ use tokio::sync::{Mutex, Notify, mpsc};
 use verge_core::ClientId;
 use verge_endpoint::Backend;
 use verge_endpoint::auth::{CertificateDer, Credentials, unix_now};
-use verge_endpoint::session::{ConnHandle, Outbound};
+use verge_endpoint::session::{ConnHandle, Outbound, Transport};
 
 use verge_shutdown::CancellationToken;
 use verge_shutdown::TaskTracker;
@@ -150,6 +150,7 @@ struct Shared<B: Backend> {
     backend: Arc<B>,
     cfg: Config,
     peer: String,
+    transport: Transport,
     tokens: Tokens,
     /// The client certificate chain of the TLS handshake (leaf first), if
     /// any: an identity without a token is authenticated by it (X.509).
@@ -175,13 +176,23 @@ pub async fn serve<B, S>(
     B: Backend,
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    serve_with_certs(backend, stream, peer, cfg, shutdown, Vec::new()).await;
+    serve_with_certs(
+        backend,
+        stream,
+        peer,
+        cfg,
+        shutdown,
+        Vec::new(),
+        Transport::Amqp,
+    )
+    .await;
 }
 
 /// [`serve`] for a client that presented `certs` (leaf first) in its TLS
 /// handshake: a link whose identity holds no token is opened if the
 /// backend authenticates that identity by the certificate (X.509 devices,
-/// as over MQTT; no `$cbs` needed).
+/// as over MQTT; no `$cbs` needed). `transport` says what carries the
+/// stream, for [`ConnHandle::transport`].
 pub async fn serve_with_certs<B, S>(
     backend: Arc<B>,
     mut stream: S,
@@ -189,6 +200,7 @@ pub async fn serve_with_certs<B, S>(
     cfg: Config,
     shutdown: CancellationToken,
     certs: Vec<CertificateDer<'static>>,
+    transport: Transport,
 ) where
     B: Backend,
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -246,6 +258,7 @@ pub async fn serve_with_certs<B, S>(
         backend,
         cfg,
         peer,
+        transport,
         tokens: Tokens::default(),
         certs,
         identities: Mutex::new(HashMap::new()),
@@ -552,6 +565,7 @@ impl<B: Backend> Shared<B> {
         let conn_id = sessions.next_conn_id();
         let handle = ConnHandle {
             id: conn_id,
+            transport: self.transport,
             tx,
             kick: kick.clone(),
         };

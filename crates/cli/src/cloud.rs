@@ -234,6 +234,18 @@ fn str_of<'a>(v: &'a Value, ptr: &str) -> &'a str {
     v.pointer(ptr).and_then(Value::as_str).unwrap_or("")
 }
 
+/// `connectionState`, with the protocol verge-cloud saw (its
+/// `connectionProtocol`): `Connected (AMQP)`, `Disconnected (MQTT_WS)`.
+fn connection_of(v: &Value) -> String {
+    match (
+        str_of(v, "/connectionState"),
+        str_of(v, "/connectionProtocol"),
+    ) {
+        (state, "") => state.to_owned(),
+        (state, protocol) => format!("{state} ({protocol})"),
+    }
+}
+
 /// IoT Hub's "never" time shown as such.
 fn time_of(v: &Value, ptr: &str) -> String {
     match str_of(v, ptr) {
@@ -285,7 +297,7 @@ pub async fn run(args: CloudArgs) -> anyhow::Result<()> {
                 .map(|m| {
                     vec![
                         str_of(m, "/moduleId").to_owned(),
-                        str_of(m, "/connectionState").to_owned(),
+                        connection_of(m),
                         str_of(m, "/managedBy").to_owned(),
                         time_of(m, "/lastActivityTime"),
                     ]
@@ -532,7 +544,7 @@ async fn devices(client: &CloudClient, c: DevicesCommand) -> anyhow::Result<()> 
                         str_of(d, "/deviceId").to_owned(),
                         if edge { "yes" } else { "no" }.to_owned(),
                         str_of(d, "/status").to_owned(),
-                        str_of(d, "/connectionState").to_owned(),
+                        connection_of(d),
                         parent,
                         time_of(d, "/lastActivityTime"),
                     ]
@@ -649,10 +661,7 @@ fn show_device(client: &CloudClient, d: &Value, output: Output) -> anyhow::Resul
             if edge { "yes" } else { "no" }.to_owned(),
         ],
         vec!["status".to_owned(), str_of(d, "/status").to_owned()],
-        vec![
-            "connection".to_owned(),
-            str_of(d, "/connectionState").to_owned(),
-        ],
+        vec!["connection".to_owned(), connection_of(d)],
         vec!["parent".to_owned(), parent],
         vec!["scope".to_owned(), str_of(d, "/deviceScope").to_owned()],
         vec!["last activity".to_owned(), time_of(d, "/lastActivityTime")],
@@ -824,6 +833,15 @@ mod tests {
             json!({ "modulesContent": inner })
         );
         assert!(manifest_content(json!({"x": 1})).is_err());
+    }
+
+    #[test]
+    fn connection_shows_the_protocol_when_known() {
+        let d = json!({"connectionState": "Connected", "connectionProtocol": "AMQP_WS"});
+        assert_eq!(connection_of(&d), "Connected (AMQP_WS)");
+        // An IoT Hub (or a verge-cloud that saw no connection) has none.
+        let d = json!({"connectionState": "Disconnected"});
+        assert_eq!(connection_of(&d), "Disconnected");
     }
 
     #[test]

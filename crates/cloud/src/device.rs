@@ -148,7 +148,10 @@ impl Backend for CloudBackend {
     }
 
     async fn connected(&self, client: &ClientId, conn: &ConnHandle) -> Result<Link, Rejection> {
-        let registration = self.cloud.connect(client).map_err(|e| rejection(&e))?;
+        let registration = self
+            .cloud
+            .connect(client, conn.transport)
+            .map_err(|e| rejection(&e))?;
         let pump = Pump {
             cloud: self.cloud.clone(),
             sessions: self.sessions.clone(),
@@ -492,6 +495,7 @@ pub async fn serve_amqps(
                             verge_amqp::Config::default(),
                             stop,
                             certs,
+                            verge_endpoint::session::Transport::Amqp,
                         )
                         .await;
                     }

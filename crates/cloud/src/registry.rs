@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use verge_core::SharedAccessKey;
 use verge_core::time::Timestamp;
+use verge_endpoint::session::Transport;
 
 use crate::error::{CloudError, Result};
 
@@ -143,7 +144,7 @@ impl DeviceRecord {
 
     /// The service API's `Device` JSON.
     pub fn to_json(&self, conn: &ConnInfo) -> Value {
-        json!({
+        conn.add_protocol(json!({
             "deviceId": self.device_id,
             "generationId": self.generation_id,
             "etag": self.etag(),
@@ -158,7 +159,7 @@ impl DeviceRecord {
             "capabilities": { "iotEdge": self.iot_edge },
             "deviceScope": self.device_scope,
             "parentScopes": self.parent_scopes,
-        })
+        }))
     }
 }
 
@@ -187,7 +188,7 @@ impl ModuleRecord {
 
     /// The service API's `Module` JSON.
     pub fn to_json(&self, conn: &ConnInfo) -> Value {
-        json!({
+        conn.add_protocol(json!({
             "moduleId": self.module_id,
             "managedBy": self.managed_by,
             "deviceId": self.device_id,
@@ -198,7 +199,7 @@ impl ModuleRecord {
             "lastActivityTime": conn.activity_iso(),
             "cloudToDeviceMessageCount": 0,
             "authentication": auth_json(&self.keys, None),
-        })
+        }))
     }
 }
 
@@ -243,6 +244,9 @@ pub struct ConnInfo {
     pub activity_ms: i64,
     /// C2D messages waiting.
     pub c2d_count: usize,
+    /// The protocol of the last connection (`None` = never connected
+    /// since this verge-cloud started).
+    pub transport: Option<Transport>,
 }
 
 impl ConnInfo {
@@ -252,6 +256,14 @@ impl ConnInfo {
         } else {
             "Disconnected"
         }
+    }
+    /// Verge's addition to IoT Hub's identity JSON: `connectionProtocol`
+    /// (`MQTT`, `MQTT_WS`, `AMQP`, `AMQP_WS`) once the identity connected.
+    fn add_protocol(&self, mut v: Value) -> Value {
+        if let (Some(t), Some(o)) = (self.transport, v.as_object_mut()) {
+            o.insert("connectionProtocol".into(), Value::from(t.as_str()));
+        }
+        v
     }
     fn updated_iso(&self) -> String {
         iso_or_never(self.updated_ms)

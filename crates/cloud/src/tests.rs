@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use verge_core::{ClientId, DeviceId, Message, ModuleId, SasToken, SharedAccessKey};
+use verge_endpoint::session::Transport;
 
 use crate::registry::{DeviceSpec, ModuleSpec, SymmetricKeys};
 use crate::{CloudError, CloudOptions, CloudState, ConnectionEvent, MethodResponse, Settlement};
@@ -247,7 +248,7 @@ async fn twin_versions_etags_and_desired_events() {
         .await
         .unwrap();
     let id = dev("d");
-    let mut conn = c.connect(&id).unwrap();
+    let mut conn = c.connect(&id, Transport::Mqtt).unwrap();
     let mut observer = c.subscribe_desired();
     let t0 = c.get_twin(&id).unwrap();
     assert_eq!(t0.twin.version, 0);
@@ -330,6 +331,8 @@ async fn twin_versions_etags_and_desired_events() {
     let json = t3.to_json();
     assert_eq!(json["deviceId"], "d");
     assert_eq!(json["connectionState"], "Connected");
+    let dev_json = c.get_device("d").unwrap().to_json();
+    assert_eq!(dev_json["connectionProtocol"], "MQTT");
     drop(conn);
     assert!(!c.is_connected(&id));
     c.close();
@@ -401,7 +404,7 @@ async fn device_tokens() {
         401
     );
     // Disabled devices cannot authenticate, and get disconnected.
-    let conn = c.connect(&dev("d")).unwrap();
+    let conn = c.connect(&dev("d"), Transport::Mqtt).unwrap();
     let spec = DeviceSpec {
         status: Some(crate::DeviceStatus::Disabled),
         ..DeviceSpec::default()
@@ -440,7 +443,7 @@ async fn deployments_set_module_twins() {
         "$edgeHub": {"properties.desired": hub},
         "filter": {"properties.desired": {"threshold": 80}}
     }});
-    let mut conn = c.connect(&module("edge", "filter")).err();
+    let mut conn = c.connect(&module("edge", "filter"), Transport::Mqtt).err();
     assert!(conn.is_some(), "filter has no identity yet");
     c.apply_configuration("edge", manifest.clone())
         .await
@@ -450,7 +453,9 @@ async fn deployments_set_module_twins() {
     assert_eq!(a.twin.desired.version, 1);
     let f = c.get_module("edge", "filter").unwrap();
     assert_eq!(f.record.managed_by.as_deref(), Some("IotEdge"));
-    let mut fconn = c.connect(&module("edge", "filter")).unwrap();
+    let mut fconn = c
+        .connect(&module("edge", "filter"), Transport::Mqtt)
+        .unwrap();
     // Re-applying replaces (keys not listed disappear): the device gets the
     // difference, removed keys as nulls (it merges what it gets).
     let mut m2 = manifest.clone();
@@ -594,7 +599,7 @@ async fn methods_route_time_out_and_need_a_connection() {
     assert!(matches!(e, CloudError::NotOnline(_)));
     assert_eq!(e.status(), 404);
     // Connected but silent: 504.
-    let mut conn = c.connect(&id).unwrap();
+    let mut conn = c.connect(&id, Transport::Mqtt).unwrap();
     let e = c
         .invoke_method(&id, "slow", json!(null), ms(100), ms(0))
         .await
@@ -667,7 +672,7 @@ async fn methods_route_time_out_and_need_a_connection() {
         })
     };
     tokio::time::sleep(ms(50)).await;
-    let mut conn = c.connect(&id).unwrap();
+    let mut conn = c.connect(&id, Transport::Mqtt).unwrap();
     let Some(ConnectionEvent::Method(req)) = conn.recv().await else {
         panic!("no method event")
     };
@@ -681,7 +686,7 @@ async fn methods_route_time_out_and_need_a_connection() {
     ));
     assert_eq!(waiter.await.unwrap().unwrap().status, 200);
     // A second connection replaces the first.
-    let _newer = c.connect(&id).unwrap();
+    let _newer = c.connect(&id, Transport::Mqtt).unwrap();
     assert_eq!(conn.recv().await, None);
     drop(conn);
     assert!(
@@ -698,7 +703,7 @@ async fn methods_with_bad_names_or_big_payloads_are_refused_before_sending() {
         .await
         .unwrap();
     let id = dev("d");
-    let mut conn = c.connect(&id).unwrap();
+    let mut conn = c.connect(&id, Transport::Mqtt).unwrap();
     let ms = Duration::from_millis;
     // MQTT wildcards, topic separators and spaces cannot be a topic level.
     for name in ["a#b", "a+b", "a/b", "a b", "", &"x".repeat(129)] {
@@ -789,8 +794,10 @@ async fn slow_registry_commits_do_not_stall_connects_or_telemetry() {
     let t1 = std::time::Instant::now();
     let (id, _conn, _agent) = tokio::time::timeout(hold / 2, async {
         let id = c.verify_device_token("d", &token).unwrap();
-        let conn = c.connect(&id).unwrap();
-        let agent = c.connect(&module("edge", "$edgeAgent")).unwrap();
+        let conn = c.connect(&id, Transport::Mqtt).unwrap();
+        let agent = c
+            .connect(&module("edge", "$edgeAgent"), Transport::Mqtt)
+            .unwrap();
         // What the endpoint waits for before its PUBACK.
         c.ingest(&id, Message::new(b"t".to_vec())).await.unwrap();
         (id, conn, agent)
@@ -825,7 +832,7 @@ async fn c2d_delivery_settlement_feedback_and_expiry() {
     c.put_device("d", DeviceSpec::default(), None)
         .await
         .unwrap();
-    let mut conn = c.connect(&dev("d")).unwrap();
+    let mut conn = c.connect(&dev("d"), Transport::Mqtt).unwrap();
     let mut m = Message::new("hello");
     m.system.message_id = Some("m1".into());
     assert_eq!(c.c2d_send("d", m, 0).await.unwrap(), "m1");

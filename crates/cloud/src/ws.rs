@@ -14,6 +14,7 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use verge_endpoint::session::Transport;
 use verge_endpoint::ws::WsStream;
 use verge_listen::CancellationToken;
 
@@ -76,6 +77,7 @@ async fn upgrade(
                     cfg,
                     st.stop,
                     certs,
+                    Transport::AmqpWs,
                 )
                 .await;
             });
@@ -101,7 +103,7 @@ async fn upgrade(
             // The listener's permit stays taken while the socket lives.
             let _guard = guard;
             tokio::select! {
-                () = verge_endpoint::connection::serve_with_certs(st.backend, WsStream::new(socket), "(ws)".to_owned(), certs) => {}
+                () = verge_endpoint::connection::serve_with_certs(st.backend, WsStream::new(socket), "(ws)".to_owned(), certs, Transport::MqttWs) => {}
                 () = st.stop.cancelled() => {}
             }
         })

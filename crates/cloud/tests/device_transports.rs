@@ -223,8 +223,23 @@ fn amqp_devices_send_telemetry_and_take_c2d() {
     ));
     assert!((200..300).contains(&s), "{s} {v}");
 
+    // The service API (and `verge cloud devices list`) shows the protocol
+    // of each identity's last connection.
+    let protocol = |id: &str| {
+        let (s, v) = rt.block_on(cloud.call(
+            reqwest::Method::GET,
+            &format!("/devices/{id}?api-version=2021-04-12"),
+            &[],
+            None,
+        ));
+        assert_eq!(s, 200, "{v}");
+        v["connectionProtocol"].as_str().unwrap_or_default().to_owned()
+    };
+    assert_eq!(protocol(DEVICE), "", "never connected");
     println!("{}", cloud.script(&proton, "proton", &key, json!({})));
+    assert_eq!(protocol(DEVICE), "AMQP");
     println!("{}", cloud.script(&uamqp, "uamqp-ws", &key, json!({})));
+    assert_eq!(protocol(DEVICE), "AMQP_WS");
     // An X.509 device: its certificate authenticates it, no token.
     let certs = cloud.dir.path().join("certs");
     std::fs::create_dir_all(&certs).unwrap();
@@ -249,10 +264,12 @@ fn amqp_devices_send_telemetry_and_take_c2d() {
         "{}",
         cloud.script(&proton, "proton-x509", &key, extra.clone())
     );
+    assert_eq!(protocol("amqp-x509"), "AMQP");
     // The same device over MQTT over WebSocket: the HTTPS connection's
     // certificate authenticates it (before, the chain never reached CONNECT).
     let paho = verge_testkit::azure_python("paho.mqtt.client");
     println!("{}", cloud.run(&paho, "mqtt_ws_x509.py", "", &key, extra));
+    assert_eq!(protocol("amqp-x509"), "MQTT_WS");
     let d2c = rt.block_on(cloud.d2c());
     let amqps = d2c
         .iter()

@@ -21,7 +21,7 @@ use verge_core::ClientId;
 
 use crate::Backend;
 use crate::auth::Credentials;
-use crate::session::{ConnHandle, Outbound};
+use crate::session::{ConnHandle, Outbound, Transport};
 use crate::topic::{Inbound, authorized, classify, will_bag};
 
 /// Capacity of each connection's outbound queue.
@@ -169,17 +169,19 @@ where
     B: Backend,
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    serve_with_certs(backend, stream, peer, Vec::new()).await;
+    serve_with_certs(backend, stream, peer, Vec::new(), Transport::Mqtt).await;
 }
 
 /// [`serve`] for a client that presented `client_certs` (leaf first) in
 /// its TLS handshake: they reach [`Backend::authenticate`] in
-/// [`Credentials::client_certs`].
+/// [`Credentials::client_certs`]. `transport` says what carries the stream
+/// (TLS or a WebSocket), for [`ConnHandle::transport`].
 pub async fn serve_with_certs<B, S>(
     backend: Arc<B>,
     stream: S,
     peer: String,
     client_certs: Vec<crate::auth::CertificateDer<'static>>,
+    transport: Transport,
 ) where
     B: Backend,
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -286,6 +288,7 @@ pub async fn serve_with_certs<B, S>(
     let conn_id = sessions.next_conn_id();
     let handle = ConnHandle {
         id: conn_id,
+        transport,
         tx,
         kick: kick.clone(),
     };

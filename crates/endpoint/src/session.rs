@@ -33,11 +33,45 @@ pub struct Outbound {
     pub ack: Option<oneshot::Sender<()>>,
 }
 
+/// The protocol a client connected with, as IoT Hub's SDKs name their
+/// transports (a backend may show it; nothing routes by it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// MQTT over TLS (8883).
+    Mqtt,
+    /// MQTT over WebSocket (443).
+    MqttWs,
+    /// AMQP over TLS (5671).
+    Amqp,
+    /// AMQP over WebSocket (443).
+    AmqpWs,
+}
+
+impl Transport {
+    /// `MQTT`, `MQTT_WS`, `AMQP`, `AMQP_WS`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Mqtt => "MQTT",
+            Transport::MqttWs => "MQTT_WS",
+            Transport::Amqp => "AMQP",
+            Transport::AmqpWs => "AMQP_WS",
+        }
+    }
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A live connection attached to a session.
 #[derive(Debug, Clone)]
 pub struct ConnHandle {
     /// Unique per connection.
     pub id: u64,
+    /// The protocol it speaks.
+    pub transport: Transport,
     /// Bounded queue into the connection's writer.
     pub tx: mpsc::Sender<Outbound>,
     /// Notified to make the connection close (takeover).
@@ -367,6 +401,7 @@ mod tests {
         let (tx, _rx) = mpsc::channel(1);
         ConnHandle {
             id: s.next_conn_id(),
+            transport: Transport::Mqtt,
             tx,
             kick: Arc::new(Notify::new()),
         }

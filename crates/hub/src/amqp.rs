@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
+use verge_endpoint::session::Transport;
+
 use crate::HubState;
 
 /// Accepts AMQPS connections until the hub stops.
@@ -27,8 +29,16 @@ pub(crate) async fn listener(
                             let stop = conn.cancel_token().clone();
                             // X.509 leaf devices authenticate by this chain.
                             let certs = crate::tls::client_certs(&stream);
-                            verge_amqp::serve_with_certs(state, stream, peer, cfg, stop, certs)
-                                .await;
+                            verge_amqp::serve_with_certs(
+                                state,
+                                stream,
+                                peer,
+                                cfg,
+                                stop,
+                                certs,
+                                Transport::Amqp,
+                            )
+                            .await;
                         }
                         Some(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
                         None => {}

@@ -25,16 +25,18 @@ where
     verge_endpoint::connection::serve(state, stream, peer).await;
 }
 
-/// [`serve`] for a client that presented a certificate chain in TLS.
+/// [`serve`] for a client that presented a certificate chain in TLS, over
+/// `transport` (TLS or a WebSocket).
 pub async fn serve_with_certs<S>(
     state: Arc<HubState>,
     certs: Vec<verge_endpoint::auth::CertificateDer<'static>>,
     stream: S,
     peer: String,
+    transport: verge_endpoint::session::Transport,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    verge_endpoint::connection::serve_with_certs(state, stream, peer, certs).await;
+    verge_endpoint::connection::serve_with_certs(state, stream, peer, certs, transport).await;
 }
 
 impl Backend for HubState {

@@ -605,7 +605,7 @@ async fn mqtt_listener(
                     let peer = conn.peer().to_string();
                     match conn.handshake(tls.accept(tcp)).await {
                         Some(Ok(stream)) => tokio::select! {
-                            () = connection::serve_with_certs(state, tls::client_certs(&stream), stream, peer) => {}
+                            () = connection::serve_with_certs(state, tls::client_certs(&stream), stream, peer, verge_endpoint::session::Transport::Mqtt) => {}
                             () = conn.cancelled() => {}
                         },
                         Some(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),

@@ -11,6 +11,8 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
+use verge_endpoint::session::Transport;
+
 use crate::HubState;
 pub use verge_endpoint::ws::WsStream;
 
@@ -66,7 +68,7 @@ pub(crate) async fn upgrade(
             // Spawned by the upgrade, outside the listener's JoinSet: stop with the hub.
             let stop = state.clone();
             tokio::select! {
-                () = crate::connection::serve_with_certs(state, certs, WsStream::new(socket), format!("{peer} (ws)")) => {}
+                () = crate::connection::serve_with_certs(state, certs, WsStream::new(socket), format!("{peer} (ws)"), Transport::MqttWs) => {}
                 () = stop.stopped() => {}
             }
         })
@@ -100,6 +102,7 @@ fn amqp_upgrade(
                 cfg,
                 stop,
                 certs,
+                Transport::AmqpWs,
             )
             .await;
         })

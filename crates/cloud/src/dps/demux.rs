@@ -11,6 +11,7 @@ use bytes::{Buf as _, Bytes, BytesMut};
 use rumqttc::mqttbytes::v4::{ConnectAuth, Packet};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use verge_endpoint::Backend as _;
+use verge_endpoint::session::Transport;
 
 use crate::device::CloudBackend;
 
@@ -63,7 +64,8 @@ pub async fn serve<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let Some(dps) = backend.dps() else {
-        verge_endpoint::connection::serve_with_certs(backend, stream, peer, certs).await;
+        verge_endpoint::connection::serve_with_certs(backend, stream, peer, certs, Transport::Mqtt)
+            .await;
         return;
     };
     let limits = backend.limits();
@@ -104,7 +106,14 @@ pub async fn serve<S>(
                 prefix: buf.freeze(),
                 inner: stream,
             };
-            verge_endpoint::connection::serve_with_certs(backend, stream, peer, certs).await;
+            verge_endpoint::connection::serve_with_certs(
+                backend,
+                stream,
+                peer,
+                certs,
+                Transport::Mqtt,
+            )
+            .await;
         }
     }
 }

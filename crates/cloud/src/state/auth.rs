@@ -4,7 +4,7 @@
 
 use verge_core::{ClientId, SasToken};
 
-use super::{CloudState, lock, now};
+use super::{CloudState, DeviceEntry, Registry, lock, now};
 use crate::error::{CloudError, Result};
 use crate::registry::DeviceStatus;
 
@@ -18,16 +18,7 @@ impl CloudState {
         let token = SasToken::parse(sas_token).map_err(|e| unauthorized(e.to_string()))?;
         let keys = {
             let reg = lock(&self.inner.reg);
-            let d = reg
-                .devices
-                .get(client.device.as_str())
-                .ok_or_else(|| unauthorized(format!("{client_id} is not registered")))?;
-            if d.rec.status == DeviceStatus::Disabled {
-                return Err(unauthorized(format!(
-                    "device {} is disabled",
-                    d.rec.device_id
-                )));
-            }
+            let d = enabled_device(&reg, &client)?;
             match &client.module {
                 None => d.rec.keys.decoded(),
                 Some(m) => d
@@ -152,13 +143,7 @@ impl CloudState {
         }
         let auth = {
             let reg = lock(&self.inner.reg);
-            let d = reg
-                .devices
-                .get(client.device.as_str())
-                .ok_or_else(|| unauthorized(format!("{client_id} is not registered")))?;
-            if d.rec.status == DeviceStatus::Disabled {
-                return Err(unauthorized(format!("device {client_id} is disabled")));
-            }
+            let d = enabled_device(&reg, &client)?;
             d.rec.x509.clone().ok_or_else(|| {
                 unauthorized(format!(
                     "device {client_id} presented a client certificate but is registered for SAS"
@@ -170,6 +155,21 @@ impl CloudState {
             .map_err(|e| unauthorized(format!("X.509: {e}")))?;
         Ok(client)
     }
+}
+
+/// The registered, enabled device `client` belongs to (401 otherwise).
+fn enabled_device<'a>(reg: &'a Registry, client: &ClientId) -> Result<&'a DeviceEntry> {
+    let d = reg
+        .devices
+        .get(client.device.as_str())
+        .ok_or_else(|| CloudError::Unauthorized(format!("{client} is not registered")))?;
+    if d.rec.status == DeviceStatus::Disabled {
+        return Err(CloudError::Unauthorized(format!(
+            "device {} is disabled",
+            d.rec.device_id
+        )));
+    }
+    Ok(d)
 }
 
 fn unix_now() -> u64 {

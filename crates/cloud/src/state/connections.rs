@@ -10,25 +10,28 @@ use tokio::sync::{mpsc, oneshot};
 use verge_core::ClientId;
 use verge_core::method::{MAX_METHOD_PAYLOAD, check_method_name};
 
-use super::{CloudState, Inner, Pending, conn_info_mut, lock, now, twin_info};
+use super::{CloudState, Inner, Pending, entry_mut, lock, now, twin_info};
 use crate::conn::{
     ConnEntry, Connection, ConnectionEvent, EVENT_CAPACITY, MethodRequest, MethodResponse,
 };
 use crate::error::{CloudError, Result};
+use verge_endpoint::session::Transport;
 
 impl CloudState {
     /// Registers a connected client (after authentication). A newer
     /// connection of the same identity replaces the older, whose
-    /// [`Connection::recv`] then returns `None`.
-    pub fn connect(&self, client: &ClientId) -> Result<Connection> {
+    /// [`Connection::recv`] then returns `None`. `transport` is shown in
+    /// the identity's JSON (`connectionProtocol`) until its next connection.
+    pub fn connect(&self, client: &ClientId, transport: Transport) -> Result<Connection> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(CloudError::Closed);
         }
         let t = now().as_millis();
         {
             let mut reg = lock(&self.inner.reg);
-            let conn = conn_info_mut(&mut reg, client)?;
+            let conn = entry_mut(&mut reg, client).map(|e| e.conn)?;
             conn.connected = true;
+            conn.transport = Some(transport);
             conn.updated_ms = t;
             conn.activity_ms = t;
         }
@@ -186,7 +189,7 @@ impl Inner {
         }
         {
             let mut reg = lock(&self.reg);
-            if let Ok(c) = conn_info_mut(&mut reg, client) {
+            if let Ok(c) = entry_mut(&mut reg, client).map(|e| e.conn) {
                 c.connected = false;
                 c.updated_ms = now().as_millis();
             }

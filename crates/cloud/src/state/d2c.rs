@@ -3,7 +3,7 @@
 
 use verge_core::{ClientId, Message};
 
-use super::{CloudState, conn_info_mut, lock, now};
+use super::{CloudState, entry_mut, lock, now};
 use crate::d2c::{D2cEntry, D2cReceipt};
 use crate::error::{CloudError, Result};
 
@@ -34,7 +34,7 @@ impl CloudState {
         }
         {
             let mut reg = lock(&self.inner.reg);
-            if let Ok(c) = conn_info_mut(&mut reg, from) {
+            if let Ok(c) = entry_mut(&mut reg, from).map(|e| e.conn) {
                 c.activity_ms = t.as_millis();
             }
         }

@@ -439,19 +439,33 @@ fn twin_info(reg: &Registry, client: &ClientId) -> Result<TwinInfo> {
     })
 }
 
-fn conn_info_mut<'a>(reg: &'a mut Registry, client: &ClientId) -> Result<&'a mut ConnInfo> {
+/// The twin and connection record of a device or module.
+struct EntryMut<'a> {
+    twin: &'a mut Twin,
+    conn: &'a mut ConnInfo,
+}
+
+fn entry_mut<'a>(reg: &'a mut Registry, client: &ClientId) -> Result<EntryMut<'a>> {
     let dev = client.device.as_str();
     let d = reg
         .devices
         .get_mut(dev)
         .ok_or_else(|| not_found_device(dev))?;
     match &client.module {
-        None => Ok(&mut d.conn),
-        Some(m) => Ok(&mut d
-            .modules
-            .get_mut(m.as_str())
-            .ok_or_else(|| not_found_module(dev, m.as_str()))?
-            .conn),
+        None => Ok(EntryMut {
+            twin: &mut d.twin,
+            conn: &mut d.conn,
+        }),
+        Some(m) => {
+            let m = d
+                .modules
+                .get_mut(m.as_str())
+                .ok_or_else(|| not_found_module(dev, m.as_str()))?;
+            Ok(EntryMut {
+                twin: &mut m.twin,
+                conn: &mut m.conn,
+            })
+        }
     }
 }
 

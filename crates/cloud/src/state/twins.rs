@@ -10,7 +10,7 @@ use verge_core::{ClientId, DeviceId, ModuleId, Twin};
 use super::registry::new_module;
 use super::{
     CloudState, DesiredEvent, Inner, MANAGED_BY_EDGE, ModuleEntry, Registry, SYSTEM_MODULES,
-    TwinInfo, check_module_id, conn_info_mut, lock, not_found_device, not_found_module, now,
+    TwinInfo, check_module_id, entry_mut, lock, not_found_device, not_found_module, now,
     to_json_bytes, twin_info,
 };
 use crate::conn::ConnectionEvent;
@@ -101,22 +101,6 @@ fn twin_ref<'a>(reg: &'a Registry, client: &ClientId) -> Result<&'a Twin> {
         Some(m) => Ok(&d
             .modules
             .get(m.as_str())
-            .ok_or_else(|| not_found_module(dev, m.as_str()))?
-            .twin),
-    }
-}
-
-fn twin_mut<'a>(reg: &'a mut Registry, client: &ClientId) -> Result<&'a mut Twin> {
-    let dev = client.device.as_str();
-    let d = reg
-        .devices
-        .get_mut(dev)
-        .ok_or_else(|| not_found_device(dev))?;
-    match &client.module {
-        None => Ok(&mut d.twin),
-        Some(m) => Ok(&mut d
-            .modules
-            .get_mut(m.as_str())
             .ok_or_else(|| not_found_module(dev, m.as_str()))?
             .twin),
     }
@@ -218,7 +202,7 @@ impl Inner {
         drop(reg);
         self.commit(batch)?;
         let mut reg = lock(&self.reg);
-        *twin_mut(&mut reg, client)? = next;
+        *entry_mut(&mut reg, client)?.twin = next;
         let info = twin_info(&reg, client)?;
         drop(reg);
         if let Some(p) = event {
@@ -239,10 +223,9 @@ impl Inner {
         );
         self.commit(batch)?;
         let mut reg = lock(&self.reg);
-        *twin_mut(&mut reg, client)? = next;
-        if let Ok(c) = conn_info_mut(&mut reg, client) {
-            c.activity_ms = now().as_millis();
-        }
+        let entry = entry_mut(&mut reg, client)?;
+        *entry.twin = next;
+        entry.conn.activity_ms = now().as_millis();
         Ok(v)
     }
 
