@@ -26,6 +26,7 @@ use serde_json::{Value, json};
 use support::{
     alive, children_named, get_json, module_pids_from_state, read_pid, runs, start_time,
 };
+use verge_testkit::verged::Config;
 
 const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 const MV: &str = "api-version=2022-08-03";
@@ -174,38 +175,22 @@ impl Harness {
             ),
         );
         let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], verge_testkit::net::free_port()));
-        let cfg = dir.path().join("config.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                r#"hostname = "edge1.local"
-homedir = "{home}"
-
-[provisioning]
-source = "manual"
-connection_string = "HostName=hub.example.net;DeviceId=dev1;SharedAccessKey={KEY}"
-
-[agent]
-name = "edgeAgent"
-type = "process"
-[agent.config]
-image = "{agent} --runtime verged --manifest {manifest} --storage {storage} --interval-ms 200"
-[agent.env]
-VERGE_AGENT_METRICS_LISTEN = "{metrics}"
-VERGE_AGENT_RESOURCES_INTERVAL_SECS = "2"
-RuntimeLogLevel = "debug"
-RUST_LOG = "warn"
-
-[edge_ca]
-auto_generated_edge_ca_expiry_days = 30
-"#,
-                home = home.display(),
-                agent = env!("CARGO_BIN_EXE_verge-agent"),
-                manifest = manifest_path.display(),
-                storage = storage.display(),
-            ),
-        )
-        .unwrap();
+        let cfg = Config::new(&home)
+            .manual(&format!(
+                "HostName=hub.example.net;DeviceId=dev1;SharedAccessKey={KEY}"
+            ))
+            .agent_image(&format!(
+                "{} --runtime verged --manifest {} --storage {} --interval-ms 200",
+                env!("CARGO_BIN_EXE_verge-agent"),
+                manifest_path.display(),
+                storage.display()
+            ))
+            .agent_env("VERGE_AGENT_METRICS_LISTEN", &metrics.to_string())
+            .agent_env("VERGE_AGENT_RESOURCES_INTERVAL_SECS", "2")
+            .agent_env("RuntimeLogLevel", "debug")
+            .agent_env("RUST_LOG", "warn")
+            .extra("[edge_ca]\nauto_generated_edge_ca_expiry_days = 30\n")
+            .write(dir.path().join("config.toml"));
         let verged = Command::new(verged_bin)
             .arg("--config")
             .arg(&cfg)

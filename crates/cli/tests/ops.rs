@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
+use verge_testkit::verged::{self, Config};
 
 const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 const MV: &str = "api-version=2022-08-03";
@@ -119,32 +120,6 @@ fn module_pids(home: &Path) -> Vec<(i32, u64)> {
     out
 }
 
-fn write_config(dir: &Path, home: &Path, agent: &Path) -> PathBuf {
-    let cfg = dir.join("config.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"hostname = "edge1.local"
-homedir = "{home}"
-
-[provisioning]
-source = "manual"
-connection_string = "HostName=hub.invalid;DeviceId=dev1;SharedAccessKey={KEY}"
-
-[agent]
-name = "edgeAgent"
-type = "process"
-[agent.config]
-image = "/bin/sh {agent}"
-"#,
-            home = home.display(),
-            agent = agent.display(),
-        ),
-    )
-    .unwrap();
-    cfg
-}
-
 impl Verged {
     /// A config and home in a temp dir; verged not started.
     fn prepare() -> Self {
@@ -152,7 +127,12 @@ impl Verged {
         let home = dir.path().join("home");
         let agent = dir.path().join("agent.sh");
         std::fs::write(&agent, "exec sleep 600\n").unwrap();
-        let cfg = write_config(dir.path(), &home, &agent);
+        let cfg = Config::new(&home)
+            .manual(&format!(
+                "HostName=hub.invalid;DeviceId=dev1;SharedAccessKey={KEY}"
+            ))
+            .agent_image(&format!("/bin/sh {}", agent.display()))
+            .write(dir.path().join("config.toml"));
         let mgmt = home.join("mgmt.sock");
         Verged {
             child: None,
@@ -170,24 +150,7 @@ impl Verged {
     /// Starts verged (outside systemd: no `JOURNAL_STREAM`) with `RUST_LOG`.
     fn launch(self, rust_log: &str) -> Self {
         let mut v = self;
-        let child = Command::new(verged_bin())
-            .arg("--config")
-            .arg(&v.cfg)
-            .env("RUST_LOG", rust_log)
-            .env_remove("JOURNAL_STREAM")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        v.child = Some(child);
-        let start = Instant::now();
-        while !v.mgmt.exists() {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "verged did not open its management socket"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        v.child = Some(verged::start(verged_bin(), &v.cfg, rust_log, &v.mgmt));
         v
     }
 

@@ -199,6 +199,15 @@ async fn call(sock: &Path, method: &str, pq: &str, body: Option<&str>) -> RawRes
     .unwrap()
 }
 
+/// Asserts that a bodiless `method pq` on `sock` answers `want`.
+async fn assert_status(sock: &Path, method: &str, pq: &str, want: u16) {
+    assert_eq!(
+        call(sock, method, pq, None).await.status,
+        want,
+        "{method} {pq}"
+    );
+}
+
 fn json(r: &RawResponse) -> serde_json::Value {
     serde_json::from_slice(&r.body).unwrap_or_else(|e| {
         panic!("{e}: {}", String::from_utf8_lossy(&r.body));
@@ -497,31 +506,11 @@ async fn modules_lifecycle_and_env() {
     assert_eq!(st.status, ModuleStatus::Running);
 
     for action in ["stop", "restart"] {
-        assert_eq!(
-            call(m, "POST", &format!("/modules/filter/{action}?{V}"), None)
-                .await
-                .status,
-            204
-        );
+        assert_status(m, "POST", &format!("/modules/filter/{action}?{V}"), 204).await;
     }
-    assert_eq!(
-        call(m, "DELETE", &format!("/modules/filter?{V}"), None)
-            .await
-            .status,
-        204
-    );
-    assert_eq!(
-        call(m, "GET", &format!("/modules/filter?{V}"), None)
-            .await
-            .status,
-        404
-    );
-    assert_eq!(
-        call(m, "POST", &format!("/modules/nope/start?{V}"), None)
-            .await
-            .status,
-        404
-    );
+    assert_status(m, "DELETE", &format!("/modules/filter?{V}"), 204).await;
+    assert_status(m, "GET", &format!("/modules/filter?{V}"), 404).await;
+    assert_status(m, "POST", &format!("/modules/nope/start?{V}"), 404).await;
     let r = call(
         m,
         "POST",
@@ -535,11 +524,8 @@ async fn modules_lifecycle_and_env() {
     assert_eq!(si["osType"], "linux");
     assert_eq!(si["provisioning"]["type"], "manual");
     assert!(si["cpus"].as_u64().unwrap() >= 1);
-    assert_eq!(call(m, "GET", "/systeminfo", None).await.status, 400);
-    assert_eq!(
-        call(m, "GET", &format!("/nowhere?{V}"), None).await.status,
-        404
-    );
+    assert_status(m, "GET", "/systeminfo", 400).await;
+    assert_status(m, "GET", &format!("/nowhere?{V}"), 404).await;
     h.sockets.shutdown_all().await;
 }
 

@@ -11,12 +11,13 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use verge_daemon::client::request;
+use verge_testkit::verged::{self, Config};
 
 const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 const MV: &str = "api-version=2022-08-03";
@@ -77,49 +78,21 @@ impl Verged {
         let home = dir.path().join("home");
         let agent = dir.path().join("agent.sh");
         std::fs::write(&agent, agent_script).unwrap();
-        let cfg = dir.path().join("config.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                r#"hostname = "edge1.local"
-homedir = "{home}"
-
-[provisioning]
-source = "manual"
-connection_string = "HostName=hub.example.net;DeviceId=dev1;SharedAccessKey={KEY}"
-
-[agent]
-name = "edgeAgent"
-type = "process"
-[agent.config]
-image = "/bin/sh {agent}"
-
-{extra}
-"#,
-                home = home.display(),
-                agent = agent.display(),
-            ),
-        )
-        .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_verged"))
-            .arg("--config")
-            .arg(&cfg)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
+        let cfg = Config::new(&home)
+            .manual(&format!(
+                "HostName=hub.example.net;DeviceId=dev1;SharedAccessKey={KEY}"
+            ))
+            .agent_image(&format!("/bin/sh {}", agent.display()))
+            .extra(extra)
+            .write(dir.path().join("config.toml"));
         let mgmt = home.join("mgmt.sock");
-        let v = Verged {
+        let child = verged::start(Path::new(env!("CARGO_BIN_EXE_verged")), &cfg, "warn", &mgmt);
+        Verged {
             child,
             dir,
             home,
             mgmt,
-        };
-        wait_for("the management socket", Duration::from_secs(30), || {
-            v.mgmt.exists()
-        });
-        v
+        }
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -133,6 +106,43 @@ image = "/bin/sh {agent}"
         body: Option<String>,
     ) -> (u16, serde_json::Value) {
         call(&self.mgmt, method, path, body).await
+    }
+
+    /// `POST /modules` with `spec`; asserts 201 and returns the module.
+    async fn create(&self, spec: String) -> serde_json::Value {
+        let (s, m) = self
+            .call("POST", &format!("/modules?{MV}"), Some(spec))
+            .await;
+        assert_eq!(s, 201, "{m}");
+        m
+    }
+
+    /// `PUT /modules/{name}?start=true` with `spec`; asserts 200.
+    async fn update_and_start(&self, name: &str, spec: String) {
+        let (s, m) = self
+            .call(
+                "PUT",
+                &format!("/modules/{name}?start=true&{MV}"),
+                Some(spec),
+            )
+            .await;
+        assert_eq!(s, 200, "{m}");
+    }
+
+    /// `POST /modules/{name}/{action}` (`start`, `stop`, `restart`); asserts 204.
+    async fn action(&self, name: &str, action: &str) {
+        let (s, b) = self
+            .call("POST", &format!("/modules/{name}/{action}?{MV}"), None)
+            .await;
+        assert_eq!(s, 204, "{b}");
+    }
+
+    /// `DELETE /modules/{name}`; asserts 204.
+    async fn delete(&self, name: &str) {
+        let (s, b) = self
+            .call("DELETE", &format!("/modules/{name}?{MV}"), None)
+            .await;
+        assert_eq!(s, 204, "{b}");
     }
 
     async fn module(&self, name: &str) -> serde_json::Value {
@@ -195,14 +205,6 @@ async fn call(
             .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&r.body).into()))
     };
     (r.status, v)
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 async fn wait_for_async(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
@@ -300,19 +302,14 @@ while true; do i=$((i+1)); echo "tick $i"; sleep 0.1; done
     let image = format!("/bin/sh {}", script.display());
 
     // create
-    let (s, m) = v
-        .call(
-            "POST",
-            &format!("/modules?{MV}"),
-            Some(spec(
-                "procmod",
-                &image,
-                &[("FOO", "one")],
-                serde_json::json!({}),
-            )),
-        )
+    let m = v
+        .create(spec(
+            "procmod",
+            &image,
+            &[("FOO", "one")],
+            serde_json::json!({}),
+        ))
         .await;
-    assert_eq!(s, 201, "{m}");
     assert_eq!(m["name"], "procmod");
     assert_eq!(m["type"], "process");
     assert_ne!(m["status"]["runtimeStatus"]["status"], "running");
@@ -326,10 +323,7 @@ while true; do i=$((i+1)); echo "tick $i"; sleep 0.1; done
     assert!(sock.exists());
 
     // start → running, environment and workload socket as seen by the module
-    let (s, b) = v
-        .call("POST", &format!("/modules/procmod/start?{MV}"), None)
-        .await;
-    assert_eq!(s, 204, "{b}");
+    v.action("procmod", "start").await;
     let m = v.wait_status("procmod", "running").await;
     let pid1 = m["id"].as_str().unwrap().to_owned();
     let (_, list) = v.call("GET", &format!("/modules?{MV}"), None).await;
@@ -392,36 +386,22 @@ while true; do i=$((i+1)); echo "tick $i"; sleep 0.1; done
     assert!(followed.matches("tick").count() >= 4, "{followed}");
 
     // stop
-    let (s, b) = v
-        .call("POST", &format!("/modules/procmod/stop?{MV}"), None)
-        .await;
-    assert_eq!(s, 204, "{b}");
+    v.action("procmod", "stop").await;
     let m = v.module("procmod").await;
     assert_ne!(m["status"]["runtimeStatus"]["status"], "running", "{m}");
     assert!(m["status"]["exitStatus"]["statusCode"].is_string(), "{m}");
 
     // restart → a new process
-    let (s, b) = v
-        .call("POST", &format!("/modules/procmod/restart?{MV}"), None)
-        .await;
-    assert_eq!(s, 204, "{b}");
+    v.action("procmod", "restart").await;
     let m = v.wait_status("procmod", "running").await;
     assert_ne!(m["id"].as_str().unwrap(), pid1);
 
     // update with a new env, started
-    let (s, m) = v
-        .call(
-            "PUT",
-            &format!("/modules/procmod?start=true&{MV}"),
-            Some(spec(
-                "procmod",
-                &image,
-                &[("FOO", "two")],
-                serde_json::json!({}),
-            )),
-        )
-        .await;
-    assert_eq!(s, 200, "{m}");
+    v.update_and_start(
+        "procmod",
+        spec("procmod", &image, &[("FOO", "two")], serde_json::json!({})),
+    )
+    .await;
     v.wait_status("procmod", "running").await;
     let env2 = out.join("env.two");
     wait_for_async("the updated module", Duration::from_secs(15), || {
@@ -431,10 +411,7 @@ while true; do i=$((i+1)); echo "tick $i"; sleep 0.1; done
     assert!(read(&env2).contains("IOTEDGE_MODULEID=procmod"));
 
     // delete
-    let (s, b) = v
-        .call("DELETE", &format!("/modules/procmod?{MV}"), None)
-        .await;
-    assert_eq!(s, 204, "{b}");
+    v.delete("procmod").await;
     let (s, _) = v.call("GET", &format!("/modules/procmod?{MV}"), None).await;
     assert_eq!(s, 404);
     let (_, list) = v.call("GET", &format!("/modules?{MV}"), None).await;
@@ -465,6 +442,19 @@ echo "$code" > "$OUT/$me.code.tmp" && mv "$OUT/$me.code.tmp" "$OUT/$me.code"
 exec sleep 600
 "#;
 
+/// Waits for `module`'s sign call (what [`SIGN_SCRIPT`] writes under `out`)
+/// and asserts its HTTP code is `want`.
+async fn assert_sign_code(out: &Path, module: &str, what: &str, want: &str) {
+    let code = || read(&out.join(format!("{module}.code"))).trim().to_owned();
+    wait_for_async(what, Duration::from_secs(20), || !code().is_empty()).await;
+    assert_eq!(
+        code(),
+        want,
+        "{}",
+        read(&out.join(format!("{module}.body")))
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn process_modules_act_only_for_themselves() {
     let out = tempfile::tempdir().unwrap();
@@ -474,45 +464,17 @@ async fn process_modules_act_only_for_themselves() {
     let script = v.path("sign.sh");
     std::fs::write(&script, SIGN_SCRIPT).unwrap();
     let image = format!("/bin/sh {}", script.display());
-    let code_of = |m: &str| read(&outp.join(format!("{m}.code"))).trim().to_owned();
 
     // the agent's own process is served on the agent's socket
-    wait_for_async("the agent's sign call", Duration::from_secs(20), || {
-        !code_of("edgeAgent").is_empty()
-    })
-    .await;
-    assert_eq!(
-        code_of("edgeAgent"),
-        "200",
-        "{}",
-        read(&outp.join("edgeAgent.body"))
-    );
+    assert_sign_code(&outp, "edgeAgent", "the agent's sign call", "200").await;
 
     // a real process module signs as itself through its own socket
     let out_env = ("OUT", outp.to_str().unwrap());
-    let (s, m) = v
-        .call(
-            "POST",
-            &format!("/modules?{MV}"),
-            Some(spec("signer", &image, &[out_env], serde_json::json!({}))),
-        )
+    v.create(spec("signer", &image, &[out_env], serde_json::json!({})))
         .await;
-    assert_eq!(s, 201, "{m}");
-    let (s, b) = v
-        .call("POST", &format!("/modules/signer/start?{MV}"), None)
-        .await;
-    assert_eq!(s, 204, "{b}");
+    v.action("signer", "start").await;
     v.wait_status("signer", "running").await;
-    wait_for_async("signer's sign call", Duration::from_secs(20), || {
-        !code_of("signer").is_empty()
-    })
-    .await;
-    assert_eq!(
-        code_of("signer"),
-        "200",
-        "{}",
-        read(&outp.join("signer.body"))
-    );
+    assert_sign_code(&outp, "signer", "signer's sign call", "200").await;
     let body: serde_json::Value = serde_json::from_str(&read(&outp.join("signer.body"))).unwrap();
     assert!(
         body["digest"].as_str().is_some_and(|d| !d.is_empty()),
@@ -558,47 +520,15 @@ async fn process_modules_act_only_for_themselves() {
         ("TARGET_NAME", "signer"),
         ("TARGET_GENID", genid.as_str()),
     ];
-    let (s, m) = v
-        .call(
-            "POST",
-            &format!("/modules?{MV}"),
-            Some(spec("thief", &image, &thief_env, serde_json::json!({}))),
-        )
+    v.create(spec("thief", &image, &thief_env, serde_json::json!({})))
         .await;
-    assert_eq!(s, 201, "{m}");
-    let (s, b) = v
-        .call("POST", &format!("/modules/thief/start?{MV}"), None)
-        .await;
-    assert_eq!(s, 204, "{b}");
-    wait_for_async("thief's sign call", Duration::from_secs(20), || {
-        !code_of("thief").is_empty()
-    })
-    .await;
-    assert_eq!(
-        code_of("thief"),
-        "403",
-        "{}",
-        read(&outp.join("thief.body"))
-    );
+    v.action("thief", "start").await;
+    assert_sign_code(&outp, "thief", "thief's sign call", "403").await;
 
     // a restarted module (new pid) is recognised at once
     std::fs::remove_file(outp.join("signer.code")).unwrap();
-    let (s, b) = v
-        .call("POST", &format!("/modules/signer/restart?{MV}"), None)
-        .await;
-    assert_eq!(s, 204, "{b}");
-    wait_for_async(
-        "signer's sign call after restart",
-        Duration::from_secs(20),
-        || !code_of("signer").is_empty(),
-    )
-    .await;
-    assert_eq!(
-        code_of("signer"),
-        "200",
-        "{}",
-        read(&outp.join("signer.body"))
-    );
+    v.action("signer", "restart").await;
+    assert_sign_code(&outp, "signer", "signer's sign call after restart", "200").await;
 }
 
 fn docker_ready() -> bool {
@@ -737,20 +667,12 @@ async fn docker_module_lifecycle() {
             "HostConfig": {"Binds": ["/usr:/usr:ro", format!("{}:/data", data.display())]},
         })
     };
-    let (s, m) = v
-        .call(
-            "POST",
-            &format!("/modules?{MV}"),
-            Some(spec(&name, IMAGE, &[("FOO", "bar")], opts("first"))),
-        )
+    let m = v
+        .create(spec(&name, IMAGE, &[("FOO", "bar")], opts("first")))
         .await;
-    assert_eq!(s, 201, "{m}");
     assert_eq!(m["type"], "docker");
     assert!(sock.exists());
-    let (s, b) = v
-        .call("POST", &format!("/modules/{name}/start?{MV}"), None)
-        .await;
-    assert_eq!(s, 204, "{b}");
+    v.action(&name, "start").await;
     let m = v.wait_status(&name, "running").await;
     let id1 = m["id"].as_str().unwrap().to_owned();
     let (_, list) = v.call("GET", &format!("/modules?{MV}"), None).await;
@@ -801,27 +723,15 @@ async fn docker_module_lifecycle() {
     assert!(followed.matches("tick").count() >= 3, "{followed}");
 
     // stop, restart
-    let (s, b) = v
-        .call("POST", &format!("/modules/{name}/stop?{MV}"), None)
-        .await;
-    assert_eq!(s, 204, "{b}");
+    v.action(&name, "stop").await;
     let m = v.module(&name).await;
     assert_ne!(m["status"]["runtimeStatus"]["status"], "running", "{m}");
-    let (s, b) = v
-        .call("POST", &format!("/modules/{name}/restart?{MV}"), None)
-        .await;
-    assert_eq!(s, 204, "{b}");
+    v.action(&name, "restart").await;
     v.wait_status(&name, "running").await;
 
     // update: new container with new createOptions
-    let (s, m) = v
-        .call(
-            "PUT",
-            &format!("/modules/{name}?start=true&{MV}"),
-            Some(spec(&name, IMAGE, &[("FOO", "baz")], opts("second"))),
-        )
+    v.update_and_start(&name, spec(&name, IMAGE, &[("FOO", "baz")], opts("second")))
         .await;
-    assert_eq!(s, 200, "{m}");
     let m = v.wait_status(&name, "running").await;
     assert_ne!(m["id"].as_str().unwrap(), id1);
     wait_for_async("the updated container", Duration::from_secs(20), || {
@@ -830,10 +740,7 @@ async fn docker_module_lifecycle() {
     .await;
 
     // delete
-    let (s, b) = v
-        .call("DELETE", &format!("/modules/{name}?{MV}"), None)
-        .await;
-    assert_eq!(s, 204, "{b}");
+    v.delete(&name).await;
     let (s, _) = v.call("GET", &format!("/modules/{name}?{MV}"), None).await;
     assert_eq!(s, 404);
     let gone = Command::new("docker")

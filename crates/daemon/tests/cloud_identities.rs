@@ -28,6 +28,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use verge_core::id::ModuleId;
 use verge_core::sas::{SasToken, SharedAccessKey, url_encode};
 use verge_daemon::client::request;
+use verge_testkit::verged::Config;
 
 /// The edge device's key (verged's provisioning and the cloud registry).
 const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
@@ -289,36 +290,19 @@ impl Harness {
     /// verged with `provisioning` (the device's hub, id and credential) in
     /// its `[provisioning]` section.
     fn start_verged_with(&mut self, provisioning: &str) {
-        let cfg = self.dir.path().join("config.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                r#"hostname = "edge1.local"
-homedir = "{home}"
-trust_bundle_cert = "{ca}"
-
-[provisioning]
-source = "manual"
-https_port = {port}
-{provisioning}
-
-[agent]
-name = "edgeAgent"
-type = "process"
-[agent.config]
-image = "/bin/sh {signer} {agent_dir}"
-
-[edge_ca]
-auto_generated_edge_ca_expiry_days = 30
-"#,
-                home = self.home().display(),
-                ca = self.cloud_ca().display(),
-                port = self.https_port,
-                signer = self.signer().display(),
-                agent_dir = self.sign_dir("$edgeAgent").display(),
-            ),
-        )
-        .unwrap();
+        let cfg = Config::new(&self.home())
+            .trust_bundle_cert(&self.cloud_ca())
+            .provisioning(
+                "manual",
+                &format!("https_port = {}\n{provisioning}", self.https_port),
+            )
+            .agent_image(&format!(
+                "/bin/sh {} {}",
+                self.signer().display(),
+                self.sign_dir("$edgeAgent").display()
+            ))
+            .extra("[edge_ca]\nauto_generated_edge_ca_expiry_days = 30\n")
+            .write(self.dir.path().join("config.toml"));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use verge_core::sas::{SasToken, SharedAccessKey};
 use verge_testkit::Running;
+use verge_testkit::verged::Config;
 
 const POLICY_KEY: &str = "CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=";
 const GROUP_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
@@ -82,37 +83,18 @@ fn api(dir: &Path, port: u16) -> Cloud {
 /// verged's config in `dir`, provisioned by the cloud's DPS on `port` with
 /// `attestation` (the `[provisioning.attestation]` lines).
 fn verged_config(dir: &Path, port: u16, attestation: &str) -> PathBuf {
-    let cfg = dir.join("config.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"hostname = "edge1.local"
-homedir = "{home}"
-trust_bundle_cert = "{ca}"
-
-[provisioning]
-source = "dps"
-global_endpoint = "https://127.0.0.1:{port}/"
-id_scope = "{SCOPE}"
-https_port = {port}
-[provisioning.attestation]
-{attestation}
-
-[agent]
-name = "edgeAgent"
-type = "process"
-[agent.config]
-image = "/bin/sleep 3600"
-
-[edge_ca]
-auto_generated_edge_ca_expiry_days = 30
-"#,
-            home = dir.join("home").display(),
-            ca = dir.join("cloud/tls/ca.pem").display(),
-        ),
-    )
-    .unwrap();
-    cfg
+    Config::new(&dir.join("home"))
+        .trust_bundle_cert(&dir.join("cloud/tls/ca.pem"))
+        .provisioning(
+            "dps",
+            &format!(
+                "global_endpoint = \"https://127.0.0.1:{port}/\"\nid_scope = \"{SCOPE}\"\n\
+                 https_port = {port}\n[provisioning.attestation]\n{attestation}"
+            ),
+        )
+        .agent_image("/bin/sleep 3600")
+        .extra("[edge_ca]\nauto_generated_edge_ca_expiry_days = 30\n")
+        .write(dir.join("config.toml"))
 }
 
 fn start_cloud(bin: &Path, dir: &Path, port: u16) -> Running {

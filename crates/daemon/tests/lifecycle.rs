@@ -6,6 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use verge_testkit::Running;
+use verge_testkit::verged::Config;
 
 const KEY: &str = "c2VjcmV0LWRldmljZS1rZXktZm9yLXRlc3RzLTEyMzQ=";
 
@@ -16,28 +17,12 @@ fn sigterm_and_sigint_run_the_shutdown() {
         let home = dir.path().join("home");
         let agent = dir.path().join("agent.sh");
         std::fs::write(&agent, "exec sleep 600\n").unwrap();
-        let cfg = dir.path().join("config.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                r#"hostname = "edge1.local"
-homedir = "{home}"
-
-[provisioning]
-source = "manual"
-connection_string = "HostName=hub.example.net;DeviceId=dev1;SharedAccessKey={KEY}"
-
-[agent]
-name = "edgeAgent"
-type = "process"
-[agent.config]
-image = "/bin/sh {agent}"
-"#,
-                home = home.display(),
-                agent = agent.display(),
-            ),
-        )
-        .unwrap();
+        let cfg = Config::new(&home)
+            .manual(&format!(
+                "HostName=hub.example.net;DeviceId=dev1;SharedAccessKey={KEY}"
+            ))
+            .agent_image(&format!("/bin/sh {}", agent.display()))
+            .write(dir.path().join("config.toml"));
         let mut verged = Running::start(
             Command::new(env!("CARGO_BIN_EXE_verged"))
                 .arg("--config")

@@ -16,9 +16,11 @@ use verge_core::sas::{SasToken, SharedAccessKey};
 use verge_daemon::client::request;
 use verge_daemon::env::{EnvContext, WorkloadUriStyle, module_env};
 use verge_daemon::keys::ModuleIdentity;
+use verge_testkit::verged::{self, Config};
 
 const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 const V: &str = "api-version=2022-08-03";
+const VERGED: &str = env!("CARGO_BIN_EXE_verged");
 
 struct Verged(Child);
 
@@ -45,35 +47,14 @@ fn python() -> PathBuf {
 }
 
 fn write_config(dir: &Path, agent_script: &Path) -> PathBuf {
-    let home = dir.join("home");
-    let cfg = dir.join("config.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"hostname = "edge1.local"
-homedir = "{home}"
-
-[provisioning]
-source = "manual"
-connection_string = "HostName=hub.example.net;DeviceId=dev1;SharedAccessKey={KEY}"
-
-[agent]
-name = "edgeAgent"
-type = "process"
-[agent.config]
-image = "/bin/sh {script}"
-[agent.env]
-RuntimeLogLevel = "debug"
-
-[edge_ca]
-auto_generated_edge_ca_expiry_days = 30
-"#,
-            home = home.display(),
-            script = agent_script.display()
-        ),
-    )
-    .unwrap();
-    cfg
+    Config::new(&dir.join("home"))
+        .manual(&format!(
+            "HostName=hub.example.net;DeviceId=dev1;SharedAccessKey={KEY}"
+        ))
+        .agent_image(&format!("/bin/sh {}", agent_script.display()))
+        .agent_env("RuntimeLogLevel", "debug")
+        .extra("[edge_ca]\nauto_generated_edge_ca_expiry_days = 30\n")
+        .write(dir.join("config.toml"))
 }
 
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
@@ -163,19 +144,7 @@ async fn sdk_signs_through_verged() {
     let home = dir.path().join("home");
     let mgmt = home.join("mgmt.sock");
 
-    let verged = Verged(
-        Command::new(env!("CARGO_BIN_EXE_verged"))
-            .arg("--config")
-            .arg(&cfg)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for("management socket", Duration::from_secs(30), || {
-        mgmt.exists()
-    });
+    let verged = Verged(verged::start(Path::new(VERGED), &cfg, "info", &mgmt));
 
     // key file and agent socket
     let key_file = home.join("keys/device.key");
@@ -384,7 +353,7 @@ fn bad_config_exits_2_naming_key_and_line() {
     ];
     for (body, needle, line) in cases {
         std::fs::write(&cfg, &body).unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_verged"))
+        let out = Command::new(VERGED)
             .arg("--config")
             .arg(&cfg)
             .output()
@@ -420,19 +389,7 @@ async fn agent_state_and_resources() {
     .unwrap();
     let cfg = write_config(dir.path(), &script);
     let mgmt = dir.path().join("home/mgmt.sock");
-    let mut verged = Verged(
-        Command::new(env!("CARGO_BIN_EXE_verged"))
-            .arg("--config")
-            .arg(&cfg)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for("management socket", Duration::from_secs(30), || {
-        mgmt.exists()
-    });
+    let mut verged = Verged(verged::start(Path::new(VERGED), &cfg, "warn", &mgmt));
     let agent = || async {
         let (s, v) = call(&mgmt, "GET", &format!("/systeminfo/agent?{V}"), None).await;
         assert_eq!(s, 200, "{v}");

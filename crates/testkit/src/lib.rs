@@ -3,13 +3,15 @@
 //! bounded wait for a line, and a stop by signal with a bounded wait for the
 //! exit; sibling binaries built with the test's own cargo, target directory
 //! and profile; the Python with the official Azure SDKs, and the port the
-//! device SDKs dial. Panics are the point here: a failed step fails the test.
+//! device SDKs dial; verged's config file and its start. Panics are the
+//! point here: a failed step fails the test.
 #![allow(clippy::unwrap_used, clippy::panic)]
 
 pub mod docker;
 pub mod net;
 pub mod prometheus;
 pub mod registry;
+pub mod verged;
 pub mod x509;
 
 use std::io::{BufRead as _, BufReader};

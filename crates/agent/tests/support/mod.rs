@@ -14,6 +14,7 @@ use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::{Pid, getpgid};
 use serde_json::{Value, json};
 use verge_daemon::client::request;
+use verge_testkit::verged::Config;
 
 /// The edge device's key (verged's provisioning and the cloud registry).
 pub const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
@@ -397,38 +398,25 @@ impl Harness {
             .and_then(|h| h.rsplit_once(':'))
             .and_then(|(_, p)| p.parse().ok())
             .unwrap();
-        std::fs::write(
-            &self.cfg,
-            format!(
-                r#"hostname = "edge1.local"
-homedir = "{home}"
-trust_bundle_cert = "{ca}"
-
-[provisioning]
-source = "manual"
-connection_string = "HostName=127.0.0.1;DeviceId={DEVICE};SharedAccessKey={KEY}"
-https_port = {https_port}
-
-[agent]
-name = "edgeAgent"
-type = "process"
-[agent.config]
-image = "{agent} --runtime verged --storage {storage} --interval-ms 200 --report-interval-ms 300"
-[agent.env]
-RUST_LOG = "info"
-VERGE_AGENT_UPSTREAM_PORT = "{mqtt_port}"
-VERGE_AGENT_METRICS_LISTEN = "127.0.0.1:0"
-
-[edge_ca]
-auto_generated_edge_ca_expiry_days = 30
-"#,
-                home = self.home.display(),
-                ca = self.cloud_ca.display(),
-                agent = env!("CARGO_BIN_EXE_verge-agent"),
-                storage = storage.display(),
-            ),
-        )
-        .unwrap();
+        Config::new(&self.home)
+            .trust_bundle_cert(&self.cloud_ca)
+            .provisioning(
+                "manual",
+                &format!(
+                    "connection_string = \"HostName=127.0.0.1;DeviceId={DEVICE};SharedAccessKey={KEY}\"\n\
+                     https_port = {https_port}"
+                ),
+            )
+            .agent_image(&format!(
+                "{} --runtime verged --storage {} --interval-ms 200 --report-interval-ms 300",
+                env!("CARGO_BIN_EXE_verge-agent"),
+                storage.display()
+            ))
+            .agent_env("RUST_LOG", "info")
+            .agent_env("VERGE_AGENT_UPSTREAM_PORT", &mqtt_port.to_string())
+            .agent_env("VERGE_AGENT_METRICS_LISTEN", "127.0.0.1:0")
+            .extra("[edge_ca]\nauto_generated_edge_ca_expiry_days = 30\n")
+            .write(&self.cfg);
     }
 
     pub fn start_verged(&mut self) {
