@@ -21,7 +21,9 @@ use fe2o3_amqp::acceptor::{
 };
 use fe2o3_amqp::link::delivery::{Delivery, DeliveryInfo};
 use fe2o3_amqp::link::{Receiver, Sender};
-use fe2o3_amqp::types::definitions::{self, AmqpError, ErrorCondition, ReceiverSettleMode, Role};
+use fe2o3_amqp::types::definitions::{
+    self, AmqpError, ConnectionError, ErrorCondition, ReceiverSettleMode, Role,
+};
 use fe2o3_amqp::types::messaging::{Body, Message, Outcome, TargetArchetype};
 use fe2o3_amqp::types::performatives::Attach;
 use fe2o3_amqp::types::primitives::{Symbol, Value};
@@ -157,6 +159,9 @@ struct Shared<B: Backend> {
     certs: Vec<CertificateDer<'static>>,
     identities: Mutex<HashMap<ClientId, Identity<B::Link>>>,
     cancel: CancellationToken,
+    /// Why a session task ended the whole connection (set before it
+    /// cancels `cancel`): the CLOSE carries it.
+    fatal: std::sync::Mutex<Option<definitions::Error>>,
     tasks: TaskTracker,
 }
 
@@ -263,6 +268,7 @@ pub async fn serve_with_certs<B, S>(
         certs,
         identities: Mutex::new(HashMap::new()),
         cancel: shutdown.child_token(),
+        fatal: std::sync::Mutex::new(None),
         tasks: TaskTracker::new(),
     });
     // SASL PLAIN pins one identity for the connection's life (as edgeHub).
@@ -335,7 +341,9 @@ impl<B: Backend> Shared<B> {
         auth_check.tick().await;
         loop {
             tokio::select! {
-                () = self.cancel.cancelled() => return None,
+                () = self.cancel.cancelled() => {
+                    return self.fatal.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+                }
                 _ = auth_check.tick() => {
                     if !self.tokens.any_valid(unix_now()) {
                         tracing::info!(peer = %self.peer, "AMQP connection without a valid token; closing");
@@ -357,6 +365,15 @@ impl<B: Backend> Shared<B> {
                 }
             }
         }
+    }
+
+    /// Ends the connection from a session task, closing it with `why`.
+    fn end_connection(&self, why: definitions::Error) {
+        self.fatal
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_or_insert(why);
+        self.cancel.cancel();
     }
 
     /// Checks `token` for `client` with the backend; returns its expiry.
@@ -438,6 +455,20 @@ impl<B: Backend> Shared<B> {
                     None => break,
                 },
             };
+            // fe2o3 does not hold the client to the handle-max we offered:
+            // past it the spec has the connection closed (framing-error), so
+            // an attach storm cannot grow a session without bound.
+            if attach.handle.0 > MAX_HANDLE {
+                tracing::warn!(peer = %self.peer, handle = attach.handle.0, max = MAX_HANDLE, "AMQP attach past the session's handle-max; closing the connection");
+                self.end_connection(error(
+                    ConnectionError::FramingError,
+                    format!(
+                        "link handle {} is above the handle-max {MAX_HANDLE}",
+                        attach.handle.0
+                    ),
+                ));
+                break;
+            }
             let remote_sender = attach.role == Role::Sender;
             let addr = terminus_address(&attach, remote_sender);
             let name = attach.name.clone();

@@ -233,7 +233,10 @@ fn amqp_devices_send_telemetry_and_take_c2d() {
             None,
         ));
         assert_eq!(s, 200, "{v}");
-        v["connectionProtocol"].as_str().unwrap_or_default().to_owned()
+        v["connectionProtocol"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
     };
     assert_eq!(protocol(DEVICE), "", "never connected");
     println!("{}", cloud.script(&proton, "proton", &key, json!({})));

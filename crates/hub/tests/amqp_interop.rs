@@ -3,7 +3,7 @@
 //! with azure-iot-device, whose MQTT module is the other end of a route)
 //! and Apache Qpid Proton (Debian `python3-qpid-proton`, for
 //! `/usr/bin/python3`: SASL ANONYMOUS + CBS, PLAIN, no SASL, three
-//! identities on one connection, refused and expiring tokens).
+//! identities on one connection, refused and expiring tokens, attach storms).
 //!
 //! `scripts/test.sh` installs both. Set `VERGE_SKIP_AMQP_INTEROP=1` to skip
 //! (said so on stderr); otherwise a missing client fails the test.
@@ -69,6 +69,7 @@ fn run(python: &Path, script: &str, mqtt: &str) {
         "amqps_port": amqps,
         "https_port": https,
         "twins_file": pki.dir.path().join("twins.json"),
+        "hub_pid": hub.id(),
         "keys": {
             "modA": module_key("modA").to_base64(),
             "modB": module_key("modB").to_base64(),
@@ -129,6 +130,18 @@ fn uamqp_module_routes_both_ways_with_an_mqtt_module() {
     let python = verge_testkit::azure_python("uamqp, azure.iot.device");
     wait_port_free(8883);
     run(&python, "amqp_uamqp.py", "127.0.0.1:8883");
+}
+
+/// Attach storms (Proton): links past a session's handle-max are refused
+/// and a thousand attach/detach cycles leave the hub's memory flat, while
+/// another connection's input keeps receiving.
+#[test]
+fn proton_attach_storms_hurt_only_their_connection() {
+    if skipped("proton_attach_storms_hurt_only_their_connection") {
+        return;
+    }
+    let python = verge_testkit::proton_python();
+    run(&python, "amqp_storm.py", "127.0.0.1:0");
 }
 
 /// Proton: SASL ANONYMOUS + CBS with three identities on one connection,
