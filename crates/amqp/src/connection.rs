@@ -57,6 +57,12 @@ const CBS_QUEUE: usize = 16;
 /// Sessions one connection may open: the C# SDK's pool puts one session per
 /// identity on a connection (`amqp-iothub.md` §5), so room for many.
 const MAX_CHANNEL: u16 = 1023;
+/// Sessions a connection may hold beyond one per identity with a token:
+/// room for the `$cbs` session and for sessions a client opens before their
+/// put-tokens (the C# SDK's pool opens a session per device, several at
+/// once, spread over up to 100 connections), not for a storm of sessions (a
+/// task each) from a client that never authenticates.
+const SPARE_SESSIONS: usize = 32;
 /// Links one session may hold: an identity needs at most eight (telemetry,
 /// inputs, C2D, twin and methods both ways, CBS pair), so an attach storm
 /// ends the connection instead of growing it.
@@ -339,6 +345,8 @@ impl<B: Backend> Shared<B> {
         let session_acceptor = SessionAcceptor::builder().handle_max(MAX_HANDLE).build();
         let mut auth_check = tokio::time::interval(self.cfg.auth_timeout);
         auth_check.tick().await;
+        // Live sessions: each ends its task by dropping its guard.
+        let live = Arc::new(());
         loop {
             tokio::select! {
                 () = self.cancel.cancelled() => {
@@ -352,10 +360,24 @@ impl<B: Backend> Shared<B> {
                 }
                 incoming = conn.next_incoming_session() => {
                     let incoming = incoming?;
+                    // One live `Arc` per session besides ours.
+                    let sessions = Arc::strong_count(&live) - 1;
+                    let allowed = (self.tokens.len() + SPARE_SESSIONS).min(usize::from(MAX_CHANNEL) + 1);
+                    if sessions >= allowed {
+                        tracing::warn!(peer = %self.peer, sessions, allowed, "AMQP session past the connection's allowance; closing the connection");
+                        return Some(error(
+                            AmqpError::ResourceLimitExceeded,
+                            format!("{sessions} sessions open; {allowed} allowed for the identities authenticated"),
+                        ));
+                    }
                     match session_acceptor.accept_incoming_session(incoming, conn).await {
                         Ok(session) => {
                             let this = self.clone();
-                            self.tasks.spawn(async move { this.session(session).await });
+                            let guard = live.clone();
+                            self.tasks.spawn(async move {
+                                this.session(session).await;
+                                drop(guard);
+                            });
                         }
                         Err(e) => {
                             tracing::info!(peer = %self.peer, error = %e, "AMQP session refused");

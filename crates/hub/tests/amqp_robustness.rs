@@ -1,7 +1,8 @@
 //! Bad input on the AMQP endpoint, in-process against a real `HubState`:
 //! a wrong protocol header, an oversize frame, a malformed frame and a
 //! connection that never presents a token each close that connection (and
-//! only it) within its deadline.
+//! only it) within its deadline; a session storm before any token is cut
+//! short.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::sync::Arc;
@@ -41,14 +42,24 @@ modA = "gen-a"
 }
 
 fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
+    frame_on(0, kind, body)
+}
+
+fn frame_on(channel: u16, kind: u8, body: &[u8]) -> Vec<u8> {
     let mut out = u32::try_from(8 + body.len())
         .unwrap()
         .to_be_bytes()
         .to_vec();
-    out.extend_from_slice(&[2, kind, 0, 0]);
+    out.extend_from_slice(&[2, kind]);
+    out.extend_from_slice(&channel.to_be_bytes());
     out.extend_from_slice(body);
     out
 }
+
+/// BEGIN: remote-channel null, next-outgoing-id 0, both windows 100.
+const BEGIN: &[u8] = &[
+    0x00, 0x53, 0x11, 0xc0, 0x08, 0x04, 0x40, 0x52, 0x00, 0x52, 0x64, 0x52, 0x64,
+];
 
 /// A described list (descriptor `code`) holding one short field.
 fn performative(code: u8, field_type: u8, field: &[u8]) -> Vec<u8> {
@@ -182,4 +193,41 @@ async fn bad_input_closes_only_that_connection() {
     }
     drop(good);
     finished(good_task).await;
+}
+
+/// Sessions cost a task each: a connection without a valid token gets 32,
+/// not the 1,024 channels OPEN offers (each identity with a token makes
+/// room for one more).
+#[tokio::test]
+async fn a_session_storm_before_any_token_closes_the_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = state(dir.path()).await;
+    let patient = verge_amqp::Config {
+        open_timeout: Duration::from_secs(120),
+        auth_timeout: Duration::from_secs(120),
+        ..verge_amqp::Config::default()
+    };
+    let (mut c, task) = connect_with(&state, patient);
+    c.write_all(AMQP).await.unwrap();
+    c.write_all(&frame(0, &performative(0x10, 0xa1, b"storm")))
+        .await
+        .unwrap();
+    let mut storm = Vec::new();
+    for channel in 0..1024u16 {
+        storm.extend_from_slice(&frame_on(channel, 0, BEGIN));
+    }
+    // The server may close before taking it all.
+    let _ = c.write_all(&storm).await;
+    let got = until_closed(&mut c, Duration::from_secs(10), "session storm").await;
+    let begins = got.windows(3).filter(|w| *w == [0x00, 0x53, 0x11]).count();
+    assert!(
+        begins <= 32,
+        "{begins} sessions begun on a connection without a token"
+    );
+    assert!(
+        got.windows(b"amqp:resource-limit-exceeded".len())
+            .any(|w| w == b"amqp:resource-limit-exceeded"),
+        "no resource-limit-exceeded in the CLOSE"
+    );
+    finished(task).await;
 }
