@@ -167,6 +167,7 @@ pub(crate) fn write_hub_config(
     dir: &Path,
     pki: &Pki,
     (mqtt, https): (u16, u16),
+    amqps: Option<u16>,
     inflight: usize,
     tag: &str,
 ) -> anyhow::Result<PathBuf> {
@@ -201,7 +202,7 @@ routes_file = "{routes}"
 [listen]
 mqtt = "127.0.0.1:{mqtt}"
 https = "127.0.0.1:{https}"
-[tls]
+{amqps}[tls]
 cert = "{cert}"
 key = "{key}"
 [modules]
@@ -212,6 +213,7 @@ max_inflight = {inflight}
 "#,
         storage = storage.display(),
         routes = routes_file.display(),
+        amqps = amqps.map_or_else(String::new, |p| format!("amqps = \"127.0.0.1:{p}\"\n")),
         cert = pki.cert.display(),
         key = pki.key.display(),
     );
@@ -225,9 +227,11 @@ pub(crate) fn start_hub(
     dir: &Path,
     pki: &Pki,
     tag: &str,
-) -> anyhow::Result<(Proc, SocketAddr)> {
+    amqp: bool,
+) -> anyhow::Result<(Proc, SocketAddr, Option<SocketAddr>)> {
     let (mqtt, https) = (free_port()?, free_port()?);
-    let cfg = write_hub_config(dir, pki, (mqtt, https), args.inflight, tag)?;
+    let amqps = if amqp { Some(free_port()?) } else { None };
+    let cfg = write_hub_config(dir, pki, (mqtt, https), amqps, args.inflight, tag)?;
     let log = std::fs::File::create(dir.join(format!("hub-{tag}.log")))?;
     let child = Command::new(&args.hub_bin)
         .arg("--config")
@@ -244,6 +248,7 @@ pub(crate) fn start_hub(
             child,
         },
         SocketAddr::from(([127, 0, 0, 1], mqtt)),
+        amqps.map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
     ))
 }
 

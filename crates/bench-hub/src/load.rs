@@ -152,7 +152,13 @@ pub(crate) async fn run_load(
         let (t, sh, la) = (target.clone(), shared.clone(), last_ack.clone());
         let payload = args.payload;
         handles.push(tokio::spawn(async move {
-            let r = publisher(t, i, per_pub, payload, window, stop_at, sh.clone(), la).await;
+            let r = match t.amqp {
+                Some(a) => {
+                    amqp::publisher(t, a, i, per_pub, payload, window, stop_at, sh.clone(), la)
+                        .await
+                }
+                None => publisher(t, i, per_pub, payload, window, stop_at, sh.clone(), la).await,
+            };
             if let Err(e) = &r {
                 eprintln!("  publisher {i}: {e:#}");
                 sh.failed.store(true, Ordering::Relaxed);

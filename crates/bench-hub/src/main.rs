@@ -1,6 +1,7 @@
 //! `hub-bench`: routed module→module MQTT QoS 1 throughput and latency of
 //! verge-hub, against Mosquitto doing plain QoS 1 pub→sub, in the same run
-//! and with the same load generator (this file), plus the idle RSS of
+//! and with the same load generator (this file; `hub-amqp` publishes over
+//! AMQPS instead, `amqp.rs`), plus the idle RSS of
 //! verge-hub and a cross-check with `mosquitto_pub`/`mosquitto_sub`.
 //!
 //! Everything binds or dials 127.0.0.1 only, every run is bounded in message
@@ -96,7 +97,8 @@ struct Args {
     /// Measure Mosquitto only (for checking the load generator).
     #[arg(long)]
     skip_hub: bool,
-    /// Which load measurements to run (hub, mosq-tls, mosq-tcp, mosq-persist).
+    /// Which load measurements to run (hub, hub-amqp, mosq-tls, mosq-tcp,
+    /// mosq-persist); hub-amqp is the hub with AMQP publishers.
     #[arg(
         long,
         default_value = "hub,mosq-tls,mosq-tcp,mosq-persist",
@@ -120,6 +122,7 @@ fn now_ns() -> u64 {
     u64::try_from(epoch().elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
+mod amqp;
 mod brokers;
 mod crosscheck;
 mod load;
@@ -135,6 +138,7 @@ use transport::*;
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Broker {
     Hub,
+    HubAmqp,
     MosqTls,
     MosqTcp,
     MosqTlsPersist,
@@ -144,6 +148,7 @@ impl Broker {
     fn label(self) -> &'static str {
         match self {
             Broker::Hub => "verge-hub, TLS, routed, fsync'd store",
+            Broker::HubAmqp => "verge-hub, AMQPS publishers, routed, fsync'd",
             Broker::MosqTls => "mosquitto, TLS, persistence false",
             Broker::MosqTcp => "mosquitto, plain TCP, persistence false",
             Broker::MosqTlsPersist => "mosquitto, TLS, persistence true",
@@ -176,13 +181,18 @@ async fn one(
     hub_hwm: &mut Vec<(String, u64)>,
 ) -> anyhow::Result<RunResult> {
     let r = match broker {
-        Broker::Hub => {
-            let (mut p, addr) = start_hub(args, dir, pki, tag)?;
+        Broker::Hub | Broker::HubAmqp => {
+            let amqp = broker == Broker::HubAmqp;
+            let (mut p, addr, amqps) = start_hub(args, dir, pki, tag, amqp)?;
             wait_listening(addr, &mut p).await?;
+            if let Some(a) = amqps {
+                wait_listening(a, &mut p).await?;
+            }
             let t = Target {
                 addr,
                 tls: Some(pki.connector.clone()),
                 hub: true,
+                amqp: amqps,
             };
             let c0 = cpu_time(p.pid());
             let r = run_load(&t, pubs, window, args).await.map(|mut r| {
@@ -203,11 +213,13 @@ async fn one(
                     addr: m.tcp,
                     tls: None,
                     hub: false,
+                    amqp: None,
                 },
                 _ => Target {
                     addr: m.tls,
                     tls: Some(pki.connector.clone()),
                     hub: false,
+                    amqp: None,
                 },
             };
             let c0 = cpu_time(m.proc.pid());
@@ -242,7 +254,7 @@ fn fmt_rate(x: f64) -> String {
 }
 
 async fn idle_rss(args: &Args, dir: &Path, pki: &Pki) -> anyhow::Result<((u64, u64), (u64, u64))> {
-    let (mut hub, addr) = start_hub(args, dir, pki, "idle")?;
+    let (mut hub, addr, _) = start_hub(args, dir, pki, "idle", false)?;
     wait_listening(addr, &mut hub).await?;
     tokio::time::sleep(Duration::from_secs_f64(args.idle_secs)).await;
     let idle0 = rss_kib(hub.pid());
@@ -251,6 +263,7 @@ async fn idle_rss(args: &Args, dir: &Path, pki: &Pki) -> anyhow::Result<((u64, u
         addr,
         tls: Some(pki.connector.clone()),
         hub: true,
+        amqp: None,
     };
     let mut idle_clients = Vec::new();
     for m in ["pub0", SINK] {
@@ -324,10 +337,12 @@ async fn main() -> anyhow::Result<()> {
     {
         for (b, name) in [
             (Broker::Hub, "hub"),
+            (Broker::HubAmqp, "hub-amqp"),
             (Broker::MosqTls, "mosq-tls"),
             (Broker::MosqTcp, "mosq-tcp"),
         ] {
-            if want(name) && !(args.skip_hub && b == Broker::Hub) {
+            let hub = matches!(b, Broker::Hub | Broker::HubAmqp);
+            if want(name) && !(args.skip_hub && hub) {
                 plan.push((b, p, w));
             }
         }
@@ -390,7 +405,7 @@ async fn main() -> anyhow::Result<()> {
     // 3. Cross-check with libmosquitto's own clients (single publisher).
     let mut cli = Vec::new();
     if args.cli_messages > 0 && !args.skip_hub {
-        let (mut hub, addr) = start_hub(&args, &dir, &pki, "cli")?;
+        let (mut hub, addr, _) = start_hub(&args, &dir, &pki, "cli", false)?;
         wait_listening(addr, &mut hub).await?;
         cli.push(("verge-hub, TLS", cli_check(&args, addr, Some(&pki))));
         hub.stop();
@@ -434,6 +449,8 @@ async fn main() -> anyhow::Result<()> {
             .map(RunResult::rate);
         let ratio = match (row.broker, hub_rate) {
             (Broker::Hub, _) | (_, None) => "—".to_owned(),
+            // The AMQP row against the MQTT one, the other way round.
+            (Broker::HubAmqp, Some(h)) => format!("AMQP {:.2}× MQTT", m.rate() / h),
             (_, Some(h)) => format!("{:.2}×", h / m.rate()),
         };
         let max_ms = m

@@ -13,6 +13,8 @@ pub(crate) struct Target {
     pub(crate) tls: Option<tokio_rustls::TlsConnector>,
     /// verge-hub (identities, SAS, routed topics) or a plain broker.
     pub(crate) hub: bool,
+    /// verge-hub's AMQPS listener: publishers send over AMQP instead.
+    pub(crate) amqp: Option<SocketAddr>,
 }
 
 impl Target {
