@@ -7,15 +7,16 @@ mod common;
 
 use std::io::{BufRead as _, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use verge_sdk::{ClientOptions, DeviceClient, Message, ModuleClient};
+use verge_testkit::cloud::{CloudProc, Config};
 
-/// verge-cloud as a child process (SIGTERM, then SIGKILL, when dropped).
+/// verge-cloud as a child process (killed when dropped).
 struct Cloud {
-    child: Child,
+    _proc: CloudProc,
     dir: tempfile::TempDir,
     https: u16,
     mqtt: u16,
@@ -31,37 +32,23 @@ impl Cloud {
     fn start_as(hostname: &str) -> Cloud {
         let bin = common::build(&["verge-cloud"]).join("verge-cloud");
         let dir = tempfile::tempdir().unwrap();
-        let mut child = Command::new(bin)
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args(["--listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0"])
-            .args(["--hostname", hostname])
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(dir.path().join("cloud.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let (mut https, mut mqtt) = (0, 0);
-        while https == 0 || mqtt == 0 {
-            let l = lines.next().expect("verge-cloud exited").unwrap();
-            let port = |a: &str| a.rsplit_once(':').unwrap().1.trim().parse::<u16>().unwrap();
-            if let Some(a) = l.strip_prefix("listening on https://") {
-                https = port(a);
-            } else if let Some(a) = l.strip_prefix("listening on mqtts://") {
-                mqtt = port(a);
-            }
-        }
-        // Keep draining stdout so verge-cloud never writes into a closed pipe.
-        std::thread::spawn(move || for _ in lines {});
+        let proc = CloudProc::start(
+            &bin,
+            &Config::new(&dir.path().join("data"))
+                .hostname(hostname)
+                .render(),
+            dir.path(),
+            "info",
+        );
         let key = std::fs::read_to_string(dir.path().join("data/service-policy.key"))
             .unwrap()
             .trim()
             .to_owned();
         Cloud {
-            child,
+            https: proc.https_port(),
+            mqtt: proc.mqtts_port(),
+            _proc: proc,
             dir,
-            https,
-            mqtt,
             key,
         }
     }
@@ -116,19 +103,6 @@ impl Cloud {
             reconnect_min: Duration::from_millis(100),
             ..ClientOptions::default()
         }
-    }
-}
-
-impl Drop for Cloud {
-    fn drop(&mut self) {
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.child.try_wait().unwrap().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

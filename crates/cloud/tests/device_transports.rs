@@ -10,19 +10,19 @@
 //! with only its certificate. All reach the same backend as MQTT devices.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use base64::Engine as _;
 use serde_json::{Value, json};
 use verge_core::{SasToken, SharedAccessKey};
-use verge_testkit::Running;
+use verge_testkit::cloud::{CloudProc, Config};
 
 const DEVICE: &str = "amqp-dev";
 
 struct Cloud {
-    proc: Running,
+    proc: CloudProc,
     dir: tempfile::TempDir,
     https: u16,
     amqps: u16,
@@ -34,33 +34,18 @@ impl Cloud {
     fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let policy = SharedAccessKey::from_bytes(vec![7u8; 32]);
-        let cfg = dir.path().join("cloud.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "data_dir = {:?}\nlisten = \"127.0.0.1:0\"\nmqtt_listen = \"127.0.0.1:0\"\n\
-                 amqps_listen = \"127.0.0.1:0\"\nhostname = \"localhost\"\n\
-                 [service]\npolicy_key = \"{}\"\n[dps]\nenabled = false\n",
-                dir.path().join("data").display().to_string(),
-                policy.to_base64()
-            ),
-        )
-        .unwrap();
-        let mut proc = Running::start(
-            Command::new(env!("CARGO_BIN_EXE_verge-cloud"))
-                .arg("--config")
-                .arg(&cfg),
+        let proc = CloudProc::start(
+            Path::new(env!("CARGO_BIN_EXE_verge-cloud")),
+            &Config::new(&dir.path().join("data"))
+                .amqps_listen("127.0.0.1:0")
+                .hostname("localhost")
+                .policy_key(&policy.to_base64())
+                .extra("[dps]\nenabled = false\n")
+                .render(),
+            dir.path(),
+            "info",
         );
-        proc.wait_for("listening on https://");
-        let port = |scheme: &str| -> u16 {
-            proc.log()
-                .iter()
-                .find_map(|l| l.strip_prefix(&format!("listening on {scheme}://")))
-                .and_then(|a| a.trim().rsplit_once(':'))
-                .and_then(|(_, p)| p.parse().ok())
-                .unwrap_or_else(|| panic!("no {scheme} address: {:?}", proc.log()))
-        };
-        let (https, amqps) = (port("https"), port("amqps"));
+        let (https, amqps) = (proc.https_port(), proc.amqps_port());
         let ca = std::fs::read(dir.path().join("data/tls/ca.pem")).unwrap();
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
@@ -144,7 +129,7 @@ impl Cloud {
         assert!(
             status.is_some_and(|s| s.success()) && stdout.contains("ALL PASS"),
             "{mode} failed (status {status:?})\n--- stdout\n{stdout}\n--- stderr\n{stderr}\n--- cloud log\n{}",
-            self.proc.log().join("\n")
+            self.proc.log()
         );
         stdout
     }

@@ -4,33 +4,21 @@
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use verge_testkit::Running;
+use verge_testkit::cloud::{CloudProc, Config};
 
 fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
 }
 
-fn start(dir: &Path) -> Running {
-    let data = dir.join("data");
-    let cfg = dir.join("cloud.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:0\"\nmqtt_listen = \"127.0.0.1:0\"\n",
-            data.display().to_string()
-        ),
+fn start(dir: &Path) -> CloudProc {
+    CloudProc::start(
+        Path::new(env!("CARGO_BIN_EXE_verge-cloud")),
+        &Config::new(&dir.join("data")).render(),
+        dir,
+        "info",
     )
-    .unwrap();
-    let mut cloud = Running::start(
-        Command::new(env!("CARGO_BIN_EXE_verge-cloud"))
-            .arg("--config")
-            .arg(&cfg),
-    );
-    cloud.wait_for("listening on https://");
-    cloud
 }
 
 #[test]
@@ -39,11 +27,7 @@ fn sigterm_and_sigint_run_the_shutdown() {
         let dir = tempfile::tempdir().unwrap();
         let mut cloud = start(dir.path());
         assert_eq!(cloud.stop(signal, Duration::from_secs(15)), Some(0));
-        assert!(
-            cloud.logged("verge-cloud stopped"),
-            "{}",
-            cloud.log().join("\n")
-        );
+        assert!(cloud.logged("verge-cloud stopped"), "{}", cloud.log());
     }
 }
 

@@ -7,21 +7,12 @@
 //! only when it cannot be bound.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use verge_testkit::cloud::{CloudProc, Config};
 
 /// The Python with the official SDK (`VERGE_PYTHON`, else the repository's .venv).
 fn python() -> PathBuf {
@@ -52,54 +43,17 @@ fn azure_python_device_sdk_interop() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let key = base64::engine::general_purpose::STANDARD.encode([5u8; 32]);
-    let cfg = dir.path().join("cloud.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:0\"\nmqtt_listen = \"127.0.0.1:8883\"\n\
-             [service]\npolicy_key = \"{key}\"\n",
-            data.display().to_string()
-        ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(dir.path().join("cloud.log")).unwrap();
-    let mut child = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_verge-cloud"))
-            .arg("--config")
-            .arg(&cfg)
-            .env("RUST_LOG", "info,verge_cloud::device=debug")
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
+    let cloud = CloudProc::start(
+        Path::new(env!("CARGO_BIN_EXE_verge-cloud")),
+        &Config::new(&data)
+            .mqtt_listen("127.0.0.1:8883")
+            .policy_key(&key)
+            .render(),
+        dir.path(),
+        "info,verge_cloud::device=debug",
     );
-    // The binary prints both bound addresses once it serves.
-    let stdout = child.0.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(a) = line.strip_prefix("listening on ") {
-                let _ = tx.send(a.to_owned());
-            }
-        }
-    });
-    let mut https = None;
-    let mut mqtts = None;
-    while https.is_none() || mqtts.is_none() {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| {
-                let log = std::fs::read_to_string(dir.path().join("cloud.log")).unwrap_or_default();
-                panic!("verge-cloud did not report its addresses\n{log}")
-            });
-        if let Some(a) = line.strip_prefix("https://") {
-            https = Some(a.to_owned());
-        } else if let Some(a) = line.strip_prefix("mqtts://") {
-            mqtts = Some(a.to_owned());
-        }
-    }
-    assert_eq!(mqtts.as_deref(), Some("127.0.0.1:8883"));
-    let https = https.unwrap();
+    assert_eq!(cloud.mqtts(), "127.0.0.1:8883");
+    let https = cloud.https();
     let cs = format!("HostName={https};SharedAccessKeyName=iothubowner;SharedAccessKey={key}");
     let ca = data.join("tls/ca.pem");
     let params = serde_json::json!({
@@ -129,10 +83,10 @@ fn azure_python_device_sdk_interop() {
         std::thread::sleep(Duration::from_millis(200));
     };
     let out = py.wait_with_output().unwrap();
-    drop(child);
+    let cloud_log = cloud.log();
+    drop(cloud);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let cloud_log = std::fs::read_to_string(dir.path().join("cloud.log")).unwrap_or_default();
     assert!(
         status.is_some_and(|s| s.success()) && stdout.contains("ALL PASS"),
         "device SDK script failed (status {status:?}) after {:?}\n--- stdout\n{stdout}\n\

@@ -9,12 +9,13 @@
 //! it cannot be bound.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use base64::Engine as _;
-use verge_testkit::{Running, x509};
+use verge_testkit::cloud::{CloudProc, Config};
+use verge_testkit::x509;
 
 #[test]
 fn azure_python_provisioning_client_interop() {
@@ -26,34 +27,19 @@ fn azure_python_provisioning_client_interop() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let key = base64::engine::general_purpose::STANDARD.encode([6u8; 32]);
-    let cfg = dir.path().join("cloud.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:0\"\nmqtt_listen = \"127.0.0.1:8883\"\n\
-             hostname = \"localhost\"\n[service]\npolicy_key = \"{key}\"\n\
-             [dps]\nid_scope = \"0ne00TEST01\"\n",
-            data.display().to_string()
-        ),
-    )
-    .unwrap();
-    let mut cloud = Running::start(
-        Command::new(env!("CARGO_BIN_EXE_verge-cloud"))
-            .arg("--config")
-            .arg(&cfg),
+    let mut cloud = CloudProc::start(
+        Path::new(env!("CARGO_BIN_EXE_verge-cloud")),
+        &Config::new(&data)
+            .mqtt_listen("127.0.0.1:8883")
+            .hostname("localhost")
+            .policy_key(&key)
+            .extra("[dps]\nid_scope = \"0ne00TEST01\"\n")
+            .render(),
+        dir.path(),
+        "info",
     );
-    cloud.wait_for("listening on https://");
-    let https = cloud
-        .log()
-        .iter()
-        .find_map(|l| l.strip_prefix("listening on https://"))
-        .unwrap()
-        .to_owned();
-    assert!(
-        cloud.logged("dps id scope: 0ne00TEST01"),
-        "{:?}",
-        cloud.log()
-    );
+    let https = cloud.https().to_owned();
+    assert!(cloud.logged("dps id scope: 0ne00TEST01"), "{}", cloud.log());
     let port = https.rsplit_once(':').unwrap().1;
     let ca = data.join("tls/ca.pem");
     // X.509 attestation: a device's own certificate (individual), another
@@ -87,7 +73,7 @@ fn azure_python_provisioning_client_interop() {
         Duration::from_secs(240),
     );
     cloud.stop("TERM", Duration::from_secs(10));
-    let log = cloud.log().join("\n");
+    let log = cloud.log();
     assert!(
         status.is_some_and(|s| s.success()) && stdout.contains("ALL PASS"),
         "DPS script failed (status {status:?})\n--- stdout\n{stdout}\n--- stderr\n{}\n--- verge-cloud log\n{}",

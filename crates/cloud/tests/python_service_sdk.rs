@@ -4,21 +4,12 @@
 //! generated CA through `REQUESTS_CA_BUNDLE`.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use verge_testkit::cloud::{CloudProc, Config};
 
 /// The Python with the official SDK (`VERGE_PYTHON`, else the repository's .venv).
 fn python() -> PathBuf {
@@ -31,39 +22,13 @@ fn azure_python_service_sdk_interop() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let key = base64::engine::general_purpose::STANDARD.encode([9u8; 32]);
-    let cfg = dir.path().join("cloud.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:0\"\nmqtt_listen = \"127.0.0.1:0\"\n[service]\npolicy_key = \"{key}\"\n",
-            data.display().to_string()
-        ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(dir.path().join("cloud.log")).unwrap();
-    let mut child = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_verge-cloud"))
-            .arg("--config")
-            .arg(&cfg)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
+    let mut cloud = CloudProc::start(
+        Path::new(env!("CARGO_BIN_EXE_verge-cloud")),
+        &Config::new(&data).policy_key(&key).render(),
+        dir.path(),
+        "info",
     );
-    // The binary prints its bound address once it serves.
-    let stdout = child.0.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(a) = line.strip_prefix("listening on https://") {
-                let _ = tx.send(a.to_owned());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("verge-cloud did not report its address");
+    let addr = cloud.https();
     let cs = format!("HostName={addr};SharedAccessKeyName=iothubowner;SharedAccessKey={key}");
     let bad_key = base64::engine::general_purpose::STANDARD.encode([8u8; 32]);
     let bad_cs =
@@ -77,7 +42,7 @@ fn azure_python_service_sdk_interop() {
         .env("REQUESTS_CA_BUNDLE", data.join("tls/ca.pem"))
         .output()
         .unwrap();
-    let cloud_log = std::fs::read_to_string(dir.path().join("cloud.log")).unwrap_or_default();
+    let cloud_log = cloud.log();
     assert!(
         out.status.success(),
         "SDK script failed after {:?}\n--- stdout\n{}\n--- stderr\n{}\n--- verge-cloud log\n{}",
@@ -88,18 +53,5 @@ fn azure_python_service_sdk_interop() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
     // SIGTERM: clean shutdown with exit code 0.
-    let pid = child.0.id();
-    Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            assert!(status.success(), "exit after SIGTERM: {status}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "verge-cloud ignored SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    cloud.stop_term(Duration::from_secs(20));
 }

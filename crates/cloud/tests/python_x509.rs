@@ -10,7 +10,7 @@
 //! is skipped, saying so, only when it cannot be bound.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use base64::Engine as _;
 use rcgen::KeyPair;
 use serde_json::{Value, json};
 use verge_core::SasToken;
+use verge_testkit::cloud::{CloudProc, Config};
 use verge_testkit::x509::{Ca, leaf, params, root};
 
 #[test]
@@ -30,32 +31,16 @@ fn azure_python_sdks_with_x509_devices() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let key = base64::engine::general_purpose::STANDARD.encode([5u8; 32]);
-    let cfg = dir.path().join("cloud.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:0\"\nmqtt_listen = \"127.0.0.1:8883\"\n\
-             [service]\npolicy_key = \"{key}\"\n",
-            data.display().to_string()
-        ),
-    )
-    .unwrap();
-    let mut cloud = verge_testkit::Running::start(
-        Command::new(env!("CARGO_BIN_EXE_verge-cloud"))
-            .arg("--config")
-            .arg(&cfg),
+    let mut cloud = CloudProc::start(
+        Path::new(env!("CARGO_BIN_EXE_verge-cloud")),
+        &Config::new(&data)
+            .mqtt_listen("127.0.0.1:8883")
+            .policy_key(&key)
+            .render(),
+        dir.path(),
+        "info",
     );
-    cloud.wait_for("listening on mqtts://");
-    if !cloud.logged("listening on https://") {
-        cloud.wait_for("listening on https://");
-    }
-    let https = cloud
-        .log()
-        .iter()
-        .find_map(|l| l.split("listening on https://").nth(1))
-        .unwrap()
-        .trim()
-        .to_owned();
+    let https = cloud.https().to_owned();
 
     // Certificates.
     let certs = dir.path().join("certs");
@@ -179,7 +164,7 @@ fn azure_python_sdks_with_x509_devices() {
         Duration::from_secs(180),
     );
     cloud.stop("TERM", Duration::from_secs(10));
-    let log = cloud.log().join("\n");
+    let log = cloud.log();
     assert!(
         status.is_some_and(|s| s.success()) && stdout.contains("ALL PASS"),
         "x509 SDK script failed (status {status:?})\n--- stdout\n{stdout}\n--- stderr\n{}\n\

@@ -15,9 +15,8 @@
 //! stopped on drop (also on failure) and every wait is bounded.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +27,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use verge_core::id::ModuleId;
 use verge_core::sas::{SasToken, SharedAccessKey, url_encode};
 use verge_daemon::client::request;
+use verge_testkit::cloud::{self, CloudProc};
 use verge_testkit::verged::Config;
 
 /// The edge device's key (verged's provisioning and the cloud registry).
@@ -93,7 +93,7 @@ struct Harness {
     dir: tempfile::TempDir,
     cloud_bin: PathBuf,
     verged_bin: PathBuf,
-    cloud: Option<Child>,
+    cloud: Option<CloudProc>,
     verged: Option<Child>,
     https_port: u16,
     mqtt_port: u16,
@@ -107,10 +107,8 @@ impl Drop for Harness {
                 eprintln!("--- {log} (tail)\n{}", tail(&self.dir.path().join(log), 60));
             }
         }
-        for c in [self.verged.take(), self.cloud.take()]
-            .into_iter()
-            .flatten()
-        {
+        let cloud = self.cloud.take().map(CloudProc::into_child);
+        for c in [self.verged.take(), cloud].into_iter().flatten() {
             let _ = terminate(c);
         }
     }
@@ -149,49 +147,16 @@ impl Harness {
 
     /// Starts verge-cloud on the harness's fixed ports (same data dir each time).
     fn start_cloud(&mut self) {
-        let cfg = self.dir.path().join("cloud.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "data_dir = {:?}\nlisten = \"127.0.0.1:{}\"\nmqtt_listen = \"127.0.0.1:{}\"\n[service]\npolicy_key = \"{POLICY_KEY}\"\n",
-                self.dir.path().join("cloud").display().to_string(),
-                self.https_port,
-                self.mqtt_port,
-            ),
-        )
-        .unwrap();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("cloud.log"))
-            .unwrap();
-        let mut child = Command::new(&self.cloud_bin)
-            .arg("--config")
-            .arg(&cfg)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        self.cloud = Some(child);
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        // The binary prints its addresses once it serves.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx
-                .recv_timeout(left)
-                .expect("verge-cloud did not report its address");
-            if line.starts_with("listening on https://") {
-                break;
-            }
-        }
+        let cfg = cloud::Config::new(&self.dir.path().join("cloud"))
+            .listen(&format!("127.0.0.1:{}", self.https_port))
+            .mqtt_listen(&format!("127.0.0.1:{}", self.mqtt_port))
+            .policy_key(POLICY_KEY);
+        self.cloud = Some(CloudProc::start(
+            &self.cloud_bin,
+            &cfg.render(),
+            self.dir.path(),
+            "info",
+        ));
         if self.http.is_none() {
             let ca = std::fs::read(self.cloud_ca()).unwrap();
             // reqwest is built without a default crypto provider here.
@@ -206,8 +171,10 @@ impl Harness {
     }
 
     fn stop_cloud(&mut self) {
-        let status = terminate(self.cloud.take().unwrap());
-        assert!(status.success(), "verge-cloud exited with {status}");
+        self.cloud
+            .take()
+            .unwrap()
+            .stop_term(Duration::from_secs(30));
     }
 
     /// A service API call with the policy token; status and JSON body.

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use verge_core::sas::{SasToken, SharedAccessKey};
 use verge_testkit::Running;
+use verge_testkit::cloud::{self, CloudProc};
 use verge_testkit::verged::Config;
 
 const POLICY_KEY: &str = "CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=";
@@ -97,20 +98,13 @@ fn verged_config(dir: &Path, port: u16, attestation: &str) -> PathBuf {
         .write(dir.join("config.toml"))
 }
 
-fn start_cloud(bin: &Path, dir: &Path, port: u16) -> Running {
-    let cfg = dir.join("cloud.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\nmqtt_listen = \"127.0.0.1:0\"\n\
-             hostname = \"127.0.0.1\"\n[service]\npolicy_key = \"{POLICY_KEY}\"\n[dps]\nid_scope = \"{SCOPE}\"\n",
-            dir.join("cloud").display().to_string()
-        ),
-    )
-    .unwrap();
-    let mut cloud = Running::start(Command::new(bin).arg("--config").arg(&cfg));
-    cloud.wait_for("listening on https://");
-    cloud
+fn start_cloud(bin: &Path, dir: &Path, port: u16) -> CloudProc {
+    let cfg = cloud::Config::new(&dir.join("cloud"))
+        .listen(&format!("127.0.0.1:{port}"))
+        .hostname("127.0.0.1")
+        .policy_key(POLICY_KEY)
+        .extra(&format!("[dps]\nid_scope = \"{SCOPE}\"\n"));
+    CloudProc::start(bin, &cfg.render(), dir, "info")
 }
 
 #[test]

@@ -3,10 +3,12 @@
 //! bounded wait for a line, and a stop by signal with a bounded wait for the
 //! exit; sibling binaries built with the test's own cargo, target directory
 //! and profile; the Python with the official Azure SDKs, and the port the
-//! device SDKs dial; verged's config file and its start. Panics are the
+//! device SDKs dial; verged's config file and its start; verge-cloud's
+//! config file and its start, with the addresses it printed. Panics are the
 //! point here: a failed step fails the test.
 #![allow(clippy::unwrap_used, clippy::panic)]
 
+pub mod cloud;
 pub mod docker;
 pub mod net;
 pub mod prometheus;
@@ -210,6 +212,14 @@ pub fn build(packages: &[&str]) -> PathBuf {
     };
     assert!(status.success(), "building {packages:?} failed: {status}");
     profile_dir
+}
+
+/// Appends `toml` to a config's extra sections, ending in a newline (the config builders' `extra`).
+fn push_toml(buf: &mut String, toml: &str) {
+    buf.push_str(toml);
+    if !buf.is_empty() && !buf.ends_with('\n') {
+        buf.push('\n');
+    }
 }
 
 /// Runs `cmd` and returns its stdout; panics with its output when it fails.

@@ -63,10 +63,7 @@ impl Config {
 
     /// Appends TOML after the agent section, for a test's own sections (`[edge_ca]`, …).
     pub fn extra(mut self, toml: &str) -> Self {
-        self.extra.push_str(toml);
-        if !self.extra.is_empty() && !self.extra.ends_with('\n') {
-            self.extra.push('\n');
-        }
+        crate::push_toml(&mut self.extra, toml);
         self
     }
 

@@ -5,15 +5,15 @@
 //! started. Everything started is killed on drop, also on failure.
 #![allow(clippy::unwrap_used, dead_code)]
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::{Pid, getpgid};
 use serde_json::{Value, json};
 use verge_daemon::client::request;
+use verge_testkit::cloud::{self, CloudProc};
 use verge_testkit::verged::Config;
 
 /// The edge device's key (verged's provisioning and the cloud registry).
@@ -310,55 +310,20 @@ impl Harness {
     pub fn start_cloud(&mut self, cloud_bin: &Path) -> u16 {
         let data = self.dir.path().join("cloud");
         let key = "CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=";
-        let cfg = self.dir.path().join("cloud.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "data_dir = {:?}\nlisten = \"127.0.0.1:0\"\nmqtt_listen = \"127.0.0.1:0\"\n[service]\npolicy_key = \"{key}\"\n",
-                data.display().to_string()
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(self.dir.path().join("cloud.log")).unwrap();
-        let mut child = Command::new(cloud_bin)
-            .arg("--config")
-            .arg(&cfg)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        // The binary prints its bound addresses once it serves.
-        let stdout = child.stdout.take().unwrap();
-        self.cloud = Some(child);
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let (mut https, mut mqtt) = (None, None);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while https.is_none() || mqtt.is_none() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx
-                .recv_timeout(left)
-                .expect("verge-cloud did not report its addresses");
-            if let Some(a) = line.strip_prefix("listening on https://") {
-                https = Some(a.to_owned());
-            }
-            if let Some(a) = line.strip_prefix("listening on mqtts://") {
-                mqtt = Some(a.to_owned());
-            }
-        }
-        let https = https.unwrap();
+        let cloud = CloudProc::start(
+            cloud_bin,
+            &cloud::Config::new(&data).policy_key(key).render(),
+            self.dir.path(),
+            "info",
+        );
+        let https = cloud.https().to_owned();
+        let mqtt_port = cloud.mqtts_port();
+        // cloud_deployment.rs stops it its own way (SIGTERM, async wait).
+        self.cloud = Some(cloud.into_child());
         self.service_cs =
             format!("HostName={https};SharedAccessKeyName=iothubowner;SharedAccessKey={key}");
         self.cloud_ca = data.join("tls/ca.pem");
-        mqtt.unwrap()
-            .rsplit_once(':')
-            .and_then(|(_, p)| p.parse().ok())
-            .unwrap()
+        mqtt_port
     }
 
     /// One service-SDK operation (tests/python/cloud_ops.py); its JSON output.
