@@ -19,25 +19,11 @@ fn python() -> PathBuf {
     verge_testkit::azure_python("azure.iot.device, azure.iot.hub")
 }
 
-/// True once 127.0.0.1:`port` can be bound (waiting up to `wait`).
-fn port_free_within(port: u16, wait: Duration) -> bool {
-    let deadline = Instant::now() + wait;
-    loop {
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
 #[test]
 fn azure_python_device_sdk_interop() {
     let python = python();
     assert!(
-        port_free_within(8883, Duration::from_secs(90)),
+        verge_testkit::port_free_within(8883, Duration::from_secs(90)),
         "127.0.0.1:8883 (the only port the Azure device SDK dials) stayed taken: another test or a broker holds it"
     );
     let dir = tempfile::tempdir().unwrap();

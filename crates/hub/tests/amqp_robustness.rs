@@ -70,6 +70,15 @@ fn performative(code: u8, field_type: u8, field: &[u8]) -> Vec<u8> {
     body
 }
 
+/// Deadlines longer than any test here.
+fn patient() -> verge_amqp::Config {
+    verge_amqp::Config {
+        open_timeout: Duration::from_secs(120),
+        auth_timeout: Duration::from_secs(120),
+        ..verge_amqp::Config::default()
+    }
+}
+
 /// Starts serving one connection; returns the client end and the task.
 fn connect(state: &Arc<HubState>) -> (DuplexStream, tokio::task::JoinHandle<()>) {
     connect_with(state, cfg())
@@ -112,14 +121,8 @@ async fn bad_input_closes_only_that_connection() {
     let dir = tempfile::tempdir().unwrap();
     let state = state(dir.path()).await;
 
-    // A healthy connection, kept open throughout (with deadlines longer
-    // than this test): SASL header answered.
-    let patient = verge_amqp::Config {
-        open_timeout: Duration::from_secs(120),
-        auth_timeout: Duration::from_secs(120),
-        ..verge_amqp::Config::default()
-    };
-    let (mut good, good_task) = connect_with(&state, patient);
+    // A healthy connection, kept open throughout: SASL header answered.
+    let (mut good, good_task) = connect_with(&state, patient());
     good.write_all(SASL).await.unwrap();
     let mut header = [0u8; 8];
     good.read_exact(&mut header).await.unwrap();
@@ -202,12 +205,7 @@ async fn bad_input_closes_only_that_connection() {
 async fn a_session_storm_before_any_token_closes_the_connection() {
     let dir = tempfile::tempdir().unwrap();
     let state = state(dir.path()).await;
-    let patient = verge_amqp::Config {
-        open_timeout: Duration::from_secs(120),
-        auth_timeout: Duration::from_secs(120),
-        ..verge_amqp::Config::default()
-    };
-    let (mut c, task) = connect_with(&state, patient);
+    let (mut c, task) = connect_with(&state, patient());
     c.write_all(AMQP).await.unwrap();
     c.write_all(&frame(0, &performative(0x10, 0xa1, b"storm")))
         .await
