@@ -124,6 +124,10 @@ fn session_file(dir: &Path, client_id: &str) -> PathBuf {
 
 /// Reads every session file of `dir` and migrates `<dir>.json` (blocking).
 /// Damaged files are moved aside (see `verge_files::load_json`).
+#[expect(
+    clippy::disallowed_methods,
+    reason = "runs in spawn_blocking (Sessions::open)"
+)]
 fn load_dir(dir: &Path) -> std::io::Result<HashMap<String, Session>> {
     verge_files::create_private_dir(dir)?;
     let mut map = HashMap::new();
@@ -393,7 +397,7 @@ impl Sessions {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::disallowed_methods)]
     use super::*;
     use std::time::Duration;
 

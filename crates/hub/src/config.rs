@@ -516,6 +516,10 @@ impl Config {
     }
 
     /// Reads and parses a TOML file.
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "read once at start-up, before any listener or task exists"
+    )]
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
             path: path.to_owned(),

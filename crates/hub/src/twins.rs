@@ -485,6 +485,10 @@ fn entry_from(id: &str, s: SavedTwin) -> Entry {
 }
 
 /// Reads every twin file of `dir` and migrates `<dir>.json` (blocking).
+#[expect(
+    clippy::disallowed_methods,
+    reason = "runs in spawn_blocking (Twins::open)"
+)]
 fn load_dir(dir: &std::path::Path) -> std::io::Result<Vec<(String, SavedTwin)>> {
     verge_files::create_private_dir(dir)?;
     let mut out = Vec::new();
@@ -592,6 +596,7 @@ pub async fn push_desired(state: &crate::HubState, id: &str, msg: &Value, versio
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::disallowed_methods)]
     use super::*;
     use serde_json::json;
 

@@ -7,7 +7,7 @@
 //!
 //! `scripts/test.sh` installs both. Set `VERGE_SKIP_AMQP_INTEROP=1` to skip
 //! (said so on stderr); otherwise a missing client fails the test.
-#![allow(clippy::unwrap_used, missing_docs)]
+#![allow(clippy::unwrap_used, clippy::disallowed_methods, missing_docs)]
 
 mod common;
 

@@ -3,7 +3,7 @@
 //! connection that never presents a token each close that connection (and
 //! only it) within its deadline; a session storm before any token is cut
 //! short.
-#![allow(clippy::unwrap_used, missing_docs)]
+#![allow(clippy::unwrap_used, clippy::disallowed_methods, missing_docs)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! A bad configuration file makes `verge-hub` say what is wrong in one
 //! place and exit with the config error code, never print a backtrace
 //! (also with `RUST_BACKTRACE=1`).
-#![allow(clippy::unwrap_used, missing_docs)]
+#![allow(clippy::unwrap_used, clippy::disallowed_methods, missing_docs)]
 
 use std::process::{Command, Stdio};
 

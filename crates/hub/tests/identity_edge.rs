@@ -14,7 +14,7 @@
 //! module's workload socket to the module's own processes only); once verged
 //! is stopped it is restarted directly. modA's tokens are signed by this test
 //! process, which is verged itself here (verged serves its own process).
-#![allow(clippy::unwrap_used, missing_docs)]
+#![allow(clippy::unwrap_used, clippy::disallowed_methods, missing_docs)]
 
 mod common;
 

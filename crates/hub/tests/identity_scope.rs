@@ -3,7 +3,7 @@
 //! (in-process, config-file mode) fetches them over HTTPS, authenticates
 //! them, caches them (0600), and still accepts them after the cloud stopped
 //! and the hub restarted. A device that is not a child is refused.
-#![allow(clippy::unwrap_used, missing_docs)]
+#![allow(clippy::unwrap_used, clippy::disallowed_methods, missing_docs)]
 
 mod common;
 

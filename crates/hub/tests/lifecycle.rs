@@ -1,7 +1,7 @@
 //! The verge-hub executable's life: it starts over damaged side files
 //! (moving them aside), keeps its storage private, and stops cleanly on
 //! SIGTERM as on SIGINT.
-#![allow(clippy::unwrap_used, missing_docs)]
+#![allow(clippy::unwrap_used, clippy::disallowed_methods, missing_docs)]
 
 mod common;
 

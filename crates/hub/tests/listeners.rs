@@ -2,7 +2,7 @@
 //! making progress: HTTPS closes silent, slowloris and stalled-body
 //! connections within its timeout, and holds new connections at its cap
 //! while the MQTT port keeps accepting.
-#![allow(clippy::unwrap_used, missing_docs)]
+#![allow(clippy::unwrap_used, clippy::disallowed_methods, missing_docs)]
 
 mod common;
 

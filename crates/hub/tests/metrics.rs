@@ -5,7 +5,7 @@
 //!
 //! `VERGE_SKIP_PROMETHEUS_TESTS=1` skips the Prometheus test (see
 //! `verge_testkit::prometheus`; `scripts/test.sh` installs the package).
-#![allow(clippy::unwrap_used, missing_docs)]
+#![allow(clippy::unwrap_used, clippy::disallowed_methods, missing_docs)]
 
 mod common;
 

@@ -1,5 +1,5 @@
 //! MQTT integration tests against an in-process hub on 127.0.0.1.
-#![allow(clippy::unwrap_used, missing_docs)]
+#![allow(clippy::unwrap_used, clippy::disallowed_methods, missing_docs)]
 
 mod common;
 

@@ -3,7 +3,7 @@
 //! order; the receiver gets every message in order, and after dropping its
 //! connection with deliveries unacknowledged it gets them again (at least
 //! once), still in order.
-#![allow(clippy::unwrap_used, missing_docs)]
+#![allow(clippy::unwrap_used, clippy::disallowed_methods, missing_docs)]
 
 mod common;
 

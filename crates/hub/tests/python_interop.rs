@@ -3,7 +3,7 @@
 //! MQTT, 443 for MQTT over WebSocket and the HTTPS method API. Each test owns
 //! one fixed port (scenarios run in sequence inside it), so the two tests can
 //! run in parallel.
-#![allow(clippy::unwrap_used, missing_docs)]
+#![allow(clippy::unwrap_used, clippy::disallowed_methods, missing_docs)]
 
 mod common;
 

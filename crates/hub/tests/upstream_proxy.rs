@@ -8,7 +8,7 @@
 //! its own loopback, so the cloud cannot be reached directly (the test
 //! checks that), only through tinyproxy listening on 10.231.x.1. Needs root
 //! (network namespaces), as CI runs the suite.
-#![allow(clippy::unwrap_used, missing_docs)]
+#![allow(clippy::unwrap_used, clippy::disallowed_methods, missing_docs)]
 
 mod common;
 

@@ -5,7 +5,7 @@
 //! direct methods from the cloud to a module behind the edge (answered, or
 //! 404 when it is not connected), and C2D to a leaf device (completed in the
 //! cloud only after the leaf's PUBACK).
-#![allow(clippy::unwrap_used, missing_docs)]
+#![allow(clippy::unwrap_used, clippy::disallowed_methods, missing_docs)]
 
 mod common;
 

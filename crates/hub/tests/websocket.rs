@@ -1,6 +1,6 @@
 //! MQTT over WebSocket on the HTTPS port (`/$iothub/websocket`, subprotocol
 //! `mqtt`), served by the same connection handler as the MQTT port.
-#![allow(clippy::unwrap_used, missing_docs)]
+#![allow(clippy::unwrap_used, clippy::disallowed_methods, missing_docs)]
 
 mod common;
 

@@ -10,7 +10,7 @@
 //! module with a certificate, a SAS device with a certificate, a device
 //! outside the scope. After the cloud stops and the hub restarts, the cached
 //! scope still admits them. Certificates are made here with rcgen.
-#![allow(clippy::unwrap_used, missing_docs)]
+#![allow(clippy::unwrap_used, clippy::disallowed_methods, missing_docs)]
 
 mod common;
 

@@ -1,6 +1,11 @@
 //! Shared helpers for the hub's integration tests: a test PKI, configs, SAS
 //! tokens and a raw MQTT-over-TLS client.
-#![allow(dead_code, clippy::unwrap_used, missing_docs)]
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::disallowed_methods,
+    missing_docs
+)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
