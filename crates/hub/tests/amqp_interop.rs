@@ -11,9 +11,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 
 use common::*;
 use verge_testkit::Running;
@@ -24,19 +24,6 @@ fn skipped(test: &str) -> bool {
         return true;
     }
     false
-}
-
-fn wait_port_free(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "port {port} stays busy");
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Starts the hub (MQTT on `mqtt`, AMQPS on a free port), runs `script`
@@ -77,33 +64,8 @@ fn run(python: &Path, script: &str, mqtt: &str) {
             "bad": "YmFkLWtleS1iYWQta2V5LWJhZC1rZXk=",
         }
     });
-    let params_path = pki.dir.path().join("params.json");
-    std::fs::write(&params_path, params.to_string()).unwrap();
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/python")
-        .join(script);
-    let mut child = Command::new(python)
-        .arg(&script)
-        .arg(&params_path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break Some(s);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let out = child.wait_with_output().unwrap();
+    let (status, stdout, stderr) = run_interop_script(python, script, &params, pki.dir.path());
     hub.stop("TERM", Duration::from_secs(20));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
     let hub_log = hub.log().join("\n");
     assert!(
         status.is_some_and(|s| s.success()) && stdout.contains("ALL PASS"),
@@ -128,7 +90,10 @@ fn uamqp_module_routes_both_ways_with_an_mqtt_module() {
         return;
     }
     let python = verge_testkit::azure_python("uamqp, azure.iot.device");
-    wait_port_free(8883);
+    assert!(
+        verge_testkit::port_free_within(8883, Duration::from_secs(90)),
+        "port 8883 stays busy"
+    );
     run(&python, "amqp_uamqp.py", "127.0.0.1:8883");
 }
 

@@ -12,11 +12,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{DEVICE, DEVICE_KEY, Pki, Raw, code, pki};
+use common::{DEVICE, DEVICE_KEY, Pki, Raw, cloud_with_edge, code, pki};
 use rumqttc::mqttbytes::v4::ConnectReturnCode;
+use verge_cloud::DeviceSpec;
 use verge_cloud::api::{ApiState, ServiceAuth};
 use verge_cloud::registry::SymmetricKeys;
-use verge_cloud::{CloudOptions, CloudState, DeviceSpec};
 use verge_core::{ClientId, SasToken, SharedAccessKey};
 use verge_hub::Hub;
 use verge_hub::config::Config;
@@ -93,28 +93,7 @@ async fn leaf_devices_from_the_cloud_scope_work_offline() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let api_port = listener.local_addr().unwrap().port();
     let cloud_dir = dir.path().join("cloud");
-    let files = verge_cloud::tls::ensure_files(&cloud_dir, CLOUD, None, None).unwrap();
-    let cloud = CloudState::open(CloudOptions {
-        data_dir: cloud_dir.clone(),
-        hostname: CLOUD.into(),
-    })
-    .unwrap();
-    let (edge, _) = cloud
-        .put_device(
-            DEVICE,
-            DeviceSpec {
-                keys: Some(SymmetricKeys {
-                    primary: DEVICE_KEY.into(),
-                    secondary: DEVICE_KEY.into(),
-                }),
-                iot_edge: true,
-                ..DeviceSpec::default()
-            },
-            None,
-        )
-        .await
-        .unwrap();
-    let scope = edge.record.device_scope.clone().unwrap();
+    let (files, cloud, scope) = cloud_with_edge(&cloud_dir, CLOUD).await;
     cloud
         .put_device(
             "leafA",

@@ -8,9 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use rumqttc::mqttbytes::QoS;
-use rumqttc::mqttbytes::v4::{
-    ConnectReturnCode, Packet, PubAck, Publish, Subscribe, SubscribeReasonCode,
-};
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, Publish, SubscribeReasonCode};
 use verge_core::SasToken;
 use verge_hub::Hub;
 
@@ -34,44 +32,6 @@ async fn connect_module(hub: &Hub, pki: &Pki, m: &str, clean: bool) -> (Raw, boo
     let (c, present) = code(ack);
     assert_eq!(c, ConnectReturnCode::Success);
     (raw, present)
-}
-
-async fn publish(raw: &mut Raw, topic: &str, payload: &[u8], pkid: u16) {
-    let mut p = Publish::new(topic, QoS::AtLeastOnce, payload.to_vec());
-    p.pkid = pkid;
-    raw.send(Packet::Publish(p)).await;
-    loop {
-        match raw.recv().await {
-            Some(Packet::PubAck(a)) if a.pkid == pkid => return,
-            Some(_) => {}
-            None => panic!("closed before PUBACK"),
-        }
-    }
-}
-
-async fn subscribe(raw: &mut Raw, filter: &str) -> SubscribeReasonCode {
-    let mut s = Subscribe::new(filter, QoS::AtLeastOnce);
-    s.pkid = 1;
-    raw.send(Packet::Subscribe(s)).await;
-    match raw.recv().await {
-        Some(Packet::SubAck(a)) => a.return_codes[0],
-        other => panic!("expected SUBACK, got {other:?}"),
-    }
-}
-
-async fn next_publish(raw: &mut Raw) -> Publish {
-    loop {
-        match raw.recv().await {
-            Some(Packet::Publish(p)) => {
-                if p.qos == QoS::AtLeastOnce {
-                    raw.send(Packet::PubAck(PubAck::new(p.pkid))).await;
-                }
-                return p;
-            }
-            Some(_) => {}
-            None => panic!("closed while waiting for a publish"),
-        }
-    }
 }
 
 #[tokio::test]
@@ -246,17 +206,17 @@ async fn routes_sessions_offline_delivery_and_restart() {
     let input_filter = format!("devices/{DEVICE}/modules/modB/inputs/#");
     let (mut b, _) = connect_module(&hub, &pki, "modB", false).await;
     assert_eq!(
-        subscribe(&mut b, &input_filter).await,
+        subscribe1(&mut b, &input_filter).await,
         SubscribeReasonCode::Success(QoS::AtLeastOnce)
     );
     assert_eq!(
-        subscribe(&mut b, "devices/edge1/modules/modA/inputs/#").await,
+        subscribe1(&mut b, "devices/edge1/modules/modA/inputs/#").await,
         SubscribeReasonCode::Failure
     );
     let (mut a, _) = connect_module(&hub, &pki, "modA", false).await;
     let out = format!("devices/{DEVICE}/modules/modA/messages/events/%24.on=out1&k=v1");
-    publish(&mut a, &out, &[0, 1, 2, 255], 1).await;
-    let p = next_publish(&mut b).await;
+    publish_qos1(&mut a, &out, &[0, 1, 2, 255], 1).await;
+    let p = next_pub(&mut b).await;
     let topic = std::str::from_utf8(&p.topic).unwrap();
     assert!(
         topic.starts_with("devices/edge1/modules/modB/inputs/in1/"),
@@ -274,7 +234,7 @@ async fn routes_sessions_offline_delivery_and_restart() {
         .stats
         .dropped_no_route
         .load(std::sync::atomic::Ordering::Relaxed);
-    publish(
+    publish_qos1(
         &mut a,
         &format!("devices/{DEVICE}/modules/modA/messages/events/%24.on=nowhere"),
         b"x",
@@ -293,7 +253,7 @@ async fn routes_sessions_offline_delivery_and_restart() {
     drop(b);
     tokio::time::sleep(Duration::from_millis(200)).await;
     for i in 0..5u16 {
-        publish(
+        publish_qos1(
             &mut a,
             &format!("{out}&n={i}"),
             format!("m{i}").as_bytes(),
@@ -304,7 +264,7 @@ async fn routes_sessions_offline_delivery_and_restart() {
     let (mut b, present) = connect_module(&hub, &pki, "modB", false).await;
     assert!(present, "session must be present");
     for i in 0..5 {
-        let p = next_publish(&mut b).await;
+        let p = next_pub(&mut b).await;
         assert_eq!(p.payload, Bytes::from(format!("m{i}")));
     }
     // Let the hub process the PUBACKs before the takeover (else it redelivers: at-least-once).
@@ -319,22 +279,16 @@ async fn routes_sessions_offline_delivery_and_restart() {
     drop(a);
     let (mut a, _) = connect_module(&hub, &pki, "modA", false).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    publish(&mut a, &format!("{out}&n=r1"), b"r1", 20).await;
-    publish(&mut a, &format!("{out}&n=r2"), b"r2", 21).await;
+    publish_qos1(&mut a, &format!("{out}&n=r1"), b"r1", 20).await;
+    publish_qos1(&mut a, &format!("{out}&n=r2"), b"r2", 21).await;
     drop(a);
     hub.shutdown().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let hub = start(&pki, storage.path()).await;
     let (mut b, present) = connect_module(&hub, &pki, "modB", false).await;
     assert!(present, "session must survive a restart");
-    assert_eq!(
-        next_publish(&mut b).await.payload,
-        Bytes::from_static(b"r1")
-    );
-    assert_eq!(
-        next_publish(&mut b).await.payload,
-        Bytes::from_static(b"r2")
-    );
+    assert_eq!(next_pub(&mut b).await.payload, Bytes::from_static(b"r1"));
+    assert_eq!(next_pub(&mut b).await.payload, Bytes::from_static(b"r2"));
     hub.shutdown().await;
 }
 
@@ -344,22 +298,22 @@ async fn twins_get_reported_desired() {
     let storage = tempfile::tempdir().unwrap();
     let hub = start(&pki, storage.path()).await;
     let (mut a, _) = connect_module(&hub, &pki, "modA", false).await;
-    subscribe(&mut a, "$iothub/twin/res/#").await;
-    subscribe(&mut a, "$iothub/twin/PATCH/properties/desired/#").await;
-    publish(
+    subscribe1(&mut a, "$iothub/twin/res/#").await;
+    subscribe1(&mut a, "$iothub/twin/PATCH/properties/desired/#").await;
+    publish_qos1(
         &mut a,
         "$iothub/twin/PATCH/properties/reported/?$rid=1",
         br#"{"fw":"1.2"}"#,
         1,
     )
     .await;
-    let p = next_publish(&mut a).await;
+    let p = next_pub(&mut a).await;
     assert_eq!(
         std::str::from_utf8(&p.topic).unwrap(),
         "$iothub/twin/res/204/?$rid=1&$version=1"
     );
-    publish(&mut a, "$iothub/twin/GET/?$rid=2", b" ", 2).await;
-    let p = next_publish(&mut a).await;
+    publish_qos1(&mut a, "$iothub/twin/GET/?$rid=2", b" ", 2).await;
+    let p = next_pub(&mut a).await;
     assert_eq!(
         std::str::from_utf8(&p.topic).unwrap(),
         "$iothub/twin/res/200/?$rid=2"
@@ -373,7 +327,7 @@ async fn twins_get_reported_desired() {
         r#"{"edge1/modA": {"rate": 5}}"#,
     )
     .unwrap();
-    let p = next_publish(&mut a).await;
+    let p = next_pub(&mut a).await;
     assert!(
         std::str::from_utf8(&p.topic)
             .unwrap()
@@ -391,7 +345,7 @@ async fn direct_methods_over_https() {
     let storage = tempfile::tempdir().unwrap();
     let hub = start(&pki, storage.path()).await;
     let (mut b, _) = connect_module(&hub, &pki, "modB", false).await;
-    subscribe(&mut b, "$iothub/methods/POST/#").await;
+    subscribe1(&mut b, "$iothub/methods/POST/#").await;
     let client = common::https_client()
         .add_root_certificate(reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap())
         .resolve("localhost", hub.https_addr)
@@ -420,7 +374,7 @@ async fn direct_methods_over_https() {
                 .unwrap()
         })
     };
-    let req = next_publish(&mut b).await;
+    let req = next_pub(&mut b).await;
     let topic = std::str::from_utf8(&req.topic).unwrap().to_owned();
     assert!(
         topic.starts_with("$iothub/methods/POST/reboot/?$rid="),
@@ -429,7 +383,7 @@ async fn direct_methods_over_https() {
     let rid = topic.rsplit_once("$rid=").unwrap().1;
     let v: serde_json::Value = serde_json::from_slice(&req.payload).unwrap();
     assert_eq!(v["delay"], 1);
-    publish(
+    publish_qos1(
         &mut b,
         &format!("$iothub/methods/res/201/?$rid={rid}"),
         br#"{"ok":true}"#,
@@ -543,7 +497,7 @@ async fn downstream_device_telemetry_is_stamped_and_routed_upstream() {
     assert_eq!(code(ack).0, ConnectReturnCode::Success);
     // A device may not listen on a module's inputs.
     assert_eq!(
-        subscribe(
+        subscribe1(
             &mut leaf,
             &format!("devices/{DEVICE}/modules/modB/inputs/#")
         )
@@ -551,7 +505,7 @@ async fn downstream_device_telemetry_is_stamped_and_routed_upstream() {
         SubscribeReasonCode::Failure
     );
     // `$.on` means nothing from a device; the route `leafUp` takes it upstream.
-    publish(
+    publish_qos1(
         &mut leaf,
         "devices/leaf1/messages/events/%24.ct=application%2Fjson&%24.on=sneaky&t=21",
         br#"{"t":21.5}"#,

@@ -8,7 +8,7 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -25,32 +25,6 @@ impl Drop for KillOnDrop {
 /// The Python with the official SDK (`VERGE_PYTHON`, else the repository's .venv).
 fn python() -> PathBuf {
     verge_testkit::azure_python("azure.iot.device")
-}
-
-fn wait_port_free(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "port {port} stays busy; cannot run the SDK interop test"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-/// True once 127.0.0.1:`port` can be bound (waiting up to `wait` for another
-/// test to release it).
-fn port_free_within(port: u16, wait: Duration) -> bool {
-    let deadline = Instant::now() + wait;
-    loop {
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }
 
 /// Starts the hub binary with `mqtt`/`https` listen addresses, waits for
@@ -91,32 +65,7 @@ fn run_scenarios(script: &str, mqtt: &str, https: &str, ready_port: u16) {
             "bad": "YmFkLWtleS1iYWQta2V5LWJhZC1rZXk=",
         }
     });
-    let params_path = pki.dir.path().join("params.json");
-    std::fs::write(&params_path, params.to_string()).unwrap();
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/python")
-        .join(script);
-    let mut child = Command::new(python)
-        .arg(script)
-        .arg(&params_path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break Some(s);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (status, stdout, stderr) = run_interop_script(&python, script, &params, pki.dir.path());
     drop(hub);
     let hub_log = std::fs::read_to_string(pki.dir.path().join("hub.log")).unwrap_or_default();
     let ok = status.is_some_and(|s| s.success()) && stdout.contains("ALL PASS");
@@ -137,7 +86,10 @@ fn run_scenarios(script: &str, mqtt: &str, https: &str, ready_port: u16) {
 
 #[test]
 fn azure_python_sdk_interop() {
-    wait_port_free(8883);
+    assert!(
+        verge_testkit::port_free_within(8883, Duration::from_secs(60)),
+        "port 8883 stays busy; cannot run the SDK interop test"
+    );
     run_scenarios("interop.py", "127.0.0.1:8883", "127.0.0.1:0", 8883);
 }
 
@@ -147,7 +99,7 @@ fn azure_python_sdk_interop() {
 /// cannot be bound.
 #[test]
 fn azure_python_sdk_websocket_and_methods_on_443() {
-    if !port_free_within(443, Duration::from_secs(30)) {
+    if !verge_testkit::port_free_within(443, Duration::from_secs(30)) {
         eprintln!(
             "SKIPPED azure_python_sdk_websocket_and_methods_on_443: cannot bind 127.0.0.1:443 \
              (not root, or the port is in use); the SDK only ever dials 443 for these"
@@ -155,9 +107,4 @@ fn azure_python_sdk_websocket_and_methods_on_443() {
         return;
     }
     run_scenarios("interop_ws.py", "127.0.0.1:0", "127.0.0.1:443", 443);
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }

@@ -343,12 +343,8 @@ fn first_occurrences(seqs: &[u64]) -> Vec<u64> {
     seqs.iter().copied().filter(|s| seen.insert(*s)).collect()
 }
 
-async fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+async fn wait_for(what: &str, limit: Duration, f: impl FnMut() -> bool) {
+    wait_until(what, limit, Duration::from_millis(20), f).await;
 }
 
 const SENDERS: [&str; 3] = ["modA", "modB", "leaf1"];
@@ -923,21 +919,15 @@ struct VergeCloud {
 
 impl VergeCloud {
     async fn new() -> VergeCloud {
-        use verge_cloud::device::{self, CloudBackend};
-        use verge_cloud::{CloudOptions, CloudState, tls};
+        use verge_cloud::{device, tls};
 
-        let dir = tempfile::tempdir().unwrap();
-        let files = tls::ensure_files(dir.path(), HUB, None, None).unwrap();
+        let LocalCloud {
+            dir,
+            files,
+            state: cloud,
+            backend,
+        } = local_cloud().await;
         let mqtt_tls = device::mqtt_tls(&tls::server_config(&files).unwrap());
-        let cloud = CloudState::open(CloudOptions {
-            data_dir: dir.path().to_owned(),
-            hostname: HUB.to_owned(),
-        })
-        .unwrap();
-        let backend = CloudBackend::open(cloud.clone(), dir.path().join("mqtt-sessions.json"))
-            .await
-            .unwrap();
-        register_test_identities(&cloud).await;
         VergeCloud {
             ca: files.ca.clone().unwrap(),
             _dir: dir,

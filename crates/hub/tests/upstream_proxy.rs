@@ -26,12 +26,8 @@ use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use verge_core::{ClientId, SasToken, SharedAccessKey};
 
-async fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+async fn wait_for(what: &str, limit: Duration, f: impl FnMut() -> bool) {
+    wait_until(what, limit, Duration::from_millis(50), f).await;
 }
 
 fn run(cmd: &str, args: &[&str]) {
@@ -188,21 +184,15 @@ struct VergeCloud {
 impl VergeCloud {
     async fn start() -> VergeCloud {
         use verge_cloud::api::{ApiState, ServiceAuth};
-        use verge_cloud::device::CloudBackend;
-        use verge_cloud::{CloudOptions, CloudState, tls};
+        use verge_cloud::tls;
 
-        let dir = tempfile::tempdir().unwrap();
-        let files = tls::ensure_files(dir.path(), HUB, None, None).unwrap();
+        let LocalCloud {
+            dir,
+            files,
+            state: cloud,
+            backend,
+        } = local_cloud().await;
         let tls_cfg = tls::server_config(&files).unwrap();
-        let cloud = CloudState::open(CloudOptions {
-            data_dir: dir.path().to_owned(),
-            hostname: HUB.to_owned(),
-        })
-        .unwrap();
-        let backend = CloudBackend::open(cloud.clone(), dir.path().join("mqtt-sessions.json"))
-            .await
-            .unwrap();
-        register_test_identities(&cloud).await;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = verge_listen::CancellationToken::new();

@@ -19,14 +19,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{DEVICE, DEVICE_KEY, Pki, Raw, code, pki};
+use common::{DEVICE, DEVICE_KEY, Pki, Raw, cloud_with_edge, code, pki};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, Publish};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use verge_cloud::api::{ApiState, ServiceAuth};
 use verge_cloud::registry::SymmetricKeys;
-use verge_cloud::{CloudOptions, CloudState, DeviceSpec, DeviceStatus};
+use verge_cloud::{CloudState, DeviceSpec, DeviceStatus};
 use verge_core::{ClientId, SharedAccessKey};
 use verge_hub::Hub;
 use verge_hub::config::Config;
@@ -254,28 +254,7 @@ struct CloudUp {
 impl CloudUp {
     async fn start(dir: &Path) -> CloudUp {
         let cloud_dir = dir.join("cloud");
-        let files = verge_cloud::tls::ensure_files(&cloud_dir, CLOUD, None, None).unwrap();
-        let cloud = CloudState::open(CloudOptions {
-            data_dir: cloud_dir.clone(),
-            hostname: CLOUD.into(),
-        })
-        .unwrap();
-        let (edge, _) = cloud
-            .put_device(
-                DEVICE,
-                DeviceSpec {
-                    keys: Some(SymmetricKeys {
-                        primary: DEVICE_KEY.into(),
-                        secondary: DEVICE_KEY.into(),
-                    }),
-                    iot_edge: true,
-                    ..DeviceSpec::default()
-                },
-                None,
-            )
-            .await
-            .unwrap();
-        let scope = edge.record.device_scope.clone().unwrap();
+        let (files, cloud, scope) = cloud_with_edge(&cloud_dir, CLOUD).await;
         let api_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let api_port = api_listener.local_addr().unwrap().port();
         let api_tls = verge_cloud::tls::server_config(&files).unwrap();

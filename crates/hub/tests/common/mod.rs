@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::{Child, Command, ExitStatus};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -542,4 +542,99 @@ impl Drop for HubProc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The last `n` lines of `s`, so a failing test's message shows where a long log ends.
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Runs tests/python/`script` on `params` (saved as `dir`/params.json), killed after 180 s, so the SDK interop tests share one way to run a script.
+pub fn run_interop_script(
+    python: &Path,
+    script: &str,
+    params: &serde_json::Value,
+    dir: &Path,
+) -> (Option<ExitStatus>, String, String) {
+    let params_path = dir.join("params.json");
+    std::fs::write(&params_path, params.to_string()).unwrap();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(script);
+    verge_testkit::run_bounded(
+        Command::new(python).arg(script).arg(&params_path),
+        Duration::from_secs(180),
+    )
+}
+
+/// One start for every in-process verge-cloud the upstream tests run: state, device backend, TLS files and the test identities in a fresh directory.
+pub struct LocalCloud {
+    pub dir: tempfile::TempDir,
+    pub files: verge_cloud::tls::TlsFiles,
+    pub state: verge_cloud::CloudState,
+    pub backend: Arc<verge_cloud::device::CloudBackend>,
+}
+
+/// Opens a [`LocalCloud`] (TLS files generated for `HUB`), shared so each upstream test file need not repeat the setup.
+pub async fn local_cloud() -> LocalCloud {
+    use verge_cloud::{CloudOptions, CloudState, device::CloudBackend, tls};
+    let dir = tempfile::tempdir().unwrap();
+    let files = tls::ensure_files(dir.path(), HUB, None, None).unwrap();
+    let state = CloudState::open(CloudOptions {
+        data_dir: dir.path().to_owned(),
+        hostname: HUB.to_owned(),
+    })
+    .unwrap();
+    let backend = CloudBackend::open(state.clone(), dir.path().join("mqtt-sessions.json"))
+        .await
+        .unwrap();
+    register_test_identities(&state).await;
+    LocalCloud {
+        dir,
+        files,
+        state,
+        backend,
+    }
+}
+
+/// Polls `f` every `every` until it holds, failing after `limit`: the upstream tests' wait, with each file's own polling interval.
+pub async fn wait_until(what: &str, limit: Duration, every: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// verge-cloud under `cloud_dir` (TLS files for `hostname`) holding edge1 as an IoT Edge device keyed with DEVICE_KEY, with edge1's device scope: the device-scope tests' common start.
+pub async fn cloud_with_edge(
+    cloud_dir: &Path,
+    hostname: &str,
+) -> (verge_cloud::tls::TlsFiles, verge_cloud::CloudState, String) {
+    use verge_cloud::registry::SymmetricKeys;
+    use verge_cloud::{CloudOptions, CloudState, DeviceSpec};
+    let files = verge_cloud::tls::ensure_files(cloud_dir, hostname, None, None).unwrap();
+    let cloud = CloudState::open(CloudOptions {
+        data_dir: cloud_dir.to_owned(),
+        hostname: hostname.into(),
+    })
+    .unwrap();
+    let (edge, _) = cloud
+        .put_device(
+            DEVICE,
+            DeviceSpec {
+                keys: Some(SymmetricKeys {
+                    primary: DEVICE_KEY.into(),
+                    secondary: DEVICE_KEY.into(),
+                }),
+                iot_edge: true,
+                ..DeviceSpec::default()
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    let scope = edge.record.device_scope.clone().unwrap();
+    (files, cloud, scope)
 }

@@ -10,9 +10,10 @@ non-zero on the first failure. Every blocking call runs under a timeout.
 import json
 import queue
 import sys
-import threading
 import time
+from functools import partial
 
+import timed_call
 import uamqp
 from uamqp import authentication
 from uamqp.message import MessageProperties
@@ -21,24 +22,8 @@ from iothub_sas import sign
 
 T = 20
 
-
-def timed(fn, *args, timeout=T, **kwargs):
-    out = {}
-
-    def run():
-        try:
-            out["value"] = fn(*args, **kwargs)
-        except BaseException as e:  # noqa: BLE001 - reported to the caller
-            out["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        raise TimeoutError(f"{getattr(fn, '__name__', fn)} did not finish in {timeout}s")
-    if "error" in out:
-        raise out["error"]
-    return out.get("value")
+# Every blocking call runs under timed(); T unless a call says otherwise.
+timed = partial(timed_call.timed, timeout=T)
 
 
 def sas(resource, key_b64, ttl=3600):

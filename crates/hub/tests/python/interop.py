@@ -9,32 +9,17 @@ Every SDK call runs under a timeout (the SDK can block forever).
 import json
 import queue
 import sys
-import threading
 import time
+from functools import partial
 
+import timed_call
 from azure.iot.device import IoTHubDeviceClient, IoTHubModuleClient, Message
 from azure.iot.device import exceptions
 
 T = 15  # seconds per SDK call
 
-
-def timed(fn, *args, timeout=T, **kwargs):
-    out = {}
-
-    def run():
-        try:
-            out["value"] = fn(*args, **kwargs)
-        except BaseException as e:  # noqa: BLE001 - reported to the caller
-            out["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        raise TimeoutError(f"{getattr(fn, '__name__', fn)} did not finish in {timeout}s")
-    if "error" in out:
-        raise out["error"]
-    return out.get("value")
+# Every blocking call runs under timed(); T unless a call says otherwise.
+timed = partial(timed_call.timed, timeout=T)
 
 
 def main():
