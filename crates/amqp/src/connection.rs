@@ -233,7 +233,7 @@ pub async fn serve_with_certs<B, S>(
     // client never answers our CLOSE.
     let kill = CancellationToken::new();
     let _kill_on_return = kill.clone().drop_guard();
-    let io = Rewind::new(header, stream, kill);
+    let io = Rewind::new(header, stream, kill, cfg.max_frame_size);
     let opened = match header {
         SASL_HEADER => {
             let acceptor = acceptor(&cfg)

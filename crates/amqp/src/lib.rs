@@ -24,6 +24,7 @@ pub mod address;
 pub mod cbs;
 pub mod connection;
 pub mod convert;
+mod encoding;
 mod links;
 pub mod sasl;
 mod stream;

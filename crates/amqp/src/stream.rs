@@ -2,10 +2,11 @@
 //! front, so the AMQP library sees the connection from its first byte, and
 //! a kill switch: once tripped, reads and writes fail, so the library's
 //! connection engine (its own task) lets go of the socket even when the
-//! client never answers our CLOSE. Frame headers are checked on the way in
+//! client never answers our CLOSE. Frames are checked on the way in
 //! ([`FrameScan`]): the library's frame decoder assumes every frame holds at
-//! least its 8-byte header and panics on a shorter one, so such a frame ends
-//! the connection here, as an error, before the library sees it.
+//! least its 8-byte header and panics on a shorter one, and it allocates
+//! whatever size a value inside declares (`encoding.rs`), so such a frame
+//! ends the connection here, as an error, before the library sees it.
 
 use std::io;
 use std::pin::Pin;
@@ -26,12 +27,24 @@ pub(crate) struct Rewind<S> {
 }
 
 /// Where the inbound byte stream is: inside a protocol header or a frame
-/// header (collecting its 8 bytes), or inside a frame's body (skipping).
-#[derive(Debug, Default)]
+/// header (collecting its 8 bytes), or inside a frame's body (collecting it
+/// for the encoding check).
+#[derive(Debug)]
 pub(crate) struct FrameScan {
     header: [u8; 8],
     have: usize,
-    skip: u64,
+    /// Body bytes of the current frame still to come.
+    need: usize,
+    body: Vec<u8>,
+    /// Largest frame accepted (what OPEN offers).
+    max_frame: u32,
+    transfers: crate::encoding::Transfers,
+}
+
+impl Default for FrameScan {
+    fn default() -> Self {
+        Self::new(crate::Config::default().max_frame_size)
+    }
 }
 
 fn malformed(size: u32, doff: Option<u32>) -> io::Error {
@@ -42,18 +55,33 @@ fn malformed(size: u32, doff: Option<u32>) -> io::Error {
 }
 
 impl FrameScan {
+    /// A scanner refusing frames over `max_frame` bytes.
+    pub(crate) fn new(max_frame: u32) -> Self {
+        Self {
+            header: [0; 8],
+            have: 0,
+            need: 0,
+            body: Vec::new(),
+            max_frame,
+            transfers: crate::encoding::Transfers::default(),
+        }
+    }
+
     /// Checks the next bytes of the stream: every frame's size covers its
     /// 8-byte header and its data offset (`doff`, in 4-byte words, at least
-    /// 2) lies inside it. Protocol headers (`AMQP…`, before SASL and before
-    /// AMQP) pass as they are.
+    /// 2) lies inside it, no frame is over the size limit, and every frame's
+    /// body is well-formed AMQP encoding (`encoding.rs`). Protocol headers
+    /// (`AMQP…`, before SASL and before AMQP) pass as they are.
     pub(crate) fn feed(&mut self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {
-            if self.skip > 0 {
-                let n = data
-                    .len()
-                    .min(usize::try_from(self.skip).unwrap_or(usize::MAX));
-                self.skip -= n as u64;
+            if self.need > 0 {
+                let n = data.len().min(self.need);
+                self.body.extend_from_slice(&data[..n]);
+                self.need -= n;
                 data = &data[n..];
+                if self.need == 0 {
+                    self.body_done()?;
+                }
                 continue;
             }
             let n = (8 - self.have).min(data.len());
@@ -70,7 +98,7 @@ impl FrameScan {
                 self.header[2],
                 self.header[3],
             ]);
-            if self.have >= 4 && !protocol && size < 8 {
+            if self.have >= 4 && !protocol && (size < 8 || size > self.max_frame.max(512)) {
                 return Err(malformed(size, None));
             }
             if self.have >= 5 && !protocol {
@@ -84,21 +112,41 @@ impl FrameScan {
             }
             self.have = 0;
             if !protocol {
-                self.skip = u64::from(size - 8);
+                self.need = (size - 8) as usize;
+                self.body.clear();
+                if self.need == 0 {
+                    self.body_done()?;
+                }
             }
         }
         Ok(())
     }
+
+    /// The current frame's body is in: checks its encoding.
+    fn body_done(&mut self) -> io::Result<()> {
+        let ext = usize::from(self.header[4]) * 4 - 8;
+        let sasl = self.header[5] == 1;
+        let channel = u16::from_be_bytes([self.header[6], self.header[7]]);
+        let body = self.body.get(ext..).unwrap_or_default();
+        let checked = self.transfers.check(channel, body, sasl);
+        self.body.clear();
+        checked.map_err(|why| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("malformed AMQP frame: {why}"),
+            )
+        })
+    }
 }
 
 impl<S> Rewind<S> {
-    pub(crate) fn new(prefix: [u8; 8], inner: S, kill: CancellationToken) -> Self {
+    pub(crate) fn new(prefix: [u8; 8], inner: S, kill: CancellationToken, max_frame: u32) -> Self {
         Self {
             prefix,
             pos: 0,
             inner,
             killed: Box::pin(kill.cancelled_owned()),
-            scan: FrameScan::default(),
+            scan: FrameScan::new(max_frame),
         }
     }
 
@@ -181,23 +229,33 @@ mod tests {
         let mut scan = FrameScan::default();
         assert!(scan.feed(b"AMQP\x03\x01\x00\x00\x00\x00").is_ok());
         assert!(scan.feed(&[0, 8, 2, 0, 0, 0]).is_ok());
-        assert!(scan.feed(&[0, 0, 0, 12, 2, 0, 0, 0, 1, 2, 3, 4]).is_ok());
+        // A frame holding CLOSE (described list0), then one whose body is
+        // not AMQP encoding.
+        assert!(
+            scan.feed(&[0, 0, 0, 12, 2, 0, 0, 0, 0x00, 0x53, 0x18, 0x45])
+                .is_ok()
+        );
+        assert!(scan.feed(&[0, 0, 0, 12, 2, 0, 0, 0, 1, 2, 3, 4]).is_err());
+        let mut scan = FrameScan::default();
+        assert!(scan.feed(b"AMQP\x00\x01\x00\x00").is_ok());
         assert!(scan.feed(&[0, 0, 0, 12, 4, 0, 0, 0]).is_err());
     }
     use tokio::io::AsyncReadExt;
 
     #[tokio::test]
     async fn prefix_then_inner_until_killed() {
-        let inner: &[u8] = b"rest";
+        // An empty (heartbeat) frame after the header.
+        let inner: &[u8] = &[0, 0, 0, 8, 2, 0, 0, 0];
         let kill = CancellationToken::new();
         let mut s = Rewind::new(
             *b"AMQP\x03\x01\x00\x00",
             tokio::io::join(inner, tokio::io::sink()),
             kill.clone(),
+            65536,
         );
         let mut out = Vec::new();
         s.read_to_end(&mut out).await.expect("read");
-        assert_eq!(out, b"AMQP\x03\x01\x00\x00rest");
+        assert_eq!(out, b"AMQP\x03\x01\x00\x00\x00\x00\x00\x08\x02\x00\x00\x00");
         kill.cancel();
         let mut one = [0u8; 1];
         assert!(s.read(&mut one).await.is_err(), "reads fail once killed");
