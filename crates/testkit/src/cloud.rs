@@ -235,26 +235,15 @@ impl CloudProc {
     /// Sends `signal` (`TERM`, `INT`) and waits up to `limit` for the exit; its code (`None`: killed by a signal).
     pub fn stop(&mut self, signal: &str, limit: Duration) -> Option<i32> {
         let child = self.child.as_mut().unwrap();
-        let ok = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(child.id().to_string())
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{signal} failed");
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                self.drain();
-                return status.code();
-            }
-            assert!(
-                Instant::now() < deadline,
+        assert!(crate::send_signal(child, signal), "kill -{signal} failed");
+        let Some(status) = crate::wait_exit(child, limit) else {
+            panic!(
                 "verge-cloud did not exit within {limit:?} of SIG{signal}; log:\n{}",
                 self.log()
             );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        };
+        self.drain();
+        status.code()
     }
 
     /// SIGTERM, asserting a clean exit (code 0) within `limit`: verge-cloud's shutdown works.

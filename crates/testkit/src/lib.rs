@@ -22,6 +22,31 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// Sends `signal` (`TERM`, `INT`, …) to `child` with `kill`, as an operator
+/// would; whether `kill` succeeded.
+pub fn send_signal(child: &Child, signal: &str) -> bool {
+    Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(child.id().to_string())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Waits up to `limit` for `child` to exit: its status, or `None` while it
+/// still runs.
+pub fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A daemon executable started for real, and the lines of its log (stdout
 /// and stderr). Killed when dropped, so a failing test leaves nothing behind.
 pub struct Running {
@@ -104,28 +129,17 @@ impl Running {
     /// Sends `signal` (`TERM`, `INT`) and waits up to `limit` for the exit;
     /// returns the exit code (`None`: killed by a signal).
     pub fn stop(&mut self, signal: &str, limit: Duration) -> Option<i32> {
-        let ok = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
-                    self.log.push(line);
-                }
-                return status.code();
-            }
-            assert!(
-                Instant::now() < deadline,
+        assert!(send_signal(&self.child, signal), "kill -{signal} failed");
+        let Some(status) = wait_exit(&mut self.child, limit) else {
+            panic!(
                 "no exit within {limit:?} of SIG{signal}; log:\n{}",
                 self.log.join("\n")
             );
-            std::thread::sleep(Duration::from_millis(20));
+        };
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+            self.log.push(line);
         }
+        status.code()
     }
 
     /// Whether a line seen so far contains `text`.

@@ -137,17 +137,9 @@ pub fn start(bin: &Path, cfg: &Path, rust_log: &str, mgmt: &Path) -> Child {
 
 /// SIGTERM (verged stops its agent), then SIGKILL after 5 s.
 fn stop(child: &mut Child) {
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if matches!(child.try_wait(), Ok(Some(_))) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    crate::send_signal(child, "TERM");
+    if crate::wait_exit(child, Duration::from_secs(5)).is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
     }
-    let _ = child.kill();
-    let _ = child.wait();
 }
