@@ -235,7 +235,7 @@ fn upstream_transport(
     let protocol = route.protocol;
     if route.falls_back() {
         tracing::warn!(requested = %requested, using = %protocol,
-            "the AMQP upstream is not implemented yet: the twin link uses MQTT over the same transport");
+            "the agent's twin link speaks MQTT only: it uses MQTT over the same transport (the hub's upstream uses AMQP)");
     }
     if let Some(p) = &route.unused_proxy {
         tracing::warn!(proxy = %p, %protocol,

@@ -100,8 +100,11 @@ impl Tokens {
 /// A well-formed put-token request.
 #[derive(Debug)]
 pub struct PutToken {
-    /// The identity named by the token's `sr` (edgeHub ignores `name`
-    /// beyond "non-empty" and so do we).
+    /// The identity the token is put for: the one `name` names, else the
+    /// token's `sr`'s. They differ when an edge hub puts its own token for a
+    /// leaf it carries on its behalf (an X.509 leaf: the hub holds no key of
+    /// it); the backend decides whether the signer may (verge-cloud: a parent
+    /// edge for a leaf in its scope; the edge hub: never).
     pub client: ClientId,
     /// The token.
     pub token: String,
@@ -171,12 +174,15 @@ pub fn parse_request(msg: &Message<Body<Value>>) -> Result<PutToken, CbsError> {
         _ => return Err(CbsError::bad("the token must be an amqp-value")),
     };
     let parsed = SasToken::parse(&token).map_err(|e| CbsError::bad(format!("bad token: {e}")))?;
-    let client = token_identity(parsed.resource()).ok_or_else(|| {
-        CbsError::bad(format!(
-            "token resource {:?} names no device or module",
-            parsed.resource()
-        ))
-    })?;
+    let named = app_str(msg, "name").and_then(token_identity);
+    let client = named
+        .or_else(|| token_identity(parsed.resource()))
+        .ok_or_else(|| {
+            CbsError::bad(format!(
+                "token resource {:?} names no device or module",
+                parsed.resource()
+            ))
+        })?;
     Ok(PutToken {
         client,
         expiry: parsed.expiry(),
@@ -220,6 +226,10 @@ mod tests {
     use fe2o3_amqp::types::messaging::{AmqpValue, MessageId};
 
     fn request(token: &str) -> Message<Body<Value>> {
+        request_named(token, "h/devices/d1/modules/m1")
+    }
+
+    fn request_named(token: &str, name: &str) -> Message<Body<Value>> {
         let props = Properties {
             message_id: Some(MessageId::Ulong(7)),
             ..Properties::default()
@@ -236,10 +246,7 @@ mod tests {
                         "type".to_owned(),
                         SimpleValue::String("servicebus.windows.net:sastoken".into()),
                     )
-                    .insert(
-                        "name".to_owned(),
-                        SimpleValue::String("h/devices/d1".into()),
-                    )
+                    .insert("name".to_owned(), SimpleValue::String(name.into()))
                     .build(),
             )
             .body(Body::Value(AmqpValue(Value::String(token.to_owned()))))
@@ -260,9 +267,20 @@ mod tests {
         assert!(parse_request(&request("not a token")).is_err());
         let t = "SharedAccessSignature sr=h.example&sig=YWJj&se=100";
         assert_eq!(
-            parse_request(&request(t)).expect_err("no identity").status,
+            parse_request(&request_named(t, "h.example"))
+                .expect_err("no identity")
+                .status,
             400
         );
+        // A name that is no identity (a hub-wide audience): the token's.
+        let t = "SharedAccessSignature sr=h.example%2Fdevices%2Fd1&sig=YWJj&se=100";
+        let p = parse_request(&request_named(t, "h.example")).expect("parsed");
+        assert_eq!(p.client, ClientId::parse("d1").expect("id"));
+        // An edge's token put for a leaf (on its behalf): the leaf, for the
+        // backend to allow or refuse.
+        let t = "SharedAccessSignature sr=h.example%2Fdevices%2Fedge%2Fmodules%2F%24edgeHub&sig=YWJj&se=100";
+        let p = parse_request(&request_named(t, "amqps://h.example/devices/leaf")).expect("parsed");
+        assert_eq!(p.client, ClientId::parse("leaf").expect("id"));
     }
 
     #[tokio::test]

@@ -176,6 +176,22 @@ pub fn to_bag(msg: &Message<Body<Value>>) -> Result<(String, Bytes), ConvertErro
 /// A message the backend delivers (module input, C2D) from its property
 /// `bag` and payload, with `x-opt-input-name` when it is for an input.
 pub fn from_bag(bag: &str, input: Option<&str>, payload: Bytes) -> Message<Body<Value>> {
+    message_from_bag(bag, input, false, payload)
+}
+
+/// A telemetry message sent upstream from its property `bag` and payload:
+/// as [`from_bag`], with the module's output name (`iothub-outputname`),
+/// which [`to_bag`] reads back on the cloud's side.
+pub fn telemetry_from_bag(bag: &str, payload: Bytes) -> Message<Body<Value>> {
+    message_from_bag(bag, None, true, payload)
+}
+
+fn message_from_bag(
+    bag: &str,
+    input: Option<&str>,
+    output: bool,
+    payload: Bytes,
+) -> Message<Body<Value>> {
     // The bag was encoded by the backend itself; a part it cannot decode is
     // left out rather than failing the delivery.
     let (sys, app) = decode_bag(bag).unwrap_or_default();
@@ -202,6 +218,12 @@ pub fn from_bag(bag: &str, input: Option<&str>, payload: Bytes) -> Message<Body<
         ap = ap.insert(
             "iothub-message-schema".to_owned(),
             SimpleValue::String(s.clone()),
+        );
+    }
+    if output && let Some(o) = &sys.output_name {
+        ap = ap.insert(
+            "iothub-outputname".to_owned(),
+            SimpleValue::String(o.clone()),
         );
     }
     if let Some(t) = sys.creation_time {
@@ -270,5 +292,27 @@ mod tests {
         assert!(batch_messages(&data_body(&[b"\x00\x53\x75\xa0\x01x", b"garbage"])).is_err());
         assert!(batch_messages(&Body::Empty).is_err());
         assert!(batch_messages(&data_body(&[])).is_ok_and(|m| m.is_empty()));
+    }
+
+    #[test]
+    fn telemetry_keeps_the_output_name_and_inputs_do_not_get_it() {
+        let sys = SystemProperties {
+            message_id: Some("m1".into()),
+            output_name: Some("out1".into()),
+            content_type: Some("application/json".into()),
+            ..SystemProperties::default()
+        };
+        let mut app = AppProperties::new();
+        app.insert("k".to_owned(), "v w".to_owned());
+        let bag = encode_bag(&sys, &app);
+        let (back, payload) = to_bag(&telemetry_from_bag(&bag, Bytes::from_static(b"x"))).unwrap();
+        let (s2, a2) = decode_bag(&back).unwrap();
+        assert_eq!(s2.output_name.as_deref(), Some("out1"));
+        assert_eq!(s2.message_id.as_deref(), Some("m1"));
+        assert_eq!(s2.content_type.as_deref(), Some("application/json"));
+        assert_eq!(a2.get("k"), Some("v w"));
+        assert_eq!(&payload[..], b"x");
+        let (back, _) = to_bag(&from_bag(&bag, Some("in1"), Bytes::new())).unwrap();
+        assert_eq!(decode_bag(&back).unwrap().0.output_name, None);
     }
 }

@@ -16,7 +16,9 @@
 //!    link connected), the first message in the cloud's D2C log, the last.
 //!    Drain rate = messages / (last − first).
 //!
-//! Everything binds 127.0.0.1; the run ends by itself.
+//! `--protocol amqp` drains over one AMQP connection (a session per
+//! sender) into verge-cloud's AMQPS endpoint instead of an MQTT connection
+//! per sender. Everything binds 127.0.0.1; the run ends by itself.
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
@@ -52,6 +54,10 @@ struct Args {
     /// Give up after this many seconds of draining.
     #[arg(long, default_value_t = 600)]
     timeout_secs: u64,
+    /// The hub's upstream protocol: `mqtt` (a connection per sender) or
+    /// `amqp` (one connection, a session per sender).
+    #[arg(long, default_value = "mqtt", value_parser = ["mqtt", "amqp"])]
+    protocol: String,
 }
 
 fn module_key(m: &str) -> SharedAccessKey {
@@ -200,6 +206,8 @@ key = "{key}"
 [upstream]
 hostname = "localhost"
 port = {cloud_port}
+amqp_port = {cloud_port}
+protocol = "{protocol}"
 ca_file = "{ca}"
 reconnect_ms = 100
 batch_size = {batch}
@@ -216,6 +224,7 @@ batch_size = {batch}
             .context("verge-cloud made no CA")?
             .display(),
         batch = args.batch_size,
+        protocol = args.protocol,
     );
     let cfg = verge_hub::config::Config::from_toml(&toml).map_err(anyhow::Error::msg)?;
     let hub = verge_hub::Hub::start(cfg).await?;
@@ -228,12 +237,21 @@ batch_size = {batch}
     // The cloud comes up.
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", cloud_port)).await?;
     let t0 = Instant::now();
-    let endpoint = tokio::spawn(verge_cloud::device::serve(
-        listener,
-        mqtt_tls,
-        backend,
-        std::future::pending::<()>(),
-    ));
+    let endpoint = if args.protocol == "amqp" {
+        tokio::spawn(verge_cloud::device::serve_amqps(
+            listener,
+            mqtt_tls,
+            backend,
+            std::future::pending::<()>(),
+        ))
+    } else {
+        tokio::spawn(verge_cloud::device::serve(
+            listener,
+            mqtt_tls,
+            backend,
+            std::future::pending::<()>(),
+        ))
+    };
     let online = &hub.state.stats.upstream.online;
     let deadline = t0 + Duration::from_secs(args.timeout_secs);
     let (mut link_up, mut first) = (None, None);
@@ -266,8 +284,8 @@ batch_size = {batch}
     let drain = last.duration_since(first).as_secs_f64().max(1e-9);
     let rate = args.messages as f64 / drain;
     println!(
-        "upstream-bench: {} msgs × {} B, {} senders, batch_size {}",
-        args.messages, args.body, args.senders, args.batch_size
+        "upstream-bench: {} msgs × {} B, {} senders, batch_size {}, {}",
+        args.messages, args.body, args.senders, args.batch_size, args.protocol
     );
     println!("  fill (direct store appends): {fill_rate:.0} msgs/s");
     println!(

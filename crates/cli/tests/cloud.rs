@@ -598,8 +598,8 @@ fn check_verifies_the_upstream_over_tls() {
     let up = find(&check(&wrong), "upstream-connectivity");
     assert_eq!(up["result"], "error", "{up}");
 
-    // MQTT over WebSocket: the check goes the hub's way (TLS, then the
-    // WebSocket upgrade on verge-cloud's HTTPS port).
+    // AMQP over WebSocket: the check goes the hub's way (TLS, then the
+    // WebSocket upgrade, subprotocol AMQPWSB10, on verge-cloud's HTTPS port).
     let ws_dir = tempfile::tempdir().unwrap();
     let ws = edge_config(ws_dir.path(), &cloud, &cloud.ca());
     let text = std::fs::read_to_string(&ws).unwrap().replace(
@@ -614,7 +614,7 @@ fn check_verifies_the_upstream_over_tls() {
     assert_eq!(up["result"], "ok", "{up}");
     let detail = up["details"][0].as_str().unwrap();
     assert!(
-        detail.contains("MqttWs (asked: AmqpWs)")
+        detail.contains("AmqpWs")
             && detail.contains(&format!(
                 "wss://localhost:{}/$iothub/websocket",
                 cloud.https

@@ -504,7 +504,8 @@ fn check_reports_ok_and_warns_about_the_unreachable_hub() {
         "{text}"
     );
     assert!(
-        text.contains("    cannot connect to the IoT hub (Mqtt) at tls://hub.invalid:8883"),
+        // edgeHub's default protocol, as the hub dials it.
+        text.contains("    cannot connect to the IoT hub (Amqp) at tls://hub.invalid:5671"),
         "{text}"
     );
     // A nearly full disk on the test machine is a second, legitimate warning.

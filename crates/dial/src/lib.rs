@@ -159,6 +159,13 @@ impl<T: AsyncRead + AsyncWrite + Send + Sync + Unpin> Io for T {}
 /// A stream to the cloud, however it was reached.
 pub type CloudStream = Box<dyn Io>;
 
+// Clients that take any stream often ask for `Debug` (fe2o3-amqp does).
+impl std::fmt::Debug for dyn Io {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CloudStream")
+    }
+}
+
 /// The WebSocket layer, when used.
 #[derive(Debug, Clone)]
 struct WebSocket {

@@ -1,8 +1,9 @@
 //! `UpstreamProtocol`: Azure IoT Edge's four upstream protocol names
 //! (`Amqp`, `AmqpWs`, `Mqtt`, `MqttWs`, case-insensitive), shared by the
 //! hub and the agent: parsed from the configuration or the
-//! `UpstreamProtocol` environment variable, and what actually runs while
-//! Verge has no AMQP upstream ([`UpstreamProtocol::effective`]).
+//! `UpstreamProtocol` environment variable, and what actually runs where
+//! a client has no AMQP (the agent's twin link, [`UpstreamProtocol::effective`]);
+//! the hub's upstream speaks all four ([`Route::native`]).
 
 use std::fmt;
 use std::str::FromStr;
@@ -13,10 +14,19 @@ use serde::Deserialize;
 pub const WS_PATH: &str = "/$iothub/websocket";
 /// The WebSocket subprotocol of MQTT.
 pub const MQTT_SUBPROTOCOL: &str = "mqtt";
+/// The WebSocket subprotocol of AMQP (IoT Hub's, as the SDKs send it).
+pub const AMQP_SUBPROTOCOL: &str = "AMQPWSB10";
+/// IoT Hub's AMQP over TLS port.
+pub const AMQP_PORT: u16 = 5671;
 /// IoT Hub's MQTT over TLS port.
 pub const MQTT_PORT: u16 = 8883;
 /// IoT Hub's HTTPS port, where the WebSocket transports are served.
 pub const WS_PORT: u16 = 443;
+
+/// edgeHub's default, and so the hub's in the edge environment (the
+/// agent's twin link runs it as [`UpstreamProtocol::effective`]); a hub
+/// configured by file defaults to `Mqtt` ([`UpstreamProtocol::default`]).
+pub const EDGE_DEFAULT: UpstreamProtocol = UpstreamProtocol::Amqp;
 
 /// The environment variable IoT Edge's edgeHub reads.
 pub const PROTOCOL_ENV: &str = "UpstreamProtocol";
@@ -25,9 +35,9 @@ pub const PROTOCOL_ENV: &str = "UpstreamProtocol";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(try_from = "String")]
 pub enum UpstreamProtocol {
-    /// AMQP over TLS (5671): not implemented upstream yet, runs as `Mqtt`.
+    /// AMQP over TLS (5671).
     Amqp,
-    /// AMQP over WebSocket (443): not implemented upstream yet, runs as `MqttWs`.
+    /// AMQP over WebSocket (443).
     AmqpWs,
     /// MQTT over TLS (8883).
     #[default]
@@ -75,14 +85,19 @@ impl fmt::Display for UpstreamProtocol {
 }
 
 impl UpstreamProtocol {
-    /// What actually runs: AMQP falls back to MQTT over the same carrier
-    /// (TLS or WebSocket) until the AMQP upstream exists.
+    /// What runs in a client that speaks MQTT only (the agent's twin
+    /// link): AMQP falls back to MQTT over the same carrier (TLS or WebSocket).
     pub fn effective(self) -> Self {
         match self {
             Self::Amqp => Self::Mqtt,
             Self::AmqpWs => Self::MqttWs,
             other => other,
         }
+    }
+
+    /// AMQP, over TLS or WebSocket.
+    pub fn amqp(self) -> bool {
+        matches!(self, Self::Amqp | Self::AmqpWs)
     }
 
     /// Over WebSocket on 443 (and so through a proxy if one is set).
@@ -127,7 +142,25 @@ impl Route {
         host: &str,
         var: impl Fn(&str) -> Option<String>,
     ) -> Result<Route, crate::ProxyError> {
-        let protocol = requested.effective();
+        Self::running(requested, requested.effective(), host, var)
+    }
+
+    /// The route of a client that speaks all four protocols (the hub's
+    /// upstream): what was asked for runs.
+    pub fn native(
+        requested: UpstreamProtocol,
+        host: &str,
+        var: impl Fn(&str) -> Option<String>,
+    ) -> Result<Route, crate::ProxyError> {
+        Self::running(requested, requested, host, var)
+    }
+
+    fn running(
+        requested: UpstreamProtocol,
+        protocol: UpstreamProtocol,
+        host: &str,
+        var: impl Fn(&str) -> Option<String>,
+    ) -> Result<Route, crate::ProxyError> {
         let proxy = crate::Proxy::from_vars(var, host)?;
         let (proxy, unused_proxy) = if protocol.websocket() {
             (proxy, None)

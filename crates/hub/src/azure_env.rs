@@ -13,11 +13,11 @@
 //! | `DeviceScopeCacheRefreshRateSecs` | `[upstream] scope_refresh_secs` |
 //! | `HttpSettings__Port` | the HTTPS listener's port (443) |
 //! | `AmqpSettings__Enabled`, `AmqpSettings__Port` | the AMQPS listener (on, 5671), as edgeHub's |
-//! | `UpstreamProtocol`, `https_proxy` | the upstream link (`upstream/transport.rs`; also with a config file) |
+//! | `UpstreamProtocol`, `https_proxy` | the upstream link (`upstream/transport.rs`; also with a config file); default `Amqp`, as edgeHub's |
 //! | `RuntimeLogLevel` | the log level (verge-log) |
 //! | `MetricsEnabled`, `Metrics__Listener__Host/Port/Suffix` | the Prometheus endpoint (`metrics.rs`; also with a config file) |
 //! | `VERGE_HUB_LISTEN_MQTT`, `VERGE_HUB_LISTEN_HTTPS`, `VERGE_HUB_LISTEN_AMQPS` | listen addresses (default `0.0.0.0:8883`, `0.0.0.0:{HttpSettings__Port}`, `0.0.0.0:{AmqpSettings__Port}`) |
-//! | `VERGE_HUB_UPSTREAM_PORT`, `VERGE_HUB_UPSTREAM_HTTPS_PORT` | the cloud's ports (8883, 443), for a self-hosted verge-cloud |
+//! | `VERGE_HUB_UPSTREAM_PORT`, `VERGE_HUB_UPSTREAM_AMQP_PORT`, `VERGE_HUB_UPSTREAM_HTTPS_PORT` | the cloud's ports (8883, 5671, 443), for a self-hosted verge-cloud |
 //!
 //! The upstream is the IoT hub of `IOTEDGE_IOTHUBHOSTNAME`, trusted through
 //! the system's CA certificates and verged's trust bundle. Names match as
@@ -135,6 +135,7 @@ const APPLIED: &[&str] = &[
     "VERGE_HUB_LISTEN_MQTT",
     "VERGE_HUB_LISTEN_HTTPS",
     "VERGE_HUB_UPSTREAM_PORT",
+    "VERGE_HUB_UPSTREAM_AMQP_PORT",
     "VERGE_HUB_UPSTREAM_HTTPS_PORT",
 ];
 
@@ -269,11 +270,19 @@ pub fn config_without_file(edge: EdgeEnv, env: &AzureEnv) -> Result<Config, Stri
     upstream.insert("hostname".into(), edge.iothub_hostname.clone().into());
     let port: u16 = env.parse("VERGE_HUB_UPSTREAM_PORT")?.unwrap_or(8883);
     upstream.insert("port".into(), i64::from(port).into());
+    let amqp: u16 = env.parse("VERGE_HUB_UPSTREAM_AMQP_PORT")?.unwrap_or(5671);
+    upstream.insert("amqp_port".into(), i64::from(amqp).into());
     let cloud_https: u16 = env.parse("VERGE_HUB_UPSTREAM_HTTPS_PORT")?.unwrap_or(443);
     upstream.insert("https_port".into(), i64::from(cloud_https).into());
     upstream.insert(
         "ca_file".into(),
         upstream_ca_path(&storage_dir).display().to_string().into(),
+    );
+    // edgeHub's default upstream protocol; `UpstreamProtocol` overrides it
+    // (upstream/transport.rs). A config file keeps Verge's default, MQTT.
+    upstream.insert(
+        "protocol".into(),
+        verge_dial::protocol::EDGE_DEFAULT.to_string().into(),
     );
     if let Some(n) = env.parse::<i64>("MaxUpstreamBatchSize")? {
         upstream.insert("batch_size".into(), n.into());
@@ -391,6 +400,9 @@ mod tests {
         let up = c.upstream.as_ref().unwrap();
         assert_eq!(up.hostname, "hub.example.net");
         assert_eq!((up.port, up.https_port, up.batch_size), (8883, 443, 20));
+        // edgeHub's default protocol, on IoT Hub's AMQP port.
+        assert_eq!(up.protocol, Some(verge_dial::UpstreamProtocol::Amqp));
+        assert_eq!(up.amqp_port, 5671);
         assert_eq!(
             up.ca_file,
             Path::new("/iotedge/storage/edgeHub/upstream-ca.pem")

@@ -46,13 +46,15 @@
 //!
 //! [upstream]     # optional: without it nothing is sent to the cloud
 //! hostname = "myhub.azure-devices.net"   # dialled; also the TLS server name
-//! port = 8883
+//! port = 8883              # MQTT over TLS
+//! amqp_port = 5671         # AMQP over TLS (protocol = "Amqp")
 //! ca_file = "/etc/ssl/certs/ca-certificates.crt"   # the cloud's CA(s), PEM
 //! reconnect_ms = 5000       # between connection attempts (at most 5000)
 //! batch_size = 100          # messages read from the store per batch
 //! keep_alive_secs = 30      # MQTT keep-alive; a silent link is down after 1.5×
 //! ack_timeout_secs = 30     # PUBACK wait before the link is dropped and the batch resent
-//! protocol = "Mqtt"         # or MqttWs (443, honours https_proxy); env UpstreamProtocol wins
+//! protocol = "Mqtt"         # or Amqp (one connection for all identities), MqttWs / AmqpWs
+//!                           # (443, honour https_proxy); env UpstreamProtocol wins
 //! ```
 //!
 //! Unknown keys are errors that name the key.
@@ -198,7 +200,8 @@ fn default_scope_refresh() -> u64 {
 }
 
 /// The upstream IoT hub (Azure IoT Hub or verge-cloud), reached over
-/// MQTT 3.1.1/TLS with one connection per sending identity.
+/// MQTT 3.1.1 (one connection per sending identity) or AMQP 1.0 (one
+/// connection for all), over TLS or WebSocket.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
@@ -208,6 +211,9 @@ pub struct UpstreamConfig {
     /// MQTT over TLS port (default 8883).
     #[serde(default = "default_upstream_port")]
     pub port: u16,
+    /// AMQP over TLS port, for `protocol = "Amqp"` (default 5671).
+    #[serde(default = "default_upstream_amqp_port")]
+    pub amqp_port: u16,
     /// PEM file with the CA certificate(s) the cloud's certificate must chain to.
     pub ca_file: PathBuf,
     /// Milliseconds between connection attempts of a link that is down
@@ -466,6 +472,9 @@ fn default_max_packet() -> usize {
 }
 fn default_twins_poll() -> u64 {
     1000
+}
+fn default_upstream_amqp_port() -> u16 {
+    verge_dial::protocol::AMQP_PORT
 }
 fn default_upstream_port() -> u16 {
     8883

@@ -938,6 +938,18 @@ impl VergeCloud {
         }
     }
 
+    /// Starts the AMQPS device endpoint on `addr`; aborting the task closes
+    /// it and every connection.
+    async fn start_amqps(&self, addr: SocketAddr) -> JoinHandle<()> {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        tokio::spawn(verge_cloud::device::serve_amqps(
+            listener,
+            self.tls.clone(),
+            self.backend.clone(),
+            std::future::pending::<()>(),
+        ))
+    }
+
     /// Starts the device endpoint; aborting the task closes it and every connection.
     async fn start(&self) -> (JoinHandle<()>, Instant) {
         let listener = TcpListener::bind(self.addr).await.unwrap();
@@ -952,17 +964,7 @@ impl VergeCloud {
 
     /// The `seq` of each D2C message by sender, as the cloud stamped it.
     fn received(&self) -> HashMap<String, Vec<u64>> {
-        let mut out: HashMap<String, Vec<u64>> = HashMap::new();
-        for e in self.state.read_d2c(0, 1_000_000).unwrap() {
-            let s = &e.message.system;
-            let id = match &s.connection_module_id {
-                Some(m) => format!("{}/{m}", s.connection_device_id.as_deref().unwrap()),
-                None => s.connection_device_id.clone().unwrap(),
-            };
-            let seq = e.message.properties.get("seq").unwrap().parse().unwrap();
-            out.entry(id).or_default().push(seq);
-        }
-        out
+        d2c_seqs(&self.state)
     }
 }
 
@@ -987,6 +989,48 @@ async fn verge_cloud_kill9_under_load_loses_nothing_acknowledged() {
         "verge-cloud: acknowledged {total}, D2C log {}",
         vc.state.d2c_tail()
     );
+    hub.stop();
+    endpoint.abort();
+}
+
+/// kill -9 of the hub under load, with verge-cloud as the upstream over
+/// AMQP (one connection for the three senders): nothing acknowledged is
+/// lost, order per sender holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verge_cloud_over_amqp_kill9_under_load_loses_nothing_acknowledged() {
+    let vc = VergeCloud::new().await;
+    let amqps = free_addr();
+    let endpoint = vc.start_amqps(amqps).await;
+    let hub_pki = pki();
+    let storage = tempfile::tempdir().unwrap();
+    let mqtt = free_addr();
+    let (toml, _) = hub_config(
+        &hub_pki,
+        storage.path(),
+        mqtt,
+        (vc.addr.port(), &vc.ca),
+        7200,
+    );
+    let mut text = std::fs::read_to_string(&toml).unwrap();
+    text.push_str(&format!(
+        "protocol = \"Amqp\"\namqp_port = {}\n",
+        amqps.port()
+    ));
+    std::fs::write(&toml, text).unwrap();
+    let log = storage.path().join("hub.log");
+    let (total, hub) = kill9_under_load(&toml, mqtt, &log, &hub_pki.ca_pem, || vc.received()).await;
+    println!(
+        "verge-cloud over AMQP: acknowledged {total}, D2C log {}",
+        vc.state.d2c_tail()
+    );
+    assert!(
+        hub.log().contains("upstream AMQP connection open"),
+        "{}",
+        tail(&hub.log(), 40)
+    );
+    if std::env::var_os("VERGE_SHOW_LOG").is_some() {
+        println!("{}", hub.log());
+    }
     hub.stop();
     endpoint.abort();
 }

@@ -361,6 +361,19 @@ fn seq_topic(seq: u64) -> String {
 /// acknowledged, and the backlog drains, in order, once it is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_ws_upstream_through_a_proxy_where_the_direct_route_is_closed() {
+    through_a_proxy("mqttws", "MQTT_WS").await;
+}
+
+/// The same with `AmqpWs`: one AMQP connection over WebSocket (subprotocol
+/// `AMQPWSB10`) carries every identity through the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_ws_upstream_through_a_proxy_where_the_direct_route_is_closed() {
+    through_a_proxy("AmqpWs", "AMQP_WS").await;
+}
+
+/// `protocol` as the hub is given it; `shown`: how verge-cloud then shows
+/// the identities' connections.
+async fn through_a_proxy(protocol: &str, shown: &str) {
     let w = World::new().await;
     // The direct route is closed from the hub's namespace, open from ours.
     assert!(
@@ -371,7 +384,7 @@ async fn mqtt_ws_upstream_through_a_proxy_where_the_direct_route_is_closed() {
 
     let mut proxy = w.proxy(None);
     proxy.wait_listening(w.proxy_addr).await;
-    let hub = w.hub(&format!("http://{}", w.proxy_addr), "mqttws").await;
+    let hub = w.hub(&format!("http://{}", w.proxy_addr), protocol).await;
     wait_for(
         "the edge's link through the proxy",
         Duration::from_secs(20),
@@ -466,6 +479,13 @@ async fn mqtt_ws_upstream_through_a_proxy_where_the_direct_route_is_closed() {
     .await;
     let r = call.await.unwrap().unwrap();
     assert_eq!((r.status, r.payload), (200, json!({"pong": true})));
+    for id in ["leaf1", &mod_a.to_string()] {
+        let json = match id.split_once('/') {
+            Some((d, m)) => w.cloud.state.get_module(d, m).unwrap().to_json(),
+            None => w.cloud.state.get_device(id).unwrap().to_json(),
+        };
+        assert_eq!(json["connectionProtocol"], shown, "{id}");
+    }
 
     // The proxy dies mid-drain (the leaf sending all along), then more is
     // sent while the only route is gone.
@@ -518,8 +538,8 @@ async fn mqtt_ws_upstream_through_a_proxy_where_the_direct_route_is_closed() {
 
 /// A proxy that wants credentials: a wrong password in `https_proxy` is
 /// logged as the proxy refusing the credentials (not as a cloud outage),
-/// nothing reaches the cloud; the right one connects (with `AmqpWs`, which
-/// runs as `MqttWs` until the AMQP upstream exists).
+/// nothing reaches the cloud; the right one connects (with `AmqpWs`: the
+/// one AMQP connection goes through the proxy too).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_credentials_wrong_password_is_a_clear_error() {
     let w = World::new().await;
@@ -551,7 +571,7 @@ async fn proxy_credentials_wrong_password_is_a_clear_error() {
     assert!(!w.cloud.connected(DEVICE));
     drop(hub);
 
-    // The right password; AmqpWs (edgeHub's name) runs as MqttWs, saying so.
+    // The right password, with AmqpWs (edgeHub's default's WebSocket form).
     let hub = w
         .hub(
             &format!("http://edge:right-pass@{}", w.proxy_addr),
@@ -565,8 +585,9 @@ async fn proxy_credentials_wrong_password_is_a_clear_error() {
     )
     .await;
     let log = hub.log();
-    assert!(
-        log.contains("the AMQP upstream is not implemented yet"),
-        "{log}"
+    assert!(log.contains("upstream AMQP connection open"), "{log}");
+    assert_eq!(
+        w.cloud.state.get_device(DEVICE).unwrap().to_json()["connectionProtocol"],
+        "AMQP_WS"
     );
 }

@@ -36,8 +36,10 @@ struct VergeCloud {
     backend: Arc<verge_cloud::device::CloudBackend>,
     tls: Arc<rustls::ServerConfig>,
     addr: SocketAddr,
+    /// The AMQPS device endpoint (started with the MQTT one).
+    amqps: SocketAddr,
     ca: PathBuf,
-    endpoint: Option<JoinHandle<()>>,
+    endpoints: Vec<JoinHandle<()>>,
 }
 
 impl VergeCloud {
@@ -58,23 +60,32 @@ impl VergeCloud {
             backend,
             tls: mqtt_tls,
             addr: free_addr(),
-            endpoint: None,
+            amqps: free_addr(),
+            endpoints: Vec::new(),
         }
     }
 
     async fn start(&mut self) {
         let listener = TcpListener::bind(self.addr).await.unwrap();
-        self.endpoint = Some(tokio::spawn(verge_cloud::device::serve(
+        self.endpoints.push(tokio::spawn(verge_cloud::device::serve(
             listener,
             self.tls.clone(),
             self.backend.clone(),
             std::future::pending::<()>(),
         )));
+        let listener = TcpListener::bind(self.amqps).await.unwrap();
+        self.endpoints
+            .push(tokio::spawn(verge_cloud::device::serve_amqps(
+                listener,
+                self.tls.clone(),
+                self.backend.clone(),
+                std::future::pending::<()>(),
+            )));
     }
 
-    /// Closes the endpoint and every connection (the cloud's state stays).
+    /// Closes the endpoints and every connection (the cloud's state stays).
     async fn stop(&mut self) {
-        if let Some(t) = self.endpoint.take() {
+        for t in self.endpoints.drain(..) {
             t.abort();
             let _ = t.await;
         }
@@ -95,6 +106,24 @@ impl VergeCloud {
             .unwrap();
     }
 
+    /// How `id` last connected, as verge-cloud shows it (`connectionProtocol`).
+    fn protocol(&self, id: &str) -> Value {
+        let json = match id.split_once('/') {
+            Some((d, m)) => self.state.get_module(d, m).unwrap().to_json(),
+            None => self.state.get_device(id).unwrap().to_json(),
+        };
+        json["connectionProtocol"].clone()
+    }
+
+    /// `id` reached the cloud over `up`.
+    fn assert_carried(&self, id: &str, up: Up) {
+        let want = match up {
+            Up::Mqtt => "MQTT",
+            Up::Amqp => "AMQP",
+        };
+        assert_eq!(self.protocol(id), json!(want), "{id}");
+    }
+
     fn twin(&self, id: &str) -> verge_core::twin::Twin {
         self.state
             .get_twin(&ClientId::parse(id).unwrap())
@@ -105,19 +134,28 @@ impl VergeCloud {
 
 impl Drop for VergeCloud {
     fn drop(&mut self) {
-        if let Some(t) = self.endpoint.take() {
+        for t in &self.endpoints {
             t.abort();
         }
     }
 }
 
-/// A hub config with an `[upstream]` table pointing at `cloud`, and AMQPS
-/// on `amqps`.
+/// The hub's upstream protocol in a test.
+#[derive(Clone, Copy, Debug)]
+enum Up {
+    Mqtt,
+    /// One AMQP connection for every identity.
+    Amqp,
+}
+
+/// A hub config with an `[upstream]` table pointing at `cloud` over `up`,
+/// and AMQPS on `amqps`.
 fn hub_config(
     pki: &Pki,
     storage: &Path,
     (mqtt, amqps): (SocketAddr, SocketAddr),
     cloud: &VergeCloud,
+    up: Up,
 ) -> PathBuf {
     config(pki, storage, &mqtt.to_string(), &free_addr().to_string());
     let path = pki.dir.path().join("hub.toml");
@@ -131,6 +169,12 @@ fn hub_config(
         cloud.addr.port(),
         cloud.ca.display()
     ));
+    if let Up::Amqp = up {
+        text.push_str(&format!(
+            "protocol = \"Amqp\"\namqp_port = {}\n",
+            cloud.amqps.port()
+        ));
+    }
     std::fs::write(&path, &text).unwrap();
     path
 }
@@ -148,11 +192,15 @@ struct World {
 
 impl World {
     async fn new() -> World {
+        Self::over(Up::Mqtt).await
+    }
+
+    async fn over(up: Up) -> World {
         let cloud = VergeCloud::new().await;
         let pki = pki();
         let storage = tempfile::tempdir().unwrap();
         let (mqtt, amqps) = (free_addr(), free_addr());
-        let toml = hub_config(&pki, storage.path(), (mqtt, amqps), &cloud);
+        let toml = hub_config(&pki, storage.path(), (mqtt, amqps), &cloud, up);
         let log = storage.path().join("hub.log");
         World {
             cloud,
@@ -203,7 +251,17 @@ fn topic_of(p: &Publish) -> String {
 /// removed keys) with the cloud's latest `$version`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn desired_patches_live_and_as_a_diff_after_an_outage() {
-    let mut w = World::new().await;
+    desired_patches(Up::Mqtt).await;
+}
+
+/// The same with the upstream over AMQP (one connection, a session per identity).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desired_patches_live_and_as_a_diff_after_an_outage_over_amqp() {
+    desired_patches(Up::Amqp).await;
+}
+
+async fn desired_patches(up: Up) {
+    let mut w = World::over(up).await;
     w.cloud.start().await;
     let _hub = w.hub().await;
     let mut a = w.module("modA", &[DESIRED]).await;
@@ -274,6 +332,7 @@ async fn desired_patches_live_and_as_a_diff_after_an_outage() {
         json_of(&p)["desired"],
         json!({"speed": 7, "mode": {"a": 1, "c": 3}, "new": "x", "$version": v3})
     );
+    w.cloud.assert_carried(&id, up);
 }
 
 /// Sends a reported patch and expects the hub's local 204.
@@ -299,7 +358,17 @@ async fn report(raw: &mut Raw, rid: u32, patch: Value) {
 /// once and in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reported_patches_made_offline_reach_the_cloud_in_order_after_a_restart() {
-    let mut w = World::new().await;
+    reported_patches(Up::Mqtt).await;
+}
+
+/// The same with the upstream over AMQP (one connection, a session per identity).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reported_patches_made_offline_reach_the_cloud_in_order_after_a_restart_over_amqp() {
+    reported_patches(Up::Amqp).await;
+}
+
+async fn reported_patches(up: Up) {
+    let mut w = World::over(up).await;
     let id = format!("{DEVICE}/modA");
     let hub = w.hub().await;
     let mut a = w.module("modA", &["$iothub/twin/res/#"]).await;
@@ -344,6 +413,7 @@ async fn reported_patches_made_offline_reach_the_cloud_in_order_after_a_restart(
         files += 1;
     }
     assert!(files > 0);
+    w.cloud.assert_carried(&id, up);
 }
 
 /// A direct method invoked in the cloud on a module behind the edge is
@@ -351,7 +421,17 @@ async fn reported_patches_made_offline_reach_the_cloud_in_order_after_a_restart(
 /// connection is answered 404 by the hub at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloud_methods_reach_modules_behind_the_edge() {
-    let mut w = World::new().await;
+    cloud_methods(Up::Mqtt).await;
+}
+
+/// The same with the upstream over AMQP (one connection, a session per identity).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_methods_reach_modules_behind_the_edge_over_amqp() {
+    cloud_methods(Up::Amqp).await;
+}
+
+async fn cloud_methods(up: Up) {
+    let mut w = World::over(up).await;
     w.cloud.start().await;
     let _hub = w.hub().await;
     // modB: a persistent session, then gone.
@@ -413,13 +493,24 @@ async fn cloud_methods_reach_modules_behind_the_edge() {
         started.elapsed() < Duration::from_secs(5),
         "answered, not timed out"
     );
+    w.cloud.assert_carried(&format!("{DEVICE}/modA"), up);
 }
 
 /// A C2D message for a leaf device is relayed to it, and completed in the
 /// cloud (feedback `Success`) only once the leaf PUBACKed it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c2d_to_a_leaf_device_completes_on_its_puback() {
-    let mut w = World::new().await;
+    c2d_to_a_leaf(Up::Mqtt).await;
+}
+
+/// The same with the upstream over AMQP (one connection, a session per identity).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c2d_to_a_leaf_device_completes_on_its_puback_over_amqp() {
+    c2d_to_a_leaf(Up::Amqp).await;
+}
+
+async fn c2d_to_a_leaf(up: Up) {
+    let mut w = World::over(up).await;
     w.cloud.start().await;
     let _hub = w.hub().await;
     let token = SasToken::sign(
@@ -480,6 +571,7 @@ async fn c2d_to_a_leaf_device_completes_on_its_puback() {
     assert_eq!(f[0].status_code, "Success");
     assert_eq!(f[0].original_message_id, "c2d-1");
     assert_eq!(f[0].device_id, "leaf1");
+    w.cloud.assert_carried("leaf1", up);
 }
 
 /// C2D to a leaf device connected over AMQP (Apache Qpid Proton, SASL

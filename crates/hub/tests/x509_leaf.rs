@@ -245,10 +245,13 @@ struct CloudUp {
     scope: String,
     api_port: u16,
     mqtt_port: u16,
+    /// The device endpoint over AMQPS (the hub's upstream with `Amqp`).
+    amqp_port: u16,
     ca_file: std::path::PathBuf,
     stop_tx: tokio::sync::oneshot::Sender<()>,
     api: tokio::task::JoinHandle<()>,
     endpoint: tokio::task::JoinHandle<()>,
+    amqp_endpoint: tokio::task::JoinHandle<()>,
 }
 
 impl CloudUp {
@@ -285,6 +288,14 @@ impl CloudUp {
         let endpoint = tokio::spawn(verge_cloud::device::serve(
             mqtt_listener,
             verge_cloud::device::mqtt_tls(&api_tls),
+            backend.clone(),
+            std::future::pending::<()>(),
+        ));
+        let amqp_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let amqp_port = amqp_listener.local_addr().unwrap().port();
+        let amqp_endpoint = tokio::spawn(verge_cloud::device::serve_amqps(
+            amqp_listener,
+            verge_cloud::device::mqtt_tls(&api_tls),
             backend,
             std::future::pending::<()>(),
         ));
@@ -293,10 +304,12 @@ impl CloudUp {
             scope,
             api_port,
             mqtt_port,
+            amqp_port,
             ca_file: files.ca.clone().unwrap(),
             stop_tx,
             api,
             endpoint,
+            amqp_endpoint,
         }
     }
 
@@ -343,6 +356,8 @@ impl CloudUp {
         self.api.await.unwrap();
         self.endpoint.abort();
         let _ = self.endpoint.await;
+        self.amqp_endpoint.abort();
+        let _ = self.amqp_endpoint.await;
         self.cloud.close();
     }
 }
@@ -646,6 +661,18 @@ async fn run_script(python: &Path, script: &Path, args: &[&str]) {
 /// script checks verge-cloud's AMQP endpoint (cloud/tests/amqp_devices.rs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn x509_leaf_over_amqp() {
+    x509_leaf_over_amqp_upstream(false).await;
+}
+
+/// The same with the hub's upstream over AMQP: the hub holds no key of
+/// the leaf, so it puts its own token on `$cbs` for the leaf's name (on
+/// its behalf, as over MQTT), and verge-cloud lets the parent edge carry it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x509_leaf_over_amqp_carried_on_its_behalf_over_the_amqp_upstream() {
+    x509_leaf_over_amqp_upstream(true).await;
+}
+
+async fn x509_leaf_over_amqp_upstream(amqp_upstream: bool) {
     verge_hub::install_crypto_provider();
     let python = verge_testkit::proton_python();
     let dir = tempfile::tempdir().unwrap();
@@ -664,6 +691,11 @@ async fn x509_leaf_over_amqp() {
     let mut cfg = hub_config(&pki, dir.path(), up.api_port, up.mqtt_port, &up.ca_file);
     let amqps = verge_testkit::net::free_port();
     cfg.listen.amqps = Some(SocketAddr::from(([127, 0, 0, 1], amqps)));
+    if amqp_upstream {
+        let upstream = cfg.upstream.as_mut().unwrap();
+        upstream.protocol = Some(verge_dial::UpstreamProtocol::Amqp);
+        upstream.amqp_port = up.amqp_port;
+    }
     let hub = Hub::start(cfg).await.unwrap();
     let start = Instant::now();
     while hub.state.sas.x509_devices().is_empty() {
@@ -687,6 +719,8 @@ async fn x509_leaf_over_amqp() {
     let params_arg = params_path.display().to_string();
     run_script(&python, &script, &[&params_arg, "proton-x509"]).await;
     up.wait_for(&[("amqpss", "over-amqps-x509")]).await;
+    let carried = up.cloud.get_device("amqpss").unwrap().to_json()["connectionProtocol"].clone();
+    assert_eq!(carried, if amqp_upstream { "AMQP" } else { "MQTT" });
     hub.shutdown().await;
     up.stop().await;
 }

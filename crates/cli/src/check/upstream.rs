@@ -20,12 +20,11 @@ const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
 pub(super) struct Upstream {
     /// The IoT hub's host name (`[provisioning]`).
     pub hub: String,
-    /// The port the hub and the agent dial: `VERGE_AGENT_UPSTREAM_PORT`, else
-    /// by the protocol that runs (8883 MQTT, 443 over WebSocket; AMQP runs
-    /// as MQTT over the same carrier until the AMQP upstream exists).
+    /// The port the hub dials for messages: `VERGE_AGENT_UPSTREAM_PORT`,
+    /// else by the protocol (5671 AMQP, 8883 MQTT, 443 over WebSocket).
     pub port: u16,
-    /// The protocol asked for and run, and the proxy (WebSocket only), as
-    /// the hub and the agent work them out.
+    /// The protocol asked for (edgeHub's default `Amqp` when unset) and the
+    /// proxy (WebSocket only), as the hub works them out.
     pub route: verge_dial::Route,
     /// The hub's HTTPS port (`[provisioning] https_port`).
     pub https_port: u16,
@@ -41,13 +40,17 @@ impl Upstream {
     pub fn from_config(c: &Config) -> Result<Self, String> {
         let env = |k: &str| c.agent.env.get(k).cloned();
         let hub = c.provisioning.iothub_hostname.to_string();
-        let requested = verge_dial::UpstreamProtocol::resolve(None, env)
-            .map_err(|e| format!("[agent.env] UpstreamProtocol: {e}"))?;
-        let route = verge_dial::Route::new(requested, &hub, env)
+        let requested =
+            verge_dial::UpstreamProtocol::resolve(Some(verge_dial::protocol::EDGE_DEFAULT), env)
+                .map_err(|e| format!("[agent.env] UpstreamProtocol: {e}"))?;
+        let route = verge_dial::Route::native(requested, &hub, env)
             .map_err(|e| format!("[agent.env] https_proxy: {e}"))?;
         let port = env("VERGE_AGENT_UPSTREAM_PORT")
             .and_then(|p| p.trim().parse::<u16>().ok())
-            .unwrap_or_else(|| route.port(UPSTREAM_PORT, verge_dial::protocol::WS_PORT));
+            .unwrap_or_else(|| match route.protocol {
+                verge_dial::UpstreamProtocol::Amqp => verge_dial::protocol::AMQP_PORT,
+                _ => route.port(UPSTREAM_PORT, verge_dial::protocol::WS_PORT),
+            });
         let mut trust: Vec<PathBuf> = c.trust_bundle_cert.iter().cloned().collect();
         if let Some(ca) = c.agent.env.get("VERGE_AGENT_UPSTREAM_CA") {
             trust.push(PathBuf::from(ca));
@@ -61,23 +64,24 @@ impl Upstream {
         })
     }
 
-    /// The protocol for messages: `MqttWs`, or `Mqtt (asked: Amqp)`.
+    /// The protocol for messages, e.g. `Amqp` or `MqttWs`.
     pub fn protocol(&self) -> String {
-        if self.route.falls_back() {
-            format!("{} (asked: {})", self.route.protocol, self.route.requested)
-        } else {
-            self.route.protocol.to_string()
-        }
+        self.route.protocol.to_string()
     }
 
     /// The dialer the hub would use to reach `host`.
     fn dialer(&self, host: &str, tls: rustls::ClientConfig) -> Result<verge_dial::Dialer, String> {
-        use verge_dial::protocol::{MQTT_SUBPROTOCOL, WS_PATH};
+        use verge_dial::protocol::{AMQP_SUBPROTOCOL, MQTT_SUBPROTOCOL, WS_PATH};
         let d = verge_dial::Dialer::new(host, self.port, std::sync::Arc::new(tls))
             .map_err(|e| e.to_string())?
             .with_step_timeout(UPSTREAM_TIMEOUT);
+        let subprotocol = if self.route.protocol.amqp() {
+            AMQP_SUBPROTOCOL
+        } else {
+            MQTT_SUBPROTOCOL
+        };
         Ok(if self.route.protocol.websocket() {
-            d.with_websocket(WS_PATH, MQTT_SUBPROTOCOL, 1 << 20)
+            d.with_websocket(WS_PATH, subprotocol, 1 << 20)
                 .with_proxy(self.route.proxy.clone())
         } else {
             d
@@ -301,19 +305,15 @@ mod tests {
             )
             .unwrap()
         };
+        // edgeHub's default, AMQP on 5671: what the hub dials.
         let u = up("");
         assert_eq!(
-            (u.hub.as_str(), u.port, u.https_port),
-            ("hub.example.net", 8883, 8443)
+            (u.hub.as_str(), u.port, u.https_port, u.protocol().as_str()),
+            ("hub.example.net", 5671, 8443, "Amqp")
         );
         assert_eq!(u.trust, vec![PathBuf::from("/tb.pem")]);
         assert_eq!(up("UpstreamProtocol = \"MqttWs\"").port, 443);
-        // AMQP runs as MQTT over the same carrier: what the hub dials.
-        let u = up("UpstreamProtocol = \"Amqp\"");
-        assert_eq!(
-            (u.port, u.protocol().as_str()),
-            (8883, "Mqtt (asked: Amqp)")
-        );
+        assert_eq!(up("UpstreamProtocol = \"Mqtt\"").port, 8883);
         assert_eq!(up("UpstreamProtocol = \"AmqpWs\"").port, 443);
         // The proxy goes with the WebSocket transports only, as in the hub.
         let u = up("UpstreamProtocol = \"MqttWs\"\nhttps_proxy = \"http://proxy:3128\"");

@@ -197,6 +197,7 @@ impl Quickstart {
             "Metrics__Listener__Host": {"value": "127.0.0.1"},
             "Metrics__Listener__Port": {"value": HUB_METRICS_PORT.to_string()},
             "VERGE_HUB_UPSTREAM_PORT": {"value": cloud.mqtt_port.to_string()},
+            "VERGE_HUB_UPSTREAM_AMQP_PORT": {"value": cloud.amqp_port.to_string()},
             "VERGE_HUB_UPSTREAM_HTTPS_PORT": {"value": cloud.https_port.to_string()},
         })
     }

@@ -304,6 +304,7 @@ impl Layout {
 struct CloudInfo {
     client: CloudClient,
     mqtt_port: u16,
+    amqp_port: u16,
     https_port: u16,
     ca: PathBuf,
 }

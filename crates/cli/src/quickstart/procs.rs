@@ -126,6 +126,8 @@ impl Quickstart {
             .arg("--data-dir")
             .arg(&self.lay.cloud_data)
             .args(["--listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0"])
+            // The edge hub's upstream (AMQP, as edgeHub's default).
+            .args(["--amqps-listen", "127.0.0.1:0"])
             .args(["--hostname", "localhost"])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -151,9 +153,9 @@ impl Quickstart {
                 let _ = tx.send(l).await;
             }
         });
-        let (mut https, mut mqtt) = (None, None);
+        let (mut https, mut mqtt, mut amqps) = (None, None, None);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while https.is_none() || mqtt.is_none() {
+        while https.is_none() || mqtt.is_none() || amqps.is_none() {
             let line = tokio::time::timeout_at(deadline, rx.recv()).await;
             match line {
                 Ok(Some(l)) => {
@@ -161,6 +163,8 @@ impl Quickstart {
                         https = Some(a.trim().to_owned());
                     } else if let Some(a) = l.strip_prefix("listening on mqtts://") {
                         mqtt = Some(a.trim().to_owned());
+                    } else if let Some(a) = l.strip_prefix("listening on amqps://") {
+                        amqps = Some(a.trim().to_owned());
                     }
                 }
                 Ok(None) => bail!(
@@ -179,7 +183,7 @@ impl Quickstart {
                 .and_then(|(_, p)| p.parse().ok())
                 .ok_or_else(|| anyhow!("verge-cloud printed an address without a port: {a:?}"))
         };
-        let (https_port, mqtt_port) = (port(https)?, port(mqtt)?);
+        let (https_port, mqtt_port, amqp_port) = (port(https)?, port(mqtt)?, port(amqps)?);
         let key_path = self.lay.cloud_data.join("service-policy.key");
         let key = std::fs::read_to_string(&key_path)
             .with_context(|| format!("reading {}", key_path.display()))?;
@@ -199,6 +203,7 @@ impl Quickstart {
         Ok(CloudInfo {
             client,
             mqtt_port,
+            amqp_port,
             https_port,
             ca,
         })

@@ -30,26 +30,44 @@ use crate::HubState;
 use crate::config::UpstreamConfig;
 
 /// How a connected session ended.
-enum End {
+pub(super) enum End {
     /// The drain is gone (hub stopping).
     Closed,
     /// The token is about to expire: reconnect now with a fresh one.
     Renew,
     /// The link failed.
     Lost(String),
-    /// The cloud refused the identity's CONNECT (return code).
+    /// The cloud refused the identity (CONNECT return code, CBS status,
+    /// or an attach refused as unauthorized).
     Refused(String),
 }
 
 /// Something a link's helper tasks (method and C2D relays) ask its session
 /// to send.
 pub(super) enum Op {
-    /// A QoS 0 publish (a method's answer).
-    Publish { topic: String, payload: Bytes },
-    /// The PUBACK of a cloud publish received in session `generation` (a
-    /// C2D message the leaf device acknowledged = complete). Dropped if the
-    /// session has changed since: packet ids are per connection.
-    PubAck { generation: u64, pkid: u16 },
+    /// A cloud method call's answer, to request `rid`.
+    MethodAnswer {
+        rid: String,
+        status: i64,
+        payload: Bytes,
+    },
+    /// A C2D message received in session `generation` was acknowledged by
+    /// the leaf device (= complete) or not in time (= abandon, where the
+    /// transport can say so). Dropped if the session has changed since:
+    /// MQTT packet ids and AMQP deliveries belong to their connection.
+    C2dDone {
+        generation: u64,
+        tag: C2dTag,
+        delivered: bool,
+    },
+}
+
+/// How the cloud's C2D delivery is settled, by transport.
+pub(super) enum C2dTag {
+    /// The PUBLISH's packet id (PUBACK = complete; MQTT cannot abandon).
+    Mqtt(u16),
+    /// The AMQP delivery (accepted = complete, released = abandon).
+    Amqp(fe2o3_amqp::link::delivery::DeliveryInfo),
 }
 
 /// A link task's long-lived parts, kept across its sessions.
@@ -122,29 +140,48 @@ pub(super) async fn run_link(
         }
     };
     set(LinkState::Down("connecting".into()));
+    // With AMQP, the shared connection's state: a link waiting for it
+    // tries again the moment it comes up.
+    let mut amqp_state = shared.amqp.as_ref().map(super::amqp::Mux::watch);
     loop {
         let started = Instant::now();
-        let end =
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, connect(&shared.up, &id, &signer, &key))
-                .await
-            {
-                Ok(Ok(stream)) => {
-                    if logged != Some("up") {
-                        tracing::info!(identity = %name, "upstream link connected");
-                    }
-                    logged = Some("up");
-                    refused_backoff = interval;
-                    set(LinkState::Up(io.epoch));
-                    shared.link_up.notify_one();
-                    io.generation += 1;
+        let attempt = match &shared.amqp {
+            None => {
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, connect(&shared.up, &id, &signer, &key))
+                    .await
+                    .map(|r| r.map(Carried::Mqtt))
+            }
+            Some(mux) => tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                super::amqp::open(mux, &shared.up, &id, &signer, &key, is_edge),
+            )
+            .await
+            .map(|r| r.map(Carried::Amqp)),
+        };
+        let end = match attempt {
+            Ok(Ok(carried)) => {
+                if logged != Some("up") {
+                    tracing::info!(identity = %name, "upstream link connected");
+                }
+                logged = Some("up");
+                refused_backoff = interval;
+                set(LinkState::Up(io.epoch));
+                shared.link_up.notify_one();
+                io.generation += 1;
+                match carried {
                     // A token renewal keeps the link "up": requests wait in
                     // the channel for the next session instead of failing.
-                    session(&shared.up.cfg, stream, &mut io).await
+                    Carried::Mqtt(stream) => session(&shared.up.cfg, stream, &mut io).await,
+                    Carried::Amqp(opened) => {
+                        super::amqp::session(&shared, opened, &id, &signer, &key, &mut io).await
+                    }
                 }
-                Ok(Err(ConnectError::Refused(code))) => End::Refused(code),
-                Ok(Err(ConnectError::Failed(e))) => End::Lost(e),
-                Err(_) => End::Lost("connection attempt timed out".into()),
-            };
+            }
+            Ok(Err(ConnectError::Refused(code))) => End::Refused(code),
+            Ok(Err(ConnectError::Failed(e))) => End::Lost(e),
+            Err(_) => End::Lost("connection attempt timed out".into()),
+        };
+        let lost = matches!(end, End::Lost(_));
         let now = Instant::now();
         // At least a short pause, so a cloud that accepts and then drops us
         // at once is not hammered.
@@ -193,13 +230,22 @@ pub(super) async fn run_link(
                 Some(op) = io.ops_rx.recv() => drop(op),
                 Some(_) = io.relays.join_next(), if !io.relays.is_empty() => {}
                 () = tokio::time::sleep_until(next) => break,
+                true = super::amqp::Mux::came_up(&mut amqp_state), if lost => break,
             }
         }
     }
 }
 
+/// What a successful connection attempt opened.
+enum Carried {
+    /// The identity's own MQTT connection.
+    Mqtt(verge_dial::CloudStream),
+    /// The identity's session on the shared AMQP connection.
+    Amqp(super::amqp::Opened),
+}
+
 /// Why a connection attempt failed.
-enum ConnectError {
+pub(super) enum ConnectError {
     /// The cloud answered CONNACK with a refusal (return code).
     Refused(String),
     /// Anything else: network, TLS, protocol, time-out.
@@ -220,13 +266,7 @@ async fn connect(
         .dial()
         .await
         .map_err(|e| ConnectError::Failed(e.to_string()))?;
-    let expiry = crate::auth::unix_now() + TOKEN_TTL_SECS;
-    let token = SasToken::sign(
-        &format!("{}{}", up.hub_host, signer.resource()),
-        key,
-        expiry,
-        None,
-    );
+    let (token, _) = sign(up, signer, key);
     let mut c = Connect::new(id.to_string());
     c.keep_alive = up.cfg.keep_alive_secs;
     // Subscriptions are made again on every connection, and in-flight
@@ -271,6 +311,13 @@ async fn connect(
             other.packet_type()
         ))),
     }
+}
+
+/// A SAS token for `signer`'s resource ([`TOKEN_TTL_SECS`]) and its expiry.
+pub(super) fn sign(up: &Upstream, signer: &ClientId, key: &SharedAccessKey) -> (SasToken, u64) {
+    let expiry = crate::auth::unix_now() + TOKEN_TTL_SECS;
+    let resource = format!("{}{}", up.hub_host, signer.resource());
+    (SasToken::sign(&resource, key, expiry, None), expiry)
 }
 
 pub(super) async fn write_packet<W: AsyncWrite + Unpin>(
@@ -510,12 +557,19 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             }
             Some(op) = io.ops_rx.recv() => {
                 let packet = match op {
-                    Op::Publish { topic, payload } => {
-                        Some(Packet::Publish(Publish::from_bytes(topic, QoS::AtMostOnce, payload)))
+                    Op::MethodAnswer { rid, status, payload } => Some(Packet::Publish(Publish::from_bytes(
+                        format!("$iothub/methods/res/{status}/?$rid={rid}"),
+                        QoS::AtMostOnce,
+                        payload,
+                    ))),
+                    Op::C2dDone { generation, tag: C2dTag::Mqtt(pkid), delivered: true }
+                        if generation == io.generation =>
+                    {
+                        Some(Packet::PubAck(PubAck::new(pkid)))
                     }
-                    Op::PubAck { generation, pkid } => {
-                        (generation == io.generation).then(|| Packet::PubAck(PubAck::new(pkid)))
-                    }
+                    // Not acknowledged: MQTT has no abandon; the cloud
+                    // redelivers after this connection ends.
+                    Op::C2dDone { .. } => None,
                 };
                 if let Some(packet) = packet
                     && let Err(e) = write_packet(&mut wr, &packet).await

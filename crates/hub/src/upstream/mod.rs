@@ -3,7 +3,11 @@
 //!
 //! # Design
 //!
-//! * **One MQTT 3.1.1/TLS connection per sending identity** (a [`Link`];
+//! * **With AMQP (`UpstreamProtocol=Amqp`/`AmqpWs`), one connection for
+//!   every identity**, a session each ([`amqp`]); what follows about links
+//!   holds for those sessions too, with AMQP's links in place of MQTT's
+//!   topics.
+//! * **With MQTT, one MQTT 3.1.1/TLS connection per sending identity** (a [`Link`];
 //!   with `UpstreamProtocol=MqttWs`, MQTT over WebSocket on 443, through
 //!   `https_proxy` when set: [`transport`]): the
 //!   edge device itself, each module `{d}/{m}` and each downstream device, so
@@ -101,7 +105,8 @@
 //!
 //! `mod.rs` (this: configuration, stats, what drain and links share),
 //! `drain.rs` (store → links: per-sender order, read-ahead, checkpoints),
-//! `link.rs` (one identity's MQTT connection: connect, session, reconnect),
+//! `link.rs` (one identity's link: connect, MQTT session, reconnect),
+//! `amqp/` (the shared AMQP connection, and an identity's session on it),
 //! `relay.rs` (what a link does with the cloud's twin, method and C2D traffic),
 //! `transport.rs` (`UpstreamProtocol`, the proxy: how a link reaches the cloud).
 
@@ -123,6 +128,7 @@ use verge_store::StoredMessage;
 use crate::config::{Config, UpstreamConfig};
 use crate::{HubState, lock};
 
+mod amqp;
 mod drain;
 mod link;
 mod relay;
@@ -308,10 +314,23 @@ impl Upstream {
 
     /// Runs the upstream (links and drain) until the hub stops.
     pub async fn run(self, state: Arc<HubState>) {
+        let (mux, mux_task) = if self.transport.protocol.amqp() {
+            let (mux, task) = amqp::Mux::new();
+            (Some(mux), Some(task))
+        } else {
+            (None, None)
+        };
         let shared = Arc::new(Shared {
             up: self,
             link_up: Notify::new(),
+            amqp: mux,
         });
+        // The shared AMQP connection's task; aborted with the drain (the
+        // hub stopping) when this function returns or is dropped.
+        let mut tasks = tokio::task::JoinSet::new();
+        if let Some(task) = mux_task {
+            tasks.spawn(amqp::run(shared.clone(), task));
+        }
         // Config validation guarantees a valid device id.
         let device = match DeviceId::new(state.cfg.device_id.as_str()) {
             Ok(d) => d,
@@ -331,6 +350,9 @@ struct Shared {
     /// keeps a permit, so a link coming up between the drain's failure and
     /// its wait is not missed.
     link_up: Notify,
+    /// With `Amqp`/`AmqpWs`: the one connection every identity's session
+    /// rides.
+    amqp: Option<amqp::Mux>,
 }
 
 /// A publish handed to a link; `ack` settles it: on the cloud's PUBACK, as

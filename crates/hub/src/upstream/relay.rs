@@ -10,7 +10,7 @@ use serde_json::Value;
 use tokio::io::AsyncWrite;
 use tokio::sync::oneshot;
 
-use super::link::{LinkIo, Next, Op, write_packet};
+use super::link::{C2dTag, LinkIo, Next, Op, write_packet};
 use super::{C2D_ACK_TIMEOUT, MAX_RELAYS, METHOD_TIMEOUT};
 use crate::session::Outbound;
 use crate::twins::CloudPatch;
@@ -36,7 +36,7 @@ pub(super) fn twin_response(topic: &[u8]) -> Option<(u16, String)> {
     Some((status.parse().ok()?, topic::query_param(query, "$rid")?))
 }
 
-/// The answer to the twin GET: the cloud's twin replaces the cached one,
+/// The answer to the twin GET (either transport): the cloud's twin replaces the cached one,
 /// and the client gets the desired changes it missed as one patch.
 pub(super) async fn on_twin(io: &LinkIo, status: u16, payload: &[u8]) {
     if status != 200 {
@@ -109,57 +109,15 @@ pub(super) async fn on_publish<W: AsyncWrite + Unpin>(
     let c2d_prefix = format!("devices/{}/messages/devicebound/", io.name);
     if io.leaf && topic.starts_with(&c2d_prefix) {
         // Acknowledged upstream only once the leaf device has: PUBACK = complete.
-        let Some(conn) = io.state.sessions.deliverable(&io.name, &topic) else {
-            tracing::info!(identity = %io.name, "C2D message for a device not connected here; left unacknowledged");
-            return Ok(Next::Continue);
-        };
-        let (generation, pkid, ops) = (io.generation, p.pkid, io.ops_tx.clone());
-        let name = io.name.clone();
-        let (tx, rx) = oneshot::channel();
-        let out = Outbound {
-            topic,
-            payload: p.payload,
-            ack: qos1.then_some(tx),
-        };
-        io.relays.spawn(async move {
-            let delivered = async {
-                conn.tx.send(out).await.ok()?;
-                if !qos1 {
-                    // Nothing to acknowledge upstream.
-                    return None;
-                }
-                rx.await.ok()
-            };
-            match tokio::time::timeout(C2D_ACK_TIMEOUT, delivered).await {
-                Ok(Some(())) => {
-                    let _ = ops.send(Op::PubAck { generation, pkid }).await;
-                }
-                _ if qos1 => {
-                    tracing::info!(identity = %name, "C2D message not acknowledged by the device")
-                }
-                _ => {}
-            }
-        });
+        let tag = qos1.then_some(C2dTag::Mqtt(p.pkid));
+        relay_c2d(io, topic, p.payload, tag);
         return Ok(Next::Continue);
     }
     if qos1 {
         write_packet(wr, &Packet::PubAck(PubAck::new(p.pkid))).await?;
     }
     if topic.starts_with("$iothub/twin/PATCH/properties/desired/") {
-        let Ok(patch) = serde_json::from_slice::<Value>(&p.payload) else {
-            tracing::warn!(identity = %io.name, "desired patch from the cloud is not JSON; resyncing");
-            return Ok(Next::Resync);
-        };
-        return Ok(
-            match io.state.twins.cloud_desired_patch(&io.name, &patch).await {
-                CloudPatch::Push(msg, version) => {
-                    desired_changed(io, &msg, version).await;
-                    Next::Continue
-                }
-                CloudPatch::Stale => Next::Continue,
-                CloudPatch::Gap => Next::Resync,
-            },
-        );
+        return Ok(on_desired_patch(io, &p.payload).await);
     }
     if let Some(rest) = topic.strip_prefix("$iothub/methods/POST/") {
         let Some((method, query)) = rest.split_once('/') else {
@@ -169,37 +127,106 @@ pub(super) async fn on_publish<W: AsyncWrite + Unpin>(
         let Some(rid) = topic::query_param(query, "$rid") else {
             return Ok(Next::Continue);
         };
-        let (state, name, method, ops) = (
-            io.state.clone(),
-            io.name.clone(),
-            method.to_owned(),
-            io.ops_tx.clone(),
-        );
-        let answer = move |status: i64, payload: Bytes| Op::Publish {
-            topic: format!("$iothub/methods/res/{status}/?$rid={rid}"),
-            payload,
-        };
-        if io.relays.len() >= MAX_RELAYS {
-            let _ = io
-                .ops_tx
-                .try_send(answer(429, error_body("too many calls in progress")));
-            return Ok(Next::Continue);
-        }
-        state.metrics.direct_method("upstream", &name);
-        io.relays.spawn(async move {
-            let op = match methods::relay(&state, &name, &method, p.payload, METHOD_TIMEOUT).await {
-                Ok((status, payload)) => answer(status, payload),
-                Err(e) => {
-                    tracing::info!(identity = %name, method = %method, error = %e, "cloud method call not answered locally");
-                    answer(i64::from(e.status()), error_body(&e.to_string()))
-                }
-            };
-            let _ = ops.send(op).await;
-        });
+        relay_method(io, method.to_owned(), rid, p.payload);
         return Ok(Next::Continue);
     }
     tracing::debug!(identity = %io.name, %topic, "publish from the cloud on an unhandled topic ignored");
     Ok(Next::Continue)
+}
+
+/// A desired patch from the cloud (JSON with `$version`), whatever carried it.
+pub(super) async fn on_desired_patch(io: &LinkIo, payload: &[u8]) -> Next {
+    let Ok(patch) = serde_json::from_slice::<Value>(payload) else {
+        tracing::warn!(identity = %io.name, "desired patch from the cloud is not JSON; resyncing");
+        return Next::Resync;
+    };
+    match io.state.twins.cloud_desired_patch(&io.name, &patch).await {
+        CloudPatch::Push(msg, version) => {
+            desired_changed(io, &msg, version).await;
+            Next::Continue
+        }
+        CloudPatch::Stale => Next::Continue,
+        CloudPatch::Gap => Next::Resync,
+    }
+}
+
+/// Relays a C2D message (`topic` = `devices/{d}/messages/devicebound/{bag}`)
+/// to the downstream device; `tag` (none: nothing to settle upstream) comes
+/// back in [`Op::C2dDone`]: delivered on the device's acknowledgement, not
+/// delivered when it does not come in [`C2D_ACK_TIMEOUT`].
+pub(super) fn relay_c2d(io: &mut LinkIo, topic: String, payload: Bytes, tag: Option<C2dTag>) {
+    let generation = io.generation;
+    let Some(conn) = io.state.sessions.deliverable(&io.name, &topic) else {
+        // Left unsettled: locked in the cloud until this connection ends
+        // (or its lock times out), then redelivered by its rules.
+        tracing::info!(identity = %io.name, "C2D message for a device not connected here; left unacknowledged");
+        return;
+    };
+    let ops = io.ops_tx.clone();
+    let name = io.name.clone();
+    let (tx, rx) = oneshot::channel();
+    let out = Outbound {
+        topic,
+        payload,
+        ack: tag.is_some().then_some(tx),
+    };
+    io.relays.spawn(async move {
+        let delivered = async {
+            conn.tx.send(out).await.ok()?;
+            rx.await.ok()
+        };
+        let Some(tag) = tag else {
+            // Nothing to acknowledge upstream (`rx` ends with the send).
+            let _ = tokio::time::timeout(C2D_ACK_TIMEOUT, delivered).await;
+            return;
+        };
+        let delivered = matches!(
+            tokio::time::timeout(C2D_ACK_TIMEOUT, delivered).await,
+            Ok(Some(()))
+        );
+        if !delivered {
+            tracing::info!(identity = %name, "C2D message not acknowledged by the device");
+        }
+        let _ = ops
+            .send(Op::C2dDone {
+                generation,
+                tag,
+                delivered,
+            })
+            .await;
+    });
+}
+
+/// Relays a cloud method call to the local client; the answer (or 404,
+/// 429, 504) goes back as [`Op::MethodAnswer`] with request id `rid`.
+pub(super) fn relay_method(io: &mut LinkIo, method: String, rid: String, payload: Bytes) {
+    if io.relays.len() >= MAX_RELAYS {
+        let _ = io.ops_tx.try_send(Op::MethodAnswer {
+            rid,
+            status: 429,
+            payload: error_body("too many calls in progress"),
+        });
+        return;
+    }
+    let (state, name, ops) = (io.state.clone(), io.name.clone(), io.ops_tx.clone());
+    state.metrics.direct_method("upstream", &name);
+    io.relays.spawn(async move {
+        let (status, payload) =
+            match methods::relay(&state, &name, &method, payload, METHOD_TIMEOUT).await {
+                Ok(answer) => answer,
+                Err(e) => {
+                    tracing::info!(identity = %name, method = %method, error = %e, "cloud method call not answered locally");
+                    (i64::from(e.status()), error_body(&e.to_string()))
+                }
+            };
+        let _ = ops
+            .send(Op::MethodAnswer {
+                rid,
+                status,
+                payload,
+            })
+            .await;
+    });
 }
 
 fn error_body(message: &str) -> Bytes {

@@ -7,18 +7,19 @@
 //! * `MqttWs`: MQTT over WebSocket (`wss://{hostname}:{https_port}/$iothub/websocket`,
 //!   subprotocol `mqtt`), through the proxy when `https_proxy` is set and
 //!   `no_proxy` does not exempt the host.
-//! * `Amqp` / `AmqpWs`: accepted (they are edgeHub's names and its
-//!   default), but Verge has no AMQP upstream yet: they run as `Mqtt` /
-//!   `MqttWs` with a warning at start.
+//! * `Amqp`: AMQP 1.0 over TLS on `upstream.amqp_port` (5671), one
+//!   connection for every identity ([`super::amqp`]).
+//! * `AmqpWs`: the same over WebSocket (subprotocol `AMQPWSB10`) on 443,
+//!   through the proxy as `MqttWs`.
 //!
 //! A proxy is used only with a WebSocket protocol, as IoT Edge does: with
-//! `Mqtt` on 8883 a configured proxy is ignored, with a warning (most
-//! proxies refuse CONNECT to 8883 anyway).
+//! `Mqtt` on 8883 or `Amqp` on 5671 a configured proxy is ignored, with a
+//! warning (most proxies refuse CONNECT to those ports anyway).
 
 use std::sync::Arc;
 
 pub use verge_dial::protocol::{
-    MQTT_SUBPROTOCOL, PROTOCOL_ENV, UnknownProtocol, UpstreamProtocol, WS_PATH,
+    AMQP_SUBPROTOCOL, MQTT_SUBPROTOCOL, PROTOCOL_ENV, UnknownProtocol, UpstreamProtocol, WS_PATH,
 };
 use verge_dial::{Dialer, Route};
 
@@ -27,9 +28,9 @@ use crate::config::UpstreamConfig;
 
 /// The protocol and proxy in force, and the dialer they give.
 pub struct Transport {
-    /// As configured (before the AMQP fallback).
+    /// As configured.
     pub requested: UpstreamProtocol,
-    /// What runs.
+    /// What runs (the same: the hub speaks all four).
     pub protocol: UpstreamProtocol,
     /// Every link's dialer.
     pub dialer: Dialer,
@@ -44,31 +45,32 @@ impl Transport {
         var: impl Fn(&str) -> Option<String>,
     ) -> anyhow::Result<Transport> {
         let requested = UpstreamProtocol::resolve(up.protocol, &var)?;
-        let route = Route::new(requested, &up.hostname, &var)?;
+        let route = Route::native(requested, &up.hostname, &var)?;
         let protocol = route.protocol;
-        if route.falls_back() {
-            tracing::warn!(
-                requested = %requested,
-                using = %protocol,
-                "the AMQP upstream is not implemented yet: using MQTT over the same transport"
-            );
-        }
         if let Some(p) = &route.unused_proxy {
             tracing::warn!(
                 proxy = %p,
                 protocol = %protocol,
                 "https_proxy is set but the upstream protocol is not a WebSocket one: \
-                 the proxy is not used (set UpstreamProtocol=MqttWs to go through it)"
+                 the proxy is not used (set UpstreamProtocol=MqttWs or AmqpWs to go through it)"
             );
         }
-        let port = route.port(up.port, up.https_port);
+        let port = match protocol {
+            UpstreamProtocol::Amqp => up.amqp_port,
+            _ => route.port(up.port, up.https_port),
+        };
         let mut dialer = Dialer::new(&up.hostname, port, tls)?.with_step_timeout(HANDSHAKE_TIMEOUT);
         if protocol.websocket() {
             // A packet may span frames; a frame or message larger than the
             // largest packet either way (plus framing slack) is refused.
             let max = MAX_INBOUND_PACKET.max(MAX_OUTBOUND_PACKET) + 64 * 1024;
+            let subprotocol = if protocol.amqp() {
+                AMQP_SUBPROTOCOL
+            } else {
+                MQTT_SUBPROTOCOL
+            };
             dialer = dialer
-                .with_websocket(WS_PATH, MQTT_SUBPROTOCOL, max)
+                .with_websocket(WS_PATH, subprotocol, max)
                 .with_proxy(route.proxy);
         }
         tracing::info!(protocol = %protocol, via = %dialer.describe(), "upstream transport");

@@ -511,6 +511,11 @@ impl HubProc {
         }
     }
 
+    /// The hub's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// What the hub logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -637,4 +642,95 @@ pub async fn cloud_with_edge(
         .unwrap();
     let scope = edge.record.device_scope.clone().unwrap();
     (files, cloud, scope)
+}
+
+/// A TCP forwarder standing in for the network between the hub and its
+/// cloud: counts the connections it bridged and can cut them all at once
+/// (a real link cut: both ends see their socket close).
+pub struct Forwarder {
+    pub addr: SocketAddr,
+    /// Connections bridged to the target so far.
+    pub bridged: Arc<std::sync::atomic::AtomicUsize>,
+    /// Bridged connections open right now.
+    pub open: Arc<std::sync::atomic::AtomicUsize>,
+    cut: tokio::sync::watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Forwarder {
+    /// Listens on `addr`, bridging each connection to `target`.
+    pub async fn start(addr: SocketAddr, target: SocketAddr) -> Forwarder {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let bridged = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
+        let (cut, _) = tokio::sync::watch::channel(0u64);
+        let (b, o, c) = (bridged.clone(), open.clone(), cut.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                let Ok(mut outbound) = TcpStream::connect(target).await else {
+                    continue;
+                };
+                // As the hub and the cloud set on theirs: no Nagle delays.
+                let _ = inbound.set_nodelay(true);
+                let _ = outbound.set_nodelay(true);
+                b.fetch_add(1, Ordering::SeqCst);
+                o.fetch_add(1, Ordering::SeqCst);
+                let (o, mut cut) = (o.clone(), c.subscribe());
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                    }
+                    o.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        Forwarder {
+            addr,
+            bridged,
+            open,
+            cut,
+            task,
+        }
+    }
+
+    /// Closes every bridged connection (new ones are still accepted).
+    pub fn cut(&self) {
+        self.cut.send_modify(|n| *n += 1);
+    }
+
+    pub fn bridged(&self) -> usize {
+        self.bridged.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn open(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.cut();
+    }
+}
+
+/// The `seq` application property of every D2C message verge-cloud logged,
+/// by sender (`d` or `d/m`, as the cloud stamped it), in arrival order.
+pub fn d2c_seqs(state: &verge_cloud::CloudState) -> std::collections::HashMap<String, Vec<u64>> {
+    let mut out: std::collections::HashMap<String, Vec<u64>> = Default::default();
+    for e in state.read_d2c(0, 1_000_000).unwrap() {
+        let s = &e.message.system;
+        let id = match &s.connection_module_id {
+            Some(m) => format!("{}/{m}", s.connection_device_id.as_deref().unwrap()),
+            None => s.connection_device_id.clone().unwrap(),
+        };
+        let seq = e.message.properties.get("seq").unwrap().parse().unwrap();
+        out.entry(id).or_default().push(seq);
+    }
+    out
 }

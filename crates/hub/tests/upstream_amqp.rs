@@ -1,0 +1,320 @@
+//! The AMQP upstream at gateway scale, end to end: the `verge-hub` binary
+//! with 200 downstream devices drains their offline backlog to verge-cloud's
+//! AMQPS endpoint (in-process) through ONE connection, as edgeHub
+//! multiplexes; a TCP forwarder between them counts the connections and cuts
+//! the link for real. An identity the cloud does not know is refused alone.
+#![allow(clippy::unwrap_used, clippy::disallowed_methods, missing_docs)]
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rumqttc::mqttbytes::v4::ConnectReturnCode;
+use tokio::net::TcpListener;
+use verge_core::{ClientId, SasToken, SharedAccessKey};
+use verge_testkit::net::free_addr;
+
+const LEAVES: usize = 200;
+const PER_LEAF: u64 = 5;
+/// In the hub's configuration, not registered in the cloud.
+const UNKNOWN: &str = "leaf-unknown";
+
+const ROUTES_UP: &str = r#"{
+  "schemaVersion": "1.1",
+  "routes": { "up": "FROM /messages/* INTO $upstream" },
+  "storeAndForwardConfiguration": {"timeToLiveSecs": 7200}
+}"#;
+
+fn leaf(i: usize) -> String {
+    format!("leaf{i:03}")
+}
+
+fn leaf_key(name: &str) -> SharedAccessKey {
+    let mut k = name.as_bytes().to_vec();
+    k.resize(32, b'k');
+    SharedAccessKey::from_bytes(k)
+}
+
+/// The hub's config: `leaves` and [`UNKNOWN`] in `[devices]`, everything
+/// routed upstream, the upstream over `protocol` to `cloud`.
+fn hub_config(
+    pki: &Pki,
+    storage: &Path,
+    mqtt: SocketAddr,
+    (cloud, protocol): (SocketAddr, &str),
+    ca: &Path,
+    leaves: usize,
+) -> std::path::PathBuf {
+    config(pki, storage, &mqtt.to_string(), &free_addr().to_string());
+    std::fs::write(pki.dir.path().join("routes.json"), ROUTES_UP).unwrap();
+    let path = pki.dir.path().join("hub.toml");
+    let mut devices = String::from("[devices]\n");
+    for name in (0..leaves).map(leaf).chain([UNKNOWN.to_owned()]) {
+        devices.push_str(&format!("{name} = \"{}\"\n", leaf_key(&name).to_base64()));
+    }
+    let mut text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replacen("[devices]\n", &devices, 1);
+    text.push_str(&format!(
+        "[upstream]\nhostname = \"localhost\"\nprotocol = \"{protocol}\"\nport = {port}\namqp_port = {port}\nca_file = \"{}\"\nreconnect_ms = 200\nbatch_size = 50\nkeep_alive_secs = 10\nack_timeout_secs = 5\n",
+        ca.display(),
+        port = cloud.port(),
+    ));
+    std::fs::write(&path, &text).unwrap();
+    path
+}
+
+/// Registers `n` leaf devices in verge-cloud with the keys the hub holds.
+async fn register_leaves(cloud: &LocalCloud, n: usize) {
+    for i in 0..n {
+        let name = leaf(i);
+        let k = leaf_key(&name).to_base64();
+        let spec = verge_cloud::DeviceSpec {
+            keys: Some(verge_cloud::registry::SymmetricKeys {
+                primary: k.clone(),
+                secondary: k,
+            }),
+            ..verge_cloud::DeviceSpec::default()
+        };
+        cloud.state.put_device(&name, spec, None).await.unwrap();
+    }
+}
+
+/// `name` connects to the hub over MQTT and sends `seqs` QoS 1 (each
+/// acknowledged after the hub's fsync), then leaves.
+async fn send(mqtt: SocketAddr, ca: &str, name: &str, seqs: std::ops::Range<u64>) {
+    let token = SasToken::sign(
+        &format!("{HUB}/devices/{name}"),
+        &leaf_key(name),
+        now() + 600,
+        None,
+    )
+    .to_string();
+    let (mut raw, ack) = Raw::connect(mqtt, ca, name, &username(name), &token, true).await;
+    assert_eq!(code(ack).0, ConnectReturnCode::Success, "{name}");
+    for seq in seqs {
+        let topic = format!("devices/{name}/messages/events/seq={seq}");
+        publish_qos1(&mut raw, &topic, name.as_bytes(), (seq % 60_000 + 1) as u16).await;
+    }
+}
+
+/// Every leaf sends `seqs`, 25 at a time.
+async fn all_send(mqtt: SocketAddr, ca: &str, names: &[String], seqs: std::ops::Range<u64>) {
+    for chunk in names.chunks(25) {
+        let tasks: Vec<_> = chunk
+            .iter()
+            .map(|n| {
+                let (n, ca, seqs) = (n.clone(), ca.to_owned(), seqs.clone());
+                tokio::spawn(async move { send(mqtt, &ca, &n, seqs).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+    }
+}
+
+/// Which of `want` (sender → seqs) the cloud does not hold yet.
+fn missing(got: &HashMap<String, Vec<u64>>, want: &HashMap<String, Vec<u64>>) -> usize {
+    want.iter()
+        .map(|(id, seqs)| {
+            let have: HashSet<u64> = got
+                .get(id)
+                .map(|v| v.iter().copied().collect())
+                .unwrap_or_default();
+            seqs.iter().filter(|s| !have.contains(s)).count()
+        })
+        .sum()
+}
+
+/// 200 leaf devices' offline backlog drains through one AMQP connection
+/// (a session and a CBS token each), in order per sender; a real cut of
+/// that connection costs one reconnect and loses nothing; the identity the
+/// cloud refuses waits alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_leaves_drain_through_one_amqp_connection() {
+    let cloud = local_cloud().await;
+    register_leaves(&cloud, LEAVES).await;
+    let tls =
+        verge_cloud::device::mqtt_tls(&verge_cloud::tls::server_config(&cloud.files).unwrap());
+    let ca = cloud.files.ca.clone().unwrap();
+
+    let hub_pki = pki();
+    let storage = tempfile::tempdir().unwrap();
+    let (mqtt, amqps, link) = (free_addr(), free_addr(), free_addr());
+    let toml = hub_config(&hub_pki, storage.path(), mqtt, (link, "Amqp"), &ca, LEAVES);
+    let log = storage.path().join("hub.log");
+    let hub = HubProc::start(&toml, mqtt, &log).await;
+
+    // Offline: nothing listens where the hub dials.
+    let names: Vec<String> = (0..LEAVES).map(leaf).collect();
+    all_send(mqtt, &hub_pki.ca_pem, &names, 0..PER_LEAF).await;
+    send(mqtt, &hub_pki.ca_pem, UNKNOWN, 0..2).await;
+    let mut want: HashMap<String, Vec<u64>> = names
+        .iter()
+        .map(|n| (n.clone(), (0..PER_LEAF).collect()))
+        .collect();
+
+    // The cloud comes up, behind the forwarder.
+    let listener = TcpListener::bind(amqps).await.unwrap();
+    let endpoint = tokio::spawn(verge_cloud::device::serve_amqps(
+        listener,
+        tls,
+        cloud.backend.clone(),
+        std::future::pending::<()>(),
+    ));
+    let up_at = Instant::now();
+    let fwd = Forwarder::start(link, amqps).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut first = None;
+    while missing(&d2c_seqs(&cloud.state), &want) > 0 {
+        if first.is_none() && cloud.state.d2c_tail() > 0 {
+            first = Some(up_at.elapsed());
+        }
+        if Instant::now() >= deadline && std::env::var_os("VERGE_SHOW_LOG").is_some() {
+            println!("{}", hub.log());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} messages missing after 60 s\n{}",
+            missing(&d2c_seqs(&cloud.state), &want),
+            LEAVES as u64 * PER_LEAF,
+            tail(&hub.log(), 40)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "backlog of {} messages from {LEAVES} leaves: first at the cloud after {:?}, all after {:?}",
+        LEAVES as u64 * PER_LEAF,
+        first,
+        up_at.elapsed()
+    );
+    if std::env::var_os("VERGE_SHOW_LOG").is_some() {
+        println!("{}", hub.log());
+    }
+    assert_eq!(fwd.bridged(), 1, "one connection for every identity");
+    assert_eq!(fwd.open(), 1);
+    for n in &names {
+        let id = ClientId::parse(n).unwrap();
+        assert!(cloud.state.is_connected(&id), "{n} has no session upstream");
+        assert_eq!(
+            cloud.state.get_device(n).unwrap().to_json()["connectionProtocol"],
+            "AMQP"
+        );
+    }
+
+    // A real cut: every identity's session goes with the one connection;
+    // what the leaves send meanwhile arrives after the hub redials.
+    fwd.cut();
+    all_send(mqtt, &hub_pki.ca_pem, &names[..20], PER_LEAF..PER_LEAF + 3).await;
+    for n in &names[..20] {
+        want.get_mut(n).unwrap().extend(PER_LEAF..PER_LEAF + 3);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while missing(&d2c_seqs(&cloud.state), &want) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "messages sent across the cut missing\n{}",
+            tail(&hub.log(), 40)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(fwd.bridged(), 2, "one reconnect after the cut");
+    assert_eq!(fwd.open(), 1);
+
+    // Order per sender (at least once: a resend may only repeat).
+    let got = d2c_seqs(&cloud.state);
+    for (id, seqs) in &got {
+        let mut seen = HashSet::new();
+        let firsts: Vec<u64> = seqs.iter().copied().filter(|s| seen.insert(*s)).collect();
+        assert!(firsts.windows(2).all(|w| w[0] < w[1]), "{id}: {firsts:?}");
+    }
+    // The unknown identity was refused and waited alone.
+    assert!(!got.contains_key(UNKNOWN));
+    let hub_log = hub.log();
+    assert!(
+        hub_log.contains("the cloud refused this identity") && hub_log.contains(UNKNOWN),
+        "{}",
+        tail(&hub_log, 40)
+    );
+    hub.stop();
+    endpoint.abort();
+}
+
+/// The hub's resident memory (VmRSS), KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// What an idle upstream identity costs the hub: 200 leaves each send one
+/// message while the cloud is down, the hub restarts (its backlog starts a
+/// link task per sender), then the cloud comes up and every identity
+/// connects and idles; the hub's RSS before and after, over one AMQP
+/// connection and over an MQTT/TLS connection each. A benchmark (the debug build's numbers; run with
+/// `--ignored --nocapture`), recorded in BENCHMARKS.md.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark"]
+async fn bench_idle_identity_memory_amqp_vs_mqtt() {
+    for protocol in ["Mqtt", "Amqp", "Mqtt", "Amqp"] {
+        let cloud = local_cloud().await;
+        register_leaves(&cloud, LEAVES).await;
+        let tls =
+            verge_cloud::device::mqtt_tls(&verge_cloud::tls::server_config(&cloud.files).unwrap());
+        let ca = cloud.files.ca.clone().unwrap();
+        let hub_pki = pki();
+        let storage = tempfile::tempdir().unwrap();
+        let (mqtt, port) = (free_addr(), free_addr());
+        let toml = hub_config(
+            &hub_pki,
+            storage.path(),
+            mqtt,
+            (port, protocol),
+            &ca,
+            LEAVES,
+        );
+        let log = storage.path().join("hub.log");
+        let hub = HubProc::start(&toml, mqtt, &log).await;
+        let names: Vec<String> = (0..LEAVES).map(leaf).collect();
+        all_send(mqtt, &hub_pki.ca_pem, &names, 0..1).await;
+        // A fresh process, so the memory the leaves' own connections used
+        // is not there to be reused: the backlog makes every link start.
+        hub.stop();
+        let hub = HubProc::start(&toml, mqtt, &log).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let before = rss_kib(hub.pid());
+        let listener = TcpListener::bind(port).await.unwrap();
+        let backend = cloud.backend.clone();
+        let never = std::future::pending::<()>();
+        let endpoint = if protocol == "Amqp" {
+            tokio::spawn(verge_cloud::device::serve_amqps(
+                listener, tls, backend, never,
+            ))
+        } else {
+            tokio::spawn(verge_cloud::device::serve(listener, tls, backend, never))
+        };
+        let want: HashMap<String, Vec<u64>> = names.iter().map(|n| (n.clone(), vec![0])).collect();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while missing(&d2c_seqs(&cloud.state), &want) > 0 {
+            assert!(Instant::now() < deadline, "{}", tail(&hub.log(), 20));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Idle: twins fetched, links settled.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let after = rss_kib(hub.pid());
+        println!(
+            "{protocol}: hub RSS {before} KiB with {LEAVES} identities' links down, {after} KiB with them up and idle: {:.1} KiB per identity",
+            (after as f64 - before as f64) / LEAVES as f64
+        );
+        hub.stop();
+        endpoint.abort();
+    }
+}
