@@ -148,6 +148,10 @@ impl Routes {
 /// An identity attached to the backend from this connection.
 struct Identity<L> {
     conn_id: u64,
+    /// Its links open on this connection: when the last one closes the
+    /// identity leaves (as a client whose session ended), so an edge hub
+    /// that ends an idle identity's session shows it disconnected.
+    links: usize,
     /// Cancelled when another connection takes the identity over.
     cancel: CancellationToken,
     routes: Arc<std::sync::Mutex<Routes>>,
@@ -552,52 +556,65 @@ impl<B: Backend> Shared<B> {
                 }
             };
             let this = self.clone();
-            match (target.kind, link) {
-                (Kind::Events, LinkEndpoint::Receiver(r)) => {
-                    self.tasks
-                        .spawn(async move { this.telemetry(target.client, r, ident_cancel).await });
-                }
-                (Kind::Events, LinkEndpoint::Sender(s)) if target.client.is_module() => {
-                    self.tasks.spawn(async move {
-                        this.push_link(target.client, s, ident_cancel, routes, PushKind::Inputs)
-                            .await
-                    });
-                }
-                (Kind::DeviceBound, LinkEndpoint::Sender(s)) => {
-                    self.tasks.spawn(async move {
-                        this.push_link(target.client, s, ident_cancel, routes, PushKind::C2d)
-                            .await
-                    });
-                }
-                (Kind::Twin, LinkEndpoint::Sender(s)) => {
-                    self.tasks.spawn(async move {
-                        this.push_link(target.client, s, ident_cancel, routes, PushKind::Twin)
-                            .await
-                    });
-                }
-                (Kind::Methods, LinkEndpoint::Sender(s)) => {
-                    self.tasks.spawn(async move {
-                        this.push_link(target.client, s, ident_cancel, routes, PushKind::Methods)
-                            .await
-                    });
-                }
-                (kind @ (Kind::Twin | Kind::Methods), LinkEndpoint::Receiver(r)) => {
-                    self.tasks.spawn(async move {
-                        this.request_link(target.client, r, ident_cancel, routes, kind)
-                            .await
-                    });
-                }
-                (_, link) => {
-                    refuse(
-                        link,
-                        error(
-                            AmqpError::NotImplemented,
-                            format!("{:?} links are not served over AMQP yet", target.kind),
-                        ),
-                    )
-                    .await;
-                }
-            }
+            let client = target.client.clone();
+            let served: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+                match (target.kind, link) {
+                    (Kind::Events, LinkEndpoint::Receiver(r)) => {
+                        Box::pin(this.clone().telemetry(target.client, r, ident_cancel))
+                    }
+                    (Kind::Events, LinkEndpoint::Sender(s)) if target.client.is_module() => {
+                        Box::pin(this.clone().push_link(
+                            target.client,
+                            s,
+                            ident_cancel,
+                            routes,
+                            PushKind::Inputs,
+                        ))
+                    }
+                    (Kind::DeviceBound, LinkEndpoint::Sender(s)) => {
+                        Box::pin(this.clone().push_link(
+                            target.client,
+                            s,
+                            ident_cancel,
+                            routes,
+                            PushKind::C2d,
+                        ))
+                    }
+                    (Kind::Twin, LinkEndpoint::Sender(s)) => Box::pin(this.clone().push_link(
+                        target.client,
+                        s,
+                        ident_cancel,
+                        routes,
+                        PushKind::Twin,
+                    )),
+                    (Kind::Methods, LinkEndpoint::Sender(s)) => Box::pin(this.clone().push_link(
+                        target.client,
+                        s,
+                        ident_cancel,
+                        routes,
+                        PushKind::Methods,
+                    )),
+                    (kind @ (Kind::Twin | Kind::Methods), LinkEndpoint::Receiver(r)) => Box::pin(
+                        this.clone()
+                            .request_link(target.client, r, ident_cancel, routes, kind),
+                    ),
+                    (_, link) => {
+                        refuse(
+                            link,
+                            error(
+                                AmqpError::NotImplemented,
+                                format!("{:?} links are not served over AMQP yet", target.kind),
+                            ),
+                        )
+                        .await;
+                        self.link_closed(&client).await;
+                        continue;
+                    }
+                };
+            self.tasks.spawn(async move {
+                served.await;
+                this.link_closed(&client).await;
+            });
         }
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, session.end()).await;
     }
@@ -609,7 +626,8 @@ impl<B: Backend> Shared<B> {
         client: &ClientId,
     ) -> Result<(CancellationToken, Arc<std::sync::Mutex<Routes>>), definitions::Error> {
         let mut ids = self.identities.lock().await;
-        if let Some(i) = ids.get(client) {
+        if let Some(i) = ids.get_mut(client) {
+            i.links += 1;
             return Ok((i.cancel.clone(), i.routes.clone()));
         }
         let sessions = self.backend.sessions();
@@ -639,6 +657,7 @@ impl<B: Backend> Shared<B> {
             client.clone(),
             Identity {
                 conn_id,
+                links: 1,
                 cancel: cancel.clone(),
                 routes: routes.clone(),
                 link,
@@ -665,6 +684,30 @@ impl<B: Backend> Shared<B> {
             }
         });
         Ok((cancel, routes))
+    }
+
+    /// One of `client`'s links ended; with its last, the identity leaves
+    /// the session registry and the backend hears it disconnected (its
+    /// token stays: a new link brings it back).
+    async fn link_closed(&self, client: &ClientId) {
+        let mut ids = self.identities.lock().await;
+        let Some(i) = ids.get_mut(client) else {
+            return;
+        };
+        i.links = i.links.saturating_sub(1);
+        if i.links > 0 {
+            return;
+        }
+        let Some(ident) = ids.remove(client) else {
+            return;
+        };
+        drop(ids);
+        ident.cancel.cancel();
+        self.backend
+            .sessions()
+            .detach(&client.to_string(), ident.conn_id);
+        self.backend.disconnected(client, ident.link).await;
+        tracing::info!(peer = %self.peer, %client, "client disconnected (AMQP): its last link closed");
     }
 
     /// Leaves the session registry and tells the backend, per identity.

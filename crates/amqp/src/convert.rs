@@ -121,6 +121,16 @@ pub fn batch_messages(body: &Body<Value>) -> Result<Vec<Message<Body<Value>>>, C
         .collect()
 }
 
+/// The message annotation `key` (a symbol key), if present.
+pub fn annotation<'a>(msg: &'a Message<Body<Value>>, key: &str) -> Option<&'a Value> {
+    msg.message_annotations
+        .as_ref()?
+        .0
+        .iter()
+        .find(|(k, _)| matches!(k, OwnedKey::Symbol(s) if s.as_str() == key))
+        .map(|(_, v)| v)
+}
+
 /// A client's telemetry / module-output message as a property bag and
 /// payload. `connection*` stamps are left to the backend (it stamps them
 /// from the link's identity, never from the message).

@@ -5,7 +5,6 @@
 use std::sync::Mutex;
 
 use bytes::Bytes;
-use fe2o3_amqp::types::messaging::annotations::OwnedKey;
 use fe2o3_amqp::types::messaging::{
     ApplicationProperties, Body, Data, Message, MessageAnnotations, MessageId, Properties,
 };
@@ -108,17 +107,8 @@ pub(crate) fn dispatch(
     Some((route, Push { msg, ack: out.ack }))
 }
 
-fn annotation<'a>(msg: &'a Message<Body<Value>>, key: &str) -> Option<&'a Value> {
-    msg.message_annotations
-        .as_ref()?
-        .0
-        .iter()
-        .find(|(k, _)| matches!(k, OwnedKey::Symbol(s) if s.as_str() == key))
-        .map(|(_, v)| v)
-}
-
 fn annotation_str<'a>(msg: &'a Message<Body<Value>>, key: &str) -> Option<&'a str> {
-    match annotation(msg, key)? {
+    match crate::convert::annotation(msg, key)? {
         Value::String(s) => Some(s),
         Value::Symbol(s) => Some(s.as_str()),
         _ => None,

@@ -11,6 +11,7 @@
 //! | `storageFolder` | store, sessions and twins in `{storageFolder}/edgeHub` (else the temp directory: lost with the container, as edgeHub's) |
 //! | `MaxUpstreamBatchSize` | `[upstream] batch_size` |
 //! | `DeviceScopeCacheRefreshRateSecs` | `[upstream] scope_refresh_secs` |
+//! | `CloudConnectionIdleTimeoutSecs`, `CloseCloudConnectionOnIdleTimeout` | `[upstream] idle_timeout_secs`, `close_on_idle` (AMQP sessions) |
 //! | `HttpSettings__Port` | the HTTPS listener's port (443) |
 //! | `AmqpSettings__Enabled`, `AmqpSettings__Port` | the AMQPS listener (on, 5671), as edgeHub's |
 //! | `UpstreamProtocol`, `https_proxy` | the upstream link (`upstream/transport.rs`; also with a config file); default `Amqp`, as edgeHub's |
@@ -64,11 +65,6 @@ const NOT_APPLIED: &[(&str, &str)] = &[
     (
         "ConnectivityCheckFrequencySecs",
         "the upstream link's keep-alive detects outages",
-    ),
-    ("CloudConnectionIdleTimeoutSecs", "upstream links stay open"),
-    (
-        "CloseCloudConnectionOnIdleTimeout",
-        "upstream links stay open",
     ),
     (
         "CloudOperationTimeoutSecs",
@@ -134,6 +130,8 @@ const APPLIED: &[&str] = &[
     "HttpSettings__Port",
     "VERGE_HUB_LISTEN_MQTT",
     "VERGE_HUB_LISTEN_HTTPS",
+    "CloudConnectionIdleTimeoutSecs",
+    "CloseCloudConnectionOnIdleTimeout",
     "VERGE_HUB_UPSTREAM_PORT",
     "VERGE_HUB_UPSTREAM_AMQP_PORT",
     "VERGE_HUB_UPSTREAM_HTTPS_PORT",
@@ -289,6 +287,12 @@ pub fn config_without_file(edge: EdgeEnv, env: &AzureEnv) -> Result<Config, Stri
     }
     if let Some(n) = env.parse::<i64>("DeviceScopeCacheRefreshRateSecs")? {
         upstream.insert("scope_refresh_secs".into(), n.into());
+    }
+    if let Some(n) = env.parse::<i64>("CloudConnectionIdleTimeoutSecs")? {
+        upstream.insert("idle_timeout_secs".into(), n.into());
+    }
+    if let Some(b) = env.parse::<bool>("CloseCloudConnectionOnIdleTimeout")? {
+        upstream.insert("close_on_idle".into(), b.into());
     }
     let mut listen = toml::Table::new();
     listen.insert("mqtt".into(), mqtt.into());

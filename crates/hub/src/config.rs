@@ -53,6 +53,8 @@
 //! batch_size = 100          # messages read from the store per batch
 //! keep_alive_secs = 30      # MQTT keep-alive; a silent link is down after 1.5×
 //! ack_timeout_secs = 30     # PUBACK wait before the link is dropped and the batch resent
+//! idle_timeout_secs = 3600  # AMQP: an identity's session ends after this long idle
+//! close_on_idle = true      #   (its client not connected here); reopened on demand
 //! protocol = "Mqtt"         # or Amqp (one connection for all identities), MqttWs / AmqpWs
 //!                           # (443, honour https_proxy); env UpstreamProtocol wins
 //! ```
@@ -241,6 +243,16 @@ pub struct UpstreamConfig {
     /// `DeviceScopeCacheRefreshRateSecs`).
     #[serde(default = "default_scope_refresh")]
     pub scope_refresh_secs: u64,
+    /// With AMQP: an identity's session is ended after this many seconds
+    /// without upstream traffic while its client is not connected here
+    /// (default 3600, edgeHub's `CloudConnectionIdleTimeoutSecs`), and
+    /// opened again when it has something to send or its client connects.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u64,
+    /// Whether idle sessions are ended at all (default true, edgeHub's
+    /// `CloseCloudConnectionOnIdleTimeout`). MQTT links stay open either way.
+    #[serde(default = "default_true")]
+    pub close_on_idle: bool,
     /// `Mqtt` (default), `MqttWs`, `Amqp`, `AmqpWs` (case-insensitive; also
     /// read as `upstream_protocol`); the `UpstreamProtocol` environment
     /// variable overrides it. See [`crate::upstream::transport`].
@@ -472,6 +484,9 @@ fn default_max_packet() -> usize {
 }
 fn default_twins_poll() -> u64 {
     1000
+}
+fn default_idle_timeout() -> u64 {
+    3600
 }
 fn default_upstream_amqp_port() -> u16 {
     verge_dial::protocol::AMQP_PORT

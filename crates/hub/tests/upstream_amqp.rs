@@ -84,6 +84,66 @@ async fn register_leaves(cloud: &LocalCloud, n: usize) {
     }
 }
 
+/// One test's gateway: verge-cloud in-process (its device endpoint started
+/// by [`Gateway::serve`]) with `leaves` registered, and the hub's config
+/// dialing `dial` over `protocol`.
+struct Gateway {
+    cloud: LocalCloud,
+    tls: std::sync::Arc<rustls::ServerConfig>,
+    pki: Pki,
+    storage: tempfile::TempDir,
+    mqtt: SocketAddr,
+    dial: SocketAddr,
+    protocol: &'static str,
+    toml: std::path::PathBuf,
+}
+
+impl Gateway {
+    /// `extra` is appended to the hub's `[upstream]` table.
+    async fn new(leaves: usize, protocol: &'static str, extra: &str) -> Gateway {
+        let cloud = local_cloud().await;
+        register_leaves(&cloud, leaves).await;
+        let tls =
+            verge_cloud::device::mqtt_tls(&verge_cloud::tls::server_config(&cloud.files).unwrap());
+        let ca = cloud.files.ca.clone().unwrap();
+        let pki = pki();
+        let storage = tempfile::tempdir().unwrap();
+        let (mqtt, dial) = (free_addr(), free_addr());
+        let toml = hub_config(&pki, storage.path(), mqtt, (dial, protocol), &ca, leaves);
+        let mut text = std::fs::read_to_string(&toml).unwrap();
+        text.push_str(extra);
+        std::fs::write(&toml, text).unwrap();
+        Gateway {
+            cloud,
+            tls,
+            pki,
+            storage,
+            mqtt,
+            dial,
+            protocol,
+            toml,
+        }
+    }
+
+    async fn hub(&self) -> HubProc {
+        HubProc::start(&self.toml, self.mqtt, &self.storage.path().join("hub.log")).await
+    }
+
+    /// Starts the cloud's device endpoint for the protocol on `addr`.
+    async fn serve(&self, addr: SocketAddr) -> tokio::task::JoinHandle<()> {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let (tls, backend) = (self.tls.clone(), self.cloud.backend.clone());
+        let never = std::future::pending::<()>();
+        if self.protocol == "Amqp" {
+            tokio::spawn(verge_cloud::device::serve_amqps(
+                listener, tls, backend, never,
+            ))
+        } else {
+            tokio::spawn(verge_cloud::device::serve(listener, tls, backend, never))
+        }
+    }
+}
+
 /// `name` connects to the hub over MQTT and sends `seqs` QoS 1 (each
 /// acknowledged after the hub's fsync), then leaves.
 async fn send(mqtt: SocketAddr, ca: &str, name: &str, seqs: std::ops::Range<u64>) {
@@ -137,38 +197,24 @@ fn missing(got: &HashMap<String, Vec<u64>>, want: &HashMap<String, Vec<u64>>) ->
 /// cloud refuses waits alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_leaves_drain_through_one_amqp_connection() {
-    let cloud = local_cloud().await;
-    register_leaves(&cloud, LEAVES).await;
-    let tls =
-        verge_cloud::device::mqtt_tls(&verge_cloud::tls::server_config(&cloud.files).unwrap());
-    let ca = cloud.files.ca.clone().unwrap();
-
-    let hub_pki = pki();
-    let storage = tempfile::tempdir().unwrap();
-    let (mqtt, amqps, link) = (free_addr(), free_addr(), free_addr());
-    let toml = hub_config(&hub_pki, storage.path(), mqtt, (link, "Amqp"), &ca, LEAVES);
-    let log = storage.path().join("hub.log");
-    let hub = HubProc::start(&toml, mqtt, &log).await;
+    let gw = Gateway::new(LEAVES, "Amqp", "").await;
+    let (cloud, mqtt, ca) = (&gw.cloud, gw.mqtt, gw.pki.ca_pem.as_str());
+    let hub = gw.hub().await;
 
     // Offline: nothing listens where the hub dials.
     let names: Vec<String> = (0..LEAVES).map(leaf).collect();
-    all_send(mqtt, &hub_pki.ca_pem, &names, 0..PER_LEAF).await;
-    send(mqtt, &hub_pki.ca_pem, UNKNOWN, 0..2).await;
+    all_send(mqtt, ca, &names, 0..PER_LEAF).await;
+    send(mqtt, ca, UNKNOWN, 0..2).await;
     let mut want: HashMap<String, Vec<u64>> = names
         .iter()
         .map(|n| (n.clone(), (0..PER_LEAF).collect()))
         .collect();
 
     // The cloud comes up, behind the forwarder.
-    let listener = TcpListener::bind(amqps).await.unwrap();
-    let endpoint = tokio::spawn(verge_cloud::device::serve_amqps(
-        listener,
-        tls,
-        cloud.backend.clone(),
-        std::future::pending::<()>(),
-    ));
+    let amqps = free_addr();
+    let endpoint = gw.serve(amqps).await;
     let up_at = Instant::now();
-    let fwd = Forwarder::start(link, amqps).await;
+    let fwd = Forwarder::start(gw.dial, amqps).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut first = None;
     while missing(&d2c_seqs(&cloud.state), &want) > 0 {
@@ -210,7 +256,7 @@ async fn two_hundred_leaves_drain_through_one_amqp_connection() {
     // A real cut: every identity's session goes with the one connection;
     // what the leaves send meanwhile arrives after the hub redials.
     fwd.cut();
-    all_send(mqtt, &hub_pki.ca_pem, &names[..20], PER_LEAF..PER_LEAF + 3).await;
+    all_send(mqtt, ca, &names[..20], PER_LEAF..PER_LEAF + 3).await;
     for n in &names[..20] {
         want.get_mut(n).unwrap().extend(PER_LEAF..PER_LEAF + 3);
     }
@@ -259,48 +305,35 @@ fn rss_kib(pid: u32) -> u64 {
 /// message while the cloud is down, the hub restarts (its backlog starts a
 /// link task per sender), then the cloud comes up and every identity
 /// connects and idles; the hub's RSS before and after, over one AMQP
-/// connection and over an MQTT/TLS connection each. A benchmark (the debug build's numbers; run with
-/// `--ignored --nocapture`), recorded in BENCHMARKS.md.
+/// connection and over an MQTT/TLS connection each. A benchmark (run with
+/// `--ignored --nocapture`, `VERGE_HUB_BIN` naming an optimized build),
+/// recorded in BENCHMARKS.md.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark"]
 async fn bench_idle_identity_memory_amqp_vs_mqtt() {
     for protocol in ["Mqtt", "Amqp", "Mqtt", "Amqp"] {
-        let cloud = local_cloud().await;
-        register_leaves(&cloud, LEAVES).await;
-        let tls =
-            verge_cloud::device::mqtt_tls(&verge_cloud::tls::server_config(&cloud.files).unwrap());
-        let ca = cloud.files.ca.clone().unwrap();
-        let hub_pki = pki();
-        let storage = tempfile::tempdir().unwrap();
-        let (mqtt, port) = (free_addr(), free_addr());
-        let toml = hub_config(
-            &hub_pki,
-            storage.path(),
-            mqtt,
-            (port, protocol),
-            &ca,
-            LEAVES,
-        );
-        let log = storage.path().join("hub.log");
-        let hub = HubProc::start(&toml, mqtt, &log).await;
+        let gw = Gateway::new(LEAVES, protocol, "").await;
+        let (cloud, mqtt, ca) = (&gw.cloud, gw.mqtt, gw.pki.ca_pem.as_str());
+        // VERGE_HUB_BIN: an optimized build to measure (the test's own is
+        // a debug build, whose futures are several times larger).
+        let bin = std::env::var("VERGE_HUB_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_verge-hub").to_owned());
+        let log = gw.storage.path().join("hub.log");
+        let start = || async {
+            let mut cmd = std::process::Command::new(&bin);
+            cmd.arg("--config").arg(&gw.toml);
+            HubProc::spawn(&mut cmd, mqtt, &log).await
+        };
+        let hub = start().await;
         let names: Vec<String> = (0..LEAVES).map(leaf).collect();
-        all_send(mqtt, &hub_pki.ca_pem, &names, 0..1).await;
+        all_send(mqtt, ca, &names, 0..1).await;
         // A fresh process, so the memory the leaves' own connections used
         // is not there to be reused: the backlog makes every link start.
         hub.stop();
-        let hub = HubProc::start(&toml, mqtt, &log).await;
+        let hub = start().await;
         tokio::time::sleep(Duration::from_secs(3)).await;
         let before = rss_kib(hub.pid());
-        let listener = TcpListener::bind(port).await.unwrap();
-        let backend = cloud.backend.clone();
-        let never = std::future::pending::<()>();
-        let endpoint = if protocol == "Amqp" {
-            tokio::spawn(verge_cloud::device::serve_amqps(
-                listener, tls, backend, never,
-            ))
-        } else {
-            tokio::spawn(verge_cloud::device::serve(listener, tls, backend, never))
-        };
+        let endpoint = gw.serve(gw.dial).await;
         let want: HashMap<String, Vec<u64>> = names.iter().map(|n| (n.clone(), vec![0])).collect();
         let deadline = Instant::now() + Duration::from_secs(60);
         while missing(&d2c_seqs(&cloud.state), &want) > 0 {
@@ -317,4 +350,117 @@ async fn bench_idle_identity_memory_amqp_vs_mqtt() {
         hub.stop();
         endpoint.abort();
     }
+}
+
+/// edgeHub's `CloudConnectionIdleTimeoutSecs` over AMQP: a leaf's session
+/// ends once it has been idle (its client gone) for the timeout, while the
+/// edge's own stays; a new message opens it again (still one connection),
+/// and a desired change made while it was closed reaches the hub's twin
+/// once its client connects again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sessions_end_and_reopen_on_demand() {
+    use rumqttc::mqttbytes::QoS;
+    use rumqttc::mqttbytes::v4::{Packet, Publish};
+    let gw = Gateway::new(2, "Amqp", "idle_timeout_secs = 1\n").await;
+    let (cloud, mqtt, ca) = (&gw.cloud, gw.mqtt, gw.pki.ca_pem.as_str());
+    let amqps = free_addr();
+    let endpoint = gw.serve(amqps).await;
+    let fwd = Forwarder::start(gw.dial, amqps).await;
+    let hub = gw.hub().await;
+    let connected = |id: &str| cloud.state.is_connected(&ClientId::parse(id).unwrap());
+    let (l0, l1) = (leaf(0), leaf(1));
+
+    send(mqtt, ca, &l0, 0..1).await;
+    send(mqtt, ca, &l1, 0..1).await;
+    wait_until(
+        "both leaves' first messages",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || cloud.state.d2c_tail() >= 2,
+    )
+    .await;
+    // Idle (their clients are gone): the sessions end; the edge's stays.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while connected(&l0) || connected(&l1) {
+        assert!(
+            Instant::now() < deadline,
+            "the idle sessions did not end\n{}",
+            tail(&hub.log(), 40)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(connected(DEVICE), "the edge's own session stays");
+
+    // A message opens the session again, on the same connection.
+    send(mqtt, ca, &l0, 1..2).await;
+    let want: HashMap<String, Vec<u64>> = [(l0.clone(), vec![0, 1])].into();
+    wait_until(
+        "the message after the idle close",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || missing(&d2c_seqs(&cloud.state), &want) == 0,
+    )
+    .await;
+
+    // A desired change while l1's session is closed; l1's client connects:
+    // its session opens and the hub's twin takes the change.
+    let l1_id = ClientId::parse(&l1).unwrap();
+    cloud
+        .state
+        .update_twin(
+            &l1_id,
+            serde_json::json!({"properties": {"desired": {"x": 1}}}),
+            None,
+        )
+        .await
+        .unwrap();
+    let token = SasToken::sign(
+        &format!("{HUB}/devices/{l1}"),
+        &leaf_key(&l1),
+        now() + 600,
+        None,
+    );
+    let (mut raw, ack) =
+        Raw::connect(mqtt, ca, &l1, &username(&l1), &token.to_string(), true).await;
+    assert_eq!(code(ack).0, ConnectReturnCode::Success);
+    wait_until(
+        "l1's session back",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || connected(&l1),
+    )
+    .await;
+    let mut rid = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        rid += 1;
+        assert!(
+            subscribe1(&mut raw, "$iothub/twin/res/#").await
+                != rumqttc::mqttbytes::v4::SubscribeReasonCode::Failure
+        );
+        raw.send(Packet::Publish(Publish::new(
+            format!("$iothub/twin/GET/?$rid={rid}"),
+            QoS::AtMostOnce,
+            Vec::new(),
+        )))
+        .await;
+        let p = next_pub(&mut raw).await;
+        let twin: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+        if twin["desired"]["x"] == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "desired change not in the hub's twin: {twin}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(fwd.bridged(), 1, "sessions come and go on one connection");
+    assert!(
+        hub.log().contains("upstream session ended while idle"),
+        "{}",
+        tail(&hub.log(), 30)
+    );
+    hub.stop();
+    endpoint.abort();
 }

@@ -151,6 +151,11 @@ impl<B: Backend> Shared<B> {
                 () = ident.cancelled() => break None,
                 () = self.tokens.expired(&client) => break Some(error(AmqpError::UnauthorizedAccess, "token expired")),
                 p = rx.recv() => match p { Some(p) => p, None => break None },
+                // The client detached it or ended its session (an edge hub
+                // ending an idle identity's session): the link is gone now,
+                // not at the next push. Only ATTACH/DETACH reach a sender's
+                // reader, so nothing else is consumed here.
+                _ = sender.on_detach() => break None,
             };
             // Biased to the outcome: when the client settled and its
             // connection's end is seen in the same poll, the settlement counts.

@@ -3,7 +3,7 @@
 //! drain, twin GET and reported patches, keep-alive, token renewal),
 //! reconnect.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -20,11 +20,11 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use verge_core::{ClientId, SasToken, SharedAccessKey};
 
-use super::relay::{on_publish, on_reported, on_twin, twin_get, twin_response};
+use super::relay::{TwinReq, TwinState, on_publish, twin_get, twin_response};
 use super::{
     API_VERSION, Ack, HANDSHAKE_TIMEOUT, LinkState, MAX_INBOUND_PACKET, MAX_OUTBOUND_PACKET,
-    MAX_RELAYS, PIPELINE_BATCHES, REFUSED_BACKOFF_MAX, RENEW_MARGIN_SECS, REPORTED_RETRY, Request,
-    Sent, Shared, TOKEN_TTL_SECS, Upstream, WRITE_BURST_BYTES,
+    MAX_RELAYS, PIPELINE_BATCHES, REFUSED_BACKOFF_MAX, RENEW_MARGIN_SECS, Request, Sent, Shared,
+    TOKEN_TTL_SECS, Upstream, WRITE_BURST_BYTES,
 };
 use crate::HubState;
 use crate::config::UpstreamConfig;
@@ -40,6 +40,9 @@ pub(super) enum End {
     /// The cloud refused the identity (CONNECT return code, CBS status,
     /// or an attach refused as unauthorized).
     Refused(String),
+    /// An AMQP session ended for idleness (`upstream.idle_timeout_secs`):
+    /// the link stays "up" and opens it again on demand.
+    Idle,
 }
 
 /// Something a link's helper tasks (method and C2D relays) ask its session
@@ -90,6 +93,9 @@ pub(super) struct LinkIo {
     pub(super) epoch: u64,
     /// Changes when a reported patch is queued.
     pub(super) reported: watch::Receiver<u64>,
+    /// A request taken while the session was closed for idleness: the
+    /// reopened session sends it first.
+    pub(super) stash: Option<Request>,
 }
 
 /// One identity's link: connect, serve, reconnect, forever.
@@ -118,6 +124,7 @@ pub(super) async fn run_link(
         relays: JoinSet::new(),
         generation: 0,
         epoch: 0,
+        stash: None,
     };
     let stats = &state.stats.upstream;
     let interval = Duration::from_millis(shared.up.cfg.reconnect_ms);
@@ -188,6 +195,13 @@ pub(super) async fn run_link(
         let next = match end {
             End::Closed => return,
             End::Renew => continue,
+            End::Idle => {
+                tracing::debug!(identity = %name, "upstream session ended while idle; opened again on demand");
+                if !wait_for_demand(&mut io, &mut amqp_state).await {
+                    return;
+                }
+                continue;
+            }
             End::Lost(why) => {
                 io.epoch += 1;
                 if logged != Some("down") {
@@ -232,6 +246,39 @@ pub(super) async fn run_link(
                 () = tokio::time::sleep_until(next) => break,
                 true = super::amqp::Mux::came_up(&mut amqp_state), if lost => break,
             }
+        }
+    }
+}
+
+/// While an identity's session is closed for idleness: waits until it has
+/// something to do (a telemetry request, kept in `io.stash`; a reported
+/// patch; its client connecting here). False: the hub is stopping.
+async fn wait_for_demand(
+    io: &mut LinkIo,
+    amqp_state: &mut Option<watch::Receiver<super::amqp::MuxState>>,
+) -> bool {
+    let mut sessions = io.state.sessions.watch();
+    sessions.borrow_and_update();
+    loop {
+        if io.state.sessions.is_connected(&io.name) || io.state.twins.has_pending_reported(&io.name)
+        {
+            return true;
+        }
+        tokio::select! {
+            r = io.rx.recv() => match r {
+                Some(req) => {
+                    io.stash = Some(req);
+                    return true;
+                }
+                None => return false,
+            },
+            Ok(()) = io.reported.changed() => {}
+            Ok(()) = sessions.changed() => {}
+            // Nothing is relayed without a session; a stale one is dropped.
+            Some(op) = io.ops_rx.recv() => drop(op),
+            Some(_) = io.relays.join_next(), if !io.relays.is_empty() => {}
+            // A new connection changes nothing here; seen, so not pending.
+            true = super::amqp::Mux::came_up(amqp_state) => {}
         }
     }
 }
@@ -352,14 +399,6 @@ async fn read_packet<R: AsyncRead + Unpin>(
     }
 }
 
-/// A twin request sent on a link, by `$rid`.
-enum TwinReq {
-    /// Full GET: the cloud's twin replaces the cached one.
-    Sync,
-    /// Reported patch `seq` of the identity's queue.
-    Reported(u64),
-}
-
 /// What a session must do after handling an inbound packet.
 pub(super) enum Next {
     Continue,
@@ -410,7 +449,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     if let Err(e) = write_packet(&mut wr, &Packet::Subscribe(sub)).await {
         return End::Lost(e);
     }
-    let mut twin_reqs: HashMap<String, (TwinReq, Instant)> = HashMap::new();
+    let mut twin = TwinState::new(ack_timeout);
     let mut next_rid: u64 = 0;
     let mut rid = || {
         next_rid += 1;
@@ -422,23 +461,13 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     if let Err(e) = twin_get(&mut wr, &r).await {
         return End::Lost(e);
     }
-    twin_reqs.insert(r, (TwinReq::Sync, Instant::now()));
-    let mut synced = false;
-    let mut reported_inflight = false;
-    let mut reported_retry: Option<Instant> = None;
+    twin.sent(r, TwinReq::Sync);
 
     loop {
         // Send the next queued reported patch when nothing else of this
         // identity's twin is in flight.
         io.reported.borrow_and_update();
-        if reported_retry.is_some_and(|at| Instant::now() >= at) {
-            reported_retry = None;
-        }
-        if synced
-            && !reported_inflight
-            && reported_retry.is_none()
-            && let Some(p) = io.state.twins.next_reported(&io.name)
-        {
+        if let Some(p) = twin.next_reported(io) {
             let r = rid();
             let mut pb = Publish::new(
                 format!("$iothub/twin/PATCH/properties/reported/?$rid={r}"),
@@ -449,10 +478,9 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             if let Err(e) = write_packet(&mut wr, &Packet::Publish(pb)).await {
                 return End::Lost(e);
             }
-            twin_reqs.insert(r, (TwinReq::Reported(p.seq), Instant::now()));
-            reported_inflight = true;
+            twin.sent(r, TwinReq::Reported(p.seq));
         }
-        let twin_deadline = twin_reqs.values().map(|(_, at)| *at + ack_timeout).min();
+        let twin_deadline = twin.deadline();
         let ack_deadline = inflight.front().map(|(_, at, _)| *at + ack_timeout);
         // Past the renewal time, take nothing new so the inflight window
         // empties and the link can reconnect with a fresh token.
@@ -474,17 +502,8 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 Ok(Packet::Publish(p)) => {
                     let twin_res = twin_response(&p.topic);
                     if let Some((status, r)) = twin_res {
-                        match twin_reqs.remove(&r) {
-                            Some((TwinReq::Sync, _)) => {
-                                on_twin(io, status, &p.payload).await;
-                                synced = true;
-                            }
-                            Some((TwinReq::Reported(seq), _)) => {
-                                reported_inflight = false;
-                                if on_reported(io, seq, status).await {
-                                    reported_retry = Some(Instant::now() + REPORTED_RETRY);
-                                }
-                            }
+                        match twin.take(&r) {
+                            Some(kind) => twin.answered(io, kind, status, &p.payload).await,
                             None => tracing::debug!(identity = %io.name, rid = %r, "twin response for no request"),
                         }
                         continue;
@@ -492,12 +511,12 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     match on_publish(io, p, &mut wr).await {
                         Ok(Next::Continue) => {}
                         Ok(Next::Resync) => {
-                            if !twin_reqs.values().any(|(k, _)| matches!(k, TwinReq::Sync)) {
+                            if !twin.syncing() {
                                 let r = rid();
                                 if let Err(e) = twin_get(&mut wr, &r).await {
                                     return End::Lost(e);
                                 }
-                                twin_reqs.insert(r, (TwinReq::Sync, Instant::now()));
+                                twin.sent(r, TwinReq::Sync);
                             }
                         }
                         Err(e) => return End::Lost(e),
@@ -578,27 +597,8 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             Ok(()) = io.reported.changed() => {}
-            () = sleep_until_opt(reported_retry) => {}
-            () = sleep_until_opt(twin_deadline) => {
-                // An unanswered twin request does not cost the link (its
-                // telemetry keeps flowing): the GET is given up (the cached
-                // twin stays), a reported patch is sent again later.
-                let now = Instant::now();
-                twin_reqs.retain(|_, (kind, at)| {
-                    if *at + ack_timeout > now {
-                        return true;
-                    }
-                    tracing::warn!(identity = %io.name, "no twin response from the cloud in time");
-                    match kind {
-                        TwinReq::Sync => synced = true,
-                        TwinReq::Reported(_) => {
-                            reported_inflight = false;
-                            reported_retry = Some(now + REPORTED_RETRY);
-                        }
-                    }
-                    false
-                });
-            }
+            () = sleep_until_opt(twin.retry_at()) => {}
+            () = sleep_until_opt(twin_deadline) => twin.expire(&io.name),
             Some(_) = io.relays.join_next(), if !io.relays.is_empty() => {}
             _ = ping.tick() => {
                 if ping_outstanding {
@@ -612,7 +612,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             () = sleep_until_opt(ack_deadline) => {
                 return End::Lost(format!("no PUBACK within {}s", cfg.ack_timeout_secs));
             }
-            () = tokio::time::sleep_until(renew_at), if inflight.is_empty() && twin_reqs.is_empty() => {
+            () = tokio::time::sleep_until(renew_at), if inflight.is_empty() && twin.is_empty() => {
                 let _ = write_packet(&mut wr, &Packet::Disconnect).await;
                 return End::Renew;
             }

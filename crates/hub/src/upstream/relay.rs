@@ -3,15 +3,19 @@
 //! calls relayed to the local client, C2D messages relayed to a
 //! downstream device (completed upstream only on its PUBACK).
 
+use std::collections::HashMap;
+use std::time::Duration;
+
 use bytes::Bytes;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{Packet, PubAck, Publish};
 use serde_json::Value;
 use tokio::io::AsyncWrite;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use super::link::{C2dTag, LinkIo, Next, Op, write_packet};
-use super::{C2D_ACK_TIMEOUT, MAX_RELAYS, METHOD_TIMEOUT};
+use super::{C2D_ACK_TIMEOUT, MAX_RELAYS, METHOD_TIMEOUT, REPORTED_RETRY};
 use crate::session::Outbound;
 use crate::twins::CloudPatch;
 use crate::{methods, topic};
@@ -38,7 +42,7 @@ pub(super) fn twin_response(topic: &[u8]) -> Option<(u16, String)> {
 
 /// The answer to the twin GET (either transport): the cloud's twin replaces the cached one,
 /// and the client gets the desired changes it missed as one patch.
-pub(super) async fn on_twin(io: &LinkIo, status: u16, payload: &[u8]) {
+async fn on_twin(io: &LinkIo, status: u16, payload: &[u8]) {
     if status != 200 {
         tracing::warn!(identity = %io.name, status, "the cloud refused the twin GET; keeping the cached twin");
         return;
@@ -53,6 +57,133 @@ pub(super) async fn on_twin(io: &LinkIo, status: u16, payload: &[u8]) {
     if let Some((msg, version)) = io.state.twins.cloud_twin(&io.name, &body).await {
         tracing::info!(identity = %io.name, version, "desired properties changed while away; pushing the difference");
         desired_changed(io, &msg, version).await;
+    }
+}
+
+/// A twin request in flight on a session, by its request id.
+pub(super) enum TwinReq {
+    /// The desired-notifications subscription (AMQP's PUT).
+    Subscribe,
+    /// Full GET: the cloud's twin replaces the cached one.
+    Sync,
+    /// Reported patch `seq` of the identity's queue.
+    Reported(u64),
+}
+
+/// A session's twin traffic, whatever carries it: requests in flight,
+/// whether the GET came back, the one reported patch in flight and when a
+/// deferred one goes again.
+pub(super) struct TwinState {
+    reqs: HashMap<String, (TwinReq, Instant)>,
+    synced: bool,
+    reported_inflight: bool,
+    reported_retry: Option<Instant>,
+    /// How long the cloud has to answer.
+    timeout: Duration,
+}
+
+impl TwinState {
+    pub(super) fn new(timeout: Duration) -> Self {
+        Self {
+            reqs: HashMap::new(),
+            synced: false,
+            reported_inflight: false,
+            reported_retry: None,
+            timeout,
+        }
+    }
+
+    /// Request `rid` of `kind` went out.
+    pub(super) fn sent(&mut self, rid: String, kind: TwinReq) {
+        if matches!(kind, TwinReq::Reported(_)) {
+            self.reported_inflight = true;
+        }
+        self.reqs.insert(rid, (kind, Instant::now()));
+    }
+
+    /// The request `rid` answers, if it is ours.
+    pub(super) fn take(&mut self, rid: &str) -> Option<TwinReq> {
+        self.reqs.remove(rid).map(|(k, _)| k)
+    }
+
+    /// A GET is in flight.
+    pub(super) fn syncing(&self) -> bool {
+        self.reqs.values().any(|(k, _)| matches!(k, TwinReq::Sync))
+    }
+
+    /// Nothing in flight.
+    pub(super) fn is_empty(&self) -> bool {
+        self.reqs.is_empty()
+    }
+
+    /// The next queued reported patch to send, once the GET came back and
+    /// nothing else of the twin is in flight or deferred.
+    pub(super) fn next_reported(&mut self, io: &LinkIo) -> Option<crate::twins::PendingReported> {
+        if self.reported_retry.is_some_and(|at| Instant::now() >= at) {
+            self.reported_retry = None;
+        }
+        if !self.synced || self.reported_inflight || self.reported_retry.is_some() {
+            return None;
+        }
+        io.state.twins.next_reported(&io.name)
+    }
+
+    /// When an unanswered request times out.
+    pub(super) fn deadline(&self) -> Option<Instant> {
+        self.reqs.values().map(|(_, at)| *at + self.timeout).min()
+    }
+
+    /// When a deferred reported patch may go again.
+    pub(super) fn retry_at(&self) -> Option<Instant> {
+        self.reported_retry
+    }
+
+    /// Gives up the requests past their time: an unanswered twin request
+    /// does not cost the link (its telemetry keeps flowing): the GET is given
+    /// up (the cached twin stays), a reported patch is sent again later.
+    pub(super) fn expire(&mut self, name: &str) {
+        let now = Instant::now();
+        let timeout = self.timeout;
+        let mut gave_up = Vec::new();
+        self.reqs.retain(|_, (kind, at)| {
+            if *at + timeout > now {
+                return true;
+            }
+            gave_up.push(std::mem::replace(kind, TwinReq::Subscribe));
+            false
+        });
+        for kind in gave_up {
+            tracing::warn!(identity = %name, "no twin response from the cloud in time");
+            match kind {
+                TwinReq::Sync => self.synced = true,
+                TwinReq::Reported(_) => {
+                    self.reported_inflight = false;
+                    self.reported_retry = Some(now + REPORTED_RETRY);
+                }
+                TwinReq::Subscribe => {}
+            }
+        }
+    }
+
+    /// The cloud answered `kind` with `status` and `body`.
+    pub(super) async fn answered(&mut self, io: &LinkIo, kind: TwinReq, status: u16, body: &[u8]) {
+        match kind {
+            TwinReq::Sync => {
+                on_twin(io, status, body).await;
+                self.synced = true;
+            }
+            TwinReq::Reported(seq) => {
+                self.reported_inflight = false;
+                if on_reported(io, seq, status).await {
+                    self.reported_retry = Some(Instant::now() + REPORTED_RETRY);
+                }
+            }
+            TwinReq::Subscribe => {
+                if !(200..300).contains(&status) {
+                    tracing::warn!(identity = %io.name, status, "the cloud refused the desired-properties subscription");
+                }
+            }
+        }
     }
 }
 
@@ -80,7 +211,7 @@ async fn desired_changed(io: &LinkIo, msg: &Value, version: u64) {
 }
 
 /// The cloud's answer to reported patch `seq`; true = try it again later.
-pub(super) async fn on_reported(io: &LinkIo, seq: u64, status: u16) -> bool {
+async fn on_reported(io: &LinkIo, seq: u64, status: u16) -> bool {
     match status {
         200..=299 => {}
         429 | 500.. => {

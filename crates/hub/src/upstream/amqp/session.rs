@@ -30,7 +30,6 @@ use fe2o3_amqp::link::receiver::CreditMode;
 use fe2o3_amqp::link::{Receiver, RecvError, SendError, Sender};
 use fe2o3_amqp::session::SessionHandle;
 use fe2o3_amqp::types::definitions::{AmqpError, ErrorCondition, Fields};
-use fe2o3_amqp::types::messaging::annotations::OwnedKey;
 use fe2o3_amqp::types::messaging::{
     ApplicationProperties, Body, Data, Message, MessageAnnotations, MessageId, Outcome, Properties,
 };
@@ -39,10 +38,9 @@ use tokio::time::Instant;
 use verge_core::{ClientId, SharedAccessKey};
 
 use super::super::link::{C2dTag, End, LinkIo, Next, Op};
-use super::super::relay::{on_desired_patch, on_reported, on_twin, relay_c2d, relay_method};
+use super::super::relay::{TwinReq, TwinState, on_desired_patch, relay_c2d, relay_method};
 use super::super::{
-    API_VERSION, Ack, HANDSHAKE_TIMEOUT, PIPELINE_BATCHES, RENEW_MARGIN_SECS, REPORTED_RETRY,
-    Request, Sent, Shared,
+    API_VERSION, Ack, HANDSHAKE_TIMEOUT, PIPELINE_BATCHES, RENEW_MARGIN_SECS, Request, Sent, Shared,
 };
 use super::{Opened, renew};
 
@@ -54,16 +52,6 @@ const TELEMETRY_IDLE: Duration = Duration::from_secs(60);
 const RECEIVER_CREDIT: u32 = 32;
 
 type Outcomes = Pin<Box<DeliveryFut<Result<Outcome, SendError>>>>;
-
-/// A twin request in flight, by correlation id.
-enum TwinReq {
-    /// The desired-notifications subscription.
-    Subscribe,
-    /// Full GET: the cloud's twin replaces the cached one.
-    Sync,
-    /// Reported patch `seq` of the identity's queue.
-    Reported(u64),
-}
 
 /// The identity's links.
 struct Links {
@@ -268,15 +256,6 @@ fn twin_request(
         .build()
 }
 
-fn annotation<'a>(msg: &'a Message<Body<Value>>, key: &str) -> Option<&'a Value> {
-    msg.message_annotations
-        .as_ref()?
-        .0
-        .iter()
-        .find(|(k, _)| matches!(k, OwnedKey::Symbol(s) if s.as_str() == key))
-        .map(|(_, v)| v)
-}
-
 fn int_of(v: &Value) -> Option<i64> {
     match v {
         Value::Int(n) => Some(i64::from(*n)),
@@ -305,11 +284,49 @@ fn telemetry_message(topic: &str, payload: Bytes) -> Message<Body<Value>> {
     verge_amqp::convert::telemetry_from_bag(bag, payload)
 }
 
+/// The next telemetry request: the one stashed while the session was
+/// closed for idleness, else the drain's. Cancel-safe (the stash is taken
+/// only when the future is ready at once).
+async fn next_request(
+    stash: &mut Option<Request>,
+    rx: &mut tokio::sync::mpsc::Receiver<Request>,
+) -> Option<Request> {
+    if let Some(r) = stash.take() {
+        return Some(r);
+    }
+    rx.recv().await
+}
+
 async fn recv(rx: &mut Option<Receiver>) -> Result<Delivery<Body<Value>>, RecvError> {
     match rx {
         Some(r) => r.recv::<Body<Value>>().await,
         None => std::future::pending().await,
     }
+}
+
+/// Settles a telemetry request by the cloud's outcome; an error ends the
+/// session (what was not taken goes again from the store, in order).
+fn settle(name: &str, ack: Ack, o: Result<Outcome, SendError>) -> Result<(), End> {
+    match o {
+        Ok(Outcome::Accepted(_)) => ack.send(Sent::Acked),
+        Ok(Outcome::Rejected(r)) => {
+            // The cloud would reject it again: settled, counted.
+            tracing::warn!(identity = %name, error = ?r.error, "the cloud rejected an upstream message");
+            ack.send(Sent::Unsendable);
+        }
+        Ok(other) => {
+            // Released or modified: not taken; the link starts over.
+            drop(ack);
+            return Err(End::Lost(format!(
+                "the cloud did not take a message: {other:?}"
+            )));
+        }
+        Err(e) => {
+            drop(ack);
+            return Err(End::Lost(format!("telemetry: {e}")));
+        }
+    }
+    Ok(())
 }
 
 async fn front(inflight: &mut VecDeque<(Instant, Ack, Outcomes)>) -> Result<Outcome, SendError> {
@@ -342,12 +359,17 @@ async fn serve(
         return End::Closed;
     };
     let cfg = &shared.up.cfg;
+    // The edge's own identity (the connectivity probe, the routes' twin) is
+    // never closed for idleness.
+    let idle_limit =
+        (cfg.close_on_idle && !on.1).then(|| Duration::from_secs(cfg.idle_timeout_secs));
+    let mut busy_at = Instant::now();
     let max_inflight = cfg.batch_size.max(1) * PIPELINE_BATCHES;
     let ack_timeout = Duration::from_secs(cfg.ack_timeout_secs);
     let res = id.resource();
     let mut inflight: VecDeque<(Instant, Ack, Outcomes)> = VecDeque::new();
     let mut last_sent = Instant::now();
-    let mut twin_reqs: HashMap<String, (TwinReq, Instant)> = HashMap::new();
+    let mut twin = TwinState::new(ack_timeout);
     let mut next_cid: u64 = 0;
     let mut cid = |prefix: &str| {
         next_cid += 1;
@@ -373,42 +395,44 @@ async fn serve(
         if let Err(e) = links.twin_tx.send_batchable(msg).await {
             return End::Lost(format!("twin request: {e}"));
         }
-        twin_reqs.insert(c, (kind, Instant::now()));
+        twin.sent(c, kind);
     }
-    let mut synced = false;
-    let mut reported_inflight = false;
-    let mut reported_retry: Option<Instant> = None;
 
     loop {
         io.reported.borrow_and_update();
-        if reported_retry.is_some_and(|at| Instant::now() >= at) {
-            reported_retry = None;
-        }
-        if synced
-            && !reported_inflight
-            && reported_retry.is_none()
-            && let Some(p) = io.state.twins.next_reported(&io.name)
-        {
+        if let Some(p) = twin.next_reported(io) {
             let c = cid("Patch");
             let body = serde_json::to_vec(&p.patch).unwrap_or_default();
             let msg = twin_request(&c, "PATCH", Some("/properties/reported"), &body);
             if let Err(e) = links.twin_tx.send_batchable(msg).await {
                 return End::Lost(format!("twin request: {e}"));
             }
-            twin_reqs.insert(c, (TwinReq::Reported(p.seq), Instant::now()));
-            reported_inflight = true;
+            twin.sent(c, TwinReq::Reported(p.seq));
         }
-        let twin_deadline = twin_reqs.values().map(|(_, at)| *at + ack_timeout).min();
+        let twin_deadline = twin.deadline();
         let ack_deadline = inflight.front().map(|(at, _, _)| *at + ack_timeout);
         let idle_at =
             (links.telemetry.is_some() && inflight.is_empty()).then(|| last_sent + TELEMETRY_IDLE);
+        // Idle: nothing in flight either way, no client of it connected
+        // here, nothing queued for it.
+        let quiet = inflight.is_empty()
+            && twin.is_empty()
+            && io.relays.is_empty()
+            && io.stash.is_none()
+            && !io.state.sessions.is_connected(&io.name)
+            && !io.state.twins.has_pending_reported(&io.name);
+        if !quiet {
+            busy_at = Instant::now();
+        }
+        let close_at = idle_limit.filter(|_| quiet).map(|limit| busy_at + limit);
         let renew_at = Instant::now()
             + Duration::from_secs(
                 expiry.saturating_sub(crate::auth::unix_now() + RENEW_MARGIN_SECS),
             );
         tokio::select! {
-            r = io.rx.recv(), if inflight.len() < max_inflight => {
+            r = next_request(&mut io.stash, &mut io.rx), if inflight.len() < max_inflight => {
                 let Some(mut req) = r else { return End::Closed };
+                busy_at = Instant::now();
                 loop {
                     if req.epoch != io.epoch || req.ack.is_closed() {
                         // Sent before a lost connection, or abandoned by the
@@ -447,22 +471,18 @@ async fn serve(
             }
             o = front(&mut inflight) => {
                 let Some((_, ack, _)) = inflight.pop_front() else { continue };
-                match o {
-                    Ok(Outcome::Accepted(_)) => ack.send(Sent::Acked),
-                    Ok(Outcome::Rejected(r)) => {
-                        // The cloud would reject it again: settled, counted.
-                        tracing::warn!(identity = %io.name, error = ?r.error, "the cloud rejected an upstream message");
-                        ack.send(Sent::Unsendable);
-                    }
-                    Ok(other) => {
-                        // Released or modified: not taken; the link starts
-                        // over and the drain sends it again, in order.
-                        drop(ack);
-                        return End::Lost(format!("the cloud did not take a message: {other:?}"));
-                    }
-                    Err(e) => {
-                        drop(ack);
-                        return End::Lost(format!("telemetry: {e}"));
+                if let Err(end) = settle(&io.name, ack, o) {
+                    return end;
+                }
+                // Every other outcome already in, in one go: one turn of
+                // this loop per disposition frame, not per message.
+                while let Some((_, _, fut)) = inflight.front_mut() {
+                    let Some(o) = futures_util::FutureExt::now_or_never(fut.as_mut()) else {
+                        break;
+                    };
+                    let Some((_, ack, _)) = inflight.pop_front() else { break };
+                    if let Err(end) = settle(&io.name, ack, o) {
+                        return end;
                     }
                 }
             }
@@ -474,47 +494,28 @@ async fn serve(
                 let _ = links.twin_rx.accept(&d).await;
                 let msg = d.message();
                 let matched = match correlation(msg) {
-                    Some(MessageId::String(c)) => twin_reqs.remove(c),
+                    Some(MessageId::String(c)) => twin.take(c),
                     _ => None,
                 };
-                let status = annotation(msg, "status").and_then(int_of).and_then(|s| u16::try_from(s).ok());
-                let next = match (matched, status) {
-                    (Some((TwinReq::Sync, _)), Some(status)) => {
-                        on_twin(io, status, &body_of(msg)).await;
-                        synced = true;
-                        Next::Continue
-                    }
-                    (Some((TwinReq::Reported(seq), _)), Some(status)) => {
-                        reported_inflight = false;
-                        if on_reported(io, seq, status).await {
-                            reported_retry = Some(Instant::now() + REPORTED_RETRY);
-                        }
-                        Next::Continue
-                    }
-                    (Some((TwinReq::Subscribe, _)), Some(status)) => {
-                        if !(200..300).contains(&status) {
-                            tracing::warn!(identity = %io.name, status, "the cloud refused the desired-properties subscription");
-                        }
-                        Next::Continue
-                    }
-                    (Some((kind, at)), None) => {
-                        tracing::debug!(identity = %io.name, "twin response without a status; ignored");
-                        if let Some(c) = correlation(msg).and_then(|c| match c { MessageId::String(s) => Some(s.clone()), _ => None }) {
-                            twin_reqs.insert(c, (kind, at));
-                        }
+                let next = match matched {
+                    Some(kind) => {
+                        // A response without a status reads as a server error.
+                        let status = verge_amqp::convert::annotation(msg, "status")
+                            .and_then(int_of)
+                            .and_then(|s| u16::try_from(s).ok())
+                            .unwrap_or(500);
+                        twin.answered(io, kind, status, &body_of(msg)).await;
                         Next::Continue
                     }
                     // No request of ours: a desired-properties notification.
-                    (None, _) => on_desired_patch(io, &body_of(msg)).await,
+                    None => on_desired_patch(io, &body_of(msg)).await,
                 };
-                if matches!(next, Next::Resync)
-                    && !twin_reqs.values().any(|(k, _)| matches!(k, TwinReq::Sync))
-                {
+                if matches!(next, Next::Resync) && !twin.syncing() {
                     let c = cid("GET");
                     if let Err(e) = links.twin_tx.send_batchable(twin_request(&c, "GET", None, b"")).await {
                         return End::Lost(format!("twin request: {e}"));
                     }
-                    twin_reqs.insert(c, (TwinReq::Sync, Instant::now()));
+                    twin.sent(c, TwinReq::Sync);
                 }
             }
             d = links.methods_rx.recv::<Body<Value>>() => {
@@ -596,28 +597,18 @@ async fn serve(
                 Op::C2dDone { .. } => {}
             },
             Ok(()) = io.reported.changed() => {}
-            () = sleep_until_opt(reported_retry) => {}
-            () = sleep_until_opt(twin_deadline) => {
-                let now = Instant::now();
-                twin_reqs.retain(|_, (kind, at)| {
-                    if *at + ack_timeout > now {
-                        return true;
-                    }
-                    tracing::warn!(identity = %io.name, "no twin response from the cloud in time");
-                    match kind {
-                        TwinReq::Sync => synced = true,
-                        TwinReq::Reported(_) => {
-                            reported_inflight = false;
-                            reported_retry = Some(now + REPORTED_RETRY);
-                        }
-                        TwinReq::Subscribe => {}
-                    }
-                    false
-                });
-            }
+            () = sleep_until_opt(twin.retry_at()) => {}
+            () = sleep_until_opt(twin_deadline) => twin.expire(&io.name),
             Some(_) = io.relays.join_next(), if !io.relays.is_empty() => {}
             () = sleep_until_opt(ack_deadline) => {
                 return End::Lost(format!("no disposition within {}s", cfg.ack_timeout_secs));
+            }
+            () = sleep_until_opt(close_at) => {
+                // Checked again at the deadline (a client may have connected).
+                if !io.state.sessions.is_connected(&io.name) && io.rx.is_empty() {
+                    return End::Idle;
+                }
+                busy_at = Instant::now();
             }
             () = sleep_until_opt(idle_at) => {
                 if let Some(s) = links.telemetry.take() {
