@@ -12,6 +12,7 @@
 //! | [`address`] | IoT Hub link addresses → identity and link kind |
 //! | [`convert`] | AMQP message ↔ IoT Hub property bag |
 //! | `links` | what the backend's deliveries become on which link; twin and method messages |
+//! | [`Checked`] | the endpoint's inbound frame check, for a client's connection (the hub's AMQP upstream) |
 //!
 //! Authorization is per link: every link names its identity in its address
 //! and is only opened when that identity holds a valid token on this
@@ -32,6 +33,7 @@ mod stream;
 use std::time::Duration;
 
 pub use connection::{serve, serve_with_certs};
+pub use stream::Checked;
 
 /// Limits and deadlines of the AMQP endpoint.
 #[derive(Debug, Clone, Copy)]

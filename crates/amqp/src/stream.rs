@@ -161,6 +161,55 @@ impl<S> Rewind<S> {
     }
 }
 
+/// A client's connection with the endpoint's inbound frame check
+/// ([`FrameScan`]): what a peer we dial sends gets the same check as what a
+/// client sends us (the library would allocate any size a value declares).
+pub struct Checked<S>(Rewind<S>);
+
+impl<S> Checked<S> {
+    /// `inner` as dialed; frames over `max_frame` bytes are refused.
+    pub fn new(inner: S, max_frame: u32) -> Self {
+        let mut r = Rewind::new([0; 8], inner, CancellationToken::new(), max_frame);
+        // No header of the peer's was read ahead: nothing to put back.
+        r.pos = r.prefix.len();
+        Checked(r)
+    }
+}
+
+impl<S> std::fmt::Debug for Checked<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Checked")
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Checked<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Checked<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
 impl<S> std::fmt::Debug for Rewind<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Rewind").field("pos", &self.pos).finish()
@@ -188,7 +237,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
             }
         }
         let this = &mut *self;
-        this.scan.feed(&buf.filled()[before..])?;
+        if let Err(e) = this.scan.feed(&buf.filled()[before..]) {
+            // An error hands the reader nothing (as `AsyncRead` expects).
+            buf.set_filled(before);
+            return Poll::Ready(Err(e));
+        }
         Poll::Ready(Ok(()))
     }
 }
@@ -241,6 +294,25 @@ mod tests {
         assert!(scan.feed(&[0, 0, 0, 12, 4, 0, 0, 0]).is_err());
     }
     use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn a_peer_we_dial_gets_the_same_check() {
+        // A server's SASL header, then a frame declaring a 4 GB symbol.
+        let inner: &[u8] = &[
+            b'A', b'M', b'Q', b'P', 3, 1, 0, 0, 0, 0, 0, 16, 2, 1, 0, 0, 0xb3, 0xff, 0xff, 0xff,
+            0xff, 0x41, 0x41, 0x41,
+        ];
+        let mut s = Checked::new(tokio::io::join(inner, tokio::io::sink()), 65536);
+        let mut out = Vec::new();
+        let e = s.read_to_end(&mut out).await.expect_err("refused");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        // A well-formed header and heartbeat pass unchanged.
+        let ok: &[u8] = &[b'A', b'M', b'Q', b'P', 0, 1, 0, 0, 0, 0, 0, 8, 2, 0, 0, 0];
+        let mut s = Checked::new(tokio::io::join(ok, tokio::io::sink()), 65536);
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.expect("read");
+        assert_eq!(out, ok);
+    }
 
     #[tokio::test]
     async fn prefix_then_inner_until_killed() {

@@ -464,3 +464,65 @@ async fn idle_sessions_end_and_reopen_on_demand() {
     hub.stop();
     endpoint.abort();
 }
+
+/// A cloud whose first frame declares a 4 GB value (the input the fuzzer
+/// found against the hub's own AMQP endpoint; fe2o3 allocates what a value
+/// declares) costs the upstream connection, not the hub: the hub runs under
+/// an address-space limit smaller than that, as a small gateway, logs the
+/// malformed frame and keeps serving its devices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_frame_declaring_gigabytes_costs_the_connection_not_the_hub() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = Gateway::new(1, "Amqp", "").await;
+    // The "cloud": TLS, then its SASL header and a SASL frame whose body is
+    // a sym32 declaring 0xffffffff bytes and holding three.
+    let listener = TcpListener::bind(gw.dial).await.unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(gw.tls.clone());
+    let cloud = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut header = [0u8; 8];
+                let _ = tls.read_exact(&mut header).await;
+                let _ = tls.write_all(b"AMQP\x03\x01\x00\x00").await;
+                let bomb = [
+                    0, 0, 0, 16, 2, 1, 0, 0, 0xb3, 0xff, 0xff, 0xff, 0xff, 0x41, 0x41, 0x41,
+                ];
+                let _ = tls.write_all(&bomb).await;
+                let _ = tls.flush().await;
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            });
+        }
+    });
+    let log = gw.storage.path().join("hub.log");
+    let mut cmd = std::process::Command::new("prlimit");
+    cmd.arg(format!("--as={}", 3u64 << 30))
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_verge-hub"))
+        .arg("--config")
+        .arg(&gw.toml);
+    let mut hub = HubProc::spawn(&mut cmd, gw.mqtt, &log).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !hub.log().contains("malformed AMQP frame") {
+        assert!(!hub.exited(), "the hub died:\n{}", tail(&hub.log(), 20));
+        assert!(
+            Instant::now() < deadline,
+            "no malformed-frame error:\n{}",
+            tail(&hub.log(), 20)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A few more attempts at the same cloud, then the hub still serves.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!hub.exited(), "the hub died:\n{}", tail(&hub.log(), 20));
+    send(gw.mqtt, &gw.pki.ca_pem, &leaf(0), 0..1).await;
+    assert!(!hub.exited());
+    hub.stop();
+    cloud.abort();
+}

@@ -516,6 +516,11 @@ impl HubProc {
         self.child.id()
     }
 
+    /// Whether the process has ended (crashed, or aborted by the kernel).
+    pub fn exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// What the hub logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -330,7 +330,9 @@ async fn connect(
         // or the connection is found dead; fe2o3 sends ours at half the
         // cloud's own idle time-out.
         .idle_time_out(u32::try_from(idle.as_millis()).unwrap_or(u32::MAX))
-        .open_with_stream(stream)
+        // The cloud's frames get the check the hub's own endpoint gives
+        // its clients' (fe2o3 allocates whatever size a value declares).
+        .open_with_stream(verge_amqp::Checked::new(stream, MAX_FRAME))
         .await
         .map_err(|e| format!("AMQP open: {e}"))?;
     let mut session = Session::begin(&mut conn)
