@@ -11,7 +11,7 @@
 //! | `storageFolder` | store, sessions and twins in `{storageFolder}/edgeHub` (else the temp directory: lost with the container, as edgeHub's) |
 //! | `MaxUpstreamBatchSize` | `[upstream] batch_size` |
 //! | `DeviceScopeCacheRefreshRateSecs` | `[upstream] scope_refresh_secs` |
-//! | `CloudConnectionIdleTimeoutSecs`, `CloseCloudConnectionOnIdleTimeout` | `[upstream] idle_timeout_secs`, `close_on_idle` (AMQP sessions) |
+//! | `CloudConnectionIdleTimeoutSecs`, `CloseCloudConnectionOnIdleTimeout` | `[upstream] idle_timeout_secs`, `close_on_idle` |
 //! | `HttpSettings__Port` | the HTTPS listener's port (443) |
 //! | `AmqpSettings__Enabled`, `AmqpSettings__Port` | the AMQPS listener (on, 5671), as edgeHub's |
 //! | `UpstreamProtocol`, `https_proxy` | the upstream link (`upstream/transport.rs`; also with a config file); default `Amqp`, as edgeHub's |

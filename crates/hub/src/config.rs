@@ -53,7 +53,7 @@
 //! batch_size = 100          # messages read from the store per batch
 //! keep_alive_secs = 30      # MQTT keep-alive; a silent link is down after 1.5×
 //! ack_timeout_secs = 30     # PUBACK wait before the link is dropped and the batch resent
-//! idle_timeout_secs = 3600  # AMQP: an identity's session ends after this long idle
+//! idle_timeout_secs = 3600  # an identity's upstream session ends after this long idle
 //! close_on_idle = true      #   (its client not connected here); reopened on demand
 //! protocol = "Mqtt"         # or Amqp (one connection for all identities), MqttWs / AmqpWs
 //!                           # (443, honour https_proxy); env UpstreamProtocol wins
@@ -243,14 +243,15 @@ pub struct UpstreamConfig {
     /// `DeviceScopeCacheRefreshRateSecs`).
     #[serde(default = "default_scope_refresh")]
     pub scope_refresh_secs: u64,
-    /// With AMQP: an identity's session is ended after this many seconds
-    /// without upstream traffic while its client is not connected here
-    /// (default 3600, edgeHub's `CloudConnectionIdleTimeoutSecs`), and
-    /// opened again when it has something to send or its client connects.
+    /// An identity's upstream session (its AMQP session, or its MQTT
+    /// connection) is ended after this many seconds without upstream traffic
+    /// while its client is not connected here (default 3600, edgeHub's
+    /// `CloudConnectionIdleTimeoutSecs`), and opened again when it has
+    /// something to send or its client connects. Never the edge's own.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout_secs: u64,
     /// Whether idle sessions are ended at all (default true, edgeHub's
-    /// `CloseCloudConnectionOnIdleTimeout`). MQTT links stay open either way.
+    /// `CloseCloudConnectionOnIdleTimeout`).
     #[serde(default = "default_true")]
     pub close_on_idle: bool,
     /// `Mqtt` (default), `MqttWs`, `Amqp`, `AmqpWs` (case-insensitive; also

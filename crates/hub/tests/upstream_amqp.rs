@@ -359,13 +359,24 @@ async fn bench_idle_identity_memory_amqp_vs_mqtt() {
 /// once its client connects again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_sessions_end_and_reopen_on_demand() {
+    idle_sessions("Amqp").await;
+}
+
+/// The same over MQTT: an idle identity's own connection closes, and is
+/// dialed again on demand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_mqtt_links_close_and_reopen_on_demand() {
+    idle_sessions("Mqtt").await;
+}
+
+async fn idle_sessions(protocol: &'static str) {
     use rumqttc::mqttbytes::QoS;
     use rumqttc::mqttbytes::v4::{Packet, Publish};
-    let gw = Gateway::new(2, "Amqp", "idle_timeout_secs = 1\n").await;
+    let gw = Gateway::new(2, protocol, "idle_timeout_secs = 1\n").await;
     let (cloud, mqtt, ca) = (&gw.cloud, gw.mqtt, gw.pki.ca_pem.as_str());
-    let amqps = free_addr();
-    let endpoint = gw.serve(amqps).await;
-    let fwd = Forwarder::start(gw.dial, amqps).await;
+    let cloud_addr = free_addr();
+    let endpoint = gw.serve(cloud_addr).await;
+    let fwd = Forwarder::start(gw.dial, cloud_addr).await;
     let hub = gw.hub().await;
     let connected = |id: &str| cloud.state.is_connected(&ClientId::parse(id).unwrap());
     let (l0, l1) = (leaf(0), leaf(1));
@@ -455,7 +466,12 @@ async fn idle_sessions_end_and_reopen_on_demand() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(fwd.bridged(), 1, "sessions come and go on one connection");
+    if protocol == "Amqp" {
+        assert_eq!(fwd.bridged(), 1, "sessions come and go on one connection");
+    } else {
+        // The edge's, each leaf's, and each leaf's again after its close.
+        assert!(fwd.bridged() >= 5, "{} connections", fwd.bridged());
+    }
     assert!(
         hub.log().contains("upstream session ended while idle"),
         "{}",

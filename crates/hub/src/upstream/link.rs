@@ -40,8 +40,8 @@ pub(super) enum End {
     /// The cloud refused the identity (CONNECT return code, CBS status,
     /// or an attach refused as unauthorized).
     Refused(String),
-    /// An AMQP session ended for idleness (`upstream.idle_timeout_secs`):
-    /// the link stays "up" and opens it again on demand.
+    /// The session ended for idleness (`upstream.idle_timeout_secs`): the
+    /// link stays "up" and opens it again on demand.
     Idle,
 }
 
@@ -96,6 +96,9 @@ pub(super) struct LinkIo {
     /// A request taken while the session was closed for idleness: the
     /// reopened session sends it first.
     pub(super) stash: Option<Request>,
+    /// How long a quiet session stays open (`upstream.idle_timeout_secs`);
+    /// `None`: always (`close_on_idle = false`, or the edge's own identity).
+    pub(super) idle_limit: Option<Duration>,
 }
 
 /// One identity's link: connect, serve, reconnect, forever.
@@ -125,6 +128,10 @@ pub(super) async fn run_link(
         generation: 0,
         epoch: 0,
         stash: None,
+        // edgeHub's idle close; never for the edge's own identity (the
+        // connectivity probe, the routes' twin).
+        idle_limit: (shared.up.cfg.close_on_idle && !is_edge)
+            .then(|| Duration::from_secs(shared.up.cfg.idle_timeout_secs)),
     };
     let stats = &state.stats.upstream;
     let interval = Duration::from_millis(shared.up.cfg.reconnect_ms);
@@ -248,6 +255,31 @@ pub(super) async fn run_link(
             }
         }
     }
+}
+
+impl LinkIo {
+    /// Nothing of this identity's waits on its link but what the session
+    /// counts itself: no client of it connected here, no reported patch
+    /// queued, no relay running, no request kept for it.
+    pub(super) fn quiet(&self) -> bool {
+        self.relays.is_empty()
+            && self.stash.is_none()
+            && !self.state.sessions.is_connected(&self.name)
+            && !self.state.twins.has_pending_reported(&self.name)
+    }
+}
+
+/// The next telemetry request: the one kept while the session was closed
+/// for idleness, else the drain's. Cancel-safe (the kept one is taken only
+/// when the future is ready at once).
+pub(super) async fn next_request(
+    stash: &mut Option<Request>,
+    rx: &mut mpsc::Receiver<Request>,
+) -> Option<Request> {
+    if let Some(r) = stash.take() {
+        return Some(r);
+    }
+    rx.recv().await
 }
 
 /// While an identity's session is closed for idleness: waits until it has
@@ -416,6 +448,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     io: &mut LinkIo,
 ) -> End {
+    let mut busy_at = Instant::now();
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut buf = BytesMut::with_capacity(1024);
     let mut inflight: VecDeque<(u16, Instant, Ack)> = VecDeque::new();
@@ -485,6 +518,10 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         // Past the renewal time, take nothing new so the inflight window
         // empties and the link can reconnect with a fresh token.
         let renewing = Instant::now() >= renew_at;
+        if !(inflight.is_empty() && twin.is_empty() && io.quiet()) {
+            busy_at = Instant::now();
+        }
+        let close_at = io.idle_limit.map(|limit| busy_at + limit);
         tokio::select! {
             r = read_packet(&mut rd, &mut buf) => match r {
                 Ok(Packet::PubAck(a)) => {
@@ -529,8 +566,9 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 Err(e) => return End::Lost(e),
             },
-            r = io.rx.recv(), if inflight.len() < max_inflight && !renewing => {
+            r = next_request(&mut io.stash, &mut io.rx), if inflight.len() < max_inflight && !renewing => {
                 let Some(mut req) = r else { return End::Closed };
+                busy_at = Instant::now();
                 // Everything already waiting (up to the window) goes out in
                 // one write: one TLS record and syscall per burst, not per
                 // message.
@@ -608,6 +646,14 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     return End::Lost(e);
                 }
                 ping_outstanding = true;
+            }
+            () = sleep_until_opt(close_at) => {
+                // Checked again at the deadline (a client may have connected).
+                if io.quiet() && io.rx.is_empty() {
+                    let _ = write_packet(&mut wr, &Packet::Disconnect).await;
+                    return End::Idle;
+                }
+                busy_at = Instant::now();
             }
             () = sleep_until_opt(ack_deadline) => {
                 return End::Lost(format!("no PUBACK within {}s", cfg.ack_timeout_secs));

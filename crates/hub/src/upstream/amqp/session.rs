@@ -37,7 +37,7 @@ use fe2o3_amqp::types::primitives::{Binary, SimpleValue, Symbol, Value};
 use tokio::time::Instant;
 use verge_core::{ClientId, SharedAccessKey};
 
-use super::super::link::{C2dTag, End, LinkIo, Next, Op};
+use super::super::link::{C2dTag, End, LinkIo, Next, Op, next_request};
 use super::super::relay::{TwinReq, TwinState, on_desired_patch, relay_c2d, relay_method};
 use super::super::{
     API_VERSION, Ack, HANDSHAKE_TIMEOUT, PIPELINE_BATCHES, RENEW_MARGIN_SECS, Request, Sent, Shared,
@@ -284,19 +284,6 @@ fn telemetry_message(topic: &str, payload: Bytes) -> Message<Body<Value>> {
     verge_amqp::convert::telemetry_from_bag(bag, payload)
 }
 
-/// The next telemetry request: the one stashed while the session was
-/// closed for idleness, else the drain's. Cancel-safe (the stash is taken
-/// only when the future is ready at once).
-async fn next_request(
-    stash: &mut Option<Request>,
-    rx: &mut tokio::sync::mpsc::Receiver<Request>,
-) -> Option<Request> {
-    if let Some(r) = stash.take() {
-        return Some(r);
-    }
-    rx.recv().await
-}
-
 async fn recv(rx: &mut Option<Receiver>) -> Result<Delivery<Body<Value>>, RecvError> {
     match rx {
         Some(r) => r.recv::<Body<Value>>().await,
@@ -359,10 +346,7 @@ async fn serve(
         return End::Closed;
     };
     let cfg = &shared.up.cfg;
-    // The edge's own identity (the connectivity probe, the routes' twin) is
-    // never closed for idleness.
-    let idle_limit =
-        (cfg.close_on_idle && !on.1).then(|| Duration::from_secs(cfg.idle_timeout_secs));
+
     let mut busy_at = Instant::now();
     let max_inflight = cfg.batch_size.max(1) * PIPELINE_BATCHES;
     let ack_timeout = Duration::from_secs(cfg.ack_timeout_secs);
@@ -413,18 +397,11 @@ async fn serve(
         let ack_deadline = inflight.front().map(|(at, _, _)| *at + ack_timeout);
         let idle_at =
             (links.telemetry.is_some() && inflight.is_empty()).then(|| last_sent + TELEMETRY_IDLE);
-        // Idle: nothing in flight either way, no client of it connected
-        // here, nothing queued for it.
-        let quiet = inflight.is_empty()
-            && twin.is_empty()
-            && io.relays.is_empty()
-            && io.stash.is_none()
-            && !io.state.sessions.is_connected(&io.name)
-            && !io.state.twins.has_pending_reported(&io.name);
-        if !quiet {
+        // Idle: nothing in flight either way, nothing else waiting on it.
+        if !(inflight.is_empty() && twin.is_empty() && io.quiet()) {
             busy_at = Instant::now();
         }
-        let close_at = idle_limit.filter(|_| quiet).map(|limit| busy_at + limit);
+        let close_at = io.idle_limit.map(|limit| busy_at + limit);
         let renew_at = Instant::now()
             + Duration::from_secs(
                 expiry.saturating_sub(crate::auth::unix_now() + RENEW_MARGIN_SECS),
@@ -605,7 +582,7 @@ async fn serve(
             }
             () = sleep_until_opt(close_at) => {
                 // Checked again at the deadline (a client may have connected).
-                if !io.state.sessions.is_connected(&io.name) && io.rx.is_empty() {
+                if io.quiet() && io.rx.is_empty() {
                     return End::Idle;
                 }
                 busy_at = Instant::now();
