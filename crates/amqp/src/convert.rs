@@ -121,6 +121,11 @@ pub fn batch_messages(body: &Body<Value>) -> Result<Vec<Message<Body<Value>>>, C
         .collect()
 }
 
+/// A body of one `data` section holding `payload`.
+pub fn data_body(payload: &[u8]) -> Body<Value> {
+    Body::Data(vec![Data(Binary::from(payload.to_vec()))].into())
+}
+
 /// The message annotation `key` (a symbol key), if present.
 pub fn annotation<'a>(msg: &'a Message<Body<Value>>, key: &str) -> Option<&'a Value> {
     msg.message_annotations
@@ -274,9 +279,7 @@ fn message_from_bag(
         .properties(props)
         .application_properties(ap.build())
         .message_annotations(ma.build())
-        .body(Body::Data(
-            vec![Data(Binary::from(payload.to_vec()))].into(),
-        ))
+        .body(data_body(&payload))
         .build()
 }
 

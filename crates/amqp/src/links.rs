@@ -6,9 +6,9 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 use fe2o3_amqp::types::messaging::{
-    ApplicationProperties, Body, Data, Message, MessageAnnotations, MessageId, Properties,
+    ApplicationProperties, Body, Message, MessageAnnotations, MessageId, Properties,
 };
-use fe2o3_amqp::types::primitives::{Binary, SimpleValue, Symbol, Value};
+use fe2o3_amqp::types::primitives::{SimpleValue, Symbol, Value};
 use tokio::sync::mpsc;
 use verge_core::ClientId;
 use verge_endpoint::Backend;
@@ -40,10 +40,6 @@ fn c2d_prefix(client: &ClientId) -> String {
     format!("devices/{client}/messages/devicebound/")
 }
 
-fn data(payload: &[u8]) -> Body<Value> {
-    Body::Data(vec![Data(Binary::from(payload.to_vec()))].into())
-}
-
 /// The link and message for a backend delivery to `client`; `None` when no
 /// link of that kind is open (the delivery is dropped unacknowledged).
 pub(crate) fn dispatch(
@@ -62,7 +58,7 @@ pub(crate) fn dispatch(
         }
         let msg = Message::builder()
             .message_annotations(ma.build())
-            .body(data(&out.payload))
+            .body(crate::convert::data_body(&out.payload))
             .build();
         return Some((route, Push { msg, ack: out.ack }));
     }
@@ -89,7 +85,7 @@ pub(crate) fn dispatch(
         let msg = Message::builder()
             .properties(props)
             .application_properties(app)
-            .body(data(&out.payload))
+            .body(crate::convert::data_body(&out.payload))
             .build();
         return Some((route, Push { msg, ack: out.ack }));
     }
@@ -136,7 +132,7 @@ fn twin_response(
     Message::builder()
         .properties(props)
         .message_annotations(ma.build())
-        .body(data(body))
+        .body(crate::convert::data_body(body))
         .build()
 }
 

@@ -942,23 +942,13 @@ impl VergeCloud {
     /// it and every connection.
     async fn start_amqps(&self, addr: SocketAddr) -> JoinHandle<()> {
         let listener = TcpListener::bind(addr).await.unwrap();
-        tokio::spawn(verge_cloud::device::serve_amqps(
-            listener,
-            self.tls.clone(),
-            self.backend.clone(),
-            std::future::pending::<()>(),
-        ))
+        serve_devices(listener, self.tls.clone(), self.backend.clone(), true)
     }
 
     /// Starts the device endpoint; aborting the task closes it and every connection.
     async fn start(&self) -> (JoinHandle<()>, Instant) {
         let listener = TcpListener::bind(self.addr).await.unwrap();
-        let task = tokio::spawn(verge_cloud::device::serve(
-            listener,
-            self.tls.clone(),
-            self.backend.clone(),
-            std::future::pending::<()>(),
-        ));
+        let task = serve_devices(listener, self.tls.clone(), self.backend.clone(), false);
         (task, Instant::now())
     }
 

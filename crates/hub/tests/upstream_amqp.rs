@@ -133,14 +133,7 @@ impl Gateway {
     async fn serve(&self, addr: SocketAddr) -> tokio::task::JoinHandle<()> {
         let listener = TcpListener::bind(addr).await.unwrap();
         let (tls, backend) = (self.tls.clone(), self.cloud.backend.clone());
-        let never = std::future::pending::<()>();
-        if self.protocol == "Amqp" {
-            tokio::spawn(verge_cloud::device::serve_amqps(
-                listener, tls, backend, never,
-            ))
-        } else {
-            tokio::spawn(verge_cloud::device::serve(listener, tls, backend, never))
-        }
+        serve_devices(listener, tls, backend, self.protocol == "Amqp")
     }
 }
 

@@ -66,21 +66,12 @@ impl VergeCloud {
     }
 
     async fn start(&mut self) {
-        let listener = TcpListener::bind(self.addr).await.unwrap();
-        self.endpoints.push(tokio::spawn(verge_cloud::device::serve(
-            listener,
-            self.tls.clone(),
-            self.backend.clone(),
-            std::future::pending::<()>(),
-        )));
-        let listener = TcpListener::bind(self.amqps).await.unwrap();
-        self.endpoints
-            .push(tokio::spawn(verge_cloud::device::serve_amqps(
-                listener,
-                self.tls.clone(),
-                self.backend.clone(),
-                std::future::pending::<()>(),
-            )));
+        for (addr, amqp) in [(self.addr, false), (self.amqps, true)] {
+            let listener = TcpListener::bind(addr).await.unwrap();
+            let (tls, backend) = (self.tls.clone(), self.backend.clone());
+            self.endpoints
+                .push(serve_devices(listener, tls, backend, amqp));
+        }
     }
 
     /// Closes the endpoints and every connection (the cloud's state stays).

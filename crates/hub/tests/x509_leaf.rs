@@ -285,20 +285,12 @@ impl CloudUp {
         .unwrap();
         let mqtt_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mqtt_port = mqtt_listener.local_addr().unwrap().port();
-        let endpoint = tokio::spawn(verge_cloud::device::serve(
-            mqtt_listener,
-            verge_cloud::device::mqtt_tls(&api_tls),
-            backend.clone(),
-            std::future::pending::<()>(),
-        ));
+        let device_tls = verge_cloud::device::mqtt_tls(&api_tls);
+        let endpoint =
+            common::serve_devices(mqtt_listener, device_tls.clone(), backend.clone(), false);
         let amqp_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let amqp_port = amqp_listener.local_addr().unwrap().port();
-        let amqp_endpoint = tokio::spawn(verge_cloud::device::serve_amqps(
-            amqp_listener,
-            verge_cloud::device::mqtt_tls(&api_tls),
-            backend,
-            std::future::pending::<()>(),
-        ));
+        let amqp_endpoint = common::serve_devices(amqp_listener, device_tls, backend, true);
         CloudUp {
             cloud,
             scope,

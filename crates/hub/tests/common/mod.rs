@@ -739,3 +739,22 @@ pub fn d2c_seqs(state: &verge_cloud::CloudState) -> std::collections::HashMap<St
     }
     out
 }
+
+/// verge-cloud's device endpoint on `listener`: AMQPS with `amqp`, else
+/// MQTT/TLS; aborting the task closes it and every connection. One start for
+/// the upstream tests' in-process clouds, whichever protocol the hub uses.
+pub fn serve_devices(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    backend: Arc<verge_cloud::device::CloudBackend>,
+    amqp: bool,
+) -> tokio::task::JoinHandle<()> {
+    let never = std::future::pending::<()>();
+    if amqp {
+        tokio::spawn(verge_cloud::device::serve_amqps(
+            listener, tls, backend, never,
+        ))
+    } else {
+        tokio::spawn(verge_cloud::device::serve(listener, tls, backend, never))
+    }
+}

@@ -31,9 +31,9 @@ use fe2o3_amqp::link::{Receiver, RecvError, SendError, Sender};
 use fe2o3_amqp::session::SessionHandle;
 use fe2o3_amqp::types::definitions::{AmqpError, ErrorCondition, Fields};
 use fe2o3_amqp::types::messaging::{
-    ApplicationProperties, Body, Data, Message, MessageAnnotations, MessageId, Outcome, Properties,
+    ApplicationProperties, Body, Message, MessageAnnotations, MessageId, Outcome, Properties,
 };
-use fe2o3_amqp::types::primitives::{Binary, SimpleValue, Symbol, Value};
+use fe2o3_amqp::types::primitives::{SimpleValue, Symbol, Value};
 use tokio::time::Instant;
 use verge_core::{ClientId, SharedAccessKey};
 
@@ -227,10 +227,6 @@ async fn attach_all(
     })
 }
 
-fn data(payload: &[u8]) -> Body<Value> {
-    Body::Data(vec![Data(Binary::from(payload.to_vec()))].into())
-}
-
 /// A twin request: `operation` (and `resource`) annotations, `cid` as the
 /// correlation id.
 fn twin_request(
@@ -252,7 +248,7 @@ fn twin_request(
             ..Properties::default()
         })
         .message_annotations(ma.build())
-        .body(data(body))
+        .body(verge_amqp::convert::data_body(body))
         .build()
 }
 
@@ -551,7 +547,7 @@ async fn serve(
                                 )
                                 .build(),
                         )
-                        .body(data(&payload))
+                        .body(verge_amqp::convert::data_body(&payload))
                         .build();
                     // Its outcome is not waited for: the caller hears the
                     // answer or times out, as over MQTT (QoS 0).
